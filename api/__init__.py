@@ -1,0 +1,2 @@
+"""The FastAPI edge: OpenAI (and later Aleph Alpha) HTTP surfaces in front of the NATS work queues.
+Never imports torch or loads a model; it may load a tokenizer that a worker published."""

@@ -1,0 +1,89 @@
+"""Which models are served, by which live workers, and their tokenizers (downloaded from the object store the
+workers publish to, so this edge needs no model files)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js import errors as jse
+
+from api.errors import ApiError
+from broker import subjects
+from broker.artifacts import fetch_tokenizer
+from broker.registry import WorkerRegistry
+from contracts import ErrorCode, WorkerInfo
+
+_CACHE_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    id: str
+    max_model_len: int
+    workers: tuple[WorkerInfo, ...]
+
+    @property
+    def created(self) -> int:
+        return int(min(worker.started_at for worker in self.workers))
+
+    @property
+    def root(self) -> str:
+        return self.workers[0].model_source
+
+
+class ModelCatalog:
+    def __init__(self, js: JetStreamContext, registry: WorkerRegistry, tokenizer_cache: Path):
+        self._js = js
+        self._registry = registry
+        self._tokenizer_cache = tokenizer_cache
+        self._workers: list[WorkerInfo] = []
+        self._fetched_at = 0.0
+        self._lock = asyncio.Lock()
+        self._tokenizers: dict[str, Any] = {}
+
+    async def workers(self) -> list[WorkerInfo]:
+        async with self._lock:
+            if time.monotonic() - self._fetched_at > _CACHE_S:
+                self._workers = await self._registry.live_workers()
+                self._fetched_at = time.monotonic()
+            return self._workers
+
+    async def models(self) -> list[ServedModel]:
+        by_model: dict[str, list[WorkerInfo]] = {}
+        for worker in await self.workers():
+            by_model.setdefault(worker.model, []).append(worker)
+        return [
+            ServedModel(model_id, min(w.max_model_len for w in workers), tuple(workers))
+            for model_id, workers in sorted(by_model.items())
+        ]
+
+    async def get(self, model_id: str) -> ServedModel:
+        """The live model, or 503 when it is known (its queue exists) but no worker is up, else 404."""
+        for model in await self.models():
+            if model.id == model_id:
+                return model
+        try:
+            await self._js.stream_info(subjects.request_stream(model_id))
+        except jse.NotFoundError:
+            raise ApiError(ErrorCode.MODEL_NOT_FOUND, f"the model {model_id!r} does not exist",
+                           param="model") from None
+        raise ApiError(ErrorCode.NO_WORKER, f"no worker for model {model_id!r} is running", retry_after=5.0)
+
+    async def tokenizer(self, model: ServedModel):
+        """The HF tokenizer the model's worker published (cached per content digest)."""
+        name = model.workers[0].tokenizer_object
+        if name not in self._tokenizers:
+            directory = await fetch_tokenizer(self._js, name, self._tokenizer_cache)
+            self._tokenizers[name] = await asyncio.to_thread(_load_tokenizer, directory)
+        return self._tokenizers[name]
+
+
+def _load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)

@@ -1,0 +1,152 @@
+"""The edge's view of the engines: submit a request to the model's queue, then iterate its events. Owns the
+request's state machine: queued (bounded wait) → streaming (bounded silence) → end | error. Closing the
+iteration early (client gone) cancels the generation on the worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import structlog
+from nats.aio.client import Client as NatsClient
+
+from api.errors import ApiError, broker_error
+from broker.errors import BrokerError
+from broker.events import Event, EventRouter, publish_cancel
+from broker.work_queue import publish_request
+from contracts import End, ErrorCode, GenerateRequest, Tokens
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    queue_s: float  # longest wait for a worker to accept
+    silence_s: float  # longest gap between events once accepted (workers heartbeat every second)
+
+
+class Generation:
+    """One submitted request. Iterate it for Tokens events and the final End; failures raise ApiError."""
+
+    def __init__(self, client: EngineClient, request: GenerateRequest, events: asyncio.Queue[Event]):
+        self._client = client
+        self.request = request
+        self._events = events
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[Tokens | End]:
+        accepted = False
+        expected_seq = 0
+        try:
+            while True:
+                timeout = self._client.timeouts.silence_s if accepted else self._client.timeouts.queue_s
+                try:
+                    event = await asyncio.wait_for(self._events.get(), timeout)
+                except TimeoutError:
+                    raise self._client.timeout_error(accepted) from None
+                if event.kind == "error":
+                    self._done = True
+                    raise ApiError.from_info(event.error)
+                if event.kind != "accepted" and event.seq != expected_seq:
+                    log.warning("request.event_gap", request_id=self.request.request_id, expected=expected_seq,
+                                got=event.seq)
+                expected_seq = event.seq + 1
+                if event.kind == "accepted":
+                    accepted = True
+                elif event.kind == "tokens":
+                    yield event
+                elif event.kind == "end":
+                    self._done = True
+                    yield event
+                    return
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop listening; if the generation has not finished, cancel it on the worker."""
+        self._client.router.close(self.request.request_id)
+        if not self._done:
+            self._done = True
+            await asyncio.shield(self._client.cancel(self.request.request_id))
+
+
+class EngineClient:
+    def __init__(self, nc: NatsClient, router: EventRouter, timeouts: Timeouts):
+        self._nc = nc
+        self._js = nc.jetstream()
+        self.router = router
+        self.timeouts = timeouts
+
+    def reply_subject(self, request_id: str) -> str:
+        return self.router.reply_subject(request_id)
+
+    async def submit(self, request: GenerateRequest) -> Generation:
+        """Queue the request durably; raises ApiError (429 full, 503 unavailable, 413 too large) at once."""
+        events = self.router.open(request.request_id)
+        try:
+            await publish_request(self._js, request)
+        except BrokerError as exc:
+            self.router.close(request.request_id)
+            raise broker_error(exc) from exc
+        return Generation(self, request, events)
+
+    async def submit_all(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
+        generations: list[Generation] = []
+        try:
+            for request in requests:
+                generations.append(await self.submit(request))
+        except ApiError:
+            for generation in generations:
+                await generation.close()
+            raise
+        return generations
+
+    async def cancel(self, request_id: str) -> None:
+        try:
+            await publish_cancel(self._nc, request_id)
+        except Exception as exc:  # best effort: a cancel lost in a reconnect only costs compute
+            log.warning("request.cancel_failed", request_id=request_id, error=str(exc))
+
+    def timeout_error(self, accepted: bool) -> ApiError:
+        if accepted:
+            return ApiError(ErrorCode.WORKER_LOST, "the worker serving this request stopped responding",
+                            retry_after=1.0)
+        return ApiError(ErrorCode.NO_WORKER, f"no worker accepted the request within {self.timeouts.queue_s:g} s",
+                        retry_after=5.0)
+
+
+async def merge(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, Tokens | End]]:
+    """Interleave several generations' events as they arrive, tagged with the generation's position."""
+    if len(generations) == 1:
+        async for event in generations[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, Tokens | End | BaseException | None]] = asyncio.Queue()
+
+    async def forward(position: int, generation: Generation) -> None:
+        try:
+            async for event in generation:
+                await queue.put((position, event))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            await queue.put((position, exc))
+        else:
+            await queue.put((position, None))
+
+    tasks = [asyncio.create_task(forward(i, g)) for i, g in enumerate(generations)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            position, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield position, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for generation in generations:
+            await generation.close()

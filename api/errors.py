@@ -1,0 +1,140 @@
+"""Errors, mapped to HTTP in one place and rendered in the OpenAI shape
+`{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+import json
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from broker.errors import BrokerError, BrokerUnavailable, MessageTooLarge, QueueFull, QueueMissing
+from contracts import ErrorCode, ErrorInfo
+
+log = structlog.get_logger(__name__)
+
+STATUS_BY_CODE: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
+    ErrorCode.MODEL_NOT_FOUND: 404,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.QUEUE_FULL: 429,
+    ErrorCode.NO_WORKER: 503,
+    ErrorCode.WORKER_LOST: 503,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.CANCELLED: 499,
+    ErrorCode.INTERNAL: 500,
+}
+
+# OpenAI's `type` vocabulary, which its SDKs and users key on.
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "cancelled",
+    500: "internal_server_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+class ApiError(Exception):
+    """Anything the edge refuses or cannot do, with a machine code; the status follows from the code."""
+
+    def __init__(self, code: ErrorCode, message: str, *, param: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.info = ErrorInfo(code=code, message=message, param=param)
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_info(cls, info: ErrorInfo) -> ApiError:
+        return cls(info.code, info.message, param=info.param)
+
+    @property
+    def status(self) -> int:
+        return STATUS_BY_CODE[self.info.code]
+
+
+def error_body(status: int, message: str, *, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPE_BY_STATUS.get(status, "api_error"), "param": param,
+                      "code": code}}
+
+
+def api_error_body(exc: ApiError) -> dict:
+    return error_body(exc.status, exc.info.message, code=exc.info.code.value, param=exc.info.param)
+
+
+def broker_error(exc: BrokerError) -> ApiError:
+    if isinstance(exc, QueueFull):
+        return ApiError(ErrorCode.QUEUE_FULL, str(exc) + "; retry later", retry_after=1.0)
+    if isinstance(exc, QueueMissing):
+        return ApiError(ErrorCode.NO_WORKER, str(exc))
+    if isinstance(exc, MessageTooLarge):
+        return ApiError(ErrorCode.PAYLOAD_TOO_LARGE, "the request is too large to queue")
+    if isinstance(exc, BrokerUnavailable):
+        return ApiError(ErrorCode.UNAVAILABLE, "the request queue is unavailable; retry later", retry_after=1.0)
+    return ApiError(ErrorCode.UNAVAILABLE, str(exc))
+
+
+def validation_message(exc: ValidationError | RequestValidationError) -> tuple[str, str | None]:
+    """The first problem, phrased for a human, and the parameter it concerns."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    param = ".".join(location) or None
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    return (f"{param}: {message}" if param else message), param
+
+
+def _render(exc: ApiError) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
+    return JSONResponse(api_error_body(exc), status_code=exc.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _render(exc)
+
+    @app.exception_handler(BrokerError)
+    async def on_broker_error(_: Request, exc: BrokerError) -> JSONResponse:
+        return _render(broker_error(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(exc)
+        return JSONResponse(error_body(400, message, code=ErrorCode.INVALID_REQUEST.value, param=param), 400)
+
+    @app.exception_handler(ValidationError)
+    async def on_model_invalid(_: Request, exc: ValidationError) -> JSONResponse:
+        message, param = validation_message(exc)
+        return JSONResponse(error_body(400, message, code=ErrorCode.INVALID_REQUEST.value, param=param), 400)
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def on_bad_json(_: Request, exc: json.JSONDecodeError) -> JSONResponse:
+        return JSONResponse(error_body(400, f"the request body is not valid JSON: {exc.msg}",
+                                       code=ErrorCode.INVALID_REQUEST.value), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=None), exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("api.unhandled_error")
+        return JSONResponse(error_body(500, "internal error", code=ErrorCode.INTERNAL.value), 500)

@@ -1,0 +1,33 @@
+"""Liveness and version."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from api.services import ServicesDep
+
+router = APIRouter(tags=["system"])
+
+# The Aleph Alpha API version whose surface we serve; its client's validate_version() needs 1.x >= 1.19.
+ALEPH_API_VERSION = "1.19.0"
+
+
+@router.get("/health")
+async def health(services: ServicesDep) -> JSONResponse:
+    """200 only while at least one worker is live."""
+    workers = await services.catalog.workers()
+    models = sorted({worker.model for worker in workers})
+    body = {
+        "status": "healthy" if workers else "unhealthy",
+        "model": models[0] if models else None,
+        "models": models,
+        "workers": len(workers),
+    }
+    return JSONResponse(body, status_code=200 if workers else 503)
+
+
+@router.get("/version", response_class=PlainTextResponse)
+async def version() -> str:
+    """Plain-text semver, as the Aleph Alpha API and its client expect (see docs/api.md)."""
+    return ALEPH_API_VERSION

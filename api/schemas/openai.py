@@ -1,0 +1,170 @@
+"""OpenAI wire requests (plus the vLLM-named extras). Each converts itself to `contracts.SamplingParams`, which
+owns the bounds. Unknown fields are accepted and ignored as OpenAI SDKs send new ones; fields that would change
+what is generated but that we do not implement are rejected, never silently ignored."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from contracts import SamplingParams
+
+
+class OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    # field -> why it is refused; a null/false/empty value is fine.
+    unsupported: ClassVar[dict[str, str]] = {
+        "tools": "tool calling is not supported",
+        "functions": "function calling is not supported",
+        "use_beam_search": "beam search is not supported",
+        "guided_json": "structured output is not supported",
+        "guided_regex": "structured output is not supported",
+        "guided_choice": "structured output is not supported",
+        "guided_grammar": "structured output is not supported",
+        "structured_outputs": "structured output is not supported",
+        "logits_processors": "custom logits processors are not supported",
+        "allowed_token_ids": "allowed_token_ids is not supported",
+        "bad_words": "bad_words is not supported",
+    }
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name, reason in self.unsupported.items():
+            value = (self.model_extra or {}).get(name)
+            if value not in (None, False, [], {}, ""):
+                raise ValueError(f"{name}: {reason}")
+        response_format = (self.model_extra or {}).get("response_format")
+        if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
+            raise ValueError("response_format: only {'type': 'text'} is supported")
+        return self
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class GenerationFields(OpenAIRequest):
+    """What completions and chat share."""
+
+    model: str
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
+
+    def sampling(self, *, max_tokens: int | None, logprobs: int | None, best_of: int | None = None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        given: dict[str, Any] = {
+            "n": self.n,
+            "best_of": best_of,
+            "max_tokens": max_tokens,
+            "min_tokens": self.min_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": _token_bias(self.logit_bias),
+            "seed": self.seed,
+            "stop": stop,
+            "stop_token_ids": self.stop_token_ids,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "ignore_eos": self.ignore_eos,
+            "skip_special_tokens": self.skip_special_tokens,
+            "logprobs": logprobs,
+            "prompt_logprobs": self.prompt_logprobs,
+        }
+        return SamplingParams(**{key: value for key, value in given.items() if value is not None})
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    try:
+        return {int(token): value for token, value in bias.items()}
+    except ValueError:
+        raise ValueError("logit_bias: keys must be token ids") from None
+
+
+class CompletionRequest(GenerationFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _prompt_present(self):
+        if self.prompt == []:
+            raise ValueError("prompt: must not be empty")
+        if self.suffix:
+            raise ValueError("suffix: this model does not support inserting text (no fill-in-the-middle)")
+        return self
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(GenerationFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _logprobs_consistent(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs to be true")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None

@@ -1,0 +1,26 @@
+"""What route handlers need, built once in the lifespan and handed over by dependency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from api.catalog import ModelCatalog
+from api.engine_client import EngineClient
+from ops.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    catalog: ModelCatalog
+    engine: EngineClient
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]

@@ -1,0 +1,138 @@
+"""Shared by the completion surfaces: context checks, building queue requests, accumulating choices, logprob
+shapes, and cancelling work when a non-streaming client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from starlette.requests import Request
+
+from api.catalog import ServedModel
+from api.errors import ApiError
+from api.services import Services
+from contracts import ChoiceDelta, ErrorCode, GenerateRequest, SamplingParams, TokenLogprob, Usage
+
+T = TypeVar("T")
+LOGPROB_FLOOR = -9999.0  # -inf breaks JSON; vLLM clamps to the same value
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -> None:
+    if prompt_len == 0:
+        raise ApiError(ErrorCode.INVALID_REQUEST, "the prompt is empty", param="prompt")
+    if prompt_len >= max_model_len:
+        raise ApiError(ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                       f"this model's maximum context length is {max_model_len} tokens, but the prompt has "
+                       f"{prompt_len} tokens", param="messages")
+    if max_tokens is not None and prompt_len + max_tokens > max_model_len:
+        raise ApiError(ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                       f"this model's maximum context length is {max_model_len} tokens, but you requested "
+                       f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+                       f"completion); reduce the prompt or max_tokens", param="max_tokens")
+
+
+def build_requests(services: Services, model: ServedModel, prompts: Sequence[list[int]], sampling: SamplingParams,
+                   base_id: str) -> list[GenerateRequest]:
+    deadline = time.time() + services.settings.queue_timeout_s
+    requests = []
+    for position, token_ids in enumerate(prompts):
+        check_context(len(token_ids), sampling.max_tokens, model.max_model_len)
+        request_id = base_id if len(prompts) == 1 else f"{base_id}-{position}"
+        requests.append(GenerateRequest(
+            request_id=request_id, model=model.id, prompt_token_ids=token_ids, sampling=sampling,
+            reply_subject=services.engine.reply_subject(request_id), deadline=deadline))
+    return requests
+
+
+def finite(logprob: float | None) -> float | None:
+    if logprob is None or math.isnan(logprob):
+        return None if logprob is None else LOGPROB_FLOOR
+    return max(logprob, LOGPROB_FLOOR)
+
+
+@dataclass(slots=True)
+class ChoiceState:
+    """Everything one choice accumulated (non-streaming responses are built from it)."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.text.append(delta.text)
+        self.num_tokens += len(delta.token_ids)
+        self.logprobs.extend(delta.logprobs or [])
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason.value
+            self.stop_reason = delta.stop_reason
+
+
+def choice_index(position: int, choice: int, n: int) -> int:
+    """Several prompts × n choices share one flat `index`, prompt-major (as OpenAI numbers them)."""
+    return position * n + choice
+
+
+def usage_body(usages: Sequence[Usage]) -> dict:
+    prompt = sum(usage.prompt_tokens for usage in usages)
+    completion = sum(usage.completion_tokens for usage in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob | None], start_offset: int = 0) -> dict:
+    """The legacy completions shape: parallel lists plus text offsets."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    offset = start_offset
+    for entry in entries:
+        if entry is None:
+            continue
+        tokens.append(entry.token)
+        token_logprobs.append(finite(entry.logprob))
+        top_logprobs.append({alt.token: finite(alt.logprob) for alt in entry.top} or None)
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
+    def item(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": finite(logprob), "bytes": list(token.encode())}
+
+    return {"content": [
+        {**item(entry.token, entry.logprob), "top_logprobs": [item(alt.token, alt.logprob) for alt in entry.top]}
+        for entry in entries
+    ]}
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it (and so the generation on the worker) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done():
+            raise ApiError(ErrorCode.CANCELLED, "the client disconnected") from None
+        raise
+    finally:
+        watcher.cancel()

@@ -1,0 +1,71 @@
+"""Files a worker publishes so an edge on another machine can tokenize without the model: the tokenizer files
+travel as one tar in the object store, named by content digest so edges cache them safely."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+from nats.js import JetStreamContext
+from nats.js import errors as jse
+
+from broker import subjects
+from broker.topology import ensure_artifacts
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+    "config.json",
+)
+
+
+def _tokenizer_archive(model_dir: Path) -> tuple[bytes, str]:
+    files = sorted(name for name in TOKENIZER_FILES if (model_dir / name).is_file())
+    digest = hashlib.sha256()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in files:
+            data = (model_dir / name).read_bytes()
+            digest.update(name.encode() + b"\0" + data)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)  # mtime stays 0: the same files give the same archive
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue(), digest.hexdigest()
+
+
+async def publish_tokenizer(js: JetStreamContext, model_id: str, model_dir: Path) -> str:
+    """Upload the tokenizer of `model_dir` once per content; returns the object name."""
+    data, digest = _tokenizer_archive(model_dir)
+    name = subjects.tokenizer_object(model_id, digest)
+    store = await ensure_artifacts(js)
+    try:
+        await store.get_info(name)
+    except jse.ObjectNotFoundError:
+        await store.put(name, data)
+    return name
+
+
+async def fetch_tokenizer(js: JetStreamContext, name: str, cache_dir: Path) -> Path:
+    """Download and unpack a published tokenizer into `cache_dir/name/` (skipped when already there)."""
+    target = cache_dir / name.removesuffix(".tar")
+    if (target / ".complete").exists():
+        return target
+    store = await ensure_artifacts(js)
+    buffer = io.BytesIO()
+    await store.get(name, writeinto=buffer)  # writeinto: get() into memory is quadratic in nats-py
+    buffer.seek(0)
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=buffer, mode="r") as tar:
+        tar.extractall(target, filter="data")
+    (target / ".complete").touch()
+    return target

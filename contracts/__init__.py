@@ -1,0 +1,46 @@
+"""Wire messages shared by the edge, the workers and direct NATS publishers. Data only: no I/O, no NATS,
+no torch. JSON on the wire; `contracts.schema.export_json_schema()` publishes the schema for other languages."""
+
+from contracts.base import SCHEMA_VERSION, Contract
+from contracts.errors import ErrorCode, ErrorInfo
+from contracts.events import (
+    Accepted,
+    ChoiceDelta,
+    End,
+    Failed,
+    FinishReason,
+    Heartbeat,
+    Tokens,
+    TokenEvent,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    parse_event,
+)
+from contracts.requests import CancelRequest, GenerateRequest
+from contracts.sampling import SamplingParams
+from contracts.workers import DeviceInfo, WorkerInfo
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Accepted",
+    "CancelRequest",
+    "ChoiceDelta",
+    "Contract",
+    "DeviceInfo",
+    "End",
+    "ErrorCode",
+    "ErrorInfo",
+    "Failed",
+    "FinishReason",
+    "GenerateRequest",
+    "Heartbeat",
+    "SamplingParams",
+    "TokenEvent",
+    "TokenLogprob",
+    "Tokens",
+    "TopLogprob",
+    "Usage",
+    "WorkerInfo",
+    "parse_event",
+]

@@ -1,0 +1,28 @@
+"""Machine-readable error codes. Only api/errors.py turns them into HTTP statuses."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from contracts.base import Contract
+
+
+class ErrorCode(StrEnum):
+    INVALID_REQUEST = "invalid_request"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    MODEL_NOT_FOUND = "model_not_found"
+    NOT_FOUND = "not_found"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    QUEUE_FULL = "queue_full"
+    NO_WORKER = "no_worker"
+    WORKER_LOST = "worker_lost"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    UNAVAILABLE = "unavailable"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+class ErrorInfo(Contract):
+    code: ErrorCode
+    message: str
+    param: str | None = None

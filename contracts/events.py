@@ -1,0 +1,91 @@
+"""Events a worker streams back for one request, in order, each with a per-request sequence number so the
+edge can detect gaps: accepted → tokens* → end, heartbeats while silent, or error."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter
+
+from contracts.base import Contract
+from contracts.errors import ErrorInfo
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+class TopLogprob(Contract):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprob(Contract):
+    """Logprob of one chosen (or prompt) token plus the top alternatives. -inf is clamped by the producer."""
+
+    token_id: int
+    token: str
+    logprob: float
+    rank: int | None = None
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceDelta(Contract):
+    index: int = 0
+    text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = Field(default=None, description="The stop string or token id that ended it.")
+
+
+class Usage(Contract):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class _Event(Contract):
+    request_id: str
+    seq: int = Field(ge=0)
+
+
+class Accepted(_Event):
+    kind: Literal["accepted"] = "accepted"
+    worker_id: str
+    attempt: int = 1
+
+
+class Tokens(_Event):
+    kind: Literal["tokens"] = "tokens"
+    choices: list[ChoiceDelta]
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+class Heartbeat(_Event):
+    kind: Literal["heartbeat"] = "heartbeat"
+
+
+class End(_Event):
+    kind: Literal["end"] = "end"
+    usage: Usage
+
+
+class Failed(_Event):
+    kind: Literal["error"] = "error"
+    error: ErrorInfo
+
+
+TokenEvent = Annotated[Accepted | Tokens | Heartbeat | End | Failed, Field(discriminator="kind")]
+_event_adapter: TypeAdapter[TokenEvent] = TypeAdapter(TokenEvent)
+
+
+def parse_event(data: bytes | str) -> Accepted | Tokens | Heartbeat | End | Failed:
+    return _event_adapter.validate_json(data)

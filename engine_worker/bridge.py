@@ -1,0 +1,260 @@
+"""The worker's NATS side: pull requests (only as many as there are free slots), hand them to the engine
+thread, publish its outputs as token events, answer cancels, heartbeat, and keep the registry entry fresh."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+from nats.aio.client import Client as NatsClient
+
+from broker.events import publish_event, subscribe_cancels
+from broker.registry import WorkerRegistry
+from broker.work_queue import Delivery, RequestIntake
+from contracts import (
+    Accepted,
+    CancelRequest,
+    End,
+    ErrorCode,
+    ErrorInfo,
+    Failed,
+    GenerateRequest,
+    Heartbeat,
+    Tokens,
+    Usage,
+    WorkerInfo,
+)
+from engine_worker.engine_loop import EngineLoop, StepEngine
+from engine_worker.outputs import RequestOutput
+
+log = structlog.get_logger(__name__)
+
+_REMEMBERED_CANCELS = 10_000
+_FETCH_TIMEOUT_S = 1.0
+
+
+@dataclass(slots=True)
+class _InFlight:
+    request: GenerateRequest
+    seq: int = 0
+    last_sent: float = field(default_factory=time.monotonic)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        self.last_sent = time.monotonic()
+        return self.seq
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    capacity: int
+    heartbeat_interval_s: float
+    announce_interval_s: float
+    drain_timeout_s: float = 30.0
+
+
+class WorkerBridge:
+    def __init__(
+        self,
+        nc: NatsClient,
+        engine: StepEngine,
+        intake: RequestIntake,
+        registry: WorkerRegistry,
+        info: WorkerInfo,
+        config: BridgeConfig,
+        validate: Callable[[GenerateRequest], None],
+    ):
+        self._nc = nc
+        self._intake = intake
+        self._registry = registry
+        self._info = info
+        self._config = config
+        self._validate = validate
+        self._in_flight: dict[str, _InFlight] = {}
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._outputs: asyncio.Queue[list[RequestOutput]] = asyncio.Queue()
+        self._slot_freed = asyncio.Event()
+        self._dead: BaseException | None = None
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine_loop = EngineLoop(engine, self._outputs_from_thread, self._rejected_from_thread,
+                                       self._dead_from_thread)
+
+    @property
+    def worker_id(self) -> str:
+        return self._info.worker_id
+
+    # --- thread → loop hand-offs ------------------------------------------------------------------------
+    def _outputs_from_thread(self, outputs: list[RequestOutput]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._outputs.put_nowait, outputs)
+
+    def _rejected_from_thread(self, request_id: str, exc: Exception) -> None:
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self._fail(request_id, ErrorCode.INVALID_REQUEST, str(exc)), self._loop)
+
+    def _dead_from_thread(self, exc: BaseException) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._engine_died, exc)
+
+    def _engine_died(self, exc: BaseException) -> None:
+        self._dead = exc
+        self._stop.set()
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set (then drain) or the engine dies (then fail what is in flight and raise)."""
+        self._loop = asyncio.get_running_loop()
+        self._engine_loop.start()
+        await self._intake.start()
+        cancels = await subscribe_cancels(self._nc, self._on_cancel)
+        await self._announce()
+        tasks = [
+            asyncio.create_task(self._feed(), name="feed"),
+            asyncio.create_task(self._pump(), name="pump"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self._keep_announced(), name="announce"),
+        ]
+        log.info("worker.ready", worker_id=self.worker_id, model=self._info.model, capacity=self._config.capacity)
+        stop_waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait([stop_waiter, asyncio.create_task(self._stop.wait())], return_when="FIRST_COMPLETED")
+        stop_waiter.cancel()
+        self._stop.set()  # the feeder stops pulling new work
+        await self._registry.withdraw(self.worker_id)
+        await self._drain()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancels.unsubscribe()
+        await self._intake.stop()
+        self._engine_loop.stop()
+        if self._dead is not None:
+            raise RuntimeError("engine died") from self._dead
+
+    async def _drain(self) -> None:
+        if self._dead is not None:
+            for request_id in list(self._in_flight):
+                await self._fail(request_id, ErrorCode.INTERNAL, f"the engine failed: {self._dead}")
+            return
+        deadline = time.monotonic() + self._config.drain_timeout_s
+        while self._in_flight and time.monotonic() < deadline:
+            self._slot_freed.clear()
+            try:
+                await asyncio.wait_for(self._slot_freed.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+        for request_id in list(self._in_flight):
+            self._engine_loop.abort(request_id)  # what is left ends as "abort"; the edge resumes it elsewhere
+
+    # --- intake -----------------------------------------------------------------------------------------
+    def _free_slots(self) -> int:
+        used = sum(flight.request.sampling.num_candidates for flight in self._in_flight.values())
+        return self._config.capacity - used
+
+    async def _feed(self) -> None:
+        while not self._stop.is_set():
+            free = self._free_slots()
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            for delivery in await self._intake.fetch(free, timeout=_FETCH_TIMEOUT_S):
+                await self._admit(delivery)
+
+    async def _admit(self, delivery: Delivery) -> None:
+        request = delivery.request
+        if request.request_id in self._cancelled:
+            await delivery.msg.term()  # cancelled while queued: nobody wants the result
+            return
+        if request.deadline is not None and time.time() > request.deadline:
+            await delivery.msg.term()  # expired in the queue: drop it unprocessed
+            await self._publish(request, Failed, error=ErrorInfo(
+                code=ErrorCode.DEADLINE_EXCEEDED, message="the request's deadline passed while it was queued"))
+            return
+        try:
+            self._validate(request)
+        except ValueError as exc:
+            await delivery.msg.term()  # bad input never succeeds on any worker
+            code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if "context" in str(exc) else ErrorCode.INVALID_REQUEST
+            await self._publish(request, Failed, error=ErrorInfo(code=code, message=str(exc)))
+            return
+        # Interactive requests are acked on accept: the edge owns recovery, so a redelivery after a crash
+        # would only replay tokens the client already has.
+        await delivery.msg.ack()
+        flight = _InFlight(request)
+        self._in_flight[request.request_id] = flight
+        await publish_event(self._nc, request.reply_subject, Accepted(
+            request_id=request.request_id, seq=0, worker_id=self.worker_id, attempt=request.attempt))
+        self._engine_loop.submit(request)
+
+    # --- outputs ----------------------------------------------------------------------------------------
+    async def _pump(self) -> None:
+        while True:
+            for output in await self._outputs.get():
+                await self._emit(output)
+
+    async def _emit(self, output: RequestOutput) -> None:
+        flight = self._in_flight.get(output.request_id)
+        if flight is None:
+            return
+        request = flight.request
+        if output.choices or output.prompt_logprobs:
+            await publish_event(self._nc, request.reply_subject, Tokens(
+                request_id=request.request_id, seq=flight.next_seq(), choices=output.choices,
+                prompt_logprobs=output.prompt_logprobs))
+        if output.finished:
+            del self._in_flight[request.request_id]
+            self._slot_freed.set()
+            await publish_event(self._nc, request.reply_subject, End(
+                request_id=request.request_id, seq=flight.next_seq(), usage=output.usage or Usage()))
+
+    async def _publish(self, request: GenerateRequest, event_type, **fields) -> None:
+        flight = self._in_flight.get(request.request_id)
+        seq = flight.next_seq() if flight else 1
+        await publish_event(self._nc, request.reply_subject,
+                            event_type(request_id=request.request_id, seq=seq, **fields))
+
+    async def _fail(self, request_id: str, code: ErrorCode, message: str) -> None:
+        flight = self._in_flight.pop(request_id, None)
+        if flight is None:
+            return
+        self._slot_freed.set()
+        await publish_event(self._nc, flight.request.reply_subject, Failed(
+            request_id=request_id, seq=flight.next_seq(), error=ErrorInfo(code=code, message=message)))
+
+    # --- cancels, heartbeats, registry ------------------------------------------------------------------
+    async def _on_cancel(self, cancel: CancelRequest) -> None:
+        if cancel.request_id in self._in_flight:
+            self._engine_loop.abort(cancel.request_id)
+            log.info("request.cancelled", request_id=cancel.request_id, reason=cancel.reason)
+        else:
+            self._cancelled[cancel.request_id] = None
+            while len(self._cancelled) > _REMEMBERED_CANCELS:
+                self._cancelled.popitem(last=False)
+
+    async def _heartbeat(self) -> None:
+        interval = self._config.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = time.monotonic()
+            for flight in list(self._in_flight.values()):
+                if now - flight.last_sent >= interval:
+                    await publish_event(self._nc, flight.request.reply_subject, Heartbeat(
+                        request_id=flight.request.request_id, seq=flight.next_seq()))
+
+    async def _announce(self) -> None:
+        running = sum(flight.request.sampling.num_candidates for flight in self._in_flight.values())
+        self._info = self._info.model_copy(update={"running": running, "updated_at": time.time()})
+        await self._registry.announce(self._info)
+
+    async def _keep_announced(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.announce_interval_s)
+            try:
+                await self._announce()
+            except Exception as exc:  # NATS reconnecting: the next beat retries
+                log.warning("registry.announce_failed", error=str(exc))

@@ -1,0 +1,93 @@
+"""Runs the synchronous engine on its own thread so the asyncio loop stays free for acks, heartbeats and
+cancels (a blocked loop starves JetStream heartbeats). Commands go in through a thread-safe queue; outputs
+come back through callbacks the caller makes loop-safe."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+
+from contracts import GenerateRequest
+from engine_worker.outputs import RequestOutput
+
+log = structlog.get_logger(__name__)
+
+_IDLE_WAIT_S = 0.05
+
+
+class StepEngine(Protocol):
+    def add_request(self, request: GenerateRequest) -> None: ...
+    def abort_request(self, request_id: str) -> None: ...
+    def has_unfinished_requests(self) -> bool: ...
+    def step(self) -> list[RequestOutput]: ...
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        engine: StepEngine,
+        on_outputs: Callable[[list[RequestOutput]], None],
+        on_rejected: Callable[[str, Exception], None],
+        on_dead: Callable[[BaseException], None],
+    ):
+        self._engine = engine
+        self._on_outputs = on_outputs
+        self._on_rejected = on_rejected
+        self._on_dead = on_dead
+        self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: GenerateRequest) -> None:
+        self._commands.put(("add", request))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._commands.put(("wake", None))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _apply(self, command: str, payload: object) -> None:
+        if command == "add":
+            assert isinstance(payload, GenerateRequest)
+            try:
+                self._engine.add_request(payload)
+            except ValueError as exc:
+                self._on_rejected(payload.request_id, exc)
+        elif command == "abort":
+            self._engine.abort_request(str(payload))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command, payload = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(command, payload)
+            try:
+                command, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                busy = self._engine.has_unfinished_requests()
+                self._drain_commands(block=not busy)
+                if self._engine.has_unfinished_requests():
+                    outputs = self._engine.step()
+                    if outputs:
+                        self._on_outputs(outputs)
+        except BaseException as exc:  # the engine is dead: every request on it must be failed, loudly
+            log.exception("engine.dead")
+            self._on_dead(exc)

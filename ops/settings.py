@@ -1,0 +1,69 @@
+"""The one settings object. Built from `INFERQ_*` environment variables (and CLI flags on top), then passed down
+explicitly: nothing here is constructed at import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from platformdirs import user_data_dir
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERQ_", extra="ignore")
+
+    # --- edge -------------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated bearer keys; empty means auth is off."
+    )
+    edge_id: str | None = Field(default=None, description="Token-event subject segment; random per process.")
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, description="Larger request bodies get a 413.")
+
+    # --- broker -----------------------------------------------------------------------------------------
+    nats_url: str | None = Field(default=None, description="Use this NATS server instead of an embedded one.")
+    data_dir: Path = Field(default_factory=lambda: Path(user_data_dir("inferq")))
+    queue_max_requests: int = Field(default=1024, ge=1, description="Per-model queue cap; full means 429.")
+    queue_max_age_s: float = Field(default=600.0, gt=0, description="Backstop: queued requests older than this expire.")
+    duplicate_window_s: float = Field(default=120.0, gt=0, description="Idempotency window for request ids.")
+
+    # --- liveness ---------------------------------------------------------------------------------------
+    heartbeat_interval_s: float = Field(default=1.0, gt=0, description="Worker heartbeat when otherwise silent.")
+    worker_silence_timeout_s: float = Field(default=3.0, gt=0, description="Edge gives up on a silent worker.")
+    queue_timeout_s: float = Field(default=60.0, gt=0, description="Longest a request may wait to be accepted.")
+    registry_ttl_s: float = Field(default=5.0, ge=1, description="A worker absent this long is not live.")
+
+    # --- engine -----------------------------------------------------------------------------------------
+    model: str = Field(default=DEFAULT_MODEL, description="Packaged name, HF directory, .gguf path or hub id.")
+    served_model_name: str | None = Field(default=None, description="Model id clients use; derived if unset.")
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_num_seqs: int = Field(default=64, ge=1, description="Sequences decoded together (batch slots).")
+    max_num_batched_tokens: int = Field(default=512, ge=16, description="Token budget per engine step.")
+    max_model_len: int | None = Field(default=None, ge=16, description="Cap on the model's context length.")
+    kv_cache_tokens: int | None = Field(default=None, ge=16, description="KV capacity in tokens; derived if unset.")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; torch's default if unset.")
+
+    # --- logging ----------------------------------------------------------------------------------------
+    log_level: str = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @property
+    def nats_store_dir(self) -> Path:
+        return self.data_dir / "nats"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.data_dir / "models"

@@ -1,0 +1,119 @@
+"""The queue contract against a real nats-server: dedup, backpressure, intake batching, fates of messages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.connection import connect
+from broker.embedded import EmbeddedNatsServer
+from broker.errors import QueueFull, QueueMissing
+from broker.events import EventRouter, publish_event
+from broker.registry import WorkerRegistry
+from broker.topology import QueueLimits, ensure_request_queue
+from broker.work_queue import RequestIntake, publish_request, queue_depth
+from contracts import Accepted, DeviceInfo, GenerateRequest, WorkerInfo
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNatsServer]:
+    with EmbeddedNatsServer(tmp_path_factory.mktemp("store")) as nats_server:
+        yield nats_server
+
+
+@pytest.fixture
+async def nc(server: EmbeddedNatsServer) -> AsyncIterator:
+    async with connect(server.url, "test") as client:
+        yield client
+
+
+def make_request(request_id: str, model: str, attempt: int = 1) -> GenerateRequest:
+    return GenerateRequest(request_id=request_id, model=model, prompt_token_ids=[1, 2],
+                           reply_subject=f"inf.tok.e.{request_id}", attempt=attempt)
+
+
+async def test_publish_dedups_by_request_id_and_attempt(nc) -> None:
+    js = nc.jetstream()
+    await ensure_request_queue(js, "dedup/model", QueueLimits(100, 60, 60))
+    assert await publish_request(js, make_request("a", "dedup/model")) is True
+    assert await publish_request(js, make_request("a", "dedup/model")) is False  # a retried POST
+    assert await publish_request(js, make_request("a", "dedup/model", attempt=2)) is True  # a resubmission
+    assert await queue_depth(js, "dedup/model") == 2
+
+
+async def test_full_queue_raises_queue_full(nc) -> None:
+    js = nc.jetstream()
+    await ensure_request_queue(js, "small", QueueLimits(2, 60, 60))
+    await publish_request(js, make_request("s1", "small"))
+    await publish_request(js, make_request("s2", "small"))
+    with pytest.raises(QueueFull):
+        await publish_request(js, make_request("s3", "small"))
+
+
+async def test_publish_without_queue_raises_queue_missing(nc) -> None:
+    with pytest.raises(QueueMissing):
+        await publish_request(nc.jetstream(), make_request("x", "never-served"))
+
+
+async def test_intake_pulls_at_most_the_free_slots(nc) -> None:
+    js = nc.jetstream()
+    await ensure_request_queue(js, "intake", QueueLimits(100, 60, 60))
+    for i in range(5):
+        await publish_request(js, make_request(f"i{i}", "intake"))
+    intake = RequestIntake(js, "intake")
+    await intake.start()
+    first = await intake.fetch(3, timeout=1)
+    assert [d.request.request_id for d in first] == ["i0", "i1", "i2"]
+    for delivery in first:
+        await delivery.msg.ack()
+    rest = await intake.fetch(10, timeout=1)
+    assert [d.request.request_id for d in rest] == ["i3", "i4"]
+    for delivery in rest:
+        await delivery.msg.ack()
+    assert await intake.fetch(1, timeout=0.2) == []
+    await intake.stop()
+
+
+async def test_malformed_messages_are_terminated_not_redelivered(nc) -> None:
+    js = nc.jetstream()
+    await ensure_request_queue(js, "garbage", QueueLimits(100, 60, 60))
+    await js.publish("inf.req.garbage", b'{"not": "a request"}')
+    await publish_request(js, make_request("ok", "garbage"))
+    intake = RequestIntake(js, "garbage")
+    await intake.start()
+    deliveries = await intake.fetch(5, timeout=1)
+    assert [d.request.request_id for d in deliveries] == ["ok"]
+    await deliveries[0].msg.ack()
+    await asyncio.sleep(0.2)
+    assert await queue_depth(js, "garbage") == 0
+    await intake.stop()
+
+
+async def test_event_router_delivers_by_request_id(nc) -> None:
+    router = EventRouter(nc, "edge1")
+    await router.start()
+    queue = router.open("r1")
+    await publish_event(nc, router.reply_subject("r1"), Accepted(request_id="r1", seq=0, worker_id="w"))
+    await publish_event(nc, router.reply_subject("r2"), Accepted(request_id="r2", seq=0, worker_id="w"))
+    event = await asyncio.wait_for(queue.get(), 2)
+    assert event.kind == "accepted" and event.request_id == "r1"
+    await asyncio.sleep(0.1)
+    assert queue.empty()
+    router.close("r1")
+    await router.stop()
+
+
+async def test_registry_entries_expire(nc, tmp_path: Path) -> None:
+    registry = await WorkerRegistry.open(nc.jetstream(), ttl_s=1)
+    info = WorkerInfo(worker_id="w1", model="m", model_source="/x", max_model_len=10, capacity=1,
+                      device=DeviceInfo(kind="cpu", name="cpu"), dtype="float32", host="h", pid=1,
+                      started_at=0, updated_at=0, tokenizer_object="t")
+    await registry.announce(info)
+    assert [w.worker_id for w in await registry.live_workers()] == ["w1"]
+    await asyncio.sleep(2.5)
+    assert await registry.live_workers() == []

@@ -1,0 +1,19 @@
+"""Session-wide fixtures: models the tests build, and (in tests/integration) real NATS servers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.model_fixtures import build_tiny_llama, save_smollm2_tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_smollm2_tokenizer(tmp_path_factory.mktemp("smollm2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir)

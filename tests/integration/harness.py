@@ -1,0 +1,113 @@
+"""Real processes for integration tests: a worker subprocess and the API served by uvicorn in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from api.app import create_app
+from ops.settings import Settings
+
+WORKER_BOOT = "from engine_worker.main import run_worker; from ops.settings import Settings; run_worker(Settings())"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {}
+    for name, value in settings.model_dump(exclude_none=True).items():
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        env[f"INFERQ_{name.upper()}"] = str(value)
+    return env
+
+
+class WorkerProcess:
+    """`engine_worker.main.run_worker` in its own process, as `inferq worker` runs it."""
+
+    def __init__(self, settings: Settings, log_path: Path, extra_env: Mapping[str, str] | None = None):
+        self.settings = settings
+        self.log_path = log_path
+        self.extra_env = dict(extra_env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        env = {**os.environ, **settings_env(self.settings), **self.extra_env}
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER_BOOT], env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class ApiServer:
+    """The real app (`create_app`) behind uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings.model_copy(update={"port": free_port()})
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.settings), host="127.0.0.1",
+                                                    port=self.settings.port, log_config=None, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    def start(self, timeout: float = 30) -> ApiServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the API did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+async def wait_healthy(base_url: str, worker: WorkerProcess | None = None, timeout: float = 120) -> None:
+    """Until `/health` says a worker is live (the worker loads its model first)."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        while time.monotonic() < deadline:
+            if worker is not None and worker.proc is not None and worker.proc.poll() is not None:
+                raise RuntimeError(f"the worker exited:\n{worker.log_tail()}")
+            try:
+                if (await client.get("/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"no healthy worker within {timeout} s" + (f":\n{worker.log_tail()}" if worker else ""))

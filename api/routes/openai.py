@@ -7,9 +7,9 @@ from fastapi import APIRouter, Request
 from api.catalog import ServedModel
 from api.errors import ApiError
 from api.schemas.openai import ChatCompletionRequest, CompletionRequest
+from api.services import ServicesDep
 from api.serving.chat import create_chat_completion
 from api.serving.completions import create_completion
-from api.services import ServicesDep
 from contracts import ErrorCode
 
 router = APIRouter(tags=["openai"])

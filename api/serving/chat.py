@@ -10,6 +10,7 @@ from starlette.requests import Request
 from api.engine_client import Generation, merge
 from api.errors import ApiError
 from api.schemas.openai import ChatCompletionRequest
+from api.services import Services
 from api.serving.generation import (
     ChoiceState,
     build_requests,
@@ -18,9 +19,8 @@ from api.serving.generation import (
     until_disconnected,
     usage_body,
 )
-from api.services import Services
-from contracts import ErrorCode, Usage
 from api.streaming import sse_response
+from contracts import ErrorCode, Usage
 
 
 def render_chat(body: ChatCompletionRequest, tokenizer) -> list[int]:

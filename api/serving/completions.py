@@ -10,6 +10,7 @@ from starlette.requests import Request
 from api.engine_client import Generation, merge
 from api.errors import ApiError
 from api.schemas.openai import CompletionRequest
+from api.services import Services
 from api.serving.generation import (
     ChoiceState,
     build_requests,
@@ -19,7 +20,6 @@ from api.serving.generation import (
     until_disconnected,
     usage_body,
 )
-from api.services import Services
 from api.streaming import sse_response
 from contracts import ErrorCode, Usage
 

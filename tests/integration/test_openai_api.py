@@ -70,8 +70,8 @@ async def test_greedy_completion_equals_transformers_generate(client, tiny_model
 
 
 async def test_streamed_completion_matches_non_streamed(client) -> None:
-    kwargs = dict(model=TINY_MODEL_NAME, prompt="Once upon a time", max_tokens=10, temperature=0,
-                  extra_body={"ignore_eos": True})
+    kwargs = {"model": TINY_MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0,
+                  "extra_body": {"ignore_eos": True}}
     full = await client.completions.create(**kwargs)
     stream = await client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
     pieces, finish, usage = [], None, None
@@ -113,8 +113,8 @@ async def test_chat_completion_uses_the_chat_template(client, tiny_model_dir: Pa
 
 
 async def test_seeded_sampling_is_reproducible(client) -> None:
-    kwargs = dict(model=TINY_MODEL_NAME, prompt="Numbers:", max_tokens=8, temperature=1.0, seed=1234,
-                  extra_body={"ignore_eos": True})
+    kwargs = {"model": TINY_MODEL_NAME, "prompt": "Numbers:", "max_tokens": 8, "temperature": 1.0, "seed": 1234,
+                  "extra_body": {"ignore_eos": True}}
     first = await client.completions.create(**kwargs)
     second = await client.completions.create(**kwargs)
     assert first.choices[0].text == second.choices[0].text

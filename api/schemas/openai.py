@@ -98,6 +98,14 @@ class GenerationFields(OpenAIRequest):
         }
         return SamplingParams(**{key: value for key, value in given.items() if value is not None})
 
+    @model_validator(mode="after")
+    def _streamable(self):
+        if self.stream and self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: not available with stream=true")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed with stream=true")
+        return self
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

@@ -16,6 +16,7 @@ from api.serving.generation import (
     build_requests,
     chat_logprobs,
     new_id,
+    prompt_logprobs_body,
     until_disconnected,
     usage_body,
 )
@@ -62,10 +63,12 @@ def _header(response_id: str, model: str, obj: str) -> dict:
 async def _collect(body: ChatCompletionRequest, model: str, response_id: str, generation: Generation) -> dict:
     states: dict[int, ChoiceState] = {}
     usage = Usage()
+    prompt_logprobs = None
     async for _, event in merge([generation]):
         if event.kind == "end":
             usage = event.usage
             continue
+        prompt_logprobs = event.prompt_logprobs or prompt_logprobs
         for delta in event.choices:
             states.setdefault(delta.index, ChoiceState(delta.index)).add(delta)
     choices = [
@@ -78,7 +81,10 @@ async def _collect(body: ChatCompletionRequest, model: str, response_id: str, ge
         }
         for index in sorted(states)
     ]
-    return {**_header(response_id, model, "chat.completion"), "choices": choices, "usage": usage_body([usage])}
+    response = {**_header(response_id, model, "chat.completion"), "choices": choices, "usage": usage_body([usage])}
+    if body.prompt_logprobs is not None:
+        response["prompt_logprobs"] = prompt_logprobs_body(prompt_logprobs)
+    return response
 
 
 async def _stream(body: ChatCompletionRequest, model: str, response_id: str,

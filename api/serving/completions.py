@@ -17,6 +17,7 @@ from api.serving.generation import (
     choice_index,
     completion_logprobs,
     new_id,
+    prompt_logprobs_body,
     until_disconnected,
     usage_body,
 )
@@ -55,9 +56,10 @@ async def create_completion(body: CompletionRequest, services: Services, http: R
     requests = build_requests(services, model, prompts, sampling, response_id)
     generations = await services.engine.submit_all(requests)
     echoes = [tokenizer.decode(ids) if body.echo else "" for ids in prompts]
+    first_tokens = [tokenizer.decode(ids[:1]) for ids in prompts]
     if body.stream:
         return sse_response(_stream(body, model.id, response_id, generations, echoes))
-    return await until_disconnected(http, _collect(body, model.id, response_id, generations, echoes))
+    return await until_disconnected(http, _collect(body, model.id, response_id, generations, echoes, first_tokens))
 
 
 def _header(response_id: str, model: str) -> dict:
@@ -65,7 +67,7 @@ def _header(response_id: str, model: str) -> dict:
 
 
 async def _collect(body: CompletionRequest, model: str, response_id: str, generations: list[Generation],
-                   echoes: list[str]) -> dict:
+                   echoes: list[str], first_tokens: list[str]) -> dict:
     states: dict[int, ChoiceState] = {}
     prompt_logprobs: dict[int, list] = {}
     usages: list[Usage] = []
@@ -85,9 +87,11 @@ async def _collect(body: CompletionRequest, model: str, response_id: str, genera
         logprobs = None
         if body.logprobs is not None:
             echoed = prompt_logprobs.get(position, []) if body.echo else []
-            logprobs = completion_logprobs([*echoed, *state.logprobs])
+            logprobs = completion_logprobs([*echoed, *state.logprobs], unscored_token=first_tokens[position])
         choices.append({"index": index, "text": echoes[position] + "".join(state.text), "logprobs": logprobs,
-                        "finish_reason": state.finish_reason, "stop_reason": state.stop_reason})
+                        "finish_reason": state.finish_reason, "stop_reason": state.stop_reason,
+                        "prompt_logprobs": prompt_logprobs_body(prompt_logprobs.get(position))
+                        if body.prompt_logprobs is not None else None})
     return {**_header(response_id, model), "choices": choices, "usage": usage_body(usages)}
 
 

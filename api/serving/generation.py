@@ -90,20 +90,35 @@ def usage_body(usages: Sequence[Usage]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_logprobs(entries: Sequence[TokenLogprob | None], start_offset: int = 0) -> dict:
-    """The legacy completions shape: parallel lists plus text offsets."""
+def completion_logprobs(entries: Sequence[TokenLogprob | None], unscored_token: str = "") -> dict:
+    """The legacy completions shape: parallel lists plus text offsets. A None entry (the first echoed prompt
+    token, which nothing predicts) is listed as `unscored_token` with a null logprob."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    offset = start_offset
+    offset = 0
     for entry in entries:
-        if entry is None:
-            continue
-        tokens.append(entry.token)
-        token_logprobs.append(finite(entry.logprob))
-        top_logprobs.append({alt.token: finite(alt.logprob) for alt in entry.top} or None)
+        token = unscored_token if entry is None else entry.token
+        tokens.append(token)
+        token_logprobs.append(None if entry is None else finite(entry.logprob))
+        top_logprobs.append(None if entry is None else {alt.token: finite(alt.logprob) for alt in entry.top} or None)
         offsets.append(offset)
-        offset += len(entry.token)
+        offset += len(token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": offsets}
+
+
+def prompt_logprobs_body(entries: Sequence[TokenLogprob | None] | None) -> list | None:
+    """vLLM's shape: one entry per prompt position (the first is null), keyed by token id."""
+    if entries is None:
+        return None
+
+    def position(entry: TokenLogprob) -> dict:
+        body = {str(alt.token_id): {"logprob": finite(alt.logprob), "rank": rank, "decoded_token": alt.token}
+                for rank, alt in enumerate(entry.top, start=1)}
+        body[str(entry.token_id)] = {"logprob": finite(entry.logprob), "rank": entry.rank,
+                                     "decoded_token": entry.token}
+        return body
+
+    return [None if entry is None else position(entry) for entry in entries]
 
 
 def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:

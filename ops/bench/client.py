@@ -1,0 +1,202 @@
+"""The server under test, driven through its OpenAI streaming API with a bare httpx client (the openai SDK's
+per-chunk model parsing would show up in the client's share of the measured latency)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import structlog
+
+from ops.bench.config import BenchConfig, BenchError
+from ops.bench.metrics import RequestResult, inter_token_latencies
+from ops.bench.prompts import local_decoder, words_for
+from ops.bench.sse import SSEDecoder, SSEEvent
+
+log = structlog.get_logger(__name__)
+
+PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+class _Stream:
+    """What one streamed response has delivered so far."""
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.times: list[float] = []
+        self.counts: list[int] | None = []  # tokens per chunk, while every chunk reports running usage
+        self.completion_tokens: int | None = None
+        self.prompt_tokens: int | None = None
+        self.error: str | None = None
+
+    def on_event(self, event: SSEEvent, now: float) -> bool:
+        """Record one event; True once the stream is finished ([DONE] or an error)."""
+        if event.data.strip() == "[DONE]":
+            return True
+        try:
+            chunk = json.loads(event.data)
+        except json.JSONDecodeError:
+            self.error = f"undecodable event: {event.data[:200]!r}"
+            return True
+        if event.event == "error" or "error" in chunk:
+            self.error = _error_message(chunk)
+            return True
+        self._on_chunk(chunk, now)
+        return False
+
+    def _on_chunk(self, chunk: dict[str, Any], now: float) -> None:
+        before = self.completion_tokens or 0
+        usage = chunk.get("usage") or {}
+        running = usage.get("completion_tokens")
+        if running is not None:
+            self.completion_tokens = running
+        if usage.get("prompt_tokens") is not None:
+            self.prompt_tokens = usage["prompt_tokens"]
+        if not _chunk_text(chunk, self.chat):
+            return  # role-only, finish or usage chunk: no new token for the client
+        self.times.append(now)
+        if self.counts is not None:
+            # Exact per-chunk counts need running usage on every token chunk (vLLM's continuous_usage_stats).
+            self.counts = [*self.counts, running - before] if running is not None else None
+
+    def result(self, start: float, end: float) -> RequestResult:
+        if self.error is None and not self.times:
+            self.error = "stream ended without a token"
+        if self.error is not None:
+            return RequestResult(start_s=start, e2e_s=end - start, error=self.error)
+        total = self.completion_tokens if self.completion_tokens is not None else len(self.times)
+        return RequestResult(
+            start_s=start,
+            e2e_s=end - start,
+            ttft_s=self.times[0] - start,
+            itl_s=inter_token_latencies(self.times, self.counts, total),
+            output_tokens=total,
+            prompt_tokens=self.prompt_tokens,
+        )
+
+
+def _chunk_text(chunk: dict[str, Any], chat: bool) -> str:
+    choices = chunk.get("choices") or []
+    if not choices:
+        return ""
+    choice = choices[0]
+    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+    return text or ""
+
+
+def _error_message(chunk: dict[str, Any]) -> str:
+    error = chunk.get("error", chunk)
+    return str(error.get("message", error)) if isinstance(error, dict) else str(error)
+
+
+class OpenAIStreamTarget:
+    """Sends each prompt as one streaming request and measures it as the client sees it."""
+
+    name = "inferq"
+
+    def __init__(self, cfg: BenchConfig, client: httpx.AsyncClient, model: str) -> None:
+        self.model = model
+        self.chat = cfg.endpoint == "chat"
+        self.path = PATHS[cfg.endpoint]
+        self.prompt_source = "token ids (exact)"
+        self._cfg = cfg
+        self._client = client
+        self._texts: dict[tuple[int, ...], str] = {}
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, cfg: BenchConfig) -> AsyncIterator[OpenAIStreamTarget]:
+        streams = max(cfg.concurrency) + 2
+        async with httpx.AsyncClient(
+            base_url=cfg.base_url,
+            headers={"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {},
+            timeout=httpx.Timeout(cfg.timeout_s, connect=10.0),
+            limits=httpx.Limits(max_connections=streams, max_keepalive_connections=streams),
+        ) as client:
+            yield cls(cfg, client, await discover_model(client, cfg))
+
+    async def prepare(self, prompts: list[list[int]]) -> None:
+        """Chat takes text, not ids: render every prompt before the clock starts."""
+        if not self.chat:
+            return
+        missing = [ids for ids in prompts if tuple(ids) not in self._texts]
+        texts, self.prompt_source = await render_texts(self._client, self.model, missing, self._cfg)
+        self._texts.update(zip(map(tuple, missing), texts, strict=True))
+
+    async def __call__(self, ids: list[int]) -> RequestResult:
+        stream = _Stream(self.chat)
+        start = time.perf_counter()
+        try:
+            async with self._client.stream("POST", self.path, json=self._payload(ids)) as response:
+                if response.status_code != 200:
+                    body = (await response.aread()).decode(errors="replace")
+                    stream.error = f"HTTP {response.status_code}: {body[:300]}"
+                else:
+                    await _consume(response, stream)
+        except httpx.HTTPError as exc:
+            stream.error = f"{type(exc).__name__}: {exc}"
+        return stream.result(start, time.perf_counter())
+
+    def _payload(self, ids: list[int]) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": self._cfg.output_len,
+            "ignore_eos": True,  # every request generates exactly output_len tokens
+            "temperature": 0.0,  # greedy, like the baseline
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.chat:
+            payload["messages"] = [{"role": "user", "content": self._texts[tuple(ids)]}]
+        else:
+            payload["prompt"] = ids  # OpenAI accepts token ids: the prompt length is exact
+        return payload
+
+
+async def _consume(response: httpx.Response, stream: _Stream) -> None:
+    decoder = SSEDecoder()
+    async for text in response.aiter_text():
+        now = time.perf_counter()
+        for event in decoder.feed(text):
+            if stream.on_event(event, now):
+                return
+
+
+async def discover_model(client: httpx.AsyncClient, cfg: BenchConfig) -> str:
+    """Check the server answers at all, and pick the model id when none was given."""
+    try:
+        response = await client.get("/v1/models")
+    except httpx.TransportError as exc:
+        raise BenchError(f"cannot reach the server at {cfg.base_url}: {exc!r}. Is it running?") from exc
+    if cfg.model:
+        return cfg.model
+    if response.status_code != 200:
+        raise BenchError(f"GET /v1/models answered HTTP {response.status_code}: {response.text[:300]}")
+    models = response.json().get("data") or []
+    if not models:
+        raise BenchError("the server lists no models (is a worker up?); pass --model")
+    return str(models[0]["id"])
+
+
+async def render_texts(
+    client: httpx.AsyncClient, model: str, prompts: list[list[int]], cfg: BenchConfig
+) -> tuple[list[str], str]:
+    """Text for each id list: the server's /detokenize, else --tokenizer, else one word per token."""
+    try:
+        return [await _detokenize(client, model, ids) for ids in prompts], "server /detokenize"
+    except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
+        log.info("server cannot detokenize; falling back", error=repr(exc))
+    if cfg.tokenizer is not None:
+        decode = local_decoder(cfg.tokenizer)
+        return [decode(ids) for ids in prompts], f"local tokenizer {cfg.tokenizer}"
+    return [words_for(ids) for ids in prompts], "APPROXIMATE: one word per token (no tokenizer)"
+
+
+async def _detokenize(client: httpx.AsyncClient, model: str, ids: list[int]) -> str:
+    response = await client.post("/detokenize", json={"model": model, "tokens": ids})
+    response.raise_for_status()
+    return str(response.json()["prompt"])

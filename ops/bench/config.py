@@ -1,0 +1,148 @@
+"""The benchmark's command line and the one validated config object built from it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from platformdirs import user_cache_dir
+
+Endpoint = Literal["completions", "chat"]
+BaselineDtype = Literal["float32", "bfloat16", "float16"]
+
+
+class BenchError(Exception):
+    """A problem the user must fix (unreachable server, missing model); main turns it into an exit code."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    base_url: str
+    api_key: str | None
+    model: str | None
+    endpoint: Endpoint
+    concurrency: tuple[int, ...]
+    num_requests: int | None
+    input_len: int
+    output_len: int
+    warmup: int
+    seed: int
+    timeout_s: float
+    tokenizer: Path | None
+    json_path: Path | None
+    fail_on_error: bool
+    baseline: bool
+    baseline_only: bool
+    baseline_model: Path | None
+    baseline_dtype: BaselineDtype
+    cache_dir: Path
+    log_level: str
+
+    def requests_for(self, concurrency: int) -> int:
+        """Requests sent at one level: the explicit count, else enough for every stream to see two."""
+        return self.num_requests if self.num_requests is not None else max(8, 2 * concurrency)
+
+    @property
+    def runs_server(self) -> bool:
+        return not self.baseline_only
+
+    @property
+    def runs_baseline(self) -> bool:
+        return self.baseline or self.baseline_only
+
+
+def _concurrency_list(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from exc
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError("concurrency levels must be integers >= 1")
+    return levels
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inferq bench",
+        description="Benchmark a running OpenAI-compatible server with concurrent streams, optionally "
+        "next to a naive transformers generate() baseline measured in the same run.",
+    )
+    server = parser.add_argument_group("server")
+    server.add_argument("--base-url", default="http://127.0.0.1:8000", metavar="URL")
+    server.add_argument(
+        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY"
+    )
+    server.add_argument("--model", help="model id to request (default: the first id from GET /v1/models)")
+    server.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    server.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        dest="timeout_s",
+        metavar="SECONDS",
+        help="per-request seconds",
+    )
+    server.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="DIR",
+        help="local HF tokenizer dir for chat prompts when the server has no /detokenize",
+    )
+
+    load = parser.add_argument_group("load")
+    load.add_argument(
+        "--concurrency", type=_concurrency_list, default=(1, 4, 16), metavar="C[,C...]", help="e.g. 1,4,16"
+    )
+    load.add_argument(
+        "--num-requests", type=_positive_int, metavar="N", help="per level (default: max(8, 2 x concurrency))"
+    )
+    load.add_argument("--input-len", type=_positive_int, default=64, help="prompt tokens")
+    load.add_argument("--output-len", type=_positive_int, default=128, help="generated tokens (ignore_eos)")
+    load.add_argument("--warmup", type=int, default=1, help="unmeasured requests per target before measuring")
+    load.add_argument("--seed", type=int, default=0, help="seed for the prompt token ids")
+
+    baseline = parser.add_argument_group("baseline: transformers generate(), one request at a time")
+    baseline.add_argument("--baseline", action="store_true", help="also run the baseline and print ratios")
+    baseline.add_argument("--baseline-only", action="store_true", help="run only the baseline")
+    baseline.add_argument(
+        "--baseline-model", type=Path, metavar="DIR", help="local HF dir (default: the packaged SmolLM2 GGUF)"
+    )
+    baseline.add_argument("--baseline-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    baseline.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        default=Path(user_cache_dir("inferq-bench")),
+        help="where the dequantized packaged model is cached as safetensors",
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--json", type=Path, dest="json_path", metavar="PATH", help="write all results to this file"
+    )
+    output.add_argument("--fail-on-error", action="store_true", help="exit 1 if any request failed")
+    output.add_argument("--log-level", default="info")
+    return parser
+
+
+def parse_args(argv: list[str]) -> BenchConfig:
+    """Parse argv into a BenchConfig; argparse raises SystemExit on bad input or --help."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    return BenchConfig(**(vars(args) | {"base_url": args.base_url.rstrip("/")}))

@@ -1,0 +1,138 @@
+"""The plain-text result table, the inferq-vs-baseline comparison, and the JSON file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ops.bench.config import BenchConfig
+from ops.bench.metrics import LevelResult
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What was measured, for the table's heading and the JSON."""
+
+    model: str | None
+    endpoint: str | None
+    prompt_source: str
+    baseline: str | None
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _seconds(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms / 1000:.2f}"
+
+
+def _tokens(value: float | None) -> str:
+    return "-" if value is None else f"{round(value, 1):g}"  # 64.0 -> "64", 80.25 -> "80.2"
+
+
+def _in_out(level: LevelResult) -> str:
+    return f"{_tokens(level.mean_prompt_tokens)}/{_tokens(level.mean_output_tokens)}"
+
+
+# (heading, width, cell) for each column of the result table.
+_COLUMNS: list[tuple[str, int, Callable[[LevelResult], str]]] = [
+    ("target", 9, lambda r: r.target),
+    ("conc", 6, lambda r: str(r.concurrency)),
+    ("reqs", 6, lambda r: str(r.num_requests)),
+    ("err", 5, lambda r: str(r.errors)),
+    ("in/out tok", 12, _in_out),
+    ("req/s", 8, lambda r: _num(r.request_throughput, 2)),
+    ("out tok/s", 11, lambda r: _num(r.output_throughput)),
+    ("TTFT p50 ms", 12, lambda r: _num(r.ttft_ms.p50)),
+    ("TTFT p99 ms", 12, lambda r: _num(r.ttft_ms.p99)),
+    ("ITL p50 ms", 11, lambda r: _num(r.itl_ms.p50)),
+    ("ITL p99 ms", 11, lambda r: _num(r.itl_ms.p99)),
+    ("E2E p50 s", 10, lambda r: _seconds(r.e2e_ms.p50)),
+    ("E2E p99 s", 10, lambda r: _seconds(r.e2e_ms.p99)),
+]
+
+
+def _row(cells: list[str]) -> str:
+    first, *rest = cells
+    widths = [width for _, width, _ in _COLUMNS]
+    return f"{first:<{widths[0]}}" + "".join(f"{cell:>{w}}" for cell, w in zip(rest, widths[1:], strict=True))
+
+
+def format_table(cfg: BenchConfig, info: RunInfo, levels: list[LevelResult]) -> str:
+    heading = [
+        f"inferq bench: input {cfg.input_len} tokens, output {cfg.output_len} tokens (ignore_eos), greedy, "
+        f"warm-up {cfg.warmup}",
+    ]
+    if info.model is not None:
+        heading.append(
+            f"  inferq:   {info.model} at {cfg.base_url}{info.endpoint}; prompts as {info.prompt_source}"
+        )
+    if info.baseline is not None:
+        heading.append(f"  baseline: transformers generate(), one request at a time, {info.baseline}")
+    lines = [*heading, "", _row([name for name, _, _ in _COLUMNS])]
+    lines += [_row([cell(level) for _, _, cell in _COLUMNS]) for level in levels]
+    return "\n".join(lines) + "\n"
+
+
+def comparison(levels: list[LevelResult]) -> list[dict[str, Any]]:
+    """inferq next to the baseline at each concurrency both ran; both ratios are > 1 when inferq is better."""
+    by_key = {(level.target, level.concurrency): level for level in levels}
+    rows = []
+    for (target, concurrency), ours in by_key.items():
+        base = by_key.get(("baseline", concurrency))
+        if target != "inferq" or base is None:
+            continue
+        rows.append(
+            {
+                "concurrency": concurrency,
+                "inferq_output_tok_s": ours.output_throughput,
+                "baseline_output_tok_s": base.output_throughput,
+                "tok_s_ratio_inferq_over_baseline": _ratio(ours.output_throughput, base.output_throughput),
+                "inferq_ttft_p50_ms": ours.ttft_ms.p50,
+                "baseline_ttft_p50_ms": base.ttft_ms.p50,
+                "ttft_p50_ratio_baseline_over_inferq": _ratio(base.ttft_ms.p50, ours.ttft_ms.p50),
+            }
+        )
+    return rows
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "inferq vs baseline, same run (ratios > 1 mean inferq is better: tok/s inferq/baseline, "
+        "TTFT baseline/inferq)",
+        f"{'conc':>5}{'inferq tok/s':>14}{'base tok/s':>12}{'tok/s x':>9}"
+        f"{'inferq TTFT ms':>16}{'base TTFT ms':>14}{'TTFT x':>8}",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['concurrency']:>5}{_num(row['inferq_output_tok_s']):>14}{_num(row['baseline_output_tok_s']):>12}"
+            f"{_num(row['tok_s_ratio_inferq_over_baseline'], 2):>9}{_num(row['inferq_ttft_p50_ms']):>16}"
+            f"{_num(row['baseline_ttft_p50_ms']):>14}{_num(row['ttft_p50_ratio_baseline_over_inferq'], 2):>8}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, cfg: BenchConfig, info: RunInfo, levels: list[LevelResult]) -> None:
+    config = dataclasses.asdict(cfg) | {
+        "api_key": "<redacted>" if cfg.api_key else None
+    }  # results get shared
+    document = {
+        "config": config,
+        "run": dataclasses.asdict(info),
+        "levels": [dataclasses.asdict(level) for level in levels],
+        "comparison": comparison(levels),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n")

@@ -1,0 +1,127 @@
+"""Runs every concurrency level against each target, then reports."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from contextlib import AsyncExitStack
+from typing import Protocol
+
+import structlog
+
+from ops.bench.baseline import BaselineTarget
+from ops.bench.client import OpenAIStreamTarget
+from ops.bench.config import BenchConfig, BenchError, parse_args
+from ops.bench.metrics import LevelResult, RequestResult, summarize
+from ops.bench.prompts import prompt_set
+from ops.bench.report import RunInfo, comparison, format_comparison, format_table, write_json
+from ops.logging import configure_logging
+
+log = structlog.get_logger(__name__)
+
+
+class Target(Protocol):
+    name: str
+
+    async def prepare(self, prompts: list[list[int]]) -> None: ...
+
+    async def __call__(self, ids: list[int]) -> RequestResult: ...
+
+
+def main(argv: list[str]) -> int:
+    """`inferq bench`: 0 on success, 1 on failed requests with --fail-on-error, 2 on a setup problem."""
+    try:
+        cfg = parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse has already explained
+        return exc.code if isinstance(exc.code, int) else 0
+    if not structlog.is_configured():  # the inferq CLI configures logging itself; direct callers get ours
+        configure_logging(cfg.log_level)
+    try:
+        levels, info = asyncio.run(run(cfg))
+    except BenchError as exc:
+        log.error(str(exc))
+        return exc.exit_code
+    sys.stdout.write(format_table(cfg, info, levels) + format_comparison(comparison(levels)))
+    if cfg.json_path is not None:
+        write_json(cfg.json_path, cfg, info, levels)
+    failed = sum(level.errors for level in levels)
+    if failed and cfg.fail_on_error:
+        log.error("requests failed", failed=failed)
+        return 1
+    return 0
+
+
+async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo]:
+    async with AsyncExitStack() as stack:
+        # The server first: an unreachable one fails fast, before the baseline model is loaded.
+        server = await stack.enter_async_context(OpenAIStreamTarget.connect(cfg)) if cfg.runs_server else None
+        baseline = stack.enter_context(BaselineTarget.load(cfg)) if cfg.runs_baseline else None
+        targets: list[Target] = [target for target in (server, baseline) if target is not None]
+        for target in targets:
+            await warm_up(target, cfg)
+        levels = []
+        for concurrency in cfg.concurrency:
+            prompts = prompt_set(cfg.seed, cfg.requests_for(concurrency), cfg.input_len)
+            # Targets alternate per level, so a machine busier for a while skews both sides of a ratio alike.
+            for target in targets:
+                await target.prepare(prompts)
+                levels.append(await measure(target, prompts, concurrency))
+        info = RunInfo(
+            model=server.model if server else None,
+            endpoint=server.path if server else None,
+            prompt_source=server.prompt_source if server else "token ids (exact)",
+            baseline=baseline.label if baseline else None,
+        )
+        return levels, info
+
+
+async def warm_up(target: Target, cfg: BenchConfig) -> None:
+    """Unmeasured requests (negative prompt indices) so first-call costs stay out of the numbers."""
+    prompts = prompt_set(cfg.seed, cfg.warmup, cfg.input_len, first_index=-cfg.warmup)
+    await target.prepare(prompts)
+    for ids in prompts:
+        result = await target(ids)
+        if not result.ok:
+            raise BenchError(f"{target.name} warm-up request failed: {result.error}", exit_code=1)
+
+
+async def measure(target: Target, prompts: list[list[int]], concurrency: int) -> LevelResult:
+    log.info("level started", target=target.name, concurrency=concurrency, requests=len(prompts))
+    results, duration = await run_level(target, prompts, concurrency)
+    level = summarize(target.name, concurrency, results, duration)
+    first_error = next((r.error for r in results if r.error is not None), None)
+    log.info(
+        "level done",
+        target=target.name,
+        concurrency=concurrency,
+        output_tok_s=round(level.output_throughput, 1),
+        ttft_p50_ms=None if level.ttft_ms.p50 is None else round(level.ttft_ms.p50, 1),
+        errors=level.errors,
+        first_error=first_error,
+    )
+    return level
+
+
+async def run_level(
+    target: Target, prompts: list[list[int]], concurrency: int
+) -> tuple[list[RequestResult], float]:
+    """`concurrency` closed-loop streams over all prompts; returns results in prompt order and the wall time.
+
+    Every stream sends its next prompt as soon as its previous response is complete, so at most
+    `concurrency` requests are in flight, and the first `concurrency` of them are sent at once.
+    """
+    pending = iter(enumerate(prompts))  # shared: each free stream takes the next prompt
+    results: list[RequestResult | None] = [None] * len(prompts)
+
+    async def stream() -> None:
+        for index, ids in pending:
+            results[index] = await target(ids)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(stream() for _ in range(min(concurrency, len(prompts)))))
+    duration = time.perf_counter() - start
+    done = [result for result in results if result is not None]
+    for result in done:
+        result.start_s -= start  # targets stamp perf_counter(); reports want time since the level began
+    return done, duration

@@ -84,7 +84,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             BridgeConfig(
                 capacity=settings.max_num_seqs,
                 heartbeat_interval_s=settings.heartbeat_interval_s,
-                announce_interval_s=max(0.5, settings.registry_ttl_s / 3),
+                announce_interval_s=max(0.5, settings.registry_ttl_s / 4),
             ),
             validate=engine.validate,
         )

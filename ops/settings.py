@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=1.0, gt=0, description="Worker heartbeat when otherwise silent.")
     worker_silence_timeout_s: float = Field(default=3.0, gt=0, description="Edge gives up on a silent worker.")
     queue_timeout_s: float = Field(default=60.0, gt=0, description="Longest a request may wait to be accepted.")
-    registry_ttl_s: float = Field(default=5.0, ge=1, description="A worker absent this long is not live.")
+    registry_ttl_s: float = Field(default=10.0, ge=1, description="A worker silent this long leaves the registry.")
 
     # --- engine -----------------------------------------------------------------------------------------
     model: str = Field(default=DEFAULT_MODEL, description="Packaged name, HF directory, .gguf path or hub id.")

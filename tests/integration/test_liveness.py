@@ -80,6 +80,23 @@ async def test_disconnecting_client_publishes_a_cancel(api, nats_server) -> None
         assert cancel.request_id == response_id
 
 
+async def test_non_streaming_client_that_leaves_cancels_too(api, nats_server) -> None:
+    async with connect(nats_server.url, "observer-2") as nc:
+        cancels: asyncio.Queue = asyncio.Queue()
+
+        async def on_cancel(msg) -> None:
+            await cancels.put(CancelRequest.from_bytes(msg.data))
+
+        await nc.subscribe("inf.cancel.*", cb=on_cancel)
+        await nc.flush()
+        body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 480, "ignore_eos": True, "n": 8}
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=0.5) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post("/v1/completions", json=body)  # gives up and closes the connection
+        cancel = await asyncio.wait_for(cancels.get(), 5)
+        assert cancel.request_id.startswith("cmpl-")
+
+
 async def test_cancel_frees_the_sequence_within_a_step(api, nats_server, worker) -> None:
     """Straight on NATS, as a direct publisher would: tokens stop right after the cancel."""
     async with connect(nats_server.url, "direct-client") as nc:

@@ -1,0 +1,176 @@
+"""The `inferq` command. Every subcommand builds `Settings` from `INFERQ_*` env, applies its flags on top,
+configures logging and hands over to the package that does the work, imported only then: `ops` depends on
+api/broker/engine_worker only to launch them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from ops.logging import configure_logging
+from ops.settings import Settings
+
+Handler = Callable[[Settings], int | None]
+
+# Flags map 1:1 onto Settings fields (dest = field name); help comes from the field's description.
+# (flag, field, argparse kwargs)
+_FlagDef = tuple[str, str, dict[str, Any]]
+_COMMON: list[_FlagDef] = [
+    ("--data-dir", "data_dir", {"type": Path, "metavar": "DIR", "help": "NATS store, model cache"}),
+    ("--log-level", "log_level", {"choices": ["debug", "info", "warning", "error", "critical"]}),
+    ("--log-format", "log_format", {"choices": ["auto", "json", "console"], "help": "auto: tty → console"}),
+]
+_CONNECT: list[_FlagDef] = [("--nats", "nats_url", {"metavar": "URL"})]
+_LISTEN: list[_FlagDef] = [
+    ("--nats", "nats_url", {"metavar": "URL", "help": "where to listen (default: loopback, random port)"}),
+]
+_EDGE: list[_FlagDef] = [
+    ("--host", "host", {}),
+    ("--port", "port", {"type": int}),
+]
+_ENGINE: list[_FlagDef] = [
+    ("--model", "model", {"metavar": "NAME"}),
+    ("--served-model-name", "served_model_name", {"metavar": "ID"}),
+    ("--device", "device", {}),
+    ("--dtype", "dtype", {"choices": ["auto", "float32", "bfloat16", "float16"]}),
+    ("--max-num-seqs", "max_num_seqs", {"type": int}),
+    ("--max-num-batched-tokens", "max_num_batched_tokens", {"type": int}),
+    ("--max-model-len", "max_model_len", {"type": int}),
+    ("--kv-cache-tokens", "kv_cache_tokens", {"type": int}),
+    ("--torch-threads", "torch_threads", {"type": int}),
+]
+_QUEUE: list[_FlagDef] = [
+    ("--queue-max-requests", "queue_max_requests", {"type": int}),
+]
+
+
+# --- handlers: each imports its package only when run ---------------------------------------------------
+
+
+def _serve(settings: Settings) -> int:
+    from ops.launcher import run_serve
+
+    return run_serve(settings)
+
+
+def _nats(settings: Settings) -> int:
+    from broker.embedded import run_foreground
+
+    return run_foreground(settings)
+
+
+def _worker(settings: Settings) -> int | None:
+    from engine_worker.main import run_worker
+
+    return run_worker(settings)
+
+
+def _api(settings: Settings) -> int | None:
+    from api.main import run_api
+
+    return run_api(settings)
+
+
+def _bench(argv: list[str]) -> int | None:
+    from ops.bench import main as bench_main
+
+    return bench_main(argv)
+
+
+def _version() -> int:
+    try:
+        version = importlib.metadata.version("inferq")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0+unknown (not installed)"
+    sys.stdout.write(f"inferq {version}\n")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inferq",
+        description="Queue-backed LLM inference: HTTP edge, NATS JetStream, torch engine workers.",
+        epilog="Every flag can also be set as INFERQ_<FIELD> in the environment; flags win.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _command(commands, "serve", _serve, "everything on this machine: embedded NATS, a worker and the api",
+             _CONNECT, _COMMON, _EDGE, _ENGINE, _QUEUE)  # fmt: skip
+    _command(commands, "nats", _nats, "an embedded nats-server in the foreground", _LISTEN, _COMMON)
+    _command(commands, "worker", _worker, "an engine worker for one model, pulling from --nats",
+             _CONNECT, _COMMON, _ENGINE, _QUEUE)  # fmt: skip
+    _command(commands, "api", _api, "the HTTP edge (OpenAI / Aleph Alpha APIs), publishing to --nats",
+             _CONNECT, _COMMON, _EDGE, _QUEUE)  # fmt: skip
+    bench = commands.add_parser("bench", help="benchmark a running server (arguments go to the benchmark)",
+                                add_help=False)  # fmt: skip
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    commands.add_parser("version", help="print the installed version")
+    return parser
+
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    handler: Handler,
+    help_text: str,
+    *groups: list[_FlagDef],
+) -> None:
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    for group in groups:
+        for flag, field, kwargs in group:
+            kwargs = {"help": Settings.model_fields[field].description, **kwargs}
+            sub.add_argument(flag, dest=field, default=argparse.SUPPRESS, **kwargs)
+    sub.set_defaults(handler=handler)
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    """`INFERQ_*` env first, the flags given on the command line on top."""
+    overrides = {key: value for key, value in vars(args).items() if key in Settings.model_fields}
+    return Settings(**overrides)
+
+
+# --- entry point ----------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if args_list[:1] == ["bench"]:
+        # Forward untouched (argparse would eat the benchmark's own --help and options).
+        _configure_logging_from(parser, Settings)
+        return _exit_code(_bench(args_list[1:]))
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.command == "version":
+        return _version()
+    settings = _configure_logging_from(parser, lambda: build_settings(args))
+    structlog.contextvars.bind_contextvars(process=args.command)
+    return _exit_code(args.handler(settings))
+
+
+def _configure_logging_from(parser: argparse.ArgumentParser, make: Callable[[], Settings]) -> Settings:
+    try:
+        settings = make()
+    except ValidationError as exc:
+        parser.exit(2, f"inferq: invalid settings\n{exc}\n")
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def _exit_code(result: int | None) -> int:
+    return 0 if result is None else int(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""`inferq serve`: the whole service on one machine from one command.
+
+Supervises an embedded nats-server (unless `nats_url` points at one), one worker and the api, each a child in
+its own process group that dies with us. Ready = the api's `/health` is 200, i.e. a worker is live. Stops in
+reverse: api (no new requests), worker, NATS last (both others need it to drain)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from pydantic_settings import NoDecode
+
+from ops.process import spawn, stop_on_signals, terminate
+from ops.settings import Settings
+
+if TYPE_CHECKING:
+    from broker.embedded import EmbeddedNatsServer
+
+log = structlog.get_logger(__name__)
+
+ENV_PREFIX = "INFERQ_"
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """One supervised process. `ready_check` is polled until it is True; None means ready once started."""
+
+    name: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    ready_check: Callable[[], bool] | None = None
+
+
+@dataclass
+class _Child:
+    spec: ChildSpec
+    proc: subprocess.Popen[bytes]
+
+
+BuildChildren = Callable[[Settings], list[ChildSpec]]
+
+
+# --- what runs ----------------------------------------------------------------------------------------------
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Every field as the `INFERQ_*` variable that reproduces it, so a child's `Settings()` equals ours.
+    Unset (None) fields are left out; the caller also removes inherited ones (see `child_env`)."""
+    env: dict[str, str] = {}
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, list | tuple | set | dict):
+            # NoDecode fields take comma-separated text (api_keys); other complex fields are JSON-decoded.
+            comma = any(isinstance(meta, NoDecode) or meta is NoDecode for meta in field.metadata)
+            text = ",".join(map(str, value)) if comma else json.dumps(value)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value)
+        env[f"{ENV_PREFIX}{name.upper()}"] = text
+    return env
+
+
+def child_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a child gets: ours without any `INFERQ_*`, plus the resolved settings."""
+    inherited = os.environ if base is None else base
+    env = {key: value for key, value in inherited.items() if not key.startswith(ENV_PREFIX)}
+    env.update(settings_env(settings))
+    return env
+
+
+def build_children(settings: Settings) -> list[ChildSpec]:
+    """The real service: one worker (one model for now), then the api, both `python -m ops.cli <command>`."""
+    env = child_env(settings)
+    cli = [sys.executable, "-m", "ops.cli"]
+    api_health = partial(http_ok, f"{api_base_url(settings)}/health")
+    return [
+        ChildSpec("worker", [*cli, "worker"], env),
+        ChildSpec("api", [*cli, "api"], env, ready_check=api_health),
+    ]
+
+
+def api_base_url(settings: Settings) -> str:
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"  # a wildcard bind is reached through loopback from here
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
+def http_ok(url: str, *, headers: Mapping[str, str] | None = None, timeout_s: float = 1.0) -> bool:
+    try:
+        request = urllib.request.Request(url, headers=dict(headers or {}))
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def curl_example(base_url: str, model: str, *, auth: bool) -> str:
+    message = {"role": "user", "content": "Say hello."}
+    body = json.dumps({"model": model, "messages": [message], "max_tokens": 32})
+    auth_header = ' -H "Authorization: Bearer $INFERQ_API_KEY"' if auth else ""
+    return f"curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json'{auth_header} -d '{body}'"
+
+
+# --- supervision --------------------------------------------------------------------------------------------
+
+
+class Launcher:
+    """Start NATS (maybe), then the children in order; wait until all are ready; then watch them.
+
+    Exit code 0 after SIGINT/SIGTERM (or `request_stop()`), 1 if a child or NATS died, did not start, or did
+    not get ready within `ready_timeout_s`. Restart policy is a later issue: today any death ends the service,
+    so a supervisor above us (systemd, compose) decides about restarts."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        build: BuildChildren = build_children,
+        *,
+        ready_timeout_s: float = 600.0,
+        stop_timeout_s: float = 10.0,
+        poll_interval_s: float = 0.1,
+    ) -> None:
+        self.settings = settings
+        self._build = build
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self._stop = threading.Event()
+        self._nats: EmbeddedNatsServer | None = None
+        self._children: list[_Child] = []
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        with stop_on_signals(self._stop):
+            try:
+                return self._run()
+            except (RuntimeError, OSError) as exc:  # NATS did not start, a child could not be spawned
+                log.error("serve.failed", error=str(exc), error_type=type(exc).__name__)
+                return 1
+            finally:
+                self._shutdown()
+
+    def _run(self) -> int:
+        settings = self._resolve(self.settings)
+        specs = self._build(settings)
+        for spec in specs:
+            self._children.append(_Child(spec, spawn(spec.argv, env=spec.env)))
+            log.info("child.started", child=spec.name, pid=self._children[-1].proc.pid)
+        if (code := self._await_ready()) is not None:
+            return code
+        self._announce(settings)
+        while (code := self._exit_code()) is None:
+            self._stop.wait(self.poll_interval_s)
+        return code
+
+    def _resolve(self, settings: Settings) -> Settings:
+        """Fill in what children must agree on: the NATS URL (start one if none given) and a concrete port."""
+        updates: dict[str, Any] = {}
+        if settings.port == 0:
+            updates["port"] = _free_port(settings.host)
+        if settings.nats_url is None:
+            from broker.embedded import EmbeddedNatsServer  # ops imports broker only to launch it
+
+            # die_with_parent: run() is on the main thread for `inferq serve`, which lives as long as we do.
+            self._nats = EmbeddedNatsServer(settings.nats_store_dir, die_with_parent=True).start()
+            updates["nats_url"] = self._nats.url
+            log.info("nats.started", url=self._nats.url, store_dir=str(settings.nats_store_dir))
+        return settings.model_copy(update=updates)
+
+    def _await_ready(self) -> int | None:
+        """None once every child is ready; otherwise the exit code to stop with."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        pending = [child for child in self._children if child.spec.ready_check is not None]
+        while pending:
+            if (code := self._exit_code()) is not None:
+                return code
+            pending = [child for child in pending if not _is_ready(child.spec)]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                waiting = [child.spec.name for child in pending]
+                log.error("serve.not_ready", waiting_for=waiting, timeout_s=self.ready_timeout_s)
+                return 1
+            self._stop.wait(self.poll_interval_s)
+        return None
+
+    def _exit_code(self) -> int | None:
+        """0 if a stop was requested, 1 if anything we supervise has died, None while all is well."""
+        if self._stop.is_set():
+            return 0
+        for child in self._children:
+            # No restarts yet (a later issue): one death stops the whole service, loudly, with exit code 1.
+            if (returncode := child.proc.poll()) is not None:
+                log.error("child.died", child=child.spec.name, pid=child.proc.pid, returncode=returncode)
+                return 1
+        if self._nats is not None and (returncode := self._nats.poll()) is not None:
+            log.error("nats.died", returncode=returncode, log_tail=self._nats.log_tail())
+            return 1
+        return None
+
+    def _announce(self, settings: Settings) -> None:
+        base_url = api_base_url(settings)
+        model = _served_model_id(base_url, settings)
+        log.info("serve.ready", url=base_url, model=model, nats=settings.nats_url)
+        log.info(curl_example(base_url, model, auth=bool(settings.api_keys)))
+
+    def _shutdown(self) -> None:
+        for child in reversed(self._children):
+            returncode = terminate(child.proc, timeout_s=self.stop_timeout_s)
+            log.info("child.stopped", child=child.spec.name, returncode=returncode)
+        self._children.clear()
+        if self._nats is not None:
+            returncode = self._nats.stop()
+            log.info("nats.stopped", returncode=returncode)
+            self._nats = None
+
+
+def _is_ready(spec: ChildSpec) -> bool:
+    return spec.ready_check is None or spec.ready_check()
+
+
+def _served_model_id(base_url: str, settings: Settings) -> str:
+    """The id clients should send: asked from the api (the worker derives it), else our best guess."""
+    headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
+    try:
+        request = urllib.request.Request(f"{base_url}/v1/models", headers=headers)
+        with urllib.request.urlopen(request, timeout=2.0) as response:
+            return str(json.load(response)["data"][0]["id"])
+    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError):
+        return settings.served_model_name or settings.model
+
+
+def _free_port(host: str) -> int:
+    """For `--port 0`: the api's port must be known before it starts, so children and the curl line agree."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def run_serve(settings: Settings) -> int:
+    return Launcher(settings).run()

@@ -1,0 +1,374 @@
+"""`inferq serve` supervision: order, readiness, shutdown, a child's death, signals, no orphans. Stand-in
+children (tests/ops/stand_in_child.py) replace the worker and the api; the last test runs the real ones."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+
+from ops.launcher import ChildSpec, Launcher, child_env, curl_example, settings_env
+from ops.settings import Settings
+from tests.ops.stand_in_serve import CHILD, has_started, recorded, stand_in_children
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MARKER_VAR = "STAND_IN_MARKER"
+Logs = list[dict[str, Any]]
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie is dead, merely not reaped yet
+
+
+def _marked_processes(marker: str) -> list[int]:
+    """Live processes whose environment carries our marker: the launcher's whole tree, wherever it went."""
+    needle = f"{MARKER_VAR}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and _alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _events(log_path: Path) -> list[dict[str, Any]]:
+    events = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a child's non-JSON output
+        if isinstance(event, dict) and "event" in event:
+            events.append(event)
+    return events
+
+
+def _event_names(log_path: Path) -> list[str]:
+    return [event["event"] for event in _events(log_path)]
+
+
+def _stop_when(predicate: Callable[[], bool], launcher: Launcher) -> threading.Thread:
+    def watch() -> None:
+        deadline = time.monotonic() + 30
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        launcher.request_stop()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _assert_started_then_stopped_in_reverse(record: Path) -> None:
+    # Spawn order is in the launcher's log; which child gets to write its "start" line first is a race.
+    lines = recorded(record)
+    assert sorted(lines[:2]) == ["start:api", "start:worker"]
+    assert lines[2:] == ["stop:api", "stop:worker"]
+
+
+@pytest.fixture
+def logs() -> Iterator[Logs]:
+    """Every structlog event, whatever level or renderer an earlier test configured (capture_logs keeps the
+    configured level filter, so it would miss info events after a test set "warning")."""
+    previous = structlog.get_config()
+    capture = structlog.testing.LogCapture()
+    structlog.configure(
+        processors=[capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield capture.entries
+    finally:
+        structlog.configure(**previous)
+
+
+@pytest.fixture
+def record(tmp_path: Path) -> Path:
+    return tmp_path / "record.txt"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", log_format="json")
+
+
+class ServeProcess:
+    """A launcher in its own process (so it can be signalled and killed), logging JSON lines to a file."""
+
+    def __init__(self, argv: list[str], tmp_path: Path, env: dict[str, str]) -> None:
+        self.marker = uuid.uuid4().hex
+        self.log_path = tmp_path / "serve.log"
+        full_env = {**os.environ, **env, MARKER_VAR: self.marker}
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_for(self, event: str, timeout_s: float) -> dict[str, Any]:
+        def seen() -> bool:
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-3000:]
+                raise AssertionError(f"launcher exited ({self.proc.returncode}) before {event}:\n{tail}")
+            return event in _event_names(self.log_path)
+
+        _wait_until(seen, timeout_s, event)
+        return next(e for e in _events(self.log_path) if e["event"] == event)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+StartServe = Callable[..., ServeProcess]
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[StartServe]:
+    started: list[ServeProcess] = []
+
+    def start(*extra: str, env: dict[str, str] | None = None) -> ServeProcess:
+        argv = [sys.executable, "-m", "tests.ops.stand_in_serve", str(tmp_path / "record.txt"), *extra]
+        process = ServeProcess(argv, tmp_path, {"INFERQ_DATA_DIR": str(tmp_path / "data"), **(env or {})})
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()
+
+
+# --- settings travel to the children ------------------------------------------------------------------------
+
+
+def test_settings_env_reproduces_the_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Settings(
+        data_dir=tmp_path,
+        nats_url="nats://127.0.0.1:4333",
+        api_keys=["k1", "k2"],
+        port=8123,
+        dtype="float32",
+        max_model_len=256,
+        queue_max_age_s=12.5,
+    )
+    env = settings_env(original)
+    assert env["INFERQ_API_KEYS"] == "k1,k2"
+    assert "INFERQ_EDGE_ID" not in env  # None stays unset
+    for key in [key for key in os.environ if key.startswith("INFERQ_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == original
+
+
+def test_child_env_drops_inherited_inferq_variables(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    env = child_env(settings, base={"PATH": "/bin", "INFERQ_EDGE_ID": "stale", "INFERQ_PORT": "1"})
+    assert env["PATH"] == "/bin"
+    assert "INFERQ_EDGE_ID" not in env
+    assert env["INFERQ_PORT"] == str(settings.port)
+
+
+def test_curl_example_is_pasteable() -> None:
+    line = curl_example("http://127.0.0.1:8000", "tiny", auth=True)
+    assert line.startswith("curl -s http://127.0.0.1:8000/v1/chat/completions ")
+    body = line.split(" -d '", 1)[1].rstrip("'")
+    assert json.loads(body)["model"] == "tiny"
+    assert '"Authorization: Bearer $INFERQ_API_KEY"' in line
+
+
+# --- supervision, in this process ---------------------------------------------------------------------------
+
+
+def test_starts_in_order_and_stops_in_reverse_with_nats_last(settings: Settings, record: Path, logs: Logs) -> None:
+    launcher = Launcher(settings, stand_in_children(record))
+    _stop_when(lambda: has_started(record, "api"), launcher)
+    assert launcher.run() == 0
+    _assert_started_then_stopped_in_reverse(record)
+    events = [(log["event"], log.get("child")) for log in logs]
+    started_nats = next(log for log in logs if log["event"] == "nats.started")
+    assert events.index(("nats.started", None)) < events.index(("child.started", "worker"))
+    assert events.index(("child.started", "worker")) < events.index(("child.started", "api"))
+    assert events.index(("serve.ready", None)) < events.index(("child.stopped", "api"))
+    assert events.index(("child.stopped", "api")) < events.index(("child.stopped", "worker"))
+    assert events[-1] == ("nats.stopped", None)
+    assert any(log["event"].startswith("curl -s http://127.0.0.1:") for log in logs)
+    # Both children saw the embedded server's URL and the very same settings.
+    for name in ("worker", "api"):
+        env = json.loads(record.with_name(f"{name}.env.json").read_text())
+        assert env["INFERQ_NATS_URL"] == started_nats["url"]
+        assert env == settings_env(settings.model_copy(update={"nats_url": started_nats["url"]}))
+
+
+def test_given_nats_url_means_no_embedded_server(tmp_path: Path, record: Path, logs: Logs) -> None:
+    settings = Settings(data_dir=tmp_path, nats_url="nats://10.0.0.1:4222")
+    launcher = Launcher(settings, stand_in_children(record))
+    _stop_when(lambda: has_started(record, "api"), launcher)
+    assert launcher.run() == 0
+    assert not any(log["event"].startswith("nats.") for log in logs)
+    assert not (tmp_path / "nats").exists()
+    assert json.loads(record.with_name("api.env.json").read_text())["INFERQ_NATS_URL"] == "nats://10.0.0.1:4222"
+
+
+def test_a_dying_child_stops_everything_with_exit_code_1(settings: Settings, record: Path, logs: Logs) -> None:
+    dying_worker = stand_in_children(record, worker=["--die-after", "0.5", "--exit-code", "7"])
+    launcher = Launcher(settings, dying_worker)
+    assert launcher.run() == 1
+    died = next(log for log in logs if log["event"] == "child.died")
+    assert (died["child"], died["returncode"]) == ("worker", 7)
+    assert "stop:api" in recorded(record)  # the survivor was stopped, not abandoned
+    assert logs[-1]["event"] == "nats.stopped"
+
+
+def test_a_child_dying_before_ready_fails_fast(settings: Settings, record: Path, logs: Logs) -> None:
+    never_ready = stand_in_children(record, worker=["--die-after", "0.3"])
+
+    def build(s: Settings) -> list[ChildSpec]:
+        worker, api = never_ready(s)
+        return [worker, ChildSpec(api.name, api.argv, api.env, ready_check=lambda: False)]
+
+    started = time.monotonic()
+    assert Launcher(settings, build, ready_timeout_s=60).run() == 1
+    assert time.monotonic() - started < 15
+    assert "serve.ready" not in [log["event"] for log in logs]
+
+
+def test_not_ready_in_time_exits_1(settings: Settings, record: Path, logs: Logs) -> None:
+    def build(s: Settings) -> list[ChildSpec]:
+        env = child_env(s)
+        argv = [sys.executable, str(CHILD), "api", str(record)]
+        return [ChildSpec("api", argv, env, ready_check=lambda: False)]
+
+    assert Launcher(settings, build, ready_timeout_s=0.5).run() == 1
+    not_ready = next(log for log in logs if log["event"] == "serve.not_ready")
+    assert not_ready["waiting_for"] == ["api"]
+    assert "stop:api" in recorded(record)
+
+
+def test_a_child_ignoring_sigterm_is_killed(settings: Settings, record: Path, logs: Logs) -> None:
+    launcher = Launcher(settings, stand_in_children(record, worker=["--ignore-term"]), stop_timeout_s=0.5)
+    _stop_when(lambda: has_started(record, "api"), launcher)
+    assert launcher.run() == 0
+    stopped = {log["child"]: log["returncode"] for log in logs if log["event"] == "child.stopped"}
+    assert stopped == {"api": 0, "worker": -signal.SIGKILL}
+
+
+def test_grandchildren_are_stopped_with_their_parent(settings: Settings, record: Path) -> None:
+    launcher = Launcher(settings, stand_in_children(record, worker=["--grandchild"]))
+    _stop_when(lambda: has_started(record, "api"), launcher)
+    assert launcher.run() == 0
+    line = next(line for line in recorded(record) if line.startswith("grandchild:"))
+    grandchild = int(line.rsplit(":", 1)[1])
+    _wait_until(lambda: not _alive(grandchild), 5, "the grandchild to die")
+
+
+def test_missing_child_binary_exits_1(settings: Settings, logs: Logs) -> None:
+    def build(s: Settings) -> list[ChildSpec]:
+        return [ChildSpec("worker", ["/nonexistent/inferq-worker"], child_env(s))]
+
+    assert Launcher(settings, build).run() == 1
+    assert any(log["event"] == "serve.failed" for log in logs)
+    assert logs[-1]["event"] == "nats.stopped"
+
+
+# --- the launcher as its own process: signals and SIGKILL ---------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_everything_and_exits_0(serve_process: StartServe, sig: int, record: Path) -> None:
+    serve = serve_process()
+    serve.wait_for("serve.ready", 30)
+    assert len(_marked_processes(serve.marker)) == 4  # launcher, nats-server, worker, api
+    serve.proc.send_signal(sig)
+    assert serve.proc.wait(timeout=30) == 0
+    _assert_started_then_stopped_in_reverse(record)
+    assert _event_names(serve.log_path)[-1] == "nats.stopped"
+    assert _marked_processes(serve.marker) == []
+
+
+def test_child_death_makes_the_launcher_exit_nonzero(serve_process: StartServe) -> None:
+    serve = serve_process("--api", "--die-after 1")
+    assert serve.proc.wait(timeout=30) == 1
+    assert "child.died" in _event_names(serve.log_path)
+    assert _marked_processes(serve.marker) == []
+
+
+def test_sigkilled_launcher_leaves_no_orphans(serve_process: StartServe) -> None:
+    serve = serve_process()
+    serve.wait_for("serve.ready", 30)
+    assert len(_marked_processes(serve.marker)) == 4
+    serve.proc.kill()
+    serve.proc.wait()
+    _wait_until(lambda: _marked_processes(serve.marker) == [], 10, "children to die with the launcher")
+
+
+# --- the real thing -----------------------------------------------------------------------------------------
+
+
+def _real_children_exist() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("api.main", "engine_worker.main"))
+
+
+@pytest.mark.skipif(not _real_children_exist(), reason="api.main / engine_worker.main not written yet")
+def test_inferq_serve_answers_a_chat_completion(tmp_path: Path, tiny_model_dir: Path) -> None:
+    port = _free_port()
+    flags = f"--port {port} --device cpu --dtype float32 --max-num-seqs 4 --torch-threads 1 --log-format json"
+    argv = [sys.executable, "-m", "ops.cli", "serve", *flags.split()]
+    env = {"INFERQ_MODEL": str(tiny_model_dir), "INFERQ_DATA_DIR": str(tmp_path / "data")}
+    serve = ServeProcess(argv, tmp_path, env)
+    try:
+        ready = serve.wait_for("serve.ready", 240)
+        assert ready["url"] == f"http://127.0.0.1:{port}"
+        assert any(name.startswith("curl -s ") for name in _event_names(serve.log_path))
+        response = httpx.post(
+            f"{ready['url']}/v1/chat/completions",
+            json={"model": ready["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["role"] == "assistant"
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.proc.wait(timeout=60) == 0
+        _wait_until(lambda: _marked_processes(serve.marker) == [], 10, "no process left behind")
+    finally:
+        serve.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

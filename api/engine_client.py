@@ -5,6 +5,7 @@ iteration early (client gone) cancels the generation on the worker."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from api.errors import ApiError, broker_error
 from broker.errors import BrokerError
 from broker.events import Event, EventRouter, publish_cancel
 from broker.work_queue import publish_request
-from contracts import End, ErrorCode, GenerateRequest, Tokens
+from contracts import ChoiceDelta, End, ErrorCode, FinishReason, GenerateRequest, Tokens, Usage
 
 log = structlog.get_logger(__name__)
 
@@ -24,15 +25,21 @@ log = structlog.get_logger(__name__)
 class Timeouts:
     queue_s: float  # longest wait for a worker to accept
     silence_s: float  # longest gap between events once accepted (workers heartbeat every second)
+    max_attempts: int = 3  # a request survives this many workers going silent under it, minus one
 
 
 class Generation:
-    """One submitted request. Iterate it for Tokens events and the final End; failures raise ApiError."""
+    """One submitted request. Iterate it for Tokens events and the final End; failures raise ApiError.
+
+    If the worker goes silent mid-stream, the request is resubmitted with the tokens already delivered
+    (`resume_token_ids`, attempt + 1): the next worker continues from there, so the client sees one
+    uninterrupted stream. Events of superseded attempts are ignored."""
 
     def __init__(self, client: EngineClient, request: GenerateRequest, events: asyncio.Queue[Event]):
         self._client = client
         self.request = request
         self._events = events
+        self._delivered: list[int] = list(request.resume_token_ids)
         self._done = False
 
     async def __aiter__(self) -> AsyncIterator[Tokens | End]:
@@ -44,7 +51,18 @@ class Generation:
                 try:
                     event = await asyncio.wait_for(self._events.get(), timeout)
                 except TimeoutError:
-                    raise self._client.timeout_error(accepted) from None
+                    if not (accepted and self._resumable):
+                        raise self._client.timeout_error(accepted) from None
+                    if self._all_delivered:
+                        self._done = True
+                        for event in self._synthetic_end():
+                            yield event
+                        return
+                    await self._resubmit()
+                    accepted, expected_seq = False, 0
+                    continue
+                if event.attempt != self.request.attempt:
+                    continue  # from a superseded attempt (a worker that was presumed dead)
                 if event.kind == "error":
                     self._done = True
                     raise ApiError.from_info(event.error)
@@ -55,6 +73,7 @@ class Generation:
                 if event.kind == "accepted":
                     accepted = True
                 elif event.kind == "tokens":
+                    self._delivered.extend(t for c in event.choices if c.index == 0 for t in c.token_ids)
                     yield event
                 elif event.kind == "end":
                     self._done = True
@@ -62,6 +81,34 @@ class Generation:
                     return
         finally:
             await self.close()
+
+    @property
+    def _resumable(self) -> bool:
+        sampling = self.request.sampling
+        return sampling.num_candidates == 1 and self.request.attempt < self._client.timeouts.max_attempts
+
+    @property
+    def _all_delivered(self) -> bool:
+        limit = self.request.sampling.max_tokens
+        return limit is not None and len(self._delivered) >= limit
+
+    def _synthetic_end(self) -> list[Tokens | End]:
+        """Every token arrived but the worker died before saying so: finish the stream here."""
+        usage = Usage(prompt_tokens=len(self.request.prompt_token_ids), completion_tokens=len(self._delivered))
+        common = {"request_id": self.request.request_id, "attempt": self.request.attempt}
+        return [Tokens(**common, seq=0, choices=[ChoiceDelta(index=0, finish_reason=FinishReason.LENGTH)]),
+                End(**common, seq=1, usage=usage)]
+
+    async def _resubmit(self) -> None:
+        previous = self.request
+        self.request = previous.model_copy(update={
+            "attempt": previous.attempt + 1,
+            "resume_token_ids": list(self._delivered),
+            "deadline": time.time() + self._client.timeouts.queue_s,
+        })
+        log.warning("request.resubmitted", request_id=previous.request_id, attempt=self.request.attempt,
+                    delivered=len(self._delivered))
+        await self._client.publish(self.request)
 
     async def close(self) -> None:
         """Stop listening; if the generation has not finished, cancel it on the worker."""
@@ -85,11 +132,17 @@ class EngineClient:
         """Queue the request durably; raises ApiError (429 full, 503 unavailable, 413 too large) at once."""
         events = self.router.open(request.request_id)
         try:
+            await self.publish(request)
+        except ApiError:
+            self.router.close(request.request_id)
+            raise
+        return Generation(self, request, events)
+
+    async def publish(self, request: GenerateRequest) -> None:
+        try:
             await publish_request(self._js, request)
         except BrokerError as exc:
-            self.router.close(request.request_id)
             raise broker_error(exc) from exc
-        return Generation(self, request, events)
 
     async def submit_all(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
         generations: list[Generation] = []

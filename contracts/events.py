@@ -54,7 +54,8 @@ class Usage(Contract):
 
 class _Event(Contract):
     request_id: str
-    seq: int = Field(ge=0)
+    seq: int = Field(ge=0, description="Per request and attempt: 0 for accepted, then +1 per event.")
+    attempt: int = Field(default=1, ge=1, description="The attempt this event belongs to; older ones are stale.")
 
 
 class Accepted(_Event):

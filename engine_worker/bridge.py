@@ -43,10 +43,20 @@ class _InFlight:
     seq: int = 0
     last_sent: float = field(default_factory=time.monotonic)
 
-    def next_seq(self) -> int:
+    @property
+    def engine_key(self) -> str:
+        """Attempts of one request are distinct engine requests: a resubmission can land on this worker while
+        a superseded attempt still runs here (e.g. after the worker was frozen)."""
+        return engine_key(self.request)
+
+    def event(self, event_type, **fields):
         self.seq += 1
         self.last_sent = time.monotonic()
-        return self.seq
+        return event_type(request_id=self.request.request_id, attempt=self.request.attempt, seq=self.seq, **fields)
+
+
+def engine_key(request: GenerateRequest) -> str:
+    return request.request_id if request.attempt == 1 else f"{request.request_id}-a{request.attempt}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +84,8 @@ class WorkerBridge:
         self._info = info
         self._config = config
         self._validate = validate
-        self._in_flight: dict[str, _InFlight] = {}
+        self._in_flight: dict[str, _InFlight] = {}  # by engine key (request id + attempt)
+        self._current: dict[str, str] = {}  # request id -> engine key of its newest attempt here
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._outputs: asyncio.Queue[list[RequestOutput]] = asyncio.Queue()
         self._slot_freed = asyncio.Event()
@@ -93,9 +104,9 @@ class WorkerBridge:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._outputs.put_nowait, outputs)
 
-    def _rejected_from_thread(self, request_id: str, exc: Exception) -> None:
+    def _rejected_from_thread(self, key: str, exc: Exception) -> None:
         assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(self._fail(request_id, ErrorCode.INVALID_REQUEST, str(exc)), self._loop)
+        asyncio.run_coroutine_threadsafe(self._fail(key, ErrorCode.INVALID_REQUEST, str(exc)), self._loop)
 
     def _dead_from_thread(self, exc: BaseException) -> None:
         assert self._loop is not None
@@ -137,8 +148,8 @@ class WorkerBridge:
 
     async def _drain(self) -> None:
         if self._dead is not None:
-            for request_id in list(self._in_flight):
-                await self._fail(request_id, ErrorCode.INTERNAL, f"the engine failed: {self._dead}")
+            for key in list(self._in_flight):
+                await self._fail(key, ErrorCode.INTERNAL, f"the engine failed: {self._dead}")
             return
         deadline = time.monotonic() + self._config.drain_timeout_s
         while self._in_flight and time.monotonic() < deadline:
@@ -147,8 +158,8 @@ class WorkerBridge:
                 await asyncio.wait_for(self._slot_freed.wait(), timeout=0.5)
             except TimeoutError:
                 pass
-        for request_id in list(self._in_flight):
-            self._engine_loop.abort(request_id)  # what is left ends as "abort"; the edge resumes it elsewhere
+        for key in list(self._in_flight):
+            self._engine_loop.abort(key)  # what is left ends as "abort"; the edge resumes it elsewhere
 
     # --- intake -----------------------------------------------------------------------------------------
     def _free_slots(self) -> int:
@@ -172,24 +183,33 @@ class WorkerBridge:
             return
         if request.deadline is not None and time.time() > request.deadline:
             await delivery.msg.term()  # expired in the queue: drop it unprocessed
-            await self._publish(request, Failed, error=ErrorInfo(
-                code=ErrorCode.DEADLINE_EXCEEDED, message="the request's deadline passed while it was queued"))
+            await self._reject(request, ErrorCode.DEADLINE_EXCEEDED, "the deadline passed while it was queued")
             return
+        engine_request = request.model_copy(update={"request_id": engine_key(request)})
         try:
-            self._validate(request)
+            self._validate(engine_request)
         except ValueError as exc:
             await delivery.msg.term()  # bad input never succeeds on any worker
             code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if "context" in str(exc) else ErrorCode.INVALID_REQUEST
-            await self._publish(request, Failed, error=ErrorInfo(code=code, message=str(exc)))
+            await self._reject(request, code, str(exc))
             return
         # Interactive requests are acked on accept: the edge owns recovery, so a redelivery after a crash
         # would only replay tokens the client already has.
         await delivery.msg.ack()
+        superseded = self._current.get(request.request_id)
+        if superseded is not None and superseded in self._in_flight:
+            self._engine_loop.abort(superseded)  # an older attempt of the same request; the edge ignores it
         flight = _InFlight(request)
-        self._in_flight[request.request_id] = flight
+        self._in_flight[flight.engine_key] = flight
+        self._current[request.request_id] = flight.engine_key
         await publish_event(self._nc, request.reply_subject, Accepted(
-            request_id=request.request_id, seq=0, worker_id=self.worker_id, attempt=request.attempt))
-        self._engine_loop.submit(request)
+            request_id=request.request_id, attempt=request.attempt, seq=0, worker_id=self.worker_id))
+        self._engine_loop.submit(engine_request)
+
+    async def _reject(self, request: GenerateRequest, code: ErrorCode, message: str) -> None:
+        error = ErrorInfo(code=code, message=message)
+        await publish_event(self._nc, request.reply_subject, Failed(
+            request_id=request.request_id, attempt=request.attempt, seq=1, error=error))
 
     # --- outputs ----------------------------------------------------------------------------------------
     async def _pump(self) -> None:
@@ -201,35 +221,33 @@ class WorkerBridge:
         flight = self._in_flight.get(output.request_id)
         if flight is None:
             return
-        request = flight.request
+        reply = flight.request.reply_subject
         if output.choices or output.prompt_logprobs:
-            await publish_event(self._nc, request.reply_subject, Tokens(
-                request_id=request.request_id, seq=flight.next_seq(), choices=output.choices,
-                prompt_logprobs=output.prompt_logprobs))
+            await publish_event(self._nc, reply, flight.event(
+                Tokens, choices=output.choices, prompt_logprobs=output.prompt_logprobs))
         if output.finished:
-            del self._in_flight[request.request_id]
-            self._slot_freed.set()
-            await publish_event(self._nc, request.reply_subject, End(
-                request_id=request.request_id, seq=flight.next_seq(), usage=output.usage or Usage()))
+            self._forget(flight)
+            await publish_event(self._nc, reply, flight.event(End, usage=output.usage or Usage()))
 
-    async def _publish(self, request: GenerateRequest, event_type, **fields) -> None:
-        flight = self._in_flight.get(request.request_id)
-        seq = flight.next_seq() if flight else 1
-        await publish_event(self._nc, request.reply_subject,
-                            event_type(request_id=request.request_id, seq=seq, **fields))
+    def _forget(self, flight: _InFlight) -> None:
+        del self._in_flight[flight.engine_key]
+        if self._current.get(flight.request.request_id) == flight.engine_key:
+            del self._current[flight.request.request_id]
+        self._slot_freed.set()
 
-    async def _fail(self, request_id: str, code: ErrorCode, message: str) -> None:
-        flight = self._in_flight.pop(request_id, None)
+    async def _fail(self, key: str, code: ErrorCode, message: str) -> None:
+        flight = self._in_flight.get(key)
         if flight is None:
             return
-        self._slot_freed.set()
-        await publish_event(self._nc, flight.request.reply_subject, Failed(
-            request_id=request_id, seq=flight.next_seq(), error=ErrorInfo(code=code, message=message)))
+        self._forget(flight)
+        await publish_event(self._nc, flight.request.reply_subject, flight.event(
+            Failed, error=ErrorInfo(code=code, message=message)))
 
     # --- cancels, heartbeats, registry ------------------------------------------------------------------
     async def _on_cancel(self, cancel: CancelRequest) -> None:
-        if cancel.request_id in self._in_flight:
-            self._engine_loop.abort(cancel.request_id)
+        key = self._current.get(cancel.request_id)
+        if key is not None:
+            self._engine_loop.abort(key)
             log.info("request.cancelled", request_id=cancel.request_id, reason=cancel.reason)
         else:
             self._cancelled[cancel.request_id] = None
@@ -243,8 +261,7 @@ class WorkerBridge:
             now = time.monotonic()
             for flight in list(self._in_flight.values()):
                 if now - flight.last_sent >= interval:
-                    await publish_event(self._nc, flight.request.reply_subject, Heartbeat(
-                        request_id=flight.request.request_id, seq=flight.next_seq()))
+                    await publish_event(self._nc, flight.request.reply_subject, flight.event(Heartbeat))
 
     async def _announce(self) -> None:
         running = sum(flight.request.sampling.num_candidates for flight in self._in_flight.values())

@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -16,48 +16,110 @@ import pytest
 from broker.connection import connect
 from broker.work_queue import publish_request
 from contracts import CancelRequest, GenerateRequest, SamplingParams, parse_event
-from tests.integration.harness import WorkerProcess, wait_healthy
+from tests.integration.harness import ApiServer, WorkerProcess
 
 pytestmark = pytest.mark.asyncio
 SPARE_MODEL = "tiny-llama-spare"
 
 
 @pytest.fixture(scope="module")
-def spare_worker(base_settings, tmp_path_factory) -> Iterator[WorkerProcess]:
-    """A worker of its own (under another model id), so freezing it does not disturb other tests."""
-    settings = base_settings.model_copy(update={"served_model_name": SPARE_MODEL, "max_num_seqs": 2})
-    process = WorkerProcess(settings, tmp_path_factory.mktemp("spare") / "worker.log").start()
+def spare_settings(base_settings):
+    return base_settings.model_copy(update={"served_model_name": SPARE_MODEL, "max_num_seqs": 2})
+
+
+@pytest.fixture
+async def spare_worker(api, spare_settings, tmp_path) -> AsyncIterator[WorkerProcess]:
+    """A worker of its own (under another model id), so freezing or killing it disturbs no other test."""
+    process = WorkerProcess(spare_settings, tmp_path / "spare.log").start()
+    await wait_for_model(api.base_url, SPARE_MODEL, process)
     yield process
-    process.stop()
+    process.stop(signal.SIGKILL)
 
 
-async def test_frozen_worker_fails_the_stream_with_a_clear_error(api, spare_worker) -> None:
-    await wait_healthy(api.base_url, spare_worker)
-    for _ in range(100):  # the catalog caches the registry briefly
-        async with httpx.AsyncClient(base_url=api.base_url) as http:
-            if SPARE_MODEL in (await http.get("/health")).json()["models"]:
-                break
-        await asyncio.sleep(0.1)
-    body = {"model": SPARE_MODEL, "prompt": "hello", "max_tokens": 400, "stream": True, "ignore_eos": True,
-            "temperature": 0}
-    lines: list[str] = []
-    started = None
-    async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
-        async with http.stream("POST", "/v1/completions", json=body) as response:
+async def wait_for_model(base_url: str, model: str, worker: WorkerProcess) -> None:
+    deadline = time.monotonic() + 120
+    async with httpx.AsyncClient(base_url=base_url) as http:
+        while model not in (await http.get("/health")).json()["models"]:
+            assert worker.proc.poll() is None, worker.log_tail()
+            assert time.monotonic() < deadline, "worker did not register"
+            await asyncio.sleep(0.2)
+
+
+STREAM_BODY = {"model": SPARE_MODEL, "prompt": "Resume me", "max_tokens": 60, "ignore_eos": True, "temperature": 0}
+
+
+async def stream_with_fault(base_url: str, fault, after_chunks: int = 3) -> tuple[str, dict | None]:
+    """Stream STREAM_BODY; call `fault()` after a few chunks; return the text and any error event."""
+    text, error, seen = [], None, 0
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+        async with http.stream("POST", "/v1/completions", json={**STREAM_BODY, "stream": True}) as response:
             assert response.status_code == 200
             async for line in response.aiter_lines():
-                if not line:
+                if not line.startswith("data: {"):
                     continue
-                lines.append(line)
-                if len(lines) == 2:
-                    os.kill(spare_worker.proc.pid, signal.SIGSTOP)  # alive but silent, like a hung GPU
-                    started = time.monotonic()
-    elapsed = time.monotonic() - started
-    os.kill(spare_worker.proc.pid, signal.SIGCONT)
-    assert lines[-1] == "data: [DONE]"
-    error = json.loads(lines[-2][len("data: "):])["error"]
-    assert error["code"] == "worker_lost"
-    assert 2.5 <= elapsed < 10, elapsed  # the edge's silence timeout is 3 s
+                chunk = json.loads(line[len("data: "):])
+                if "error" in chunk:
+                    error = chunk["error"]
+                    continue
+                text.append(chunk["choices"][0]["text"])
+                seen += 1
+                if seen == after_chunks:
+                    await fault()
+    return "".join(text), error
+
+
+async def undisturbed_text(base_url: str) -> str:
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+        return (await http.post("/v1/completions", json=STREAM_BODY)).json()["choices"][0]["text"]
+
+
+async def test_frozen_worker_stream_resumes_where_it_stopped(api, spare_worker) -> None:
+    expected = await undisturbed_text(api.base_url)
+
+    async def freeze_then_thaw() -> None:
+        os.kill(spare_worker.proc.pid, signal.SIGSTOP)  # alive but silent, like a hung GPU
+        await asyncio.sleep(4.5)  # past the edge's 3 s silence timeout: it resubmits with what it delivered
+        os.kill(spare_worker.proc.pid, signal.SIGCONT)
+
+    text, error = await stream_with_fault(api.base_url, freeze_then_thaw)
+    assert error is None
+    assert text == expected
+
+
+async def test_killed_worker_stream_continues_on_a_restarted_worker(api, spare_worker, spare_settings,
+                                                                   tmp_path) -> None:
+    expected = await undisturbed_text(api.base_url)
+    replacements: list[WorkerProcess] = []
+
+    async def kill_and_restart() -> None:
+        spare_worker.proc.kill()
+        replacements.append(WorkerProcess(spare_settings, tmp_path / "replacement.log").start())
+
+    try:
+        text, error = await stream_with_fault(api.base_url, kill_and_restart)
+    finally:
+        for replacement in replacements:
+            replacement.stop(signal.SIGKILL)
+    assert error is None
+    assert text == expected
+
+
+async def test_lost_worker_without_replacement_fails_clearly(spare_settings, spare_worker) -> None:
+    impatient = ApiServer(spare_settings.model_copy(update={"queue_timeout_s": 3.0})).start()
+    try:
+        await wait_for_model(impatient.base_url, SPARE_MODEL, spare_worker)
+
+        async def freeze() -> None:
+            os.kill(spare_worker.proc.pid, signal.SIGSTOP)
+
+        started = time.monotonic()
+        _, error = await stream_with_fault(impatient.base_url, freeze)
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(spare_worker.proc.pid, signal.SIGCONT)
+        impatient.stop()
+    assert error is not None and error["code"] == "no_worker"
+    assert elapsed < 30  # silence timeout (3 s) + the resubmission's queue timeout (3 s) + the stream so far
 
 
 async def test_disconnecting_client_publishes_a_cancel(api, nats_server) -> None:

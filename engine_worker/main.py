@@ -9,6 +9,8 @@ import socket
 import sys
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -17,9 +19,10 @@ from broker.connection import connect
 from broker.registry import WorkerRegistry
 from broker.topology import QueueLimits, ensure_request_queue
 from broker.work_queue import RequestIntake
-from contracts import WorkerInfo
+from contracts import DeviceInfo, WorkerInfo
 from engine_worker.bridge import BridgeConfig, WorkerBridge
 from engine_worker.device import describe_device
+from engine_worker.engine_loop import StepEngine
 from engine_worker.loader import resolve_model
 from ops.settings import Settings
 
@@ -40,35 +43,66 @@ def engine_config_from(settings: Settings):
     )
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedEngine:
+    engine: StepEngine
+    served_name: str
+    source: str
+    tokenizer_dir: Path
+    device: DeviceInfo
+    max_model_len: int
+    dtype: str
+
+
+def load_torch_engine(settings: Settings) -> LoadedEngine:
+    from engine_worker.engine import Engine
+
+    model = resolve_model(settings.model, settings.model_cache_dir, settings.served_model_name)
+    log.info("worker.loading_model", model=model.served_name, source=model.source)
+    engine = Engine.from_pretrained(model.local_dir, engine_config_from(settings))
+    return LoadedEngine(engine, model.served_name, model.source, model.local_dir, describe_device(engine.device),
+                        engine.max_model_len, engine.dtype_name)
+
+
+def load_sim_engine(settings: Settings) -> LoadedEngine:
+    from engine_worker.sim import SIM_MAX_MODEL_LEN, SimConfig, SimEngine, write_sim_tokenizer
+
+    config = SimConfig(max_num_seqs=settings.max_num_seqs, tokens_per_s=settings.sim_tokens_per_s,
+                       max_model_len=settings.max_model_len or SIM_MAX_MODEL_LEN)
+    tokenizer_dir = write_sim_tokenizer(settings.data_dir / "sim-tokenizer", config.vocab_size)
+    engine = SimEngine(config)
+    name = settings.served_model_name or "sim"
+    return LoadedEngine(engine, name, "sim", tokenizer_dir, engine.device_info, engine.max_model_len,
+                        engine.dtype_name)
+
+
+ENGINE_LOADERS = {"torch": load_torch_engine, "sim": load_sim_engine}
+
+
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     if not settings.nats_url:
         raise SystemExit("inferq worker needs a NATS server: set INFERQ_NATS_URL or pass --nats")
-    from engine_worker.engine import Engine
-
-    model = await asyncio.to_thread(resolve_model, settings.model, settings.model_cache_dir,
-                                    settings.served_model_name)
-    log.info("worker.loading_model", model=model.served_name, source=model.source)
-    engine = await asyncio.to_thread(Engine.from_pretrained, model.local_dir, engine_config_from(settings))
+    loaded = await asyncio.to_thread(ENGINE_LOADERS[settings.engine], settings)
     worker_id = f"w{uuid.uuid4().hex[:12]}"
-    structlog.contextvars.bind_contextvars(worker_id=worker_id, model=model.served_name)
+    structlog.contextvars.bind_contextvars(worker_id=worker_id, model=loaded.served_name)
     async with connect(settings.nats_url, name=f"inferq-worker-{worker_id}") as nc:
         js = nc.jetstream()
-        await ensure_request_queue(js, model.served_name, QueueLimits(
+        await ensure_request_queue(js, loaded.served_name, QueueLimits(
             max_requests=settings.queue_max_requests,
             max_age_s=settings.queue_max_age_s,
             duplicate_window_s=settings.duplicate_window_s,
         ))
-        tokenizer_object = await publish_tokenizer(js, model.served_name, model.local_dir)
+        tokenizer_object = await publish_tokenizer(js, loaded.served_name, loaded.tokenizer_dir)
         registry = await WorkerRegistry.open(js, settings.registry_ttl_s)
         now = time.time()
         info = WorkerInfo(
             worker_id=worker_id,
-            model=model.served_name,
-            model_source=model.source,
-            max_model_len=engine.max_model_len,
+            model=loaded.served_name,
+            model_source=loaded.source,
+            max_model_len=loaded.max_model_len,
             capacity=settings.max_num_seqs,
-            device=describe_device(engine.device),
-            dtype=engine.dtype_name,
+            device=loaded.device,
+            dtype=loaded.dtype,
             host=socket.gethostname(),
             pid=os.getpid(),
             started_at=now,
@@ -77,8 +111,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         )
         bridge = WorkerBridge(
             nc,
-            engine,
-            RequestIntake(js, model.served_name),
+            loaded.engine,
+            RequestIntake(js, loaded.served_name),
             registry,
             info,
             BridgeConfig(
@@ -86,7 +120,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 heartbeat_interval_s=settings.heartbeat_interval_s,
                 announce_interval_s=max(0.5, settings.registry_ttl_s / 4),
             ),
-            validate=engine.validate,
+            validate=loaded.engine.validate,
         )
         await bridge.run(stop)
 

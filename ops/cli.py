@@ -45,6 +45,8 @@ _ENGINE: list[_FlagDef] = [
     ("--max-model-len", "max_model_len", {"type": int}),
     ("--kv-cache-tokens", "kv_cache_tokens", {"type": int}),
     ("--torch-threads", "torch_threads", {"type": int}),
+    ("--engine", "engine", {"choices": ["torch", "sim"]}),
+    ("--sim-tokens-per-s", "sim_tokens_per_s", {"type": float}),
 ]
 _QUEUE: list[_FlagDef] = [
     ("--queue-max-requests", "queue_max_requests", {"type": int}),

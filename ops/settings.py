@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     registry_ttl_s: float = Field(default=10.0, ge=1, description="A worker silent this long leaves the registry.")
 
     # --- engine -----------------------------------------------------------------------------------------
+    engine: Literal["torch", "sim"] = Field(
+        default="torch", description="torch: the real engine; sim: deterministic tokens without a model (load tests)."
+    )
+    sim_tokens_per_s: float = Field(default=20.0, gt=0, description="Per-sequence token rate of the sim engine.")
     model: str = Field(default=DEFAULT_MODEL, description="Packaged name, HF directory, .gguf path or hub id.")
     served_model_name: str | None = Field(default=None, description="Model id clients use; derived if unset.")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ...")
@@ -47,7 +51,7 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(default=512, ge=16, description="Token budget per engine step.")
     max_model_len: int | None = Field(default=None, ge=16, description="Cap on the model's context length.")
     kv_cache_tokens: int | None = Field(default=None, ge=16, description="KV capacity in tokens; derived if unset.")
-    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; torch's default if unset.")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's).")
 
     # --- logging ----------------------------------------------------------------------------------------
     log_level: str = "info"

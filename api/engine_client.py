@@ -49,7 +49,7 @@ class Generation:
             while True:
                 timeout = self._client.timeouts.silence_s if accepted else self._client.timeouts.queue_s
                 try:
-                    event = await asyncio.wait_for(self._events.get(), timeout)
+                    event = await self._next_event(timeout)
                 except TimeoutError:
                     if not (accepted and self._resumable):
                         raise self._client.timeout_error(accepted) from None
@@ -81,6 +81,14 @@ class Generation:
                     return
         finally:
             await self.close()
+
+    async def _next_event(self, timeout: float) -> Event:
+        # Hot path: events usually wait already; asyncio.timeout() avoids wait_for's task per call.
+        try:
+            return self._events.get_nowait()
+        except asyncio.QueueEmpty:
+            async with asyncio.timeout(timeout):
+                return await self._events.get()
 
     @property
     def _resumable(self) -> bool:

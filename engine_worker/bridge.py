@@ -18,6 +18,8 @@ from broker.work_queue import Delivery, RequestIntake
 from contracts import (
     Accepted,
     CancelRequest,
+    Embeddings,
+    EmbedRequest,
     End,
     ErrorCode,
     ErrorInfo,
@@ -29,7 +31,7 @@ from contracts import (
     WorkerInfo,
 )
 from engine_worker.engine_loop import EngineLoop, StepEngine
-from engine_worker.outputs import RequestOutput
+from engine_worker.outputs import EmbedOutput, RequestOutput
 
 log = structlog.get_logger(__name__)
 
@@ -39,9 +41,13 @@ _FETCH_TIMEOUT_S = 1.0
 
 @dataclass(slots=True)
 class _InFlight:
-    request: GenerateRequest
+    request: GenerateRequest | EmbedRequest
     seq: int = 0
     last_sent: float = field(default_factory=time.monotonic)
+
+    @property
+    def slots(self) -> int:
+        return self.request.sampling.num_candidates if isinstance(self.request, GenerateRequest) else 1
 
     @property
     def engine_key(self) -> str:
@@ -55,7 +61,7 @@ class _InFlight:
         return event_type(request_id=self.request.request_id, attempt=self.request.attempt, seq=self.seq, **fields)
 
 
-def engine_key(request: GenerateRequest) -> str:
+def engine_key(request: GenerateRequest | EmbedRequest) -> str:
     return request.request_id if request.attempt == 1 else f"{request.request_id}-a{request.attempt}"
 
 
@@ -76,7 +82,7 @@ class WorkerBridge:
         registry: WorkerRegistry,
         info: WorkerInfo,
         config: BridgeConfig,
-        validate: Callable[[GenerateRequest], None],
+        validate: Callable[[GenerateRequest | EmbedRequest], None],
     ):
         self._nc = nc
         self._intake = intake
@@ -87,7 +93,7 @@ class WorkerBridge:
         self._in_flight: dict[str, _InFlight] = {}  # by engine key (request id + attempt)
         self._current: dict[str, str] = {}  # request id -> engine key of its newest attempt here
         self._cancelled: OrderedDict[str, None] = OrderedDict()
-        self._outputs: asyncio.Queue[list[RequestOutput]] = asyncio.Queue()
+        self._outputs: asyncio.Queue[list[RequestOutput | EmbedOutput]] = asyncio.Queue()
         self._slot_freed = asyncio.Event()
         self._dead: BaseException | None = None
         self._stop = asyncio.Event()
@@ -100,7 +106,7 @@ class WorkerBridge:
         return self._info.worker_id
 
     # --- thread → loop hand-offs ------------------------------------------------------------------------
-    def _outputs_from_thread(self, outputs: list[RequestOutput]) -> None:
+    def _outputs_from_thread(self, outputs: list[RequestOutput | EmbedOutput]) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._outputs.put_nowait, outputs)
 
@@ -163,7 +169,7 @@ class WorkerBridge:
 
     # --- intake -----------------------------------------------------------------------------------------
     def _free_slots(self) -> int:
-        used = sum(flight.request.sampling.num_candidates for flight in self._in_flight.values())
+        used = sum(flight.slots for flight in self._in_flight.values())
         return self._config.capacity - used
 
     async def _feed(self) -> None:
@@ -204,9 +210,12 @@ class WorkerBridge:
         self._current[request.request_id] = flight.engine_key
         await publish_event(self._nc, request.reply_subject, Accepted(
             request_id=request.request_id, attempt=request.attempt, seq=0, worker_id=self.worker_id))
-        self._engine_loop.submit(engine_request)
+        if isinstance(engine_request, EmbedRequest):
+            self._engine_loop.embed(engine_request)
+        else:
+            self._engine_loop.submit(engine_request)
 
-    async def _reject(self, request: GenerateRequest, code: ErrorCode, message: str) -> None:
+    async def _reject(self, request: GenerateRequest | EmbedRequest, code: ErrorCode, message: str) -> None:
         error = ErrorInfo(code=code, message=message)
         await publish_event(self._nc, request.reply_subject, Failed(
             request_id=request.request_id, attempt=request.attempt, seq=1, error=error))
@@ -217,11 +226,16 @@ class WorkerBridge:
             for output in await self._outputs.get():
                 await self._emit(output)
 
-    async def _emit(self, output: RequestOutput) -> None:
+    async def _emit(self, output: RequestOutput | EmbedOutput) -> None:
         flight = self._in_flight.get(output.request_id)
         if flight is None:
             return
         reply = flight.request.reply_subject
+        if isinstance(output, EmbedOutput):
+            self._forget(flight)
+            await publish_event(self._nc, reply, flight.event(Embeddings, vectors=output.vectors))
+            await publish_event(self._nc, reply, flight.event(End, usage=output.usage))
+            return
         if output.choices or output.prompt_logprobs:
             await publish_event(self._nc, reply, flight.event(
                 Tokens, choices=output.choices, prompt_logprobs=output.prompt_logprobs))
@@ -264,7 +278,7 @@ class WorkerBridge:
                     await publish_event(self._nc, flight.request.reply_subject, flight.event(Heartbeat))
 
     async def _announce(self) -> None:
-        running = sum(flight.request.sampling.num_candidates for flight in self._in_flight.values())
+        running = sum(flight.slots for flight in self._in_flight.values())
         self._info = self._info.model_copy(update={"running": running, "updated_at": time.time()})
         await self._registry.announce(self._info)
 

@@ -11,8 +11,8 @@ from typing import Protocol
 
 import structlog
 
-from contracts import GenerateRequest
-from engine_worker.outputs import RequestOutput
+from contracts import EmbedRequest, GenerateRequest
+from engine_worker.outputs import EmbedOutput, RequestOutput
 
 log = structlog.get_logger(__name__)
 
@@ -20,7 +20,8 @@ _IDLE_WAIT_S = 0.05
 
 
 class StepEngine(Protocol):
-    def validate(self, request: GenerateRequest) -> None: ...
+    def validate(self, request: GenerateRequest | EmbedRequest) -> None: ...
+    def embed(self, requests: list[EmbedRequest]) -> list[EmbedOutput]: ...
     def add_request(self, request: GenerateRequest) -> None: ...
     def abort_request(self, request_id: str) -> None: ...
     def has_unfinished_requests(self) -> bool: ...
@@ -31,7 +32,7 @@ class EngineLoop:
     def __init__(
         self,
         engine: StepEngine,
-        on_outputs: Callable[[list[RequestOutput]], None],
+        on_outputs: Callable[[list[RequestOutput | EmbedOutput]], None],
         on_rejected: Callable[[str, Exception], None],
         on_dead: Callable[[BaseException], None],
     ):
@@ -49,6 +50,9 @@ class EngineLoop:
     def submit(self, request: GenerateRequest) -> None:
         self._commands.put(("add", request))
 
+    def embed(self, request: EmbedRequest) -> None:
+        self._commands.put(("embed", request))
+
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
@@ -58,8 +62,11 @@ class EngineLoop:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _apply(self, command: str, payload: object) -> None:
-        if command == "add":
+    def _apply(self, command: str, payload: object, embeds: list[EmbedRequest]) -> None:
+        if command == "embed":
+            assert isinstance(payload, EmbedRequest)
+            embeds.append(payload)
+        elif command == "add":
             assert isinstance(payload, GenerateRequest)
             try:
                 self._engine.add_request(payload)
@@ -73,12 +80,25 @@ class EngineLoop:
             command, payload = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
         except queue.Empty:
             return
+        embeds: list[EmbedRequest] = []
         while True:
-            self._apply(command, payload)
+            self._apply(command, payload, embeds)
             try:
                 command, payload = self._commands.get_nowait()
             except queue.Empty:
-                return
+                break
+        if embeds:
+            self._run_embeds(embeds)
+
+    def _run_embeds(self, embeds: list[EmbedRequest]) -> None:
+        """Every embedding request that arrived since the last step goes through the model as one batch."""
+        try:
+            outputs = self._engine.embed(embeds)
+        except ValueError as exc:
+            for request in embeds:
+                self._on_rejected(request.request_id, exc)
+            return
+        self._on_outputs(outputs)
 
     def _run(self) -> None:
         try:

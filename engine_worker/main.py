@@ -15,7 +15,7 @@ from pathlib import Path
 import structlog
 
 from broker.artifacts import publish_tokenizer
-from broker.connection import connect
+from broker.connection import NatsAuth, connect
 from broker.registry import WorkerRegistry
 from broker.topology import QueueLimits, ensure_request_queue
 from broker.work_queue import RequestIntake
@@ -85,7 +85,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     loaded = await asyncio.to_thread(ENGINE_LOADERS[settings.engine], settings)
     worker_id = f"w{uuid.uuid4().hex[:12]}"
     structlog.contextvars.bind_contextvars(worker_id=worker_id, model=loaded.served_name)
-    async with connect(settings.nats_url, name=f"inferq-worker-{worker_id}") as nc:
+    nats_auth = NatsAuth.from_settings(settings)
+    async with connect(settings.nats_url, name=f"inferq-worker-{worker_id}", auth=nats_auth) as nc:
         js = nc.jetstream()
         await ensure_request_queue(js, loaded.served_name, QueueLimits(
             max_requests=settings.queue_max_requests,

@@ -12,8 +12,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contracts import ChoiceDelta, DeviceInfo, FinishReason, GenerateRequest, Usage
-from engine_worker.outputs import RequestOutput
+from contracts import ChoiceDelta, DeviceInfo, EmbedRequest, FinishReason, GenerateRequest, Usage
+from engine_worker.outputs import EmbedOutput, RequestOutput
 
 SPECIALS = ("<unk>", "<s>", "</s>")
 SIM_MAX_MODEL_LEN = 4096
@@ -75,7 +75,9 @@ class SimEngine:
     def device_info(self) -> DeviceInfo:
         return DeviceInfo(kind="sim", name=f"simulated engine, {self.config.tokens_per_s:g} tokens/s per sequence")
 
-    def validate(self, request: GenerateRequest) -> None:
+    def validate(self, request: GenerateRequest | EmbedRequest) -> None:
+        if isinstance(request, EmbedRequest):
+            raise ValueError("the sim engine computes no embeddings")
         prompt = len(request.prompt_token_ids) + len(request.resume_token_ids)
         wanted = request.sampling.max_tokens or 0
         if prompt + wanted > self.max_model_len:
@@ -83,6 +85,9 @@ class SimEngine:
                              f"request needs {prompt + wanted}")
         if request.request_id in self._running:
             raise ValueError(f"request {request.request_id!r} is already running")
+
+    def embed(self, requests: list[EmbedRequest]) -> list[EmbedOutput]:
+        raise ValueError("the sim engine computes no embeddings")
 
     def add_request(self, request: GenerateRequest) -> None:
         self.validate(request)

@@ -1,0 +1,119 @@
+"""Continuous (iteration-level) batching. There are no prefill and decode phases: each step gives every
+scheduled sequence a number of tokens (a whole prompt, a chunk of one, or 1 to decode) within a token budget
+(`max_num_batched_tokens`) and a sequence budget (`max_num_seqs`), against the KV capacity.
+
+Order of a step: running sequences first (lower `priority`, then earlier arrival), so streams keep flowing;
+budget is held back for every decode so a long prompt chunk never starves them; then waiting sequences are
+admitted while their whole known length fits the KV cache. When a running sequence cannot grow, the
+lowest-ranked running sequence is preempted: its KV is freed and it is requeued at the front of its priority
+class (it keeps its arrival number) to be recomputed later. Nothing is ever failed for lack of memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine_worker.kv_cache import KVCacheManager, Relayout
+from engine_worker.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens to compute)
+    relayout: Relayout | None = None
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, kv: KVCacheManager) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.kv = kv
+        self.waiting: deque[Sequence] = deque()  # sorted by Sequence.key
+        self.running: deque[Sequence] = deque()  # sorted by Sequence.key
+        self.num_preemptions = 0
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        _insort(self.waiting, seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        decodes_left = sum(1 for seq in self.running if not seq.is_prefill)
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this pass
+                continue
+            is_decode = not seq.is_prefill
+            decodes_left -= is_decode
+            num_tokens = min(seq.num_uncomputed_tokens, budget - (0 if is_decode else decodes_left))
+            if num_tokens <= 0:
+                continue
+            while not self.kv.can_append(seq, num_tokens):
+                victim = self.running[-1]
+                decodes_left -= victim is not seq and not victim.is_prefill
+                self.preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.kv.append(seq, num_tokens)
+                out.scheduled.append((seq, num_tokens))
+                budget -= num_tokens
+        if not out.preempted:
+            self._admit(out, budget)
+        out.relayout = self.kv.commit()
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            # Admit only when the whole known length fits, so admission does not lead straight to preemption.
+            if not self.kv.can_allocate(seq.num_tokens + 1):
+                break
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            self.waiting.popleft()
+            self.kv.allocate(seq, num_tokens)
+            seq.status = SequenceStatus.RUNNING
+            _insort(self.running, seq)
+            out.scheduled.append((seq, num_tokens))
+            budget -= num_tokens
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)
+
+    def postprocess(self, out: SchedulerOutput) -> None:
+        """The step ran: the scheduled tokens now have KV."""
+        for seq, num_tokens in out.scheduled:
+            seq.num_computed_tokens += num_tokens
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its KV at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.kv.free(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+
+
+def _insort(queue: deque[Sequence], seq: Sequence) -> None:
+    queue.insert(bisect.bisect_right(queue, seq.key, key=lambda s: s.key), seq)

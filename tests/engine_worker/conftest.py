@@ -1,0 +1,101 @@
+"""Engine fixtures on the tiny random llama (fp32, CPU): engines with chosen budgets, and the transformers
+reference the engine must match token for token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts import GenerateRequest, SamplingParams
+from engine_worker.engine import Engine, EngineConfig
+from engine_worker.outputs import RequestOutput
+
+
+def make_request(request_id: str, prompt: list[int], **sampling: Any) -> GenerateRequest:
+    extra = {k: sampling.pop(k) for k in ("resume_token_ids", "priority") if k in sampling}
+    return GenerateRequest(
+        request_id=request_id,
+        model="tiny",
+        prompt_token_ids=prompt,
+        sampling=SamplingParams(**sampling),
+        reply_subject="inf.tok.test." + request_id,
+        **extra,
+    )
+
+
+def prompt_of(length: int, offset: int = 0) -> list[int]:
+    """A deterministic prompt of ordinary (non-special) token ids."""
+    return [1] + [1000 + (offset * 131 + i * 17) % 30000 for i in range(length - 1)]
+
+
+def run_to_completion(engine: Engine, max_steps: int = 10_000) -> dict[str, list[RequestOutput]]:
+    outputs: dict[str, list[RequestOutput]] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return outputs
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).append(output)
+    raise AssertionError("engine did not finish")
+
+
+def tokens_by_choice(outputs: Iterable[RequestOutput]) -> dict[int, list[int]]:
+    result: dict[int, list[int]] = {}
+    for output in outputs:
+        for choice in output.choices:
+            result.setdefault(choice.index, []).extend(choice.token_ids)
+    return result
+
+
+def text_by_choice(outputs: Iterable[RequestOutput]) -> dict[int, str]:
+    result: dict[int, str] = {}
+    for output in outputs:
+        for choice in output.choices:
+            result[choice.index] = result.get(choice.index, "") + choice.text
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_model_dir: Path) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(hf_model: Any) -> Callable[..., list[int]]:
+    """transformers `generate(do_sample=False)` for one request alone (cached)."""
+    import torch
+
+    cache: dict[tuple, list[int]] = {}
+
+    def generate(prompt: list[int], max_new_tokens: int, ignore_eos: bool = True) -> list[int]:
+        key = (tuple(prompt), max_new_tokens, ignore_eos)
+        if key not in cache:
+            extra = {"min_new_tokens": max_new_tokens} if ignore_eos else {}
+            with torch.no_grad():
+                out = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens, **extra)
+            cache[key] = out[0, len(prompt) :].tolist()
+        return cache[key]
+
+    return generate
+
+
+@pytest.fixture(scope="session")
+def engine_factory(tiny_model_dir: Path) -> Callable[..., Engine]:
+    def make(**overrides: Any) -> Engine:
+        # One thread: tests share two cores with other work, and oversubscribed torch threads crawl.
+        config = {"dtype": "float32", "device": "cpu", "max_num_seqs": 8, "torch_threads": 1, **overrides}
+        return Engine.from_pretrained(tiny_model_dir, EngineConfig(**config))
+
+    return make

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
+from starlette.requests import HTTPConnection
 
 from api.catalog import ModelCatalog
 from api.engine_client import EngineClient
@@ -19,8 +20,8 @@ class Services:
     engine: EngineClient
 
 
-def get_services(request: Request) -> Services:
-    return request.app.state.services
+def get_services(connection: HTTPConnection) -> Services:
+    return connection.app.state.services
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from broker import subjects
 from broker.errors import BrokerUnavailable, MessageTooLarge, QueueFull, QueueMissing
-from contracts import GenerateRequest
+from contracts import EmbedRequest, GenerateRequest, parse_work_request
 
 log = structlog.get_logger(__name__)
 
@@ -23,14 +23,18 @@ _ERR_QUEUE_FULL = 10077
 _ERR_MESSAGE_TOO_LARGE = 10054
 
 
-def message_id(request: GenerateRequest, idempotency_key: str | None = None) -> str:
+def message_id(request: GenerateRequest | EmbedRequest, idempotency_key: str | None = None) -> str:
     """Dedup id: a retried publish of the same attempt is a no-op; a resubmission (attempt+1) is new work."""
     base = idempotency_key or request.request_id
     return base if request.attempt == 1 else f"{base}.r{request.attempt}"
 
 
 async def publish_request(
-    js: JetStreamContext, request: GenerateRequest, *, idempotency_key: str | None = None, timeout: float = 2.0
+    js: JetStreamContext,
+    request: GenerateRequest | EmbedRequest,
+    *,
+    idempotency_key: str | None = None,
+    timeout: float = 2.0,
 ) -> bool:
     """Queue the request durably. Returns False when it was a duplicate of one already queued."""
     headers = {MSG_ID_HEADER: message_id(request, idempotency_key)}
@@ -65,7 +69,7 @@ async def queue_depth(js: JetStreamContext, model_id: str) -> int:
 class Delivery:
     """One pulled request and the message it came in, so the worker can decide its fate explicitly."""
 
-    request: GenerateRequest
+    request: GenerateRequest | EmbedRequest
     msg: Msg
 
     @property
@@ -101,7 +105,7 @@ class RequestIntake:
         deliveries = []
         for msg in msgs:
             try:
-                deliveries.append(Delivery(GenerateRequest.from_bytes(msg.data), msg))
+                deliveries.append(Delivery(parse_work_request(msg.data), msg))
             except ValidationError as exc:
                 # A malformed message can never succeed: remove it rather than redeliver it forever.
                 log.warning("intake.invalid_request", error=exc.errors(include_url=False)[:3])

@@ -6,6 +6,8 @@ from contracts.errors import ErrorCode, ErrorInfo
 from contracts.events import (
     Accepted,
     ChoiceDelta,
+    EmbeddingVector,
+    Embeddings,
     End,
     Failed,
     FinishReason,
@@ -17,7 +19,14 @@ from contracts.events import (
     Usage,
     parse_event,
 )
-from contracts.requests import CancelRequest, GenerateRequest
+from contracts.requests import (
+    CancelRequest,
+    EmbedRequest,
+    GenerateRequest,
+    Pooling,
+    WorkRequest,
+    parse_work_request,
+)
 from contracts.sampling import SamplingParams
 from contracts.workers import DeviceInfo, WorkerInfo
 
@@ -28,6 +37,9 @@ __all__ = [
     "ChoiceDelta",
     "Contract",
     "DeviceInfo",
+    "EmbedRequest",
+    "EmbeddingVector",
+    "Embeddings",
     "End",
     "ErrorCode",
     "ErrorInfo",
@@ -35,6 +47,9 @@ __all__ = [
     "FinishReason",
     "GenerateRequest",
     "Heartbeat",
+    "Pooling",
+    "WorkRequest",
+    "parse_work_request",
     "SamplingParams",
     "TokenEvent",
     "TokenLogprob",

@@ -20,6 +20,10 @@ class ErrorCode(StrEnum):
     UNAVAILABLE = "unavailable"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
+    UNAUTHENTICATED = "invalid_api_key"  # OpenAI's code for a missing or wrong key
+    PERMISSION_DENIED = "permission_denied"
+    RATE_LIMITED = "rate_limit_exceeded"  # OpenAI's code for a per-key limit
+    ALREADY_EXISTS = "already_exists"
 
 
 class ErrorInfo(Contract):

@@ -74,6 +74,18 @@ class Heartbeat(_Event):
     kind: Literal["heartbeat"] = "heartbeat"
 
 
+class EmbeddingVector(Contract):
+    input_index: int
+    layer: int = Field(description="Absolute layer index (negative requests are resolved).")
+    pooling: str
+    values: list[float] | list[list[float]] = Field(description="One vector, or one per token for pooling none.")
+
+
+class Embeddings(_Event):
+    kind: Literal["embeddings"] = "embeddings"
+    vectors: list[EmbeddingVector]
+
+
 class End(_Event):
     kind: Literal["end"] = "end"
     usage: Usage
@@ -84,9 +96,9 @@ class Failed(_Event):
     error: ErrorInfo
 
 
-TokenEvent = Annotated[Accepted | Tokens | Heartbeat | End | Failed, Field(discriminator="kind")]
+TokenEvent = Annotated[Accepted | Tokens | Embeddings | Heartbeat | End | Failed, Field(discriminator="kind")]
 _event_adapter: TypeAdapter[TokenEvent] = TypeAdapter(TokenEvent)
 
 
-def parse_event(data: bytes | str) -> Accepted | Tokens | Heartbeat | End | Failed:
+def parse_event(data: bytes | str) -> Accepted | Tokens | Embeddings | Heartbeat | End | Failed:
     return _event_adapter.validate_json(data)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from enum import StrEnum
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, TypeAdapter
 
 from contracts.base import SCHEMA_VERSION, Contract
 from contracts.sampling import SamplingParams
@@ -26,6 +27,40 @@ class GenerateRequest(Contract):
         default_factory=list, description="Tokens already delivered; generation continues after them (n=1 only)."
     )
     priority: int = Field(default=0, description="Lower runs first (vLLM convention).")
+
+
+class Pooling(StrEnum):
+    MEAN = "mean"
+    MAX = "max"
+    LAST_TOKEN = "last_token"
+    ABS_MAX = "abs_max"
+    NONE = "none"  # one vector per token
+
+
+class EmbedRequest(Contract):
+    """Hidden states of one or more inputs, pooled. Layer 0 is the token embeddings, layer k the output of block
+    k, the last layer is taken after the final norm; negative layers count from the end (-1 = last)."""
+
+    v: int = SCHEMA_VERSION
+    kind: Literal["embed"] = "embed"
+    request_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_\-]+$")
+    model: str
+    inputs: list[list[int]] = Field(min_length=1, max_length=2048)
+    layers: list[int] = Field(default_factory=lambda: [-1], min_length=1, max_length=64)
+    pooling: list[Pooling] = Field(default_factory=lambda: [Pooling.MEAN], min_length=1, max_length=5)
+    normalize: bool = Field(default=True, description="L2-normalise each pooled vector.")
+    reply_subject: str
+    deadline: float | None = None
+    attempt: int = Field(default=1, ge=1)
+    priority: int = 0
+
+
+WorkRequest = Annotated[GenerateRequest | EmbedRequest, Field(discriminator="kind")]
+_work_adapter: TypeAdapter[WorkRequest] = TypeAdapter(WorkRequest)
+
+
+def parse_work_request(data: bytes | str) -> GenerateRequest | EmbedRequest:
+    return _work_adapter.validate_json(data)
 
 
 class CancelRequest(Contract):

@@ -6,10 +6,11 @@ from fastapi import APIRouter, Request
 
 from api.catalog import ServedModel
 from api.errors import ApiError
-from api.schemas.openai import ChatCompletionRequest, CompletionRequest
+from api.schemas.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from api.services import ServicesDep
 from api.serving.chat import create_chat_completion
 from api.serving.completions import create_completion
+from api.serving.embeddings import create_embeddings
 from contracts import ErrorCode
 
 router = APIRouter(tags=["openai"])
@@ -25,6 +26,12 @@ async def completions(body: CompletionRequest, services: ServicesDep, request: R
 async def chat_completions(body: ChatCompletionRequest, services: ServicesDep, request: Request):
     """Chat completion using the model's chat template."""
     return await create_chat_completion(body, services, request)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, services: ServicesDep, request: Request) -> dict:
+    """Embeddings from the model's hidden states (mean over the last layer, L2-normalised)."""
+    return await create_embeddings(body, services, request)
 
 
 def model_card(model: ServedModel) -> dict:

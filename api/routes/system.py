@@ -1,4 +1,4 @@
-"""Liveness and version."""
+"""Liveness, version and the workers' hardware."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from api.services import ServicesDep
+from api.serving.devices import gpu_count, gpu_info
 
 router = APIRouter(tags=["system"])
 
@@ -23,6 +24,7 @@ async def health(services: ServicesDep) -> JSONResponse:
         "model": models[0] if models else None,
         "models": models,
         "workers": len(workers),
+        "gpus": gpu_count(workers),
     }
     return JSONResponse(body, status_code=200 if workers else 503)
 
@@ -31,3 +33,9 @@ async def health(services: ServicesDep) -> JSONResponse:
 async def version() -> str:
     """Plain-text semver, as the Aleph Alpha API and its client expect (see docs/api.md)."""
     return ALEPH_API_VERSION
+
+
+@router.get("/v1/gpu/info")
+async def gpu_information(services: ServicesDep) -> dict:
+    """The GPUs live workers run on (an empty list when none has one) and, for CPU workers, their processors."""
+    return gpu_info(await services.catalog.workers())

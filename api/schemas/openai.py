@@ -176,3 +176,17 @@ class ChatCompletionRequest(GenerationFields):
     @property
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class EmbeddingRequest(OpenAIRequest):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _input_present(self):
+        if self.input == [] or self.input == "":
+            raise ValueError("input: must not be empty")
+        return self

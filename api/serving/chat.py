@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from starlette.requests import Request
 
 from api.engine_client import Generation, merge
 from api.errors import ApiError
-from api.schemas.openai import ChatCompletionRequest
+from api.schemas.openai import ChatCompletionRequest, ChatMessage
 from api.services import Services
 from api.serving.generation import (
-    ChoiceState,
     build_requests,
     chat_logprobs,
+    collect,
     new_id,
     prompt_logprobs_body,
     until_disconnected,
@@ -24,36 +24,49 @@ from api.streaming import sse_response
 from contracts import ErrorCode, Usage
 
 
-def render_chat(body: ChatCompletionRequest, tokenizer) -> list[int]:
+def render_chat(messages: Sequence[ChatMessage], tokenizer, *, add_generation_prompt: bool = True,
+                continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
+    """The model's chat template applied to the messages, as token ids (shared by chat and /tokenize)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(ErrorCode.INVALID_REQUEST, "this model has no chat template; use /v1/completions",
                        param="messages")
-    messages = [{"role": message.role, "content": message.text()} for message in body.messages]
-    continue_final = body.continue_final_message
-    if continue_final and body.messages[-1].role != "assistant":
+    if continue_final_message and messages[-1].role != "assistant":
         raise ApiError(ErrorCode.INVALID_REQUEST, "continue_final_message needs a final assistant message",
                        param="continue_final_message")
     try:
         rendered = tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=body.add_generation_prompt and not continue_final,
-            continue_final_message=continue_final, return_dict=False)
+            [{"role": message.role, "content": message.text()} for message in messages], tokenize=False,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message)
     except Exception as exc:  # template errors (e.g. role order a template forbids) are the client's input
         raise ApiError(ErrorCode.INVALID_REQUEST, f"the chat template rejected the messages: {exc}",
                        param="messages") from exc
-    return list(rendered)
+    # The template writes its own special tokens; vLLM's add_special_tokens (default off) adds the tokenizer's.
+    return tokenizer.encode(rendered, add_special_tokens=add_special_tokens)
 
 
 async def create_chat_completion(body: ChatCompletionRequest, services: Services, http: Request):
+    if body.stream:
+        return sse_response(await chat_completion_chunks(body, services))
+    model, response_id, generation = await _submit(body, services)
+    return await until_disconnected(http, _collect(body, model, response_id, generation))
+
+
+async def chat_completion_chunks(body: ChatCompletionRequest, services: Services) -> AsyncIterator[dict]:
+    """Submit the request; the chunk objects of its stream (framed as SSE events or WebSocket messages)."""
+    model, response_id, generation = await _submit(body, services)
+    return _stream(body, model, response_id, generation)
+
+
+async def _submit(body: ChatCompletionRequest, services: Services) -> tuple[str, str, Generation]:
     model = await services.catalog.get(body.model)
     tokenizer = await services.catalog.tokenizer(model)
-    prompt = render_chat(body, tokenizer)
+    prompt = render_chat(body.messages, tokenizer, add_generation_prompt=body.add_generation_prompt,
+                         continue_final_message=body.continue_final_message)
     sampling = body.sampling(max_tokens=body.token_limit, logprobs=body.logprobs_count)
     response_id = new_id("chatcmpl")
     [request] = build_requests(services, model, [prompt], sampling, response_id)
-    generation = await services.engine.submit(request)
-    if body.stream:
-        return sse_response(_stream(body, model.id, response_id, generation))
-    return await until_disconnected(http, _collect(body, model.id, response_id, generation))
+    return model.id, response_id, await services.engine.submit(request)
 
 
 def _header(response_id: str, model: str, obj: str) -> dict:
@@ -61,16 +74,8 @@ def _header(response_id: str, model: str, obj: str) -> dict:
 
 
 async def _collect(body: ChatCompletionRequest, model: str, response_id: str, generation: Generation) -> dict:
-    states: dict[int, ChoiceState] = {}
-    usage = Usage()
-    prompt_logprobs = None
-    async for _, event in merge([generation]):
-        if event.kind == "end":
-            usage = event.usage
-            continue
-        prompt_logprobs = event.prompt_logprobs or prompt_logprobs
-        for delta in event.choices:
-            states.setdefault(delta.index, ChoiceState(delta.index)).add(delta)
+    collected = await collect([generation], body.n)
+    states = collected.choices
     choices = [
         {
             "index": index,
@@ -81,9 +86,10 @@ async def _collect(body: ChatCompletionRequest, model: str, response_id: str, ge
         }
         for index in sorted(states)
     ]
-    response = {**_header(response_id, model, "chat.completion"), "choices": choices, "usage": usage_body([usage])}
+    response = {**_header(response_id, model, "chat.completion"), "choices": choices,
+                "usage": usage_body(collected.usages)}
     if body.prompt_logprobs is not None:
-        response["prompt_logprobs"] = prompt_logprobs_body(prompt_logprobs)
+        response["prompt_logprobs"] = prompt_logprobs_body(collected.prompt_logprobs.get(0))
     return response
 
 

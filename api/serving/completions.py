@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from starlette.requests import Request
 
@@ -12,9 +13,10 @@ from api.errors import ApiError
 from api.schemas.openai import CompletionRequest
 from api.services import Services
 from api.serving.generation import (
-    ChoiceState,
     build_requests,
+    check_token_ids,
     choice_index,
+    collect,
     completion_logprobs,
     new_id,
     prompt_logprobs_body,
@@ -33,19 +35,34 @@ def tokenize_prompts(prompt: str | list, tokenizer) -> list[list[int]]:
     return [tokenizer.encode(item) if isinstance(item, str) else list(item) for item in prompt]
 
 
-def _check_token_ids(prompts: Sequence[list[int]], vocab_size: int) -> None:
-    for token_ids in prompts:
-        bad = [token for token in token_ids if not 0 <= token < vocab_size]
-        if bad:
-            raise ApiError(ErrorCode.INVALID_REQUEST, f"prompt token id {bad[0]} is outside the vocabulary "
-                           f"(0..{vocab_size - 1})", param="prompt")
+@dataclass(frozen=True, slots=True)
+class _Submitted:
+    model: str
+    response_id: str
+    generations: list[Generation]
+    echoes: list[str]
+    first_tokens: list[str]
 
 
 async def create_completion(body: CompletionRequest, services: Services, http: Request):
+    if body.stream:
+        return sse_response(await completion_chunks(body, services))
+    job = await _submit(body, services)
+    return await until_disconnected(http, _collect(body, job.model, job.response_id, job.generations, job.echoes,
+                                                   job.first_tokens))
+
+
+async def completion_chunks(body: CompletionRequest, services: Services) -> AsyncIterator[dict]:
+    """Submit the request; the chunk objects of its stream (framed as SSE events or WebSocket messages)."""
+    job = await _submit(body, services)
+    return _stream(body, job.model, job.response_id, job.generations, job.echoes)
+
+
+async def _submit(body: CompletionRequest, services: Services) -> _Submitted:
     model = await services.catalog.get(body.model)
     tokenizer = await services.catalog.tokenizer(model)
     prompts = tokenize_prompts(body.prompt, tokenizer)
-    _check_token_ids(prompts, len(tokenizer))
+    check_token_ids(prompts, len(tokenizer))
     sampling = body.sampling(max_tokens=body.max_tokens, logprobs=body.logprobs, best_of=body.best_of)
     if body.echo and body.logprobs is not None:
         # Echoed prompt tokens carry logprobs too, which only a prompt forward pass gives.
@@ -57,9 +74,7 @@ async def create_completion(body: CompletionRequest, services: Services, http: R
     generations = await services.engine.submit_all(requests)
     echoes = [tokenizer.decode(ids) if body.echo else "" for ids in prompts]
     first_tokens = [tokenizer.decode(ids[:1]) for ids in prompts]
-    if body.stream:
-        return sse_response(_stream(body, model.id, response_id, generations, echoes))
-    return await until_disconnected(http, _collect(body, model.id, response_id, generations, echoes, first_tokens))
+    return _Submitted(model.id, response_id, generations, echoes, first_tokens)
 
 
 def _header(response_id: str, model: str) -> dict:
@@ -68,18 +83,8 @@ def _header(response_id: str, model: str) -> dict:
 
 async def _collect(body: CompletionRequest, model: str, response_id: str, generations: list[Generation],
                    echoes: list[str], first_tokens: list[str]) -> dict:
-    states: dict[int, ChoiceState] = {}
-    prompt_logprobs: dict[int, list] = {}
-    usages: list[Usage] = []
-    async for position, event in merge(generations):
-        if event.kind == "end":
-            usages.append(event.usage)
-            continue
-        if event.prompt_logprobs is not None:
-            prompt_logprobs[position] = event.prompt_logprobs
-        for delta in event.choices:
-            index = choice_index(position, delta.index, body.n)
-            states.setdefault(index, ChoiceState(index)).add(delta)
+    collected = await collect(generations, body.n)
+    states, prompt_logprobs = collected.choices, collected.prompt_logprobs
     choices = []
     for index in sorted(states):
         state = states[index]
@@ -92,7 +97,7 @@ async def _collect(body: CompletionRequest, model: str, response_id: str, genera
                         "finish_reason": state.finish_reason, "stop_reason": state.stop_reason,
                         "prompt_logprobs": prompt_logprobs_body(prompt_logprobs.get(position))
                         if body.prompt_logprobs is not None else None})
-    return {**_header(response_id, model), "choices": choices, "usage": usage_body(usages)}
+    return {**_header(response_id, model), "choices": choices, "usage": usage_body(collected.usages)}
 
 
 async def _stream(body: CompletionRequest, model: str, response_id: str, generations: list[Generation],

@@ -14,6 +14,7 @@ from typing import TypeVar
 from starlette.requests import Request
 
 from api.catalog import ServedModel
+from api.engine_client import Generation, merge
 from api.errors import ApiError
 from api.services import Services
 from contracts import ChoiceDelta, ErrorCode, GenerateRequest, SamplingParams, TokenLogprob, Usage
@@ -40,8 +41,16 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -
                        f"completion); reduce the prompt or max_tokens", param="max_tokens")
 
 
+def check_token_ids(prompts: Sequence[Sequence[int]], vocab_size: int, param: str = "prompt") -> None:
+    for token_ids in prompts:
+        bad = [token for token in token_ids if not 0 <= token < vocab_size]
+        if bad:
+            raise ApiError(ErrorCode.INVALID_REQUEST, f"{param}: token id {bad[0]} is outside the vocabulary "
+                           f"(0..{vocab_size - 1})", param=param)
+
+
 def build_requests(services: Services, model: ServedModel, prompts: Sequence[list[int]], sampling: SamplingParams,
-                   base_id: str) -> list[GenerateRequest]:
+                   base_id: str, *, priority: int = 0) -> list[GenerateRequest]:
     deadline = time.time() + services.settings.queue_timeout_s
     requests = []
     for position, token_ids in enumerate(prompts):
@@ -49,7 +58,8 @@ def build_requests(services: Services, model: ServedModel, prompts: Sequence[lis
         request_id = base_id if len(prompts) == 1 else f"{base_id}-{position}"
         requests.append(GenerateRequest(
             request_id=request_id, model=model.id, prompt_token_ids=token_ids, sampling=sampling,
-            reply_subject=services.engine.reply_subject(request_id), deadline=deadline))
+            reply_subject=services.engine.reply_subject(request_id), deadline=deadline,
+            priority=priority))
     return requests
 
 
@@ -65,14 +75,18 @@ class ChoiceState:
 
     index: int
     text: list[str] = field(default_factory=list)
-    num_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
     def add(self, delta: ChoiceDelta) -> None:
         self.text.append(delta.text)
-        self.num_tokens += len(delta.token_ids)
+        self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs or [])
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason.value
@@ -82,6 +96,31 @@ class ChoiceState:
 def choice_index(position: int, choice: int, n: int) -> int:
     """Several prompts × n choices share one flat `index`, prompt-major (as OpenAI numbers them)."""
     return position * n + choice
+
+
+@dataclass(slots=True)
+class Collected:
+    """What non-streaming responses are built from: each choice by flat index, the usages, prompt logprobs by
+    prompt position."""
+
+    choices: dict[int, ChoiceState] = field(default_factory=dict)
+    usages: list[Usage] = field(default_factory=list)
+    prompt_logprobs: dict[int, list[TokenLogprob | None]] = field(default_factory=dict)
+
+
+async def collect(generations: Sequence[Generation], n: int) -> Collected:
+    """Run the generations to their end, accumulating every choice."""
+    collected = Collected()
+    async for position, event in merge(generations):
+        if event.kind == "end":
+            collected.usages.append(event.usage)
+            continue
+        if event.prompt_logprobs is not None:
+            collected.prompt_logprobs[position] = event.prompt_logprobs
+        for delta in event.choices:
+            index = choice_index(position, delta.index, n)
+            collected.choices.setdefault(index, ChoiceState(index)).add(delta)
+    return collected
 
 
 def usage_body(usages: Sequence[Usage]) -> dict:
@@ -132,21 +171,24 @@ def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it (and so the generation on the worker) if the client disconnects first."""
+    """Run `work`, cancelling it (and so the generation on the worker) if the HTTP client disconnects first."""
+    return await until_gone(_http_disconnect(request), work)
+
+
+async def _http_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_gone(gone: Awaitable[object], work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it (and so any generation it iterates) if `gone` completes first: the client left."""
     task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                task.cancel()
-                return
-
-    watcher = asyncio.create_task(watch())
+    watcher = asyncio.ensure_future(gone)
+    watcher.add_done_callback(lambda _: task.cancel())
     try:
         return await task
     except asyncio.CancelledError:
-        if watcher.done():
+        if watcher.done() and not watcher.cancelled():
             raise ApiError(ErrorCode.CANCELLED, "the client disconnected") from None
         raise
     finally:

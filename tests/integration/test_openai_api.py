@@ -31,8 +31,9 @@ def client(api) -> openai.AsyncOpenAI:
 
 async def test_models_lists_the_live_model(client: openai.AsyncOpenAI, api) -> None:
     models = await client.models.list()
-    assert [model.id for model in models.data] == [TINY_MODEL_NAME]
-    card = models.data[0].model_dump()
+    # Other modules start (and kill) workers for other model ids; this one is always there.
+    cards = {model.id: model.model_dump() for model in models.data}
+    card = cards[TINY_MODEL_NAME]
     assert card["max_model_len"] == 512 and card["owned_by"] == "inferq" and card["permission"]
     async with httpx.AsyncClient(base_url=api.base_url) as http:
         assert (await http.get(f"/v1/models/{TINY_MODEL_NAME}")).json()["id"] == TINY_MODEL_NAME
@@ -44,7 +45,7 @@ async def test_health_reports_the_worker(api) -> None:
     async with httpx.AsyncClient(base_url=api.base_url) as http:
         response = await http.get("/health")
     assert response.status_code == 200
-    assert response.json()["status"] == "healthy" and response.json()["models"] == [TINY_MODEL_NAME]
+    assert response.json()["status"] == "healthy" and TINY_MODEL_NAME in response.json()["models"]
 
 
 async def test_greedy_completion_equals_transformers_generate(client, tiny_model_dir: Path) -> None:

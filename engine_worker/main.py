@@ -55,10 +55,15 @@ class LoadedEngine:
 
 
 def load_torch_engine(settings: Settings) -> LoadedEngine:
+    from engine_worker.encoder import EncoderEngine, is_encoder_model
     from engine_worker.engine import Engine
 
     model = resolve_model(settings.model, settings.model_cache_dir, settings.served_model_name)
     log.info("worker.loading_model", model=model.served_name, source=model.source)
+    if is_encoder_model(model.local_dir):
+        encoder = EncoderEngine(model.local_dir, device=settings.device, torch_threads=settings.torch_threads)
+        return LoadedEngine(encoder, model.served_name, model.source, model.local_dir,
+                            describe_device(encoder.device), encoder.max_model_len, encoder.dtype_name)
     engine = Engine.from_pretrained(model.local_dir, engine_config_from(settings))
     return LoadedEngine(engine, model.served_name, model.source, model.local_dir, describe_device(engine.device),
                         engine.max_model_len, engine.dtype_name)
@@ -82,6 +87,8 @@ ENGINE_LOADERS = {"torch": load_torch_engine, "sim": load_sim_engine}
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     if not settings.nats_url:
         raise SystemExit("inferq worker needs a NATS server: set INFERQ_NATS_URL or pass --nats")
+    if len(settings.models) != 1:
+        raise SystemExit("a worker serves one model; `inferq serve --model A --model B` starts one worker each")
     loaded = await asyncio.to_thread(ENGINE_LOADERS[settings.engine], settings)
     worker_id = f"w{uuid.uuid4().hex[:12]}"
     structlog.contextvars.bind_contextvars(worker_id=worker_id, model=loaded.served_name)

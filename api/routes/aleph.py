@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse
 
 from api.errors import use_aleph_statuses
-from api.schemas.aleph import AlephCompleteRequest
+from api.schemas.aleph import AlephCompleteRequest, AlephEmbedRequest, AlephEvaluateRequest
 from api.services import ServicesDep
-from api.serving import aleph
+from api.serving import aleph, aleph_scoring
 
 router = APIRouter(tags=["aleph-alpha"], dependencies=[Depends(use_aleph_statuses)])
 
@@ -21,6 +21,18 @@ async def complete(body: AlephCompleteRequest, services: ServicesDep, request: R
                    nice: Annotated[bool, Query(description="Run after requests that are not nice.")] = False):
     """Completion; with `"stream": true` an SSE stream of stream_chunk / stream_summary / completion_summary."""
     return await aleph.complete(body, services, request, nice=nice)
+
+
+@router.post("/evaluate")
+async def evaluate(body: AlephEvaluateRequest, services: ServicesDep, request: Request) -> dict:
+    """Likelihood of an expected completion: log probability, perplexities, and whether greedy would produce it."""
+    return await aleph_scoring.evaluate(body, services, request)
+
+
+@router.post("/embed")
+async def embed(body: AlephEmbedRequest, services: ServicesDep, request: Request) -> dict:
+    """Hidden states of the chosen layers, pooled (no pooling: one vector per token), keyed `layer_<i>`."""
+    return await aleph_scoring.embed(body, services, request)
 
 
 @router.get("/models_available")

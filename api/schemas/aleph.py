@@ -54,8 +54,44 @@ class ImageItem(_PromptItem):
 PromptItem = Annotated[TextItem | TokenIdsItem | ImageItem, Field(discriminator="type")]
 
 
-class AlephCompleteRequest(AlephRequest):
+class AlephPromptRequest(AlephRequest):
+    """Requests that read a prompt of text / token_ids items; images and attention controls are refused."""
+
     prompt: str | list[PromptItem] = ""
+
+    @model_validator(mode="after")
+    def _text_prompt_only(self):
+        items = self.prompt if isinstance(self.prompt, list) else []
+        if any(isinstance(item, ImageItem) for item in items):
+            raise ValueError("prompt: image prompt items are not supported (the served models read text only)")
+        if any(item.controls for item in items):
+            raise ValueError("prompt: attention controls are not supported")
+        return self
+
+
+class AlephEvaluateRequest(AlephPromptRequest):
+    completion_expected: str = Field(min_length=1)
+    contextual_control_threshold: float | None = None
+    control_log_additive: bool | None = True
+
+
+class AlephEmbedRequest(AlephPromptRequest):
+    layers: list[int] = Field(min_length=1, max_length=64)
+    pooling: list[Literal["mean", "max", "last_token", "abs_max"]] = Field(default_factory=list)
+    type: str | None = None
+    tokens: bool = False
+    normalize: bool = False
+    contextual_control_threshold: float | None = None
+    control_log_additive: bool | None = True
+
+    @model_validator(mode="after")
+    def _no_semantic_type(self):
+        if self.type is not None:
+            raise ValueError("type: semantic embeddings (symmetric/document/query) are not supported; use layers")
+        return self
+
+
+class AlephCompleteRequest(AlephPromptRequest):
     maximum_tokens: int | None = None
     minimum_tokens: int = 0
     # "0 means off": temperature, top_k and top_p all 0 is greedy decoding.
@@ -100,11 +136,6 @@ class AlephCompleteRequest(AlephRequest):
         return self
 
     def _unsupported(self):
-        items = self.prompt if isinstance(self.prompt, list) else []
-        if any(isinstance(item, ImageItem) for item in items):
-            yield "prompt: image prompt items are not supported (the served models read text only)"
-        if any(item.controls for item in items):
-            yield "prompt: attention controls are not supported"
         penalized = bool(self.presence_penalty or self.frequency_penalty)
         if self.sequence_penalty:
             yield "sequence_penalty: not supported"

@@ -9,8 +9,10 @@ import pytest
 
 from broker.embedded import EmbeddedNatsServer
 from ops.settings import Settings
-from tests.integration.harness import ApiServer, WorkerProcess, wait_healthy
+from tests.integration.harness import ApiServer, WorkerProcess, wait_for_model, wait_healthy
 from tests.model_fixtures import TINY_MODEL_NAME
+
+EMBEDDER = "all-MiniLM-L6-v2"  # the packaged embedding model, served by a worker of its own
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +52,13 @@ async def api(base_settings: Settings, worker: WorkerProcess) -> AsyncIterator[A
     await wait_healthy(server.base_url, worker)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+async def embedder(api: ApiServer, base_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+                   ) -> AsyncIterator[WorkerProcess]:
+    settings = base_settings.model_copy(update={"model": EMBEDDER, "served_model_name": None})
+    process = WorkerProcess(settings, tmp_path_factory.mktemp("embedder") / "worker.log").start()
+    await wait_for_model(api.base_url, EMBEDDER, process)
+    yield process
+    process.stop()

@@ -111,3 +111,12 @@ async def wait_healthy(base_url: str, worker: WorkerProcess | None = None, timeo
                 pass
             await asyncio.sleep(0.2)
     raise TimeoutError(f"no healthy worker within {timeout} s" + (f":\n{worker.log_tail()}" if worker else ""))
+
+
+async def wait_for_model(base_url: str, model: str, worker: WorkerProcess) -> None:
+    deadline = time.monotonic() + 120
+    async with httpx.AsyncClient(base_url=base_url) as http:
+        while model not in (await http.get("/health")).json()["models"]:
+            assert worker.proc.poll() is None, worker.log_tail()
+            assert time.monotonic() < deadline, "worker did not register"
+            await asyncio.sleep(0.2)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.test_embeddings_api import EMBEDDER, embedder  # noqa: F401 (fixture)
+from tests.integration.conftest import EMBEDDER
 from tests.model_fixtures import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.asyncio

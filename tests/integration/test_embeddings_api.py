@@ -5,27 +5,15 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections.abc import AsyncIterator
 
 import httpx
 import numpy as np
 import openai
 import pytest
 
-from tests.integration.harness import WorkerProcess
-from tests.integration.test_liveness import wait_for_model
+from tests.integration.conftest import EMBEDDER
 
 pytestmark = pytest.mark.asyncio
-EMBEDDER = "all-MiniLM-L6-v2"
-
-
-@pytest.fixture(scope="module")
-async def embedder(api, base_settings, tmp_path_factory) -> AsyncIterator[WorkerProcess]:
-    settings = base_settings.model_copy(update={"model": EMBEDDER, "served_model_name": None})
-    process = WorkerProcess(settings, tmp_path_factory.mktemp("embedder") / "worker.log").start()
-    await wait_for_model(api.base_url, EMBEDDER, process)
-    yield process
-    process.stop()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 from broker.connection import connect
 from broker.work_queue import publish_request
 from contracts import CancelRequest, GenerateRequest, SamplingParams, parse_event
-from tests.integration.harness import ApiServer, WorkerProcess
+from tests.integration.harness import ApiServer, WorkerProcess, wait_for_model
 
 pytestmark = pytest.mark.asyncio
 SPARE_MODEL = "tiny-llama-spare"
@@ -34,15 +34,6 @@ async def spare_worker(api, spare_settings, tmp_path) -> AsyncIterator[WorkerPro
     await wait_for_model(api.base_url, SPARE_MODEL, process)
     yield process
     process.stop(signal.SIGKILL)
-
-
-async def wait_for_model(base_url: str, model: str, worker: WorkerProcess) -> None:
-    deadline = time.monotonic() + 120
-    async with httpx.AsyncClient(base_url=base_url) as http:
-        while model not in (await http.get("/health")).json()["models"]:
-            assert worker.proc.poll() is None, worker.log_tail()
-            assert time.monotonic() < deadline, "worker did not register"
-            await asyncio.sleep(0.2)
 
 
 STREAM_BODY = {"model": SPARE_MODEL, "prompt": "Resume me", "max_tokens": 60, "ignore_eos": True, "temperature": 0}

@@ -18,13 +18,18 @@ from contracts import ErrorCode
 
 
 async def resolve(services: Services, model_id: str | None) -> tuple[ServedModel, Any]:
-    """The named model and its tokenizer; without a name, the first served model (vLLM serves exactly one)."""
+    """The named model and its tokenizer; without a name, the one served model (as vLLM, which serves one).
+    With several served, guessing would tokenize for the wrong model: the caller must say which."""
     if model_id:
         model = await services.catalog.get(model_id)
     else:
         models = await services.catalog.models()
         if not models:
             raise ApiError(ErrorCode.NO_WORKER, "no model is being served", retry_after=5.0)
+        if len(models) > 1:
+            names = ", ".join(m.id for m in models)
+            raise ApiError(ErrorCode.INVALID_REQUEST, f"model: required when several models are served ({names})",
+                           param="model")
         model = models[0]
     return model, await services.catalog.tokenizer(model)
 

@@ -1,5 +1,5 @@
 """`create_app(settings)`: nothing connects at import time; the lifespan connects to NATS, opens the one
-token-event subscription for this edge, and drains on shutdown."""
+token-event subscription for this edge, starts the batch runner (api/batch), and drains on shutdown."""
 
 from __future__ import annotations
 
@@ -11,12 +11,17 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from api.auth.gate import AuthGate
+from api.auth.middleware import AuthMiddleware
+from api.batch.runner import BatchRunner
 from api.catalog import ModelCatalog
 from api.engine_client import EngineClient, Timeouts
 from api.errors import error_body, install_error_handlers
-from api.routes import openai, system
+from api.routes import accounts, aleph, batches, files, openai, system, tokenizer, websocket
 from api.services import Services
-from broker.connection import connect
+from api.serving.files import FILES_PATH, MULTIPART_OVERHEAD, size_limit_message
+from broker.batch_store import BatchStorage
+from broker.connection import NatsAuth, connect
 from broker.events import EventRouter
 from broker.registry import WorkerRegistry
 from contracts import ErrorCode
@@ -29,22 +34,31 @@ def create_app(settings: Settings) -> FastAPI:
     if not settings.nats_url:
         raise ValueError("the API needs a NATS server: set INFERQ_NATS_URL or pass --nats")
     edge_id = settings.edge_id or f"e{uuid.uuid4().hex[:12]}"
+    auth_gate = AuthGate(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with connect(settings.nats_url, name=f"inferq-api-{edge_id}") as nc:
+        nats_auth = NatsAuth.from_settings(settings)
+        async with connect(settings.nats_url, name=f"inferq-api-{edge_id}", auth=nats_auth) as nc:
             js = nc.jetstream()
+            await auth_gate.open(js)
             router = EventRouter(nc, edge_id)
             await router.start()
             registry = await WorkerRegistry.open(js, settings.registry_ttl_s)
-            app.state.services = Services(
+            app.state.services = services = Services(
                 settings=settings,
                 catalog=ModelCatalog(js, registry, settings.data_dir / "tokenizers"),
                 engine=EngineClient(nc, router, Timeouts(queue_s=settings.queue_timeout_s,
                                                           silence_s=settings.worker_silence_timeout_s)),
+                batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s),
             )
+            runner = BatchRunner(services, services.batches, nc) if settings.batch_runner else None
+            if runner is not None:
+                await runner.start()
             log.info("api.ready", edge_id=edge_id)
             yield
+            if runner is not None:
+                await runner.stop()  # before the router: its lines' cancels still go out
             await router.stop()
 
     app = FastAPI(title="inferq", version=_package_version(), lifespan=lifespan)
@@ -53,13 +67,25 @@ def create_app(settings: Settings) -> FastAPI:
     @app.middleware("http")
     async def limit_body_size(request: Request, call_next):
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            return JSONResponse(error_body(413, f"the request body exceeds {settings.max_request_bytes} bytes",
-                                           code=ErrorCode.PAYLOAD_TOO_LARGE.value), status_code=413)
+        upload = request.url.path == FILES_PATH  # file uploads have a limit of their own
+        limit = settings.max_file_bytes + MULTIPART_OVERHEAD if upload else settings.max_request_bytes
+        if length and length.isdigit() and int(length) > limit:
+            message = (size_limit_message(settings.max_file_bytes) if upload
+                       else f"the request body exceeds {settings.max_request_bytes} bytes")
+            return JSONResponse(error_body(413, message, code=ErrorCode.PAYLOAD_TOO_LARGE.value), status_code=413)
         return await call_next(request)
 
     app.include_router(openai.router)
+    app.include_router(websocket.router)
+    app.include_router(tokenizer.router)
+    app.include_router(aleph.router)
     app.include_router(system.router)
+    app.include_router(accounts.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
+    # Added last, so outermost: it sees every HTTP request and WebSocket handshake before anything else.
+    app.state.auth_gate = auth_gate
+    app.add_middleware(AuthMiddleware, gate=auth_gate)
     return app
 
 

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 import structlog
 from nats.aio.client import Client as NatsClient
 
+from api.auth.metering import Reservation, reserve_for
 from api.errors import ApiError, broker_error
 from broker.errors import BrokerError
 from broker.events import Event, EventRouter, publish_cancel
-from broker.work_queue import publish_request
-from contracts import ChoiceDelta, End, ErrorCode, FinishReason, GenerateRequest, Tokens, Usage
+from broker.work_queue import Lane, publish_request
+from contracts import ChoiceDelta, EmbedRequest, End, ErrorCode, FinishReason, GenerateRequest, Tokens, Usage
+from contracts.requests import BATCH_PRIORITY
 
 log = structlog.get_logger(__name__)
 
@@ -35,12 +37,15 @@ class Generation:
     (`resume_token_ids`, attempt + 1): the next worker continues from there, so the client sees one
     uninterrupted stream. Events of superseded attempts are ignored."""
 
-    def __init__(self, client: EngineClient, request: GenerateRequest, events: asyncio.Queue[Event]):
+    def __init__(self, client: EngineClient, request: GenerateRequest, events: asyncio.Queue[Event],
+                 reservation: Reservation | None = None):
         self._client = client
         self.request = request
         self._events = events
-        self._delivered: list[int] = list(request.resume_token_ids)
+        self._delivered: list[int] = list(getattr(request, "resume_token_ids", ()))
         self._done = False
+        self._reservation = reservation  # the caller's tokens held for this generation, settled in close()
+        self._usage: Usage | None = None
 
     async def __aiter__(self) -> AsyncIterator[Tokens | End]:
         accepted = False
@@ -75,8 +80,11 @@ class Generation:
                 elif event.kind == "tokens":
                     self._delivered.extend(t for c in event.choices if c.index == 0 for t in c.token_ids)
                     yield event
+                elif event.kind == "embeddings":
+                    yield event
                 elif event.kind == "end":
                     self._done = True
+                    self._usage = event.usage
                     yield event
                     return
         finally:
@@ -92,8 +100,9 @@ class Generation:
 
     @property
     def _resumable(self) -> bool:
-        sampling = self.request.sampling
-        return sampling.num_candidates == 1 and self.request.attempt < self._client.timeouts.max_attempts
+        if self.request.attempt >= self._client.timeouts.max_attempts:
+            return False
+        return isinstance(self.request, EmbedRequest) or self.request.sampling.num_candidates == 1
 
     @property
     def _all_delivered(self) -> bool:
@@ -102,18 +111,17 @@ class Generation:
 
     def _synthetic_end(self) -> list[Tokens | End]:
         """Every token arrived but the worker died before saying so: finish the stream here."""
-        usage = Usage(prompt_tokens=len(self.request.prompt_token_ids), completion_tokens=len(self._delivered))
+        usage = Usage(prompt_tokens=prompt_tokens(self.request), completion_tokens=len(self._delivered))
         common = {"request_id": self.request.request_id, "attempt": self.request.attempt}
         return [Tokens(**common, seq=0, choices=[ChoiceDelta(index=0, finish_reason=FinishReason.LENGTH)]),
                 End(**common, seq=1, usage=usage)]
 
     async def _resubmit(self) -> None:
         previous = self.request
-        self.request = previous.model_copy(update={
-            "attempt": previous.attempt + 1,
-            "resume_token_ids": list(self._delivered),
-            "deadline": time.time() + self._client.timeouts.queue_s,
-        })
+        update = {"attempt": previous.attempt + 1, "deadline": time.time() + self._client.timeouts.queue_s}
+        if isinstance(previous, GenerateRequest):
+            update["resume_token_ids"] = list(self._delivered)
+        self.request = previous.model_copy(update=update)
         log.warning("request.resubmitted", request_id=previous.request_id, attempt=self.request.attempt,
                     delivered=len(self._delivered))
         await self._client.publish(self.request)
@@ -124,31 +132,69 @@ class Generation:
         if not self._done:
             self._done = True
             await asyncio.shield(self._client.cancel(self.request.request_id))
+        if self._reservation is not None:
+            # What the worker reported, else what we know it spent (the prompt and the tokens delivered).
+            used = self._usage or Usage(prompt_tokens=prompt_tokens(self.request),
+                                        completion_tokens=len(self._delivered))
+            reservation, self._reservation = self._reservation, None
+            await asyncio.shield(reservation.settle(used.prompt_tokens + used.completion_tokens))
+
+
+def prompt_tokens(request: GenerateRequest | EmbedRequest) -> int:
+    if isinstance(request, EmbedRequest):
+        return sum(len(tokens) for tokens in request.inputs)
+    return len(request.prompt_token_ids)
 
 
 class EngineClient:
-    def __init__(self, nc: NatsClient, router: EventRouter, timeouts: Timeouts):
+    """Submits to a model's queue. `lane=Lane.BATCH` is for background work (the batch runner): its requests go
+    to the lane workers pull only when no interactive request waits, at a lower priority inside the worker."""
+
+    def __init__(self, nc: NatsClient, router: EventRouter, timeouts: Timeouts, lane: Lane = Lane.INTERACTIVE,
+                 idempotency_key: str | None = None):
         self._nc = nc
         self._js = nc.jetstream()
         self.router = router
         self.timeouts = timeouts
+        self.lane = lane
+        self._idempotency_key = idempotency_key
+        self._message_keys: dict[str, str] = {}  # request id -> its dedup key (several requests share a client)
+
+    def keyed(self, idempotency_key: str) -> EngineClient:
+        """A client whose submissions are deduplicated under `idempotency_key` (`key`, `key/1`, … for several
+        requests) instead of their request ids: a repeated submission of the same work is queued once."""
+        return EngineClient(self._nc, self.router, self.timeouts, self.lane, idempotency_key)
+
+    def _message_key(self, request: GenerateRequest) -> str | None:
+        if self._idempotency_key is None:
+            return None
+        if request.request_id not in self._message_keys:
+            count = len(self._message_keys)
+            self._message_keys[request.request_id] = (f"{self._idempotency_key}/{count}" if count
+                                                      else self._idempotency_key)
+        return self._message_keys[request.request_id]
 
     def reply_subject(self, request_id: str) -> str:
         return self.router.reply_subject(request_id)
 
     async def submit(self, request: GenerateRequest) -> Generation:
-        """Queue the request durably; raises ApiError (429 full, 503 unavailable, 413 too large) at once."""
+        """Queue the request durably; raises ApiError (429 full or over the caller's token budget, 503
+        unavailable, 413 too large) at once."""
+        if self.lane is Lane.BATCH:
+            request = request.model_copy(update={"priority": max(request.priority, BATCH_PRIORITY)})
+        reservation = await reserve_for(request)
         events = self.router.open(request.request_id)
         try:
             await self.publish(request)
         except ApiError:
             self.router.close(request.request_id)
+            await reservation.settle(0)
             raise
-        return Generation(self, request, events)
+        return Generation(self, request, events, reservation)
 
     async def publish(self, request: GenerateRequest) -> None:
         try:
-            await publish_request(self._js, request)
+            await publish_request(self._js, request, idempotency_key=self._message_key(request), lane=self.lane)
         except BrokerError as exc:
             raise broker_error(exc) from exc
 

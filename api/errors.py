@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 
 from broker.errors import BrokerError, BrokerUnavailable, MessageTooLarge, QueueFull, QueueMissing
 from contracts import ErrorCode, ErrorInfo
@@ -30,6 +31,10 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.CANCELLED: 499,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.PERMISSION_DENIED: 403,
+    ErrorCode.ALREADY_EXISTS: 409,
+    ErrorCode.RATE_LIMITED: 429,
 }
 
 # OpenAI's `type` vocabulary, which its SDKs and users key on.
@@ -39,6 +44,7 @@ _TYPE_BY_STATUS = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     499: "cancelled",
@@ -65,13 +71,28 @@ class ApiError(Exception):
         return STATUS_BY_CODE[self.info.code]
 
 
+# The aleph-alpha-client raises typed errors for 400/401/402/408/503 and retries 408/429/5xx; anything else is a
+# bare RuntimeError. On its routes, statuses outside that set become the nearest one it understands.
+_ALEPH_STATUS = {403: 401, 404: 400, 409: 400, 413: 400, 504: 408}
+
+
+def use_aleph_statuses(connection: HTTPConnection) -> None:
+    """Mark this request as Aleph Alpha's: its errors get statuses from the client's vocabulary."""
+    connection.state.error_statuses = _ALEPH_STATUS
+
+
+def status_for(exc: ApiError, connection: HTTPConnection | None = None) -> int:
+    overrides = getattr(connection.state, "error_statuses", {}) if connection is not None else {}
+    return overrides.get(exc.status, exc.status)
+
+
 def error_body(status: int, message: str, *, code: str | None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPE_BY_STATUS.get(status, "api_error"), "param": param,
                       "code": code}}
 
 
-def api_error_body(exc: ApiError) -> dict:
-    return error_body(exc.status, exc.info.message, code=exc.info.code.value, param=exc.info.param)
+def api_error_body(exc: ApiError, status: int | None = None) -> dict:
+    return error_body(status or exc.status, exc.info.message, code=exc.info.code.value, param=exc.info.param)
 
 
 def broker_error(exc: BrokerError) -> ApiError:
@@ -84,6 +105,21 @@ def broker_error(exc: BrokerError) -> ApiError:
     if isinstance(exc, BrokerUnavailable):
         return ApiError(ErrorCode.UNAVAILABLE, "the request queue is unavailable; retry later", retry_after=1.0)
     return ApiError(ErrorCode.UNAVAILABLE, str(exc))
+
+
+def as_api_error(exc: Exception) -> ApiError:
+    """Whatever a request can fail with, as the ApiError the HTTP handlers would render (for WebSocket frames)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, BrokerError):
+        return broker_error(exc)
+    if isinstance(exc, ValidationError | RequestValidationError):
+        message, param = validation_message(exc)
+        return ApiError(ErrorCode.INVALID_REQUEST, message, param=param)
+    if isinstance(exc, json.JSONDecodeError):
+        return ApiError(ErrorCode.INVALID_REQUEST, f"the request body is not valid JSON: {exc.msg}")
+    log.error("api.unhandled_error", exc_info=exc)
+    return ApiError(ErrorCode.INTERNAL, "internal error")
 
 
 def validation_message(exc: ValidationError | RequestValidationError) -> tuple[str, str | None]:
@@ -100,34 +136,24 @@ def validation_message(exc: ValidationError | RequestValidationError) -> tuple[s
     return (f"{param}: {message}" if param else message), param
 
 
-def _render(exc: ApiError) -> JSONResponse:
+def _render(exc: ApiError, request: HTTPConnection | None = None) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
-    return JSONResponse(api_error_body(exc), status_code=exc.status, headers=headers)
+    status = status_for(exc, request)
+    return JSONResponse(api_error_body(exc, status), status_code=status, headers=headers)
+
+
+error_response = _render  # for middleware, which answers before any route (and its handlers) runs
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    # Refusals, queue failures, invalid bodies: one mapping (as_api_error), one rendering.
     @app.exception_handler(ApiError)
-    async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _render(exc)
-
     @app.exception_handler(BrokerError)
-    async def on_broker_error(_: Request, exc: BrokerError) -> JSONResponse:
-        return _render(broker_error(exc))
-
     @app.exception_handler(RequestValidationError)
-    async def on_request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = validation_message(exc)
-        return JSONResponse(error_body(400, message, code=ErrorCode.INVALID_REQUEST.value, param=param), 400)
-
     @app.exception_handler(ValidationError)
-    async def on_model_invalid(_: Request, exc: ValidationError) -> JSONResponse:
-        message, param = validation_message(exc)
-        return JSONResponse(error_body(400, message, code=ErrorCode.INVALID_REQUEST.value, param=param), 400)
-
     @app.exception_handler(json.JSONDecodeError)
-    async def on_bad_json(_: Request, exc: json.JSONDecodeError) -> JSONResponse:
-        return JSONResponse(error_body(400, f"the request body is not valid JSON: {exc.msg}",
-                                       code=ErrorCode.INVALID_REQUEST.value), 400)
+    async def on_request_error(request: Request, exc: Exception) -> JSONResponse:
+        return _render(as_api_error(exc), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

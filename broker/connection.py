@@ -4,26 +4,76 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import nats
+import nats.errors
 import structlog
 from nats.aio.client import Client as NatsClient
+
+from broker.errors import BrokerUnavailable
+
+if TYPE_CHECKING:
+    from ops.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class NatsAuth:
+    """How to authenticate to a NATS server that requires it: user/password, an nkey seed file, or a JWT
+    `.creds` file. Empty: no credentials (the embedded loopback server)."""
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    nkey_seed_file: Path | None = None
+    creds_file: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> NatsAuth:
+        return cls(settings.nats_user, settings.nats_password, settings.nats_nkey_file, settings.nats_creds_file)
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for `nats.connect`."""
+        options: dict[str, Any] = {}
+        if self.user is not None:
+            options |= {"user": self.user, "password": self.password or ""}
+        if self.nkey_seed_file is not None:
+            options["nkeys_seed"] = str(self.nkey_seed_file)
+        if self.creds_file is not None:
+            options["user_credentials"] = str(self.creds_file)
+        return options
+
+
+def _refused_credentials(exc: Exception) -> bool:
+    # During the handshake nats-py reports the server's -ERR as a plain Error carrying its text.
+    return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower()
+
+
 @asynccontextmanager
-async def connect(url: str, name: str) -> AsyncIterator[NatsClient]:
+async def connect(url: str, name: str, auth: NatsAuth | None = None) -> AsyncIterator[NatsClient]:
     """Connect to `url` (comma-separated for a cluster) and drain the connection on exit."""
 
+    connected = False
+
     async def on_error(exc: Exception) -> None:
+        if not connected and _refused_credentials(exc):
+            # nats-py retries a refused login forever (max_reconnect_attempts=-1); raising here ends connect().
+            raise BrokerUnavailable(f"the NATS server refused {name}'s credentials: {exc}")
         log.warning("nats.error", error=str(exc), client=name)
 
     async def on_disconnect() -> None:
-        log.warning("nats.disconnected", client=name)
+        if nc.is_closed or nc.is_draining:  # our own drain at exit
+            log.debug("nats.disconnected", client=name)
+        else:
+            log.warning("nats.disconnected", client=name)
 
     async def on_reconnect() -> None:
-        log.info("nats.reconnected", client=name, url=str(nc.connected_url.geturl() if nc.connected_url else ""))
+        server = nc.connected_url
+        # host and port only: a URL may carry user:password
+        log.info("nats.reconnected", client=name, server=f"{server.hostname}:{server.port}" if server else "")
 
     nc = await nats.connect(
         servers=[server.strip() for server in url.split(",") if server.strip()],
@@ -35,7 +85,9 @@ async def connect(url: str, name: str) -> AsyncIterator[NatsClient]:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        **(auth or NatsAuth()).options(),
     )
+    connected = True
     try:
         yield nc
     finally:

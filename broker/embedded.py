@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from broker.connection import NatsAuth
 from ops.process import spawn, stop_on_signals, terminate
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class EmbeddedNatsServer:
         stop_timeout_s: float = 10.0,
         die_with_parent: bool = False,
         binary: Path | None = None,
+        auth: NatsAuth | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
@@ -97,6 +99,7 @@ class EmbeddedNatsServer:
         self.stop_timeout_s = stop_timeout_s
         self.die_with_parent = die_with_parent
         self.binary = binary
+        self.auth = auth  # user/password the server requires (distributed mode); None: open, for loopback use
         self._proc: subprocess.Popen[bytes] | None = None
         self._url: str | None = None
         self._monitoring_url: str | None = None
@@ -124,7 +127,7 @@ class EmbeddedNatsServer:
     def run_dir(self) -> Path:
         """Config, ports file and log: beside the store, not in /tmp, so nothing leaks if we are SIGKILLed and
         the last run's log stays readable after a crash. Wiped at every start."""
-        return self.store_dir.parent / f"{self.store_dir.name}.run"
+        return run_dir_of(self.store_dir)
 
     @property
     def log_path(self) -> Path:
@@ -150,6 +153,7 @@ class EmbeddedNatsServer:
         ports_dir = self.run_dir / "ports"
         ports_dir.mkdir(parents=True)
         config = self.run_dir / "nats.conf"
+        config.touch(mode=0o600)  # may hold a password
         config.write_text(self._config_text())
         argv = [
             str(binary), "-c", str(config),
@@ -198,7 +202,14 @@ class EmbeddedNatsServer:
             f"  max_memory_store: {self.max_memory_store}\n"
             f"  max_file_store: {self.max_file_store}\n"
             "}\n"
+            + self._authorization_text()
         )
+
+    def _authorization_text(self) -> str:
+        if self.auth is None or self.auth.user is None:
+            return ""
+        return (f"authorization {{\n  user: {json.dumps(self.auth.user)}\n"
+                f"  password: {json.dumps(self.auth.password or '')}\n}}\n")
 
     def _await_ready(self, ports_dir: Path, *, deadline: float) -> None:
         ports = self._read_ports_file(ports_dir, deadline)
@@ -229,6 +240,23 @@ class EmbeddedNatsServer:
 
     def _failure(self, what: str) -> NatsServerError:
         return NatsServerError(f"embedded nats-server {what}; last log lines:\n{self.log_tail()}")
+
+
+def run_dir_of(store_dir: Path) -> Path:
+    return store_dir.parent / f"{store_dir.name}.run"
+
+
+def running_server_url(store_dir: Path) -> str | None:
+    """The client URL of an embedded server still running on `store_dir` (one `inferq serve` started), so local
+    tools such as `inferq keys` find it without being told its random port."""
+    for ports_file in (run_dir_of(store_dir) / "ports").glob("*.ports"):
+        pid = ports_file.stem.rpartition("_")[2]
+        try:
+            os.kill(int(pid), 0)
+            return _prefer_loopback(json.loads(ports_file.read_text()).get("nats", []))
+        except (ValueError, OSError, NatsServerError):  # not a pid, not running, or an unreadable file
+            continue
+    return None
 
 
 def _prefer_loopback(urls: list[str]) -> str:
@@ -262,7 +290,8 @@ def run_foreground(settings: Settings) -> int:
     host, port = listen_address(settings.nats_url)
     stop = threading.Event()
     with stop_on_signals(stop):
-        server = EmbeddedNatsServer(settings.nats_store_dir, host=host, port=port, die_with_parent=True)
+        server = EmbeddedNatsServer(settings.nats_store_dir, host=host, port=port, die_with_parent=True,
+                                    auth=NatsAuth.from_settings(settings))
         try:
             server.start()
         except NatsServerError as exc:

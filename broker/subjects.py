@@ -13,6 +13,8 @@ REQUEST_CONSUMER = "engine"
 CANCEL_WILDCARD = "inf.cancel.*"
 REGISTRY_BUCKET = "inferq_workers"
 ARTIFACT_BUCKET = "inferq_artifacts"
+ACCOUNTS_BUCKET = "inferq_accounts"
+RATE_LIMIT_BUCKET = "inferq_ratelimits"
 
 
 def model_token(model_id: str) -> str:
@@ -51,3 +53,63 @@ def registry_key(worker_id: str) -> str:
 
 def tokenizer_object(model_id: str, digest: str) -> str:
     return f"tokenizer.{model_token(model_id)}.{digest[:16]}.tar"
+
+
+# --- accounts (hex ids only: KV keys cannot hold '@', and '..' fails misleadingly) ---------------------------
+
+AUTH_MARKER_KEY = "meta.auth_enabled"
+
+
+def api_key_key(key_id: str) -> str:
+    return f"key.{key_id}"
+
+
+def user_key(user_id: str) -> str:
+    return f"user.{user_id}"
+
+
+def login_token_key(user_id: str, token_id: str) -> str:
+    return f"token.{user_id}.{token_id}"
+
+
+def rate_limit_key(owner: str) -> str:
+    """`key:3fa9…` → `rl.key_3fa9…`: owners are `<kind>:<hex>`."""
+    return f"rl.{_UNSAFE.sub('_', owner)}"
+
+
+# --- batch lane, files and batch jobs ---------------------------------------------------------------------------
+# Batch lines go to a lane of their own (stream BATCH_<model>, subject inf.batch.<model>) that workers pull only
+# when the interactive queue has nothing waiting; the job queue hands each batch to one runner.
+
+BATCH_JOB_SUBJECT = "inf.jobs.batch"
+BATCH_JOB_STREAM = "INFERQ_BATCH_JOBS"
+BATCH_JOB_CONSUMER = "batch_runner"
+FILES_BUCKET = "inferq_files"  # KV: file records
+FILE_DATA_BUCKET = "inferq_file_data"  # object store: file contents, named by file id
+BATCHES_BUCKET = "inferq_batches"  # KV: batch jobs, updated by compare-and-swap
+BATCH_RESULTS_BUCKET = "inferq_batch_results"  # KV: one result per (batch, custom_id), create-only
+
+
+def batch_subject(model_id: str) -> str:
+    return f"inf.batch.{model_token(model_id)}"
+
+
+def batch_stream(model_id: str) -> str:
+    return f"BATCH_{model_token(model_id)}"
+
+
+def file_key(file_id: str) -> str:
+    return f"file.{file_id}"
+
+
+def batch_key(batch_id: str) -> str:
+    return f"batch.{batch_id}"
+
+
+def batch_result_key(batch_id: str, custom_id: str) -> str:
+    """custom_ids are arbitrary client strings: the key holds their digest."""
+    return f"{batch_result_prefix(batch_id)}.{hashlib.sha256(custom_id.encode()).hexdigest()[:32]}"
+
+
+def batch_result_prefix(batch_id: str) -> str:
+    return f"res.{batch_id}"

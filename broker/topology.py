@@ -26,6 +26,7 @@ log = structlog.get_logger(__name__)
 # Interactive requests are acked when the scheduler admits them, so ack_wait only covers fetch → admit.
 _REQUEST_ACK_WAIT_S = 30.0
 _REQUEST_MAX_DELIVER = 3
+_TWO_DAYS_S = 2 * 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +38,20 @@ class QueueLimits:
 
 
 async def ensure_request_queue(js: JetStreamContext, model_id: str, limits: QueueLimits) -> None:
-    """The model's work-queue stream and its one durable pull consumer shared by every worker of the model."""
+    """The model's work queues, each with one durable pull consumer shared by every worker of the model: the
+    interactive queue and the batch lane (pulled only when the interactive queue is empty). The lane has its own
+    cap, so a large batch never makes interactive requests see a full queue."""
+    for stream_name, subject in ((subjects.request_stream(model_id), subjects.request_subject(model_id)),
+                                 (subjects.batch_stream(model_id), subjects.batch_subject(model_id))):
+        await _ensure_work_queue(js, stream_name, subject, model_id, limits)
+    log.debug("topology.request_queue_ready", model=model_id)
+
+
+async def _ensure_work_queue(js: JetStreamContext, name: str, subject: str, model_id: str,
+                             limits: QueueLimits) -> None:
     stream = StreamConfig(
-        name=subjects.request_stream(model_id),
-        subjects=[subjects.request_subject(model_id)],
+        name=name,
+        subjects=[subject],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         max_msgs=limits.max_requests,
@@ -49,11 +60,7 @@ async def ensure_request_queue(js: JetStreamContext, model_id: str, limits: Queu
         duplicate_window=limits.duplicate_window_s,
         metadata={"inferq_model": model_id},
     )
-    try:
-        await js.add_stream(stream)
-    except jse.BadRequestError:
-        # Exists with another configuration (settings changed): converge on ours.
-        await js.update_stream(stream)
+    await _stream(js, stream)
     consumer = ConsumerConfig(
         durable_name=subjects.REQUEST_CONSUMER,
         ack_policy=AckPolicy.EXPLICIT,
@@ -63,17 +70,41 @@ async def ensure_request_queue(js: JetStreamContext, model_id: str, limits: Queu
     )
     # add_consumer is create-or-update for a durable; pull_subscribe(config=) would silently keep an old config.
     await js.add_consumer(stream.name, consumer)
-    log.debug("topology.request_queue_ready", model=model_id, stream=stream.name)
+
+
+async def _stream(js: JetStreamContext, stream: StreamConfig) -> None:
+    try:
+        await js.add_stream(stream)
+    except jse.BadRequestError:
+        # Exists with another configuration (settings changed): converge on ours.
+        await js.update_stream(stream)
+
+
+async def _key_value(js: JetStreamContext, config: KeyValueConfig):
+    """The bucket if it exists (whatever its config), else created with `config`."""
+    try:
+        return await js.key_value(config.bucket)
+    except jse.BucketNotFoundError:
+        return await js.create_key_value(config)
 
 
 async def ensure_registry(js: JetStreamContext, ttl_s: float):
     """KV bucket of live workers: each entry expires `ttl_s` after the worker's last heartbeat."""
-    try:
-        return await js.key_value(subjects.REGISTRY_BUCKET)
-    except jse.BucketNotFoundError:
-        return await js.create_key_value(
-            KeyValueConfig(bucket=subjects.REGISTRY_BUCKET, history=1, ttl=ttl_s, storage=StorageType.MEMORY)
-        )
+    return await _key_value(
+        js, KeyValueConfig(bucket=subjects.REGISTRY_BUCKET, history=1, ttl=ttl_s, storage=StorageType.MEMORY)
+    )
+
+
+async def ensure_accounts(js: JetStreamContext):
+    """KV bucket of users, API keys and login tokens (hashes only). File storage: accounts survive restarts."""
+    return await _key_value(js, KeyValueConfig(bucket=subjects.ACCOUNTS_BUCKET, history=1, storage=StorageType.FILE))
+
+
+async def ensure_rate_limits(js: JetStreamContext):
+    """KV bucket of per-owner usage windows, updated by compare-and-swap from every API replica. An entry nobody
+    touched for two days only holds finished windows, so the bucket TTL collects it."""
+    return await _key_value(js, KeyValueConfig(bucket=subjects.RATE_LIMIT_BUCKET, history=1, ttl=_TWO_DAYS_S,
+                                               storage=StorageType.FILE))
 
 
 async def ensure_artifacts(js: JetStreamContext):
@@ -84,3 +115,32 @@ async def ensure_artifacts(js: JetStreamContext):
         return await js.create_object_store(
             subjects.ARTIFACT_BUCKET, config=ObjectStoreConfig(storage=StorageType.FILE)
         )
+
+
+async def ensure_batch_storage(js: JetStreamContext):
+    """KV buckets for file records, batch jobs and line results, and the object store for file contents; all
+    file-backed (a batch survives any restart). Returns (files, file_data, batches, results)."""
+    def bucket(name: str, history: int = 1) -> KeyValueConfig:
+        return KeyValueConfig(bucket=name, history=history, storage=StorageType.FILE)
+
+    files = await _key_value(js, bucket(subjects.FILES_BUCKET))
+    batches = await _key_value(js, bucket(subjects.BATCHES_BUCKET, history=5))
+    results = await _key_value(js, bucket(subjects.BATCH_RESULTS_BUCKET))
+    try:
+        file_data = await js.object_store(subjects.FILE_DATA_BUCKET)
+    except jse.BucketNotFoundError:
+        file_data = await js.create_object_store(
+            subjects.FILE_DATA_BUCKET, config=ObjectStoreConfig(storage=StorageType.FILE))
+    return files, file_data, batches, results
+
+
+async def ensure_batch_jobs(js: JetStreamContext, ack_wait_s: float) -> None:
+    """The job queue: one ticket per batch (deduplicated by batch id), one durable consumer shared by every
+    runner. A runner heartbeats its ticket (in_progress) and acks only once the batch is in a final state, so
+    a dead runner's batch goes to another after `ack_wait_s`; tickets are never dropped (no max_deliver)."""
+    stream = StreamConfig(name=subjects.BATCH_JOB_STREAM, subjects=[subjects.BATCH_JOB_SUBJECT],
+                          retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE)
+    await _stream(js, stream)
+    await js.add_consumer(stream.name, ConsumerConfig(
+        durable_name=subjects.BATCH_JOB_CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
+        max_deliver=-1, max_ack_pending=10_000))

@@ -36,7 +36,7 @@ _EDGE: list[_FlagDef] = [
     ("--port", "port", {"type": int}),
 ]
 _ENGINE: list[_FlagDef] = [
-    ("--model", "model", {"metavar": "NAME"}),
+    ("--model", "model", {"metavar": "NAME", "action": "append"}),  # serve: repeat for one worker per model
     ("--served-model-name", "served_model_name", {"metavar": "ID"}),
     ("--device", "device", {}),
     ("--dtype", "dtype", {"choices": ["auto", "float32", "bfloat16", "float16"]}),
@@ -86,6 +86,20 @@ def _bench(argv: list[str]) -> int | None:
     return bench_main(argv)
 
 
+def _accounts(argv: list[str]) -> int | None:
+    from api.auth.cli import main as accounts_main
+
+    return accounts_main(argv)
+
+
+# Subcommands with their own parsers: everything after the name is handed over untouched.
+_FORWARDED: dict[str, Callable[[list[str]], int | None]] = {
+    "bench": _bench,
+    "users": lambda argv: _accounts(["users", *argv]),
+    "keys": lambda argv: _accounts(["keys", *argv]),
+}
+
+
 def _version() -> int:
     try:
         version = importlib.metadata.version("inferq")
@@ -112,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
              _CONNECT, _COMMON, _ENGINE, _QUEUE)  # fmt: skip
     _command(commands, "api", _api, "the HTTP edge (OpenAI / Aleph Alpha APIs), publishing to --nats",
              _CONNECT, _COMMON, _EDGE, _QUEUE)  # fmt: skip
-    bench = commands.add_parser("bench", help="benchmark a running server (arguments go to the benchmark)",
-                                add_help=False)  # fmt: skip
-    bench.add_argument("args", nargs=argparse.REMAINDER)
+    for name, help_text in (("bench", "benchmark a running server (arguments go to the benchmark)"),
+                            ("users", "add, list or remove users (email/password login) in NATS"),
+                            ("keys", "create, list or revoke API keys in NATS")):
+        forwarded = commands.add_parser(name, help=help_text, add_help=False)
+        forwarded.add_argument("args", nargs=argparse.REMAINDER)
     commands.add_parser("version", help="print the installed version")
     return parser
 
@@ -146,10 +162,10 @@ def build_settings(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if args_list[:1] == ["bench"]:
-        # Forward untouched (argparse would eat the benchmark's own --help and options).
+    if args_list[:1] and args_list[0] in _FORWARDED:
+        # Forward untouched (argparse would eat the subcommand's own --help and options).
         _configure_logging_from(parser, Settings)
-        return _exit_code(_bench(args_list[1:]))
+        return _exit_code(_FORWARDED[args_list[0]](args_list[1:]))
     args = parser.parse_args(args_list)
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -20,17 +20,39 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated bearer keys; empty means auth is off."
+        default_factory=list, description="Comma-separated bearer keys (KEY: admin, ROLE:KEY); any turns auth on."
     )
+    auth: Literal["auto", "on", "off"] = Field(
+        default="auto", description="auto: on once any API key or user exists (or INFERQ_API_KEYS is set)."
+    )
+    login_token_ttl_s: float = Field(default=86_400.0, ge=1, description="Lifetime of a POST /users/me/token token.")
+    rate_limit_requests_per_minute: int = Field(default=60, ge=0, description="Per-key default; 0: unlimited.")
+    rate_limit_tokens_per_minute: int = Field(default=150_000, ge=0, description="Per-key default; 0: unlimited.")
+    rate_limit_requests_per_day: int = Field(default=3_500, ge=0, description="Per-key default; 0: unlimited.")
     edge_id: str | None = Field(default=None, description="Token-event subject segment; random per process.")
     max_request_bytes: int = Field(default=8 * 1024 * 1024, description="Larger request bodies get a 413.")
 
     # --- broker -----------------------------------------------------------------------------------------
     nats_url: str | None = Field(default=None, description="Use this NATS server instead of an embedded one.")
+    # Credentials for a NATS server that requires them (distributed mode); the embedded one is loopback-only.
+    nats_user: str | None = Field(default=None, description="NATS user (with nats_password).")
+    nats_password: str | None = Field(default=None, repr=False, description="NATS password.")
+    nats_nkey_file: Path | None = Field(default=None, description="NATS nkey seed file (needs the nkeys package).")
+    nats_creds_file: Path | None = Field(default=None, description="NATS JWT credentials file (.creds).")
     data_dir: Path = Field(default_factory=lambda: Path(user_data_dir("inferq")))
     queue_max_requests: int = Field(default=1024, ge=1, description="Per-model queue cap; full means 429.")
     queue_max_age_s: float = Field(default=600.0, gt=0, description="Backstop: queued requests older than this expire.")
     duplicate_window_s: float = Field(default=120.0, gt=0, description="Idempotency window for request ids.")
+
+    # --- files and batches ------------------------------------------------------------------------------
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1, description="Larger uploads to /v1/files get a 413.")
+    batch_max_lines: int = Field(default=50_000, ge=1, description="A batch input file with more lines fails.")
+    batch_runner: bool = Field(default=True, description="Run batch jobs in this api process (any replica may).")
+    batch_jobs_per_runner: int = Field(default=2, ge=1, description="Batches one runner works on at once.")
+    batch_line_concurrency: int = Field(default=8, ge=1, description="Lines of one batch in flight at once.")
+    batch_job_ack_wait_s: float = Field(default=30.0, ge=1, description="A silent runner loses its batch after this.")
+    batch_line_timeout_s: float = Field(default=600.0, gt=0,
+                                        description="Longest a batch line may wait in the batch lane for a worker.")
 
     # --- liveness ---------------------------------------------------------------------------------------
     heartbeat_interval_s: float = Field(default=1.0, gt=0, description="Worker heartbeat when otherwise silent.")
@@ -43,7 +65,10 @@ class Settings(BaseSettings):
         default="torch", description="torch: the real engine; sim: deterministic tokens without a model (load tests)."
     )
     sim_tokens_per_s: float = Field(default=20.0, gt=0, description="Per-sequence token rate of the sim engine.")
-    model: str = Field(default=DEFAULT_MODEL, description="Packaged name, HF directory, .gguf path or hub id.")
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Packaged name, HF directory, .gguf path or hub id; comma-separated: one worker each (serve).",
+    )
     served_model_name: str | None = Field(default=None, description="Model id clients use; derived if unset.")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -63,6 +88,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _join_models(cls, value: object) -> object:
+        return ",".join(value) if isinstance(value, list) else value
+
+    @property
+    def models(self) -> list[str]:
+        return [model.strip() for model in self.model.split(",") if model.strip()]
 
     @property
     def nats_store_dir(self) -> Path:

@@ -45,6 +45,7 @@ class ModelCatalog:
         self._fetched_at = 0.0
         self._lock = asyncio.Lock()
         self._tokenizers: dict[str, Any] = {}
+        self._tokenizer_lock = asyncio.Lock()
 
     async def workers(self) -> list[WorkerInfo]:
         async with self._lock:
@@ -78,8 +79,10 @@ class ModelCatalog:
         """The HF tokenizer the model's worker published (cached per content digest)."""
         name = model.workers[0].tokenizer_object
         if name not in self._tokenizers:
-            directory = await fetch_tokenizer(self._js, name, self._tokenizer_cache)
-            self._tokenizers[name] = await asyncio.to_thread(_load_tokenizer, directory)
+            async with self._tokenizer_lock:  # one load at a time: concurrent first imports of transformers fail
+                if name not in self._tokenizers:
+                    directory = await fetch_tokenizer(self._js, name, self._tokenizer_cache)
+                    self._tokenizers[name] = await asyncio.to_thread(_load_tokenizer, directory)
         return self._tokenizers[name]
 
 

@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 
 from api.catalog import ModelCatalog
 from api.engine_client import EngineClient
+from broker.batch_store import BatchStorage
 from ops.settings import Settings
 
 
@@ -18,6 +19,7 @@ class Services:
     settings: Settings
     catalog: ModelCatalog
     engine: EngineClient
+    batches: BatchStorage | None = None  # files, batch jobs and their results (the /v1/files and /v1/batches APIs)
 
 
 def get_services(connection: HTTPConnection) -> Services:

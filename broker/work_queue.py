@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
+from enum import StrEnum
 
 import nats.errors
 import structlog
@@ -21,6 +23,24 @@ log = structlog.get_logger(__name__)
 MSG_ID_HEADER = "Nats-Msg-Id"
 _ERR_QUEUE_FULL = 10077
 _ERR_MESSAGE_TOO_LARGE = 10054
+# While batch work flows the worker polls both lanes briefly in turn; when the lane is idle it long-polls the
+# interactive queue only, so a batch line waits at most one fetch timeout to be noticed.
+_LANE_PROBE_S = 0.01
+_BATCH_ACTIVE_S = 1.0
+
+
+class Lane(StrEnum):
+    """Which queue of a model a request goes to. Workers pull the batch lane only when the interactive one has
+    nothing waiting, so background work never delays an interactive request in the queue."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+    def subject(self, model_id: str) -> str:
+        return subjects.batch_subject(model_id) if self is Lane.BATCH else subjects.request_subject(model_id)
+
+    def stream(self, model_id: str) -> str:
+        return subjects.batch_stream(model_id) if self is Lane.BATCH else subjects.request_stream(model_id)
 
 
 def message_id(request: GenerateRequest | EmbedRequest, idempotency_key: str | None = None) -> str:
@@ -35,13 +55,12 @@ async def publish_request(
     *,
     idempotency_key: str | None = None,
     timeout: float = 2.0,
+    lane: Lane = Lane.INTERACTIVE,
 ) -> bool:
     """Queue the request durably. Returns False when it was a duplicate of one already queued."""
     headers = {MSG_ID_HEADER: message_id(request, idempotency_key)}
     try:
-        ack = await js.publish(
-            subjects.request_subject(request.model), request.to_bytes(), timeout=timeout, headers=headers
-        )
+        ack = await js.publish(lane.subject(request.model), request.to_bytes(), timeout=timeout, headers=headers)
     except jse.ServiceUnavailableError as exc:
         if exc.err_code == _ERR_QUEUE_FULL:
             raise QueueFull(request.model) from exc
@@ -78,30 +97,29 @@ class Delivery:
 
 
 class RequestIntake:
-    """The worker's side of the queue: pull only as many requests as there are free slots."""
+    """The worker's side of the queues: pull only as many requests as there are free slots, interactive ones
+    first; the batch lane only when the interactive queue has nothing waiting."""
 
     def __init__(self, js: JetStreamContext, model_id: str):
         self._js = js
         self._model_id = model_id
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._subs: dict[Lane, JetStreamContext.PullSubscription] = {}
+        self._batch_active_until = 0.0
 
     async def start(self) -> None:
-        self._sub = await self._js.pull_subscribe_bind(
-            subjects.REQUEST_CONSUMER, stream=subjects.request_stream(self._model_id)
-        )
+        for lane in Lane:
+            self._subs[lane] = await self._js.pull_subscribe_bind(
+                subjects.REQUEST_CONSUMER, stream=lane.stream(self._model_id))
 
     async def fetch(self, max_requests: int, timeout: float = 1.0) -> list[Delivery]:
-        """Up to `max_requests`; returns as soon as any arrive, or empty after `timeout`."""
-        assert self._sub is not None, "start() first"
-        try:
-            msgs = await self._sub.fetch(batch=max_requests, timeout=timeout)
-        except TimeoutError:  # covers nats' TimeoutError, FetchTimeoutError and the bare asyncio one
-            return []
-        except jse.APIError as exc:
-            # Consumer leader elections answer 503 for a moment; the loop simply retries.
-            log.warning("intake.fetch_failed", error=str(exc))
-            await asyncio.sleep(0.25)
-            return []
+        """Up to `max_requests`; returns as soon as any arrive, or empty after about `timeout`."""
+        assert self._subs, "start() first"
+        batch_active = time.monotonic() < self._batch_active_until
+        msgs = await self._pull(Lane.INTERACTIVE, max_requests, _LANE_PROBE_S if batch_active else timeout)
+        if not msgs:
+            msgs = await self._pull(Lane.BATCH, max_requests, _LANE_PROBE_S)
+            if msgs:
+                self._batch_active_until = time.monotonic() + _BATCH_ACTIVE_S
         deliveries = []
         for msg in msgs:
             try:
@@ -112,7 +130,18 @@ class RequestIntake:
                 await msg.term()
         return deliveries
 
+    async def _pull(self, lane: Lane, max_requests: int, timeout: float) -> list[Msg]:
+        try:
+            return await self._subs[lane].fetch(batch=max_requests, timeout=timeout)
+        except TimeoutError:  # covers nats' TimeoutError, FetchTimeoutError and the bare asyncio one
+            return []
+        except jse.APIError as exc:
+            # Consumer leader elections answer 503 for a moment; the loop simply retries.
+            log.warning("intake.fetch_failed", lane=lane.value, error=str(exc))
+            await asyncio.sleep(0.25)
+            return []
+
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        for sub in self._subs.values():
+            await sub.unsubscribe()
+        self._subs.clear()

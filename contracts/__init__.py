@@ -2,6 +2,7 @@
 no torch. JSON on the wire; `contracts.schema.export_json_schema()` publishes the schema for other languages."""
 
 from contracts.base import SCHEMA_VERSION, Contract
+from contracts.batch import BatchJob, BatchStatus, BatchTicket, FilePurpose, FileRecord, LineResult
 from contracts.errors import ErrorCode, ErrorInfo
 from contracts.events import (
     Accepted,
@@ -33,6 +34,9 @@ from contracts.workers import DeviceInfo, WorkerInfo
 __all__ = [
     "SCHEMA_VERSION",
     "Accepted",
+    "BatchJob",
+    "BatchStatus",
+    "BatchTicket",
     "CancelRequest",
     "ChoiceDelta",
     "Contract",
@@ -44,9 +48,12 @@ __all__ = [
     "ErrorCode",
     "ErrorInfo",
     "Failed",
+    "FilePurpose",
+    "FileRecord",
     "FinishReason",
     "GenerateRequest",
     "Heartbeat",
+    "LineResult",
     "Pooling",
     "WorkRequest",
     "parse_work_request",

@@ -10,6 +10,10 @@ from pydantic import Field, TypeAdapter
 from contracts.base import SCHEMA_VERSION, Contract
 from contracts.sampling import SamplingParams
 
+# Batch-lane work (api batch runner) runs at this priority: inside a worker, interactive requests (priority 0) are
+# admitted first and batch lines are preempted first.
+BATCH_PRIORITY = 10
+
 
 class GenerateRequest(Contract):
     """One generation: the worker streams events for it to `reply_subject`."""

@@ -17,3 +17,21 @@ def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def batch_nats(tmp_path_factory: pytest.TempPathFactory):
+    """A real server for the batch storage and batch run tests (tests/broker, tests/api)."""
+    from broker.embedded import EmbeddedNatsServer
+
+    with EmbeddedNatsServer(tmp_path_factory.mktemp("batch-store")) as server:
+        yield server
+
+
+@pytest.fixture
+async def batch_storage(batch_nats):
+    from broker.batch_store import BatchStorage
+    from broker.connection import connect
+
+    async with connect(batch_nats.url, "test") as nc:
+        yield await BatchStorage.open(nc.jetstream(), ack_wait_s=30)

@@ -52,6 +52,11 @@ async def create_chat_completion(body: ChatCompletionRequest, services: Services
     return await until_disconnected(http, _collect(body, model, response_id, generation))
 
 
+async def chat_completion_response(body: ChatCompletionRequest, services: Services) -> dict:
+    """The non-streaming response body, without an HTTP request (the batch runner runs each line this way)."""
+    return await _collect(body, *await _submit(body, services))
+
+
 async def chat_completion_chunks(body: ChatCompletionRequest, services: Services) -> AsyncIterator[dict]:
     """Submit the request; the chunk objects of its stream (framed as SSE events or WebSocket messages)."""
     model, response_id, generation = await _submit(body, services)

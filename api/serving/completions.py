@@ -48,8 +48,12 @@ async def create_completion(body: CompletionRequest, services: Services, http: R
     if body.stream:
         return sse_response(await completion_chunks(body, services))
     job = await _submit(body, services)
-    return await until_disconnected(http, _collect(body, job.model, job.response_id, job.generations, job.echoes,
-                                                   job.first_tokens))
+    return await until_disconnected(http, _collect(body, job))
+
+
+async def completion_response(body: CompletionRequest, services: Services) -> dict:
+    """The non-streaming response body, without an HTTP request (the batch runner runs each line this way)."""
+    return await _collect(body, await _submit(body, services))
 
 
 async def completion_chunks(body: CompletionRequest, services: Services) -> AsyncIterator[dict]:
@@ -81,9 +85,9 @@ def _header(response_id: str, model: str) -> dict:
     return {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model}
 
 
-async def _collect(body: CompletionRequest, model: str, response_id: str, generations: list[Generation],
-                   echoes: list[str], first_tokens: list[str]) -> dict:
-    collected = await collect(generations, body.n)
+async def _collect(body: CompletionRequest, job: _Submitted) -> dict:
+    echoes, first_tokens = job.echoes, job.first_tokens
+    collected = await collect(job.generations, body.n)
     states, prompt_logprobs = collected.choices, collected.prompt_logprobs
     choices = []
     for index in sorted(states):
@@ -97,7 +101,7 @@ async def _collect(body: CompletionRequest, model: str, response_id: str, genera
                         "finish_reason": state.finish_reason, "stop_reason": state.stop_reason,
                         "prompt_logprobs": prompt_logprobs_body(prompt_logprobs.get(position))
                         if body.prompt_logprobs is not None else None})
-    return {**_header(response_id, model), "choices": choices, "usage": usage_body(collected.usages)}
+    return {**_header(job.response_id, job.model), "choices": choices, "usage": usage_body(collected.usages)}
 
 
 async def _stream(body: CompletionRequest, model: str, response_id: str, generations: list[Generation],

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from starlette.requests import Request
 
+from api.engine_client import Generation
 from api.errors import ApiError
 from api.schemas.openai import EmbeddingRequest
 from api.services import Services
@@ -35,6 +36,16 @@ def shorten(values: Sequence[float], dimensions: int | None) -> list[float]:
 
 
 async def create_embeddings(body: EmbeddingRequest, services: Services, http: Request) -> dict:
+    model, generation = await _submit(body, services)
+    return await until_disconnected(http, _respond(body, model, generation))
+
+
+async def embeddings_response(body: EmbeddingRequest, services: Services) -> dict:
+    """The response body, without an HTTP request (the batch runner runs each line this way)."""
+    return await _respond(body, *await _submit(body, services))
+
+
+async def _submit(body: EmbeddingRequest, services: Services) -> tuple[str, Generation]:
     model = await services.catalog.get(body.model)
     tokenizer = await services.catalog.tokenizer(model)
     inputs = tokenize_prompts(body.input, tokenizer)
@@ -49,13 +60,16 @@ async def create_embeddings(body: EmbeddingRequest, services: Services, http: Re
     request = EmbedRequest(request_id=request_id, model=model.id, inputs=inputs,
                            reply_subject=services.engine.reply_subject(request_id),
                            deadline=time.time() + services.settings.queue_timeout_s)
-    generation = await services.engine.submit(request)
-    vectors, usage = await until_disconnected(http, collect_embeddings(generation))
+    return model.id, await services.engine.submit(request)
+
+
+async def _respond(body: EmbeddingRequest, model: str, generation: Generation) -> dict:
+    vectors, usage = await collect_embeddings(generation)
     data = [{"object": "embedding", "index": vector.input_index,
              "embedding": encode_vector(shorten(vector.values, body.dimensions), body.encoding_format)}
             for vector in sorted(vectors, key=lambda v: v.input_index)]
     usage_fields = usage_body([usage])
-    return {"object": "list", "data": data, "model": model.id,
+    return {"object": "list", "data": data, "model": model,
             "usage": {"prompt_tokens": usage_fields["prompt_tokens"], "total_tokens": usage_fields["prompt_tokens"]}}
 
 

@@ -14,7 +14,7 @@ from broker.errors import QueueFull, QueueMissing
 from broker.events import EventRouter, publish_event
 from broker.registry import WorkerRegistry
 from broker.topology import QueueLimits, ensure_request_queue
-from broker.work_queue import RequestIntake, publish_request, queue_depth
+from broker.work_queue import Lane, RequestIntake, publish_request, queue_depth
 from contracts import Accepted, DeviceInfo, GenerateRequest, WorkerInfo
 
 pytestmark = pytest.mark.asyncio
@@ -117,3 +117,26 @@ async def test_registry_entries_expire(nc, tmp_path: Path) -> None:
     assert [w.worker_id for w in await registry.live_workers()] == ["w1"]
     await asyncio.sleep(2.5)
     assert await registry.live_workers() == []
+
+
+async def test_batch_lane_is_pulled_only_when_no_interactive_request_waits(nc) -> None:
+    js = nc.jetstream()
+    await ensure_request_queue(js, "lanes", QueueLimits(100, 60, 60))
+    for i in range(3):
+        await publish_request(js, make_request(f"b{i}", "lanes"), lane=Lane.BATCH)
+    await publish_request(js, make_request("i0", "lanes"))
+    intake = RequestIntake(js, "lanes")
+    await intake.start()
+
+    async def pull(slots: int) -> list[str]:
+        deliveries = await intake.fetch(slots, timeout=0.5)
+        for delivery in deliveries:
+            await delivery.msg.ack()
+        return [delivery.request.request_id for delivery in deliveries]
+
+    assert await pull(2) == ["i0"]  # the interactive request first, though it was queued last
+    batch_lines: list[str] = []
+    while len(batch_lines) < 3:
+        batch_lines += await pull(4)
+    assert batch_lines == ["b0", "b1", "b2"]
+    await intake.stop()

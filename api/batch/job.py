@@ -1,0 +1,269 @@
+"""One batch, run by one runner. The runner claims it (a compare-and-swap that bumps the epoch) and drives it
+from whatever state it finds (a previous runner may have died anywhere) to a final state. Every write names the
+revision this run last saw: a write that fails because another runner claimed the batch since is fenced, and
+this run stops without writing anything more, so a runner presumed dead can never overwrite its successor.
+
+Lines run through the batch lane with bounded concurrency; each result is stored once under its custom_id
+before it counts, so a restarted run skips what is done and no line is ever run into the output twice."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import structlog
+
+from api.batch.assemble import Tally, assemble, discard
+from api.batch.lines import BatchLine, InvalidLine, LineParser, RetryLater, read_lines, run_line
+from api.services import Services
+from broker.batch_store import BatchStorage, FileMissing, StaleRevision, Versioned
+from broker.errors import BrokerError
+from contracts import BatchJob, BatchStatus, LineResult
+from contracts.batch import BatchErrorItem, InvalidTransition, LineError, RequestCounts
+
+log = structlog.get_logger(__name__)
+
+PROGRESS_INTERVAL_S = 1.0  # how often counts are published and cancels, expiry and takeovers are noticed
+_MAX_BACKOFF_S = 5.0
+_MAX_UNEXPECTED_FAILURES = 5
+
+_UNFINISHED = {
+    BatchStatus.COMPLETED: LineError(code="internal", message="the line produced no result"),
+    BatchStatus.EXPIRED: LineError(code="batch_expired", message="This request could not be executed before the "
+                                                                 "completion window expired."),
+    BatchStatus.CANCELLED: LineError(code="batch_cancelled", message="This request was not executed because the "
+                                                                     "batch was cancelled."),
+}
+
+
+class Fenced(Exception):
+    """Another runner claimed the batch after this run did: this run must stop and write nothing more."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerContext:
+    services: Services  # its engine submits to the batch lane
+    storage: BatchStorage
+    runner_id: str
+    line_concurrency: int
+    max_lines: int
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class JobRun:
+    def __init__(self, context: RunnerContext, batch_id: str):
+        self._ctx = context
+        self._id = batch_id
+        self._held: Versioned | None = None
+        self._tally = Tally()
+        self._stopped = asyncio.Event()
+        self._stop_reason: str | None = None
+        self._in_flight: set[asyncio.Task] = set()
+
+    @property
+    def job(self) -> BatchJob:
+        assert self._held is not None
+        return self._held.job
+
+    async def run(self) -> None:
+        """Returns once the batch is in a final state; raises Fenced when another runner took it over."""
+        storage = self._ctx.storage
+        claimed = await storage.jobs.change(
+            self._id, lambda job: None if job.status.terminal else job.claimed_by(self._ctx.runner_id))
+        if claimed is None:
+            log.warning("batch.ticket_without_job", batch_id=self._id)
+            return
+        self._held = claimed
+        if not self.job.status.terminal:
+            log.info("batch.claimed", batch_id=self._id, status=self.job.status.value, epoch=self.job.epoch)
+            with tempfile.TemporaryDirectory(prefix="inferq-batch-") as scratch:
+                path = Path(scratch) / "input.jsonl"
+                try:
+                    with path.open("wb") as target:
+                        await storage.files.read_into(self.job.input_file_id, target)
+                except FileMissing:
+                    await self._fail("input_file_missing", f"the input file {self.job.input_file_id} was deleted")
+                else:
+                    await self._drive(path)
+        await storage.results.purge(self._id)  # the files hold them now
+
+    async def _drive(self, path: Path) -> None:
+        steps = {
+            BatchStatus.VALIDATING: self._validate,
+            BatchStatus.IN_PROGRESS: self._execute,
+            BatchStatus.FINALIZING: lambda p: self._finish(BatchStatus.COMPLETED, p),
+            BatchStatus.CANCELLING: lambda p: self._finish(BatchStatus.CANCELLED, p),
+        }
+        while not self.job.status.terminal:
+            expired = time.time() >= self.job.expires_at
+            try:
+                if expired and self.job.status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
+                    await self._finish(BatchStatus.EXPIRED, path)
+                else:
+                    await steps[self.job.status](path)
+            except InvalidTransition:
+                self._held = await self._fresh()  # a cancel moved the batch under us: go on from where it is
+
+    # --- compare-and-swap writes ----------------------------------------------------------------------------
+    async def _fresh(self) -> Versioned:
+        """The stored job, if this run still holds the claim; Fenced otherwise."""
+        fresh = await self._ctx.storage.jobs.get(self._id)
+        if fresh is None or (fresh.job.runner_id, fresh.job.epoch) != (self._ctx.runner_id, self.job.epoch):
+            raise Fenced(self._id)
+        return fresh
+
+    async def _save(self, edit: Callable[[BatchJob], BatchJob]) -> BatchJob:
+        """Apply `edit` to the job at the revision this run holds; after a conflict, to the fresh job (someone
+        cancelled) unless the claim moved on (Fenced)."""
+        held = self._held
+        while True:
+            try:
+                self._held = await self._ctx.storage.jobs.write(edit(held.job), held.revision)
+                return self.job
+            except StaleRevision:
+                held = await self._fresh()
+
+    async def _fail(self, code: str, message: str) -> None:
+        error = BatchErrorItem(code=code, message=message)
+        await self._save(lambda job: job.transition(BatchStatus.FAILED, _now(), errors=[error]))
+        log.info("batch.failed", batch_id=self._id, code=code)
+
+    # --- the lifecycle ----------------------------------------------------------------------------------------
+    async def _validate(self, path: Path) -> None:
+        total = await asyncio.to_thread(lambda: sum(1 for _ in read_lines(path)))
+        if total == 0:
+            return await self._fail("empty_file", "the input file has no requests")
+        if total > self._ctx.max_lines:
+            return await self._fail("too_many_requests", f"the input file has {total} requests; the limit is "
+                                                         f"{self._ctx.max_lines}")
+        await self._save(lambda job: job.transition(BatchStatus.IN_PROGRESS, _now(),
+                                                    request_counts=RequestCounts(total=total)))
+
+    async def _execute(self, path: Path) -> None:
+        self._tally, self._stop_reason = Tally(), None
+        self._stopped.clear()
+        watcher = asyncio.create_task(self._watch())
+        try:
+            await self._run_lines(path)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        if self._stop_reason == "fenced":
+            raise Fenced(self._id)
+        if self._stop_reason == "expired":
+            return await self._finish(BatchStatus.EXPIRED, path)
+        # Done, or cancelled (the transition to finalizing then fails and _drive goes on from cancelling).
+        await self._save(lambda job: job.transition(
+            BatchStatus.FINALIZING, _now(), request_counts=job.request_counts.at_least(self._tally.counts)))
+
+    async def _finish(self, final: BatchStatus, path: Path) -> None:
+        assembled = await assemble(self.job, path, self._ctx.storage, _UNFINISHED[final])
+        try:
+            await self._save(lambda job: job.transition(
+                final, _now(), output_file_id=assembled.output_file_id, error_file_id=assembled.error_file_id,
+                request_counts=assembled.counts, usage=assembled.usage))
+        except (Fenced, InvalidTransition):
+            await discard(self._ctx.storage, assembled)
+            raise
+        log.info("batch.finished", batch_id=self._id, status=final.value, **assembled.counts.model_dump())
+
+    # --- lines ------------------------------------------------------------------------------------------------
+    async def _run_lines(self, path: Path) -> None:
+        parser = LineParser(self.job.endpoint)
+        slots = asyncio.Semaphore(self._ctx.line_concurrency)
+        try:
+            for number, raw in read_lines(path):
+                if self._stopped.is_set():
+                    break
+                parsed = parser.parse(number, raw)
+                if isinstance(parsed, InvalidLine):
+                    self._tally.failed()
+                    continue
+                stored = await self._ctx.storage.results.get(self._id, parsed.custom_id)
+                if stored is not None:  # done by an earlier run of this batch
+                    self._tally.add(stored)
+                    continue
+                await slots.acquire()
+                if self._stopped.is_set():
+                    slots.release()
+                    break
+                task = asyncio.create_task(self._line(parsed))
+                self._in_flight.add(task)
+                task.add_done_callback(lambda done: (self._in_flight.discard(done), slots.release()))
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        finally:  # this run is being torn down (shutdown, takeover): its lines go with it
+            for task in list(self._in_flight):
+                task.cancel()
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def _line(self, line: BatchLine) -> None:
+        result = await self._result_of(line)
+        for attempt in itertools.count(1):
+            try:
+                if not await self._ctx.storage.results.put_once(self._id, result):
+                    result = await self._ctx.storage.results.get(self._id, line.custom_id) or result
+                break
+            except BrokerError as exc:  # NATS reconnecting: the result is worth waiting for
+                log.warning("batch.store_retry", batch_id=self._id, error=str(exc), attempt=attempt)
+                await asyncio.sleep(min(_MAX_BACKOFF_S, attempt))
+        self._tally.add(result)
+
+    async def _result_of(self, line: BatchLine) -> LineResult:
+        for attempt in itertools.count(1):
+            engine = self._ctx.services.engine.keyed(self._message_key(line, attempt))
+            try:
+                return await run_line(line, self.job.endpoint, replace(self._ctx.services, engine=engine))
+            except RetryLater as exc:  # no worker right now, queue full: wait it out
+                await asyncio.sleep(min(_MAX_BACKOFF_S, exc.retry_after))
+            except Exception as exc:  # unexpected (a bug, NATS gone): a few more tries, then the line fails
+                log.exception("batch.line_error", batch_id=self._id, custom_id=line.custom_id)
+                if attempt >= _MAX_UNEXPECTED_FAILURES:
+                    return LineResult(custom_id=line.custom_id, status_code=500,
+                                      error=LineError(code="internal", message=f"the line failed: {exc}"))
+                await asyncio.sleep(min(_MAX_BACKOFF_S, attempt))
+        raise AssertionError("unreachable")
+
+    def _message_key(self, line: BatchLine, attempt: int) -> str:
+        """`<batch>:<custom_id>` dedups the line's work item; a retry or a later run's try is new work."""
+        base = f"{self._id}:{line.custom_id}"
+        return base if (self.job.epoch, attempt) == (1, 1) else f"{base}:{self.job.epoch}.{attempt}"
+
+    # --- watching: progress, cancels, expiry, takeovers -------------------------------------------------------
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL_S)
+            try:
+                job = await self._progress()
+            except Fenced:
+                return self._stop("fenced")
+            except BrokerError as exc:
+                log.warning("batch.progress_failed", batch_id=self._id, error=str(exc))
+                continue
+            if job.status is BatchStatus.CANCELLING:
+                return self._stop("cancelled")
+            if time.time() >= job.expires_at:
+                return self._stop("expired")
+
+    async def _progress(self) -> BatchJob:
+        counts = self.job.request_counts.at_least(self._tally.counts)
+        if counts == self.job.request_counts:
+            self._held = await self._fresh()  # nothing new to show: only look
+            return self.job
+        return await self._save(lambda job: job.model_copy(
+            update={"request_counts": job.request_counts.at_least(self._tally.counts)}))
+
+    def _stop(self, reason: str) -> None:
+        """Stop starting lines and cancel the running ones (their generations are cancelled on the workers);
+        finished results stay stored."""
+        self._stop_reason = self._stop_reason or reason
+        self._stopped.set()
+        for task in list(self._in_flight):
+            task.cancel()

@@ -1,0 +1,114 @@
+"""The batch runner, hosted by any api replica (started in the lifespan). It pulls batch tickets from the job
+queue (one durable consumer shared by every runner), heartbeats each ticket while its batch runs, and acks it
+only once the batch is in a final state. A runner that dies simply stops heartbeating: its ticket goes to
+another runner after the consumer's ack wait, which claims the batch (fencing the old one) and resumes it from
+its stored results. A runner that is fenced never acks: the server would accept that stale ack and delete the
+ticket its successor is working on."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import replace
+
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from api.batch.job import Fenced, JobRun, RunnerContext
+from api.engine_client import EngineClient, Timeouts
+from api.services import Services
+from broker.batch_store import BatchStorage
+from broker.work_queue import Lane
+from contracts import BatchTicket
+
+log = structlog.get_logger(__name__)
+
+_RETRY_DELAY_S = 5.0  # a batch whose run failed unexpectedly is retried (by any runner) after this
+
+
+class BatchRunner:
+    def __init__(self, services: Services, storage: BatchStorage, nc: NatsClient):
+        settings = services.settings
+        lines = EngineClient(nc, services.engine.router, lane=Lane.BATCH, timeouts=Timeouts(
+            queue_s=settings.batch_line_timeout_s, silence_s=settings.worker_silence_timeout_s))
+        self.runner_id = f"r{uuid.uuid4().hex[:12]}"
+        # Lines may wait in the batch lane behind interactive work far longer than interactive requests may.
+        line_settings = settings.model_copy(update={"queue_timeout_s": settings.batch_line_timeout_s})
+        self._context = RunnerContext(
+            services=replace(services, engine=lines, settings=line_settings), storage=storage,
+            runner_id=self.runner_id, line_concurrency=settings.batch_line_concurrency,
+            max_lines=settings.batch_max_lines)
+        self._storage = storage
+        self._max_jobs = settings.batch_jobs_per_runner
+        # Well inside the ack wait even if another replica configured the shared consumer with a shorter one.
+        self._heartbeat_s = max(0.5, min(storage.queue.ack_wait_s / 3, 2.0))
+        self._jobs: set[asyncio.Task] = set()
+        self._loop: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.create_task(self._serve(), name="batch-runner")
+        log.info("batch_runner.started", runner_id=self.runner_id)
+
+    async def stop(self) -> None:
+        """Stop pulling; batches still running are handed back (nak) so another runner resumes them at once."""
+        tasks = [task for task in (self._loop, *self._jobs) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._storage.queue.stop()
+
+    async def _serve(self) -> None:
+        while True:
+            if len(self._jobs) >= self._max_jobs:
+                await asyncio.wait(self._jobs, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                msg = await self._storage.queue.fetch(timeout=1.0)
+            except Exception as exc:  # NATS reconnecting: keep pulling once it is back
+                log.warning("batch_runner.fetch_failed", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            if msg is not None:
+                task = asyncio.create_task(self._handle(msg))
+                self._jobs.add(task)
+                task.add_done_callback(self._jobs.discard)
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            ticket = BatchTicket.from_bytes(msg.data)
+        except ValidationError:
+            await msg.term()  # can never name a batch
+            return
+        heartbeat = asyncio.create_task(self._keep_alive(msg))
+        try:
+            await JobRun(self._context, ticket.batch_id).run()
+        except Fenced:
+            log.warning("batch.fenced", batch_id=ticket.batch_id, runner_id=self.runner_id)
+            return  # the ticket belongs to the runner that took over: no ack, no nak
+        except asyncio.CancelledError:
+            await asyncio.shield(_quietly(msg.nak()))  # shutting down: someone else takes it now
+            raise
+        except Exception:
+            log.exception("batch.run_failed", batch_id=ticket.batch_id)
+            await _quietly(msg.nak(delay=_RETRY_DELAY_S))
+            return
+        finally:
+            heartbeat.cancel()
+        await _quietly(msg.ack())  # only now: the batch's final state is stored
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            try:
+                await msg.in_progress()
+            except Exception as exc:  # a missed beat only risks a takeover, which fencing makes safe
+                log.warning("batch.heartbeat_failed", error=str(exc))
+
+
+async def _quietly(action) -> None:
+    try:
+        await action
+    except Exception as exc:
+        log.warning("batch.ticket_reply_failed", error=str(exc))

@@ -1,0 +1,210 @@
+"""Files and batch jobs in JetStream: file records in KV with contents in the object store (always read with
+`writeinto=`: into memory is quadratic in nats-py), jobs in KV updated only by compare-and-swap on the revision a
+writer last saw, line results in KV written create-only, and the job queue runners pull tickets from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import nats.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import errors as jse
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from broker import subjects
+from broker.errors import BrokerError, BrokerUnavailable
+from broker.kv import read, records
+from broker.topology import ensure_batch_jobs, ensure_batch_storage
+from broker.work_queue import MSG_ID_HEADER
+from contracts import BatchJob, BatchTicket, FileRecord, LineResult
+
+log = structlog.get_logger(__name__)
+
+
+class StaleRevision(BrokerError):
+    """Someone wrote the job since the revision this writer holds: re-read before deciding anything."""
+
+
+class FileMissing(BrokerError):
+    """The file's record or contents do not exist (any more)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned:
+    """A job and the KV revision it was read at: the only revision a compare-and-swap may name."""
+
+    job: BatchJob
+    revision: int
+
+
+@contextmanager
+def _as_broker_errors() -> Iterator[None]:
+    """NATS failures (timeouts, a connection being re-established) as BrokerUnavailable, so callers that retry
+    catch one type. Expected answers (not found, wrong revision) are handled inside before this."""
+    try:
+        yield
+    except (TimeoutError, nats.errors.Error, jse.APIError) as exc:
+        raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+
+
+async def _get(kv: KeyValue, key: str) -> tuple[bytes, int] | None:
+    with _as_broker_errors():
+        return await read(kv, key)
+
+
+class FileStore:
+    def __init__(self, records: KeyValue, data: ObjectStore):
+        self._records = records
+        self._data = data
+
+    async def put(self, record: FileRecord, source: BinaryIO) -> FileRecord:
+        """Store the contents (read from `source` in chunks), then the record with the size actually stored."""
+        info = await self._data.put(record.id, source)
+        stored = record.model_copy(update={"bytes": info.size})
+        await self._records.put(subjects.file_key(record.id), stored.to_bytes())
+        return stored
+
+    async def get(self, file_id: str) -> FileRecord | None:
+        found = await _get(self._records, subjects.file_key(file_id))
+        return None if found is None else FileRecord.from_bytes(found[0])
+
+    async def list(self) -> list[FileRecord]:
+        return await records(self._records, "file", FileRecord)
+
+    async def read_into(self, file_id: str, target: BinaryIO) -> None:
+        try:
+            await self._data.get(file_id, writeinto=target)
+        except jse.ObjectNotFoundError:
+            raise FileMissing(f"file {file_id} has no contents") from None
+
+    async def delete(self, file_id: str) -> bool:
+        if await self.get(file_id) is None:
+            return False
+        await self._records.delete(subjects.file_key(file_id))
+        try:
+            await self._data.delete(file_id)
+        except (jse.ObjectNotFoundError, jse.ObjectDeletedError):
+            pass
+        return True
+
+
+class JobStore:
+    """Batch jobs. Every write is a compare-and-swap on a revision the writer read, so two writers never both
+    win: a cancel racing a runner, or a runner that was presumed dead racing the one that took over."""
+
+    def __init__(self, kv: KeyValue):
+        self._kv = kv
+
+    async def create(self, job: BatchJob) -> Versioned:
+        revision = await self._kv.create(subjects.batch_key(job.id), job.to_bytes())
+        return Versioned(job, revision)
+
+    async def get(self, batch_id: str) -> Versioned | None:
+        found = await _get(self._kv, subjects.batch_key(batch_id))
+        return None if found is None else Versioned(BatchJob.from_bytes(found[0]), found[1])
+
+    async def write(self, job: BatchJob, revision: int) -> Versioned:
+        """Store `job` if the key is still at `revision`; StaleRevision otherwise."""
+        with _as_broker_errors():
+            try:
+                new_revision = await self._kv.update(subjects.batch_key(job.id), job.to_bytes(), last=revision)
+            except jse.KeyWrongLastSequenceError:
+                raise StaleRevision(f"batch {job.id} changed since revision {revision}") from None
+        return Versioned(job, new_revision)
+
+    async def change(self, batch_id: str, edit: Callable[[BatchJob], BatchJob | None]) -> Versioned | None:
+        """Read-edit-CAS until it sticks. `edit` sees the latest job and returns the new one, or None to leave
+        it as it is. Returns what is stored afterwards (None: no such batch)."""
+        while True:
+            current = await self.get(batch_id)
+            if current is None:
+                return None
+            edited = edit(current.job)
+            if edited is None:
+                return current
+            try:
+                return await self.write(edited, current.revision)
+            except StaleRevision:
+                continue
+
+    async def list(self) -> list[BatchJob]:
+        return await records(self._kv, "batch", BatchJob)
+
+
+class ResultStore:
+    """One result per (batch, custom_id), never overwritten: whichever run of a line stores first wins."""
+
+    def __init__(self, kv: KeyValue, js: JetStreamContext):
+        self._kv = kv
+        self._js = js
+
+    async def put_once(self, batch_id: str, result: LineResult) -> bool:
+        """False when a result for this custom_id was already stored (the stored one stands)."""
+        with _as_broker_errors():
+            try:
+                await self._kv.create(subjects.batch_result_key(batch_id, result.custom_id), result.to_bytes())
+            except jse.KeyWrongLastSequenceError:
+                return False
+        return True
+
+    async def get(self, batch_id: str, custom_id: str) -> LineResult | None:
+        found = await _get(self._kv, subjects.batch_result_key(batch_id, custom_id))
+        return None if found is None else LineResult.from_bytes(found[0])
+
+    async def purge(self, batch_id: str) -> None:
+        """Drop a finished batch's results (its output and error files hold them now)."""
+        subject = f"$KV.{subjects.BATCH_RESULTS_BUCKET}.{subjects.batch_result_prefix(batch_id)}.>"
+        await self._js.purge_stream(f"KV_{subjects.BATCH_RESULTS_BUCKET}", subject=subject)
+
+
+class JobQueue:
+    """Tickets naming batches to run; one per batch (deduplicated by batch id)."""
+
+    def __init__(self, js: JetStreamContext, ack_wait_s: float):
+        self._js = js
+        self.ack_wait_s = ack_wait_s
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    async def publish(self, batch_id: str) -> None:
+        with _as_broker_errors():
+            await self._js.publish(subjects.BATCH_JOB_SUBJECT, BatchTicket(batch_id=batch_id).to_bytes(),
+                                   timeout=2.0, headers={MSG_ID_HEADER: batch_id})
+
+    async def fetch(self, timeout: float = 1.0) -> Msg | None:
+        """The next ticket, or None after `timeout`."""
+        if self._sub is None:
+            self._sub = await self._js.pull_subscribe_bind(subjects.BATCH_JOB_CONSUMER,
+                                                           stream=subjects.BATCH_JOB_STREAM)
+        try:
+            [msg] = await self._sub.fetch(batch=1, timeout=timeout)
+        except TimeoutError:
+            return None
+        except jse.APIError as exc:  # a consumer leader election: retry on the next call
+            log.warning("batch_queue.fetch_failed", error=str(exc))
+            return None
+        return msg
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStorage:
+    files: FileStore
+    jobs: JobStore
+    results: ResultStore
+    queue: JobQueue
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, ack_wait_s: float) -> BatchStorage:
+        files, file_data, batches, results = await ensure_batch_storage(js)
+        await ensure_batch_jobs(js, ack_wait_s)
+        return cls(FileStore(files, file_data), JobStore(batches), ResultStore(results, js), JobQueue(js, ack_wait_s))

@@ -1,0 +1,115 @@
+"""A direct NATS client: no HTTP, no api process. It tokenizes a chat message with the tokenizer the model's
+worker published, publishes a GenerateRequest straight to the model's JetStream queue, prints the token stream
+from its reply subject, and cancels the generation on Ctrl-C. The protocol is in docs/nats-protocol.md.
+
+    python examples/nats_client.py --nats nats://127.0.0.1:4222 --model SmolLM2-135M-Instruct "Tell me a joke"
+
+Exit codes: 0 done, 2 the queue is full (retry later), 3 the request failed, 130 cancelled with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import nats
+from nats.js import errors as jse
+
+from broker import subjects
+from broker.artifacts import fetch_tokenizer
+from broker.registry import WorkerRegistry
+from contracts import CancelRequest, GenerateRequest, SamplingParams, parse_event
+
+QUEUE_FULL = 10077  # JetStream err_code when the model's queue is at its cap
+
+
+async def chat_token_ids(js, model: str, text: str) -> list[int]:
+    """The model's chat template applied to one user message, with the tokenizer its worker published."""
+    from transformers import AutoTokenizer
+
+    workers = [worker for worker in await WorkerRegistry(await js.key_value(subjects.REGISTRY_BUCKET))
+               .live_workers() if worker.model == model]
+    if not workers:
+        raise SystemExit(f"no live worker serves {model!r}")
+    directory = await fetch_tokenizer(js, workers[0].tokenizer_object, Path(tempfile.gettempdir()) / "inferq-tok")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenizer.encode(rendered, add_special_tokens=False)
+
+
+async def run(args: argparse.Namespace) -> int:
+    nc = await nats.connect(args.nats, name="inferq-example-client")
+    js = nc.jetstream()
+    client_id = f"c{uuid.uuid4().hex[:12]}"
+    request_id = f"ex{uuid.uuid4().hex}"
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def on_event(msg) -> None:
+        events.put_nowait(msg.data)
+
+    # Subscribe before publishing: events sent before a subscription exists are dropped by core NATS.
+    await nc.subscribe(subjects.token_wildcard(client_id), cb=on_event)
+    await nc.flush()
+    request = GenerateRequest(
+        request_id=request_id, model=args.model, prompt_token_ids=await chat_token_ids(js, args.model, args.message),
+        sampling=SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=args.ignore_eos),
+        reply_subject=subjects.token_subject(client_id, request_id), deadline=time.time() + 60)
+    try:
+        await js.publish(subjects.request_subject(args.model), request.to_bytes(), timeout=2,
+                         headers={"Nats-Msg-Id": request_id})  # a retried publish is queued once
+    except jse.ServiceUnavailableError as exc:
+        if exc.err_code == QUEUE_FULL:
+            sys.stderr.write("the model's queue is full; retry later\n")
+            return 2
+        raise
+    sys.stderr.write(f"request {request_id} queued\n")
+    try:
+        return await print_stream(events)
+    except asyncio.CancelledError:  # Ctrl-C: stop the generation on the worker, not just our reading
+        await nc.publish(subjects.cancel_subject(request_id),
+                         CancelRequest(request_id=request_id, reason="ctrl-c").to_bytes())
+        await nc.flush()
+        sys.stderr.write(f"\nrequest {request_id} cancelled\n")
+        return 130
+    finally:
+        await nc.drain()
+
+
+async def print_stream(events: asyncio.Queue) -> int:
+    while True:
+        event = parse_event(await asyncio.wait_for(events.get(), timeout=30))  # workers heartbeat every second
+        if event.kind == "tokens":
+            sys.stdout.write("".join(choice.text for choice in event.choices if choice.index == 0))
+            sys.stdout.flush()
+        elif event.kind == "end":
+            sys.stdout.write("\n")
+            sys.stderr.write(f"usage: {event.usage.prompt_tokens} prompt + {event.usage.completion_tokens} "
+                             "completion tokens\n")
+            return 0
+        elif event.kind == "error":
+            sys.stderr.write(f"\nfailed: {event.error.code.value}: {event.error.message}\n")
+            return 3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("message")
+    parser.add_argument("--nats", default="nats://127.0.0.1:4222")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--ignore-eos", action="store_true")
+    try:
+        return asyncio.run(run(parser.parse_args()))
+    except KeyboardInterrupt:  # only reached if Ctrl-C lands outside the stream (asyncio.run handles it inside)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

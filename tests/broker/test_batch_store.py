@@ -1,0 +1,70 @@
+"""Batch storage against a real server: file contents round-trip through the object store, job writes are
+compare-and-swap (one of two racing writers wins), results are create-only, tickets are deduplicated."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+
+from broker.batch_store import BatchStorage, FileMissing, StaleRevision
+from contracts import BatchJob, BatchStatus, FilePurpose, FileRecord, LineResult
+
+pytestmark = pytest.mark.asyncio
+
+
+def job(batch_id: str) -> BatchJob:
+    now = int(time.time())
+    return BatchJob(id=batch_id, owner="anonymous", endpoint="/v1/completions", input_file_id="file-1",
+                    completion_window="24h", created_at=now, expires_at=now + 86_400)
+
+
+async def test_file_contents_round_trip_in_chunks(batch_storage: BatchStorage) -> None:
+    data = b"".join(b'{"line": %d}\n' % i for i in range(40_000))  # several object-store chunks
+    record = FileRecord(id="file-rt", filename="in.jsonl", purpose=FilePurpose.BATCH, bytes=0, created_at=1,
+                        owner="anonymous")
+    stored = await batch_storage.files.put(record, io.BytesIO(data))
+    assert stored.bytes == len(data) and (await batch_storage.files.get("file-rt")) == stored
+    target = io.BytesIO()
+    await batch_storage.files.read_into("file-rt", target)
+    assert target.getvalue() == data
+    assert "file-rt" in [item.id for item in await batch_storage.files.list()]
+    assert await batch_storage.files.delete("file-rt") and not await batch_storage.files.delete("file-rt")
+    assert await batch_storage.files.get("file-rt") is None
+    with pytest.raises(FileMissing):
+        await batch_storage.files.read_into("file-rt", io.BytesIO())
+
+
+async def test_job_writes_are_compare_and_swap(batch_storage: BatchStorage) -> None:
+    created = await batch_storage.jobs.create(job("batch_cas"))
+    runner_a = created.job.claimed_by("a")
+    runner_b = created.job.claimed_by("b")
+    won = await batch_storage.jobs.write(runner_a, created.revision)
+    with pytest.raises(StaleRevision):  # b read the same revision: it loses
+        await batch_storage.jobs.write(runner_b, created.revision)
+    assert (await batch_storage.jobs.get("batch_cas")).job.runner_id == "a"
+    cancelled = await batch_storage.jobs.change("batch_cas", lambda j: j.transition(BatchStatus.CANCELLING, 5))
+    assert cancelled.revision > won.revision and cancelled.job.runner_id == "a"  # the edit kept the claim
+    assert cancelled.job.status is BatchStatus.CANCELLING and cancelled.job.cancelling_at == 5
+
+
+async def test_results_are_stored_once_and_purged_per_batch(batch_storage: BatchStorage) -> None:
+    first = LineResult(custom_id="x/1 ü", status_code=200, body={"n": 1})
+    assert await batch_storage.results.put_once("batch_r", first)
+    assert not await batch_storage.results.put_once("batch_r", first.model_copy(update={"body": {"n": 2}}))
+    assert (await batch_storage.results.get("batch_r", "x/1 ü")).body == {"n": 1}  # the first result stands
+    await batch_storage.results.put_once("batch_other", first)
+    await batch_storage.results.purge("batch_r")
+    assert await batch_storage.results.get("batch_r", "x/1 ü") is None
+    assert await batch_storage.results.get("batch_other", "x/1 ü") is not None
+
+
+async def test_one_ticket_per_batch(batch_storage: BatchStorage) -> None:
+    await batch_storage.queue.publish("batch_t")
+    await batch_storage.queue.publish("batch_t")  # a retried create
+    msg = await batch_storage.queue.fetch(timeout=1)
+    assert msg is not None and b"batch_t" in msg.data
+    await msg.ack()
+    assert await batch_storage.queue.fetch(timeout=0.3) is None
+    await batch_storage.queue.stop()

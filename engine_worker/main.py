@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import structlog
@@ -29,20 +29,6 @@ from ops.settings import Settings
 log = structlog.get_logger(__name__)
 
 
-def engine_config_from(settings: Settings):
-    from engine_worker.engine import EngineConfig
-
-    return EngineConfig(
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        max_model_len=settings.max_model_len,
-        kv_cache_tokens=settings.kv_cache_tokens,
-        dtype=settings.dtype,
-        device=settings.device,
-        torch_threads=settings.torch_threads,
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class LoadedEngine:
     engine: StepEngine
@@ -56,7 +42,7 @@ class LoadedEngine:
 
 def load_torch_engine(settings: Settings) -> LoadedEngine:
     from engine_worker.encoder import EncoderEngine, is_encoder_model
-    from engine_worker.engine import Engine
+    from engine_worker.engine import Engine, EngineConfig
 
     model = resolve_model(settings.model, settings.model_cache_dir, settings.served_model_name)
     log.info("worker.loading_model", model=model.served_name, source=model.source)
@@ -64,7 +50,10 @@ def load_torch_engine(settings: Settings) -> LoadedEngine:
         encoder = EncoderEngine(model.local_dir, device=settings.device, torch_threads=settings.torch_threads)
         return LoadedEngine(encoder, model.served_name, model.source, model.local_dir,
                             describe_device(encoder.device), encoder.max_model_len, encoder.dtype_name)
-    engine = Engine.from_pretrained(model.local_dir, engine_config_from(settings))
+    # Engine settings are the EngineConfig fields that Settings also has, by name.
+    shared = {field.name for field in fields(EngineConfig)} & set(Settings.model_fields)
+    config = EngineConfig(**{name: getattr(settings, name) for name in shared})
+    engine = Engine.from_pretrained(model.local_dir, config)
     return LoadedEngine(engine, model.served_name, model.source, model.local_dir, describe_device(engine.device),
                         engine.max_model_len, engine.dtype_name)
 

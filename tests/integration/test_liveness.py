@@ -17,6 +17,7 @@ from broker.connection import connect
 from broker.work_queue import publish_request
 from contracts import CancelRequest, GenerateRequest, SamplingParams, parse_event
 from tests.integration.harness import ApiServer, WorkerProcess, wait_for_model
+from tests.integration.observe import observed
 
 pytestmark = pytest.mark.asyncio
 SPARE_MODEL = "tiny-llama-spare"
@@ -114,14 +115,7 @@ async def test_lost_worker_without_replacement_fails_clearly(spare_settings, spa
 
 
 async def test_disconnecting_client_publishes_a_cancel(api, nats_server) -> None:
-    async with connect(nats_server.url, "observer") as nc:
-        cancels: asyncio.Queue = asyncio.Queue()
-
-        async def on_cancel(msg) -> None:
-            await cancels.put(CancelRequest.from_bytes(msg.data))
-
-        await nc.subscribe("inf.cancel.*", cb=on_cancel)
-        await nc.flush()
+    async with observed(nats_server.url, "inf.cancel.*", CancelRequest.from_bytes) as cancels:
         body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 480, "stream": True, "ignore_eos": True}
         async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
             async with http.stream("POST", "/v1/completions", json=body) as response:
@@ -134,14 +128,7 @@ async def test_disconnecting_client_publishes_a_cancel(api, nats_server) -> None
 
 
 async def test_non_streaming_client_that_leaves_cancels_too(api, nats_server) -> None:
-    async with connect(nats_server.url, "observer-2") as nc:
-        cancels: asyncio.Queue = asyncio.Queue()
-
-        async def on_cancel(msg) -> None:
-            await cancels.put(CancelRequest.from_bytes(msg.data))
-
-        await nc.subscribe("inf.cancel.*", cb=on_cancel)
-        await nc.flush()
+    async with observed(nats_server.url, "inf.cancel.*", CancelRequest.from_bytes) as cancels:
         body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 480, "ignore_eos": True, "n": 8}
         async with httpx.AsyncClient(base_url=api.base_url, timeout=0.5) as http:
             with pytest.raises(httpx.ReadTimeout):

@@ -6,22 +6,23 @@ Not thread-safe: call every method from the one thread that runs `step()`.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from contracts import ChoiceDelta, FinishReason, GenerateRequest, TokenLogprob, TopLogprob, Usage
+from contracts import ChoiceDelta, EmbedRequest, FinishReason, GenerateRequest, TokenLogprob, TopLogprob, Usage
 from engine_worker.detokenizer import IncrementalDetokenizer
 from engine_worker.kv_cache import KVCacheManager, round_up
-from engine_worker.outputs import RequestOutput
+from engine_worker.outputs import EmbedOutput, RequestOutput
+from engine_worker.pooling import resolve_layer, vectors_for
+from engine_worker.sampler import SamplingRow, TokenLogprobData, seed_key
 from engine_worker.scheduler import Scheduler
 from engine_worker.sequence import RequestState, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
     from engine_worker.model_runner import ModelRunner
-    from engine_worker.sampler import SamplingRow, TokenLogprobData
 
 log = structlog.get_logger(__name__)
 
@@ -66,12 +67,6 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> EngineConfig:
-        """Build from a wider settings mapping, ignoring keys that are not engine fields (nano-vllm style)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 class Engine:
@@ -175,7 +170,10 @@ class Engine:
         return bool(self._requests or self._pending)
 
     # --- intake ---------------------------------------------------------------------------------------------
-    def validate(self, request: GenerateRequest) -> None:
+    def validate(self, request: GenerateRequest | EmbedRequest) -> None:
+        """Raises ValueError (with the numbers) for a request this engine can never serve."""
+        if isinstance(request, EmbedRequest):
+            return self._validate_embed(request)
         params, vocab = request.sampling, self.runner.vocab_size
         prompt, resume = len(request.prompt_token_ids), len(request.resume_token_ids)
         if request.request_id in self._requests:
@@ -206,14 +204,41 @@ class Engine:
         if params.min_tokens > self.max_model_len - prompt:
             raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the {self.max_model_len - prompt} left")
 
+    def _validate_embed(self, request: EmbedRequest) -> None:
+        for layer in request.layers:
+            resolve_layer(layer, self.runner.num_layers)
+        for tokens in request.inputs:
+            if not tokens:
+                raise ValueError("inputs must not be empty")
+            if len(tokens) > self.max_model_len:
+                raise ValueError(
+                    f"this model's maximum context length is {self.max_model_len} tokens, but an input has "
+                    f"{len(tokens)}"
+                )
+            bad = [t for t in tokens if not 0 <= t < self.runner.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.runner.vocab_size})")
+
+    def embed(self, requests: list[EmbedRequest]) -> list[EmbedOutput]:
+        """Pooled hidden states, computed at once outside the KV cache (between two steps)."""
+        outputs = []
+        for request in requests:
+            self._validate_embed(request)
+            layers = list(dict.fromkeys(resolve_layer(layer, self.runner.num_layers) for layer in request.layers))
+            vectors = []
+            for index, tokens in enumerate(request.inputs):
+                states = self.runner.hidden_states(tokens, set(layers))
+                vectors += vectors_for(request, index, {layer: states[layer] for layer in layers})
+            usage = Usage(prompt_tokens=sum(len(tokens) for tokens in request.inputs))
+            outputs.append(EmbedOutput(request.request_id, vectors, usage))
+        return outputs
+
     def add_request(self, request: GenerateRequest) -> None:
         self.validate(request)
         params = request.sampling
         max_tokens = params.max_tokens or self.max_model_len - len(request.prompt_token_ids)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         context = list(request.prompt_token_ids) + list(request.resume_token_ids)
-        from engine_worker.sampler import seed_key
-
         seqs = []
         self._arrivals += 1
         for index in range(params.num_candidates):
@@ -242,6 +267,8 @@ class Engine:
                     detokenizer=detok,
                 )
             )
+        for seq in seqs[1:]:
+            seq.parent = seqs[0]
         state = RequestState(request=request, seqs=seqs)
         if params.prompt_logprobs is not None:
             state.prompt_logprobs = [None]
@@ -269,6 +296,8 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch.relayout is not None:
             self.runner.relayout(batch.relayout)
+        if batch.forks:
+            self.runner.copy_prefixes([(src.slot, dst.slot, n) for src, dst, n in batch.forks])
         if batch.is_empty:
             return outputs
         sample_seqs = [seq for seq, n in batch.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
@@ -293,8 +322,6 @@ class Engine:
         return outputs
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        from engine_worker.sampler import SamplingRow
-
         p = seq.params
         row = SamplingRow(
             temperature=p.temperature,

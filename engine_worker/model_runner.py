@@ -230,11 +230,19 @@ class ModelRunner:
         """Re-view the cache with a new slot length, moving running sequences into compacted slots."""
         old_slots = [old for old, _ in plan.moves]
         new_slots = [new for _, new in plan.moves]
-        for flat in (*self.k_cache, *self.v_cache):
-            if plan.moves:
-                saved = self._view(flat, plan.old_slot_len)[old_slots, :, : plan.copy_len].clone()
-                self._view(flat, plan.slot_len)[new_slots, :, : plan.copy_len] = saved
+        for flat in (*self.k_cache, *self.v_cache) if plan.moves else ():
+            # Old and new views overlap in memory: take the data out before writing it back.
+            saved = self._view(flat, plan.old_slot_len)[old_slots, :, : plan.copy_len].clone()
+            self._view(flat, plan.slot_len)[new_slots, :, : plan.copy_len] = saved
         self.slot_len = plan.slot_len
+
+    @torch.inference_mode()
+    def copy_prefixes(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy the first `n` tokens of KV from slot to slot (choices of one request share the prompt)."""
+        for flat in (*self.k_cache, *self.v_cache):
+            view = self._view(flat, self.slot_len)
+            for src, dst, n in copies:
+                view[dst, :, :n] = view[src, :, :n]
 
     # --- forward --------------------------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -274,21 +282,48 @@ class ModelRunner:
         x = self.embed[batch.input_ids]  # [N, hidden]
         cos = self.cos[batch.positions].unsqueeze(1)  # [N, 1, head_dim]
         sin = self.sin[batch.positions].unsqueeze(1)
-        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         decode_mask = batch.decode_mask(self.slot_len) if batch.decode_rows else None
         for layer, k_flat, v_flat in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            qkv = layer.qkv(self._rms_norm(x, layer.ln1))
-            qk = self._rotate(qkv[:, : (heads + kv_heads) * dim].view(-1, heads + kv_heads, dim), cos, sin)
-            q, k = qk[:, :heads], qk[:, heads:]
-            v = qkv[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)
             k_cache, v_cache = self._view(k_flat, self.slot_len), self._view(v_flat, self.slot_len)
-            k_cache[batch.token_slots, :, batch.positions] = k
-            v_cache[batch.token_slots, :, batch.positions] = v
-            attn = self._attention(q, k_cache, v_cache, batch, decode_mask)
-            x = x + layer.o(attn.reshape(-1, heads * dim))
-            gate, up = layer.gate_up(self._rms_norm(x, layer.ln2)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache=k_cache, v_cache=v_cache):
+                k_cache[batch.token_slots, :, batch.positions] = k
+                v_cache[batch.token_slots, :, batch.positions] = v
+                return self._attention(q, k_cache, v_cache, batch, decode_mask)
+
+            x = self._block(x, layer, cos, sin, attend)
         return x
+
+    def _block(self, x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """One decoder layer over flat tokens [N, hidden]; `attend(q, k, v)` does the attention."""
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = layer.qkv(self._rms_norm(x, layer.ln1))
+        qk = self._rotate(qkv[:, : (heads + kv_heads) * dim].view(-1, heads + kv_heads, dim), cos, sin)
+        v = qkv[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)
+        attn = attend(qk[:, :heads], qk[:, heads:], v)
+        x = x + layer.o(attn.reshape(-1, heads * dim))
+        gate, up = layer.gate_up(self._rms_norm(x, layer.ln2)).chunk(2, dim=-1)
+        return x + layer.down(F.silu(gate) * up)
+
+    @torch.inference_mode()
+    def hidden_states(self, token_ids: list[int], layers: set[int]) -> dict[int, torch.Tensor]:
+        """Hidden states of one input, outside the KV cache (embeddings): layer 0 is the token embeddings,
+        layer k the output of block k, the last one after the final norm (as HF `output_hidden_states`)."""
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        x = self.embed[ids]
+        cos, sin = self.cos[: len(token_ids)].unsqueeze(1), self.sin[: len(token_ids)].unsqueeze(1)
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+            return out[0].transpose(0, 1)
+
+        states = {0: x} if 0 in layers else {}
+        for index, layer in enumerate(self.layers, start=1):
+            x = self._block(x, layer, cos, sin, attend)
+            if index in layers:
+                states[index] = self._rms_norm(x, self.norm) if index == self.num_layers else x
+        return states
 
     def _attention(
         self,

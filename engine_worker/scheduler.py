@@ -7,6 +7,8 @@ budget is held back for every decode so a long prompt chunk never starves them; 
 admitted while their whole known length fits the KV cache. When a running sequence cannot grow, the
 lowest-ranked running sequence is preempted: its KV is freed and it is requeued at the front of its priority
 class (it keeps its arrival number) to be recomputed later. Nothing is ever failed for lack of memory.
+Choices 1..n-1 of a request wait until choice 0 has computed the prompt, then copy its KV (`forks`) and compute
+only the last prompt token themselves.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens to compute)
     relayout: Relayout | None = None
     preempted: list[Sequence] = field(default_factory=list)
+    forks: list[tuple[Sequence, Sequence, int]] = field(default_factory=list)  # copy KV (from, to, tokens)
 
     @property
     def is_empty(self) -> bool:
@@ -84,13 +87,28 @@ class Scheduler:
             # Admit only when the whole known length fits, so admission does not lead straight to preemption.
             if not self.kv.can_allocate(seq.num_tokens + 1):
                 break
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            shared = self._shared_prefix(seq)
+            if shared is None:
+                break  # its parent is still computing the prompt it will copy
             self.waiting.popleft()
-            self.kv.allocate(seq, num_tokens)
+            seq.num_computed_tokens = shared
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            self.kv.allocate(seq, shared + num_tokens)
             seq.status = SequenceStatus.RUNNING
             _insort(self.running, seq)
             out.scheduled.append((seq, num_tokens))
+            if shared:
+                out.forks.append((seq.parent, seq, shared))
             budget -= num_tokens
+
+    @staticmethod
+    def _shared_prefix(seq: Sequence) -> int | None:
+        """Prompt tokens whose KV a choice can copy from choice 0 instead of computing (all but the last,
+        whose logits it samples from); None to wait for choice 0 to get there."""
+        parent, shared = seq.parent, seq.num_prompt_tokens - 1
+        if parent is None or shared < 1 or parent.status is not SequenceStatus.RUNNING:
+            return 0
+        return shared if parent.num_computed_tokens >= shared else None
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -46,6 +46,7 @@ class Sequence:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     num_sent_tokens: int = 0  # new tokens released to the client
+    parent: Sequence | None = None  # choice 0 of the request, whose prompt KV the other choices copy
     finish_sent: bool = False
 
     @property

@@ -213,8 +213,41 @@ def test_free_slots_account_for_choices_and_waiting(engine_factory) -> None:
     assert engine.num_free_slots == 4
     engine.add_request(make_request("a", prompt_of(5), n=3, temperature=1.0, max_tokens=5))
     assert engine.num_free_slots == 0  # waiting work: pull nothing more until it is admitted
-    engine.step()
+    engine.step()  # choice 0 computes the prompt ...
+    engine.step()  # ... which choices 1 and 2 then copy
     assert engine.num_free_slots == 1 and engine.num_requests_running == 1
     assert 0 < engine.kv_cache_usage <= 1
     run_to_completion(engine)
     assert engine.num_free_slots == 4 and engine.kv_cache_usage == 0
+
+
+def test_embeddings_equal_hf_hidden_states(engine_factory, hf_model) -> None:
+    import torch
+
+    from contracts import EmbedRequest
+
+    engine = engine_factory()
+    inputs = [prompt_of(9, 1), prompt_of(23, 2)]
+    request = EmbedRequest(
+        request_id="e",
+        model="tiny",
+        inputs=inputs,
+        layers=[-1, 0, 1],
+        pooling=["mean", "last_token"],
+        normalize=False,
+        reply_subject="x",
+    )
+    engine.validate(request)
+    (output,) = engine.embed([request])
+    assert output.usage.prompt_tokens == 32 and len(output.vectors) == 2 * 3 * 2
+    for vector in output.vectors:
+        with torch.no_grad():
+            states = hf_model(torch.tensor([inputs[vector.input_index]]), output_hidden_states=True).hidden_states
+        hidden = states[vector.layer][0]
+        expected = hidden.mean(dim=0) if vector.pooling == "mean" else hidden[-1]
+        assert vector.values == pytest.approx(expected.tolist(), abs=1e-4)
+    assert {v.layer for v in output.vectors} == {0, 1, 2}
+    with pytest.raises(ValueError, match="layer 5"):
+        engine.validate(request.model_copy(update={"layers": [5]}))
+    with pytest.raises(ValueError, match="context length"):
+        engine.validate(request.model_copy(update={"inputs": [prompt_of(600)]}))

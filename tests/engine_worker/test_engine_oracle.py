@@ -132,3 +132,17 @@ def test_prompt_logprobs_survive_chunking_and_preemption(engine_factory, hf_mode
     for i in range(1, len(prompt)):
         assert prompt_lps[i].logprob == pytest.approx(reference[i - 1, prompt[i]].item(), abs=1e-4)
         assert prompt_lps[i].top == []
+
+
+@pytest.mark.parametrize("budget", [512, 16])
+def test_choices_copy_the_prompt_kv_of_choice_zero(engine_factory, hf_greedy, budget) -> None:
+    engine = engine_factory(max_num_batched_tokens=budget)
+    steps = _record_steps(engine)
+    prompt = prompt_of(45, 2)
+    engine.add_request(make_request("n", prompt, temperature=0.0, n=3, max_tokens=20))
+    by_choice = tokens_by_choice(run_to_completion(engine)["n"])
+    expected = hf_greedy(prompt, 20)
+    assert by_choice == {0: expected, 1: expected, 2: expected}
+    # Choices 1 and 2 computed only the last prompt token themselves.
+    assert sum(n for out in steps for seq, n in out.scheduled if seq.index > 0) == 2 * (1 + 19)
+    assert sum(len(out.forks) for out in steps) == 2

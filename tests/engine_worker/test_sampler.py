@@ -146,3 +146,22 @@ def test_logprobs_are_raw_and_clamped(sampler) -> None:
     zero = sampler(logits_of(logits), [SamplingRow(temperature=0.0, num_logprobs=0)]).logprobs[0]
     assert zero.top_ids == [] and zero.rank == 1
     assert sampler(logits_of(logits), [SamplingRow(temperature=0.0)]).logprobs == [None]
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> set[int]:
+    """vLLM's definition: sort ascending, drop tokens while the cumulative mass is <= 1 - top_p."""
+    probs_sorted, order = torch.softmax(logits, dim=-1).sort()
+    drop = probs_sorted.cumsum(dim=-1) <= 1 - top_p
+    drop[-1] = False
+    return set(order[~drop].tolist())
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["peaked", "flat-beyond-candidates"])
+def test_top_p_on_a_large_vocabulary_matches_the_sorted_definition(sampler, flat) -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(2000) * (0.05 if flat else 3.0)
+    nucleus = _nucleus(logits, 0.8)
+    rows = [SamplingRow(temperature=1.0, top_p=0.8, key=seed_key(1, 0), position=p) for p in range(3000)]
+    seen = set(sampler(logits.expand(3000, -1).clone(), rows).token_ids)
+    assert seen <= nucleus
+    assert len(seen) > (256 if flat else 0.8 * len(nucleus))

@@ -26,17 +26,18 @@ async def read(kv: KeyValue, key: str) -> tuple[bytes, int] | None:
 
 
 async def records(kv: KeyValue, prefix: str, kind: type[R]) -> list[R]:
-    """Every live record under `prefix.>`, read in one watch; unreadable ones are logged and skipped."""
+    """Every live record under `prefix.>`, read in one watch; unreadable ones are logged and skipped. A key
+    updated while the watch replays can arrive twice: the newest value wins."""
     watcher = await kv.watch(f"{prefix}.>", ignore_deletes=True)
-    found: list[R] = []
+    found: dict[str, R] = {}
     try:
         async for entry in watcher:
             if entry is None:  # the initial values are done
                 break
             try:
-                found.append(kind.from_bytes(entry.value))
+                found[entry.key] = kind.from_bytes(entry.value)
             except ValidationError:
                 log.warning("kv.invalid_record", key=entry.key)
     finally:
         await watcher.stop()
-    return found
+    return list(found.values())

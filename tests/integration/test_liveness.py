@@ -137,19 +137,18 @@ async def test_non_streaming_client_that_leaves_cancels_too(api, nats_server) ->
         assert cancel.request_id.startswith("cmpl-")
 
 
+def direct_request(prefix: str, **fields) -> GenerateRequest:
+    """A request as a direct NATS publisher builds it, replying to `inf.tok.<prefix>.<id>`."""
+    request_id = f"{prefix}-{time.monotonic_ns()}"
+    return GenerateRequest(request_id=request_id, model="tiny-llama", prompt_token_ids=[1, 2, 3],
+                           reply_subject=f"inf.tok.{prefix}.{request_id}", **fields)
+
+
 async def test_cancel_frees_the_sequence_within_a_step(api, nats_server, worker) -> None:
     """Straight on NATS, as a direct publisher would: tokens stop right after the cancel."""
-    async with connect(nats_server.url, "direct-client") as nc:
-        received: asyncio.Queue = asyncio.Queue()
-
-        async def on_event(msg) -> None:
-            await received.put(parse_event(msg.data))
-
-        await nc.subscribe("inf.tok.direct.*", cb=on_event)
-        request = GenerateRequest(request_id=f"direct-{time.monotonic_ns()}", model="tiny-llama",
-                                  prompt_token_ids=[1, 2, 3], reply_subject="inf.tok.direct.x",
-                                  sampling=SamplingParams(max_tokens=480, ignore_eos=True, temperature=0))
-        request = request.model_copy(update={"reply_subject": f"inf.tok.direct.{request.request_id}"})
+    async with (connect(nats_server.url, "direct-client") as nc,
+                observed(nats_server.url, "inf.tok.direct.*", parse_event) as received):
+        request = direct_request("direct", sampling=SamplingParams(max_tokens=480, ignore_eos=True, temperature=0))
         await publish_request(nc.jetstream(), request)
         tokens_before = 0
         while tokens_before < 3:
@@ -172,19 +171,10 @@ async def test_cancel_frees_the_sequence_within_a_step(api, nats_server, worker)
         assert latency < 2.0, latency
 
 
-
 async def test_expired_deadline_is_dropped_unprocessed(api, nats_server) -> None:
-    async with connect(nats_server.url, "deadline-client") as nc:
-        received: asyncio.Queue = asyncio.Queue()
-
-        async def on_event(msg) -> None:
-            await received.put(parse_event(msg.data))
-
-        await nc.subscribe("inf.tok.late.*", cb=on_event)
-        request = GenerateRequest(request_id=f"late-{time.monotonic_ns()}", model="tiny-llama",
-                                  prompt_token_ids=[1, 2, 3], reply_subject="inf.tok.late.x",
-                                  deadline=time.time() - 1)
-        request = request.model_copy(update={"reply_subject": f"inf.tok.late.{request.request_id}"})
+    async with (connect(nats_server.url, "deadline-client") as nc,
+                observed(nats_server.url, "inf.tok.late.*", parse_event) as received):
+        request = direct_request("late", deadline=time.time() - 1)
         await publish_request(nc.jetstream(), request)
         event = await asyncio.wait_for(received.get(), 10)
         assert event.kind == "error" and event.error.code == "deadline_exceeded"

@@ -69,10 +69,6 @@ class EventRouter:
     def close(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
 
-    @property
-    def open_requests(self) -> int:
-        return len(self._queues)
-
     async def _on_message(self, msg: Msg) -> None:
         request_id = msg.subject.rsplit(".", 1)[-1]
         queue = self._queues.get(request_id)

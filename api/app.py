@@ -52,7 +52,8 @@ def create_app(settings: Settings) -> FastAPI:
                                                           silence_s=settings.worker_silence_timeout_s)),
                 batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s),
             )
-            runner = BatchRunner(services, services.batches, nc) if settings.batch_runner else None
+            runner = (BatchRunner(services, services.batches, nc, meter_for_owner=auth_gate.meter_for_owner)
+                      if settings.batch_runner else None)
             if runner is not None:
                 await runner.start()
             log.info("api.ready", edge_id=edge_id)

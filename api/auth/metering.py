@@ -4,9 +4,10 @@ and makes it current in a context variable, so the one place every generation pa
 the prompt plus `max_tokens` per candidate; when the generation ends it is settled to what was really used
 (prompt + completion), from whichever replica sees the end.
 
-A task that outlives its request (a batch runner started by a POST) inherits the meter; once the request is
-over the meter only charges and never refuses, so background work counts against its owner's budget without
-failing. Background work started elsewhere charges its owner with `with using(gate.meter_for(caller)):`."""
+A task that outlives its request inherits the meter; once the request is over the meter only charges and never
+refuses, so background work counts against its owner's budget without failing. Work that never had a request
+(a batch runner, which has only the owner stored with the job) charges it with
+`with using(await gate.meter_for_owner(owner)):`."""
 
 from __future__ import annotations
 

@@ -12,13 +12,14 @@ import asyncio
 import itertools
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
 
 from api.batch.assemble import Tally, assemble, discard
+from api.auth.metering import Meter, using
 from api.batch.lines import BatchLine, InvalidLine, LineParser, RetryLater, read_lines, run_line
 from api.services import Services
 from broker.batch_store import BatchStorage, FileMissing, StaleRevision, Versioned
@@ -52,6 +53,8 @@ class RunnerContext:
     runner_id: str
     line_concurrency: int
     max_lines: int
+    # The owner's charge-only meter (api/auth): lines count against the owner's token budget, never refused.
+    meter_for_owner: Callable[[str], Awaitable[Meter | None]] | None = None
 
 
 def _now() -> int:
@@ -92,7 +95,8 @@ class JobRun:
                 except FileMissing:
                     await self._fail("input_file_missing", f"the input file {self.job.input_file_id} was deleted")
                 else:
-                    await self._drive(path)
+                    with using(await self._owner_meter()):  # line tasks inherit it with the context
+                        await self._drive(path)
         await storage.results.purge(self._id)  # the files hold them now
 
     async def _drive(self, path: Path) -> None:
@@ -111,6 +115,15 @@ class JobRun:
                     await steps[self.job.status](path)
             except InvalidTransition:
                 self._held = await self._fresh()  # a cancel moved the batch under us: go on from where it is
+
+    async def _owner_meter(self) -> Meter | None:
+        if self._ctx.meter_for_owner is None:
+            return None
+        try:
+            return await self._ctx.meter_for_owner(self.job.owner)
+        except BrokerError as exc:  # the batch still runs; its usage is not charged this run
+            log.warning("batch.meter_unavailable", batch_id=self._id, error=str(exc))
+            return None
 
     # --- compare-and-swap writes ----------------------------------------------------------------------------
     async def _fresh(self) -> Versioned:

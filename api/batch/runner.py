@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import structlog
@@ -16,6 +17,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
+from api.auth.metering import Meter
 from api.batch.job import Fenced, JobRun, RunnerContext
 from api.engine_client import EngineClient, Timeouts
 from api.services import Services
@@ -29,7 +31,8 @@ _RETRY_DELAY_S = 5.0  # a batch whose run failed unexpectedly is retried (by any
 
 
 class BatchRunner:
-    def __init__(self, services: Services, storage: BatchStorage, nc: NatsClient):
+    def __init__(self, services: Services, storage: BatchStorage, nc: NatsClient,
+                 meter_for_owner: Callable[[str], Awaitable[Meter | None]] | None = None):
         settings = services.settings
         lines = EngineClient(nc, services.engine.router, lane=Lane.BATCH, timeouts=Timeouts(
             queue_s=settings.batch_line_timeout_s, silence_s=settings.worker_silence_timeout_s))
@@ -39,7 +42,7 @@ class BatchRunner:
         self._context = RunnerContext(
             services=replace(services, engine=lines, settings=line_settings), storage=storage,
             runner_id=self.runner_id, line_concurrency=settings.batch_line_concurrency,
-            max_lines=settings.batch_max_lines)
+            max_lines=settings.batch_max_lines, meter_for_owner=meter_for_owner)
         self._storage = storage
         self._max_jobs = settings.batch_jobs_per_runner
         # Well inside the ack wait even if another replica configured the shared consumer with a shorter one.

@@ -20,6 +20,7 @@ from broker.connection import connect
 from contracts import GenerateRequest, SamplingParams
 from contracts.accounts import RateLimits, Role
 from tests.integration.auth.conftest import frozen, headers
+from tests.integration.test_batches import completion_line, read_lines, start_batch, wait_final
 from tests.model_fixtures import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.asyncio
@@ -146,3 +147,21 @@ async def test_background_work_is_charged_to_its_owner_without_refusal(api_on, a
                                                              "max_tokens": 1})
     assert refused.status_code == 429  # interactive requests of the same owner see the spent budget
     assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+async def test_batch_lines_count_against_the_owners_budget_without_failing(replicas, make_key, now) -> None:
+    budget = 40  # less than the batch uses: every line must still run
+    key = await make_key(Role.CLIENT, RateLimits(tokens_per_minute=budget))
+    client = openai.AsyncOpenAI(base_url=f"{replicas[0].base_url}/v1", api_key=key, max_retries=0)
+    lines = [completion_line(f"line-{i}", f"Tell me about {i}", max_tokens=8) for i in range(6)]
+    batch = await wait_final(client, (await start_batch(client, lines)).id)
+    assert batch.status == "completed" and batch.request_counts.completed == len(lines)
+    outputs = await read_lines(client, batch.output_file_id)
+    used = sum(line["response"]["body"]["usage"]["total_tokens"] for line in outputs)
+    assert used > budget
+    async with httpx.AsyncClient(base_url=replicas[1].base_url, headers=headers(key)) as other:
+        after = await other.get("/v1/models")
+        refused = await other.post("/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "Hi",
+                                                            "max_tokens": 1})
+    assert after.headers["x-ratelimit-remaining-tokens"] == "0"  # the batch spent the owner's minute
+    assert refused.status_code == 429

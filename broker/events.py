@@ -1,5 +1,5 @@
-"""Token events (core NATS) and cancels. The edge holds ONE wildcard subscription for all its requests, made at
-startup, so no first token can race a per-request subscribe."""
+"""Token events (core NATS, or JetStream for durable results subjects) and cancels. The edge holds ONE wildcard
+subscription for all its requests, made at startup, so no first token can race a per-request subscribe."""
 
 from __future__ import annotations
 
@@ -21,7 +21,12 @@ Event = Accepted | Tokens | Heartbeat | End | Failed
 
 
 async def publish_event(nc: NatsClient, reply_subject: str, event: Event) -> None:
-    await nc.publish(reply_subject, event.to_bytes())
+    """Live inboxes get a core publish (a lost event is recovered by the edge's resume); a durable results
+    subject gets a JetStream publish that returns only once the event is stored (and raises if it was not)."""
+    if subjects.is_durable_reply(reply_subject):
+        await nc.jetstream().publish(reply_subject, event.to_bytes())
+    else:
+        await nc.publish(reply_subject, event.to_bytes())
 
 
 async def publish_cancel(nc: NatsClient, request_id: str, reason: str = "client disconnected") -> None:

@@ -43,6 +43,22 @@ def token_wildcard(edge_id: str) -> str:
     return f"inf.tok.{edge_id}.*"
 
 
+# Fire-and-forget: a publisher names a reply subject under `inf.results.` instead of a live inbox. The RESULTS
+# stream captures that namespace, so the events are stored (workers publish them through JetStream) and can be
+# read later. Anything after the prefix is the publisher's: e.g. inf.results.<client>.<request_id>.
+RESULTS_STREAM = "INFERQ_RESULTS"
+RESULTS_PREFIX = "inf.results."
+RESULTS_WILDCARD = "inf.results.>"
+
+
+def results_subject(*tokens: str) -> str:
+    return RESULTS_PREFIX + ".".join(tokens)
+
+
+def is_durable_reply(reply_subject: str) -> bool:
+    return reply_subject.startswith(RESULTS_PREFIX)
+
+
 def cancel_subject(request_id: str) -> str:
     return f"inf.cancel.{request_id}"
 

@@ -144,3 +144,11 @@ async def ensure_batch_jobs(js: JetStreamContext, ack_wait_s: float) -> None:
     await js.add_consumer(stream.name, ConsumerConfig(
         durable_name=subjects.BATCH_JOB_CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
         max_deliver=-1, max_ack_pending=10_000))
+
+
+async def ensure_results_stream(js: JetStreamContext, max_age_s: float, max_bytes: int) -> None:
+    """Durable replies of fire-and-forget publishers (subjects.RESULTS_WILDCARD), kept `max_age_s`; when full
+    the oldest results go first, so a publisher that never reads cannot block anyone else's."""
+    await _stream(js, StreamConfig(
+        name=subjects.RESULTS_STREAM, subjects=[subjects.RESULTS_WILDCARD], retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE, max_age=max_age_s, max_bytes=max_bytes, discard=DiscardPolicy.OLD))

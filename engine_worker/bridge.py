@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 import structlog
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
+from broker import subjects
 from broker.events import publish_event, subscribe_cancels
 from broker.registry import WorkerRegistry
 from broker.work_queue import Delivery, RequestIntake
@@ -37,13 +39,18 @@ log = structlog.get_logger(__name__)
 
 _REMEMBERED_CANCELS = 10_000
 _FETCH_TIMEOUT_S = 1.0
+_HELD_PROGRESS_S = 10.0  # well inside the request queue's ack wait (30 s)
 
 
 @dataclass(slots=True)
 class _InFlight:
     request: GenerateRequest | EmbedRequest
+    # A fire-and-forget request's queue message, acked only once its result is stored: nobody else would
+    # resume it, so if this worker dies first the queue hands it to another worker.
+    held: Msg | None = None
     seq: int = 0
     last_sent: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)
 
     @property
     def slots(self) -> int:
@@ -154,8 +161,11 @@ class WorkerBridge:
 
     async def _drain(self) -> None:
         if self._dead is not None:
-            for key in list(self._in_flight):
-                await self._fail(key, ErrorCode.INTERNAL, f"the engine failed: {self._dead}")
+            for key, flight in list(self._in_flight.items()):
+                if flight.held is not None:
+                    await self._hand_back(flight)  # another worker's engine may well manage it
+                else:
+                    await self._fail(key, ErrorCode.INTERNAL, f"the engine failed: {self._dead}")
             return
         deadline = time.monotonic() + self._config.drain_timeout_s
         while self._in_flight and time.monotonic() < deadline:
@@ -164,7 +174,9 @@ class WorkerBridge:
                 await asyncio.wait_for(self._slot_freed.wait(), timeout=0.5)
             except TimeoutError:
                 pass
-        for key in list(self._in_flight):
+        for key, flight in list(self._in_flight.items()):
+            if flight.held is not None:
+                await self._hand_back(flight)
             self._engine_loop.abort(key)  # what is left ends as "abort"; the edge resumes it elsewhere
 
     # --- intake -----------------------------------------------------------------------------------------
@@ -189,6 +201,9 @@ class WorkerBridge:
 
     async def _admit(self, delivery: Delivery) -> None:
         request = delivery.request
+        durable = subjects.is_durable_reply(request.reply_subject)
+        if durable:  # a redelivery starts over: its events must not mix with the dead attempt's
+            request = request.model_copy(update={"attempt": max(request.attempt, delivery.attempt)})
         if request.request_id in self._cancelled:
             await delivery.msg.term()  # cancelled while queued: nobody wants the result
             return
@@ -204,13 +219,14 @@ class WorkerBridge:
             code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if "context" in str(exc) else ErrorCode.INVALID_REQUEST
             await self._reject(request, code, str(exc))
             return
-        # Interactive requests are acked on accept: the edge owns recovery, so a redelivery after a crash
+        # Requests with a live reply are acked on accept: the edge owns recovery, so a redelivery after a crash
         # would only replay tokens the client already has.
-        await delivery.msg.ack()
+        if not durable:
+            await delivery.msg.ack()
         superseded = self._current.get(request.request_id)
         if superseded is not None and superseded in self._in_flight:
             self._engine_loop.abort(superseded)  # an older attempt of the same request; the edge ignores it
-        flight = _InFlight(request)
+        flight = _InFlight(request, held=delivery.msg if durable else None)
         self._in_flight[flight.engine_key] = flight
         self._current[request.request_id] = flight.engine_key
         await publish_event(self._nc, request.reply_subject, Accepted(
@@ -240,6 +256,7 @@ class WorkerBridge:
             self._forget(flight)
             await publish_event(self._nc, reply, flight.event(Embeddings, vectors=output.vectors))
             await publish_event(self._nc, reply, flight.event(End, usage=output.usage))
+            await self._release(flight)
             return
         if output.choices or output.prompt_logprobs:
             await publish_event(self._nc, reply, flight.event(
@@ -247,6 +264,7 @@ class WorkerBridge:
         if output.finished:
             self._forget(flight)
             await publish_event(self._nc, reply, flight.event(End, usage=output.usage or Usage()))
+            await self._release(flight)
 
     def _forget(self, flight: _InFlight) -> None:
         del self._in_flight[flight.engine_key]
@@ -261,6 +279,20 @@ class WorkerBridge:
         self._forget(flight)
         await publish_event(self._nc, flight.request.reply_subject, flight.event(
             Failed, error=ErrorInfo(code=code, message=message)))
+        await self._release(flight)
+
+    async def _release(self, flight: _InFlight) -> None:
+        """The result is stored: the held queue message is done."""
+        if flight.held is not None:
+            await flight.held.ack()
+
+    async def _hand_back(self, flight: _InFlight) -> None:
+        """Give an unfinished fire-and-forget request back to the queue for another worker, at once."""
+        self._forget(flight)
+        try:
+            await flight.held.nak()
+        except Exception as exc:  # NATS gone too: the ack wait redelivers it anyway
+            log.warning("request.hand_back_failed", request_id=flight.request.request_id, error=str(exc))
 
     # --- cancels, heartbeats, registry ------------------------------------------------------------------
     async def _on_cancel(self, cancel: CancelRequest) -> None:
@@ -279,7 +311,11 @@ class WorkerBridge:
             await asyncio.sleep(interval / 2)
             now = time.monotonic()
             for flight in list(self._in_flight.values()):
-                if now - flight.last_sent >= interval:
+                if flight.held is not None:  # nobody listens live; the queue must not think this worker dead
+                    if now - flight.last_progress >= _HELD_PROGRESS_S:
+                        flight.last_progress = now
+                        await flight.held.in_progress()
+                elif now - flight.last_sent >= interval:
                     await publish_event(self._nc, flight.request.reply_subject, flight.event(Heartbeat))
 
     async def _announce(self) -> None:

@@ -17,7 +17,7 @@ import structlog
 from broker.artifacts import publish_tokenizer
 from broker.connection import NatsAuth, connect
 from broker.registry import WorkerRegistry
-from broker.topology import QueueLimits, ensure_request_queue
+from broker.topology import QueueLimits, ensure_request_queue, ensure_results_stream
 from broker.work_queue import RequestIntake
 from contracts import DeviceInfo, WorkerInfo
 from engine_worker.bridge import BridgeConfig, WorkerBridge
@@ -89,6 +89,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             max_age_s=settings.queue_max_age_s,
             duplicate_window_s=settings.duplicate_window_s,
         ))
+        await ensure_results_stream(js, settings.results_max_age_s, settings.results_max_bytes)
         tokenizer_object = await publish_tokenizer(js, loaded.served_name, loaded.tokenizer_dir)
         registry = await WorkerRegistry.open(js, settings.registry_ttl_s)
         now = time.time()

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     queue_max_requests: int = Field(default=1024, ge=1, description="Per-model queue cap; full means 429.")
     queue_max_age_s: float = Field(default=600.0, gt=0, description="Backstop: queued requests older than this expire.")
     duplicate_window_s: float = Field(default=120.0, gt=0, description="Idempotency window for request ids.")
+    results_max_age_s: float = Field(default=86_400.0, gt=0,
+                                     description="How long fire-and-forget results (inf.results.>) are kept.")
+    results_max_bytes: int = Field(default=1024**3, ge=1024, description="Cap on stored results; oldest go first.")
 
     # --- files and batches ------------------------------------------------------------------------------
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1, description="Larger uploads to /v1/files get a 413.")

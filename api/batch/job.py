@@ -18,8 +18,8 @@ from pathlib import Path
 
 import structlog
 
-from api.batch.assemble import Tally, assemble, discard
 from api.auth.metering import Meter, using
+from api.batch.assemble import Tally, assemble, discard
 from api.batch.lines import BatchLine, InvalidLine, LineParser, RetryLater, read_lines, run_line
 from api.services import Services
 from broker.batch_store import BatchStorage, FileMissing, StaleRevision, Versioned

@@ -171,10 +171,12 @@ class JobQueue:
         self.ack_wait_s = ack_wait_s
         self._sub: JetStreamContext.PullSubscription | None = None
 
-    async def publish(self, batch_id: str) -> None:
+    async def publish(self, batch_id: str) -> bool:
+        """Queue the batch's ticket; False if one was queued already (within the stream's duplicate window)."""
         with _as_broker_errors():
-            await self._js.publish(subjects.BATCH_JOB_SUBJECT, BatchTicket(batch_id=batch_id).to_bytes(),
-                                   timeout=2.0, headers={MSG_ID_HEADER: batch_id})
+            ack = await self._js.publish(subjects.BATCH_JOB_SUBJECT, BatchTicket(batch_id=batch_id).to_bytes(),
+                                         timeout=2.0, headers={MSG_ID_HEADER: batch_id})
+        return not ack.duplicate
 
     async def fetch(self, timeout: float = 1.0) -> Msg | None:
         """The next ticket, or None after `timeout`."""

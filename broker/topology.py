@@ -137,9 +137,11 @@ async def ensure_batch_storage(js: JetStreamContext):
 async def ensure_batch_jobs(js: JetStreamContext, ack_wait_s: float) -> None:
     """The job queue: one ticket per batch (deduplicated by batch id), one durable consumer shared by every
     runner. A runner heartbeats its ticket (in_progress) and acks only once the batch is in a final state, so
-    a dead runner's batch goes to another after `ack_wait_s`; tickets are never dropped (no max_deliver)."""
+    a dead runner's batch goes to another after `ack_wait_s`; tickets are never dropped (no max_deliver). The
+    duplicate window is long so that the orphan sweep can re-queue any batch's ticket without doubling it."""
     stream = StreamConfig(name=subjects.BATCH_JOB_STREAM, subjects=[subjects.BATCH_JOB_SUBJECT],
-                          retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE)
+                          retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                          duplicate_window=_TWO_DAYS_S)
     await _stream(js, stream)
     await js.add_consumer(stream.name, ConsumerConfig(
         durable_name=subjects.BATCH_JOB_CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,

@@ -8,6 +8,7 @@ ticket its successor is working on."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -22,8 +23,9 @@ from api.batch.job import Fenced, JobRun, RunnerContext
 from api.engine_client import EngineClient, Timeouts
 from api.services import Services
 from broker.batch_store import BatchStorage
+from broker.errors import BrokerError
 from broker.work_queue import Lane
-from contracts import BatchTicket
+from contracts import BatchStatus, BatchTicket
 
 log = structlog.get_logger(__name__)
 
@@ -47,16 +49,19 @@ class BatchRunner:
         self._max_jobs = settings.batch_jobs_per_runner
         # Well inside the ack wait even if another replica configured the shared consumer with a shorter one.
         self._heartbeat_s = max(0.5, min(storage.queue.ack_wait_s / 3, 2.0))
+        self._sweep_s = settings.batch_orphan_sweep_s
         self._jobs: set[asyncio.Task] = set()
         self._loop: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.create_task(self._serve(), name="batch-runner")
+        self._sweeper = asyncio.create_task(self._sweep_orphans(), name="batch-orphan-sweep")
         log.info("batch_runner.started", runner_id=self.runner_id)
 
     async def stop(self) -> None:
         """Stop pulling; batches still running are handed back (nak) so another runner resumes them at once."""
-        tasks = [task for task in (self._loop, *self._jobs) if task is not None]
+        tasks = [task for task in (self._loop, self._sweeper, *self._jobs) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -100,6 +105,22 @@ class BatchRunner:
         finally:
             heartbeat.cancel()
         await _quietly(msg.ack())  # only now: the batch's final state is stored
+
+    async def _sweep_orphans(self) -> None:
+        """Queue a ticket again for every batch nobody ever claimed (an api replica died between storing the job
+        and queueing its ticket). The job queue deduplicates tickets by batch id, so a batch whose ticket is
+        merely waiting behind busy runners gets no second one; every replica may sweep."""
+        while True:
+            await asyncio.sleep(self._sweep_s)
+            try:
+                jobs = await self._storage.jobs.list()
+                cutoff = time.time() - self._sweep_s
+                for job in jobs:
+                    if job.status is BatchStatus.VALIDATING and job.runner_id is None and job.created_at < cutoff:
+                        if await self._storage.queue.publish(job.id):
+                            log.warning("batch.orphan_requeued", batch_id=job.id)
+            except BrokerError as exc:  # NATS reconnecting: the next sweep retries
+                log.warning("batch.sweep_failed", error=str(exc))
 
     async def _keep_alive(self, msg: Msg) -> None:
         while True:

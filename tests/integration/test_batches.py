@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from broker.connection import connect
 from broker.embedded import EmbeddedNatsServer
 from ops.settings import Settings
 from tests.integration.harness import WorkerProcess, free_port, settings_env, wait_healthy
@@ -222,6 +223,33 @@ async def test_an_upload_over_the_size_limit_is_a_clear_413(base_settings, worke
                 assert "1000 bytes" in response.json()["error"]["message"]
     finally:
         small.stop()
+
+
+async def test_a_batch_whose_ticket_was_never_queued_is_swept_up_and_run(base_settings, worker, nats_server) -> None:
+    """An api replica that dies between storing a job and queueing its ticket leaves the job validating with
+    nobody to run it: a runner's orphan sweep queues the ticket again (once)."""
+    from api.batch.records import new_object_id
+    from broker.batch_store import BatchStorage
+    from contracts import BatchJob
+    from tests.integration.harness import ApiServer
+
+    sweeper = ApiServer(base_settings.model_copy(update={"batch_orphan_sweep_s": 1.0})).start()
+    try:
+        client = openai.AsyncOpenAI(base_url=f"{sweeper.base_url}/v1", api_key="unused", max_retries=0)
+        lines = [completion_line(f"o{i}", f"orphan {i}") for i in range(3)]
+        upload = await client.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
+        now = int(time.time())
+        orphan = BatchJob(id=new_object_id("batch_"), owner="anonymous", endpoint="/v1/completions",
+                          input_file_id=upload.id, completion_window="24h", created_at=now, expires_at=now + 86_400)
+        async with connect(nats_server.url, "dying-replica") as nc:
+            storage = await BatchStorage.open(nc.jetstream(), base_settings.batch_job_ack_wait_s)
+            await storage.jobs.create(orphan)  # ... and the replica dies before queueing the ticket
+            batch = await wait_final(client, orphan.id, timeout=60)
+            assert batch.status == "completed" and batch.request_counts.completed == 3
+            assert not await storage.queue.publish(orphan.id)  # the sweep's ticket holds the id: no second one
+        assert len(await read_lines(client, batch.output_file_id)) == 3
+    finally:
+        sweeper.stop()
 
 
 # --- crash recovery ---------------------------------------------------------------------------------------------

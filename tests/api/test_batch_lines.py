@@ -4,6 +4,7 @@ and streamed from disk."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 from api.batch.lines import BatchLine, InvalidLine, LineParser, read_lines
@@ -51,3 +52,24 @@ def test_blank_lines_are_skipped_and_numbers_kept(tmp_path: Path) -> None:
 def test_completion_windows_are_durations() -> None:
     assert BatchCreateRequest(input_file_id="f", endpoint="/v1/completions", completion_window="24h").window_s == 86_400
     assert BatchCreateRequest(input_file_id="f", endpoint="e", completion_window="90s").window_s == 90
+
+
+def test_judging_a_100k_line_file_holds_one_line_at_a_time(tmp_path) -> None:
+    """The runner reads, judges and drops each line: memory grows with the custom_id digests (16 bytes a line),
+    not with the file."""
+    path = tmp_path / "big.jsonl"
+    padding = " ".join(f"word{j}" for j in range(120))
+    with path.open("w") as target:
+        for i in range(100_000):
+            target.write(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/completions",
+                                     "body": {"model": "m", "prompt": f"{i} {padding}", "max_tokens": 2}}) + "\n")
+    assert path.stat().st_size > 80_000_000
+    parser = LineParser("/v1/completions")
+    tracemalloc.start()
+    try:
+        valid = sum(isinstance(parser.parse(number, raw), BatchLine) for number, raw in read_lines(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert valid == 100_000
+    assert peak < 25_000_000, f"peak {peak / 1e6:.1f} MB while judging an {path.stat().st_size / 1e6:.0f} MB file"

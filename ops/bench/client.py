@@ -104,7 +104,7 @@ class OpenAIStreamTarget:
         self.path = PATHS[cfg.endpoint]
         self.prompt_source = "token ids (exact)"
         self._cfg = cfg
-        self._client = client
+        self.client = client
         self._texts: dict[tuple[int, ...], str] = {}
 
     @classmethod
@@ -124,14 +124,14 @@ class OpenAIStreamTarget:
         if not self.chat:
             return
         missing = [ids for ids in prompts if tuple(ids) not in self._texts]
-        texts, self.prompt_source = await render_texts(self._client, self.model, missing, self._cfg)
+        texts, self.prompt_source = await render_texts(self.client, self.model, missing, self._cfg)
         self._texts.update(zip(map(tuple, missing), texts, strict=True))
 
     async def __call__(self, ids: list[int]) -> RequestResult:
         stream = _Stream(self.chat)
         start = time.perf_counter()
         try:
-            async with self._client.stream("POST", self.path, json=self._payload(ids)) as response:
+            async with self.client.stream("POST", self.path, json=self._payload(ids)) as response:
                 if response.status_code != 200:
                     body = (await response.aread()).decode(errors="replace")
                     stream.error = f"HTTP {response.status_code}: {body[:300]}"

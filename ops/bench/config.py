@@ -44,6 +44,7 @@ class BenchConfig:
     baseline_dtype: BaselineDtype
     cache_dir: Path
     log_level: str
+    background_batch: int = 0
 
     def requests_for(self, concurrency: int) -> int:
         """Requests sent at one level: the explicit count, else enough for every stream to see two."""
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--output-len", type=_positive_int, default=128, help="generated tokens (ignore_eos)")
     load.add_argument("--warmup", type=int, default=1, help="unmeasured requests per target before measuring")
     load.add_argument("--seed", type=int, default=0, help="seed for the prompt token ids")
+    load.add_argument(
+        "--background-batch", type=int, default=0, metavar="LINES",
+        help="measure each level again while a batch job of LINES lines runs (/v1/batches), and compare",
+    )
 
     baseline = parser.add_argument_group("baseline: transformers generate(), one request at a time")
     baseline.add_argument("--baseline", action="store_true", help="also run the baseline and print ratios")
@@ -145,4 +150,6 @@ def parse_args(argv: list[str]) -> BenchConfig:
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    if args.background_batch < 0 or (args.background_batch and args.baseline_only):
+        parser.error("--background-batch needs the server and a number of lines >= 0")
     return BenchConfig(**(vars(args) | {"base_url": args.base_url.rstrip("/")}))

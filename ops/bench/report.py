@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ops.bench.background import BatchProgress
 from ops.bench.config import BenchConfig
 from ops.bench.metrics import LevelResult
+
+BUSY_TARGET = "+batch"  # the server measured again while a background batch runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,9 @@ def format_table(cfg: BenchConfig, info: RunInfo, levels: list[LevelResult]) -> 
         )
     if info.baseline is not None:
         heading.append(f"  baseline: transformers generate(), one request at a time, {info.baseline}")
+    if cfg.background_batch:
+        heading.append(f"  {BUSY_TARGET}:   inferq again, while a /v1/batches job of {cfg.background_batch} lines "
+                       "(same prompt and output lengths) runs")
     lines = [*heading, "", _row([name for name, _, _ in _COLUMNS])]
     lines += [_row([cell(level) for _, _, cell in _COLUMNS]) for level in levels]
     return "\n".join(lines) + "\n"
@@ -105,6 +111,46 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator if numerator is not None and denominator else None
 
 
+def batch_comparison(levels: list[LevelResult], batches: dict[int, BatchProgress]) -> list[dict[str, Any]]:
+    """Interactive traffic with a batch running next to the same traffic idle, per concurrency; the TTFT ratio
+    is busy/idle (1.0: the batch costs interactive requests nothing)."""
+    by_key = {(level.target, level.concurrency): level for level in levels}
+    rows = []
+    for concurrency, progress in batches.items():
+        idle, busy = by_key.get(("inferq", concurrency)), by_key.get((BUSY_TARGET, concurrency))
+        if idle is None or busy is None:
+            continue
+        rows.append({
+            "concurrency": concurrency,
+            "idle_ttft_p50_ms": idle.ttft_ms.p50,
+            "busy_ttft_p50_ms": busy.ttft_ms.p50,
+            "ttft_p50_ratio_busy_over_idle": _ratio(busy.ttft_ms.p50, idle.ttft_ms.p50),
+            "idle_output_tok_s": idle.output_throughput,
+            "busy_output_tok_s": busy.output_throughput,
+            "batch_lines": progress.lines,
+            "batch_lines_completed_during_level": progress.completed_during_level,
+        })
+    return rows
+
+
+def format_batch_comparison(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "interactive traffic with a batch running vs idle, same run (TTFT x = busy/idle: 1.0 means unaffected)",
+        f"{'conc':>5}{'idle TTFT ms':>14}{'busy TTFT ms':>14}{'TTFT x':>8}{'idle tok/s':>12}{'busy tok/s':>12}"
+        f"{'batch lines done':>18}",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['concurrency']:>5}{_num(row['idle_ttft_p50_ms']):>14}{_num(row['busy_ttft_p50_ms']):>14}"
+            f"{_num(row['ttft_p50_ratio_busy_over_idle'], 2):>8}{_num(row['idle_output_tok_s']):>12}"
+            f"{_num(row['busy_output_tok_s']):>12}{row['batch_lines_completed_during_level']:>18}"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def format_comparison(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
@@ -124,7 +170,8 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: Path, cfg: BenchConfig, info: RunInfo, levels: list[LevelResult]) -> None:
+def write_json(path: Path, cfg: BenchConfig, info: RunInfo, levels: list[LevelResult],
+               batch_rows: list[dict[str, Any]] | None = None) -> None:
     config = dataclasses.asdict(cfg) | {
         "api_key": "<redacted>" if cfg.api_key else None
     }  # results get shared
@@ -133,6 +180,7 @@ def write_json(path: Path, cfg: BenchConfig, info: RunInfo, levels: list[LevelRe
         "run": dataclasses.asdict(info),
         "levels": [dataclasses.asdict(level) for level in levels],
         "comparison": comparison(levels),
+        "background_batch": batch_rows or [],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")

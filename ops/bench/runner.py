@@ -10,12 +10,22 @@ from typing import Protocol
 
 import structlog
 
+from ops.bench.background import BatchProgress, background_batch
 from ops.bench.baseline import BaselineTarget
 from ops.bench.client import OpenAIStreamTarget
 from ops.bench.config import BenchConfig, BenchError, parse_args
 from ops.bench.metrics import LevelResult, RequestResult, summarize
 from ops.bench.prompts import prompt_set
-from ops.bench.report import RunInfo, comparison, format_comparison, format_table, write_json
+from ops.bench.report import (
+    BUSY_TARGET,
+    RunInfo,
+    batch_comparison,
+    comparison,
+    format_batch_comparison,
+    format_comparison,
+    format_table,
+    write_json,
+)
 from ops.logging import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -38,13 +48,15 @@ def main(argv: list[str]) -> int:
     if not structlog.is_configured():  # the inferq CLI configures logging itself; direct callers get ours
         configure_logging(cfg.log_level)
     try:
-        levels, info = asyncio.run(run(cfg))
+        levels, info, batches = asyncio.run(run(cfg))
     except BenchError as exc:
         log.error(str(exc))
         return exc.exit_code
-    sys.stdout.write(format_table(cfg, info, levels) + format_comparison(comparison(levels)))
+    batch_rows = batch_comparison(levels, batches)
+    sys.stdout.write(format_table(cfg, info, levels) + format_comparison(comparison(levels))
+                     + format_batch_comparison(batch_rows))
     if cfg.json_path is not None:
-        write_json(cfg.json_path, cfg, info, levels)
+        write_json(cfg.json_path, cfg, info, levels, batch_rows)
     failed = sum(level.errors for level in levels)
     if failed and cfg.fail_on_error:
         log.error("requests failed", failed=failed)
@@ -52,7 +64,22 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo]:
+class _DuringBatch:
+    """The server target, measured while a background batch runs (its own name in the tables)."""
+
+    name = BUSY_TARGET
+
+    def __init__(self, server: OpenAIStreamTarget) -> None:
+        self._server = server
+
+    async def prepare(self, prompts: list[list[int]]) -> None:
+        await self._server.prepare(prompts)
+
+    async def __call__(self, ids: list[int]) -> RequestResult:
+        return await self._server(ids)
+
+
+async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo, dict[int, BatchProgress]]:
     async with AsyncExitStack() as stack:
         # The server first: an unreachable one fails fast, before the baseline model is loaded.
         server = await stack.enter_async_context(OpenAIStreamTarget.connect(cfg)) if cfg.runs_server else None
@@ -61,19 +88,23 @@ async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo]:
         for target in targets:
             await warm_up(target, cfg)
         levels = []
+        batches: dict[int, BatchProgress] = {}
         for concurrency in cfg.concurrency:
             prompts = prompt_set(cfg.seed, cfg.requests_for(concurrency), cfg.input_len)
             # Targets alternate per level, so a machine busier for a while skews both sides of a ratio alike.
             for target in targets:
                 await target.prepare(prompts)
                 levels.append(await measure(target, prompts, concurrency))
+            if server is not None and cfg.background_batch:
+                async with background_batch(server.client, cfg, server.model) as batches[concurrency]:
+                    levels.append(await measure(_DuringBatch(server), prompts, concurrency))
         info = RunInfo(
             model=server.model if server else None,
             endpoint=server.path if server else None,
             prompt_source=server.prompt_source if server else "token ids (exact)",
             baseline=baseline.label if baseline else None,
         )
-        return levels, info
+        return levels, info, batches
 
 
 async def warm_up(target: Target, cfg: BenchConfig) -> None:

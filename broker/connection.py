@@ -30,10 +30,13 @@ class NatsAuth:
     password: str | None = field(default=None, repr=False)
     nkey_seed_file: Path | None = None
     creds_file: Path | None = None
+    # Per-user permissions can only keep users out of each other's replies if their inboxes differ.
+    inbox_prefix: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NatsAuth:
-        return cls(settings.nats_user, settings.nats_password, settings.nats_nkey_file, settings.nats_creds_file)
+        return cls(settings.nats_user, settings.nats_password, settings.nats_nkey_file, settings.nats_creds_file,
+                   settings.nats_inbox_prefix)
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for `nats.connect`."""
@@ -44,6 +47,8 @@ class NatsAuth:
             options["nkeys_seed"] = str(self.nkey_seed_file)
         if self.creds_file is not None:
             options["user_credentials"] = str(self.creds_file)
+        if self.inbox_prefix is not None:
+            options["inbox_prefix"] = self.inbox_prefix
         return options
 
 

@@ -88,8 +88,8 @@ class RateLimiter:
         self._kv = bucket
 
     @classmethod
-    async def open(cls, js: JetStreamContext) -> RateLimiter:
-        return cls(await ensure_rate_limits(js))
+    async def open(cls, js: JetStreamContext, replicas: int = 1) -> RateLimiter:
+        return cls(await ensure_rate_limits(js, replicas))
 
     async def admit(self, owner: str, limits: RateLimits, now: float, *, requests: int = 0,
                     tokens: int = 0) -> Verdict:

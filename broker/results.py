@@ -4,10 +4,13 @@ a higher attempt number, so a reader keeps only the newest attempt's events."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from broker import subjects
 from broker.events import Event
@@ -15,6 +18,8 @@ from contracts import parse_event
 from contracts.events import End, Failed
 
 _CATCH_UP_S = 1.0  # how long a reader waits for the next stored event before deciding there is none
+_BATCH = 256
+_ABANDONED_S = 30.0
 
 
 @dataclass(slots=True)
@@ -40,16 +45,25 @@ async def read_result(js: JetStreamContext, reply_subject: str, wait_s: float = 
         raise ValueError(f"{reply_subject} is not a results subject ({subjects.RESULTS_PREFIX}...)")
     result = StoredResult()
     deadline = time.monotonic() + wait_s
-    sub = await js.subscribe(reply_subject, stream=subjects.RESULTS_STREAM, ordered_consumer=True)
+    # A named consumer filtered on the subject: its create request names the filter, so NATS permissions can
+    # confine a publisher to reading its own results namespace.
+    name = f"read_{uuid.uuid4().hex[:16]}"
+    await js.add_consumer(subjects.RESULTS_STREAM, ConsumerConfig(
+        name=name, filter_subject=reply_subject, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
+        inactive_threshold=_ABANDONED_S, mem_storage=True))
     try:
+        sub = await js.pull_subscribe_bind(name, stream=subjects.RESULTS_STREAM)
         while not result.finished:
             try:
-                msg = await sub.next_msg(timeout=max(deadline - time.monotonic(), _CATCH_UP_S))
+                msgs = await sub.fetch(batch=_BATCH, timeout=max(deadline - time.monotonic(), _CATCH_UP_S))
             except TimeoutError:
                 break
-            result.add(parse_event(msg.data))
-            if msg.metadata.num_pending == 0 and time.monotonic() >= deadline:
+            for msg in msgs:
+                result.add(parse_event(msg.data))
+            if msgs[-1].metadata.num_pending == 0 and time.monotonic() >= deadline:
                 break  # read all there is, and not asked to wait for more
-    finally:
         await sub.unsubscribe()
+    finally:
+        with contextlib.suppress(Exception):  # left behind, the server drops it after _ABANDONED_S anyway
+            await js.delete_consumer(subjects.RESULTS_STREAM, name)
     return result

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -52,7 +53,8 @@ async def chat_token_ids(js, model: str, text: str) -> list[int]:
 
 
 async def run(args: argparse.Namespace) -> int:
-    nc = await nats.connect(args.nats, name="inferq-example-client")
+    nc = await nats.connect(args.nats, name="inferq-example-client", user=args.user, password=args.password,
+                            inbox_prefix=args.inbox_prefix)
     try:
         if args.fetch:
             return await fetch(nc.jetstream(), args.fetch, args.wait)
@@ -86,8 +88,8 @@ async def submit(js, request: GenerateRequest) -> bool:
 
 async def detach(js, args: argparse.Namespace) -> int:
     """Queue the request with a durable results subject and print that subject; nothing waits for the answer."""
-    client_id, request_id = f"c{uuid.uuid4().hex[:12]}", f"ex{uuid.uuid4().hex}"
-    reply_subject = subjects.results_subject(client_id, request_id)
+    request_id = f"ex{uuid.uuid4().hex}"
+    reply_subject = subjects.results_subject(args.client_id, request_id)
     prompt = await chat_token_ids(js, args.model, args.message)
     if not await submit(js, build_request(args, request_id, prompt, reply_subject, deadline=None)):
         return 2
@@ -109,7 +111,7 @@ async def fetch(js, reply_subject: str, wait_s: float) -> int:
 
 async def stream(nc, args: argparse.Namespace) -> int:
     js = nc.jetstream()
-    client_id = f"c{uuid.uuid4().hex[:12]}"
+    client_id = args.client_id
     request_id = f"ex{uuid.uuid4().hex}"
     events: asyncio.Queue = asyncio.Queue()
 
@@ -158,6 +160,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("message", nargs="?")
     parser.add_argument("--nats", default="nats://127.0.0.1:4222")
+    parser.add_argument("--user", default=os.environ.get("NATS_USER"), help="default: $NATS_USER")
+    parser.add_argument("--password", default=os.environ.get("NATS_PASSWORD"), help="default: $NATS_PASSWORD")
+    parser.add_argument("--inbox-prefix", default="_INBOX",
+                        help="reply inboxes; a server with per-user permissions names one (ops/nats/auth.conf)")
+    parser.add_argument("--client-id", default=f"c{uuid.uuid4().hex[:12]}",
+                        help="the reply-subject segment: inf.tok.<client-id>.* or inf.results.<client-id>.*")
     parser.add_argument("--model")
     parser.add_argument("--detach", action="store_true", help="fire-and-forget: print the results subject, exit")
     parser.add_argument("--fetch", metavar="SUBJECT", help="print the stored answer of a detached request")

@@ -86,7 +86,8 @@ async def _run(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async with connect(url, name="inferq-cli", auth=NatsAuth.from_settings(settings)) as nc:
         js = nc.jetstream()
         defaults = default_limits(settings)
-        accounts = Accounts(await AccountStore.open(js), await RateLimiter.open(js), defaults,
+        accounts = Accounts(await AccountStore.open(js, settings.nats_replicas),
+                            await RateLimiter.open(js, settings.nats_replicas), defaults,
                             settings.login_token_ttl_s)
         return await _ACTIONS[(args.group, args.action)](accounts, args)
 

@@ -58,8 +58,8 @@ class AuthGate:
         self._accounts: Accounts | None = None
 
     async def open(self, js: JetStreamContext) -> None:
-        self._store = await AccountStore.open(js)
-        self._limiter = await RateLimiter.open(js)
+        self._store = await AccountStore.open(js, self.settings.nats_replicas)
+        self._limiter = await RateLimiter.open(js, self.settings.nats_replicas)
         self._accounts = Accounts(self._store, self._limiter, self.defaults, self.settings.login_token_ttl_s,
                                   clock=lambda: self.clock())
         enabled = await self.enabled()

@@ -1,0 +1,183 @@
+"""The multi-machine shape on one host: a 3-node JetStream cluster, two workers and two API processes, each on a
+different node. Requests through either API are served by either worker, from streams and buckets replicated
+to all three nodes, and keep being served after a node that no API uses goes down.
+
+Which worker served a request is read from the `accepted` event on its token subject (an observer on a third
+connection subscribes to `inf.tok.>`): nothing in the HTTP response names the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import httpx
+import nats
+import pytest
+
+from broker import subjects
+from broker.registry import WorkerRegistry
+from contracts import parse_event
+from ops.settings import Settings
+from tests.integration.harness import ApiServer, WorkerProcess
+from tests.integration.nats_cluster import NatsCluster
+
+MODEL = "sim-cluster"
+EDGES = ("edge-a", "edge-b")
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    edge: str
+    worker_id: str
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    with NatsCluster(tmp_path_factory.mktemp("cluster")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+async def observer(cluster: NatsCluster) -> AsyncIterator[dict[str, Served]]:
+    """request id → (edge, worker) for every request some worker accepted, seen on node n3."""
+    await cluster.wait_for_jetstream()
+    accepted: dict[str, Served] = {}
+
+    async def on_event(msg) -> None:
+        event = parse_event(msg.data)
+        if event.kind == "accepted":
+            accepted[event.request_id] = Served(edge=msg.subject.split(".")[2], worker_id=event.worker_id)
+
+    nc = await nats.connect(cluster.nodes[2].url)
+    await nc.subscribe("inf.tok.>", cb=on_event)
+    await nc.flush()
+    yield accepted
+    await nc.close()
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(engine="sim", served_model_name=MODEL, sim_tokens_per_s=40.0, max_num_seqs=2, nats_replicas=3,
+                    queue_timeout_s=20.0, worker_silence_timeout_s=3.0, log_format="json",
+                    data_dir=tmp_path_factory.mktemp("inferq-data"))
+
+
+@pytest.fixture(scope="module")
+def workers(cluster: NatsCluster, settings: Settings, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[list[WorkerProcess]]:
+    """Worker 1 on node n1, worker 2 on node n2."""
+    logs = tmp_path_factory.mktemp("worker-logs")
+    processes = [
+        WorkerProcess(settings.model_copy(update={"nats_url": cluster.nodes[i].url, "data_dir": logs / f"w{i}"}),
+                      logs / f"worker{i + 1}.log").start()
+        for i in (0, 1)
+    ]
+    yield processes
+    for process in processes:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+async def apis(cluster: NatsCluster, settings: Settings, observer: dict[str, Served],
+               workers: list[WorkerProcess]) -> AsyncIterator[list[ApiServer]]:
+    """API edge-a on node n3, API edge-b on node n2."""
+    # Both APIs run in this process: transformers' lazy first import is not thread-safe, so do it here once.
+    from transformers import AutoTokenizer  # noqa: F401
+
+    servers = [ApiServer(settings.model_copy(update={"nats_url": cluster.nodes[node].url, "edge_id": edge})).start()
+               for node, edge in ((2, EDGES[0]), (1, EDGES[1]))]
+    try:
+        for server in servers:
+            await wait_for_workers(server, workers, count=2)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def wait_for_workers(api: ApiServer, workers: list[WorkerProcess], count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=api.base_url) as http:
+        while True:
+            for worker in workers:
+                assert worker.proc is not None and worker.proc.poll() is None, worker.log_tail()
+            response = await http.get("/health")
+            if response.status_code == 200 and response.json()["workers"] == count:
+                return
+            assert time.monotonic() < deadline, f"{api.base_url}: {response.text}"
+            await asyncio.sleep(0.2)
+
+
+async def complete(api: ApiServer, prompt: str) -> str:
+    """One completion through `api`; returns its text."""
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as http:
+        response = await http.post("/v1/completions",
+                                   json={"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["completion_tokens"] == 6
+    return body["choices"][0]["text"]
+
+
+async def worker_ids_by_pid(cluster: NatsCluster) -> dict[int, str]:
+    nc = await nats.connect(cluster.nodes[0].url)
+    try:
+        registry = WorkerRegistry(await nc.jetstream().key_value(subjects.REGISTRY_BUCKET))
+        return {info.pid: info.worker_id for info in await registry.live_workers()}
+    finally:
+        await nc.close()
+
+
+async def serve_rounds(apis: list[ApiServer], observer: dict[str, Served], expected: set[Served],
+                       rounds: int = 6) -> set[Served]:
+    """Concurrent completions through both APIs, round after round, until every (edge, worker) pair in
+    `expected` has served one. Each worker holds two sequences, so eight at once cannot all go to one."""
+    seen: set[Served] = set()
+    for round_number in range(rounds):
+        before = set(observer)
+        texts = await asyncio.gather(*(complete(apis[i % 2], f"round {round_number} request {i}") for i in range(8)))
+        assert all(texts)
+        await asyncio.sleep(0)  # let the observer's callbacks for this round run
+        seen |= {observer[rid] for rid in set(observer) - before}
+        if expected <= seen:
+            break
+    return seen
+
+
+async def test_requests_through_either_api_are_served_by_either_worker(
+        cluster: NatsCluster, apis: list[ApiServer], workers: list[WorkerProcess],
+        observer: dict[str, Served]) -> None:
+    ids = await worker_ids_by_pid(cluster)
+    worker_ids = {ids[worker.proc.pid] for worker in workers}
+    assert len(worker_ids) == 2
+    expected = {Served(edge, worker_id) for edge in EDGES for worker_id in worker_ids}
+
+    seen = await serve_rounds(apis, observer, expected)
+
+    assert seen == expected  # every API got answers from every worker, and nothing else served
+    js_nc = await nats.connect(cluster.nodes[1].url)
+    try:
+        js = js_nc.jetstream()
+        for stream in (subjects.request_stream(MODEL), subjects.batch_stream(MODEL),
+                       f"KV_{subjects.REGISTRY_BUCKET}", f"KV_{subjects.ACCOUNTS_BUCKET}"):
+            info = await js.stream_info(stream)
+            assert info.config.num_replicas == 3, stream
+            assert info.cluster is not None and len(info.cluster.replicas or []) == 2, stream  # leader + 2 peers
+    finally:
+        await js_nc.close()
+
+
+async def test_requests_still_succeed_after_a_node_without_an_api_dies(
+        cluster: NatsCluster, apis: list[ApiServer], workers: list[WorkerProcess],
+        observer: dict[str, Served]) -> None:
+    ids = await worker_ids_by_pid(cluster)
+    worker_ids = {ids[worker.proc.pid] for worker in workers}
+
+    cluster.stop_node(0)  # n1: worker 1's node; both APIs are elsewhere. Worker 1 reconnects to n2 or n3.
+
+    expected = {Served(edge, worker_id) for edge in EDGES for worker_id in worker_ids}
+    seen = await serve_rounds(apis, observer, expected, rounds=10)
+    assert seen == expected
+    assert all(worker.proc.poll() is None for worker in workers)

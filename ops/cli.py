@@ -48,6 +48,11 @@ _ENGINE: list[_FlagDef] = [
     ("--engine", "engine", {"choices": ["torch", "sim"]}),
     ("--sim-tokens-per-s", "sim_tokens_per_s", {"type": float}),
 ]
+_AGENT: list[_FlagDef] = [
+    ("--engine", "engine", {"choices": ["torch", "sim"], "help": "engine of the workers this agent starts"}),
+    ("--deploy-nats-url", "deploy_nats_url", {"metavar": "URL"}),
+    ("--deploy-remote-inferq", "deploy_remote_inferq", {"metavar": "PATH"}),
+]
 _QUEUE: list[_FlagDef] = [
     ("--queue-max-requests", "queue_max_requests", {"type": int}),
 ]
@@ -78,6 +83,12 @@ def _api(settings: Settings) -> int | None:
     from api.main import run_api
 
     return run_api(settings)
+
+
+def _agent(settings: Settings) -> int | None:
+    from ops.agent import run_agent
+
+    return run_agent(settings)
 
 
 def _bench(argv: list[str]) -> int | None:
@@ -126,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
              _CONNECT, _COMMON, _ENGINE, _QUEUE)  # fmt: skip
     _command(commands, "api", _api, "the HTTP edge (OpenAI / Aleph Alpha APIs), publishing to --nats",
              _CONNECT, _COMMON, _EDGE, _QUEUE)  # fmt: skip
+    _command(commands, "agent", _agent, "a node agent: starts deployments' workers here or over SSH",
+             _CONNECT, _COMMON, _AGENT)  # fmt: skip
     for name, help_text in (("bench", "benchmark a running server (arguments go to the benchmark)"),
                             ("users", "add, list or remove users (email/password login) in NATS"),
                             ("keys", "create, list or revoke API keys in NATS")):

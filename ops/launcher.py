@@ -85,7 +85,8 @@ def child_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict
 
 
 def build_children(settings: Settings) -> list[ChildSpec]:
-    """The real service: one worker per model, then the api, each `python -m ops.cli <command>`."""
+    """The real service: one worker per model, the deployment agent, then the api, each `python -m ops.cli
+    <command>`."""
     env = child_env(settings)
     cli = [sys.executable, "-m", "ops.cli"]
     api_health = partial(http_ok, f"{api_base_url(settings)}/health")
@@ -97,7 +98,9 @@ def build_children(settings: Settings) -> list[ChildSpec]:
                   {**env, f"{ENV_PREFIX}MODEL": model})
         for index, model in enumerate(models)
     ]
-    return [*workers, ChildSpec("api", [*cli, "api"], env, ready_check=api_health)]
+    # The node agent starts deployments' workers (POST /api/v1/deploy) on this machine or over SSH.
+    agent = [ChildSpec("agent", [*cli, "agent"], env)] if settings.deploy_agent else []
+    return [*workers, *agent, ChildSpec("api", [*cli, "api"], env, ready_check=api_health)]
 
 
 def api_base_url(settings: Settings) -> str:

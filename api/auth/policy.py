@@ -40,8 +40,9 @@ RULES: tuple[Rule, ...] = (
     _rule("admin", r"/admin(/.*)?", ADMIN_ONLY),
     _rule("monitoring", r"/metrics", {ADMIN, MONITOR}),
     _rule("hardware", r"/v1/gpu/info", {ADMIN, MONITOR, WORKER}),
-    _rule("deployment status", r"/api/v1/deployments(/.*)?", {ADMIN, MONITOR}, _READ),
-    _rule("deployment changes", r"/api/v1/deploy(ments)?(/.*)?", ADMIN_ONLY),
+    # Clients deploy and stop their own (others' are a 404); monitors read every deployment's status and logs.
+    _rule("deployment status", r"/api/v1/deployments(/.*)?", {ADMIN, MONITOR, CLIENT}, _READ),
+    _rule("deployment changes", r"/api/v1/deploy(ments)?(/.*)?", {ADMIN, CLIENT}),
     _rule("models", r"/v1/models(/.*)?", {ADMIN, CLIENT, WORKER}, _READ),
     _rule("inference", r"/v1/(completions|chat/completions|embeddings|responses)", {ADMIN, CLIENT}),
     _rule("inference", r"/(v1/)?(tokenize|detokenize)", {ADMIN, CLIENT}),

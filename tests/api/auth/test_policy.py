@@ -19,9 +19,9 @@ MATRIX = [
     ("POST", "/admin/users", {A}),
     ("GET", "/metrics", {A, M}),
     ("GET", "/v1/gpu/info", {A, M, W}),
-    ("GET", "/api/v1/deployments/d1/logs", {A, M}),
-    ("POST", "/api/v1/deploy", {A}),
-    ("DELETE", "/api/v1/deployments/d1", {A}),
+    ("GET", "/api/v1/deployments/d1/logs", {A, M, C}),
+    ("POST", "/api/v1/deploy", {A, C}),
+    ("DELETE", "/api/v1/deployments/d1", {A, C}),
     ("GET", "/v1/models", {A, C, W}),
     ("POST", "/v1/chat/completions", {A, C}),
     ("GET", "/v1/chat/completions", {A, C}),  # the WebSocket handshake

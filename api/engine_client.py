@@ -16,6 +16,7 @@ from api.auth.metering import Reservation, reserve_for
 from api.errors import ApiError, broker_error
 from broker.errors import BrokerError
 from broker.events import Event, EventRouter, publish_cancel
+from broker.tracing import trace_headers
 from broker.work_queue import Lane, publish_request
 from contracts import ChoiceDelta, EmbedRequest, End, ErrorCode, FinishReason, GenerateRequest, Tokens, Usage
 from contracts.requests import BATCH_PRIORITY
@@ -46,6 +47,9 @@ class Generation:
         self._done = False
         self._reservation = reservation  # the caller's tokens held for this generation, settled in close()
         self._usage: Usage | None = None
+        # Its lines carry request_id and model, worker_id once accepted (trace_id comes from the HTTP request's
+        # log context, api/request_context.py).
+        self._log = log.bind(request_id=request.request_id, model=request.model)
 
     async def __aiter__(self) -> AsyncIterator[Tokens | End]:
         accepted = False
@@ -72,11 +76,11 @@ class Generation:
                     self._done = True
                     raise ApiError.from_info(event.error)
                 if event.kind != "accepted" and event.seq != expected_seq:
-                    log.warning("request.event_gap", request_id=self.request.request_id, expected=expected_seq,
-                                got=event.seq)
+                    self._log.warning("request.event_gap", expected=expected_seq, got=event.seq)
                 expected_seq = event.seq + 1
                 if event.kind == "accepted":
                     accepted = True
+                    self._log = self._log.bind(worker_id=event.worker_id)
                 elif event.kind == "tokens":
                     self._delivered.extend(t for c in event.choices if c.index == 0 for t in c.token_ids)
                     yield event
@@ -122,8 +126,7 @@ class Generation:
         if isinstance(previous, GenerateRequest):
             update["resume_token_ids"] = list(self._delivered)
         self.request = previous.model_copy(update=update)
-        log.warning("request.resubmitted", request_id=previous.request_id, attempt=self.request.attempt,
-                    delivered=len(self._delivered))
+        self._log.warning("request.resubmitted", attempt=self.request.attempt, delivered=len(self._delivered))
         await self._client.publish(self.request)
 
     async def close(self) -> None:
@@ -194,7 +197,9 @@ class EngineClient:
 
     async def publish(self, request: GenerateRequest) -> None:
         try:
-            await publish_request(self._js, request, idempotency_key=self._message_key(request), lane=self.lane)
+            # The current span (the HTTP request's) travels in the headers: the worker's spans join its trace.
+            await publish_request(self._js, request, idempotency_key=self._message_key(request), lane=self.lane,
+                                  headers=trace_headers())
         except BrokerError as exc:
             raise broker_error(exc) from exc
 

@@ -4,6 +4,7 @@ thread, publish its outputs as token events, answer cancels, heartbeat, and keep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -12,9 +13,11 @@ from dataclasses import dataclass, field
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from opentelemetry.trace import Tracer
 
 from broker import subjects
 from broker.events import publish_event, subscribe_cancels
+from broker.metrics import serve_metrics
 from broker.registry import WorkerRegistry
 from broker.work_queue import Delivery, RequestIntake
 from contracts import (
@@ -32,7 +35,9 @@ from contracts import (
     Usage,
     WorkerInfo,
 )
+from contracts.metrics import WorkerMetrics
 from engine_worker.engine_loop import EngineLoop, StepEngine
+from engine_worker.metrics import RequestTelemetry, WorkerTelemetry, engine_gauges
 from engine_worker.outputs import EmbedOutput, RequestOutput
 
 log = structlog.get_logger(__name__)
@@ -51,6 +56,7 @@ class _InFlight:
     seq: int = 0
     last_sent: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
+    telemetry: RequestTelemetry | None = None  # timings, trace parent and log context (engine_worker/metrics.py)
 
     @property
     def slots(self) -> int:
@@ -90,8 +96,11 @@ class WorkerBridge:
         info: WorkerInfo,
         config: BridgeConfig,
         validate: Callable[[GenerateRequest | EmbedRequest], None],
+        tracer: Tracer | None = None,
     ):
         self._nc = nc
+        self._engine = engine  # read for gauges only (metrics_snapshot); the engine thread owns it
+        self._telemetry = WorkerTelemetry(info.worker_id, info.model, tracer)
         self._intake = intake
         self._registry = registry
         self._info = info
@@ -136,6 +145,7 @@ class WorkerBridge:
         self._engine_loop.start()
         await self._intake.start()
         cancels = await subscribe_cancels(self._nc, self._on_cancel)
+        scrapes = await serve_metrics(self._nc, self.metrics_snapshot)
         await self._announce()
         tasks = [
             asyncio.create_task(self._feed(), name="feed"),
@@ -154,6 +164,7 @@ class WorkerBridge:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await cancels.unsubscribe()
+        await scrapes.unsubscribe()
         await self._intake.stop()
         self._engine_loop.stop()
         if self._dead is not None:
@@ -192,12 +203,14 @@ class WorkerBridge:
                 await self._slot_freed.wait()
                 continue
             for delivery in await self._intake.fetch(free, timeout=_FETCH_TIMEOUT_S):
-                try:
-                    await self._admit(delivery)
-                except Exception as exc:  # one bad message must not stop the intake of all others
-                    log.exception("intake.admit_failed", request_id=delivery.request.request_id)
-                    await delivery.msg.term()
-                    await self._reject(delivery.request, ErrorCode.INTERNAL, f"the worker could not admit it: {exc}")
+                with self._telemetry.log_context(delivery.request, delivery.headers):
+                    try:
+                        await self._admit(delivery)
+                    except Exception as exc:  # one bad message must not stop the intake of all others
+                        log.exception("intake.admit_failed", request_id=delivery.request.request_id)
+                        await delivery.msg.term()
+                        await self._reject(delivery.request, ErrorCode.INTERNAL,
+                                           f"the worker could not admit it: {exc}")
 
     async def _admit(self, delivery: Delivery) -> None:
         request = delivery.request
@@ -226,11 +239,13 @@ class WorkerBridge:
         superseded = self._current.get(request.request_id)
         if superseded is not None and superseded in self._in_flight:
             self._engine_loop.abort(superseded)  # an older attempt of the same request; the edge ignores it
-        flight = _InFlight(request, held=delivery.msg if durable else None)
+        flight = _InFlight(request, held=delivery.msg if durable else None,
+                           telemetry=self._telemetry.accepted(request, delivery.published_at, delivery.headers))
         self._in_flight[flight.engine_key] = flight
         self._current[request.request_id] = flight.engine_key
         await publish_event(self._nc, request.reply_subject, Accepted(
             request_id=request.request_id, attempt=request.attempt, seq=0, worker_id=self.worker_id))
+        log.debug("request.accepted")
         if isinstance(engine_request, EmbedRequest):
             self._engine_loop.embed(engine_request)
         else:
@@ -245,7 +260,13 @@ class WorkerBridge:
     async def _pump(self) -> None:
         while True:
             for output in await self._outputs.get():
-                await self._emit(output)
+                with self._request_context(output.request_id):
+                    await self._emit(output)
+
+    def _request_context(self, key: str) -> contextlib.AbstractContextManager:
+        """Log lines about a running request carry its request_id, model, worker_id and trace_id."""
+        flight = self._in_flight.get(key)
+        return flight.telemetry.log_context() if flight and flight.telemetry else contextlib.nullcontext()
 
     async def _emit(self, output: RequestOutput | EmbedOutput) -> None:
         flight = self._in_flight.get(output.request_id)
@@ -256,14 +277,20 @@ class WorkerBridge:
             self._forget(flight)
             await publish_event(self._nc, reply, flight.event(Embeddings, vectors=output.vectors))
             await publish_event(self._nc, reply, flight.event(End, usage=output.usage))
+            if flight.telemetry:
+                self._telemetry.finished(flight.telemetry, output.usage)
             await self._release(flight)
             return
         if output.choices or output.prompt_logprobs:
             await publish_event(self._nc, reply, flight.event(
                 Tokens, choices=output.choices, prompt_logprobs=output.prompt_logprobs))
+        if flight.telemetry:
+            self._telemetry.output(flight.telemetry, output)
         if output.finished:
             self._forget(flight)
             await publish_event(self._nc, reply, flight.event(End, usage=output.usage or Usage()))
+            if flight.telemetry:
+                self._telemetry.finished(flight.telemetry, output.usage or Usage())
             await self._release(flight)
 
     def _forget(self, flight: _InFlight) -> None:
@@ -279,6 +306,9 @@ class WorkerBridge:
         self._forget(flight)
         await publish_event(self._nc, flight.request.reply_subject, flight.event(
             Failed, error=ErrorInfo(code=code, message=message)))
+        if flight.telemetry:
+            with flight.telemetry.log_context():
+                self._telemetry.failed(flight.telemetry, message)
         await self._release(flight)
 
     async def _release(self, flight: _InFlight) -> None:
@@ -299,7 +329,8 @@ class WorkerBridge:
         key = self._current.get(cancel.request_id)
         if key is not None:
             self._engine_loop.abort(key)
-            log.info("request.cancelled", request_id=cancel.request_id, reason=cancel.reason)
+            with self._request_context(key):
+                log.info("request.cancelled", request_id=cancel.request_id, reason=cancel.reason)
         else:
             self._cancelled[cancel.request_id] = None
             while len(self._cancelled) > _REMEMBERED_CANCELS:
@@ -317,6 +348,14 @@ class WorkerBridge:
                         await flight.held.in_progress()
                 elif now - flight.last_sent >= interval:
                     await publish_event(self._nc, flight.request.reply_subject, flight.event(Heartbeat))
+
+    def metrics_snapshot(self) -> WorkerMetrics:
+        """This worker's answer to a fleet scrape (broker/metrics.py). Running and waiting come from the engine;
+        an engine that does not count them (the sim) is described by what the bridge sees: a request is running
+        once its first token came out."""
+        started = sum(1 for flight in self._in_flight.values()
+                      if flight.telemetry and flight.telemetry.timeline.first_token_mono is not None)
+        return self._telemetry.snapshot(engine_gauges(self._engine, started, len(self._in_flight) - started))
 
     async def _announce(self) -> None:
         running = sum(flight.slots for flight in self._in_flight.values())

@@ -9,14 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
 from nats.js import JetStreamContext
 from nats.js import errors as jse
 
 from api.errors import ApiError
 from broker import subjects
 from broker.artifacts import fetch_tokenizer
+from broker.errors import BrokerUnavailable
 from broker.registry import WorkerRegistry
 from contracts import ErrorCode, WorkerInfo
+
+log = structlog.get_logger(__name__)
 
 _CACHE_S = 0.5
 
@@ -50,7 +54,14 @@ class ModelCatalog:
     async def workers(self) -> list[WorkerInfo]:
         async with self._lock:
             if time.monotonic() - self._fetched_at > _CACHE_S:
-                self._workers = await self._registry.live_workers()
+                try:
+                    self._workers = await self._registry.live_workers()
+                except BrokerUnavailable as exc:
+                    if not self._fetched_at:
+                        raise
+                    # A NATS node failing over: the fleet seen a moment ago beats failing every request; the
+                    # next refresh tries again (and requests to a worker that died meanwhile are resumed).
+                    log.warning("catalog.registry_unavailable", error=str(exc), stale_workers=len(self._workers))
                 self._fetched_at = time.monotonic()
             return self._workers
 

@@ -4,6 +4,7 @@ writer last saw, line results in KV written create-only, and the job queue runne
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from broker.work_queue import MSG_ID_HEADER
 from contracts import BatchJob, BatchTicket, FileRecord, LineResult
 
 log = structlog.get_logger(__name__)
+
+_FETCH_RETRY_S = 0.25
 
 
 class StaleRevision(BrokerError):
@@ -187,8 +190,9 @@ class JobQueue:
             [msg] = await self._sub.fetch(batch=1, timeout=timeout)
         except TimeoutError:
             return None
-        except jse.APIError as exc:  # a consumer leader election: retry on the next call
+        except jse.APIError as exc:  # a consumer leader election: retry on the next call, not at once
             log.warning("batch_queue.fetch_failed", error=str(exc))
+            await asyncio.sleep(_FETCH_RETRY_S)
             return None
         return msg
 
@@ -206,7 +210,7 @@ class BatchStorage:
     queue: JobQueue
 
     @classmethod
-    async def open(cls, js: JetStreamContext, ack_wait_s: float) -> BatchStorage:
-        files, file_data, batches, results = await ensure_batch_storage(js)
-        await ensure_batch_jobs(js, ack_wait_s)
+    async def open(cls, js: JetStreamContext, ack_wait_s: float, replicas: int = 1) -> BatchStorage:
+        files, file_data, batches, results = await ensure_batch_storage(js, replicas)
+        await ensure_batch_jobs(js, ack_wait_s, replicas)
         return cls(FileStore(files, file_data), JobStore(batches), ResultStore(results, js), JobQueue(js, ack_wait_s))

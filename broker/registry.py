@@ -3,6 +3,7 @@ so a crashed worker disappears by itself."""
 
 from __future__ import annotations
 
+import nats.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js import errors as jse
@@ -10,6 +11,7 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from broker import subjects
+from broker.errors import BrokerUnavailable
 from broker.topology import ensure_registry
 from contracts import WorkerInfo
 
@@ -21,8 +23,8 @@ class WorkerRegistry:
         self._kv = kv
 
     @classmethod
-    async def open(cls, js: JetStreamContext, ttl_s: float) -> WorkerRegistry:
-        return cls(await ensure_registry(js, ttl_s))
+    async def open(cls, js: JetStreamContext, ttl_s: float, replicas: int = 1) -> WorkerRegistry:
+        return cls(await ensure_registry(js, ttl_s, replicas))
 
     async def announce(self, info: WorkerInfo) -> None:
         await self._kv.put(subjects.registry_key(info.worker_id), info.to_bytes())
@@ -34,6 +36,12 @@ class WorkerRegistry:
             pass
 
     async def live_workers(self) -> list[WorkerInfo]:
+        try:
+            return await self._read_all()
+        except (TimeoutError, jse.APIError, nats.errors.Error) as exc:  # a node failing over, NATS reconnecting
+            raise BrokerUnavailable(f"the worker registry is unavailable: {exc or type(exc).__name__}") from exc
+
+    async def _read_all(self) -> list[WorkerInfo]:
         try:
             keys = await self._kv.keys()
         except jse.NoKeysError:  # nats-py raises instead of returning [] for an empty bucket

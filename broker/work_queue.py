@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -23,6 +24,9 @@ log = structlog.get_logger(__name__)
 MSG_ID_HEADER = "Nats-Msg-Id"
 _ERR_QUEUE_FULL = 10077
 _ERR_MESSAGE_TOO_LARGE = 10054
+PUBLISH_RETRY_S = 15.0  # a replicated stream elects a new leader within seconds of losing one
+_FIRST_RETRY_DELAY_S = 0.1
+_MAX_RETRY_DELAY_S = 1.0
 # While batch work flows the worker polls both lanes briefly in turn; when the lane is idle it long-polls the
 # interactive queue only, so a batch line waits at most one fetch timeout to be noticed.
 _LANE_PROBE_S = 0.01
@@ -56,26 +60,61 @@ async def publish_request(
     idempotency_key: str | None = None,
     timeout: float = 2.0,
     lane: Lane = Lane.INTERACTIVE,
+    headers: Mapping[str, str] | None = None,
+    retry_for_s: float = PUBLISH_RETRY_S,
 ) -> bool:
-    """Queue the request durably. Returns False when it was a duplicate of one already queued."""
-    headers = {MSG_ID_HEADER: message_id(request, idempotency_key)}
-    try:
-        ack = await js.publish(lane.subject(request.model), request.to_bytes(), timeout=timeout, headers=headers)
-    except jse.ServiceUnavailableError as exc:
+    """Queue the request durably. Returns False when it was a duplicate of one already queued. `headers` go
+    along with the message (the trace context, see broker/tracing.py).
+
+    A publish that fails for a passing reason (no answer in time, the stream's leader being re-elected, NATS
+    reconnecting) is retried for up to `retry_for_s` with the same `Nats-Msg-Id`: if the lost attempt was in
+    fact stored, the retry is acknowledged as a duplicate, so the request is queued exactly once."""
+    headers = {**(headers or {}), MSG_ID_HEADER: message_id(request, idempotency_key)}
+    deadline = time.monotonic() + retry_for_s
+    delay = _FIRST_RETRY_DELAY_S
+    while True:
+        try:
+            ack = await js.publish(lane.subject(request.model), request.to_bytes(), timeout=timeout, headers=headers)
+            return not ack.duplicate
+        except Exception as exc:
+            error = _publish_error(exc, request.model)
+            if not isinstance(error, _Passing) or time.monotonic() + delay > deadline:
+                raise error.final() if isinstance(error, _Passing) else error from exc
+            log.warning("publish.retrying", request_id=request.request_id, error=str(exc), delay_s=delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, _MAX_RETRY_DELAY_S)
+
+
+class _Passing(Exception):
+    """A failure worth retrying; `final()` is what the caller sees once the retry budget is spent."""
+
+    def __init__(self, final: Exception):
+        super().__init__(str(final))
+        self._final = final
+
+    def final(self) -> Exception:
+        return self._final
+
+
+def _publish_error(exc: Exception, model: str) -> Exception:
+    """Our exception for a failed publish: a `_Passing` wrapper when trying again may well succeed."""
+    if isinstance(exc, jse.ServiceUnavailableError):
         if exc.err_code == _ERR_QUEUE_FULL:
-            raise QueueFull(request.model) from exc
-        raise BrokerUnavailable(str(exc)) from exc
-    except jse.BadRequestError as exc:
-        if exc.err_code == _ERR_MESSAGE_TOO_LARGE:
-            raise MessageTooLarge(str(exc)) from exc
-        raise BrokerUnavailable(str(exc)) from exc
-    except nats.errors.MaxPayloadError as exc:
-        raise MessageTooLarge(str(exc)) from exc
-    except jse.NoStreamResponseError as exc:
-        raise QueueMissing(f"no queue exists for model {request.model!r}") from exc
-    except (TimeoutError, nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-        raise BrokerUnavailable("NATS did not accept the request in time") from exc
-    return not ack.duplicate
+            return QueueFull(model)
+        return _Passing(BrokerUnavailable(str(exc)))  # e.g. the stream has no leader right now
+    if isinstance(exc, jse.BadRequestError) and exc.err_code == _ERR_MESSAGE_TOO_LARGE:
+        return MessageTooLarge(str(exc))
+    if isinstance(exc, jse.BadRequestError):
+        return BrokerUnavailable(str(exc))
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return MessageTooLarge(str(exc))
+    if isinstance(exc, jse.NoStreamResponseError):
+        # No stream answered: none exists for the model, or its leader is being re-elected.
+        return _Passing(QueueMissing(f"no queue exists for model {model!r}"))
+    if isinstance(exc, TimeoutError | nats.errors.ConnectionClosedError | nats.errors.OutboundBufferLimitError
+                  | nats.errors.ConnectionReconnectingError):
+        return _Passing(BrokerUnavailable("NATS did not accept the request in time"))
+    raise exc
 
 
 async def queue_depth(js: JetStreamContext, model_id: str) -> int:
@@ -94,6 +133,15 @@ class Delivery:
     @property
     def attempt(self) -> int:
         return self.msg.metadata.num_delivered
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.msg.headers or {}
+
+    @property
+    def published_at(self) -> float:
+        """Unix time the request entered the queue (the stream's timestamp, on the NATS server's clock)."""
+        return self.msg.metadata.timestamp.timestamp()
 
 
 class RequestIntake:

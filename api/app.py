@@ -17,15 +17,20 @@ from api.batch.runner import BatchRunner
 from api.catalog import ModelCatalog
 from api.engine_client import EngineClient, Timeouts
 from api.errors import error_body, install_error_handlers
-from api.routes import accounts, aleph, batches, files, openai, system, tokenizer, websocket
+from api.request_context import RequestContextMiddleware
+from api.routes import accounts, aleph, batches, deployments, files, openai, system, tokenizer, websocket
+from api.routes.metrics import router as metrics_router
 from api.services import Services
+from api.serving.deployments import Deployments
 from api.serving.files import FILES_PATH, MULTIPART_OVERHEAD, size_limit_message
+from api.serving.metrics import FleetMetrics
 from broker.batch_store import BatchStorage
 from broker.connection import NatsAuth, connect
 from broker.events import EventRouter
 from broker.registry import WorkerRegistry
 from contracts import ErrorCode
 from ops.settings import Settings
+from ops.telemetry import open_tracing
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +40,7 @@ def create_app(settings: Settings) -> FastAPI:
         raise ValueError("the API needs a NATS server: set INFERQ_NATS_URL or pass --nats")
     edge_id = settings.edge_id or f"e{uuid.uuid4().hex[:12]}"
     auth_gate = AuthGate(settings)
+    tracing = open_tracing(settings, "inferq-api")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,23 +50,26 @@ def create_app(settings: Settings) -> FastAPI:
             await auth_gate.open(js)
             router = EventRouter(nc, edge_id)
             await router.start()
-            registry = await WorkerRegistry.open(js, settings.registry_ttl_s)
+            registry = await WorkerRegistry.open(js, settings.registry_ttl_s, settings.nats_replicas)
+            app.state.deployments = await Deployments.open(nc, settings)  # records in KV, commands to agents
             app.state.services = services = Services(
                 settings=settings,
                 catalog=ModelCatalog(js, registry, settings.data_dir / "tokenizers"),
                 engine=EngineClient(nc, router, Timeouts(queue_s=settings.queue_timeout_s,
                                                           silence_s=settings.worker_silence_timeout_s)),
-                batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s),
+                batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s, settings.nats_replicas),
             )
             runner = (BatchRunner(services, services.batches, nc, meter_for_owner=auth_gate.meter_for_owner)
                       if settings.batch_runner else None)
             if runner is not None:
                 await runner.start()
+            app.state.fleet_metrics = FleetMetrics(nc, js, services.catalog, settings.metrics_scrape_timeout_s)
             log.info("api.ready", edge_id=edge_id)
             yield
             if runner is not None:
                 await runner.stop()  # before the router: its lines' cancels still go out
             await router.stop()
+        tracing.shutdown()  # flush the spans still buffered
 
     app = FastAPI(title="inferq", version=_package_version(), lifespan=lifespan)
     install_error_handlers(app)
@@ -84,6 +93,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(accounts.router)
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.include_router(deployments.router)
+    app.include_router(metrics_router)
+    if tracing.tracer is not None:  # a span and a log trace_id per request, inside auth (refusals are not traced)
+        app.add_middleware(RequestContextMiddleware, tracer=tracing.tracer)
     # Added last, so outermost: it sees every HTTP request and WebSocket handshake before anything else.
     app.state.auth_gate = auth_gate
     app.add_middleware(AuthMiddleware, gate=auth_gate)

@@ -129,3 +129,30 @@ def batch_result_key(batch_id: str, custom_id: str) -> str:
 
 def batch_result_prefix(batch_id: str) -> str:
     return f"res.{batch_id}"
+
+
+# --- deployments ------------------------------------------------------------------------------------------------
+# Commands travel on core NATS (never stored: a deploy command may carry SSH secrets); start commands go to the
+# agents' queue group so exactly one agent takes each. Log lines are kept per deployment in a JetStream stream.
+
+DEPLOYMENTS_BUCKET = "inferq_deployments"  # KV: deployment records, updated by compare-and-swap
+DEPLOY_START_SUBJECT = "inf.deploy.start"
+AGENT_QUEUE_GROUP = "agents"
+DEPLOY_LOG_STREAM = "INFERQ_DEPLOY_LOGS"
+DEPLOY_LOG_WILDCARD = "inf.logs.>"
+
+
+def deployment_key(deployment_id: str) -> str:
+    return f"deployment.{deployment_id}"
+
+
+def deploy_stop_subject(deployment_id: str) -> str:
+    return f"inf.deploy.stop.{deployment_id}"
+
+
+def deploy_stats_subject(deployment_id: str) -> str:
+    return f"inf.deploy.stats.{deployment_id}"
+
+
+def deploy_log_subject(deployment_id: str) -> str:
+    return f"inf.logs.{deployment_id}"

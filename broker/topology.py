@@ -1,8 +1,11 @@
 """Streams, consumers and buckets, created idempotently. Workers call `ensure_request_queue` for the model they
-serve; the edge only publishes into it."""
+serve; the edge only publishes into it. Each is created with `replicas` copies (Settings.nats_replicas: 3 on a
+3-node cluster); an existing one is used as it is."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -20,6 +23,7 @@ from nats.js.api import (
 )
 
 from broker import subjects
+from broker.errors import BrokerUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -27,6 +31,7 @@ log = structlog.get_logger(__name__)
 _REQUEST_ACK_WAIT_S = 30.0
 _REQUEST_MAX_DELIVER = 3
 _TWO_DAYS_S = 2 * 86_400.0
+_LEADER_WAIT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,7 @@ class QueueLimits:
     max_age_s: float
     duplicate_window_s: float
     max_ack_pending: int = 4096
+    replicas: int = 1  # JetStream copies of each stream: 3 on a 3-node cluster, 1 on a single server
 
 
 async def ensure_request_queue(js: JetStreamContext, model_id: str, limits: QueueLimits) -> None:
@@ -58,6 +64,7 @@ async def _ensure_work_queue(js: JetStreamContext, name: str, subject: str, mode
         discard=DiscardPolicy.NEW,  # a full queue rejects new work (→ 429) instead of dropping queued work
         max_age=limits.max_age_s,
         duplicate_window=limits.duplicate_window_s,
+        num_replicas=limits.replicas,
         metadata={"inferq_model": model_id},
     )
     await _stream(js, stream)
@@ -78,79 +85,98 @@ async def _stream(js: JetStreamContext, stream: StreamConfig) -> None:
     except jse.BadRequestError:
         # Exists with another configuration (settings changed): converge on ours.
         await js.update_stream(stream)
+    await _await_leader(js, stream.name)
 
 
 async def _key_value(js: JetStreamContext, config: KeyValueConfig):
     """The bucket if it exists (whatever its config), else created with `config`."""
     try:
-        return await js.key_value(config.bucket)
+        bucket = await js.key_value(config.bucket)
     except jse.BucketNotFoundError:
-        return await js.create_key_value(config)
+        bucket = await js.create_key_value(config)
+    await _await_leader(js, f"KV_{config.bucket}")
+    return bucket
 
 
-async def ensure_registry(js: JetStreamContext, ttl_s: float):
+async def _object_store(js: JetStreamContext, name: str, replicas: int):
+    """The object store if it exists (whatever its config), else created file-backed with `replicas`."""
+    try:
+        store = await js.object_store(name)
+    except jse.BucketNotFoundError:
+        store = await js.create_object_store(name, config=ObjectStoreConfig(storage=StorageType.FILE,
+                                                                            replicas=replicas))
+    await _await_leader(js, f"OBJ_{name}")
+    return store
+
+
+async def _await_leader(js: JetStreamContext, stream_name: str) -> None:
+    """A replicated stream that was just created, here or by a process on another node, answers reads only once
+    its group has a leader: until then a direct get (KV get, object info) times out instead of failing fast."""
+    deadline = time.monotonic() + _LEADER_WAIT_S
+    while True:
+        info = await js.stream_info(stream_name)
+        if (info.config.num_replicas or 1) <= 1 or (info.cluster is not None and info.cluster.leader):
+            return
+        if time.monotonic() > deadline:
+            raise BrokerUnavailable(f"stream {stream_name} has no leader after {_LEADER_WAIT_S:g} s")
+        await asyncio.sleep(0.05)
+
+
+async def ensure_registry(js: JetStreamContext, ttl_s: float, replicas: int = 1):
     """KV bucket of live workers: each entry expires `ttl_s` after the worker's last heartbeat."""
-    return await _key_value(
-        js, KeyValueConfig(bucket=subjects.REGISTRY_BUCKET, history=1, ttl=ttl_s, storage=StorageType.MEMORY)
-    )
+    return await _key_value(js, KeyValueConfig(bucket=subjects.REGISTRY_BUCKET, history=1, ttl=ttl_s,
+                                               storage=StorageType.MEMORY, replicas=replicas))
 
 
-async def ensure_accounts(js: JetStreamContext):
+async def ensure_accounts(js: JetStreamContext, replicas: int = 1):
     """KV bucket of users, API keys and login tokens (hashes only). File storage: accounts survive restarts."""
-    return await _key_value(js, KeyValueConfig(bucket=subjects.ACCOUNTS_BUCKET, history=1, storage=StorageType.FILE))
+    return await _key_value(js, KeyValueConfig(bucket=subjects.ACCOUNTS_BUCKET, history=1, storage=StorageType.FILE,
+                                               replicas=replicas))
 
 
-async def ensure_rate_limits(js: JetStreamContext):
+async def ensure_rate_limits(js: JetStreamContext, replicas: int = 1):
     """KV bucket of per-owner usage windows, updated by compare-and-swap from every API replica. An entry nobody
     touched for two days only holds finished windows, so the bucket TTL collects it."""
     return await _key_value(js, KeyValueConfig(bucket=subjects.RATE_LIMIT_BUCKET, history=1, ttl=_TWO_DAYS_S,
-                                               storage=StorageType.FILE))
+                                               storage=StorageType.FILE, replicas=replicas))
 
 
-async def ensure_artifacts(js: JetStreamContext):
+async def ensure_artifacts(js: JetStreamContext, replicas: int = 1):
     """Object store for files workers publish for the edge (tokenizers)."""
-    try:
-        return await js.object_store(subjects.ARTIFACT_BUCKET)
-    except jse.BucketNotFoundError:
-        return await js.create_object_store(
-            subjects.ARTIFACT_BUCKET, config=ObjectStoreConfig(storage=StorageType.FILE)
-        )
+    return await _object_store(js, subjects.ARTIFACT_BUCKET, replicas)
 
 
-async def ensure_batch_storage(js: JetStreamContext):
+async def ensure_batch_storage(js: JetStreamContext, replicas: int = 1):
     """KV buckets for file records, batch jobs and line results, and the object store for file contents; all
     file-backed (a batch survives any restart). Returns (files, file_data, batches, results)."""
     def bucket(name: str, history: int = 1) -> KeyValueConfig:
-        return KeyValueConfig(bucket=name, history=history, storage=StorageType.FILE)
+        return KeyValueConfig(bucket=name, history=history, storage=StorageType.FILE, replicas=replicas)
 
     files = await _key_value(js, bucket(subjects.FILES_BUCKET))
     batches = await _key_value(js, bucket(subjects.BATCHES_BUCKET, history=5))
     results = await _key_value(js, bucket(subjects.BATCH_RESULTS_BUCKET))
-    try:
-        file_data = await js.object_store(subjects.FILE_DATA_BUCKET)
-    except jse.BucketNotFoundError:
-        file_data = await js.create_object_store(
-            subjects.FILE_DATA_BUCKET, config=ObjectStoreConfig(storage=StorageType.FILE))
+    file_data = await _object_store(js, subjects.FILE_DATA_BUCKET, replicas)
     return files, file_data, batches, results
 
 
-async def ensure_batch_jobs(js: JetStreamContext, ack_wait_s: float) -> None:
+async def ensure_batch_jobs(js: JetStreamContext, ack_wait_s: float, replicas: int = 1) -> None:
     """The job queue: one ticket per batch (deduplicated by batch id), one durable consumer shared by every
     runner. A runner heartbeats its ticket (in_progress) and acks only once the batch is in a final state, so
     a dead runner's batch goes to another after `ack_wait_s`; tickets are never dropped (no max_deliver). The
     duplicate window is long so that the orphan sweep can re-queue any batch's ticket without doubling it."""
     stream = StreamConfig(name=subjects.BATCH_JOB_STREAM, subjects=[subjects.BATCH_JOB_SUBJECT],
                           retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                          duplicate_window=_TWO_DAYS_S)
+                          duplicate_window=_TWO_DAYS_S, num_replicas=replicas)
     await _stream(js, stream)
     await js.add_consumer(stream.name, ConsumerConfig(
         durable_name=subjects.BATCH_JOB_CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
         max_deliver=-1, max_ack_pending=10_000))
 
 
-async def ensure_results_stream(js: JetStreamContext, max_age_s: float, max_bytes: int) -> None:
+async def ensure_results_stream(js: JetStreamContext, max_age_s: float, max_bytes: int, replicas: int = 1) -> None:
     """Durable replies of fire-and-forget publishers (subjects.RESULTS_WILDCARD), kept `max_age_s`; when full
     the oldest results go first, so a publisher that never reads cannot block anyone else's."""
     await _stream(js, StreamConfig(
         name=subjects.RESULTS_STREAM, subjects=[subjects.RESULTS_WILDCARD], retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE, max_age=max_age_s, max_bytes=max_bytes, discard=DiscardPolicy.OLD))
+        storage=StorageType.FILE, max_age=max_age_s, max_bytes=max_bytes, discard=DiscardPolicy.OLD,
+        num_replicas=replicas))

@@ -25,6 +25,7 @@ from engine_worker.device import describe_device
 from engine_worker.engine_loop import StepEngine
 from engine_worker.loader import resolve_model
 from ops.settings import Settings
+from ops.telemetry import open_tracing
 
 log = structlog.get_logger(__name__)
 
@@ -88,10 +89,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             max_requests=settings.queue_max_requests,
             max_age_s=settings.queue_max_age_s,
             duplicate_window_s=settings.duplicate_window_s,
+            replicas=settings.nats_replicas,
         ))
-        await ensure_results_stream(js, settings.results_max_age_s, settings.results_max_bytes)
-        tokenizer_object = await publish_tokenizer(js, loaded.served_name, loaded.tokenizer_dir)
-        registry = await WorkerRegistry.open(js, settings.registry_ttl_s)
+        await ensure_results_stream(js, settings.results_max_age_s, settings.results_max_bytes,
+                                    settings.nats_replicas)
+        tokenizer_object = await publish_tokenizer(js, loaded.served_name, loaded.tokenizer_dir, settings.nats_replicas)
+        registry = await WorkerRegistry.open(js, settings.registry_ttl_s, settings.nats_replicas)
         now = time.time()
         info = WorkerInfo(
             worker_id=worker_id,
@@ -107,6 +110,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             updated_at=now,
             tokenizer_object=tokenizer_object,
         )
+        tracing = open_tracing(settings, "inferq-worker")
         bridge = WorkerBridge(
             nc,
             loaded.engine,
@@ -119,8 +123,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 announce_interval_s=max(0.5, settings.registry_ttl_s / 4),
             ),
             validate=loaded.engine.validate,
+            tracer=tracing.tracer,
         )
-        await bridge.run(stop)
+        try:
+            await bridge.run(stop)
+        finally:
+            tracing.shutdown()  # flush the spans still buffered
 
 
 def run_worker(settings: Settings) -> None:

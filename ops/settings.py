@@ -83,6 +83,37 @@ class Settings(BaseSettings):
     kv_cache_tokens: int | None = Field(default=None, ge=16, description="KV capacity in tokens; derived if unset.")
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's).")
 
+    # --- cluster ----------------------------------------------------------------------------------------
+    nats_replicas: int = Field(default=1, ge=1, le=5,
+                               description="JetStream replicas of every stream and bucket: 3 on a 3-node cluster.")
+    nats_inbox_prefix: str = Field(default="_INBOX", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+                                   description="Reply-inbox prefix, e.g. _INBOX.worker for per-user permissions.")
+
+    # --- telemetry --------------------------------------------------------------------------------------
+    otel_exporter: Literal["none", "console", "otlp"] = Field(
+        default="none", description="Where OpenTelemetry spans go: none (no tracing), console, or otlp (HTTP)."
+    )
+    otel_endpoint: str | None = Field(
+        default=None, description="OTLP/HTTP traces URL (http://collector:4318/v1/traces); default: OTEL_* env."
+    )
+    metrics_scrape_timeout_s: float = Field(
+        default=0.5, gt=0, description="How long GET /metrics waits for the workers' snapshots."
+    )
+
+    # --- deployments ------------------------------------------------------------------------------------
+    deploy_agent: bool = Field(default=True, description="inferq serve also runs a deployment agent.")
+    deploy_nats_url: str | None = Field(
+        default=None, description="NATS URL given to workers launched over SSH (as that host reaches it); "
+                                  "default: nats_url.")
+    deploy_remote_inferq: str = Field(default="inferq", description="The inferq executable on SSH hosts.")
+    deploy_log_history: int = Field(default=200, ge=1, description="Output lines kept per deployment.")
+    deploy_start_timeout_s: float = Field(
+        default=900.0, gt=0, description="A deployment whose worker has not registered by then fails.")
+    deploy_probe_timeout_s: float = Field(default=120.0, gt=0, description="Longest wait for the probe generation.")
+    deploy_ssh_connect_timeout_s: float = Field(default=20.0, gt=0, description="SSH connect and login timeout.")
+    deploy_ssh_known_hosts: Path | None = Field(
+        default=None, description="known_hosts file to verify SSH hosts against; unset: host keys are not checked.")
+
     # --- logging ----------------------------------------------------------------------------------------
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -14,10 +14,10 @@ from nats.aio.client import Client as NatsClient
 
 from api.auth.metering import Reservation, reserve_for
 from api.errors import ApiError, broker_error
-from broker.errors import BrokerError
+from broker.errors import BrokerError, QueueFull
 from broker.events import Event, EventRouter, publish_cancel
 from broker.tracing import trace_headers
-from broker.work_queue import Lane, publish_request
+from broker.work_queue import DrainGauge, Lane, publish_request
 from contracts import ChoiceDelta, EmbedRequest, End, ErrorCode, FinishReason, GenerateRequest, Tokens, Usage
 from contracts.requests import BATCH_PRIORITY
 
@@ -154,9 +154,10 @@ class EngineClient:
     to the lane workers pull only when no interactive request waits, at a lower priority inside the worker."""
 
     def __init__(self, nc: NatsClient, router: EventRouter, timeouts: Timeouts, lane: Lane = Lane.INTERACTIVE,
-                 idempotency_key: str | None = None):
+                 idempotency_key: str | None = None, drain: DrainGauge | None = None):
         self._nc = nc
         self._js = nc.jetstream()
+        self._drain = drain or DrainGauge(self._js)  # shared by keyed copies: its samples span requests
         self.router = router
         self.timeouts = timeouts
         self.lane = lane
@@ -166,7 +167,7 @@ class EngineClient:
     def keyed(self, idempotency_key: str) -> EngineClient:
         """A client whose submissions are deduplicated under `idempotency_key` (`key`, `key/1`, … for several
         requests) instead of their request ids: a repeated submission of the same work is queued once."""
-        return EngineClient(self._nc, self.router, self.timeouts, self.lane, idempotency_key)
+        return EngineClient(self._nc, self.router, self.timeouts, self.lane, idempotency_key, self._drain)
 
     def _message_key(self, request: GenerateRequest) -> str | None:
         if self._idempotency_key is None:
@@ -200,8 +201,17 @@ class EngineClient:
             # The current span (the HTTP request's) travels in the headers: the worker's spans join its trace.
             await publish_request(self._js, request, idempotency_key=self._message_key(request), lane=self.lane,
                                   headers=trace_headers())
+        except QueueFull as exc:
+            raise broker_error(exc, retry_after=await self._drain_time(request.model)) from exc
         except BrokerError as exc:
             raise broker_error(exc) from exc
+
+    async def _drain_time(self, model: str) -> float | None:
+        try:
+            return await self._drain.retry_after(model)
+        except Exception as exc:  # only the Retry-After hint is lost
+            log.warning("queue.drain_estimate_failed", model=model, error=str(exc))
+            return None
 
     async def submit_all(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
         generations: list[Generation] = []

@@ -95,9 +95,10 @@ def api_error_body(exc: ApiError, status: int | None = None) -> dict:
     return error_body(status or exc.status, exc.info.message, code=exc.info.code.value, param=exc.info.param)
 
 
-def broker_error(exc: BrokerError) -> ApiError:
+def broker_error(exc: BrokerError, *, retry_after: float | None = None) -> ApiError:
+    """`retry_after` overrides the default wait a client is told (e.g. a full queue's expected drain time)."""
     if isinstance(exc, QueueFull):
-        return ApiError(ErrorCode.QUEUE_FULL, str(exc) + "; retry later", retry_after=1.0)
+        return ApiError(ErrorCode.QUEUE_FULL, str(exc) + "; retry later", retry_after=retry_after or 1.0)
     if isinstance(exc, QueueMissing):
         return ApiError(ErrorCode.NO_WORKER, str(exc))
     if isinstance(exc, MessageTooLarge):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -27,6 +27,10 @@ _ERR_MESSAGE_TOO_LARGE = 10054
 PUBLISH_RETRY_S = 15.0  # a replicated stream elects a new leader within seconds of losing one
 _FIRST_RETRY_DELAY_S = 0.1
 _MAX_RETRY_DELAY_S = 1.0
+_DRAIN_WINDOW_S = 30.0  # the rate a full queue drains at is measured over at most this long
+_MIN_DRAIN_SAMPLE_S = 1.0
+_UNKNOWN_DRAIN_RETRY_S = 2.0
+_MAX_RETRY_AFTER_S = 60.0
 # While batch work flows the worker polls both lanes briefly in turn; when the lane is idle it long-polls the
 # interactive queue only, so a batch line waits at most one fetch timeout to be noticed.
 _LANE_PROBE_S = 0.01
@@ -115,6 +119,30 @@ def _publish_error(exc: Exception, model: str) -> Exception:
                   | nats.errors.ConnectionReconnectingError):
         return _Passing(BrokerUnavailable("NATS did not accept the request in time"))
     raise exc
+
+
+class DrainGauge:
+    """How long a full queue needs to make room: its depth over the rate workers have been taking requests off
+    it lately (deliveries counted by the shared consumer, so every replica sees the whole fleet's rate)."""
+
+    def __init__(self, js: JetStreamContext, clock: Callable[[], float] = time.monotonic):
+        self._js = js
+        self._clock = clock
+        self._since: dict[str, tuple[float, int]] = {}  # model → (when, deliveries then): the start of the window
+
+    async def retry_after(self, model_id: str) -> float:
+        info = await self._js.consumer_info(subjects.request_stream(model_id), subjects.REQUEST_CONSUMER)
+        now, taken = self._clock(), info.delivered.consumer_seq
+        since = self._since.get(model_id)
+        if since is None or now - since[0] > _DRAIN_WINDOW_S:
+            self._since[model_id] = since = (now, taken)  # too old to say much about the rate now: start over
+        elapsed = now - since[0]
+        if elapsed < _MIN_DRAIN_SAMPLE_S:
+            return _UNKNOWN_DRAIN_RETRY_S
+        rate = (taken - since[1]) / elapsed
+        if rate <= 0:
+            return _MAX_RETRY_AFTER_S  # nothing is leaving the queue: no worker is taking work
+        return min(_MAX_RETRY_AFTER_S, max(1.0, info.num_pending / rate))
 
 
 async def queue_depth(js: JetStreamContext, model_id: str) -> int:

@@ -14,7 +14,7 @@ from broker.errors import QueueFull, QueueMissing
 from broker.events import EventRouter, publish_event
 from broker.registry import WorkerRegistry
 from broker.topology import QueueLimits, ensure_request_queue
-from broker.work_queue import Lane, RequestIntake, publish_request, queue_depth
+from broker.work_queue import DrainGauge, Lane, RequestIntake, publish_request, queue_depth
 from contracts import Accepted, DeviceInfo, GenerateRequest, WorkerInfo
 
 pytestmark = pytest.mark.asyncio
@@ -139,4 +139,27 @@ async def test_batch_lane_is_pulled_only_when_no_interactive_request_waits(nc) -
     while len(batch_lines) < 3:
         batch_lines += await pull(4)
     assert batch_lines == ["b0", "b1", "b2"]
+    await intake.stop()
+
+
+async def test_drain_gauge_tells_how_long_the_backlog_takes_at_the_recent_rate(nc) -> None:
+    js = nc.jetstream()
+    model = "drain-model"
+    await ensure_request_queue(js, model, QueueLimits(100, 60, 60))
+    for i in range(10):
+        await publish_request(js, make_request(f"d{i}", model))
+    now = [100.0]
+    gauge = DrainGauge(js, clock=lambda: now[0])
+    assert await gauge.retry_after(model) == 2.0  # no rate known yet: a short, honest default
+    intake = RequestIntake(js, model)
+    await intake.start()
+    assert len(await intake.fetch(4, timeout=2)) == 4  # a worker takes 4 ...
+    now[0] += 2.0  # ... in 2 s: 2 per second, 6 waiting
+    assert await gauge.retry_after(model) == pytest.approx(3.0)
+    now[0] += 8.0  # nothing more taken: 4 in 10 s
+    assert await gauge.retry_after(model) == pytest.approx(15.0)
+    now[0] += 30.0  # the window is stale: measure again
+    assert await gauge.retry_after(model) == 2.0
+    now[0] += 5.0  # and nobody takes anything: the longest wait we tell
+    assert await gauge.retry_after(model) == 60.0
     await intake.stop()

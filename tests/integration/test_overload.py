@@ -39,6 +39,7 @@ async def test_ten_times_overload_for_a_minute_is_answered_honestly_in_bounded_m
             processes = {"api": psutil.Process(api.proc.pid), "worker": psutil.Process(worker.proc.pid)}
             samples: dict[str, list[tuple[float, float]]] = {name: [] for name in processes}
             outcomes: Counter[str] = Counter()
+            retry_after: list[int] = []
             limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
             async with httpx.AsyncClient(base_url=api.base_url, timeout=60, limits=limits) as http:
                 async def one(number: int) -> None:
@@ -47,7 +48,7 @@ async def test_ten_times_overload_for_a_minute_is_answered_honestly_in_bounded_m
                     if response.status_code == 429:
                         assert response.json()["error"]["type"] == "rate_limit_error" or \
                             response.json()["error"]["code"] in ("queue_full", "rate_limit_exceeded"), response.text
-                        assert int(response.headers["retry-after"]) >= 1
+                        retry_after.append(int(response.headers["retry-after"]))
                     outcomes[str(response.status_code)] += 1
 
                 start = time.monotonic()
@@ -70,11 +71,15 @@ async def test_ten_times_overload_for_a_minute_is_answered_honestly_in_bounded_m
             api.stop()
             worker.stop()
 
-    log.info("overload.outcome", sent=sent, outcomes=dict(outcomes), rss_mb=samples)
+    retry_after.sort()
+    log.info("overload.outcome", sent=sent, outcomes=dict(outcomes), rss_mb=samples,
+             retry_after_p50=retry_after[len(retry_after) // 2])
     assert after.status_code == 200
     assert set(outcomes) <= {"200", "429"}, outcomes  # honest: served or told to come back, nothing else
     # Overloaded, and still serving (at a quarter of the nominal 8/s at least, on a shared 2-core machine).
     assert outcomes["429"] > sent / 2 and outcomes["200"] >= DURATION_S * 8 * 0.25, (sent, outcomes)
+    # Told to come back when the queue will have room: ~32 queued at ~8 taken per second is ~4 s (not a fixed 1 s).
+    assert min(retry_after) >= 1 and 2 <= retry_after[len(retry_after) // 2] <= 60, Counter(retry_after)
     for name, series in samples.items():
         settled = [rss for elapsed, rss in series if elapsed >= 15]
         assert max(settled) - settled[0] < ALLOWED_GROWTH_MB, (name, series)

@@ -62,6 +62,10 @@ class Generation:
                 except TimeoutError:
                     if not (accepted and self._resumable):
                         raise self._client.timeout_error(accepted) from None
+                    event = None  # the worker went silent: continue elsewhere
+                if event is not None and event.attempt != self.request.attempt:
+                    continue  # from a superseded attempt (a worker that was presumed dead)
+                if event is None or self._lost_before(event, expected_seq):
                     if self._all_delivered:
                         self._done = True
                         for event in self._synthetic_end():
@@ -70,13 +74,9 @@ class Generation:
                     await self._resubmit()
                     accepted, expected_seq = False, 0
                     continue
-                if event.attempt != self.request.attempt:
-                    continue  # from a superseded attempt (a worker that was presumed dead)
                 if event.kind == "error":
                     self._done = True
                     raise ApiError.from_info(event.error)
-                if event.kind != "accepted" and event.seq != expected_seq:
-                    self._log.warning("request.event_gap", expected=expected_seq, got=event.seq)
                 expected_seq = event.seq + 1
                 if event.kind == "accepted":
                     accepted = True
@@ -93,6 +93,15 @@ class Generation:
                     return
         finally:
             await self.close()
+
+    def _lost_before(self, event: Event, expected_seq: int) -> bool:
+        """Whether events were lost ahead of `event` (core NATS drops what arrives while a connection is being
+        re-established). Tokens after a gap cannot be placed: a resumable request continues from what was
+        delivered, on a new attempt. Only the `accepted` event (seq 0) missing loses nothing."""
+        if event.kind == "accepted" or event.seq <= expected_seq or (expected_seq, event.seq) == (0, 1):
+            return False
+        self._log.warning("request.event_gap", expected=expected_seq, got=event.seq, resumed=self._resumable)
+        return self._resumable
 
     async def _next_event(self, timeout: float) -> Event:
         # Hot path: events usually wait already; asyncio.timeout() avoids wait_for's task per call.

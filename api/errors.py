@@ -154,7 +154,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ValidationError)
     @app.exception_handler(json.JSONDecodeError)
     async def on_request_error(request: Request, exc: Exception) -> JSONResponse:
-        return _render(as_api_error(exc), request)
+        error = as_api_error(exc)
+        if error.status >= 500:  # our side failed (NATS, workers): worth a line, with what caused it
+            log.warning("api.server_error", path=request.url.path, code=error.info.code.value,
+                        cause=repr(exc.__cause__ or exc))
+        return _render(error, request)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -83,6 +83,7 @@ async def publish_request(
         except Exception as exc:
             error = _publish_error(exc, request.model)
             if not isinstance(error, _Passing) or time.monotonic() + delay > deadline:
+                log.warning("publish.failed", request_id=request.request_id, error=repr(exc))
                 raise error.final() if isinstance(error, _Passing) else error from exc
             log.warning("publish.retrying", request_id=request.request_id, error=str(exc), delay_s=delay)
         await asyncio.sleep(delay)

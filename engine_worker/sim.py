@@ -59,6 +59,11 @@ class _SimRequest:
     def position(self) -> int:
         return len(self.request.resume_token_ids) + len(self.generated)
 
+    def usage(self) -> Usage:
+        """As the real engine counts: resumed tokens are completion tokens too (n > 1 is never resumed)."""
+        return Usage(prompt_tokens=len(self.request.prompt_token_ids),
+                     completion_tokens=self.position * self.request.sampling.n)
+
 
 class SimEngine:
     dtype_name = "none"
@@ -100,9 +105,7 @@ class SimEngine:
         item = self._running.pop(request_id, None) or (waiting[0] if waiting else None)
         if item is not None:
             choices = [ChoiceDelta(index=i, finish_reason=FinishReason.ABORT) for i in range(item.request.sampling.n)]
-            usage = Usage(prompt_tokens=len(item.request.prompt_token_ids),
-                          completion_tokens=len(item.generated) * item.request.sampling.n)
-            self._pending.append(RequestOutput(request_id, choices, finished=True, usage=usage))
+            self._pending.append(RequestOutput(request_id, choices, finished=True, usage=item.usage()))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._waiting or self._running or self._pending)
@@ -147,8 +150,4 @@ class SimEngine:
             token = self._token(request, choice, position)
             choices.append(ChoiceDelta(index=choice, text=f" w{token}", token_ids=[token],
                                        finish_reason=FinishReason.LENGTH if done else None))
-        usage = None
-        if done:
-            usage = Usage(prompt_tokens=len(request.prompt_token_ids),
-                          completion_tokens=len(item.generated) * request.sampling.n)
-        return RequestOutput(request.request_id, choices, finished=done, usage=usage)
+        return RequestOutput(request.request_id, choices, finished=done, usage=item.usage() if done else None)

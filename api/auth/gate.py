@@ -7,6 +7,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
+import nats.errors
 import structlog
 from nats.js import JetStreamContext
 
@@ -15,6 +16,7 @@ from api.auth.caller import ANONYMOUS, Caller
 from api.auth.credentials import digest_matches, parse_bearer, sha256_hex
 from api.auth.metering import Clock, Meter
 from broker.accounts import AccountStore
+from broker.errors import BrokerError
 from broker.rate_limits import RateLimiter, Verdict
 from contracts.accounts import RateLimits, Role
 from ops.settings import Settings
@@ -80,11 +82,17 @@ class AuthGate:
 
     async def enabled(self) -> bool:
         """On by setting or env keys; in `auto`, also from the moment any key or user exists anywhere (a marker
-        every replica reads while it is still off, so no replica stays open after another created a key)."""
+        every replica reads on every request while it is still off, so no replica stays open after another
+        created a key)."""
         if self._enabled or self.settings.auth == "off":
             return self._enabled
         assert self._store is not None
-        self._enabled = await self._store.auth_enabled()
+        try:
+            self._enabled = await self._store.auth_enabled()
+        except (BrokerError, nats.errors.Error, TimeoutError) as exc:
+            # A NATS node failing over: keys cannot be created meanwhile either, so the last answer stands
+            # (once on, a replica never reads the marker again).
+            log.warning("auth.marker_unreadable", error=str(exc) or type(exc).__name__)
         return self._enabled
 
     async def caller_for(self, presented: str | None) -> Caller | None:

@@ -72,3 +72,18 @@ def test_tokenizer_round_trips_words(tmp_path: Path) -> None:
     assert tokenizer.decode(ids) == "w5 w17 w99"
     assert tokenizer.apply_chat_template([{"role": "user", "content": "w5"}], tokenize=False,
                                          add_generation_prompt=True).endswith("assistant:")
+
+
+def test_a_resumed_request_continues_and_counts_its_resumed_tokens_as_the_real_engine_does() -> None:
+    whole = run_one(request("a", max_tokens=6, seed=3))
+    first_four = [token for output in whole[:4] for token in output.choices[0].token_ids]
+    resumed = request("a", max_tokens=6, seed=3).model_copy(update={"attempt": 2, "resume_token_ids": first_four})
+    rest = run_one(resumed)
+    assert [o.choices[0].token_ids for o in rest] == [o.choices[0].token_ids for o in whole[4:]]
+    assert rest[-1].usage.completion_tokens == whole[-1].usage.completion_tokens == 6
+
+
+def run_one(req: GenerateRequest) -> list:
+    engine = fast()
+    engine.add_request(req)
+    return run(engine)[req.request_id]

@@ -20,8 +20,9 @@ from broker import subjects
 from broker.registry import WorkerRegistry
 from contracts import parse_event
 from ops.settings import Settings
-from tests.integration.harness import ApiServer, WorkerProcess
+from tests.integration.harness import WorkerProcess
 from tests.integration.nats_cluster import NatsCluster
+from tests.integration.test_batches import ApiProcess
 
 MODEL = "sim-cluster"
 EDGES = ("edge-a", "edge-b")
@@ -80,13 +81,12 @@ def workers(cluster: NatsCluster, settings: Settings, tmp_path_factory: pytest.T
 
 
 @pytest.fixture(scope="module")
-async def apis(cluster: NatsCluster, settings: Settings, observer: dict[str, Served],
-               workers: list[WorkerProcess]) -> AsyncIterator[list[ApiServer]]:
-    """API edge-a on node n3, API edge-b on node n2."""
-    # Both APIs run in this process: transformers' lazy first import is not thread-safe, so do it here once.
-    from transformers import AutoTokenizer  # noqa: F401
-
-    servers = [ApiServer(settings.model_copy(update={"nats_url": cluster.nodes[node].url, "edge_id": edge})).start()
+async def apis(cluster: NatsCluster, settings: Settings, observer: dict[str, Served], workers: list[WorkerProcess],
+               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[ApiProcess]]:
+    """API process edge-a on node n3, API process edge-b on node n2."""
+    logs = tmp_path_factory.mktemp("api-logs")
+    servers = [ApiProcess(settings.model_copy(update={"nats_url": cluster.nodes[node].url, "edge_id": edge}),
+                          logs / f"{edge}.log").start()
                for node, edge in ((2, EDGES[0]), (1, EDGES[1]))]
     try:
         for server in servers:
@@ -97,20 +97,23 @@ async def apis(cluster: NatsCluster, settings: Settings, observer: dict[str, Ser
             server.stop()
 
 
-async def wait_for_workers(api: ApiServer, workers: list[WorkerProcess], count: int, timeout: float = 60) -> None:
+async def wait_for_workers(api: ApiProcess, workers: list[WorkerProcess], count: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(base_url=api.base_url) as http:
         while True:
             for worker in workers:
                 assert worker.proc is not None and worker.proc.poll() is None, worker.log_tail()
-            response = await http.get("/health")
-            if response.status_code == 200 and response.json()["workers"] == count:
+            try:
+                response = await http.get("/health")
+            except httpx.TransportError:  # the api process is still starting
+                response = None
+            if response is not None and response.status_code == 200 and response.json()["workers"] == count:
                 return
-            assert time.monotonic() < deadline, f"{api.base_url}: {response.text}"
+            assert time.monotonic() < deadline, f"{api.base_url}: {response and response.text}"
             await asyncio.sleep(0.2)
 
 
-async def complete(api: ApiServer, prompt: str) -> str:
+async def complete(api: ApiProcess, prompt: str) -> str:
     """One completion through `api`; returns its text."""
     async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as http:
         response = await http.post("/v1/completions",
@@ -130,7 +133,7 @@ async def worker_ids_by_pid(cluster: NatsCluster) -> dict[int, str]:
         await nc.close()
 
 
-async def serve_rounds(apis: list[ApiServer], observer: dict[str, Served], expected: set[Served],
+async def serve_rounds(apis: list[ApiProcess], observer: dict[str, Served], expected: set[Served],
                        rounds: int = 6) -> set[Served]:
     """Concurrent completions through both APIs, round after round, until every (edge, worker) pair in
     `expected` has served one. Each worker holds two sequences, so eight at once cannot all go to one."""
@@ -147,7 +150,7 @@ async def serve_rounds(apis: list[ApiServer], observer: dict[str, Served], expec
 
 
 async def test_requests_through_either_api_are_served_by_either_worker(
-        cluster: NatsCluster, apis: list[ApiServer], workers: list[WorkerProcess],
+        cluster: NatsCluster, apis: list[ApiProcess], workers: list[WorkerProcess],
         observer: dict[str, Served]) -> None:
     ids = await worker_ids_by_pid(cluster)
     worker_ids = {ids[worker.proc.pid] for worker in workers}
@@ -170,7 +173,7 @@ async def test_requests_through_either_api_are_served_by_either_worker(
 
 
 async def test_requests_still_succeed_after_a_node_without_an_api_dies(
-        cluster: NatsCluster, apis: list[ApiServer], workers: list[WorkerProcess],
+        cluster: NatsCluster, apis: list[ApiProcess], workers: list[WorkerProcess],
         observer: dict[str, Served]) -> None:
     ids = await worker_ids_by_pid(cluster)
     worker_ids = {ids[worker.proc.pid] for worker in workers}

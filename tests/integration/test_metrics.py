@@ -87,6 +87,16 @@ def worker_value(samples: Samples, name: str, worker_id: str, **labels: str) -> 
     return samples.get((name, key), 0.0)
 
 
+async def answered_value(base_url: str, name: str, worker_id: str, timeout_s: float = 10.0) -> float:
+    """The worker's value once a scrape includes its answer (on a busy machine one may miss the scrape window)."""
+    key = (name, frozenset({"model_name": MODEL, "worker_id": worker_id}.items()))
+    deadline = time.monotonic() + timeout_s
+    while key not in (samples := await scrape(base_url)):
+        assert time.monotonic() < deadline, f"no {name} from worker {worker_id}"
+        await asyncio.sleep(0.1)
+    return samples[key]
+
+
 async def live_worker_ids(nats_url: str, model: str) -> set[str]:
     async with connect(nats_url, "metrics-test") as nc:
         registry = await WorkerRegistry.open(nc.jetstream(), 10.0)
@@ -132,7 +142,7 @@ async def test_running_gauge_counts_a_streaming_request(metrics_api: ApiServer, 
             async for line in response.aiter_lines():
                 if line.startswith("data: {"):
                     break  # tokens are flowing: the request is running
-            running = worker_value(await scrape(metrics_api.base_url), "inferq:num_requests_running", worker_id)
+            running = await answered_value(metrics_api.base_url, "inferq:num_requests_running", worker_id)
     assert running == 1
     # Leaving the stream cancels the generation; it ends as an abort and the gauge drops back.
     deadline = time.monotonic() + 20

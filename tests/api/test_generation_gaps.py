@@ -1,0 +1,77 @@
+"""A Generation that sees a gap in its token events (lost while NATS reconnected) continues on a new attempt from
+the tokens it did deliver, so the client never gets a text with a hole in it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from api.engine_client import Generation, Timeouts
+from contracts import Accepted, ChoiceDelta, End, GenerateRequest, SamplingParams, Tokens, Usage
+
+pytestmark = pytest.mark.asyncio
+
+
+class RecordingClient:
+    """What a Generation needs of its EngineClient: publish (resubmissions), cancel, the router, timeouts."""
+
+    def __init__(self) -> None:
+        self.published: list[GenerateRequest] = []
+        self.timeouts = Timeouts(queue_s=5.0, silence_s=5.0)
+        self.router = self
+
+    async def publish(self, request: GenerateRequest) -> None:
+        self.published.append(request)
+
+    async def cancel(self, request_id: str) -> None:
+        pass
+
+    def close(self, request_id: str) -> None:
+        pass
+
+
+def tokens(attempt: int, seq: int, token: int, finish: str | None = None) -> Tokens:
+    return Tokens(request_id="r", attempt=attempt, seq=seq,
+                  choices=[ChoiceDelta(index=0, text=f" t{token}", token_ids=[token], finish_reason=finish)])
+
+
+async def test_a_gap_resumes_from_the_delivered_tokens_on_a_new_attempt() -> None:
+    client = RecordingClient()
+    request = GenerateRequest(request_id="r", model="m", prompt_token_ids=[1], reply_subject="inf.tok.e.r",
+                              sampling=SamplingParams(max_tokens=4))
+    events: asyncio.Queue = asyncio.Queue()
+    for event in (Accepted(request_id="r", attempt=1, seq=0, worker_id="w1"), tokens(1, 1, 10),
+                  tokens(1, 3, 12)):  # seq 2 (token 11) was lost
+        events.put_nowait(event)
+    generation = Generation(client, request, events)
+    received = []
+
+    async def consume() -> None:
+        async for event in generation:
+            received.append(event)
+
+    task = asyncio.create_task(consume())
+    while not client.published:
+        await asyncio.sleep(0.01)
+    [resubmitted] = client.published
+    assert resubmitted.attempt == 2 and resubmitted.resume_token_ids == [10]  # not 12: it came after the hole
+    for event in (tokens(1, 4, 13), Accepted(request_id="r", attempt=2, seq=0, worker_id="w2"), tokens(2, 1, 11),
+                  tokens(2, 2, 12), tokens(2, 3, 13, "length"),
+                  End(request_id="r", attempt=2, seq=4, usage=Usage(prompt_tokens=1, completion_tokens=4))):
+        events.put_nowait(event)  # the old attempt's late events are ignored
+    await asyncio.wait_for(task, 5)
+    delivered = [t for event in received if event.kind == "tokens" for c in event.choices for t in c.token_ids]
+    assert delivered == [10, 11, 12, 13]
+
+
+async def test_only_the_accepted_event_missing_is_no_gap() -> None:
+    client = RecordingClient()
+    request = GenerateRequest(request_id="r", model="m", prompt_token_ids=[1], reply_subject="inf.tok.e.r",
+                              sampling=SamplingParams(max_tokens=1))
+    events: asyncio.Queue = asyncio.Queue()
+    for event in (tokens(1, 1, 10, "length"),
+                  End(request_id="r", attempt=1, seq=2, usage=Usage(prompt_tokens=1, completion_tokens=1))):
+        events.put_nowait(event)
+    received = [event async for event in Generation(client, request, events)]
+    assert [event.kind for event in received] == ["tokens", "end"] and client.published == []

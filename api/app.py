@@ -54,7 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.deployments = await Deployments.open(nc, settings)  # records in KV, commands to agents
             app.state.services = services = Services(
                 settings=settings,
-                catalog=ModelCatalog(js, registry, settings.data_dir / "tokenizers"),
+                catalog=ModelCatalog(js, registry, settings.data_dir / "tokenizers", settings.registry_ttl_s),
                 engine=EngineClient(nc, router, Timeouts(queue_s=settings.queue_timeout_s,
                                                           silence_s=settings.worker_silence_timeout_s)),
                 batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s, settings.nats_replicas),

@@ -41,12 +41,15 @@ class ServedModel:
 
 
 class ModelCatalog:
-    def __init__(self, js: JetStreamContext, registry: WorkerRegistry, tokenizer_cache: Path):
+    def __init__(self, js: JetStreamContext, registry: WorkerRegistry, tokenizer_cache: Path,
+                 registry_ttl_s: float = 10.0):
         self._js = js
         self._registry = registry
+        self._registry_ttl_s = registry_ttl_s  # a worker's entry outlives its death by this much anyway
         self._tokenizer_cache = tokenizer_cache
         self._workers: list[WorkerInfo] = []
         self._fetched_at = 0.0
+        self._seen_at = float("-inf")  # when the registry last listed any worker
         self._lock = asyncio.Lock()
         self._tokenizers: dict[str, Any] = {}
         self._tokenizer_lock = asyncio.Lock()
@@ -55,7 +58,13 @@ class ModelCatalog:
         async with self._lock:
             if time.monotonic() - self._fetched_at > _CACHE_S:
                 try:
-                    self._workers = await self._registry.live_workers()
+                    workers = await self._registry.live_workers()
+                    if workers:
+                        self._seen_at = time.monotonic()
+                    if workers or time.monotonic() - self._seen_at > self._registry_ttl_s:
+                        self._workers = workers
+                    else:  # every worker gone at once, within one registry TTL: far likelier a KV failover
+                        log.warning("catalog.registry_empty_kept_last", workers=len(self._workers))
                 except BrokerUnavailable as exc:
                     if not self._fetched_at:
                         raise

@@ -124,11 +124,16 @@ async def complete(api: ApiProcess, prompt: str) -> str:
     return body["choices"][0]["text"]
 
 
-async def worker_ids_by_pid(cluster: NatsCluster) -> dict[int, str]:
+async def worker_ids_by_pid(cluster: NatsCluster, pids: set[int]) -> dict[int, str]:
+    """worker id by pid, once the registry (read on n1: a replica may lag a moment) lists all of `pids`."""
     nc = await nats.connect(cluster.nodes[0].url)
     try:
         registry = WorkerRegistry(await nc.jetstream().key_value(subjects.REGISTRY_BUCKET))
-        return {info.pid: info.worker_id for info in await registry.live_workers()}
+        deadline = time.monotonic() + 20
+        while not pids <= set(ids := {info.pid: info.worker_id for info in await registry.live_workers()}):
+            assert time.monotonic() < deadline, (pids, ids)
+            await asyncio.sleep(0.2)
+        return ids
     finally:
         await nc.close()
 
@@ -152,7 +157,7 @@ async def serve_rounds(apis: list[ApiProcess], observer: dict[str, Served], expe
 async def test_requests_through_either_api_are_served_by_either_worker(
         cluster: NatsCluster, apis: list[ApiProcess], workers: list[WorkerProcess],
         observer: dict[str, Served]) -> None:
-    ids = await worker_ids_by_pid(cluster)
+    ids = await worker_ids_by_pid(cluster, {worker.proc.pid for worker in workers})
     worker_ids = {ids[worker.proc.pid] for worker in workers}
     assert len(worker_ids) == 2
     expected = {Served(edge, worker_id) for edge in EDGES for worker_id in worker_ids}
@@ -175,7 +180,7 @@ async def test_requests_through_either_api_are_served_by_either_worker(
 async def test_requests_still_succeed_after_a_node_without_an_api_dies(
         cluster: NatsCluster, apis: list[ApiProcess], workers: list[WorkerProcess],
         observer: dict[str, Served]) -> None:
-    ids = await worker_ids_by_pid(cluster)
+    ids = await worker_ids_by_pid(cluster, {worker.proc.pid for worker in workers})
     worker_ids = {ids[worker.proc.pid] for worker in workers}
 
     cluster.stop_node(0)  # n1: worker 1's node; both APIs are elsewhere. Worker 1 reconnects to n2 or n3.

@@ -5,6 +5,7 @@ serve; the edge only publishes into it. Each is created with `replicas` copies (
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ log = structlog.get_logger(__name__)
 _REQUEST_ACK_WAIT_S = 30.0
 _REQUEST_MAX_DELIVER = 3
 _TWO_DAYS_S = 2 * 86_400.0
+_ENSURE_RETRY_S = 30.0
 _LEADER_WAIT_S = 10.0
 
 
@@ -79,6 +81,27 @@ async def _ensure_work_queue(js: JetStreamContext, name: str, subject: str, mode
     await js.add_consumer(stream.name, consumer)
 
 
+def _retrying_while_electing(ensure):
+    """Streams and buckets are ensured by every process at startup. On a fresh cluster several processes create
+    replicated ones at once, and the JetStream API may time out or answer 503 while their groups elect leaders:
+    that passes within seconds, so try again rather than fail the process's startup."""
+
+    @functools.wraps(ensure)
+    async def ensured(*args, **kwargs):
+        deadline = time.monotonic() + _ENSURE_RETRY_S
+        while True:
+            try:
+                return await ensure(*args, **kwargs)
+            except (TimeoutError, jse.ServiceUnavailableError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("topology.ensure_retrying", what=ensure.__name__, error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(0.5)
+
+    return ensured
+
+
+@_retrying_while_electing
 async def _stream(js: JetStreamContext, stream: StreamConfig) -> None:
     try:
         await js.add_stream(stream)
@@ -88,6 +111,7 @@ async def _stream(js: JetStreamContext, stream: StreamConfig) -> None:
     await _await_leader(js, stream.name)
 
 
+@_retrying_while_electing
 async def _key_value(js: JetStreamContext, config: KeyValueConfig):
     """The bucket if it exists (whatever its config), else created with `config`."""
     try:
@@ -98,6 +122,7 @@ async def _key_value(js: JetStreamContext, config: KeyValueConfig):
     return bucket
 
 
+@_retrying_while_electing
 async def _object_store(js: JetStreamContext, name: str, replicas: int):
     """The object store if it exists (whatever its config), else created file-backed with `replicas`."""
     try:

@@ -5,12 +5,9 @@ writer last saw, line results in KV written create-only, and the job queue runne
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import nats.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -19,8 +16,8 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from broker import subjects
-from broker.errors import BrokerError, BrokerUnavailable
-from broker.kv import read, records
+from broker.errors import BrokerError
+from broker.kv import CasRecords, as_broker_errors, read, records
 from broker.topology import ensure_batch_jobs, ensure_batch_storage
 from broker.work_queue import MSG_ID_HEADER
 from contracts import BatchJob, BatchTicket, FileRecord, LineResult
@@ -30,34 +27,12 @@ log = structlog.get_logger(__name__)
 _FETCH_RETRY_S = 0.25
 
 
-class StaleRevision(BrokerError):
-    """Someone wrote the job since the revision this writer holds: re-read before deciding anything."""
-
-
 class FileMissing(BrokerError):
     """The file's record or contents do not exist (any more)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Versioned:
-    """A job and the KV revision it was read at: the only revision a compare-and-swap may name."""
-
-    job: BatchJob
-    revision: int
-
-
-@contextmanager
-def _as_broker_errors() -> Iterator[None]:
-    """NATS failures (timeouts, a connection being re-established) as BrokerUnavailable, so callers that retry
-    catch one type. Expected answers (not found, wrong revision) are handled inside before this."""
-    try:
-        yield
-    except (TimeoutError, nats.errors.Error, jse.APIError) as exc:
-        raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
-
-
 async def _get(kv: KeyValue, key: str) -> tuple[bytes, int] | None:
-    with _as_broker_errors():
+    with as_broker_errors():
         return await read(kv, key)
 
 
@@ -97,47 +72,12 @@ class FileStore:
         return True
 
 
-class JobStore:
-    """Batch jobs. Every write is a compare-and-swap on a revision the writer read, so two writers never both
-    win: a cancel racing a runner, or a runner that was presumed dead racing the one that took over."""
+class JobStore(CasRecords[BatchJob]):
+    """Batch jobs: every write a compare-and-swap, so a runner that was presumed dead never overwrites the one
+    that took over."""
 
     def __init__(self, kv: KeyValue):
-        self._kv = kv
-
-    async def create(self, job: BatchJob) -> Versioned:
-        revision = await self._kv.create(subjects.batch_key(job.id), job.to_bytes())
-        return Versioned(job, revision)
-
-    async def get(self, batch_id: str) -> Versioned | None:
-        found = await _get(self._kv, subjects.batch_key(batch_id))
-        return None if found is None else Versioned(BatchJob.from_bytes(found[0]), found[1])
-
-    async def write(self, job: BatchJob, revision: int) -> Versioned:
-        """Store `job` if the key is still at `revision`; StaleRevision otherwise."""
-        with _as_broker_errors():
-            try:
-                new_revision = await self._kv.update(subjects.batch_key(job.id), job.to_bytes(), last=revision)
-            except jse.KeyWrongLastSequenceError:
-                raise StaleRevision(f"batch {job.id} changed since revision {revision}") from None
-        return Versioned(job, new_revision)
-
-    async def change(self, batch_id: str, edit: Callable[[BatchJob], BatchJob | None]) -> Versioned | None:
-        """Read-edit-CAS until it sticks. `edit` sees the latest job and returns the new one, or None to leave
-        it as it is. Returns what is stored afterwards (None: no such batch)."""
-        while True:
-            current = await self.get(batch_id)
-            if current is None:
-                return None
-            edited = edit(current.job)
-            if edited is None:
-                return current
-            try:
-                return await self.write(edited, current.revision)
-            except StaleRevision:
-                continue
-
-    async def list(self) -> list[BatchJob]:
-        return await records(self._kv, "batch", BatchJob)
+        super().__init__(kv, BatchJob, "batch", subjects.batch_key)
 
 
 class ResultStore:
@@ -149,7 +89,7 @@ class ResultStore:
 
     async def put_once(self, batch_id: str, result: LineResult) -> bool:
         """False when a result for this custom_id was already stored (the stored one stands)."""
-        with _as_broker_errors():
+        with as_broker_errors():
             try:
                 await self._kv.create(subjects.batch_result_key(batch_id, result.custom_id), result.to_bytes())
             except jse.KeyWrongLastSequenceError:
@@ -176,7 +116,7 @@ class JobQueue:
 
     async def publish(self, batch_id: str) -> bool:
         """Queue the batch's ticket; False if one was queued already (within the stream's duplicate window)."""
-        with _as_broker_errors():
+        with as_broker_errors():
             ack = await self._js.publish(subjects.BATCH_JOB_SUBJECT, BatchTicket(batch_id=batch_id).to_bytes(),
                                          timeout=2.0, headers={MSG_ID_HEADER: batch_id})
         return not ack.duplicate

@@ -7,22 +7,19 @@ first, then live lines."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 import nats.errors
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js import errors as jse
 from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from broker import subjects
-from broker.batch_store import StaleRevision
 from broker.errors import BrokerUnavailable
-from broker.kv import read, records
+from broker.kv import CasRecords
 from broker.topology import _key_value, _stream
 from contracts.deployments import (
     AgentReply,
@@ -37,13 +34,7 @@ log = structlog.get_logger(__name__)
 
 _LOG_MAX_AGE_S = 7 * 86_400.0
 
-__all__ = ["DeploymentBus", "DeploymentStore", "StaleRevision", "VersionedDeployment", "ensure_deployments"]
-
-
-@dataclass(frozen=True, slots=True)
-class VersionedDeployment:
-    deployment: Deployment
-    revision: int
+__all__ = ["DeploymentBus", "DeploymentStore", "ensure_deployments"]
 
 
 async def ensure_deployments(js: JetStreamContext, log_history: int, replicas: int = 1) -> KeyValue:
@@ -56,52 +47,13 @@ async def ensure_deployments(js: JetStreamContext, log_history: int, replicas: i
                                                storage=StorageType.FILE, replicas=replicas))
 
 
-class DeploymentStore:
+class DeploymentStore(CasRecords[Deployment]):
     def __init__(self, kv: KeyValue):
-        self._kv = kv
+        super().__init__(kv, Deployment, "deployment", subjects.deployment_key)
 
     @classmethod
     async def open(cls, js: JetStreamContext, log_history: int, replicas: int = 1) -> DeploymentStore:
         return cls(await ensure_deployments(js, log_history, replicas))
-
-    async def create(self, deployment: Deployment) -> VersionedDeployment:
-        revision = await self._kv.create(subjects.deployment_key(deployment.id), deployment.to_bytes())
-        return VersionedDeployment(deployment, revision)
-
-    async def get(self, deployment_id: str) -> VersionedDeployment | None:
-        try:
-            found = await read(self._kv, subjects.deployment_key(deployment_id))
-        except (TimeoutError, nats.errors.Error, jse.APIError) as exc:
-            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
-        return None if found is None else VersionedDeployment(Deployment.from_bytes(found[0]), found[1])
-
-    async def write(self, deployment: Deployment, revision: int) -> VersionedDeployment:
-        """Store `deployment` if its key is still at `revision`; StaleRevision otherwise."""
-        try:
-            new_revision = await self._kv.update(subjects.deployment_key(deployment.id), deployment.to_bytes(),
-                                                 last=revision)
-        except jse.KeyWrongLastSequenceError:
-            raise StaleRevision(f"deployment {deployment.id} changed since revision {revision}") from None
-        return VersionedDeployment(deployment, new_revision)
-
-    async def change(self, deployment_id: str,
-                     edit: Callable[[Deployment], Deployment | None]) -> VersionedDeployment | None:
-        """Read-edit-CAS until it sticks; `edit` returns the new record or None to leave it. Returns what is stored
-        afterwards (None: no such deployment). Exceptions from `edit` (an invalid transition) propagate."""
-        while True:
-            current = await self.get(deployment_id)
-            if current is None:
-                return None
-            edited = edit(current.deployment)
-            if edited is None:
-                return current
-            try:
-                return await self.write(edited, current.revision)
-            except StaleRevision:
-                continue
-
-    async def list(self) -> list[Deployment]:
-        return await records(self._kv, "deployment", Deployment)
 
 
 class DeploymentBus:

@@ -1,19 +1,39 @@
-"""KV reads every store shares. nats-py's KV API raises for a missing or deleted key and for an empty listing
-(and `keys()` filters by substring), so these answer None / [] instead."""
+"""KV access every store shares. nats-py's KV API raises for a missing or deleted key and for an empty listing
+(and `keys()` filters by substring), so these answer None / [] instead. `CasRecords` is the one implementation
+of records that are only ever updated by compare-and-swap (batch jobs, deployments)."""
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
+import nats.errors
 import structlog
 from nats.js import errors as jse
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from broker.errors import BrokerError, BrokerUnavailable
 from contracts import Contract
 
 log = structlog.get_logger(__name__)
 R = TypeVar("R", bound=Contract)
+
+
+class StaleRevision(BrokerError):
+    """Someone wrote the record since the revision this writer holds: re-read before deciding anything."""
+
+
+@contextmanager
+def as_broker_errors() -> Iterator[None]:
+    """NATS failures (timeouts, a connection being re-established) as BrokerUnavailable, so callers that retry
+    catch one type. Expected answers (not found, wrong revision) are handled inside before this."""
+    try:
+        yield
+    except (TimeoutError, nats.errors.Error, jse.APIError) as exc:
+        raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
 
 
 async def read(kv: KeyValue, key: str) -> tuple[bytes, int] | None:
@@ -41,3 +61,59 @@ async def records(kv: KeyValue, prefix: str, kind: type[R]) -> list[R]:
     finally:
         await watcher.stop()
     return list(found.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned(Generic[R]):
+    """A record and the KV revision it was read at: the only revision a compare-and-swap may name."""
+
+    record: R
+    revision: int
+
+
+class CasRecords(Generic[R]):
+    """Records of one kind under `prefix.<id>`, written only by compare-and-swap on the revision the writer read,
+    so two writers never both win (a cancel racing a runner, an agent racing a stop)."""
+
+    def __init__(self, kv: KeyValue, kind: type[R], prefix: str, key_of: Callable[[str], str]):
+        self._kv = kv
+        self._kind = kind
+        self._prefix = prefix
+        self._key_of = key_of
+
+    async def create(self, record: R) -> Versioned[R]:
+        revision = await self._kv.create(self._key_of(record.id), record.to_bytes())
+        return Versioned(record, revision)
+
+    async def get(self, record_id: str) -> Versioned[R] | None:
+        with as_broker_errors():
+            found = await read(self._kv, self._key_of(record_id))
+        return None if found is None else Versioned(self._kind.from_bytes(found[0]), found[1])
+
+    async def write(self, record: R, revision: int) -> Versioned[R]:
+        """Store `record` if its key is still at `revision`; StaleRevision otherwise."""
+        with as_broker_errors():
+            try:
+                new_revision = await self._kv.update(self._key_of(record.id), record.to_bytes(), last=revision)
+            except jse.KeyWrongLastSequenceError:
+                raise StaleRevision(f"{self._prefix} {record.id} changed since revision {revision}") from None
+        return Versioned(record, new_revision)
+
+    async def change(self, record_id: str, edit: Callable[[R], R | None]) -> Versioned[R] | None:
+        """Read-edit-CAS until it sticks. `edit` sees the latest record and returns the new one, or None to leave
+        it as it is. Returns what is stored afterwards (None: no such record). Exceptions from `edit` (an invalid
+        transition) propagate."""
+        while True:
+            current = await self.get(record_id)
+            if current is None:
+                return None
+            edited = edit(current.record)
+            if edited is None:
+                return current
+            try:
+                return await self.write(edited, current.revision)
+            except StaleRevision:
+                continue
+
+    async def list(self) -> list[R]:
+        return await records(self._kv, self._prefix, self._kind)

@@ -194,8 +194,8 @@ class Supervision:
             raise StoppedElsewhere from None
         if stored is None:
             raise StoppedElsewhere
-        log.info("deployment.updated", deployment_id=self.deployment_id, status=stored.deployment.status)
-        return stored.deployment
+        log.info("deployment.updated", deployment_id=self.deployment_id, status=stored.record.status)
+        return stored.record
 
     async def _finish(self, status: DeploymentStatus, reason: str | None) -> None:
         for subscription in self._subscriptions:

@@ -22,8 +22,9 @@ from api.auth.metering import Meter, using
 from api.batch.assemble import Tally, assemble, discard
 from api.batch.lines import BatchLine, InvalidLine, LineParser, RetryLater, read_lines, run_line
 from api.services import Services
-from broker.batch_store import BatchStorage, FileMissing, StaleRevision, Versioned
+from broker.batch_store import BatchStorage, FileMissing
 from broker.errors import BrokerError
+from broker.kv import StaleRevision, Versioned
 from contracts import BatchJob, BatchStatus, LineResult
 from contracts.batch import BatchErrorItem, InvalidTransition, LineError, RequestCounts
 
@@ -65,7 +66,7 @@ class JobRun:
     def __init__(self, context: RunnerContext, batch_id: str):
         self._ctx = context
         self._id = batch_id
-        self._held: Versioned | None = None
+        self._held: Versioned[BatchJob] | None = None
         self._tally = Tally()
         self._stopped = asyncio.Event()
         self._stop_reason: str | None = None
@@ -74,7 +75,7 @@ class JobRun:
     @property
     def job(self) -> BatchJob:
         assert self._held is not None
-        return self._held.job
+        return self._held.record
 
     async def run(self) -> None:
         """Returns once the batch is in a final state; raises Fenced when another runner took it over."""
@@ -126,10 +127,10 @@ class JobRun:
             return None
 
     # --- compare-and-swap writes ----------------------------------------------------------------------------
-    async def _fresh(self) -> Versioned:
+    async def _fresh(self) -> Versioned[BatchJob]:
         """The stored job, if this run still holds the claim; Fenced otherwise."""
         fresh = await self._ctx.storage.jobs.get(self._id)
-        if fresh is None or (fresh.job.runner_id, fresh.job.epoch) != (self._ctx.runner_id, self.job.epoch):
+        if fresh is None or (fresh.record.runner_id, fresh.record.epoch) != (self._ctx.runner_id, self.job.epoch):
             raise Fenced(self._id)
         return fresh
 
@@ -139,7 +140,7 @@ class JobRun:
         held = self._held
         while True:
             try:
-                self._held = await self._ctx.storage.jobs.write(edit(held.job), held.revision)
+                self._held = await self._ctx.storage.jobs.write(edit(held.record), held.revision)
                 return self.job
             except StaleRevision:
                 held = await self._fresh()

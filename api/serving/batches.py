@@ -51,8 +51,8 @@ async def _visible_batch(batch_id: str, caller: Caller, services: Services) -> B
     stored = await storage_of(services).jobs.get(batch_id)
     if stored is None:
         raise ApiError(ErrorCode.NOT_FOUND, f"batch {batch_id} does not exist", param="batch_id")
-    require_visible(caller, stored.job.owner, f"batch {batch_id}")
-    return stored.job
+    require_visible(caller, stored.record.owner, f"batch {batch_id}")
+    return stored.record
 
 
 async def get_batch(batch_id: str, caller: Caller, services: Services) -> dict:
@@ -77,4 +77,4 @@ async def cancel_batch(batch_id: str, caller: Caller, services: Services) -> dic
     except InvalidTransition as exc:
         raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), param="batch_id") from None
     assert stored is not None  # batches are never deleted
-    return batch_object(stored.job)
+    return batch_object(stored.record)

@@ -124,8 +124,8 @@ async def visible_deployment(deployment_id: str, caller: Caller, deployments: De
     if stored is None:
         raise ApiError(ErrorCode.NOT_FOUND, f"deployment {deployment_id} does not exist", param="deployment_id")
     if caller.role is not Role.MONITOR:
-        require_visible(caller, stored.deployment.owner, f"deployment {deployment_id}")
-    return stored.deployment
+        require_visible(caller, stored.record.owner, f"deployment {deployment_id}")
+    return stored.record
 
 
 async def list_deployments(caller: Caller, deployments: Deployments) -> dict:
@@ -159,7 +159,7 @@ async def end_here(deployments: Deployments, deployment_id: str, status: Deploym
         stored = await deployments.store.change(deployment_id, edit)
     except InvalidDeploymentTransition:
         return
-    if stored is None or stored.deployment.status is not status or stored.deployment.error != reason:
+    if stored is None or stored.record.status is not status or stored.record.error != reason:
         return  # someone else ended it (its agent, just now), and wrote the last line
     content = f"[api] {status}: {reason}" if reason else f"[api] {status}"
     await deployments.bus.publish_log(deployment_id, LogLine(timestamp=time.time(), content=content, source="api",
@@ -208,6 +208,6 @@ async def log_stream(deployment: Deployment, deployments: Deployments, *, timest
 
 async def _metadata(deployment: Deployment, deployments: Deployments) -> dict:
     stored = await deployments.store.get(deployment.id)
-    current = stored.deployment if stored else deployment
+    current = stored.record if stored else deployment
     stats = None if current.status.terminal else await deployments.bus.stats(deployment.id, _STATS_WAIT_S)
     return metadata_event(current, stats, time.time())

@@ -43,18 +43,18 @@ async def test_a_runner_whose_claim_was_taken_over_writes_nothing_more(batch_sto
     # The zombie claimed the batch, then went silent long enough for its ticket to go to a successor.
     zombie._held = await batch_storage.jobs.change("batch_fence", lambda job: job.claimed_by("zombie"))
     await JobRun(context(batch_storage, "successor"), "batch_fence").run()
-    done = (await batch_storage.jobs.get("batch_fence")).job
+    done = (await batch_storage.jobs.get("batch_fence")).record
     assert done.status is BatchStatus.COMPLETED and (done.runner_id, done.epoch) == ("successor", 2)
     assert done.request_counts.completed == 2 and done.output_file_id and done.error_file_id is None
     with pytest.raises(Fenced):  # the zombie wakes up and tries to record progress
         await zombie._save(lambda job: job.model_copy(update={"error_file_id": "file-zombie"}))
-    assert (await batch_storage.jobs.get("batch_fence")).job == done
+    assert (await batch_storage.jobs.get("batch_fence")).record == done
 
 
 async def test_a_cancelled_batch_keeps_finished_lines_and_reports_the_rest(batch_storage: BatchStorage) -> None:
     await seed_batch(batch_storage, "batch_cx", ["done", "queued"], done=["done"], status=BatchStatus.CANCELLING)
     await JobRun(context(batch_storage, "r"), "batch_cx").run()
-    done = (await batch_storage.jobs.get("batch_cx")).job
+    done = (await batch_storage.jobs.get("batch_cx")).record
     assert done.status is BatchStatus.CANCELLED
     assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (2, 1, 1)
     errors = io.BytesIO()

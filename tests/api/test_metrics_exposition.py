@@ -15,14 +15,14 @@ def _histogram(counts: list[int], total: float) -> HistogramSnapshot:
 
 
 def _worker(worker_id: str, **fields) -> WorkerMetrics:
-    defaults = dict(
-        model="m", sent_at=0.0, num_requests_running=2, num_requests_waiting=1, prompt_tokens_total=30,
-        generation_tokens_total=12, request_success_total={"length": 3},
-        time_to_first_token_seconds=_histogram([1, 2, 0], 1.7),
-        inter_token_latency_seconds=_histogram([9, 0, 0], 0.2),
-        e2e_request_latency_seconds=_histogram([0, 1, 2], 9.0),
-        request_queue_time_seconds=_histogram([3, 0, 0], 0.01),
-    )
+    defaults = {
+        "model": "m", "sent_at": 0.0, "num_requests_running": 2, "num_requests_waiting": 1, "prompt_tokens_total": 30,
+        "generation_tokens_total": 12, "request_success_total": {"length": 3},
+        "time_to_first_token_seconds": _histogram([1, 2, 0], 1.7),
+        "inter_token_latency_seconds": _histogram([9, 0, 0], 0.2),
+        "e2e_request_latency_seconds": _histogram([0, 1, 2], 9.0),
+        "request_queue_time_seconds": _histogram([3, 0, 0], 0.01),
+    }
     return WorkerMetrics(worker_id=worker_id, **{**defaults, **fields})
 
 

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from broker.batch_store import BatchStorage, FileMissing, StaleRevision
+from broker.batch_store import BatchStorage, FileMissing
+from broker.kv import StaleRevision
 from contracts import BatchJob, BatchStatus, FilePurpose, FileRecord, LineResult
 
 pytestmark = pytest.mark.asyncio
@@ -38,15 +39,15 @@ async def test_file_contents_round_trip_in_chunks(batch_storage: BatchStorage) -
 
 async def test_job_writes_are_compare_and_swap(batch_storage: BatchStorage) -> None:
     created = await batch_storage.jobs.create(job("batch_cas"))
-    runner_a = created.job.claimed_by("a")
-    runner_b = created.job.claimed_by("b")
+    runner_a = created.record.claimed_by("a")
+    runner_b = created.record.claimed_by("b")
     won = await batch_storage.jobs.write(runner_a, created.revision)
     with pytest.raises(StaleRevision):  # b read the same revision: it loses
         await batch_storage.jobs.write(runner_b, created.revision)
-    assert (await batch_storage.jobs.get("batch_cas")).job.runner_id == "a"
+    assert (await batch_storage.jobs.get("batch_cas")).record.runner_id == "a"
     cancelled = await batch_storage.jobs.change("batch_cas", lambda j: j.transition(BatchStatus.CANCELLING, 5))
-    assert cancelled.revision > won.revision and cancelled.job.runner_id == "a"  # the edit kept the claim
-    assert cancelled.job.status is BatchStatus.CANCELLING and cancelled.job.cancelling_at == 5
+    assert cancelled.revision > won.revision and cancelled.record.runner_id == "a"  # the edit kept the claim
+    assert cancelled.record.status is BatchStatus.CANCELLING and cancelled.record.cancelling_at == 5
 
 
 async def test_results_are_stored_once_and_purged_per_batch(batch_storage: BatchStorage) -> None:

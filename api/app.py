@@ -28,6 +28,7 @@ from broker.batch_store import BatchStorage
 from broker.connection import NatsAuth, connect
 from broker.events import EventRouter
 from broker.registry import WorkerRegistry
+from broker.topology import ensure_journal_stream
 from contracts import ErrorCode
 from ops.settings import Settings
 from ops.telemetry import open_tracing
@@ -48,6 +49,9 @@ def create_app(settings: Settings) -> FastAPI:
         async with connect(settings.nats_url, name=f"inferq-api-{edge_id}", auth=nats_auth) as nc:
             js = nc.jetstream()
             await auth_gate.open(js)
+            # The journal first: from the router's first subscription on, this edge's token events are kept.
+            await ensure_journal_stream(js, settings.journal_max_age_s, settings.journal_max_bytes,
+                                        settings.nats_replicas)
             router = EventRouter(nc, edge_id)
             await router.start()
             registry = await WorkerRegistry.open(js, settings.registry_ttl_s, settings.nats_replicas)

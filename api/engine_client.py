@@ -1,6 +1,9 @@
 """The edge's view of the engines: submit a request to the model's queue, then iterate its events. Owns the
 request's state machine: queued (bounded wait) → streaming (bounded silence) → end | error. Closing the
-iteration early (client gone) cancels the generation on the worker."""
+iteration early (client gone) cancels the generation on the worker.
+
+An edge can also follow a request it did not submit, from the token journal (broker/journal.py): a client whose
+stream broke reconnects with its SSE Last-Event-ID, or retries its POST with the same Idempotency-Key."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from api.auth.metering import Reservation, reserve_for
 from api.errors import ApiError, broker_error
 from broker.errors import BrokerError, QueueFull
 from broker.events import Event, EventRouter, publish_cancel
+from broker.journal import JournalFollower, journal_has
 from broker.tracing import trace_headers
 from broker.work_queue import DrainGauge, Lane, publish_request
 from contracts import ChoiceDelta, EmbedRequest, End, ErrorCode, FinishReason, GenerateRequest, Tokens, Usage
@@ -36,14 +40,21 @@ class Generation:
 
     If the worker goes silent mid-stream, the request is resubmitted with the tokens already delivered
     (`resume_token_ids`, attempt + 1): the next worker continues from there, so the client sees one
-    uninterrupted stream. Events of superseded attempts are ignored."""
+    uninterrupted stream. Events of superseded attempts are ignored.
+
+    A generation that follows the journal (`follower`) replays every attempt's events from the start: it moves
+    on to a newer attempt when one appears, drops tokens it already has (an attempt's `accepted` event says
+    where its tokens start), and continues a request its previous client cancelled, by resubmitting it."""
 
     def __init__(self, client: EngineClient, request: GenerateRequest, events: asyncio.Queue[Event],
-                 reservation: Reservation | None = None):
+                 reservation: Reservation | None = None, follower: JournalFollower | None = None):
         self._client = client
         self.request = request
         self._events = events
+        self._follower = follower
         self._delivered: list[int] = list(getattr(request, "resume_token_ids", ()))
+        self._position = len(self._delivered)  # where the current attempt's next token goes (followers)
+        self._aborted = False  # a follower saw the request cancelled under its previous client
         self._done = False
         self._reservation = reservation  # the caller's tokens held for this generation, settled in close()
         self._usage: Usage | None = None
@@ -64,7 +75,10 @@ class Generation:
                         raise self._client.timeout_error(accepted) from None
                     event = None  # the worker went silent: continue elsewhere
                 if event is not None and event.attempt != self.request.attempt:
-                    continue  # from a superseded attempt (a worker that was presumed dead)
+                    if self._follower is None or event.attempt < self.request.attempt:
+                        continue  # from a superseded attempt (a worker that was presumed dead)
+                    self._adopt(event.attempt)
+                    accepted, expected_seq = False, 0
                 if event is None or self._lost_before(event, expected_seq):
                     if self._all_delivered:
                         self._done = True
@@ -80,12 +94,18 @@ class Generation:
                 expected_seq = event.seq + 1
                 if event.kind == "accepted":
                     accepted = True
+                    self._position = event.resumed_tokens
                     self._log = self._log.bind(worker_id=event.worker_id)
                 elif event.kind == "tokens":
+                    if self._follower is not None and (event := self._unseen(event)) is None:
+                        continue
                     self._delivered.extend(t for c in event.choices if c.index == 0 for t in c.token_ids)
                     yield event
                 elif event.kind == "embeddings":
                     yield event
+                elif event.kind == "end" and self._aborted:
+                    await self._resubmit()  # its previous client left; this one wants the rest
+                    accepted, expected_seq, self._aborted = False, 0, False
                 elif event.kind == "end":
                     self._done = True
                     self._usage = event.usage
@@ -93,6 +113,32 @@ class Generation:
                     return
         finally:
             await self.close()
+
+    def _adopt(self, attempt: int) -> None:
+        """Follow a newer attempt seen in the journal (another edge resubmitted the request)."""
+        self.request = self.request.model_copy(update={"attempt": attempt})
+        self._aborted = False
+
+    def _unseen(self, event: Tokens) -> Tokens | None:
+        """A replayed event without what was already delivered: an attempt that resumed from fewer tokens than
+        its predecessor streamed repeats those (identically, for greedy or seeded sampling). An abort from the
+        previous client leaving is kept back: this client still wants the rest."""
+        if self.request.sampling.num_candidates != 1:
+            return event  # never resumed, so one attempt: nothing repeats
+        choices = []
+        for delta in event.choices:
+            self._position += len(delta.token_ids)
+            if delta.token_ids and self._position <= len(self._delivered):
+                continue
+            if delta.finish_reason is FinishReason.ABORT and self._resumable:
+                self._aborted = True
+                delta = delta.model_copy(update={"finish_reason": None, "stop_reason": None})
+                if not delta.token_ids and not delta.text:
+                    continue
+            choices.append(delta)
+        if not choices and event.prompt_logprobs is None:
+            return None
+        return event.model_copy(update={"choices": choices})
 
     def _lost_before(self, event: Event, expected_seq: int) -> bool:
         """Whether events were lost ahead of `event` (core NATS drops what arrives while a connection is being
@@ -140,10 +186,12 @@ class Generation:
 
     async def close(self) -> None:
         """Stop listening; if the generation has not finished, cancel it on the worker."""
+        if self._follower is not None:
+            await asyncio.shield(self._follower.close())
         self._client.router.close(self.request.request_id)
         if not self._done:
             self._done = True
-            await asyncio.shield(self._client.cancel(self.request.request_id))
+            await asyncio.shield(self._client.cancel(self.request.request_id, self.request.attempt))
         if self._reservation is not None:
             # What the worker reported, else what we know it spent (the prompt and the tokens delivered).
             used = self._usage or Usage(prompt_tokens=prompt_tokens(self.request),
@@ -188,7 +236,8 @@ class EngineClient:
         return self._message_keys[request.request_id]
 
     def reply_subject(self, request_id: str) -> str:
-        return self.router.reply_subject(request_id)
+        """Interactive replies are journaled (replayable by another edge); batch lines are not."""
+        return self.router.reply_subject(request_id, journaled=self.lane is Lane.INTERACTIVE)
 
     async def submit(self, request: GenerateRequest) -> Generation:
         """Queue the request durably; raises ApiError (429 full or over the caller's token budget, 503
@@ -205,11 +254,55 @@ class EngineClient:
             raise
         return Generation(self, request, events, reservation)
 
-    async def publish(self, request: GenerateRequest) -> None:
+    async def submit_or_attach(self, request: GenerateRequest) -> Generation:
+        """Submit a request whose id the client chose (Idempotency-Key, X-Request-Id); if that request was
+        already submitted (its events are in the journal, or the queue holds it), follow it instead."""
+        if await self._journal_has(request.request_id):
+            return await self.attach(request)
+        if self.lane is Lane.BATCH:
+            request = request.model_copy(update={"priority": max(request.priority, BATCH_PRIORITY)})
+        reservation = await reserve_for(request)
+        events = self.router.open(request.request_id)
+        try:
+            queued = await self.publish(request)
+        except ApiError:
+            self.router.close(request.request_id)
+            await reservation.settle(0)
+            raise
+        if queued:
+            return Generation(self, request, events, reservation)
+        self.router.close(request.request_id)  # a duplicate: the first submission's events go elsewhere
+        await reservation.settle(0)
+        return await self.attach(request)
+
+    async def resume(self, request: GenerateRequest) -> Generation:
+        """Follow a request submitted earlier (by this edge or another), from the journal; 404 if the journal
+        no longer has it."""
+        if not await self._journal_has(request.request_id):
+            raise ApiError(ErrorCode.NOT_FOUND, f"no request {request.request_id!r} to resume: it is unknown, or "
+                           "finished too long ago to be replayed")
+        return await self.attach(request)
+
+    async def attach(self, request: GenerateRequest) -> Generation:
+        try:
+            follower = await JournalFollower(self._js, request.request_id).start()
+        except BrokerError as exc:
+            raise broker_error(exc) from exc
+        log.info("request.attached", request_id=request.request_id)
+        return Generation(self, request, follower.events, follower=follower)
+
+    async def _journal_has(self, request_id: str) -> bool:
+        try:
+            return await journal_has(self._js, request_id)
+        except BrokerError as exc:
+            raise broker_error(exc) from exc
+
+    async def publish(self, request: GenerateRequest) -> bool:
+        """Queue the request; False if the queue already had it (a duplicate of the same submission)."""
         try:
             # The current span (the HTTP request's) travels in the headers: the worker's spans join its trace.
-            await publish_request(self._js, request, idempotency_key=self._message_key(request), lane=self.lane,
-                                  headers=trace_headers())
+            return await publish_request(self._js, request, idempotency_key=self._message_key(request),
+                                         lane=self.lane, headers=trace_headers())
         except QueueFull as exc:
             raise broker_error(exc, retry_after=await self._drain_time(request.model)) from exc
         except BrokerError as exc:
@@ -222,20 +315,21 @@ class EngineClient:
             log.warning("queue.drain_estimate_failed", model=model, error=str(exc))
             return None
 
-    async def submit_all(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
+    async def submit_all(self, requests: Sequence[GenerateRequest], *, attach: bool = False) -> list[Generation]:
+        """`attach`: the ids are the client's (see submit_or_attach)."""
         generations: list[Generation] = []
         try:
             for request in requests:
-                generations.append(await self.submit(request))
+                generations.append(await (self.submit_or_attach(request) if attach else self.submit(request)))
         except ApiError:
             for generation in generations:
                 await generation.close()
             raise
         return generations
 
-    async def cancel(self, request_id: str) -> None:
+    async def cancel(self, request_id: str, attempt: int | None = None) -> None:
         try:
-            await publish_cancel(self._nc, request_id)
+            await publish_cancel(self._nc, request_id, up_to_attempt=attempt)
         except Exception as exc:  # best effort: a cancel lost in a reconnect only costs compute
             log.warning("request.cancel_failed", request_id=request_id, error=str(exc))
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
@@ -32,23 +33,37 @@ def sse_data(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else _json(payload)}\n\n"
 
 
-async def sse_frames(chunks: AsyncIterator[dict], *, done: bool = True,
-                     error_event: ErrorEvent = api_error_body) -> AsyncIterator[str]:
+@dataclass(frozen=True, slots=True)
+class EventIds:
+    """SSE `id:` fields `<request_id>/<chunk index>`, which a client sends back as Last-Event-ID to resume; a
+    resumed stream (replayed from its first chunk) leaves out the chunks up to `after`."""
+
+    request_id: str
+    after: int = -1
+
+
+async def sse_frames(chunks: AsyncIterator[dict], *, done: bool = True, error_event: ErrorEvent = api_error_body,
+                     event_ids: EventIds | None = None) -> AsyncIterator[str]:
     """Frame chunk objects; a failure after headers were sent becomes an error event (status stays 200)."""
     try:
+        index = -1
         async for chunk in chunks:
-            yield sse_data(chunk)
+            index += 1
+            if event_ids is None:
+                yield sse_data(chunk)
+            elif index > event_ids.after:
+                yield f"id: {event_ids.request_id}/{index}\n{sse_data(chunk)}"
     except ApiError as exc:
         yield sse_data(error_event(exc))
     if done:
         yield sse_data(DONE)
 
 
-def sse_response(chunks: AsyncIterator[dict], *, done: bool = True,
-                 error_event: ErrorEvent = api_error_body) -> StreamingResponse:
+def sse_response(chunks: AsyncIterator[dict], *, done: bool = True, error_event: ErrorEvent = api_error_body,
+                 event_ids: EventIds | None = None) -> StreamingResponse:
     """`done=False` for protocols without the OpenAI terminator (Aleph Alpha's stream has none)."""
     return StreamingResponse(
-        sse_frames(chunks, done=done, error_event=error_event),
+        sse_frames(chunks, done=done, error_event=error_event, event_ids=event_ids),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -29,10 +29,10 @@ async def publish_event(nc: NatsClient, reply_subject: str, event: Event) -> Non
         await nc.publish(reply_subject, event.to_bytes())
 
 
-async def publish_cancel(nc: NatsClient, request_id: str, reason: str = "client disconnected") -> None:
-    await nc.publish(
-        subjects.cancel_subject(request_id), CancelRequest(request_id=request_id, reason=reason).to_bytes()
-    )
+async def publish_cancel(nc: NatsClient, request_id: str, reason: str = "client disconnected",
+                         up_to_attempt: int | None = None) -> None:
+    cancel = CancelRequest(request_id=request_id, reason=reason, up_to_attempt=up_to_attempt)
+    await nc.publish(subjects.cancel_subject(request_id), cancel.to_bytes())
 
 
 async def subscribe_cancels(nc: NatsClient, on_cancel: Callable[[CancelRequest], Awaitable[None]]):
@@ -46,25 +46,28 @@ async def subscribe_cancels(nc: NatsClient, on_cancel: Callable[[CancelRequest],
 
 
 class EventRouter:
-    """Edge side: dispatches every event on `inf.tok.<edge_id>.*` to the queue of its request."""
+    """Edge side: dispatches every event on `inf.tok.<edge_id>.*` (journaled) and `inf.live.<edge_id>.*` to the
+    queue of its request."""
 
     def __init__(self, nc: NatsClient, edge_id: str):
         self._nc = nc
         self.edge_id = edge_id
         self._queues: dict[str, asyncio.Queue[Event]] = {}
-        self._sub = None
+        self._subs: list = []
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(subjects.token_wildcard(self.edge_id), cb=self._on_message)
+        for journaled in (True, False):
+            self._subs.append(await self._nc.subscribe(subjects.token_wildcard(self.edge_id, journaled=journaled),
+                                                       cb=self._on_message))
         await self._nc.flush()
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            await sub.unsubscribe()
 
-    def reply_subject(self, request_id: str) -> str:
-        return subjects.token_subject(self.edge_id, request_id)
+    def reply_subject(self, request_id: str, *, journaled: bool = True) -> str:
+        return subjects.token_subject(self.edge_id, request_id, journaled=journaled)
 
     def open(self, request_id: str) -> asyncio.Queue[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue()

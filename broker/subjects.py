@@ -35,12 +35,26 @@ def request_stream(model_id: str) -> str:
     return f"REQ_{model_token(model_id)}"
 
 
-def token_subject(edge_id: str, request_id: str) -> str:
-    return f"inf.tok.{edge_id}.{request_id}"
+# Token events of interactive requests (inf.tok.<edge_id>.<request_id>) go out on core NATS and are also kept a
+# few minutes by the JOURNAL stream, so another edge can replay them: a client whose edge died resumes its stream
+# there (SSE Last-Event-ID), and a retried POST with the same Idempotency-Key attaches to its request. Batch
+# lines, which nobody resumes that way, use inf.live.<edge_id>.<request_id>, which no stream captures.
+JOURNAL_STREAM = "INFERQ_JOURNAL"
+JOURNAL_WILDCARD = "inf.tok.>"
 
 
-def token_wildcard(edge_id: str) -> str:
-    return f"inf.tok.{edge_id}.*"
+def token_subject(edge_id: str, request_id: str, *, journaled: bool = True) -> str:
+    return f"inf.{'tok' if journaled else 'live'}.{edge_id}.{request_id}"
+
+
+def token_wildcard(edge_id: str, *, journaled: bool = True) -> str:
+    return f"inf.{'tok' if journaled else 'live'}.{edge_id}.*"
+
+
+def journal_filter(request_id: str) -> str:
+    """Every journaled event of one request, whichever edge's reply subject it went to."""
+    return f"inf.tok.*.{request_id}"
+
 
 
 # Fire-and-forget: a publisher names a reply subject under `inf.results.` instead of a live inbox. The RESULTS

@@ -205,3 +205,26 @@ async def ensure_results_stream(js: JetStreamContext, max_age_s: float, max_byte
         name=subjects.RESULTS_STREAM, subjects=[subjects.RESULTS_WILDCARD], retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE, max_age=max_age_s, max_bytes=max_bytes, discard=DiscardPolicy.OLD,
         num_replicas=replicas))
+
+
+_INSUFFICIENT_RESOURCES = 10028
+
+
+async def ensure_journal_stream(js: JetStreamContext, max_age_s: float, max_bytes: int, replicas: int = 1) -> bool:
+    """The interactive token events (subjects.JOURNAL_WILDCARD), kept `max_age_s` in memory for replays by
+    another edge. Workers publish them on core NATS (no per-token ack); when full the oldest go first.
+
+    Returns False when the server has no memory to reserve for it: the edge serves on without replays (a
+    resume is then a 404, a repeated Idempotency-Key a new request) rather than not at all."""
+    try:
+        await _stream(js, StreamConfig(
+            name=subjects.JOURNAL_STREAM, subjects=[subjects.JOURNAL_WILDCARD], retention=RetentionPolicy.LIMITS,
+            storage=StorageType.MEMORY, max_age=max_age_s, max_bytes=max_bytes, discard=DiscardPolicy.OLD,
+            num_replicas=replicas))
+    except jse.APIError as exc:
+        if exc.err_code != _INSUFFICIENT_RESOURCES:
+            raise
+        log.warning("topology.journal_unavailable", max_bytes=max_bytes, error=exc.description,
+                    fix="raise the server's jetstream max_memory_store or lower INFERQ_JOURNAL_MAX_BYTES")
+        return False
+    return True

@@ -7,8 +7,8 @@ from contracts.errors import ErrorCode, ErrorInfo
 from contracts.events import (
     Accepted,
     ChoiceDelta,
-    EmbeddingVector,
     Embeddings,
+    EmbeddingVector,
     End,
     Failed,
     FinishReason,

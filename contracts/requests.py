@@ -71,3 +71,9 @@ class CancelRequest(Contract):
     v: int = SCHEMA_VERSION
     request_id: str
     reason: str = "client disconnected"
+    up_to_attempt: int | None = Field(default=None, ge=1, description=(
+        "Cancel the attempts up to this one (None: every attempt). A client that re-attaches to its request "
+        "elsewhere continues it as a newer attempt, which the cancel sent when it left must not stop."))
+
+    def covers(self, attempt: int) -> bool:
+        return self.up_to_attempt is None or attempt <= self.up_to_attempt

@@ -108,7 +108,7 @@ class WorkerBridge:
         self._validate = validate
         self._in_flight: dict[str, _InFlight] = {}  # by engine key (request id + attempt)
         self._current: dict[str, str] = {}  # request id -> engine key of its newest attempt here
-        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._cancelled: OrderedDict[str, CancelRequest] = OrderedDict()  # cancels of requests not (yet) here
         self._outputs: asyncio.Queue[list[RequestOutput | EmbedOutput]] = asyncio.Queue()
         self._slot_freed = asyncio.Event()
         self._dead: BaseException | None = None
@@ -217,7 +217,8 @@ class WorkerBridge:
         durable = subjects.is_durable_reply(request.reply_subject)
         if durable:  # a redelivery starts over: its events must not mix with the dead attempt's
             request = request.model_copy(update={"attempt": max(request.attempt, delivery.attempt)})
-        if request.request_id in self._cancelled:
+        cancelled = self._cancelled.get(request.request_id)
+        if cancelled is not None and cancelled.covers(request.attempt):
             await delivery.msg.term()  # cancelled while queued: nobody wants the result
             return
         if request.deadline is not None and time.time() > request.deadline:
@@ -244,7 +245,8 @@ class WorkerBridge:
         self._in_flight[flight.engine_key] = flight
         self._current[request.request_id] = flight.engine_key
         await publish_event(self._nc, request.reply_subject, Accepted(
-            request_id=request.request_id, attempt=request.attempt, seq=0, worker_id=self.worker_id))
+            request_id=request.request_id, attempt=request.attempt, seq=0, worker_id=self.worker_id,
+            resumed_tokens=len(getattr(request, "resume_token_ids", ()))))
         log.debug("request.accepted")
         if isinstance(engine_request, EmbedRequest):
             self._engine_loop.embed(engine_request)
@@ -327,12 +329,13 @@ class WorkerBridge:
     # --- cancels, heartbeats, registry ------------------------------------------------------------------
     async def _on_cancel(self, cancel: CancelRequest) -> None:
         key = self._current.get(cancel.request_id)
-        if key is not None:
+        flight = self._in_flight.get(key) if key is not None else None
+        if flight is not None and cancel.covers(flight.request.attempt):
             self._engine_loop.abort(key)
             with self._request_context(key):
                 log.info("request.cancelled", request_id=cancel.request_id, reason=cancel.reason)
-        else:
-            self._cancelled[cancel.request_id] = None
+        elif flight is None:
+            self._cancelled[cancel.request_id] = cancel
             while len(self._cancelled) > _REMEMBERED_CANCELS:
                 self._cancelled.popitem(last=False)
 

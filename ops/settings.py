@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     results_max_age_s: float = Field(default=86_400.0, gt=0,
                                      description="How long fire-and-forget results (inf.results.>) are kept.")
     results_max_bytes: int = Field(default=1024**3, ge=1024, description="Cap on stored results; oldest go first.")
+    journal_max_age_s: float = Field(default=600.0, gt=0, description=(
+        "How long interactive token events stay replayable (SSE Last-Event-ID resume, Idempotency-Key attach)."))
+    journal_max_bytes: int = Field(default=64 * 1024**2, ge=1024,
+                                   description="Cap on the in-memory token journal; the oldest events go first.")
 
     # --- files and batches ------------------------------------------------------------------------------
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1, description="Larger uploads to /v1/files get a 413.")

@@ -20,6 +20,7 @@ from api.serving.generation import (
     until_disconnected,
     usage_body,
 )
+from api.serving.reattach import NEW, Reattach, reattach_from, start
 from api.streaming import sse_response
 from contracts import ErrorCode, Usage
 
@@ -46,9 +47,11 @@ def render_chat(messages: Sequence[ChatMessage], tokenizer, *, add_generation_pr
 
 
 async def create_chat_completion(body: ChatCompletionRequest, services: Services, http: Request):
+    reattach = reattach_from(http.headers, "chatcmpl")
+    model, response_id, generation = await _submit(body, services, reattach)
     if body.stream:
-        return sse_response(await chat_completion_chunks(body, services))
-    model, response_id, generation = await _submit(body, services)
+        return sse_response(_stream(body, model, response_id, generation),
+                            event_ids=reattach.event_ids(response_id, generations=1))
     return await until_disconnected(http, _collect(body, model, response_id, generation))
 
 
@@ -63,15 +66,17 @@ async def chat_completion_chunks(body: ChatCompletionRequest, services: Services
     return _stream(body, model, response_id, generation)
 
 
-async def _submit(body: ChatCompletionRequest, services: Services) -> tuple[str, str, Generation]:
+async def _submit(body: ChatCompletionRequest, services: Services,
+                  reattach: Reattach = NEW) -> tuple[str, str, Generation]:
     model = await services.catalog.get(body.model)
     tokenizer = await services.catalog.tokenizer(model)
     prompt = render_chat(body.messages, tokenizer, add_generation_prompt=body.add_generation_prompt,
                          continue_final_message=body.continue_final_message)
     sampling = body.sampling(max_tokens=body.token_limit, logprobs=body.logprobs_count)
-    response_id = new_id("chatcmpl")
+    response_id = reattach.response_id(new_id("chatcmpl"))
     [request] = build_requests(services, model, [prompt], sampling, response_id)
-    return model.id, response_id, await services.engine.submit(request)
+    [generation] = await start(services.engine, [request], reattach)
+    return model.id, response_id, generation
 
 
 def _header(response_id: str, model: str, obj: str) -> dict:

@@ -23,6 +23,7 @@ from api.serving.generation import (
     until_disconnected,
     usage_body,
 )
+from api.serving.reattach import NEW, Reattach, reattach_from, start
 from api.streaming import sse_response
 from contracts import ErrorCode, Usage
 
@@ -45,9 +46,11 @@ class _Submitted:
 
 
 async def create_completion(body: CompletionRequest, services: Services, http: Request):
+    reattach = reattach_from(http.headers, "cmpl")
+    job = await _submit(body, services, reattach)
     if body.stream:
-        return sse_response(await completion_chunks(body, services))
-    job = await _submit(body, services)
+        return sse_response(_stream(body, job.model, job.response_id, job.generations, job.echoes),
+                            event_ids=reattach.event_ids(job.response_id, generations=len(job.generations)))
     return await until_disconnected(http, _collect(body, job))
 
 
@@ -62,7 +65,7 @@ async def completion_chunks(body: CompletionRequest, services: Services) -> Asyn
     return _stream(body, job.model, job.response_id, job.generations, job.echoes)
 
 
-async def _submit(body: CompletionRequest, services: Services) -> _Submitted:
+async def _submit(body: CompletionRequest, services: Services, reattach: Reattach = NEW) -> _Submitted:
     model = await services.catalog.get(body.model)
     tokenizer = await services.catalog.tokenizer(model)
     prompts = tokenize_prompts(body.prompt, tokenizer)
@@ -73,9 +76,9 @@ async def _submit(body: CompletionRequest, services: Services) -> _Submitted:
         sampling = sampling.model_copy(update={"prompt_logprobs": max(sampling.prompt_logprobs or 0, body.logprobs)})
     if body.stream and sampling.num_candidates > sampling.n:
         raise ApiError(ErrorCode.INVALID_REQUEST, "best_of > n cannot be streamed", param="best_of")
-    response_id = new_id("cmpl")
+    response_id = reattach.response_id(new_id("cmpl"))
     requests = build_requests(services, model, prompts, sampling, response_id)
-    generations = await services.engine.submit_all(requests)
+    generations = await start(services.engine, requests, reattach)
     echoes = [tokenizer.decode(ids) if body.echo else "" for ids in prompts]
     first_tokens = [tokenizer.decode(ids[:1]) for ids in prompts]
     return _Submitted(model.id, response_id, generations, echoes, first_tokens)

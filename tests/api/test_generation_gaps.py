@@ -24,7 +24,7 @@ class RecordingClient:
     async def publish(self, request: GenerateRequest) -> None:
         self.published.append(request)
 
-    async def cancel(self, request_id: str) -> None:
+    async def cancel(self, request_id: str, attempt: int | None = None) -> None:
         pass
 
     def close(self, request_id: str) -> None:

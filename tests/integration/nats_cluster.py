@@ -169,7 +169,7 @@ class NatsCluster:
             "max_payload: 8MB\n"
             "jetstream {\n"
             f"  store_dir: {json.dumps(str(node.dir / 'store'))}\n"
-            "  max_memory_store: 64MB\n"
+            "  max_memory_store: 256MB\n"
             "  max_file_store: 16GB\n"  # a reservation, not disk in use: the results stream reserves 1 GB
             "}\n"
             + cluster

@@ -196,9 +196,13 @@ async def test_sse_wire_format(api) -> None:
     async with httpx.AsyncClient(base_url=api.base_url) as http:
         response = await http.post("/v1/chat/completions", json=body)
     assert response.headers["content-type"].startswith("text/event-stream")
-    events = [line for line in response.text.split("\n\n") if line]
-    assert all(event.startswith("data: ") for event in events)
-    assert events[-1] == "data: [DONE]"
-    chunks = [json.loads(event[len("data: "):]) for event in events[:-1]]
+    events = [event.split("\n") for event in response.text.split("\n\n") if event]
+    assert events[-1] == ["data: [DONE]"]
+    # Every chunk event carries an id to resume after (Last-Event-ID): <request id>/<chunk index>.
+    assert all(len(event) == 2 and event[0].startswith("id: ") and event[1].startswith("data: ")
+               for event in events[:-1])
+    chunks = [json.loads(data[len("data: "):]) for _, data in events[:-1]]
     assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
     assert len({chunk["id"] for chunk in chunks}) == 1
+    assert [event_id for event_id, _ in events[:-1]] == [f"id: {chunks[0]['id']}/{index}"
+                                                         for index in range(len(chunks))]

@@ -109,7 +109,7 @@ async def test_streaming_n_gives_every_choice_its_finish_reason(api) -> None:
             "temperature": 0.8, "stream": True, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
         response = await http.post("/v1/chat/completions", json=body)
-    chunks = [json.loads(line[6:]) for line in response.text.split("\n\n") if line.startswith("data: {")]
+    chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
     finishes = {chunk["choices"][0]["index"]: chunk["choices"][0]["finish_reason"]
                 for chunk in chunks if chunk["choices"][0]["finish_reason"]}
     assert finishes == {0: "length", 1: "length"}

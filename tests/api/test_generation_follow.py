@@ -1,0 +1,86 @@
+"""A Generation following a request from the token journal (another edge submitted it) replays every attempt's
+events: it must hand its client each token once, in order, whatever attempts overlap, and finish a request
+that was cancelled when its previous client left."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from api.engine_client import Generation
+from contracts import Accepted, ChoiceDelta, End, GenerateRequest, SamplingParams, Tokens, Usage
+from tests.api.test_generation_gaps import RecordingClient, tokens
+
+pytestmark = pytest.mark.asyncio
+
+
+class Follower:
+    closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def request(max_tokens: int = 4) -> GenerateRequest:
+    return GenerateRequest(request_id="r", model="m", prompt_token_ids=[1], reply_subject="inf.tok.b.r",
+                           sampling=SamplingParams(max_tokens=max_tokens))
+
+
+def accepted(attempt: int, resumed: int = 0) -> Accepted:
+    return Accepted(request_id="r", attempt=attempt, seq=0, worker_id=f"w{attempt}", resumed_tokens=resumed)
+
+
+def end(attempt: int, seq: int, completion: int) -> End:
+    return End(request_id="r", attempt=attempt, seq=seq, usage=Usage(prompt_tokens=1, completion_tokens=completion))
+
+
+def delivered(received: list) -> list[int]:
+    return [t for event in received if event.kind == "tokens" for c in event.choices for t in c.token_ids]
+
+
+async def test_a_replay_across_attempts_hands_over_each_token_once() -> None:
+    journal: asyncio.Queue = asyncio.Queue()
+    # Attempt 1 streamed 10, 11, 12; the first edge lost 11 and 12 in a reconnect and resubmitted from [10];
+    # attempt 1 went on a little (its 13 is stale), attempt 2 repeated 11 and 12 and finished.
+    for event in (accepted(1), tokens(1, 1, 10), tokens(1, 2, 11), tokens(1, 3, 12), accepted(2, resumed=1),
+                  tokens(1, 4, 13), tokens(2, 1, 11), tokens(2, 2, 12), tokens(2, 3, 13, "length"), end(2, 4, 4)):
+        journal.put_nowait(event)
+    follower = Follower()
+    received = [event async for event in Generation(RecordingClient(), request(), journal, follower=follower)]
+    assert delivered(received) == [10, 11, 12, 13]
+    assert received[-1].kind == "end" and received[-2].choices[0].finish_reason == "length"
+    assert follower.closed
+
+
+async def test_a_request_cancelled_under_its_previous_client_is_continued() -> None:
+    client, journal = RecordingClient(), asyncio.Queue()
+    aborted = Tokens(request_id="r", attempt=1, seq=3, choices=[ChoiceDelta(index=0, finish_reason="abort")])
+    for event in (accepted(1), tokens(1, 1, 10), tokens(1, 2, 11), aborted, end(1, 4, 2)):
+        journal.put_nowait(event)
+    received: list = []
+
+    async def consume() -> None:
+        async for event in Generation(client, request(), journal, follower=Follower()):
+            received.append(event)
+
+    task = asyncio.create_task(consume())
+    while not client.published:
+        await asyncio.sleep(0.01)
+    [resubmitted] = client.published
+    assert resubmitted.attempt == 2 and resubmitted.resume_token_ids == [10, 11]
+    for event in (accepted(2, resumed=2), tokens(2, 1, 12), tokens(2, 2, 13, "length"), end(2, 3, 4)):
+        journal.put_nowait(event)
+    await asyncio.wait_for(task, 5)
+    assert delivered(received) == [10, 11, 12, 13]
+    finishes = [c.finish_reason for event in received if event.kind == "tokens" for c in event.choices]
+    assert "abort" not in finishes and finishes[-1] == "length"
+
+
+async def test_the_submitting_edge_still_ignores_newer_attempts_it_did_not_make() -> None:
+    """Only followers move to attempts they see; the submitting edge owns its attempts."""
+    journal: asyncio.Queue = asyncio.Queue()
+    for event in (accepted(1), tokens(1, 1, 10), tokens(2, 1, 99), tokens(1, 2, 11, "length"), end(1, 3, 2)):
+        journal.put_nowait(event)
+    received = [event async for event in Generation(RecordingClient(), request(2), journal)]
+    assert delivered(received) == [10, 11]

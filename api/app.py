@@ -8,15 +8,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import structlog
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from api.auth.gate import AuthGate
 from api.auth.middleware import AuthMiddleware
 from api.batch.runner import BatchRunner
+from api.body_limit import BodySizeLimit, LimitFor
 from api.catalog import ModelCatalog
 from api.engine_client import EngineClient, Timeouts
-from api.errors import error_body, install_error_handlers
+from api.errors import install_error_handlers
 from api.request_context import RequestContextMiddleware
 from api.routes import accounts, aleph, batches, deployments, files, openai, system, tokenizer, websocket
 from api.routes.metrics import router as metrics_router
@@ -29,7 +29,6 @@ from broker.connection import NatsAuth, connect
 from broker.events import EventRouter
 from broker.registry import WorkerRegistry
 from broker.topology import ensure_journal_stream
-from contracts import ErrorCode
 from ops.settings import Settings
 from ops.telemetry import open_tracing
 
@@ -78,17 +77,6 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="inferq", version=_package_version(), lifespan=lifespan)
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limit_body_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        upload = request.url.path == FILES_PATH  # file uploads have a limit of their own
-        limit = settings.max_file_bytes + MULTIPART_OVERHEAD if upload else settings.max_request_bytes
-        if length and length.isdigit() and int(length) > limit:
-            message = (size_limit_message(settings.max_file_bytes) if upload
-                       else f"the request body exceeds {settings.max_request_bytes} bytes")
-            return JSONResponse(error_body(413, message, code=ErrorCode.PAYLOAD_TOO_LARGE.value), status_code=413)
-        return await call_next(request)
-
     app.include_router(openai.router)
     app.include_router(websocket.router)
     app.include_router(tokenizer.router)
@@ -104,7 +92,17 @@ def create_app(settings: Settings) -> FastAPI:
     # Added last, so outermost: it sees every HTTP request and WebSocket handshake before anything else.
     app.state.auth_gate = auth_gate
     app.add_middleware(AuthMiddleware, gate=auth_gate)
+    app.add_middleware(BodySizeLimit, limit_for=_body_limits(settings))  # outermost: before auth reads anything
     return app
+
+
+def _body_limits(settings: Settings) -> LimitFor:
+    def limit_for(path: str) -> tuple[int, str]:
+        if path == FILES_PATH:  # file uploads have a limit of their own
+            return settings.max_file_bytes + MULTIPART_OVERHEAD, size_limit_message(settings.max_file_bytes)
+        return settings.max_request_bytes, f"the request body exceeds {settings.max_request_bytes} bytes"
+
+    return limit_for
 
 
 def _package_version() -> str:

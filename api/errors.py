@@ -37,6 +37,10 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.RATE_LIMITED: 429,
 }
 
+# Starlette's own refusals (unknown route, wrong method, a body over its limit while reading) get a code too.
+_CODE_BY_HTTP_STATUS = {404: ErrorCode.NOT_FOUND.value, 405: ErrorCode.INVALID_REQUEST.value,
+                        413: ErrorCode.PAYLOAD_TOO_LARGE.value}
+
 # OpenAI's `type` vocabulary, which its SDKs and users key on.
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -162,7 +166,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=None), exc.status_code,
+        code = _CODE_BY_HTTP_STATUS.get(exc.status_code)
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=code), exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -12,6 +12,7 @@ from starlette.requests import HTTPConnection
 from api.auth.accounts import Accounts, resolve_limits
 from api.auth.caller import CallerDep
 from api.errors import ApiError
+from api.schemas.ids import ResourceId
 from contracts import ErrorCode
 from contracts.accounts import ApiKeyRecord, Role, UserRecord
 
@@ -117,5 +118,5 @@ async def create_key(body: NewKey, accounts: AccountsDep) -> dict:
 
 
 @router.delete("/admin/keys/{key_id}")
-async def revoke_key(key_id: str, accounts: AccountsDep) -> dict:
+async def revoke_key(key_id: ResourceId, accounts: AccountsDep) -> dict:
     return _deleted(await accounts.revoke_key(key_id), "api_key", id=key_id)

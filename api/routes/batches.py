@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 from api.auth.caller import CallerDep
 from api.batch.records import MAX_PAGE
 from api.schemas.batches import BatchCreateRequest
+from api.schemas.ids import ResourceId
 from api.services import ServicesDep
 from api.serving import batches
 
@@ -29,11 +30,11 @@ async def list_batches(services: ServicesDep, caller: CallerDep, after: str | No
 
 
 @router.get("/v1/batches/{batch_id}")
-async def get_batch(batch_id: str, services: ServicesDep, caller: CallerDep) -> dict:
+async def get_batch(batch_id: ResourceId, services: ServicesDep, caller: CallerDep) -> dict:
     return await batches.get_batch(batch_id, caller, services)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
-async def cancel_batch(batch_id: str, services: ServicesDep, caller: CallerDep) -> dict:
+async def cancel_batch(batch_id: ResourceId, services: ServicesDep, caller: CallerDep) -> dict:
     """Stop the batch: queued lines are not run, finished results are kept (status cancelling → cancelled)."""
     return await batches.cancel_batch(batch_id, caller, services)

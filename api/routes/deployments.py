@@ -8,6 +8,7 @@ from fastapi.responses import StreamingResponse
 
 from api.auth.caller import CallerDep
 from api.schemas.deployments import DeployRequest, DeployResponse, status_object
+from api.schemas.ids import ResourceId
 from api.serving import deployments
 from api.serving.deployments import DeploymentError, DeploymentsDep
 
@@ -40,18 +41,18 @@ async def list_deployments(services: DeploymentsDep, caller: CallerDep) -> dict:
 
 
 @router.get("/api/v1/deployments/{deployment_id}/status")
-async def deployment_status(deployment_id: str, services: DeploymentsDep, caller: CallerDep) -> dict:
+async def deployment_status(deployment_id: ResourceId, services: DeploymentsDep, caller: CallerDep) -> dict:
     return status_object(await deployments.visible_deployment(deployment_id, caller, services))
 
 
 @router.delete("/api/v1/deployments/{deployment_id}")
-async def stop_deployment(deployment_id: str, services: DeploymentsDep, caller: CallerDep) -> dict:
+async def stop_deployment(deployment_id: ResourceId, services: DeploymentsDep, caller: CallerDep) -> dict:
     """Stop the deployment's worker; answers with the status (`stopped`) once it is gone."""
     return await deployments.stop_deployment(deployment_id, caller, services)
 
 
 @router.get("/api/v1/deployments/{deployment_id}/logs/stream", response_class=StreamingResponse)
-async def stream_logs(deployment_id: str, services: DeploymentsDep, caller: CallerDep,
+async def stream_logs(deployment_id: ResourceId, services: DeploymentsDep, caller: CallerDep,
                       timestamps: bool = False) -> StreamingResponse:
     """Server-sent events: `deployment_info`, `metadata` (every few seconds) and `log` (the last lines kept,
     then live). SSH credentials in the query (as in the seed's example) are not needed and are ignored."""

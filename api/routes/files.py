@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from api.auth.caller import CallerDep
 from api.batch.records import file_object
+from api.schemas.ids import ResourceId
 from api.services import ServicesDep
 from api.serving import files
 from api.serving.files import FILES_PATH, MAX_FILES_PAGE
@@ -31,15 +32,15 @@ async def list_files(services: ServicesDep, caller: CallerDep, purpose: str | No
 
 
 @router.get(FILES_PATH + "/{file_id}")
-async def get_file(file_id: str, services: ServicesDep, caller: CallerDep) -> dict:
+async def get_file(file_id: ResourceId, services: ServicesDep, caller: CallerDep) -> dict:
     return file_object(await files.visible_file(file_id, caller, services))
 
 
 @router.get(FILES_PATH + "/{file_id}/content")
-async def file_content(file_id: str, services: ServicesDep, caller: CallerDep) -> StreamingResponse:
+async def file_content(file_id: ResourceId, services: ServicesDep, caller: CallerDep) -> StreamingResponse:
     return await files.file_content(file_id, caller, services)
 
 
 @router.delete(FILES_PATH + "/{file_id}")
-async def delete_file(file_id: str, services: ServicesDep, caller: CallerDep) -> dict:
+async def delete_file(file_id: ResourceId, services: ServicesDep, caller: CallerDep) -> dict:
     return await files.delete_file(file_id, caller, services)

@@ -4,11 +4,14 @@ what is generated but that we do not implement are rejected, never silently igno
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contracts import SamplingParams
+
+_MISSPELLING_CUTOFF = 0.85  # `store` vs `stop` (0.67) is a different field; `logprob` vs `logprobs` (0.93) is not
 
 
 class OpenAIRequest(BaseModel):
@@ -31,6 +34,10 @@ class OpenAIRequest(BaseModel):
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
+        for name in self.model_extra or {}:
+            # A misspelt field (`max_token`, `temprature`) would otherwise be ignored without a word.
+            if near := difflib.get_close_matches(name, type(self).model_fields, n=1, cutoff=_MISSPELLING_CUTOFF):
+                raise ValueError(f"{name}: unknown field; did you mean {near[0]}?")
         for name, reason in self.unsupported.items():
             value = (self.model_extra or {}).get(name)
             if value not in (None, False, [], {}, ""):
@@ -59,7 +66,7 @@ class GenerationFields(OpenAIRequest):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[int, float] | None = None  # JSON keys are strings: token ids as text
     user: str | None = None
     # vLLM extras
     top_k: int | None = None
@@ -86,7 +93,7 @@ class GenerationFields(OpenAIRequest):
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
-            "logit_bias": _token_bias(self.logit_bias),
+            "logit_bias": self.logit_bias or None,
             "seed": self.seed,
             "stop": stop,
             "stop_token_ids": self.stop_token_ids,
@@ -109,15 +116,6 @@ class GenerationFields(OpenAIRequest):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
-
-
-def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
-    if not bias:
-        return None
-    try:
-        return {int(token): value for token, value in bias.items()}
-    except ValueError:
-        raise ValueError("logit_bias: keys must be token ids") from None
 
 
 class CompletionRequest(GenerationFields):

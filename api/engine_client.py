@@ -239,26 +239,10 @@ class EngineClient:
         """Interactive replies are journaled (replayable by another edge); batch lines are not."""
         return self.router.reply_subject(request_id, journaled=self.lane is Lane.INTERACTIVE)
 
-    async def submit(self, request: GenerateRequest) -> Generation:
+    async def submit(self, request: GenerateRequest, *, attach_duplicate: bool = False) -> Generation:
         """Queue the request durably; raises ApiError (429 full or over the caller's token budget, 503
-        unavailable, 413 too large) at once."""
-        if self.lane is Lane.BATCH:
-            request = request.model_copy(update={"priority": max(request.priority, BATCH_PRIORITY)})
-        reservation = await reserve_for(request)
-        events = self.router.open(request.request_id)
-        try:
-            await self.publish(request)
-        except ApiError:
-            self.router.close(request.request_id)
-            await reservation.settle(0)
-            raise
-        return Generation(self, request, events, reservation)
-
-    async def submit_or_attach(self, request: GenerateRequest) -> Generation:
-        """Submit a request whose id the client chose (Idempotency-Key, X-Request-Id); if that request was
-        already submitted (its events are in the journal, or the queue holds it), follow it instead."""
-        if await self._journal_has(request.request_id):
-            return await self.attach(request)
+        unavailable, 413 too large) at once. `attach_duplicate`: if the queue already had this request id, follow
+        that submission instead (see submit_or_attach)."""
         if self.lane is Lane.BATCH:
             request = request.model_copy(update={"priority": max(request.priority, BATCH_PRIORITY)})
         reservation = await reserve_for(request)
@@ -269,11 +253,18 @@ class EngineClient:
             self.router.close(request.request_id)
             await reservation.settle(0)
             raise
-        if queued:
+        if queued or not attach_duplicate:
             return Generation(self, request, events, reservation)
-        self.router.close(request.request_id)  # a duplicate: the first submission's events go elsewhere
+        self.router.close(request.request_id)  # the first submission's events go to its own edge
         await reservation.settle(0)
         return await self.attach(request)
+
+    async def submit_or_attach(self, request: GenerateRequest) -> Generation:
+        """Submit a request whose id the client chose (Idempotency-Key, X-Request-Id); if that request was
+        already submitted (its events are in the journal, or the queue holds it), follow it instead."""
+        if await self._journal_has(request.request_id):
+            return await self.attach(request)
+        return await self.submit(request, attach_duplicate=True)
 
     async def resume(self, request: GenerateRequest) -> Generation:
         """Follow a request submitted earlier (by this edge or another), from the journal; 404 if the journal

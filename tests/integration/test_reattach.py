@@ -102,17 +102,20 @@ async def complete(base_url: str, headers: dict | None = None) -> dict:
 
 
 async def accepted_attempts(nats_url: str, request_id: str) -> list[int]:
-    """The attempts workers accepted for `request_id`, from the token journal."""
+    """The attempts workers accepted for `request_id`, from the token journal: read until an attempt's `end`
+    is followed by nothing more."""
     async with connect(nats_url, "test-journal") as nc:
         follower = await JournalFollower(nc.jetstream(), request_id).start()
-        attempts = []
+        attempts, ended = [], False
         try:
             while True:
-                event = await asyncio.wait_for(follower.events.get(), 1.0)
+                try:
+                    event = await asyncio.wait_for(follower.events.get(), 2 if ended else 15)
+                except TimeoutError:
+                    return attempts
+                ended = event.kind == "end"
                 if event.kind == "accepted":
                     attempts.append(event.attempt)
-        except TimeoutError:
-            return attempts
         finally:
             await follower.close()
 

@@ -45,6 +45,7 @@ class BenchConfig:
     cache_dir: Path
     log_level: str
     background_batch: int = 0
+    baseline_requests: int | None = None
 
     def requests_for(self, concurrency: int) -> int:
         """Requests sent at one level: the explicit count, else enough for every stream to see two."""
@@ -128,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     baseline.add_argument("--baseline-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     baseline.add_argument(
+        "--baseline-requests", type=int, metavar="N",
+        help="run at most N of each level's requests on the baseline (it serves one at a time, so its tok/s does "
+             "not depend on the level; its TTFT above N streams is then understated, never overstated)",
+    )
+    baseline.add_argument(
         "--cache-dir",
         type=Path,
         metavar="DIR",
@@ -150,6 +156,8 @@ def parse_args(argv: list[str]) -> BenchConfig:
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    if args.baseline_requests is not None and args.baseline_requests < 1:
+        parser.error("--baseline-requests must be >= 1")
     if args.background_batch < 0 or (args.background_batch and args.baseline_only):
         parser.error("--background-batch needs the server and a number of lines >= 0")
     return BenchConfig(**(vars(args) | {"base_url": args.base_url.rstrip("/")}))

@@ -93,8 +93,9 @@ async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo, dict[int, B
             prompts = prompt_set(cfg.seed, cfg.requests_for(concurrency), cfg.input_len)
             # Targets alternate per level, so a machine busier for a while skews both sides of a ratio alike.
             for target in targets:
-                await target.prepare(prompts)
-                levels.append(await measure(target, prompts, concurrency))
+                sent = prompts[: cfg.baseline_requests] if target is baseline else prompts
+                await target.prepare(sent)
+                levels.append(await measure(target, sent, concurrency))
             if server is not None and cfg.background_batch:
                 async with background_batch(server.client, cfg, server.model) as batches[concurrency]:
                     levels.append(await measure(_DuringBatch(server), prompts, concurrency))

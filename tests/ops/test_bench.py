@@ -357,10 +357,13 @@ def test_serve_with_baseline_reports_ratios(
             "--concurrency",
             "1,2",
         ]
-        code, report = _run([*argv, "--num-requests", "2", "--input-len", "8", "--output-len", "4"], tmp_path)
+        code, report = _run([*argv, "--num-requests", "2", "--input-len", "8", "--output-len", "4",
+                             "--baseline-requests", "1"], tmp_path)
     assert code == 0 and report is not None
     targets = [(lv["target"], lv["concurrency"]) for lv in report["levels"]]
     assert targets == [("inferq", 1), ("baseline", 1), ("inferq", 2), ("baseline", 2)]
+    # The baseline runs only --baseline-requests of each level's requests; the server all of them.
+    assert [lv["completed"] for lv in report["levels"]] == [2, 1, 2, 1]
     assert [row["concurrency"] for row in report["comparison"]] == [1, 2]
     for row in report["comparison"]:
         expected = row["inferq_output_tok_s"] / row["baseline_output_tok_s"]

@@ -8,20 +8,35 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import openai
 import pytest
 
+from tests.integration.harness import WorkerProcess, wait_for_model
 from tests.model_fixtures import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.asyncio
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "nats_client.py"
 
 
-def example(nats_url: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, str(EXAMPLE), "--nats", nats_url, "--model", TINY_MODEL_NAME, *args],
+SLOW_MODEL = "sim-slow"  # 20 tokens/s: a Ctrl-C always lands mid-generation, however loaded the machine
+
+
+def example(nats_url: str, *args: str, model: str = TINY_MODEL_NAME) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(EXAMPLE), "--nats", nats_url, "--model", model, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+
+
+@pytest.fixture(scope="module")
+async def slow_worker(api, base_settings, tmp_path_factory) -> AsyncIterator[WorkerProcess]:
+    settings = base_settings.model_copy(update={"engine": "sim", "served_model_name": SLOW_MODEL,
+                                                "sim_tokens_per_s": 20.0})
+    process = WorkerProcess(settings, tmp_path_factory.mktemp("slow") / "worker.log").start()
+    await wait_for_model(api.base_url, SLOW_MODEL, process)
+    yield process
+    process.stop()
 
 
 async def test_direct_publisher_streams_the_same_answer_as_the_api(api, nats_server) -> None:
@@ -35,8 +50,9 @@ async def test_direct_publisher_streams_the_same_answer_as_the_api(api, nats_ser
     assert "8 completion tokens" in stderr
 
 
-async def test_ctrl_c_cancels_the_generation_on_the_worker(api, nats_server, worker) -> None:
-    proc = example(nats_server.url, "--max-tokens", "400", "--ignore-eos", "Keep talking")
+async def test_ctrl_c_cancels_the_generation_on_the_worker(api, nats_server, slow_worker) -> None:
+    worker = slow_worker
+    proc = example(nats_server.url, "--max-tokens", "400", "--ignore-eos", "Keep talking", model=SLOW_MODEL)
     assert proc.stdout is not None
     await asyncio.to_thread(proc.stdout.read, 1)  # the stream has started
     proc.send_signal(signal.SIGINT)

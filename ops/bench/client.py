@@ -32,6 +32,7 @@ class _Stream:
         self.completion_tokens: int | None = None
         self.prompt_tokens: int | None = None
         self.error: str | None = None
+        self.response_id: str | None = None
 
     def on_event(self, event: SSEEvent, now: float) -> bool:
         """Record one event; True once the stream is finished ([DONE] or an error)."""
@@ -49,6 +50,7 @@ class _Stream:
         return False
 
     def _on_chunk(self, chunk: dict[str, Any], now: float) -> None:
+        self.response_id = self.response_id or chunk.get("id")
         before = self.completion_tokens or 0
         usage = chunk.get("usage") or {}
         running = usage.get("completion_tokens")
@@ -76,6 +78,8 @@ class _Stream:
             itl_s=inter_token_latencies(self.times, self.counts, total),
             output_tokens=total,
             prompt_tokens=self.prompt_tokens,
+            response_id=self.response_id,
+            token_times=self.times,
         )
 
 

@@ -46,6 +46,7 @@ class BenchConfig:
     log_level: str
     background_batch: int = 0
     baseline_requests: int | None = None
+    observe_nats: str | None = None
 
     def requests_for(self, concurrency: int) -> int:
         """Requests sent at one level: the explicit count, else enough for every stream to see two."""
@@ -119,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--background-batch", type=int, default=0, metavar="LINES",
         help="measure each level again while a batch job of LINES lines runs (/v1/batches), and compare",
+    )
+
+    load.add_argument(
+        "--observe-nats", metavar="URL",
+        help="also report what the edge adds per token: listen to the server's NATS (inf.tok.>) and time each "
+             "token event to its SSE chunk",
     )
 
     baseline = parser.add_argument_group("baseline: transformers generate(), one request at a time")

@@ -17,6 +17,8 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int | None = None
     error: str | None = None
+    response_id: str | None = None  # the chunks' `id`: the request id on the token subjects
+    token_times: list[float] = field(default_factory=list)  # perf_counter() of each chunk with text
 
     @property
     def ok(self) -> bool:
@@ -57,6 +59,7 @@ class LevelResult:
     tpot_ms: Stats
     e2e_ms: Stats
     requests: list[RequestResult]
+    edge_ms: Stats | None = None  # token event on NATS -> SSE chunk at the client (--observe-nats)
 
 
 def percentile(values: list[float], q: float) -> float:

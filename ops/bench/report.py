@@ -60,9 +60,14 @@ _COLUMNS: list[tuple[str, int, Callable[[LevelResult], str]]] = [
 ]
 
 
-def _row(cells: list[str]) -> str:
+# With --observe-nats: what the edge adds per token (token event on NATS -> SSE chunk at the client).
+_EDGE_COLUMN = ("edge p50/p99 ms", 17,
+                lambda r: "-" if r.edge_ms is None else f"{_num(r.edge_ms.p50)}/{_num(r.edge_ms.p99)}")
+
+
+def _row(columns: list, cells: list[str]) -> str:
     first, *rest = cells
-    widths = [width for _, width, _ in _COLUMNS]
+    widths = [width for _, width, _ in columns]
     return f"{first:<{widths[0]}}" + "".join(f"{cell:>{w}}" for cell, w in zip(rest, widths[1:], strict=True))
 
 
@@ -80,8 +85,9 @@ def format_table(cfg: BenchConfig, info: RunInfo, levels: list[LevelResult]) -> 
     if cfg.background_batch:
         heading.append(f"  {BUSY_TARGET}:   inferq again, while a /v1/batches job of {cfg.background_batch} lines "
                        "(same prompt and output lengths) runs")
-    lines = [*heading, "", _row([name for name, _, _ in _COLUMNS])]
-    lines += [_row([cell(level) for _, _, cell in _COLUMNS]) for level in levels]
+    columns = _COLUMNS + ([_EDGE_COLUMN] if any(level.edge_ms is not None for level in levels) else [])
+    lines = [*heading, "", _row(columns, [name for name, _, _ in columns])]
+    lines += [_row(columns, [cell(level) for _, _, cell in columns]) for level in levels]
     return "\n".join(lines) + "\n"
 
 

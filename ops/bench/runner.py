@@ -14,7 +14,8 @@ from ops.bench.background import BatchProgress, background_batch
 from ops.bench.baseline import BaselineTarget
 from ops.bench.client import OpenAIStreamTarget
 from ops.bench.config import BenchConfig, BenchError, parse_args
-from ops.bench.metrics import LevelResult, RequestResult, summarize
+from ops.bench.edge_latency import TokenObserver
+from ops.bench.metrics import LevelResult, RequestResult, Stats, summarize
 from ops.bench.prompts import prompt_set
 from ops.bench.report import (
     BUSY_TARGET,
@@ -84,6 +85,8 @@ async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo, dict[int, B
         # The server first: an unreachable one fails fast, before the baseline model is loaded.
         server = await stack.enter_async_context(OpenAIStreamTarget.connect(cfg)) if cfg.runs_server else None
         baseline = stack.enter_context(BaselineTarget.load(cfg)) if cfg.runs_baseline else None
+        observer = (await stack.enter_async_context(TokenObserver.watching(cfg.observe_nats))
+                    if cfg.observe_nats and server is not None else None)
         targets: list[Target] = [target for target in (server, baseline) if target is not None]
         for target in targets:
             await warm_up(target, cfg)
@@ -95,7 +98,10 @@ async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo, dict[int, B
             for target in targets:
                 sent = prompts[: cfg.baseline_requests] if target is baseline else prompts
                 await target.prepare(sent)
-                levels.append(await measure(target, sent, concurrency))
+                level = await measure(target, sent, concurrency)
+                if observer is not None and target is server:
+                    level.edge_ms = Stats.of_seconds(observer.added_latencies(level.requests))
+                levels.append(level)
             if server is not None and cfg.background_batch:
                 async with background_batch(server.client, cfg, server.model) as batches[concurrency]:
                     levels.append(await measure(_DuringBatch(server), prompts, concurrency))

@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from api.serving.reattach import keyed_request_id
 from broker.connection import connect
+from broker.journal import JournalFollower
 from broker.work_queue import publish_request
 from contracts import CancelRequest, GenerateRequest, SamplingParams, parse_event
 from tests.integration.harness import ApiServer, WorkerProcess, wait_for_model
@@ -94,6 +96,38 @@ async def test_killed_worker_stream_continues_on_a_restarted_worker(api, spare_w
             replacement.stop(signal.SIGKILL)
     assert error is None
     assert text == expected
+
+
+async def test_killed_worker_non_streaming_request_completes_on_a_restarted_worker(api, nats_server, spare_worker,
+                                                                                   spare_settings, tmp_path) -> None:
+    expected = await undisturbed_text(api.base_url)
+    key = f"liveness-{time.monotonic_ns()}"  # a client-chosen id, so the test knows which journal to watch
+    request_id = keyed_request_id("cmpl", key, owner=None)
+    replacement: WorkerProcess | None = None
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=120) as http, \
+            connect(nats_server.url, "liveness-journal") as nc:
+        follower = await JournalFollower(nc.jetstream(), request_id).start()
+        answer = asyncio.create_task(http.post("/v1/completions", json=STREAM_BODY, headers={"X-Request-Id": key}))
+        try:
+            tokens = 0
+            while tokens < 3:  # mid-generation: a few tokens are out, the rest are not
+                event = await asyncio.wait_for(follower.events.get(), 60)
+                tokens += event.kind == "tokens"
+            spare_worker.proc.kill()
+            replacement = WorkerProcess(spare_settings, tmp_path / "replacement.log").start()
+            response = await answer
+            attempts = []
+            while not follower.events.empty():
+                event = follower.events.get_nowait()
+                attempts += [event.attempt] if event.kind == "accepted" else []
+        finally:
+            await follower.close()
+            if replacement is not None:
+                replacement.stop(signal.SIGKILL)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == expected
+    assert response.json()["usage"]["completion_tokens"] == STREAM_BODY["max_tokens"]
+    assert attempts == [2]  # it really was cut off, and resumed on the replacement
 
 
 async def test_lost_worker_without_replacement_fails_clearly(spare_settings, spare_worker) -> None:

@@ -101,9 +101,17 @@ class ModelCatalog:
         if name not in self._tokenizers:
             async with self._tokenizer_lock:  # one load at a time: concurrent first imports of transformers fail
                 if name not in self._tokenizers:
-                    directory = await fetch_tokenizer(self._js, name, self._tokenizer_cache)
-                    self._tokenizers[name] = await asyncio.to_thread(_load_tokenizer, directory)
+                    self._tokenizers[name] = await self._load(model, name)
         return self._tokenizers[name]
+
+    async def _load(self, model: ServedModel, name: str):
+        try:
+            directory = await fetch_tokenizer(self._js, name, self._tokenizer_cache)
+            return await asyncio.to_thread(_load_tokenizer, directory)
+        except Exception as exc:  # a missing or unreadable object is our side's failure, never the client's input
+            log.warning("catalog.tokenizer_failed", model=model.id, tokenizer=name, error=repr(exc))
+            raise ApiError(ErrorCode.UNAVAILABLE, f"the tokenizer of {model.id!r} could not be loaded; retry "
+                           "shortly", retry_after=1.0) from exc
 
 
 def _load_tokenizer(directory: Path):

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -121,8 +119,6 @@ def as_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, ValidationError | RequestValidationError):
         message, param = validation_message(exc)
         return ApiError(ErrorCode.INVALID_REQUEST, message, param=param)
-    if isinstance(exc, json.JSONDecodeError):
-        return ApiError(ErrorCode.INVALID_REQUEST, f"the request body is not valid JSON: {exc.msg}")
     log.error("api.unhandled_error", exc_info=exc)
     return ApiError(ErrorCode.INTERNAL, "internal error")
 
@@ -156,7 +152,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BrokerError)
     @app.exception_handler(RequestValidationError)
     @app.exception_handler(ValidationError)
-    @app.exception_handler(json.JSONDecodeError)
     async def on_request_error(request: Request, exc: Exception) -> JSONResponse:
         error = as_api_error(exc)
         if error.status >= 500:  # our side failed (NATS, workers): worth a line, with what caused it

@@ -3,9 +3,13 @@ travel as one tar in the object store, named by content digest so edges cache th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import shutil
 import tarfile
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from nats.js import JetStreamContext
@@ -58,14 +62,30 @@ async def publish_tokenizer(js: JetStreamContext, model_id: str, model_dir: Path
 async def fetch_tokenizer(js: JetStreamContext, name: str, cache_dir: Path) -> Path:
     """Download and unpack a published tokenizer into `cache_dir/name/` (skipped when already there)."""
     target = cache_dir / name.removesuffix(".tar")
-    if (target / ".complete").exists():
+    if target.is_dir():
         return target
     store = await ensure_artifacts(js)
     buffer = io.BytesIO()
     await store.get(name, writeinto=buffer)  # writeinto: get() into memory is quadratic in nats-py
     buffer.seek(0)
-    target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=buffer, mode="r") as tar:
-        tar.extractall(target, filter="data")
-    (target / ".complete").touch()
+    with directory_in_place(target) as staging, tarfile.open(fileobj=buffer, mode="r") as tar:
+        tar.extractall(staging, filter="data")
     return target
+
+
+@contextlib.contextmanager
+def directory_in_place(target: Path) -> Iterator[Path]:
+    """Fill a staging directory, then move it to `target` in one rename: processes sharing a data dir (several
+    workers, several api replicas) never see a half-written directory. If another process got there first, its
+    directory stays and this one is dropped (both hold the same files)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.artifacts import directory_in_place
 from contracts import ChoiceDelta, DeviceInfo, EmbedRequest, FinishReason, GenerateRequest, Usage
 from engine_worker.outputs import EmbedOutput, RequestOutput
 
@@ -45,7 +46,11 @@ def write_sim_tokenizer(target: Path, vocab_size: int) -> Path:
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(target)
+    # Several sim workers may share a data dir: each writes aside and renames, none reads another's half-write.
+    target = target.with_name(f"{target.name}-{vocab_size}")
+    if not target.is_dir():
+        with directory_in_place(target) as staging:
+            tokenizer.save_pretrained(staging)
     return target
 
 

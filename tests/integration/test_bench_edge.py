@@ -13,9 +13,8 @@ from ops.bench.metrics import RequestResult
 from ops.bench.runner import main as bench_main
 from tests.model_fixtures import TINY_MODEL_NAME
 
-pytestmark = pytest.mark.asyncio
 
-
+@pytest.mark.asyncio
 async def test_bench_reports_the_latency_the_edge_adds_per_token(api, nats_server, tmp_path, capsys) -> None:
     report = tmp_path / "bench.json"
     argv = ["--base-url", api.base_url, "--model", TINY_MODEL_NAME, "--concurrency", "1,2", "--num-requests", "4",

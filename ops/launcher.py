@@ -93,6 +93,8 @@ def build_children(settings: Settings) -> list[ChildSpec]:
     models = settings.models
     if len(models) > 1:
         env.pop(f"{ENV_PREFIX}SERVED_MODEL_NAME", None)  # one name cannot serve several models
+    if settings.torch_threads is None:
+        env[f"{ENV_PREFIX}TORCH_THREADS"] = str(colocated_torch_threads(len(models)))
     workers = [
         ChildSpec("worker" if len(models) == 1 else f"worker-{index}", [*cli, "worker"],
                   {**env, f"{ENV_PREFIX}MODEL": model})
@@ -101,6 +103,15 @@ def build_children(settings: Settings) -> list[ChildSpec]:
     # The node agent starts deployments' workers (POST /api/v1/deploy) on this machine or over SSH.
     agent = [ChildSpec("agent", [*cli, "agent"], env)] if settings.deploy_agent else []
     return [*workers, *agent, ChildSpec("api", [*cli, "api"], env, ready_check=api_health)]
+
+
+def colocated_torch_threads(num_workers: int) -> int:
+    """torch threads per worker when the api and NATS share the machine: the cores this process may use, one
+    left for them, split between the workers. An engine using every core runs one OpenMP thread per core, and
+    each parallel region waits for the slowest thread; whenever the api, NATS or a client wakes, one thread is
+    preempted and the whole step waits. On 2 cores that made decode steps 1.5-2x slower than with one thread
+    (docs/benchmarks.md). `INFERQ_TORCH_THREADS` overrides this."""
+    return max(1, (len(os.sched_getaffinity(0)) - 1) // max(1, num_workers))
 
 
 def api_base_url(settings: Settings) -> str:

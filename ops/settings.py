@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(default=512, ge=16, description="Token budget per engine step.")
     max_model_len: int | None = Field(default=None, ge=16, description="Cap on the model's context length.")
     kv_cache_tokens: int | None = Field(default=None, ge=16, description="KV capacity in tokens; derived if unset.")
-    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's).")
+    torch_threads: int | None = Field(default=None, ge=1, description=(
+        "torch intra-op threads (default: torch's; under `inferq serve`, one core is left to the api and NATS)."))
 
     # --- cluster ----------------------------------------------------------------------------------------
     nats_replicas: int = Field(default=1, ge=1, le=5,

@@ -385,3 +385,20 @@ def test_serve_starts_one_worker_per_model() -> None:
     assert [child.env["INFERQ_MODEL"] for child in workers] == ["SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"]
     assert all("INFERQ_SERVED_MODEL_NAME" not in child.env for child in workers)
     assert children[-1].name == "api"
+
+
+def _worker_threads(*argv: str) -> set[str]:
+    from ops.cli import build_parser, build_settings
+    from ops.launcher import build_children
+
+    children = build_children(build_settings(build_parser().parse_args(["serve", *argv])))
+    return {child.env["INFERQ_TORCH_THREADS"] for child in children if child.name.startswith("worker")}
+
+
+def test_serve_leaves_a_core_to_the_api_and_nats_unless_threads_are_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert _worker_threads("--model", "m") == {"7"}
+    assert _worker_threads("--model", "a", "--model", "b") == {"3"}  # the 7 cores split between two workers
+    assert _worker_threads("--model", "m", "--torch-threads", "2") == {"2"}
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert _worker_threads("--model", "m") == {"1"}

@@ -5,12 +5,15 @@ or a gathered paged layout (reference/engine_cpu.md). Why a variable slot length
 `max_model_len` tokens would need max_num_seqs x max_model_len memory (12 GiB in bf16 for SmolLM2 at 64 x 8192).
 
 So the runner allocates, per layer, one buffer of `capacity` tokens once, and views it as
-`[capacity // slot_len, kv_heads, slot_len, head_dim]`. `slot_len` is a power-of-two multiple of 64 (capped at
-the model length) that tracks the longest running sequence: it doubles when a sequence outgrows it and shrinks
-as soon as the longest one fits a shorter slot. Each change is a `Relayout` (running sequences are copied into
+`[capacity // slot_len, kv_heads, slot_len, head_dim]`. `slot_len` is one of a ladder of lengths (64, 128, 192,
+256, 320, ... 512, 640, 768, 960, ...: multiples of 64, each about a quarter longer than the last; capped at the
+model length) and tracks the longest running sequence: it steps up when a sequence outgrows it and down as soon
+as the longest one fits a shorter slot. Each change is a `Relayout` (running sequences are copied into
 compacted slots 0..B-1 of the new view), which happens O(log max_model_len) times over a sequence's life.
 Decode attention reads whole slots: a window shorter than the slot makes the bmm batch strided, which costs
-bf16 on CPU 3-6x (measured), more than attending over up to 2x the tokens.
+bf16 on CPU 3-6x (measured). So the ladder is fine-grained: attention reads at most ~25% (or 64 tokens) more
+than the longest sequence needs, where doubling slot lengths read up to 2x (5-8% of a batch-32 decode step on
+CPU, docs/benchmarks.md), at the price of a few more relayouts.
 
 Accounting follows the layout: a set of running sequences fits when `len(running) * slot_len <= capacity`,
 where slot_len covers the longest of them. This is the same B x L_max that batched decode attention computes
@@ -56,10 +59,10 @@ class KVCacheManager:
 
     # --- layout ---------------------------------------------------------------------------------------------
     def _level(self, num_tokens: int) -> int:
-        """Smallest slot length (64 * 2^k, capped at the model length) holding `num_tokens`."""
+        """Smallest slot length on the ladder (capped at the model length) holding `num_tokens`."""
         level = SLOT_ALIGN
         while level < num_tokens:
-            level *= 2
+            level += max(SLOT_ALIGN, level // 4 // SLOT_ALIGN * SLOT_ALIGN)
         return min(level, self.max_slot_len)
 
     def slots_for(self, slot_len: int) -> int:

@@ -114,13 +114,13 @@ def test_preemption_evicts_the_latest_lowest_priority_and_requeues_it_first() ->
     assert len(scheduler.running) == 4
     for _ in range(28):  # everyone grows to 128
         step(scheduler)
-    out = step(scheduler)  # crossing 128 needs 256-token slots: only two fit
+    out = step(scheduler)  # crossing 128 needs 192-token slots: only two fit
     assert out.preempted == [queued, late]
     assert list(scheduler.waiting) == [late, queued]  # back at the front, in arrival order
     assert late.num_computed_tokens == 0 and late.status is SequenceStatus.WAITING
     assert scheduler.num_preemptions == 2
     assert {s for s, _ in out.scheduled} == {urgent, early}
-    assert out.relayout is not None and out.relayout.slot_len == 256
+    assert out.relayout is not None and out.relayout.slot_len == 192
     assert sorted(new for _, new in out.relayout.moves) == [0, 1]
     # Preempted work is recomputed later, prompt and generated tokens together.
     scheduler.finish(urgent)
@@ -148,7 +148,7 @@ def test_kv_layout_grows_and_shrinks_with_the_running_set() -> None:
         assert kv.slot_len == 64
     assert a.num_computed_tokens == 65  # the 65th token's KV did not fit a 64-token slot
     assert kv.slot_len == 128 and out.relayout.moves == [(0, 0)] and out.relayout.copy_len == 64
-    long = seq(400)
+    long = seq(480)
     scheduler.add(long)
     step(scheduler)
     assert kv.slot_len == 512 and kv.num_slots == 2
@@ -160,6 +160,16 @@ def test_kv_layout_grows_and_shrinks_with_the_running_set() -> None:
     out = step(scheduler)  # more sequences than 512-token slots: shrink back
     assert out.relayout is not None and kv.slot_len == 128 and len(scheduler.running) == 6
     assert sorted(s.slot for s in scheduler.running) == list(range(6))
+
+
+def test_slot_lengths_climb_a_ladder_of_multiples_of_64_about_a_quarter_apart() -> None:
+    kv = KVCacheManager(capacity=8192, max_num_seqs=4, max_model_len=2000)
+    ladder = sorted({kv._level(n) for n in range(1, 2001)})
+    assert ladder[:10] == [64, 128, 192, 256, 320, 384, 448, 512, 640, 768]
+    assert ladder[-1] == kv.max_slot_len == 2048
+    assert all(step % 64 == 0 for step in ladder)
+    assert all(b / a <= 1.5 for a, b in zip(ladder[1:], ladder[2:], strict=False))  # no doubling after 64 -> 128
+    assert len(ladder) <= 20
 
 
 def test_kv_capacity_must_hold_one_full_sequence() -> None:

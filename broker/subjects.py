@@ -56,7 +56,6 @@ def journal_filter(request_id: str) -> str:
     return f"inf.tok.*.{request_id}"
 
 
-
 # Fire-and-forget: a publisher names a reply subject under `inf.results.` instead of a live inbox. The RESULTS
 # stream captures that namespace, so the events are stored (workers publish them through JetStream) and can be
 # read later. Anything after the prefix is the publisher's: e.g. inf.results.<client>.<request_id>.

@@ -23,6 +23,7 @@ applies relayouts to its tensors.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass
 
@@ -45,9 +46,19 @@ class Relayout:
     copy_len: int
 
 
+def _slot_ladder(max_slot_len: int) -> tuple[int, ...]:
+    """Slot lengths 64, 128, 192, ...: multiples of 64, each about a quarter longer than the last, ending at
+    `max_slot_len`."""
+    ladder = [SLOT_ALIGN]
+    while ladder[-1] < max_slot_len:
+        ladder.append(ladder[-1] + max(SLOT_ALIGN, ladder[-1] // 4 // SLOT_ALIGN * SLOT_ALIGN))
+    return (*ladder[:-1], max_slot_len)
+
+
 class KVCacheManager:
     def __init__(self, capacity: int, max_num_seqs: int, max_model_len: int) -> None:
         self.max_slot_len = round_up(max_model_len)
+        self._ladder = _slot_ladder(self.max_slot_len)
         if capacity < self.max_slot_len:
             raise ValueError(f"KV capacity {capacity} tokens cannot hold one {max_model_len}-token sequence")
         self.capacity = capacity
@@ -59,11 +70,8 @@ class KVCacheManager:
 
     # --- layout ---------------------------------------------------------------------------------------------
     def _level(self, num_tokens: int) -> int:
-        """Smallest slot length on the ladder (capped at the model length) holding `num_tokens`."""
-        level = SLOT_ALIGN
-        while level < num_tokens:
-            level += max(SLOT_ALIGN, level // 4 // SLOT_ALIGN * SLOT_ALIGN)
-        return min(level, self.max_slot_len)
+        """Smallest slot length on the ladder holding `num_tokens` (the longest slot beyond it)."""
+        return self._ladder[min(bisect.bisect_left(self._ladder, num_tokens), len(self._ladder) - 1)]
 
     def slots_for(self, slot_len: int) -> int:
         return min(self.max_num_seqs, self.capacity // slot_len)

@@ -13,6 +13,8 @@ from ops.bench.metrics import RequestResult
 from ops.bench.runner import main as bench_main
 from tests.model_fixtures import TINY_MODEL_NAME
 
+OBSERVER_RESOLUTION_MS = 1.0
+
 
 @pytest.mark.asyncio
 async def test_bench_reports_the_latency_the_edge_adds_per_token(api, nats_server, tmp_path, capsys) -> None:
@@ -23,7 +25,11 @@ async def test_bench_reports_the_latency_the_edge_adds_per_token(api, nats_serve
     assert "edge p50/p99 ms" in capsys.readouterr().out
     for level in json.loads(report.read_text())["levels"]:
         edge, itl = level["edge_ms"], level["itl_ms"]
-        assert level["errors"] == 0 and 0 < edge["p50"] <= edge["p99"]
+        # The observer's own note of an event lags by up to about a millisecond (its callback hop in a Python
+        # loop), so where the edge adds less than that (a tiny model, two streams) the figure reads near zero
+        # and may dip below it; pairing a chunk with the wrong event would be off by a whole token gap.
+        assert level["errors"] == 0 and -OBSERVER_RESOLUTION_MS < edge["p50"] <= edge["p99"]
+        assert edge["p50"] < itl["p50"], (edge, itl)
         # Part of the path a token takes after the worker: it cannot exceed a whole request's time.
         assert edge["p99"] < level["e2e_ms"]["p99"], (edge, itl)
         assert all(len(r["token_times"]) == 16 and r["response_id"].startswith("cmpl-") for r in level["requests"])

@@ -12,7 +12,7 @@ from typing import Generic, TypeVar
 import nats.errors
 import structlog
 from nats.js import errors as jse
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import ValidationError
 
 from broker.errors import BrokerError, BrokerUnavailable
@@ -46,14 +46,32 @@ async def read(kv: KeyValue, key: str) -> tuple[bytes, int] | None:
 
 
 async def records(kv: KeyValue, prefix: str, kind: type[R]) -> list[R]:
-    """Every live record under `prefix.>`, read in one watch; unreadable ones are logged and skipped. A key
-    updated while the watch replays can arrive twice: the newest value wins."""
-    watcher = await kv.watch(f"{prefix}.>", ignore_deletes=True)
+    """Every live record under `prefix.>`, read in one watch; unreadable ones are logged and skipped.
+
+    The watcher's "caught up" marker alone is not enough: while a key is being written during the replay, the
+    marker can come before other keys have arrived (a listing then missed a batch whose progress was being
+    saved). So the listing also reads until it has seen every key the stream held when it began (a deleted
+    key's marker counts), waiting at most `_STRAGGLER_WAIT_S` past the marker. A key updated while the watch
+    replays can arrive twice: the newest value wins."""
+    expected = await _stored_keys(kv, prefix)
+    watcher = await kv.watch(f"{prefix}.>")
     found: dict[str, R] = {}
+    seen: set[str] = set()
+    caught_up = False
     try:
-        async for entry in watcher:
-            if entry is None:  # the initial values are done
+        while not (caught_up and expected <= seen):
+            try:
+                entry = await watcher.updates(timeout=_STRAGGLER_WAIT_S if caught_up else _REPLAY_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                log.warning("kv.listing_incomplete", prefix=prefix, missing=len(expected - seen))
                 break
+            if entry is None:
+                caught_up = True
+                continue
+            seen.add(entry.key)
+            if entry.operation in (KV_DEL, KV_PURGE):
+                found.pop(entry.key, None)
+                continue
             try:
                 found[entry.key] = kind.from_bytes(entry.value)
             except ValidationError:
@@ -61,6 +79,17 @@ async def records(kv: KeyValue, prefix: str, kind: type[R]) -> list[R]:
     finally:
         await watcher.stop()
     return list(found.values())
+
+
+_REPLAY_TIMEOUT_S = 5.0
+_STRAGGLER_WAIT_S = 2.0
+
+
+async def _stored_keys(kv: KeyValue, prefix: str) -> set[str]:
+    """The keys under `prefix.>` the bucket's stream holds now (with a value or a delete marker). nats-py's
+    KeyValue has no call for this, so it asks the stream behind it."""
+    info = await kv._js.stream_info(kv._stream, subjects_filter=f"{kv._pre}{prefix}.>")
+    return {subject.removeprefix(kv._pre) for subject in info.state.subjects or {}}
 
 
 @dataclass(frozen=True, slots=True)

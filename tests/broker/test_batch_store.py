@@ -3,6 +3,7 @@ compare-and-swap (one of two racing writers wins), results are create-only, tick
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 
@@ -69,3 +70,26 @@ async def test_one_ticket_per_batch(batch_storage: BatchStorage) -> None:
     await msg.ack()
     assert await batch_storage.queue.fetch(timeout=0.3) is None
     await batch_storage.queue.stop()
+
+
+async def test_listing_sees_every_job_while_one_is_being_saved(batch_storage: BatchStorage) -> None:
+    # A running batch saves its progress every second; a listing taken meanwhile must still hold every batch
+    # (nats-py's watcher can say "caught up" early while a key is written during its replay).
+    ids = [f"batch_list{i}" for i in range(6)]
+    for batch_id in ids:
+        await batch_storage.jobs.create(job(batch_id))
+    busy = await batch_storage.jobs.get(ids[0])
+
+    async def keep_saving() -> None:
+        nonlocal busy
+        while True:
+            busy = await batch_storage.jobs.write(busy.record, busy.revision)
+            await asyncio.sleep(0.001)
+
+    saving = asyncio.create_task(keep_saving())
+    try:
+        for _ in range(150):
+            listed = {item.id for item in await batch_storage.jobs.list()}
+            assert set(ids) <= listed
+    finally:
+        saving.cancel()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from engine_worker.pooling import resolve_layer, vectors_for
 from engine_worker.sampler import SamplingRow, TokenLogprobData, seed_key
 from engine_worker.scheduler import Scheduler
 from engine_worker.sequence import RequestState, Sequence, SequenceStatus
+from engine_worker.speculative import NgramProposer, Proposer
 
 if TYPE_CHECKING:
     from engine_worker.model_runner import ModelRunner
@@ -49,6 +51,16 @@ class EngineConfig:
     """auto (cuda if available), cpu, cuda, cuda:1, ..."""
     torch_threads: int | None = None
     """torch intra-op threads; torch's default if None."""
+    num_speculative_tokens: int = 4
+    """N-gram speculative decoding (speculative.py): draft tokens guessed per sequence and step; 0 turns it off."""
+    prompt_lookup_min: int = 2
+    """Shortest suffix of a sequence that the n-gram proposer looks up in its earlier text."""
+    prompt_lookup_max: int = 4
+    """Longest suffix looked up (longer matches are tried first)."""
+    speculative_max_rows: int = 10
+    """Draft only while decodes plus their drafts stay within this many rows per step: each decode gets up to
+    `speculative_max_rows // decodes - 1` drafts, so speculation fades out as the batch grows (at a large batch
+    the GEMMs are compute-bound and a rejected draft costs a full row)."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -67,6 +79,15 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(
+                f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} and "
+                f"{self.prompt_lookup_max}"
+            )
+        if self.speculative_max_rows < 2:
+            raise ValueError(f"speculative_max_rows must be >= 2, got {self.speculative_max_rows}")
 
 
 class Engine:
@@ -76,7 +97,9 @@ class Engine:
         tokenizer: Any,
         runner: ModelRunner,
         eos_token_ids: set[int] | frozenset[int],
+        proposer: Proposer | None = None,
     ) -> None:
+        """`proposer` guesses draft tokens; by default the n-gram proposer when `num_speculative_tokens` > 0."""
         self.config = config
         self.tokenizer = tokenizer
         self.runner = runner
@@ -90,6 +113,11 @@ class Engine:
         self.kv = KVCacheManager(capacity, config.max_num_seqs, self.max_model_len)
         runner.allocate_kv_cache(capacity, self.kv.slot_len)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.kv)
+        if proposer is None and config.num_speculative_tokens:
+            proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
+        self.proposer = proposer
+        self.num_draft_tokens_total = 0
+        self.num_accepted_tokens_total = 0
         self._requests: dict[str, RequestState] = {}
         self._pending: list[RequestOutput] = []  # abort outputs, returned by the next step
         self._arrivals = 0
@@ -293,6 +321,8 @@ class Engine:
     # --- the loop -------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
+        if self.proposer is not None:
+            self._propose_drafts(self.proposer)
         batch = self.scheduler.schedule()
         if batch.relayout is not None:
             self.runner.relayout(batch.relayout)
@@ -300,20 +330,21 @@ class Engine:
             self.runner.copy_prefixes([(src.slot, dst.slot, n) for src, dst, n in batch.forks])
         if batch.is_empty:
             return outputs
-        sample_seqs = [seq for seq, n in batch.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+        sample_seqs = [seq for seq, n in batch.scheduled if seq.num_computed_tokens + n >= seq.num_tokens]
         prompt_lp = {
             seq: (seq.params.prompt_logprobs, len(self._requests[seq.request_id].prompt_logprobs) - 1)
             for seq, _ in batch.scheduled
             if seq.needs_prompt_logprobs and not self._requests[seq.request_id].prompt_logprobs_ready
         }
-        result = self.runner.run(
-            batch.scheduled, sample_seqs, [self._sampling_row(seq) for seq in sample_seqs], prompt_lp
-        )
+        rows = [self._sampling_row(seq, seq.draft_token_ids[:j]) for seq in sample_seqs
+                for j in range(len(seq.draft_token_ids) + 1)]
+        result = self.runner.run(batch.scheduled, sample_seqs, rows, prompt_lp)
         self.scheduler.postprocess(batch)
         for seq, entries in result.prompt_logprobs.items():
             self._add_prompt_logprobs(seq, entries)
-        for seq, token_id, lp in zip(sample_seqs, result.sampled.token_ids, result.sampled.logprobs, strict=True):
-            self._append_token(seq, token_id, lp)
+        sampled = iter(zip(result.sampled.token_ids, result.sampled.logprobs, strict=True))
+        for seq in sample_seqs:
+            self._accept(seq, list(islice(sampled, len(seq.draft_token_ids) + 1)))
         touched = {seq.request_id: None for seq in sample_seqs}
         for request_id in touched:
             output = self._make_output(self._requests[request_id])
@@ -321,8 +352,34 @@ class Engine:
                 outputs.append(output)
         return outputs
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _propose_drafts(self, proposer: Proposer) -> None:
+        """Guess draft tokens for every running decode while the step stays small enough to gain from them."""
+        decodes = [seq for seq in self.scheduler.running if not seq.is_prefill]
+        per_seq = self.config.speculative_max_rows // max(len(decodes), 1) - 1
+        for seq in decodes:
+            # Never guess past max_tokens or the context: the sampled token after the last draft must fit too.
+            limit = min(per_seq, seq.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens)
+            seq.draft_token_ids = proposer.propose(seq, limit)[:limit] if limit > 0 else []
+
+    def _accept(self, seq: Sequence, sampled: list[tuple[int, TokenLogprobData | None]]) -> None:
+        """Keep the drafts up to the first one the sampler disagrees with, then the sampler's own token there:
+        exactly the tokens decoding one at a time would have produced."""
+        drafts = seq.draft_token_ids
+        matched = 0
+        while matched < len(drafts) and sampled[matched][0] == drafts[matched]:
+            matched += 1
+        for token_id, lp in sampled[: matched + 1]:
+            self._append_token(seq, token_id, lp)
+            if seq.is_finished:
+                break
+        self.num_draft_tokens_total += len(drafts)
+        self.num_accepted_tokens_total += matched
+        self.scheduler.reject_drafts(seq, len(drafts) - matched)
+
+    def _sampling_row(self, seq: Sequence, drafted: list[int]) -> SamplingRow:
+        """How to sample the token after the sequence's tokens and the first `drafted` of its drafts."""
         p = seq.params
+        num_output_tokens = seq.num_output_tokens + len(drafted)
         row = SamplingRow(
             temperature=p.temperature,
             top_p=p.top_p,
@@ -333,15 +390,15 @@ class Engine:
             repetition_penalty=p.repetition_penalty,
             logit_bias=p.logit_bias,
             key=seq.sampling_key,
-            position=seq.num_tokens,
+            position=seq.num_tokens + len(drafted),
             num_logprobs=p.logprobs,
             need_logprob=p.num_candidates > p.n,
         )
-        if seq.num_output_tokens < p.min_tokens:
+        if num_output_tokens < p.min_tokens:
             row.suppress_ids = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(seq.eos_token_ids))
         if row.has_penalties:
-            row.output_ids = seq.output_token_ids
-            row.context_ids = seq.token_ids
+            row.output_ids = seq.output_token_ids + drafted
+            row.context_ids = seq.token_ids + drafted
         return row
 
     def _append_token(self, seq: Sequence, token_id: int, lp: TokenLogprobData | None) -> None:

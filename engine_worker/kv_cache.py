@@ -114,6 +114,10 @@ class KVCacheManager:
     def append(self, seq: Sequence, num_tokens: int) -> None:
         self._reserved[seq] += num_tokens
 
+    def shrink(self, seq: Sequence, num_tokens: int) -> None:
+        """Hold only `num_tokens` (rejected draft tokens give theirs back)."""
+        self._reserved[seq] = min(self._reserved[seq], num_tokens)
+
     def free(self, seq: Sequence) -> None:
         self._reserved.pop(seq)
         if seq in self._new:

@@ -121,6 +121,8 @@ class WorkerMeters:
             num_requests_waiting=gauges.waiting,
             kv_cache_usage_perc=gauges.kv_cache_usage,
             num_preemptions_total=gauges.preemptions,
+            spec_decode_num_draft_tokens_total=gauges.draft_tokens,
+            spec_decode_num_accepted_tokens_total=gauges.accepted_tokens,
             prompt_tokens_total=self.prompt_tokens,
             generation_tokens_total=self.generation_tokens,
             request_success_total=dict(self.successes),
@@ -137,7 +139,8 @@ class EngineGauges:
     waiting: int
     kv_cache_usage: float | None = None
     preemptions: int | None = None
-
+    draft_tokens: int | None = None
+    accepted_tokens: int | None = None
 
 def engine_gauges(engine: object, fallback_running: int, fallback_waiting: int) -> EngineGauges:
     """The engine's own view when it offers one (the torch engine does; the sim engine does not, then the bridge's
@@ -149,6 +152,8 @@ def engine_gauges(engine: object, fallback_running: int, fallback_waiting: int) 
             waiting = getattr(engine, "num_requests_waiting", None)
             usage = getattr(engine, "kv_cache_usage", None)
             preemptions = getattr(engine, "num_preemptions_total", None)
+            draft_tokens = getattr(engine, "num_draft_tokens_total", None)
+            accepted_tokens = getattr(engine, "num_accepted_tokens_total", None)
         except RuntimeError:  # "dictionary changed size during iteration"
             continue
         return EngineGauges(
@@ -156,6 +161,8 @@ def engine_gauges(engine: object, fallback_running: int, fallback_waiting: int) 
             waiting=fallback_waiting if waiting is None else waiting,
             kv_cache_usage=usage,
             preemptions=preemptions,
+            draft_tokens=draft_tokens,
+            accepted_tokens=accepted_tokens,
         )
     return EngineGauges(running=fallback_running, waiting=fallback_waiting)
 

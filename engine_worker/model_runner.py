@@ -265,7 +265,8 @@ class ModelRunner:
         prompt_logprob_seqs: dict[Sequence, tuple[int, int]],
     ) -> RunOutput:
         """Compute `n` tokens of each scheduled sequence; sample the next token of each of `sample_seqs`
-        (whose last known token is in this step); prompt logprobs for `prompt_logprob_seqs`
+        (whose last known token is in this step), and one after each of its draft tokens; `sample_rows` has an
+        entry per sampled row, in that order. Prompt logprobs for `prompt_logprob_seqs`
         (seq -> (top-k, first position still needed))."""
         batch = _StepBatch.build(scheduled, sample_seqs, prompt_logprob_seqs, self.device)
         hidden = self._forward(batch)
@@ -395,7 +396,7 @@ class _StepBatch:
     input_ids: torch.Tensor  # [N]
     positions: torch.Tensor  # [N]
     token_slots: torch.Tensor  # [N]
-    sample_index: torch.Tensor  # rows whose logits are sampled
+    sample_index: torch.Tensor  # rows whose logits are sampled (1 + drafts per sampled sequence)
     decode_rows: list[int]
     decode_index: torch.Tensor
     decode_slots: torch.Tensor
@@ -425,7 +426,7 @@ class _StepBatch:
         prompt_rows: dict[Sequence, tuple[list[int], list[int], int]] = {}
         for seq, n in scheduled:
             start, pos = len(ids), seq.num_computed_tokens
-            ids += seq.token_ids[pos : pos + n]
+            ids += seq.step_token_ids(n)
             positions += range(pos, pos + n)
             slots += [seq.slot] * n
             last_row[seq] = start + n - 1
@@ -450,7 +451,9 @@ class _StepBatch:
             input_ids=tensor(ids),
             positions=tensor(positions),
             token_slots=tensor(slots),
-            sample_index=tensor([last_row[seq] for seq in sample_seqs]),
+            # A sequence checking d draft tokens is sampled at its last d + 1 rows.
+            sample_index=tensor([row for seq in sample_seqs
+                                 for row in range(last_row[seq] - len(seq.draft_token_ids), last_row[seq] + 1)]),
             decode_rows=decode_rows,
             decode_index=tensor(decode_rows),
             decode_slots=tensor(decode_slots),

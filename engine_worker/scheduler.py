@@ -8,7 +8,8 @@ admitted while their whole known length fits the KV cache. When a running sequen
 lowest-ranked running sequence is preempted: its KV is freed and it is requeued at the front of its priority
 class (it keeps its arrival number) to be recomputed later. Nothing is ever failed for lack of memory.
 Choices 1..n-1 of a request wait until choice 0 has computed the prompt, then copy its KV (`forks`) and compute
-only the last prompt token themselves.
+only the last prompt token themselves. A decode may also carry draft tokens (speculative.py) in budget and KV
+that nothing else needs; the ones the sampler rejects are rolled back after the step (`reject_drafts`).
 """
 
 from __future__ import annotations
@@ -77,11 +78,31 @@ class Scheduler:
                 out.scheduled.append((seq, num_tokens))
                 budget -= num_tokens
         if not out.preempted:
-            self._admit(out, budget)
+            budget = self._admit(out, budget)
+        self._add_drafts(out, budget)
         out.relayout = self.kv.commit()
         return out
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+    def _add_drafts(self, out: SchedulerOutput, budget: int) -> None:
+        """Draft tokens ride on decodes in the budget and KV left over once everything else is scheduled: a
+        guess never delays a prompt, a decode or an admission, and never preempts anyone."""
+        for i, (seq, num_tokens) in enumerate(out.scheduled):
+            drafts = seq.draft_token_ids
+            if not drafts:
+                continue
+            if num_tokens != seq.num_uncomputed_tokens or seq.is_prefill:  # a prompt chunk or a recompute
+                drafts.clear()
+                continue
+            del drafts[max(0, budget) :]
+            if drafts and self.kv.can_append(seq, len(drafts)):
+                self.kv.append(seq, len(drafts))
+                out.scheduled[i] = (seq, num_tokens + len(drafts))
+                budget -= len(drafts)
+            else:
+                drafts.clear()
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        """Start waiting sequences while budget, slots and KV allow; returns the budget left."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             # Admit only when the whole known length fits, so admission does not lead straight to preemption.
@@ -100,6 +121,7 @@ class Scheduler:
             if shared:
                 out.forks.append((seq.parent, seq, shared))
             budget -= num_tokens
+        return budget
 
     @staticmethod
     def _shared_prefix(seq: Sequence) -> int | None:
@@ -112,6 +134,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.draft_token_ids.clear()
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -122,6 +145,14 @@ class Scheduler:
         """The step ran: the scheduled tokens now have KV."""
         for seq, num_tokens in out.scheduled:
             seq.num_computed_tokens += num_tokens
+
+    def reject_drafts(self, seq: Sequence, num_rejected: int) -> None:
+        """The last `num_rejected` tokens computed this step were wrong guesses: their KV is garbage that the
+        next step overwrites."""
+        seq.draft_token_ids.clear()
+        if num_rejected and seq.status is SequenceStatus.RUNNING:
+            seq.num_computed_tokens -= num_rejected
+            self.kv.shrink(seq, seq.num_computed_tokens)
 
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence and free its KV at once."""

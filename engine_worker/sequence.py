@@ -11,6 +11,7 @@ from contracts import FinishReason, GenerateRequest, SamplingParams, TokenLogpro
 
 if TYPE_CHECKING:
     from engine_worker.detokenizer import IncrementalDetokenizer
+    from engine_worker.speculative import NgramIndex
 
 
 class SequenceStatus(Enum):
@@ -48,6 +49,8 @@ class Sequence:
     num_sent_tokens: int = 0  # new tokens released to the client
     parent: Sequence | None = None  # choice 0 of the request, whose prompt KV the other choices copy
     finish_sent: bool = False
+    draft_token_ids: list[int] = field(default_factory=list)  # guesses checked in this step (speculative.py)
+    ngram_index: NgramIndex | None = None  # the proposer's index of this sequence's text
 
     @property
     def key(self) -> tuple[int, int]:
@@ -84,6 +87,12 @@ class Sequence:
     def is_prefill(self) -> bool:
         """More than the last token lacks KV (a prompt, or a recompute after preemption)."""
         return self.num_uncomputed_tokens > 1
+
+    def step_token_ids(self, num_tokens: int) -> list[int]:
+        """The `num_tokens` inputs of this step: uncomputed tokens, then the draft tokens being checked."""
+        start = self.num_computed_tokens
+        ids = self.token_ids[start : start + num_tokens]
+        return ids + self.draft_token_ids[: num_tokens - len(ids)]
 
     @property
     def is_finished(self) -> bool:

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     kv_cache_tokens: int | None = Field(default=None, ge=16, description="KV capacity in tokens; derived if unset.")
     torch_threads: int | None = Field(default=None, ge=1, description=(
         "torch intra-op threads (default: torch's; under `inferq serve`, one core is left to the api and NATS)."))
+    num_speculative_tokens: int = Field(default=4, ge=0, description=(
+        "N-gram speculative decoding: draft tokens guessed per sequence and step from its own text (0: off)."))
+    prompt_lookup_min: int = Field(default=2, ge=1, description="Shortest n-gram the draft proposer matches.")
+    prompt_lookup_max: int = Field(default=4, ge=1, description="Longest n-gram the draft proposer matches.")
+    speculative_max_rows: int = Field(default=10, ge=2, description=(
+        "Draft only while a step's decodes plus their drafts fit in this many rows (small batches gain most)."))
 
     # --- cluster ----------------------------------------------------------------------------------------
     nats_replicas: int = Field(default=1, ge=1, le=5,

@@ -69,6 +69,11 @@ class _FleetCollector:
                                labels=WORKER_LABELS)
         preemptions = CounterMetricFamily(f"{PREFIX}num_preemptions", "Sequences preempted for lack of KV cache.",
                                           labels=WORKER_LABELS)
+        drafts = CounterMetricFamily(f"{PREFIX}spec_decode_num_draft_tokens",
+                                     "Draft tokens checked by speculative decoding.", labels=WORKER_LABELS)
+        accepted = CounterMetricFamily(f"{PREFIX}spec_decode_num_accepted_tokens",
+                                       "Draft tokens accepted (they matched what the model sampled).",
+                                       labels=WORKER_LABELS)
         prompt = CounterMetricFamily(f"{PREFIX}prompt_tokens", "Prompt tokens of finished requests.",
                                      labels=WORKER_LABELS)
         generation = CounterMetricFamily(f"{PREFIX}generation_tokens", "Generated tokens of finished requests.",
@@ -84,6 +89,9 @@ class _FleetCollector:
                 kv.add_metric(labels, worker.kv_cache_usage_perc)
             if worker.num_preemptions_total is not None:
                 preemptions.add_metric(labels, worker.num_preemptions_total)
+            if worker.spec_decode_num_draft_tokens_total is not None:
+                drafts.add_metric(labels, worker.spec_decode_num_draft_tokens_total)
+                accepted.add_metric(labels, worker.spec_decode_num_accepted_tokens_total or 0)
             prompt.add_metric(labels, worker.prompt_tokens_total)
             generation.add_metric(labels, worker.generation_tokens_total)
             for reason, count in sorted({**dict.fromkeys(FINISH_REASONS, 0), **worker.request_success_total}.items()):
@@ -95,6 +103,8 @@ class _FleetCollector:
         yield self._waiting()
         yield kv
         yield preemptions
+        yield drafts
+        yield accepted
         yield prompt
         yield generation
         yield success

@@ -32,7 +32,8 @@ def _samples(text: str) -> dict[tuple[str, frozenset], float]:
 
 
 def test_fleet_exposition() -> None:
-    workers = [_worker("w1", kv_cache_usage_perc=0.5, num_preemptions_total=4), _worker("w2")]
+    workers = [_worker("w1", kv_cache_usage_perc=0.5, num_preemptions_total=4,
+                       spec_decode_num_draft_tokens_total=50, spec_decode_num_accepted_tokens_total=35), _worker("w2")]
     text = render(workers, [QueueBacklog("m", Lane.INTERACTIVE, 7), QueueBacklog("m", Lane.BATCH, 0)]).decode()
     samples = _samples(text)
     w1 = {("model_name", "m"), ("worker_id", "w1")}
@@ -47,8 +48,12 @@ def test_fleet_exposition() -> None:
     assert value("inferq:num_requests_running", w1) == 2
     assert value("inferq:kv_cache_usage_perc", w1) == 0.5
     assert value("inferq:num_preemptions_total", w1) == 4
+    assert value("inferq:spec_decode_num_draft_tokens_total", w1) == 50
+    assert value("inferq:spec_decode_num_accepted_tokens_total", w1) == 35
     # The sim-like worker without a KV cache has no such series.
     assert ("inferq:kv_cache_usage_perc", frozenset({("model_name", "m"), ("worker_id", "w2")})) not in samples
+    assert ("inferq:spec_decode_num_draft_tokens_total", frozenset({("model_name", "m"), ("worker_id", "w2")})) \
+        not in samples
     # Buckets are cumulative and end at +Inf = count.
     assert value("inferq:time_to_first_token_seconds_bucket", w1 | {("le", "0.1")}) == 1
     assert value("inferq:time_to_first_token_seconds_bucket", w1 | {("le", "1.0")}) == 3

@@ -99,3 +99,26 @@ def engine_factory(tiny_model_dir: Path) -> Callable[..., Engine]:
         return Engine.from_pretrained(tiny_model_dir, EngineConfig(**config))
 
     return make
+
+
+class ScriptedProposer:
+    """Draft tokens from a known answer (prompt, choice index) -> tokens, with every `wrong_every`-th output
+    position guessed wrong, so steps both accept and reject drafts. Proposes nothing once a sequence has left
+    its script (the test then fails on the output)."""
+
+    def __init__(
+        self, answers: dict[tuple[tuple[int, ...], int], list[int]], wrong_every: int = 4, max_tokens: int = 5
+    ) -> None:
+        self.answers, self.wrong_every, self.max_tokens = answers, wrong_every, max_tokens
+        self.limits: list[int] = []
+
+    def propose(self, seq: Any, limit: int) -> list[int]:
+        self.limits.append(limit)
+        answer = self.answers.get((tuple(seq.token_ids[: seq.num_prompt_tokens]), seq.index), [])
+        done = seq.num_output_tokens
+        if seq.output_token_ids != answer[:done]:
+            return []
+        return [
+            token + 1 if (done + i) % self.wrong_every == self.wrong_every - 1 else token
+            for i, token in enumerate(answer[done : done + min(limit, self.max_tokens)])
+        ]

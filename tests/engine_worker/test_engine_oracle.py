@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from engine_worker.scheduler import SchedulerOutput
-from tests.engine_worker.conftest import make_request, prompt_of, run_to_completion, tokens_by_choice
+from tests.engine_worker.conftest import (
+    ScriptedProposer,
+    make_request,
+    prompt_of,
+    run_to_completion,
+    tokens_by_choice,
+)
 
 # (prompt length, max_tokens, step at which it is added)
 # The first four grow past 128 tokens together, which a 512-token cache cannot hold: preemption.
@@ -71,6 +77,54 @@ def test_greedy_matches_transformers_for_a_concurrent_mix(engine_factory, hf_gre
     if "kv_cache_tokens" in config:
         assert engine.num_preemptions_total > 0
     assert engine.kv.num_running == 0 and not engine.scheduler.running
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param({}, id="roomy"),
+        pytest.param({"max_num_batched_tokens": 16}, id="chunked-prefill"),
+        pytest.param({"max_num_batched_tokens": 32, "kv_cache_tokens": 512}, id="preemption"),
+    ],
+)
+def test_greedy_with_draft_tokens_matches_transformers(engine_factory, tiny_model_dir, hf_greedy, config) -> None:
+    """Speculative decoding changes how many tokens a step yields, never which: with drafts that are right
+    three times in four, every request still equals transformers alone, and rejected drafts leave no KV behind."""
+    from engine_worker.engine import Engine, EngineConfig
+
+    answers = {
+        (tuple(prompt_of(length, i)), 0): hf_greedy(prompt_of(length, i), max_tokens)
+        for i, (length, max_tokens, _) in enumerate(WORKLOAD)
+    }
+    proposer = ScriptedProposer(answers)
+    base = engine_factory(**config)
+    engine = Engine(
+        EngineConfig(**{**_config_of(base), "speculative_max_rows": 64}),
+        base.tokenizer,
+        base.runner,
+        base.eos_token_ids,
+        proposer=proposer,
+    )
+    steps = _record_steps(engine)
+    got = _run_workload(engine)
+    for i, (length, _, _) in enumerate(WORKLOAD):
+        assert got[f"r{i}"] == answers[(tuple(prompt_of(length, i)), 0)], f"request r{i} diverged"
+
+    assert 0 < engine.num_accepted_tokens_total < engine.num_draft_tokens_total
+    # Drafts ran alongside other decodes and prefill chunks, within the token budget.
+    checked = [out for out in steps if any(n > 1 and s.num_output_tokens > 0 for s, n in out.scheduled)]
+    assert len(checked) > 10
+    assert all(out.num_tokens <= engine.config.max_num_batched_tokens for out in steps)
+    assert len(steps) < sum(max_tokens for _, max_tokens, _ in WORKLOAD) // 2  # fewer steps than tokens
+    if "kv_cache_tokens" in config:
+        assert engine.num_preemptions_total > 0
+    assert engine.kv.num_running == 0 and not engine.scheduler.running
+
+
+def _config_of(engine) -> dict:
+    from dataclasses import asdict
+
+    return asdict(engine.config)
 
 
 def test_min_tokens_matches_transformers_min_new_tokens(engine_factory, hf_model) -> None:

@@ -49,7 +49,8 @@ def test_a_request_timeline_feeds_each_meter() -> None:
         meters.tokens(timeline, now=mono)
     meters.finished(timeline, Usage(prompt_tokens=7, completion_tokens=3), "length", now=50.7)
 
-    snapshot = meters.snapshot("w1", "m", EngineGauges(running=1, waiting=2, kv_cache_usage=0.25, preemptions=4))
+    snapshot = meters.snapshot("w1", "m", EngineGauges(running=1, waiting=2, kv_cache_usage=0.25, preemptions=4,
+                                                       draft_tokens=40, accepted_tokens=30))
     assert snapshot.request_queue_time_seconds.sum == pytest.approx(2.0)
     assert snapshot.time_to_first_token_seconds.count == 1
     assert snapshot.time_to_first_token_seconds.sum == pytest.approx(2.3)  # queue wait included, as in vLLM
@@ -60,6 +61,7 @@ def test_a_request_timeline_feeds_each_meter() -> None:
     assert snapshot.request_success_total == {"length": 1}
     assert (snapshot.num_requests_running, snapshot.num_requests_waiting) == (1, 2)
     assert (snapshot.kv_cache_usage_perc, snapshot.num_preemptions_total) == (0.25, 4)
+    assert (snapshot.spec_decode_num_draft_tokens_total, snapshot.spec_decode_num_accepted_tokens_total) == (40, 30)
 
 
 def test_queue_time_is_clamped_when_clocks_disagree() -> None:
@@ -72,6 +74,8 @@ class _Engine:
     num_requests_waiting = 1
     kv_cache_usage = 0.5
     num_preemptions_total = 2
+    num_draft_tokens_total = 12
+    num_accepted_tokens_total = 7
 
 
 class _CountingEngine:
@@ -89,8 +93,8 @@ class _CountingEngine:
 
 
 def test_engine_gauges_prefer_the_engine_and_fall_back_to_the_bridge() -> None:
-    assert engine_gauges(_Engine(), 9, 9) == EngineGauges(3, 1, 0.5, 2)
-    assert engine_gauges(object(), 2, 1) == EngineGauges(2, 1, None, None)
+    assert engine_gauges(_Engine(), 9, 9) == EngineGauges(3, 1, 0.5, 2, 12, 7)
+    assert engine_gauges(object(), 2, 1) == EngineGauges(2, 1, None, None, None, None)
     assert engine_gauges(_CountingEngine(), 0, 0).running == 5
 
 

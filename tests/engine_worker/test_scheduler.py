@@ -175,3 +175,38 @@ def test_slot_lengths_climb_a_ladder_of_multiples_of_64_about_a_quarter_apart() 
 def test_kv_capacity_must_hold_one_full_sequence() -> None:
     with pytest.raises(ValueError, match="cannot hold"):
         KVCacheManager(capacity=100, max_num_seqs=4, max_model_len=512)
+
+
+def test_drafts_use_only_leftover_budget_and_free_kv_and_roll_back() -> None:
+    scheduler = make(budget=16, capacity=512, max_len=256)
+    a, b = seq(10), seq(10)
+    scheduler.add(a)
+    scheduler.add(b)
+    step(scheduler)
+    step(scheduler)  # both prompts are in: a holds 11 tokens of KV, b 10
+    a.draft_token_ids = [9] * 20
+    waiting = seq(8)
+    scheduler.add(waiting)
+    out = scheduler.schedule()
+    # b decodes and the new prompt is admitted first; a's drafts get the 16 - 1 - 1 - 8 = 6 tokens left.
+    assert planned(out) == {a.request_id: 1 + 6, b.request_id: 1, waiting.request_id: 8}
+    assert a.draft_token_ids == [9] * 6
+    assert scheduler.kv._reserved[a] == 11 + 1 + 6
+    scheduler.postprocess(out)
+    scheduler.reject_drafts(a, 4)  # two drafts were right
+    assert a.num_computed_tokens == 11 + 1 + 2 and scheduler.kv._reserved[a] == 14
+    assert a.draft_token_ids == []
+
+
+def test_drafts_never_preempt() -> None:
+    scheduler = make(budget=64, capacity=256, max_len=128)
+    running = [seq(60), seq(60)]  # two 64-token slots of four; a third sequence would need 128-token slots
+    for s in running:
+        scheduler.add(s)
+    step(scheduler)
+    running[0].draft_token_ids = [1] * 10  # 61 + 10 needs 128-token slots: only two fit, both are taken
+    third = seq(60)
+    scheduler.add(third)
+    out = scheduler.schedule()
+    assert not out.preempted
+    assert running[0].draft_token_ids == [] and planned(out)[running[0].request_id] == 1

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 DEFAULT_KV_CACHE_GIB = 2.0
+MAX_DRAFT_BACKOFF = 32  # tokens a sequence decodes without drafts after repeated misses, at most
 
 
 @dataclass(slots=True)
@@ -57,7 +58,7 @@ class EngineConfig:
     """Shortest suffix of a sequence that the n-gram proposer looks up in its earlier text."""
     prompt_lookup_max: int = 4
     """Longest suffix looked up (longer matches are tried first)."""
-    speculative_max_rows: int = 10
+    speculative_max_rows: int = 16
     """Draft only while decodes plus their drafts stay within this many rows per step: each decode gets up to
     `speculative_max_rows // decodes - 1` drafts, so speculation fades out as the batch grows (at a large batch
     the GEMMs are compute-bound and a rejected draft costs a full row)."""
@@ -359,7 +360,8 @@ class Engine:
         for seq in decodes:
             # Never guess past max_tokens or the context: the sampled token after the last draft must fit too.
             limit = min(per_seq, seq.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens)
-            seq.draft_token_ids = proposer.propose(seq, limit)[:limit] if limit > 0 else []
+            drafting = limit > 0 and seq.num_tokens >= seq.next_draft_at
+            seq.draft_token_ids = proposer.propose(seq, limit)[:limit] if drafting else []
 
     def _accept(self, seq: Sequence, sampled: list[tuple[int, TokenLogprobData | None]]) -> None:
         """Keep the drafts up to the first one the sampler disagrees with, then the sampler's own token there:
@@ -374,6 +376,11 @@ class Engine:
                 break
         self.num_draft_tokens_total += len(drafts)
         self.num_accepted_tokens_total += matched
+        if drafts:
+            # Text the proposer cannot guess (novel or randomly sampled) stops costing verify rows: each step
+            # whose drafts all miss doubles the pause before the next guess; one hit ends the pause.
+            seq.draft_backoff = 0 if matched else min(2 * seq.draft_backoff or 1, MAX_DRAFT_BACKOFF)
+            seq.next_draft_at = seq.num_tokens + seq.draft_backoff
         self.scheduler.reject_drafts(seq, len(drafts) - matched)
 
     def _sampling_row(self, seq: Sequence, drafted: list[int]) -> SamplingRow:

@@ -355,23 +355,27 @@ class ModelRunner:
         batch: _StepBatch,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        """One query per row, as a bmm over the contiguous slot cache (13x faster than masked SDPA on CPU).
-        q: [D, heads, head_dim] for rows at `batch.decode_slots`; returns the same shape."""
-        slots, window = batch.decode_span, self.slot_len  # whole slots: a contiguous bmm batch
+        """A few queries per sequence (its next token, plus any draft tokens), as one bmm over the contiguous
+        slot cache (13x faster than masked SDPA on CPU). q: [D, heads, head_dim] for rows at
+        (`batch.decode_slots`, `batch.decode_offsets`); returns the same shape."""
+        slots, window, queries = batch.decode_span, self.slot_len, batch.decode_queries  # whole slots
         group = self.num_heads // self.num_kv_heads
-        if batch.dense_decode:  # row i sits in slot i
+        if batch.dense_decode:  # one query per slot, row i in slot i
             q_full = q
         else:
-            q_full = q.new_zeros(slots, self.num_heads, self.head_dim)
-            q_full[batch.decode_slots] = q
-        q_full = q_full.reshape(slots * self.num_kv_heads, group, self.head_dim)
+            q_full = q.new_zeros(slots, queries, self.num_heads, self.head_dim)
+            q_full[batch.decode_slots, batch.decode_offsets] = q
+            q_full = q_full.transpose(1, 2)  # [slots, heads, queries, head_dim]
+        q_full = q_full.reshape(slots * self.num_kv_heads, group * queries, self.head_dim)
         keys = k_cache[:slots, :, :window].reshape(slots * self.num_kv_heads, window, self.head_dim)
         values = v_cache[:slots, :, :window].reshape(slots * self.num_kv_heads, window, self.head_dim)
         scores = torch.bmm(q_full, keys.transpose(1, 2)).float().mul_(self.scale)
-        scores = scores.view(slots, self.num_kv_heads, group, window).add_(mask)
-        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(slots * self.num_kv_heads, group, window)
-        out = torch.bmm(probs, values).view(slots, self.num_heads, self.head_dim)
-        return out if batch.dense_decode else out[batch.decode_slots]
+        scores = scores.view(slots, self.num_kv_heads, group, queries, window).add_(mask)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(slots * self.num_kv_heads, group * queries, window)
+        out = torch.bmm(probs, values).view(slots, self.num_heads, queries, self.head_dim)
+        if batch.dense_decode:
+            return out.view(slots, self.num_heads, self.head_dim)
+        return out.transpose(1, 2)[batch.decode_slots, batch.decode_offsets]
 
     def _prefill_attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, pos: int
@@ -397,10 +401,12 @@ class _StepBatch:
     positions: torch.Tensor  # [N]
     token_slots: torch.Tensor  # [N]
     sample_index: torch.Tensor  # rows whose logits are sampled (1 + drafts per sampled sequence)
-    decode_rows: list[int]
+    decode_rows: list[int]  # a decode's next token and its draft tokens: queries of the batched decode attention
     decode_index: torch.Tensor
-    decode_slots: torch.Tensor
-    decode_lengths: list[tuple[int, int]]  # (slot, attended length)
+    decode_slots: torch.Tensor  # per decode row
+    decode_offsets: torch.Tensor  # per decode row: 0 for the next token, j for the j-th draft
+    decode_lengths: list[tuple[int, int]]  # (slot, length attended by its offset-0 query)
+    decode_queries: int  # most decode rows of one sequence
     decode_span: int  # highest decode slot + 1
     all_decode: bool  # every row is a single-token step
     dense_decode: bool  # decode row i is in slot i
@@ -421,6 +427,8 @@ class _StepBatch:
         slots: list[int] = []
         last_row: dict[Sequence, int] = {}
         decode_rows: list[int] = []
+        decode_slots: list[int] = []
+        decode_offsets: list[int] = []
         decode_lengths: list[tuple[int, int]] = []
         prefill_chunks: list[tuple[int, int, int, int]] = []
         prompt_rows: dict[Sequence, tuple[list[int], list[int], int]] = {}
@@ -430,8 +438,10 @@ class _StepBatch:
             positions += range(pos, pos + n)
             slots += [seq.slot] * n
             last_row[seq] = start + n - 1
-            if n == 1:
-                decode_rows.append(start)
+            if n == 1 + len(seq.draft_token_ids):  # a decode, with any drafts
+                decode_rows += range(start, start + n)
+                decode_slots += [seq.slot] * n
+                decode_offsets += range(n)
                 decode_lengths.append((seq.slot, pos + 1))
             else:
                 prefill_chunks.append((start, n, seq.slot, pos))
@@ -446,7 +456,6 @@ class _StepBatch:
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        decode_slots = [slot for slot, _ in decode_lengths]
         return cls(
             input_ids=tensor(ids),
             positions=tensor(positions),
@@ -457,7 +466,9 @@ class _StepBatch:
             decode_rows=decode_rows,
             decode_index=tensor(decode_rows),
             decode_slots=tensor(decode_slots),
+            decode_offsets=tensor(decode_offsets),
             decode_lengths=decode_lengths,
+            decode_queries=max(decode_offsets, default=0) + 1,
             decode_span=max(decode_slots, default=-1) + 1,
             all_decode=len(decode_rows) == len(ids),
             dense_decode=decode_slots == list(range(len(decode_slots))),
@@ -467,11 +478,13 @@ class _StepBatch:
         )
 
     def decode_mask(self, window: int) -> torch.Tensor:
-        """Additive mask [slots, 1, 1, window]: 0 up to each row's length, -inf after (idle slots see 1)."""
+        """Additive mask [slots, 1, 1, queries, window]: 0 up to what each query may see (its sequence's length,
+        plus one per draft before it), -inf after; idle slots and padding queries see 1 token (no NaN)."""
         lengths = [1] * self.decode_span
         for slot, length in self.decode_lengths:
             lengths[slot] = length
-        limit = torch.tensor(lengths, device=self.device).unsqueeze(1)
-        keep = torch.arange(window, device=self.device).unsqueeze(0) < limit
+        offsets = torch.arange(self.decode_queries, device=self.device)
+        limit = torch.tensor(lengths, device=self.device).unsqueeze(1) + offsets  # [slots, queries]
+        keep = torch.arange(window, device=self.device) < limit.unsqueeze(2)
         mask = torch.zeros(keep.shape, dtype=torch.float32, device=self.device).masked_fill_(~keep, -float("inf"))
-        return mask.view(self.decode_span, 1, 1, window)
+        return mask.view(self.decode_span, 1, 1, self.decode_queries, window)

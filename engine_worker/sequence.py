@@ -51,6 +51,8 @@ class Sequence:
     finish_sent: bool = False
     draft_token_ids: list[int] = field(default_factory=list)  # guesses checked in this step (speculative.py)
     ngram_index: NgramIndex | None = None  # the proposer's index of this sequence's text
+    draft_backoff: int = 0  # after drafts that were all wrong, skip this many tokens before guessing again...
+    next_draft_at: int = 0  # ...that is, until the sequence has this many tokens
 
     @property
     def key(self) -> tuple[int, int]:

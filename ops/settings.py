@@ -91,7 +91,7 @@ class Settings(BaseSettings):
         "N-gram speculative decoding: draft tokens guessed per sequence and step from its own text (0: off)."))
     prompt_lookup_min: int = Field(default=2, ge=1, description="Shortest n-gram the draft proposer matches.")
     prompt_lookup_max: int = Field(default=4, ge=1, description="Longest n-gram the draft proposer matches.")
-    speculative_max_rows: int = Field(default=10, ge=2, description=(
+    speculative_max_rows: int = Field(default=16, ge=2, description=(
         "Draft only while a step's decodes plus their drafts fit in this many rows (small batches gain most)."))
 
     # --- cluster ----------------------------------------------------------------------------------------

@@ -162,3 +162,28 @@ def test_speculation_fades_out_as_the_batch_grows(engine_factory) -> None:
         engine.step()
         allowed = 10 // i - 1
         assert proposer.limits == ([allowed] * 2 * i if allowed > 0 else []), i  # not asked when none is allowed
+
+
+class _WrongProposer:
+    """Always guesses a token the model never picks (the vocabulary's last one, a special token)."""
+
+    def __init__(self, token: int) -> None:
+        self.token, self.calls = token, 0
+
+    def propose(self, seq, limit: int) -> list[int]:
+        self.calls += 1
+        return [self.token] * limit
+
+
+def test_drafts_that_keep_missing_back_off(engine_factory) -> None:
+    plain = engine_factory(num_speculative_tokens=0)
+    plain.add_request(make_request("r", prompt_of(7, 9), temperature=0.0, max_tokens=120, ignore_eos=True))
+    expected = _choices(run_to_completion(plain)["r"])
+    proposer = _WrongProposer(plain.runner.vocab_size - 1)
+    engine = Engine(EngineConfig(**asdict(plain.config)), plain.tokenizer, plain.runner, plain.eos_token_ids,
+                    proposer=proposer)
+    engine.add_request(make_request("r", prompt_of(7, 9), temperature=0.0, max_tokens=120, ignore_eos=True))
+    assert _choices(run_to_completion(engine)["r"]) == expected
+    # Guesses after pauses of 0, 1, 2, 4, 8, 16, 32, 32 tokens: a handful of the 119 decode steps.
+    assert engine.num_accepted_tokens_total == 0
+    assert 6 <= proposer.calls <= 10

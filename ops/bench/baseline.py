@@ -48,15 +48,18 @@ class _TokenClock:
 class BaselineTarget:
     name = "baseline"
 
-    def __init__(self, model: Any, output_len: int, label: str) -> None:
+    def __init__(self, model: Any, output_len: int, label: str, temperature: float = 0.0) -> None:
         from transformers import GenerationConfig
 
         self.label = label
         self._model = model
         eos = model.generation_config.eos_token_id
         # min_new_tokens == max_new_tokens is generate()'s ignore_eos: every request yields output_len tokens.
+        # Sampling like the server's: plain temperature (generate() would add top_k=50 by default).
+        sampling = {"temperature": temperature, "top_k": 0} if temperature > 0 else {}
         self._generation = GenerationConfig(
-            do_sample=False,
+            do_sample=temperature > 0,
+            **sampling,
             max_new_tokens=output_len,
             min_new_tokens=output_len,
             eos_token_id=eos,
@@ -73,6 +76,7 @@ class BaselineTarget:
             load_model(source, cfg.baseline_dtype),
             cfg.output_len,
             label=f"{source.name} {cfg.baseline_dtype}",
+            temperature=cfg.temperature,
         )
         try:
             yield target

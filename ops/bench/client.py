@@ -97,6 +97,9 @@ def _error_message(chunk: dict[str, Any]) -> str:
     return str(error.get("message", error)) if isinstance(error, dict) else str(error)
 
 
+SPECULATION_COUNTERS = ("inferq:spec_decode_num_draft_tokens_total", "inferq:spec_decode_num_accepted_tokens_total")
+
+
 class OpenAIStreamTarget:
     """Sends each prompt as one streaming request and measures it as the client sees it."""
 
@@ -122,6 +125,26 @@ class OpenAIStreamTarget:
             limits=httpx.Limits(max_connections=streams, max_keepalive_connections=streams),
         ) as client:
             yield cls(cfg, client, await discover_model(client, cfg))
+
+    async def speculation_counters(self) -> tuple[int, int] | None:
+        """(draft tokens, accepted draft tokens) so far, summed over the server's workers, from its /metrics;
+        None when the server has no such counters or does not let this key read them."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            response = await self.client.get("/metrics")
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        totals = dict.fromkeys(SPECULATION_COUNTERS, 0.0)
+        seen = False
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name in totals:
+                    totals[sample.name] += sample.value
+                    seen = True
+        return (int(totals[SPECULATION_COUNTERS[0]]), int(totals[SPECULATION_COUNTERS[1]])) if seen else None
 
     async def prepare(self, prompts: list[list[int]]) -> None:
         """Chat takes text, not ids: render every prompt before the clock starts."""
@@ -150,10 +173,12 @@ class OpenAIStreamTarget:
             "model": self.model,
             "max_tokens": self._cfg.output_len,
             "ignore_eos": True,  # every request generates exactly output_len tokens
-            "temperature": 0.0,  # greedy, like the baseline
+            "temperature": self._cfg.temperature,  # as the baseline samples
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if self._cfg.temperature > 0:
+            payload["seed"] = self._cfg.seed
         if self.chat:
             payload["messages"] = [{"role": "user", "content": self._texts[tuple(ids)]}]
         else:

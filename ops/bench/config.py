@@ -47,6 +47,7 @@ class BenchConfig:
     background_batch: int = 0
     baseline_requests: int | None = None
     observe_nats: str | None = None
+    temperature: float = 0.0
 
     def requests_for(self, concurrency: int) -> int:
         """Requests sent at one level: the explicit count, else enough for every stream to see two."""
@@ -116,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--input-len", type=_positive_int, default=64, help="prompt tokens")
     load.add_argument("--output-len", type=_positive_int, default=128, help="generated tokens (ignore_eos)")
     load.add_argument("--warmup", type=int, default=1, help="unmeasured requests per target before measuring")
-    load.add_argument("--seed", type=int, default=0, help="seed for the prompt token ids")
+    load.add_argument("--seed", type=int, default=0, help="seed for the prompt token ids (and the sampling)")
+    load.add_argument(
+        "--temperature", type=float, default=0.0,
+        help="0: greedy (default); above 0: seeded random sampling, on both sides (text that repeats itself "
+             "less, which speculative decoding guesses less often)",
+    )
     load.add_argument(
         "--background-batch", type=int, default=0, metavar="LINES",
         help="measure each level again while a batch job of LINES lines runs (/v1/batches), and compare",
@@ -163,6 +169,8 @@ def parse_args(argv: list[str]) -> BenchConfig:
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    if args.temperature < 0:
+        parser.error("--temperature must be >= 0")
     if args.baseline_requests is not None and args.baseline_requests < 1:
         parser.error("--baseline-requests must be >= 1")
     if args.background_batch < 0 or (args.background_batch and args.baseline_only):

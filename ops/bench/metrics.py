@@ -60,6 +60,8 @@ class LevelResult:
     e2e_ms: Stats
     requests: list[RequestResult]
     edge_ms: Stats | None = None  # token event on NATS -> SSE chunk at the client (--observe-nats)
+    draft_tokens: int | None = None  # speculative decoding during the level, from the server's /metrics
+    accepted_draft_tokens: int | None = None
 
 
 def percentile(values: list[float], q: float) -> float:

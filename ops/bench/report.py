@@ -65,6 +65,16 @@ _EDGE_COLUMN = ("edge p50/p99 ms", 17,
                 lambda r: "-" if r.edge_ms is None else f"{_num(r.edge_ms.p50)}/{_num(r.edge_ms.p99)}")
 
 
+def _acceptance(level: LevelResult) -> str:
+    if not level.draft_tokens or level.accepted_draft_tokens is None:
+        return "-"
+    return f"{level.accepted_draft_tokens / level.draft_tokens:.0%} of {level.draft_tokens}"
+
+
+# When the server reports speculative decoding: the share of draft tokens accepted during the level.
+_DRAFTS_COLUMN = ("drafts accepted", 17, _acceptance)
+
+
 def _row(columns: list, cells: list[str]) -> str:
     first, *rest = cells
     widths = [width for _, width, _ in columns]
@@ -73,8 +83,8 @@ def _row(columns: list, cells: list[str]) -> str:
 
 def format_table(cfg: BenchConfig, info: RunInfo, levels: list[LevelResult]) -> str:
     heading = [
-        f"inferq bench: input {cfg.input_len} tokens, output {cfg.output_len} tokens (ignore_eos), greedy, "
-        f"warm-up {cfg.warmup}",
+        f"inferq bench: input {cfg.input_len} tokens, output {cfg.output_len} tokens (ignore_eos), "
+        f"{f'temperature {cfg.temperature:g}' if cfg.temperature > 0 else 'greedy'}, warm-up {cfg.warmup}",
     ]
     if info.model is not None:
         heading.append(
@@ -86,6 +96,7 @@ def format_table(cfg: BenchConfig, info: RunInfo, levels: list[LevelResult]) -> 
         heading.append(f"  {BUSY_TARGET}:   inferq again, while a /v1/batches job of {cfg.background_batch} lines "
                        "(same prompt and output lengths) runs")
     columns = _COLUMNS + ([_EDGE_COLUMN] if any(level.edge_ms is not None for level in levels) else [])
+    columns += [_DRAFTS_COLUMN] if any(level.draft_tokens for level in levels) else []
     lines = [*heading, "", _row(columns, [name for name, _, _ in columns])]
     lines += [_row(columns, [cell(level) for _, _, cell in columns]) for level in levels]
     return "\n".join(lines) + "\n"

@@ -98,7 +98,10 @@ async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo, dict[int, B
             for target in targets:
                 sent = prompts[: cfg.baseline_requests] if target is baseline else prompts
                 await target.prepare(sent)
-                level = await measure(target, sent, concurrency)
+                if target is server:
+                    level = await measure_server(server, sent, concurrency)
+                else:
+                    level = await measure(target, sent, concurrency)
                 if observer is not None and target is server:
                     level.edge_ms = Stats.of_seconds(observer.added_latencies(level.requests))
                 levels.append(level)
@@ -138,6 +141,17 @@ async def measure(target: Target, prompts: list[list[int]], concurrency: int) ->
         errors=level.errors,
         first_error=first_error,
     )
+    return level
+
+
+async def measure_server(server: OpenAIStreamTarget, prompts: list[list[int]], concurrency: int) -> LevelResult:
+    """`measure`, plus the speculative decoding the server did meanwhile (when its /metrics tells)."""
+    before = await server.speculation_counters()
+    level = await measure(server, prompts, concurrency)
+    after = await server.speculation_counters() if before is not None else None
+    if before is not None and after is not None:
+        level.draft_tokens = after[0] - before[0]
+        level.accepted_draft_tokens = after[1] - before[1]
     return level
 
 

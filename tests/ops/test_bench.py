@@ -147,6 +147,7 @@ class FakeOpenAI:
     tokens_per_chunk: int = 1
     fail_every: int = 0  # every n-th completion request answers HTTP 500
     has_detokenize: bool = True
+    drafts_per_request: tuple[int, int] | None = None  # (drafted, accepted): serve /metrics counting them
     requests: list[dict[str, Any]] = field(default_factory=list)
     auth: list[str | None] = field(default_factory=list)
 
@@ -157,7 +158,22 @@ class FakeOpenAI:
         app.post("/v1/chat/completions")(self.generate)
         if self.has_detokenize:
             app.post("/detokenize")(self.detokenize)
+        if self.drafts_per_request is not None:
+            app.get("/metrics")(self.metrics)
         return app
+
+    async def metrics(self) -> Any:
+        from fastapi.responses import PlainTextResponse
+
+        assert self.drafts_per_request is not None
+        (drafted, accepted), done = self.drafts_per_request, len(self.requests)
+        lines = []
+        for name, per_request in (("draft", drafted), ("accepted", accepted)):
+            family = f"inferq:spec_decode_num_{name}_tokens"
+            lines += [f"# TYPE {family} counter"]
+            # Two workers share the counts: the bench sums them.
+            lines += [f'{family}_total{{model_name="m",worker_id="w{i}"}} {per_request * done / 2}' for i in (1, 2)]
+        return PlainTextResponse("\n".join(lines) + "\n")
 
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
@@ -262,6 +278,33 @@ def test_serve_multi_token_chunks_count_tokens_from_usage(tmp_path: Path) -> Non
         assert len(request["itl_s"]) == 6  # 3 gaps x 2 tokens each
 
 
+def test_temperature_is_sent_seeded_and_drafts_are_reported_per_level(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeOpenAI(drafts_per_request=(10, 7))
+    with serve(fake) as url:
+        argv = ["--base-url", url, "--concurrency", "1,2", "--num-requests", "3", "--output-len", "4"]
+        code, report = _run([*argv, "--input-len", "4", "--temperature", "0.7", "--seed", "5"], tmp_path)
+    assert code == 0 and report is not None
+    assert {(b["temperature"], b["seed"]) for b in fake.requests} == {(0.7, 5)}
+    # The warm-up request's drafts fall outside both levels.
+    assert [(lv["draft_tokens"], lv["accepted_draft_tokens"]) for lv in report["levels"]] == [(30, 21), (30, 21)]
+    table = capsys.readouterr().out
+    assert "temperature 0.7" in table and "drafts accepted" in table and "70% of 30" in table
+
+
+def test_no_draft_column_without_server_counters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeOpenAI()
+    with serve(fake) as url:
+        argv = ["--base-url", url, "--concurrency", "1", "--num-requests", "1", "--output-len", "2"]
+        code, report = _run([*argv, "--input-len", "4"], tmp_path)
+    assert code == 0 and report is not None
+    assert report["levels"][0]["draft_tokens"] is None
+    assert all(b["temperature"] == 0.0 and "seed" not in b for b in fake.requests)
+    table = capsys.readouterr().out
+    assert "greedy" in table and "drafts accepted" not in table
+
+
 def test_serve_chat_uses_server_detokenize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeOpenAI()
     with serve(fake) as url:
@@ -342,6 +385,15 @@ def test_baseline_serves_one_request_at_a_time(tiny_model_dir: Path, tmp_path: P
             assert after["start_s"] + after["ttft_s"] >= before["start_s"] + before["e2e_s"]
     first, queued = report["levels"][1]["requests"][:2]  # sent together at concurrency 2, served in order
     assert queued["start_s"] + queued["ttft_s"] >= first["start_s"] + first["e2e_s"]
+
+
+def test_baseline_samples_at_the_given_temperature(tiny_model_dir: Path, tmp_path: Path) -> None:
+    argv = ["--baseline-only", "--baseline-model", str(tiny_model_dir), "--concurrency", "1", "--warmup", "0"]
+    code, report = _run([*argv, "--num-requests", "2", "--input-len", "8", "--output-len", "24",
+                         "--temperature", "1.0"], tmp_path)
+    assert code == 0 and report is not None
+    assert report["levels"][0]["output_tokens"] == 48
+    assert report["config"]["temperature"] == 1.0
 
 
 def test_serve_with_baseline_reports_ratios(

@@ -32,7 +32,9 @@ async def test_bench_reports_the_latency_the_edge_adds_per_token(api, nats_serve
         assert edge["p50"] < itl["p50"], (edge, itl)
         # Part of the path a token takes after the worker: it cannot exceed a whole request's time.
         assert edge["p99"] < level["e2e_ms"]["p99"], (edge, itl)
-        assert all(len(r["token_times"]) == 16 and r["response_id"].startswith("cmpl-") for r in level["requests"])
+        # One chunk per token event: 16 tokens in at most 16 chunks (speculative decoding may send several).
+        assert all(1 <= len(r["token_times"]) <= 16 == r["output_tokens"] and r["response_id"].startswith("cmpl-")
+                   for r in level["requests"])
 
 
 def test_each_chunk_pairs_with_the_token_event_it_came_from() -> None:

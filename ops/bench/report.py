@@ -103,25 +103,28 @@ def format_table(cfg: BenchConfig, info: RunInfo, levels: list[LevelResult]) -> 
 
 
 def comparison(levels: list[LevelResult]) -> list[dict[str, Any]]:
-    """inferq next to the baseline at each concurrency both ran; both ratios are > 1 when inferq is better."""
-    by_key = {(level.target, level.concurrency): level for level in levels}
+    """inferq next to the baseline at each concurrency both ran; both ratios are > 1 when inferq is better.
+    Each inferq level pairs with the baseline level measured after it (a repeated concurrency gets a row each)."""
+    waiting: dict[int, LevelResult] = {}  # inferq levels whose baseline is still to come, by concurrency
     rows = []
-    for (target, concurrency), ours in by_key.items():
-        base = by_key.get(("baseline", concurrency))
-        if target != "inferq" or base is None:
-            continue
-        rows.append(
-            {
-                "concurrency": concurrency,
-                "inferq_output_tok_s": ours.output_throughput,
-                "baseline_output_tok_s": base.output_throughput,
-                "tok_s_ratio_inferq_over_baseline": _ratio(ours.output_throughput, base.output_throughput),
-                "inferq_ttft_p50_ms": ours.ttft_ms.p50,
-                "baseline_ttft_p50_ms": base.ttft_ms.p50,
-                "ttft_p50_ratio_baseline_over_inferq": _ratio(base.ttft_ms.p50, ours.ttft_ms.p50),
-            }
-        )
+    for level in levels:
+        if level.target == "inferq":
+            waiting[level.concurrency] = level
+        elif level.target == "baseline" and (ours := waiting.pop(level.concurrency, None)) is not None:
+            rows.append(_comparison_row(ours, level))
     return rows
+
+
+def _comparison_row(ours: LevelResult, base: LevelResult) -> dict[str, Any]:
+    return {
+        "concurrency": ours.concurrency,
+        "inferq_output_tok_s": ours.output_throughput,
+        "baseline_output_tok_s": base.output_throughput,
+        "tok_s_ratio_inferq_over_baseline": _ratio(ours.output_throughput, base.output_throughput),
+        "inferq_ttft_p50_ms": ours.ttft_ms.p50,
+        "baseline_ttft_p50_ms": base.ttft_ms.p50,
+        "ttft_p50_ratio_baseline_over_inferq": _ratio(base.ttft_ms.p50, ours.ttft_ms.p50),
+    }
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -24,8 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ops.bench import main
-from ops.bench.metrics import RequestResult, inter_token_latencies, percentile, summarize
+from ops.bench.metrics import LevelResult, RequestResult, inter_token_latencies, percentile, summarize
 from ops.bench.prompts import TOKEN_ID_RANGE, prompt_token_ids
+from ops.bench.report import comparison
 from ops.bench.sse import SSEDecoder, SSEEvent
 from ops.logging import configure_logging
 
@@ -114,6 +115,17 @@ def test_summarize_known_answers() -> None:
     assert level.itl_ms.p50 == pytest.approx(200.0)
     assert level.e2e_ms.p50 == pytest.approx(1500.0)
     assert level.tpot_ms.mean == pytest.approx((900 / 9 + 1300 / 9 + 1400 / 9) / 3)
+
+
+def test_a_repeated_concurrency_gets_a_comparison_row_per_repeat() -> None:
+    def level(target: str, concurrency: int, tokens: int) -> LevelResult:
+        result = RequestResult(start_s=0.0, e2e_s=1.0, ttft_s=0.1, itl_s=[0.1], output_tokens=tokens)
+        return summarize(target, concurrency, [result], duration_s=1.0)
+
+    levels = [level("inferq", 32, 200), level("baseline", 32, 10), level("+batch", 32, 150),
+              level("inferq", 32, 300), level("baseline", 32, 12), level("inferq", 64, 400)]
+    rows = comparison(levels)
+    assert [(row["concurrency"], row["tok_s_ratio_inferq_over_baseline"]) for row in rows] == [(32, 20.0), (32, 25.0)]
 
 
 def test_summarize_all_failed_has_no_latencies() -> None:

@@ -53,6 +53,9 @@ _AGENT: list[_FlagDef] = [
     ("--deploy-nats-url", "deploy_nats_url", {"metavar": "URL"}),
     ("--deploy-remote-inferq", "deploy_remote_inferq", {"metavar": "PATH"}),
 ]
+_SERVE: list[_FlagDef] = [
+    ("--workers-per-model", "workers_per_model", {"type": int}),
+]
 _QUEUE: list[_FlagDef] = [
     ("--queue-max-requests", "queue_max_requests", {"type": int}),
 ]
@@ -131,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _command(commands, "serve", _serve, "everything on this machine: embedded NATS, a worker and the api",
-             _CONNECT, _COMMON, _EDGE, _ENGINE, _QUEUE)  # fmt: skip
+             _CONNECT, _COMMON, _EDGE, _ENGINE, _SERVE, _QUEUE)  # fmt: skip
     _command(commands, "nats", _nats, "an embedded nats-server in the foreground", _LISTEN, _COMMON)
     _command(commands, "worker", _worker, "an engine worker for one model, pulling from --nats",
              _CONNECT, _COMMON, _ENGINE, _QUEUE)  # fmt: skip

@@ -85,20 +85,21 @@ def child_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict
 
 
 def build_children(settings: Settings) -> list[ChildSpec]:
-    """The real service: one worker per model, the deployment agent, then the api, each `python -m ops.cli
-    <command>`."""
+    """The real service: `workers_per_model` workers per model, the deployment agent, then the api, each
+    `python -m ops.cli <command>`."""
     env = child_env(settings)
     cli = [sys.executable, "-m", "ops.cli"]
     api_health = partial(http_ok, f"{api_base_url(settings)}/health")
     models = settings.models
     if len(models) > 1:
         env.pop(f"{ENV_PREFIX}SERVED_MODEL_NAME", None)  # one name cannot serve several models
+    worker_models = [model for model in models for _ in range(settings.workers_per_model)]
     if settings.torch_threads is None:
-        env[f"{ENV_PREFIX}TORCH_THREADS"] = str(colocated_torch_threads(len(models)))
+        env[f"{ENV_PREFIX}TORCH_THREADS"] = str(colocated_torch_threads(len(worker_models)))
     workers = [
-        ChildSpec("worker" if len(models) == 1 else f"worker-{index}", [*cli, "worker"],
+        ChildSpec("worker" if len(worker_models) == 1 else f"worker-{index}", [*cli, "worker"],
                   {**env, f"{ENV_PREFIX}MODEL": model})
-        for index, model in enumerate(models)
+        for index, model in enumerate(worker_models)
     ]
     # The node agent starts deployments' workers (POST /api/v1/deploy) on this machine or over SSH.
     agent = [ChildSpec("agent", [*cli, "agent"], env)] if settings.deploy_agent else []

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(default=512, ge=16, description="Token budget per engine step.")
     max_model_len: int | None = Field(default=None, ge=16, description="Cap on the model's context length.")
     kv_cache_tokens: int | None = Field(default=None, ge=16, description="KV capacity in tokens; derived if unset.")
+    workers_per_model: int = Field(default=1, ge=1, le=64, description=(
+        "Engine workers `inferq serve` starts per model, sharing its queue. On a CPU a small model runs faster as "
+        "one single-thread worker per core than as one worker using every core (docs/benchmarks.md); on a GPU "
+        "keep 1 (each worker holds its own weights and KV cache)."))
     torch_threads: int | None = Field(default=None, ge=1, description=(
         "torch intra-op threads (default: torch's; under `inferq serve`, one core is left to the api and NATS)."))
     num_speculative_tokens: int = Field(default=4, ge=0, description=(

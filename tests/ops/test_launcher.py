@@ -387,6 +387,18 @@ def test_serve_starts_one_worker_per_model() -> None:
     assert children[-1].name == "api"
 
 
+def test_serve_starts_workers_per_model_sharing_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ops.cli import build_parser, build_settings
+    from ops.launcher import build_children
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(9)))
+    args = build_parser().parse_args(["serve", "--model", "a", "--model", "b", "--workers-per-model", "2"])
+    workers = [child for child in build_children(build_settings(args)) if child.name.startswith("worker")]
+    assert [child.env["INFERQ_MODEL"] for child in workers] == ["a", "a", "b", "b"]
+    assert len({child.name for child in workers}) == 4
+    assert {child.env["INFERQ_TORCH_THREADS"] for child in workers} == {"2"}  # 8 cores left, split four ways
+
+
 def _worker_threads(*argv: str) -> set[str]:
     from ops.cli import build_parser, build_settings
     from ops.launcher import build_children

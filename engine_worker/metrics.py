@@ -142,6 +142,7 @@ class EngineGauges:
     draft_tokens: int | None = None
     accepted_tokens: int | None = None
 
+
 def engine_gauges(engine: object, fallback_running: int, fallback_waiting: int) -> EngineGauges:
     """The engine's own view when it offers one (the torch engine does; the sim engine does not, then the bridge's
     view is used). Read from the loop thread while the engine thread steps: the values are plain ints and floats,

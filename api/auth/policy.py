@@ -35,10 +35,11 @@ _READ = "GET HEAD"
 # First match wins.
 RULES: tuple[Rule, ...] = (
     _rule("public", r"/health|/version", PUBLIC),
+    _rule("console", r"/|/ui(/.*)?", PUBLIC, _READ),  # static files; the page then asks for a key
     _rule("login", r"/users/me/token", PUBLIC, "POST"),
     _rule("own account", r"/users/me(/.*)?", ANY_ROLE),
     _rule("admin", r"/admin(/.*)?", ADMIN_ONLY),
-    _rule("monitoring", r"/metrics", {ADMIN, MONITOR}),
+    _rule("monitoring", r"/metrics(/cluster)?", {ADMIN, MONITOR}),
     _rule("hardware", r"/v1/gpu/info", {ADMIN, MONITOR, WORKER}),
     # Clients deploy and stop their own (others' are a 404); monitors read every deployment's status and logs.
     _rule("deployment status", r"/api/v1/deployments(/.*)?", {ADMIN, MONITOR, CLIENT}, _READ),

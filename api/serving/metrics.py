@@ -42,13 +42,16 @@ class FleetMetrics:
     scrape_timeout_s: float
 
     async def exposition(self) -> bytes:
-        expected = len(await self.catalog.workers())  # answers beyond this many are not waited for
+        return render(*await self.scrape(len(await self.catalog.workers())))
+
+    async def scrape(self, expected: int) -> tuple[list[WorkerMetrics], list[QueueBacklog]]:
+        """Every live worker's snapshot and every queue's backlog; `expected`: the registry's count of live workers
+        (answers beyond this many are not waited for). Also read by the console's status (api/serving/cluster.py)."""
         try:
-            workers, backlogs = await asyncio.gather(
-                scrape_workers(self.nc, expected, self.scrape_timeout_s), queue_backlogs(self.js))
+            return await asyncio.gather(scrape_workers(self.nc, expected, self.scrape_timeout_s),
+                                        queue_backlogs(self.js))
         except (nats.errors.Error, TimeoutError) as exc:  # JetStream errors are nats.errors.Error too
             raise ApiError(ErrorCode.UNAVAILABLE, f"NATS did not answer the scrape: {exc}", retry_after=1.0) from exc
-        return render(workers, backlogs)
 
 
 def render(workers: list[WorkerMetrics], backlogs: list[QueueBacklog]) -> bytes:

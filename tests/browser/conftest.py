@@ -24,6 +24,7 @@ playwright_api = pytest.importorskip("playwright.async_api")
 ADMIN_KEY, CLIENT_KEY, MONITOR_KEY = "console-admin-secret", "console-client-secret", "console-monitor-secret"
 MODEL = "sim-chat"
 MAX_FILE_BYTES = 64 * 1024  # small, so a test can upload a file the API refuses
+REQUESTS_PER_MINUTE = 10_000  # every key's budget: the cluster test's load must not meet a 429
 LAPTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 390, "height": 844}
 
@@ -44,7 +45,7 @@ def console_settings(console_nats: EmbeddedNatsServer, tmp_path_factory: pytest.
                     model=MODEL, served_model_name=MODEL, sim_tokens_per_s=15.0, max_num_seqs=4, auth="on",
                     api_keys=[ADMIN_KEY, f"client:{CLIENT_KEY}", f"monitor:{MONITOR_KEY}"], log_format="json",
                     queue_timeout_s=20.0, deploy_start_timeout_s=60.0, deploy_probe_timeout_s=30.0,
-                    max_file_bytes=MAX_FILE_BYTES)
+                    max_file_bytes=MAX_FILE_BYTES, rate_limit_requests_per_minute=REQUESTS_PER_MINUTE)
 
 
 @pytest.fixture(scope="package")
@@ -104,7 +105,20 @@ class ConsolePage:
         target = os.environ.get("INFERQ_SCREENSHOTS")
         if target:
             Path(target).mkdir(parents=True, exist_ok=True)
-            await self.page.screenshot(path=str(Path(target) / f"{name}.png"), full_page=True)
+            path = Path(target) / f"{name}.png"
+            await self.page.screenshot(path=str(path), full_page=True)
+            shrink(path)
+
+
+def shrink(path: Path) -> None:
+    """A 128-colour palette: a third of the size, and nothing a page of flat colours and text loses. Skipped where
+    Pillow is missing (it is not a dependency; the screenshots are only for the docs)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    with Image.open(path) as image:
+        image.convert("RGB").quantize(colors=128, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
 
 
 OpenConsole = Callable[..., Awaitable[ConsolePage]]
@@ -120,6 +134,7 @@ async def console(browser, console_api: ApiServer) -> AsyncIterator[OpenConsole]
                                             color_scheme="light")
         if key is not None:  # as if the user had signed in earlier in this tab
             await context.add_init_script(f"sessionStorage.setItem('inferq.credential', {key!r})")
+        context.set_default_timeout(45_000)  # generous: the machine running the tests may be busy
         page = await context.new_page()
         console_page = ConsolePage(page, console_api.base_url)
         page.on("console", lambda msg: msg.type == "error" and console_page.errors.append(msg.text))

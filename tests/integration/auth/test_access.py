@@ -28,6 +28,7 @@ ROUTES = [
     ("GET", "/models_available", None, {A, C}),
     ("GET", "/v1/gpu/info", None, {A, M, W}),
     ("GET", "/metrics", None, {A, M}),
+    ("GET", "/metrics/cluster", None, {A, M}),
     ("GET", "/api/v1/deployments", None, {A, M, C}),
     ("GET", "/v1/batches", None, {A, C}),
     ("GET", "/admin/keys", None, {A}),

@@ -112,6 +112,7 @@ async function signOut() {
   me = null;
   leave?.abort();
   main.replaceChildren();
+  for (const item of document.querySelectorAll("#nav li")) item.hidden = true;
   document.getElementById("who").hidden = true;
   askToSignIn();
 }

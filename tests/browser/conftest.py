@@ -111,14 +111,14 @@ class ConsolePage:
 
 
 def shrink(path: Path) -> None:
-    """A 128-colour palette: a third of the size, and nothing a page of flat colours and text loses. Skipped where
+    """A 256-colour palette: a third of the size, and nothing a page of flat colours and text loses. Skipped where
     Pillow is missing (it is not a dependency; the screenshots are only for the docs)."""
     try:
         from PIL import Image
     except ImportError:
         return
     with Image.open(path) as image:
-        image.convert("RGB").quantize(colors=128, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
+        image.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
 
 
 OpenConsole = Callable[..., Awaitable[ConsolePage]]

@@ -350,7 +350,8 @@ async def test_an_admin_creates_sees_usage_of_and_revokes_a_key(console, console
     await row.wait_for()
     assert await page.locator("#new-secret-value").count() == 0
     assert secret not in await page.inner_text("main")
-    await wait_until(lambda: has_text(row, f"1 / {REQUESTS_PER_MINUTE}"), timeout_s=15, what="the key's use of its minute budget")
+    await wait_until(lambda: has_text(row, f"1 / {REQUESTS_PER_MINUTE}"), timeout_s=15,
+                     what="the key's use of its minute budget")
     await tab.screenshot("keys")
     page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
     await row.get_by_role("button", name="Revoke").click()

@@ -233,8 +233,7 @@ export function render(root, { signal }) {
 async function loadModels(select, signal) {
   try {
     const { data } = await api("/v1/models", { signal });
-    const generative = data.filter((m) => !/minilm|embed/i.test(m.id));
-    select.replaceChildren(...(generative.length ? generative : data).map((m) => h("option", { value: m.id }, m.id)));
+    select.replaceChildren(...data.map((m) => h("option", { value: m.id }, m.id)));
     if (!data.length) showError(select, "no model is being served yet");
   } catch (err) {
     if (err.name !== "AbortError") showError(select, err.message);

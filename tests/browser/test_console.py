@@ -61,6 +61,7 @@ async def test_a_browser_at_the_root_lands_on_the_console_and_api_clients_do_not
         assert api_client.status_code == 404 and api_client.json()["error"]["code"] == "not_found"
         page = await http.get("/ui/")  # public: the page itself asks for a key
         assert page.status_code == 200 and "<main" in page.text
+        assert "default-src 'self'" in page.headers["content-security-policy"]  # no CDN could load anyway
         script = await http.get("/ui/js/main.js")
         assert script.status_code == 200 and "javascript" in script.headers["content-type"]
         assert (await http.get("/metrics/cluster")).status_code == 401  # what the page shows is not public

@@ -34,6 +34,14 @@ JSON_OPTIONS: dict[str, Any] = {
     "key_separator": ":",
 }
 ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
+# llguidance's resource limits, below its defaults (lexer fuel ~50k/ms): what the edge validates under is what a
+# worker compiles under, so a grammar the edge accepted never fails on a worker for being too large.
+PARSER_LIMITS: dict[str, int] = {"initial_lexer_fuel": 500_000, "max_grammar_size": 200_000,
+                                 "max_lexer_states": 100_000}
+
+
+def parser_limits() -> llguidance.LLParserLimits:
+    return llguidance.LLParserLimits(**PARSER_LIMITS)
 
 
 def json_schema_grammar(schema: dict[str, Any], *, strict: bool = True) -> str:

@@ -30,7 +30,7 @@ import llguidance
 import numpy as np
 
 from contracts.constraints import Constraint, constraint_key
-from contracts.grammar import grammar_for
+from contracts.grammar import grammar_for, parser_limits
 
 DEFAULT_CACHE_SIZE = 256  # compiled grammars per worker; a hit saves rebuilding the parser
 
@@ -177,7 +177,7 @@ class GrammarCompiler:
         self.vocab_size: int = tokenizer.vocab_size
         self.words = bitmask_words(self.vocab_size)
         self.eos_token_ids = frozenset(tokenizer.eos_tokens)
-        self._limits = limits
+        self._limits = limits or parser_limits()
         self._cache: OrderedDict[str, _Compiled] = OrderedDict()
         self._cache_size = cache_size
         self.cache_hits = 0

@@ -17,8 +17,10 @@ from __future__ import annotations
 import time
 
 import llguidance
+from llguidance.gbnf_to_lark import any_to_lark
 
 from api.errors import ApiError
+from api.grammar_termination import unproductive_rules
 from contracts import ErrorCode
 from contracts.constraints import Constraint, GrammarConstraint, JsonSchemaConstraint
 from contracts.grammar import grammar_for, parser_limits
@@ -56,6 +58,10 @@ def validate_constraint(constraint: Constraint, *, param: str | None = None,
     if is_error:
         raise ApiError(ErrorCode.INVALID_REQUEST, f"{param or 'constraint'}: {_explain(constraint, messages[0])}",
                        param=param)
+    if isinstance(constraint, GrammarConstraint) and (stuck := unproductive_rules(any_to_lark(constraint.grammar))):
+        raise ApiError(ErrorCode.INVALID_REQUEST,
+                       f"{param or 'constraint'}: the grammar can never finish: every alternative of the rules "
+                       f"{', '.join(stuck)} needs one of them again; give one an alternative that ends", param=param)
     elapsed = time.perf_counter() - started
     if elapsed > MAX_COMPILE_SECONDS:
         raise ApiError(ErrorCode.INVALID_REQUEST,

@@ -68,7 +68,8 @@ class ChoiceConstraint(Contract):
 
 class GrammarConstraint(Contract):
     """Output is a sentence of the grammar: Lark syntax (llguidance's dialect, start rule `start`) or GBNF
-    (llama.cpp, start rule `root`); the syntax is recognised from the text, as vLLM's `grammar` field does."""
+    (llama.cpp, start rule `root`). The text is read as Lark when a line begins with `start:` or `%llguidance`,
+    else as GBNF (llguidance's rule, as behind vLLM's `grammar` field)."""
 
     type: Literal["grammar"] = "grammar"
     grammar: str = Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)

@@ -99,6 +99,39 @@ def test_invalid_constraints_are_a_400_naming_the_problem(constraint, named: str
     assert named in caught.value.info.message
 
 
+@pytest.mark.parametrize(
+    ("grammar", "rules"),
+    [
+        ('start: "a" start', "start"),
+        ('start: "(" expr ")"\nexpr: expr "+" expr | "(" expr ")"', "expr, start"),
+        ('root ::= "x" root', "start"),  # GBNF
+        ('%llguidance {}\nstart: a{2,3} b\na: "x"\nb: "y" b', "b, start"),
+    ],
+)
+def test_a_grammar_that_can_never_finish_is_a_400(grammar: str, rules: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        validate_constraint(GrammarConstraint(grammar=grammar), param="structured_outputs.grammar")
+    assert caught.value.status == 400
+    assert f"the grammar can never finish: every alternative of the rules {rules} needs" in caught.value.info.message
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        'start: "(" start ")" | "0"',
+        'start: ("a" start)?',
+        'start: x\nx: "[" x~0..2 "]"',
+        'start: x\nx: "[" x{0,2} "]"',
+        'start: "a" [start]',
+        'start: TEXT | call\nTEXT: /[^{](.|\\n)*/\ncall: %json {\n  "type": "object"\n}',
+        'start: a -> alias\n  | "b"\n?a: a "x"',
+        'root ::= "(" root ")" | [0-9]+',
+    ],
+)
+def test_recursive_grammars_that_can_finish_pass(grammar: str) -> None:
+    validate_constraint(GrammarConstraint(grammar=grammar))
+
+
 def test_not_strict_ignores_what_cannot_be_enforced() -> None:
     validate_constraint(JsonSchemaConstraint(json_schema={"type": "object", "unevaluatedProperties": False},
                                              strict=False))

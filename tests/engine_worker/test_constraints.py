@@ -319,3 +319,21 @@ def test_mask_time_per_token(compiler: GrammarCompiler, record_property) -> None
     record_property("mask_median_us", round(median * 1e6))
     record_property("mask_p99_us", round(p99 * 1e6))
     assert median < 0.005
+
+
+def test_a_schema_cannot_lift_the_whitespace_bound_or_strictness(compiler: GrammarCompiler, hf_tokenizer) -> None:
+    schema = {"x-guidance": {"whitespace_flexible": True, "whitespace_pattern": r"\s*", "item_separator": r"\s*,",
+                             "lenient": True},
+              "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+              "required": ["a", "b"], "additionalProperties": False}
+    matcher = compiler.matcher(JsonSchemaConstraint(json_schema=schema))
+
+    def allowed(text: str) -> bool:
+        tokens = hf_tokenizer.encode(text, add_special_tokens=False)
+        return matcher.validate_draft(tokens) == len(tokens)
+
+    assert allowed('{"a": 1, "b": 2}') and allowed('{\n  "a": 1,\n  "b": 2\n}')
+    assert not allowed('{"a":' + " " * 40 + "1")
+    assert not allowed('{"a": 1   , "b": 2}')  # the separator stays ","
+    with pytest.raises(ConstraintError, match="Unimplemented keys"):
+        compiler.matcher(JsonSchemaConstraint(json_schema={**schema, "unevaluatedProperties": False}))

@@ -105,16 +105,9 @@ def object_members(text: str, i: int) -> tuple[list[Member], int | None]:
             return members, None
         end = value_end(text, j)
         members.append(Member(key, j, end))
-        if end is None:
-            return members, None
-        j = skip_ws(text, end)
-        if j >= len(text):
-            return members, None
-        if text[j] == "}":
-            return members, j + 1
-        if text[j] != ",":
-            raise Malformed(f"expected ',' or '}}' at {j}")
-        j = skip_ws(text, j + 1)
+        j, closed = _after_item(text, end, "}")
+        if j is None:
+            return members, closed
     return members, None
 
 
@@ -130,17 +123,25 @@ def array_items(text: str, i: int) -> tuple[list[tuple[int, int | None]], int | 
     while j < len(text):
         end = value_end(text, j)
         items.append((j, end))
-        if end is None:
-            return items, None
-        j = skip_ws(text, end)
-        if j >= len(text):
-            return items, None
-        if text[j] == "]":
-            return items, j + 1
-        if text[j] != ",":
-            raise Malformed(f"expected ',' or ']' at {j}")
-        j = skip_ws(text, j + 1)
+        j, closed = _after_item(text, end, "]")
+        if j is None:
+            return items, closed
     return items, None
+
+
+def _after_item(text: str, end: int | None, closer: str) -> tuple[int | None, int | None]:
+    """After a member or item that ends at `end`: (where the next one starts, None) after a comma, or
+    (None, index after the closer) when the container closes, or (None, None) when the text ends first."""
+    if end is None:
+        return None, None
+    j = skip_ws(text, end)
+    if j >= len(text):
+        return None, None
+    if text[j] == closer:
+        return None, j + 1
+    if text[j] != ",":
+        raise Malformed(f"expected ',' or {closer!r} at {j}")
+    return skip_ws(text, j + 1), None
 
 
 def partial_string(text: str, start: int, end: int | None) -> str:

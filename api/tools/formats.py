@@ -6,7 +6,7 @@ difference between two snapshots (api/tools/streaming.py); the final answer is t
 
 Formats (pick one per model with api/tools/templates.py):
 - hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, repeated; text before the first call is
-  content (Qwen2.5, Hermes 2/3 and many fine-tunes).
+  content, text between or after calls is dropped, as vLLM does (Qwen2.5, Hermes 2/3 and many fine-tunes).
 - llama3_json: the whole answer is `{"name": ..., "parameters": {...}}`, several separated by `;`, optionally after
   `<|python_tag|>` (Llama 3.1/3.2/3.3 with JSON-based tool calling).
 - mistral: content, then `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (Mistral 7B v0.3, Nemo, Small).

@@ -32,7 +32,8 @@ class StreamDelta:
 
 class ToolCallStream:
     """One choice's stream. Once the text turns out not to be this format (malformed), the rest goes out as
-    content: what was held back is released, calls already announced stay as they were sent."""
+    content: what was held back is released, calls already announced stay as they were sent. (The generic format
+    is forced by a grammar, so its text is never malformed; its content is the decoded `response` string.)"""
 
     def __init__(self, request_id: str, tool_format: ToolFormat) -> None:
         self.request_id = request_id

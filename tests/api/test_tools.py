@@ -8,11 +8,13 @@ import random
 from pathlib import Path
 
 import pytest
+from pydantic import TypeAdapter, ValidationError
 
 from api.structured import validate_constraint
 from api.tools.definitions import (
     FunctionTool,
     NamedToolChoice,
+    ToolChoice,
     ToolChoiceError,
     call_constraint,
     generic_tools_prompt,
@@ -87,6 +89,17 @@ def test_bad_tool_choices_are_named() -> None:
         call_constraint([], "required")
     with pytest.raises(ValueError):
         FunctionTool.model_validate({"type": "function", "function": {"name": "has space"}})
+
+
+def test_tool_choice_and_tools_parse_in_the_openai_shape() -> None:
+    adapter = TypeAdapter(ToolChoice)
+    assert adapter.validate_python("required") == "required"
+    named = adapter.validate_python({"type": "function", "function": {"name": "get_time"}})
+    assert isinstance(named, NamedToolChoice) and named.function.name == "get_time"
+    with pytest.raises(ValidationError):
+        adapter.validate_python("sometimes")
+    with pytest.raises(ValidationError):  # unknown fields of a tool are refused, not dropped
+        FunctionTool.model_validate({"type": "function", "function": {"name": "f", "paramters": {}}})
 
 
 def test_the_generic_prompt_lists_the_tools_and_the_answer_shape() -> None:

@@ -337,3 +337,13 @@ def test_a_schema_cannot_lift_the_whitespace_bound_or_strictness(compiler: Gramm
     assert not allowed('{"a": 1   , "b": 2}')  # the separator stays ","
     with pytest.raises(ConstraintError, match="Unimplemented keys"):
         compiler.matcher(JsonSchemaConstraint(json_schema={**schema, "unevaluatedProperties": False}))
+
+
+def test_bitmask_bits_are_tokens_least_significant_first() -> None:
+    mask = np.zeros((2, 2), dtype=np.int32)
+    mask[0, 1] = 1 << 3  # token 32 + 3
+    mask[1, 0] = np.int32(-(2**31))  # the sign bit: token 31
+    allowed = unpack_bitmask(mask, 40)
+    assert allowed.shape == (2, 40)
+    assert np.flatnonzero(allowed[0]).tolist() == [35] and np.flatnonzero(allowed[1]).tolist() == [31]
+    assert allocate_bitmask(3, 40).shape == (3, 2) and unpack_bitmask(allocate_bitmask(1, 40), 40).all()

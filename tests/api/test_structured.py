@@ -176,3 +176,18 @@ def test_validation_p99_is_under_20_ms_on_a_realistic_schema(record_property) ->
     record_property("validation_cpu_p99_ms", round(cpu[p99] * 1e3, 2))
     record_property("validation_wall_p99_ms", round(wall[p99] * 1e3, 2))
     assert cpu[p99] < 0.020
+
+
+def test_with_the_models_tokenizer_special_tokens_are_checked_too(smollm2_tokenizer_dir) -> None:
+    """Without a tokenizer llguidance cannot resolve `<special>` tokens and lets them pass; the model's tokenizer
+    turns an unknown one into a 400 at the edge instead of a failure on the worker."""
+    import llguidance.hf
+    from transformers import AutoTokenizer
+
+    tokenizer = llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained(smollm2_tokenizer_dir))
+    unknown = GrammarConstraint(grammar='start: "a" <|no_such_token|>')
+    validate_constraint(unknown)
+    with pytest.raises(ApiError) as caught:
+        validate_constraint(unknown, tokenizer=tokenizer)
+    assert 'unknown special token: "<|no_such_token|>"' in caught.value.info.message
+    validate_constraint(GrammarConstraint(grammar='start: "a" <|endoftext|>'), tokenizer=tokenizer)

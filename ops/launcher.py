@@ -37,6 +37,7 @@ log = structlog.get_logger(__name__)
 
 ENV_PREFIX = "INFERQ_"
 NATS_NAME = "nats-server"
+_MIN_STOP_S = 0.5  # even past the stop deadline, each child gets a moment to exit on SIGTERM
 STATUS_FILE_NAME = "supervisor.json"  # in the data dir; rewritten at every start, so a stale one does no harm
 
 
@@ -355,8 +356,11 @@ class Launcher:
         log.info(curl_example(base_url, model, auth=bool(settings.api_keys)))
 
     def _shutdown(self) -> None:
+        # One deadline for all children, not one each: the api waits for open streams and a worker drains its
+        # requests, so with a stream in flight each would use its whole timeout, and a stop took 20 s or more.
+        deadline = time.monotonic() + self.stop_timeout_s
         for child in reversed(self._children):
-            returncode = terminate(child.proc, timeout_s=self.stop_timeout_s)
+            returncode = terminate(child.proc, timeout_s=max(_MIN_STOP_S, deadline - time.monotonic()))
             log.info("child.stopped", child=child.spec.name, returncode=returncode)
         self._children.clear()
         if self._nats is not None:

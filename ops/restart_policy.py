@@ -8,9 +8,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-# sysexits.h EX_CONFIG: the process refused to start because of its configuration (an unsafe bind, say).
-# Starting it again cannot help, so the supervisor gives up at once instead of looping.
-EXIT_CONFIG = 78
+from ops.process import EXIT_CONFIG
 
 
 @dataclass(frozen=True, slots=True)

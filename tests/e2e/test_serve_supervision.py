@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import free_port
+from tests.json_logs import json_log_lines
 
 pytestmark = pytest.mark.slow
 
@@ -76,15 +77,14 @@ class Serve:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def events(self, name: str) -> list[dict]:
-        found = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(event, dict) and event.get("event") == name:
-                found.append(event)
-        return found
+        return [line for line in json_log_lines(self.log_path) if line.get("event") == name]
+
+    def answers(self) -> bool:
+        """A small completion succeeds (False while the api or what it needs is down)."""
+        try:
+            return _complete(self.base).status_code == 200
+        except httpx.TransportError:
+            return False
 
     def wait_healthy(self, timeout_s: float = 90) -> None:
         def healthy() -> bool:
@@ -183,14 +183,7 @@ def test_a_sigkilled_api_is_restarted(start_serve) -> None:
     serve = start_serve()
     serve.wait_healthy()
     killed = serve.kill_child("ops.cli api")
-
-    def answers() -> bool:
-        try:
-            return _complete(serve.base).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    _wait_until(answers, 60, "the restarted api to answer")
+    _wait_until(serve.answers, 60, "the restarted api to answer")
     assert serve.child("ops.cli api") != killed
     assert serve.restarts()["api"] == 1
     assert serve.stop() == 0
@@ -211,13 +204,7 @@ def test_a_sigkilled_nats_server_is_restarted_on_its_store(start_serve) -> None:
     _wait_until(lambda: serve.events("child.restarted"), 30, "nats-server to be restarted")
     assert serve.events("child.restarted")[0]["child"] == "nats-server"
 
-    def serves() -> bool:
-        try:
-            return _complete(serve.base).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    _wait_until(serves, 60, "the api and the worker to serve again through the restarted server")
+    _wait_until(serve.answers, 60, "the api and the worker to serve again through the restarted server")
     stored = httpx.get(f"{serve.base}/v1/files/{file_id}/content", timeout=30)
     assert stored.status_code == 200 and stored.content == content
     assert serve.restarts()["nats-server"] == 1
@@ -283,3 +270,12 @@ def test_sigterm_stops_everything_quickly(start_serve) -> None:
     assert serve.stop() == 0
     assert time.monotonic() - started < 15  # 10 s for all children together, not 10 s each
     assert not any(map(_alive, children))
+
+
+def test_serve_on_a_public_address_without_a_credential_refuses_at_once(start_serve) -> None:
+    serve = start_serve(INFERQ_HOST="0.0.0.0")
+    assert serve.proc.wait(90) == 1, serve.tail()
+    assert "api.unsafe_bind" in serve.tail() or "api.unsafe_bind" in serve.log_path.read_text()
+    gave_up = serve.events("child.gave_up")
+    assert [event["child"] for event in gave_up] == ["api"] and "configuration" in gave_up[0]["reason"]
+    assert serve.events("child.restarted") == []  # a refusal is not retried

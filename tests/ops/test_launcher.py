@@ -24,6 +24,7 @@ import structlog
 
 from ops.launcher import ChildSpec, Launcher, child_env, curl_example, settings_env
 from ops.settings import Settings
+from tests.json_logs import json_log_lines
 from tests.ops.stand_in_serve import CHILD, has_started, recorded, stand_in_children
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -66,15 +67,7 @@ def _wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> N
 
 
 def _events(log_path: Path) -> list[dict[str, Any]]:
-    events = []
-    for line in log_path.read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a child's non-JSON output
-        if isinstance(event, dict) and "event" in event:
-            events.append(event)
-    return events
+    return [line for line in json_log_lines(log_path) if "event" in line]
 
 
 def _event_names(log_path: Path) -> list[str]:

@@ -327,6 +327,7 @@ class Launcher:
                         restarts=item.restarts)
 
     def _restart_child(self, child: _Child) -> None:
+        terminate(child.proc, timeout_s=0)  # it is dead; this sweeps what it left in its process group
         child.proc = spawn(child.spec.argv, env=child.spec.env)
         log.warning("child.restarted", child=child.name, pid=child.proc.pid, restarts=child.restarts)
 

@@ -260,6 +260,24 @@ def test_a_dying_child_is_restarted_with_backoff(settings: Settings, record: Pat
     assert _status(settings)["api"] == {"name": "api", "state": "running", "restarts": 0}
 
 
+def test_a_crashed_childs_leftovers_are_swept_before_its_restart(settings: Settings, record: Path) -> None:
+    launcher = Launcher(settings, stand_in_children(record, worker=["--grandchild", "--die-after", "0.5"]))
+    first_grandchild_dead = threading.Event()
+
+    def watch() -> None:
+        try:
+            _wait_until(lambda: recorded(record).count("start:worker") >= 2, 30, "the worker's restart")
+            first = int(next(line for line in recorded(record) if line.startswith("grandchild:")).rsplit(":", 1)[1])
+            _wait_until(lambda: not _alive(first), 5, "the crashed worker's grandchild to be swept")
+            first_grandchild_dead.set()
+        finally:
+            launcher.request_stop()
+
+    threading.Thread(target=watch, daemon=True).start()
+    assert launcher.run() == 0
+    assert first_grandchild_dead.is_set()
+
+
 def test_a_crash_looping_worker_is_given_up_while_the_api_keeps_running(
     tmp_path: Path, record: Path, logs: Logs
 ) -> None:

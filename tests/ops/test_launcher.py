@@ -330,15 +330,18 @@ def test_a_child_crash_looping_before_ready_fails_fast(tmp_path: Path, record: P
 
 
 def test_not_ready_in_time_exits_1(settings: Settings, record: Path, logs: Logs) -> None:
+    marker = uuid.uuid4().hex
+
     def build(s: Settings) -> list[ChildSpec]:
-        env = child_env(s)
+        env = {**child_env(s), MARKER_VAR: marker}
         argv = [sys.executable, str(CHILD), "api", str(record)]
         return [ChildSpec("api", argv, env, ready_check=lambda: False)]
 
     assert Launcher(settings, build, ready_timeout_s=0.5).run() == 1
     not_ready = next(log for log in logs if log["event"] == "serve.not_ready")
     assert not_ready["waiting_for"] == ["api"]
-    assert "stop:api" in recorded(record)
+    # Stopped, not abandoned (on a busy machine it may not have got as far as noting its start, or its stop).
+    assert _marked_processes(marker) == []
 
 
 def test_a_child_ignoring_sigterm_is_killed(settings: Settings, record: Path, logs: Logs) -> None:

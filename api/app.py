@@ -67,7 +67,8 @@ def create_app(settings: Settings) -> FastAPI:
                       if settings.batch_runner else None)
             if runner is not None:
                 await runner.start()
-            app.state.fleet_metrics = FleetMetrics(nc, js, services.catalog, settings.metrics_scrape_timeout_s)
+            app.state.fleet_metrics = FleetMetrics(nc, js, services.catalog, settings.metrics_scrape_timeout_s,
+                                                   settings.supervisor_status_file)
             log.info("api.ready", edge_id=edge_id)
             yield
             if runner is not None:

@@ -104,6 +104,21 @@ class Settings(BaseSettings):
     nats_inbox_prefix: str = Field(default="_INBOX", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
                                    description="Reply-inbox prefix, e.g. _INBOX.worker for per-user permissions.")
 
+    nats_tls_ca_file: Path | None = Field(default=None, description=(
+        "CA bundle to verify the NATS server's certificate with; setting it (or a client certificate) turns TLS on."))
+    nats_tls_cert_file: Path | None = Field(default=None, description="Client certificate (PEM) for NATS mutual TLS.")
+    nats_tls_key_file: Path | None = Field(default=None, description="Private key (PEM) of nats_tls_cert_file.")
+
+    # --- supervision (`inferq serve`) -------------------------------------------------------------------
+    restart_backoff_initial_s: float = Field(default=0.5, gt=0, description=(
+        "First delay before `inferq serve` restarts a crashed process; doubles with each crash in a row."))
+    restart_backoff_max_s: float = Field(default=30.0, gt=0, description="Longest delay between restarts.")
+    crash_loop_crashes: int = Field(default=5, ge=1, description=(
+        "A process crashing this often within crash_loop_window_s is not restarted again (a crash loop)."))
+    crash_loop_window_s: float = Field(default=60.0, gt=0, description="The crash-loop window, in seconds.")
+    supervisor_status_file: Path | None = Field(default=None, description=(
+        "Set by `inferq serve` for its children: the JSON record of restarts the api's /metrics reports."))
+
     # --- telemetry --------------------------------------------------------------------------------------
     otel_exporter: Literal["none", "console", "otlp"] = Field(
         default="none", description="Where OpenTelemetry spans go: none (no tracing), console, or otlp (HTTP)."

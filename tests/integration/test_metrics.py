@@ -5,7 +5,6 @@ backlog is visible while no worker consumes, and the worker's log lines about a 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from broker.work_queue import publish_request
 from contracts import GenerateRequest, SamplingParams
 from ops.settings import Settings
 from tests.integration.harness import ApiServer, WorkerProcess, settings_env, wait_healthy
+from tests.json_logs import json_log_lines
 
 pytestmark = pytest.mark.asyncio
 
@@ -189,15 +189,7 @@ async def test_worker_log_lines_carry_the_request_context(metrics_api: ApiServer
 
 
 def _log_lines(worker: CliWorker, request_id: str) -> list[dict]:
-    lines = []
-    for text in worker.log_path.read_text(errors="replace").splitlines():
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(line, dict) and line.get("request_id") == request_id:
-            lines.append(line)
-    return lines
+    return [line for line in json_log_lines(worker.log_path) if line.get("request_id") == request_id]
 
 
 async def test_metrics_are_for_monitors_and_admins_when_auth_is_on(sim_settings: Settings,

@@ -99,12 +99,6 @@ def using(meter: Meter | None) -> Iterator[Meter | None]:
         _current.reset(token)
 
 
-def current_owner() -> str | None:
-    """Who the current request is from (None with auth off)."""
-    meter = _current.get()
-    return None if meter is None else meter.owner
-
-
 def reservation_size(request: GenerateRequest | EmbedRequest) -> int:
     if isinstance(request, EmbedRequest):
         return sum(len(tokens) for tokens in request.inputs)  # embeddings generate nothing

@@ -1,0 +1,81 @@
+"""Tenant isolation (issue 23) through the HTTP API, with real keys of different owners and roles against two
+replicas with auth on: nobody gets another owner's request back, whichever way they name it (SSE
+Last-Event-ID resume, Idempotency-Key / X-Request-Id attach), on every route that can, and the answer for
+someone else's id is the answer for an id that never existed."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from contracts.accounts import Role
+from tests.integration.auth.conftest import headers
+from tests.model_fixtures import TINY_MODEL_NAME
+
+pytestmark = pytest.mark.asyncio
+
+# (path, response id prefix, body): every route that resumes or attaches a request.
+RESUMABLE = [
+    ("/v1/chat/completions", "chatcmpl",
+     {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Repeat exactly: the vault code is 4471"}],
+      "max_tokens": 6, "temperature": 0}),
+    ("/v1/completions", "cmpl", {"model": TINY_MODEL_NAME, "prompt": "the vault code is 4471", "max_tokens": 6,
+                                 "temperature": 0}),
+]
+UNRELATED = {"/v1/chat/completions": {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hello"}],
+                                      "max_tokens": 6, "stream": True},
+             "/v1/completions": {"model": TINY_MODEL_NAME, "prompt": "Hello", "max_tokens": 6, "stream": True}}
+
+
+def _without_id(response: httpx.Response, request_id: str) -> tuple[int, dict]:
+    body = response.json()
+    body["error"]["message"] = body["error"]["message"].replace(request_id, "<id>")
+    return response.status_code, body
+
+
+async def _sse_ids(response: httpx.Response) -> list[str]:
+    return [line.removeprefix("id: ") async for line in response.aiter_lines() if line.startswith("id: ")]
+
+
+@pytest.mark.parametrize(("path", "prefix", "body"), RESUMABLE, ids=[r[0] for r in RESUMABLE])
+async def test_another_owners_stream_cannot_be_resumed(replicas, make_key, path, prefix, body) -> None:
+    victim, attacker = await make_key(Role.CLIENT), await make_key(Role.CLIENT)
+    first, second = (httpx.AsyncClient(base_url=server.base_url, timeout=60) for server in replicas)
+    async with first, second:
+        answer = await first.post(path, json=body, headers=headers(victim))
+        assert answer.status_code == 200, answer.text
+        request_id = answer.json()["id"]
+        stolen = await second.post(path, json=UNRELATED[path],
+                                   headers={**headers(attacker), "Last-Event-ID": f"{request_id}/0"})
+        unknown_id = f"{prefix}-{'0' * 32}"
+        unknown = await second.post(path, json=UNRELATED[path],
+                                    headers={**headers(attacker), "Last-Event-ID": f"{unknown_id}/0"})
+        assert stolen.status_code == 404, stolen.text[:300]
+        assert _without_id(stolen, request_id) == _without_id(unknown, unknown_id)  # indistinguishable
+        # The owner still resumes its own stream, on either replica.
+        async with second.stream("POST", path, json={**body, "stream": True},
+                                 headers={**headers(victim), "Last-Event-ID": f"{request_id}/0"}) as resumed:
+            assert resumed.status_code == 200
+            ids = await _sse_ids(resumed)
+        assert ids and all(event_id.startswith(f"{request_id}/") for event_id in ids)
+        assert ids[0] == f"{request_id}/1"
+
+
+@pytest.mark.parametrize(("path", "prefix", "body"), RESUMABLE, ids=[r[0] for r in RESUMABLE])
+@pytest.mark.parametrize("header", ["Idempotency-Key", "X-Request-Id"])
+async def test_the_same_client_key_never_attaches_to_another_owners_request(replicas, make_key, path, prefix, body,
+                                                                            header) -> None:
+    victim, attacker = await make_key(Role.CLIENT), await make_key(Role.CLIENT)
+    key = {header: f"order-{path}-{header}"}
+    async with httpx.AsyncClient(base_url=replicas[0].base_url, timeout=60) as client:
+        mine = (await client.post(path, json=body, headers={**headers(victim), **key})).json()
+        again = (await client.post(path, json=body, headers={**headers(victim), **key})).json()
+        async with client.stream("POST", path, json=UNRELATED[path], headers={**headers(attacker), **key}) as theirs:
+            assert theirs.status_code == 200
+            chunks = [json.loads(line.removeprefix("data: ")) async for line in theirs.aiter_lines()
+                      if line.startswith("data: {")]
+    assert again["id"] == mine["id"]  # the owner's retry attaches
+    assert {chunk["id"] for chunk in chunks} != {mine["id"]}  # the other owner's same key is another request
+    assert all(chunk["id"].startswith(f"{prefix}-") for chunk in chunks)

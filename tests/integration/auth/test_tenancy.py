@@ -6,12 +6,13 @@ someone else's id is the answer for an id that never existed."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
 
-from contracts.accounts import Role
-from tests.integration.auth.conftest import headers
+from contracts.accounts import RateLimits, Role
+from tests.integration.auth.conftest import frozen, headers
 from tests.model_fixtures import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.asyncio
@@ -79,3 +80,40 @@ async def test_the_same_client_key_never_attaches_to_another_owners_request(repl
     assert again["id"] == mine["id"]  # the owner's retry attaches
     assert {chunk["id"] for chunk in chunks} != {mine["id"]}  # the other owner's same key is another request
     assert all(chunk["id"].startswith(f"{prefix}-") for chunk in chunks)
+
+
+# --- token budgets: an unset limit reserves what the request may really generate -----------------------------
+
+
+@pytest.fixture
+def pinned(replicas):
+    """Both replicas' clocks pinned, so the test's requests share one rate-limit minute."""
+    now = time.time()
+    for server in replicas:
+        frozen(server, now)
+    yield now
+    for server in replicas:
+        server.server.config.app.state.auth_gate.clock = time.time
+
+
+UNBOUNDED = [  # requests that leave out their token limit, on every generating route
+    ("/v1/chat/completions", {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}]}),
+    ("/v1/chat/completions", {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "n": 2,
+                              "max_tokens": 150}),  # 2 × 150 + the prompt: n multiplies
+    ("/v1/completions", {"model": TINY_MODEL_NAME, "prompt": "Hi", "max_tokens": None}),
+    ("/v1/completions", {"model": TINY_MODEL_NAME, "prompt": "Hi", "max_tokens": 60, "n": 1, "best_of": 5}),
+    ("/complete", {"model": TINY_MODEL_NAME, "prompt": "Hi"}),  # Aleph Alpha: no maximum_tokens
+]
+
+
+async def test_leaving_out_max_tokens_reserves_the_rest_of_the_context(replicas, make_key, pinned) -> None:
+    budget = 300  # less than the tiny model's context (512) and less than 2 × 150 or 5 × 60 plus a prompt
+    key = await make_key(Role.CLIENT, RateLimits(tokens_per_minute=budget))
+    async with httpx.AsyncClient(base_url=replicas[0].base_url, headers=headers(key), timeout=60) as client:
+        for path, body in UNBOUNDED:
+            refused = await client.post(path, json=body)
+            assert refused.status_code == 429, (path, body, refused.status_code, refused.text[:200])
+            assert "tokens per minute" in refused.json()["error"]["message"]
+            assert refused.headers["x-ratelimit-remaining-tokens"] == str(budget)  # nothing was held or spent
+        fits = await client.post("/v1/chat/completions", json={**UNBOUNDED[0][1], "max_tokens": 4})
+        assert fits.status_code == 200, fits.text

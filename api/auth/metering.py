@@ -1,8 +1,9 @@
 """Token budgets. The middleware opens a `Meter` for the caller of each request (a WebSocket: each connection)
 and makes it current in a context variable, so the one place every generation passes through
 (`EngineClient.submit`) can reserve without any route or serving function passing it along. A reservation is
-the prompt plus `max_tokens` per candidate (n or best_of; an unset max_tokens is the rest of the context); when the generation ends it is settled to what was really used
-(prompt + completion), from whichever replica sees the end.
+the prompt plus `max_tokens` per candidate (n or best_of; an unset max_tokens is the rest of the context); when
+the generation ends it is settled to what was really used (prompt + completion), from whichever replica sees the
+end.
 
 A task that outlives its request inherits the meter; once the request is over the meter only charges and never
 refuses, so background work counts against its owner's budget without failing. Work that never had a request

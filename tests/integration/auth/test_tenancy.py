@@ -117,3 +117,25 @@ async def test_leaving_out_max_tokens_reserves_the_rest_of_the_context(replicas,
             assert refused.headers["x-ratelimit-remaining-tokens"] == str(budget)  # nothing was held or spent
         fits = await client.post("/v1/chat/completions", json={**UNBOUNDED[0][1], "max_tokens": 4})
         assert fits.status_code == 200, fits.text
+
+
+# --- consistency: Aleph refusals, batch windows ---------------------------------------------------------------
+
+
+async def test_aleph_routes_refuse_a_role_with_401_as_its_client_expects(api_on, role_keys) -> None:
+    monitor = headers(role_keys[Role.MONITOR])
+    async with httpx.AsyncClient(base_url=api_on.base_url, headers=monitor) as client:
+        aleph = await client.post("/complete", json={"model": TINY_MODEL_NAME, "prompt": "Hi", "maximum_tokens": 1})
+        openai = await client.post("/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "Hi"})
+    assert aleph.status_code == 401 and aleph.json()["error"]["code"] == "permission_denied"
+    assert "www-authenticate" not in aleph.headers  # the credential is fine; the role is not
+    assert openai.status_code == 403 and openai.json()["error"]["type"] == "permission_error"
+
+
+async def test_a_batch_completion_window_has_an_upper_bound(api_on, role_keys) -> None:
+    async with httpx.AsyncClient(base_url=api_on.base_url, headers=headers(role_keys[Role.CLIENT])) as client:
+        response = await client.post("/v1/batches", json={"input_file_id": "file-x", "endpoint": "/v1/completions",
+                                                          "completion_window": "99999999999d"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "completion_window"
+    assert "at most 7d" in response.json()["error"]["message"]

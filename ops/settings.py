@@ -149,6 +149,14 @@ class Settings(BaseSettings):
     def models(self) -> list[str]:
         return [model.strip() for model in self.model.split(",") if model.strip()]
 
+    def secret_values(self) -> list[str]:
+        """Configured secrets, which logging masks wherever they appear: each INFERQ_API_KEYS entry (and its key
+        after a `ROLE:` prefix) and the NATS password."""
+        values = [self.nats_password or ""]
+        for entry in self.api_keys:
+            values += [entry, entry.partition(":")[2]]
+        return [value for value in values if value]
+
     @property
     def nats_store_dir(self) -> Path:
         return self.data_dir / "nats"

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
         default="auto", description="auto: on once any API key or user exists (or INFERQ_API_KEYS is set)."
     )
     login_token_ttl_s: float = Field(default=86_400.0, ge=1, description="Lifetime of a POST /users/me/token token.")
+    login_attempts_per_minute: int = Field(default=120, ge=0, description=(
+        "Logins (POST /users/me/token) per minute in all, every replica together; 0: unlimited."))
+    login_attempts_per_minute_per_address: int = Field(default=30, ge=0, description=(
+        "Logins per minute from one client address (an IPv6 /64); 0: unlimited."))
     rate_limit_requests_per_minute: int = Field(default=60, ge=0, description="Per-key default; 0: unlimited.")
     rate_limit_tokens_per_minute: int = Field(default=150_000, ge=0, description="Per-key default; 0: unlimited.")
     rate_limit_requests_per_day: int = Field(default=3_500, ge=0, description="Per-key default; 0: unlimited.")

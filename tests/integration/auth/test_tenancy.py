@@ -5,14 +5,19 @@ someone else's id is the answer for an id that never existed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import httpx
 import pytest
 
+from api.auth.credentials import user_id_for
+from broker import kv, subjects
+from broker.connection import connect
 from contracts.accounts import RateLimits, Role
 from tests.integration.auth.conftest import frozen, headers
+from tests.integration.harness import ApiServer
 from tests.model_fixtures import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.asyncio
@@ -139,3 +144,49 @@ async def test_a_batch_completion_window_has_an_upper_bound(api_on, role_keys) -
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "completion_window"
     assert "at most 7d" in response.json()["error"]["message"]
+
+
+# --- the public login route: capped per client address and in all, leaving nothing behind for unknown emails ---
+
+
+@pytest.fixture
+async def login_capped(auth_settings, auth_worker):
+    """A replica of its own with small login caps: 3 per address, 8 in all."""
+    server = ApiServer(auth_settings.model_copy(update={"login_attempts_per_minute": 8,
+                                                        "login_attempts_per_minute_per_address": 3})).start()
+    yield server
+    server.stop()
+
+
+def _pin_in_a_fresh_minute(server: ApiServer, minutes_ahead: int, second: float) -> None:
+    """Pin the replica's clock `second` s into a minute ahead, where no other test counted anything."""
+    frozen(server, (time.time() // 60 + minutes_ahead) * 60 + second)
+
+
+async def _login_from(server: ApiServer, address: str, email: str) -> int:
+    transport = httpx.AsyncHTTPTransport(local_address=address)  # loopback: any 127.x source works on Linux
+    async with httpx.AsyncClient(base_url=server.base_url, transport=transport, timeout=30) as client:
+        response = await client.post("/users/me/token", json={"email": email, "password": "a guess"})
+    return response.status_code
+
+
+async def test_logins_are_capped_per_address_and_in_all(login_capped) -> None:
+    _pin_in_a_fresh_minute(login_capped, 60, 1.0)
+    one_address = [await _login_from(login_capped, "127.0.0.2", f"nobody-{i}@example.org") for i in range(4)]
+    assert one_address == [401, 401, 401, 429]  # distinct emails: the per-email limit alone never bound
+    others = [await _login_from(login_capped, f"127.0.0.{i}", f"someone-{i}@example.org") for i in range(3, 9)]
+    assert others == [401] * 5 + [429]  # 8 in all, whatever the address
+
+
+async def test_unknown_emails_leave_no_entry_behind(login_capped, auth_nats) -> None:
+    # Half a second before the minute ends: the login's entries expire with it, two seconds after they are made.
+    _pin_in_a_fresh_minute(login_capped, 70, 59.5)
+    assert await _login_from(login_capped, "127.0.0.9", "never-a-user@example.org") == 401
+    async with connect(auth_nats.url, "login-entries") as nc:
+        bucket = await nc.jetstream().key_value(subjects.RATE_LIMIT_BUCKET)
+        left = [subjects.rate_limit_key(f"login:{user_id_for('never-a-user@example.org')}"),
+                subjects.rate_limit_key("login-address:127.0.0.9")]
+        deadline = time.monotonic() + 15
+        while any([await kv.read(bucket, key) for key in left]):
+            assert time.monotonic() < deadline, "login entries of an unknown email and its address are still stored"
+            await asyncio.sleep(0.25)

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
         default=900.0, gt=0, description="A deployment whose worker has not registered by then fails.")
     deploy_probe_timeout_s: float = Field(default=120.0, gt=0, description="Longest wait for the probe generation.")
     deploy_ssh_connect_timeout_s: float = Field(default=20.0, gt=0, description="SSH connect and login timeout.")
+    deploy_client_models: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Comma-separated models clients may deploy (admins: any model, path or SSH host); default: the packaged "
+        "models."))
+    deploy_max_per_owner: int = Field(default=2, ge=0, description=(
+        "Deployments a client may have running at once (admins: unlimited); 0: unlimited."))
     deploy_ssh_known_hosts: Path | None = Field(
         default=None, description="known_hosts file to verify SSH hosts against; unset: host keys are not checked.")
 
@@ -137,7 +142,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "deploy_client_models", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

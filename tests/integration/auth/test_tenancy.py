@@ -90,17 +90,6 @@ async def test_the_same_client_key_never_attaches_to_another_owners_request(repl
 # --- token budgets: an unset limit reserves what the request may really generate -----------------------------
 
 
-@pytest.fixture
-def pinned(replicas):
-    """Both replicas' clocks pinned, so the test's requests share one rate-limit minute."""
-    now = time.time()
-    for server in replicas:
-        frozen(server, now)
-    yield now
-    for server in replicas:
-        server.server.config.app.state.auth_gate.clock = time.time
-
-
 UNBOUNDED = [  # requests that leave out their token limit, on every generating route
     ("/v1/chat/completions", {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}]}),
     ("/v1/chat/completions", {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "n": 2,
@@ -111,7 +100,7 @@ UNBOUNDED = [  # requests that leave out their token limit, on every generating 
 ]
 
 
-async def test_leaving_out_max_tokens_reserves_the_rest_of_the_context(replicas, make_key, pinned) -> None:
+async def test_leaving_out_max_tokens_reserves_the_rest_of_the_context(replicas, make_key, now) -> None:
     budget = 300  # less than the tiny model's context (512) and less than 2 × 150 or 5 × 60 plus a prompt
     key = await make_key(Role.CLIENT, RateLimits(tokens_per_minute=budget))
     async with httpx.AsyncClient(base_url=replicas[0].base_url, headers=headers(key), timeout=60) as client:

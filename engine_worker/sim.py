@@ -88,8 +88,9 @@ class SimEngine:
     def validate(self, request: GenerateRequest | EmbedRequest) -> None:
         if isinstance(request, EmbedRequest):
             raise ValueError("the sim engine computes no embeddings")
-        prompt = len(request.prompt_token_ids) + len(request.resume_token_ids)
-        wanted = request.sampling.max_tokens or 0
+        # As the torch engine: resumed tokens count toward max_tokens (the edge fills in an unset one).
+        prompt = len(request.prompt_token_ids)
+        wanted = request.sampling.max_tokens or len(request.resume_token_ids) + 1
         if prompt + wanted > self.max_model_len:
             raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens, but the "
                              f"request needs {prompt + wanted}")

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
         default="auto", description="auto: on once any API key or user exists (or INFERQ_API_KEYS is set)."
     )
     login_token_ttl_s: float = Field(default=86_400.0, ge=1, description="Lifetime of a POST /users/me/token token.")
+    login_attempts_per_minute: int = Field(default=120, ge=0, description=(
+        "Logins (POST /users/me/token) per minute in all, every replica together; 0: unlimited."))
+    login_attempts_per_minute_per_address: int = Field(default=30, ge=0, description=(
+        "Logins per minute from one client address (an IPv6 /64); 0: unlimited."))
     rate_limit_requests_per_minute: int = Field(default=60, ge=0, description="Per-key default; 0: unlimited.")
     rate_limit_tokens_per_minute: int = Field(default=150_000, ge=0, description="Per-key default; 0: unlimited.")
     rate_limit_requests_per_day: int = Field(default=3_500, ge=0, description="Per-key default; 0: unlimited.")
@@ -141,6 +145,11 @@ class Settings(BaseSettings):
         default=900.0, gt=0, description="A deployment whose worker has not registered by then fails.")
     deploy_probe_timeout_s: float = Field(default=120.0, gt=0, description="Longest wait for the probe generation.")
     deploy_ssh_connect_timeout_s: float = Field(default=20.0, gt=0, description="SSH connect and login timeout.")
+    deploy_client_models: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Comma-separated models clients may deploy (admins: any model, path or SSH host); default: the packaged "
+        "models."))
+    deploy_max_per_owner: int = Field(default=2, ge=0, description=(
+        "Deployments a client may have running at once (admins: unlimited); 0: unlimited."))
     deploy_ssh_known_hosts: Path | None = Field(
         default=None, description="known_hosts file to verify SSH hosts against; unset: host keys are not checked.")
 
@@ -148,7 +157,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "deploy_client_models", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -163,6 +172,14 @@ class Settings(BaseSettings):
     @property
     def models(self) -> list[str]:
         return [model.strip() for model in self.model.split(",") if model.strip()]
+
+    def secret_values(self) -> list[str]:
+        """Configured secrets, which logging masks wherever they appear: each INFERQ_API_KEYS entry (and its key
+        after a `ROLE:` prefix) and the NATS password."""
+        values = [self.nats_password or ""]
+        for entry in self.api_keys:
+            values += [entry, entry.partition(":")[2]]
+        return [value for value in values if value]
 
     @property
     def nats_store_dir(self) -> Path:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
 
 from api.auth.accounts import Accounts, resolve_limits
 from api.auth.caller import CallerDep
@@ -62,9 +62,10 @@ def key_view(key: ApiKeyRecord) -> dict:
 
 
 @router.post("/users/me/token")
-async def login(body: LoginBody, accounts: AccountsDep) -> dict:
+async def login(body: LoginBody, accounts: AccountsDep, request: Request) -> dict:
     """Email and password → a login token to send as `Authorization: Bearer <token>`, and the user's role."""
-    token, user = await accounts.login(body.email, body.password)
+    address = request.client.host if request.client else None
+    token, user = await accounts.login(body.email, body.password, address)
     return {"token": token, "role": user.role.value}
 
 

@@ -127,7 +127,63 @@ class RunOutput:
     prompt_logprobs: dict[Sequence, list[TokenLogprobData]]
 
 
-class ModelRunner:
+class SlotKVCache:
+    """The pre-allocated per-layer KV buffers and their slot view (kv_cache.py), shared by both model paths.
+    Subclasses set `num_layers`, `num_kv_heads`, `head_dim`, `dtype` and `device` before allocating."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    # --- KV cache -------------------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def allocate_kv_cache(self, capacity: int, slot_len: int) -> None:
+        """Once, at start-up. Zeroed so masked-out positions never hold NaN (0 * NaN would leak through)."""
+        shape = (capacity * self.num_kv_heads * self.head_dim,)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.capacity = capacity
+        self.slot_len = slot_len
+
+    def _view(self, flat: torch.Tensor, slot_len: int) -> torch.Tensor:
+        slots = self.capacity // slot_len
+        return flat[: slots * self.num_kv_heads * slot_len * self.head_dim].view(
+            slots, self.num_kv_heads, slot_len, self.head_dim
+        )
+
+    @torch.inference_mode()
+    def relayout(self, plan: Relayout) -> None:
+        """Re-view the cache with a new slot length, moving running sequences into compacted slots."""
+        old_slots = [old for old, _ in plan.moves]
+        new_slots = [new for _, new in plan.moves]
+        for flat in (*self.k_cache, *self.v_cache) if plan.moves else ():
+            # Old and new views overlap in memory: take the data out before writing it back.
+            saved = self._view(flat, plan.old_slot_len)[old_slots, :, : plan.copy_len].clone()
+            self._view(flat, plan.slot_len)[new_slots, :, : plan.copy_len] = saved
+        self.slot_len = plan.slot_len
+
+    @torch.inference_mode()
+    def copy_prefixes(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy the first `n` tokens of KV from slot to slot (choices of one request share the prompt)."""
+        for flat in (*self.k_cache, *self.v_cache):
+            view = self._view(flat, self.slot_len)
+            for src, dst, n in copies:
+                view[dst, :, :n] = view[src, :, :n]
+
+
+def check_rope_scaling(config: object) -> None:
+    """Dynamic NTK frequencies depend on the longest position of the forward, which a mixed batch breaks."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) == "dynamic":
+        raise ValueError("dynamic NTK rope scaling is not supported (its frequencies depend on the length)")
+
+
+class ModelRunner(SlotKVCache):
     def __init__(
         self,
         model_dir: str | Path,
@@ -150,9 +206,7 @@ class ModelRunner:
                 f"unsupported architecture {sorted(archs) or config.model_type!r}: the engine runs llama-layout "
                 f"models ({', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
             )
-        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        if rope.get("rope_type", rope.get("type")) == "dynamic":
-            raise ValueError("dynamic NTK rope scaling is not supported (its frequencies depend on the length)")
+        check_rope_scaling(config)
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         sliding = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         if sliding and self.max_model_len > sliding:
@@ -206,44 +260,6 @@ class ModelRunner:
         cos, sin = inner.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
 
-    # --- KV cache -------------------------------------------------------------------------------------------
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
-
-    def allocate_kv_cache(self, capacity: int, slot_len: int) -> None:
-        """Once, at start-up. Zeroed so masked-out positions never hold NaN (0 * NaN would leak through)."""
-        shape = (capacity * self.num_kv_heads * self.head_dim,)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.capacity = capacity
-        self.slot_len = slot_len
-
-    def _view(self, flat: torch.Tensor, slot_len: int) -> torch.Tensor:
-        slots = self.capacity // slot_len
-        return flat[: slots * self.num_kv_heads * slot_len * self.head_dim].view(
-            slots, self.num_kv_heads, slot_len, self.head_dim
-        )
-
-    @torch.inference_mode()
-    def relayout(self, plan: Relayout) -> None:
-        """Re-view the cache with a new slot length, moving running sequences into compacted slots."""
-        old_slots = [old for old, _ in plan.moves]
-        new_slots = [new for _, new in plan.moves]
-        for flat in (*self.k_cache, *self.v_cache) if plan.moves else ():
-            # Old and new views overlap in memory: take the data out before writing it back.
-            saved = self._view(flat, plan.old_slot_len)[old_slots, :, : plan.copy_len].clone()
-            self._view(flat, plan.slot_len)[new_slots, :, : plan.copy_len] = saved
-        self.slot_len = plan.slot_len
-
-    @torch.inference_mode()
-    def copy_prefixes(self, copies: list[tuple[int, int, int]]) -> None:
-        """Copy the first `n` tokens of KV from slot to slot (choices of one request share the prompt)."""
-        for flat in (*self.k_cache, *self.v_cache):
-            view = self._view(flat, self.slot_len)
-            for src, dst, n in copies:
-                view[dst, :, :n] = view[src, :, :n]
-
     # --- forward --------------------------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # HF LlamaRMSNorm exactly (normalise in fp32, cast, scale), with torch's fused kernel for the fp32 part:
@@ -268,7 +284,7 @@ class ModelRunner:
         (whose last known token is in this step), and one after each of its draft tokens; `sample_rows` has an
         entry per sampled row, in that order. Prompt logprobs for `prompt_logprob_seqs`
         (seq -> (top-k, first position still needed))."""
-        batch = _StepBatch.build(scheduled, sample_seqs, prompt_logprob_seqs, self.device)
+        batch = StepBatch.build(scheduled, sample_seqs, prompt_logprob_seqs, self.device)
         hidden = self._forward(batch)
         prompt_lps: dict[Sequence, list[TokenLogprobData]] = {}
         for seq, (rows, targets, num_top) in batch.prompt_rows.items():
@@ -279,7 +295,7 @@ class ModelRunner:
         logits = self.lm_head(self._rms_norm(hidden[batch.sample_index], self.norm))
         return RunOutput(sampled=self.sampler(logits, sample_rows), prompt_logprobs=prompt_lps)
 
-    def _forward(self, batch: _StepBatch) -> torch.Tensor:
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
         x = self.embed[batch.input_ids]  # [N, hidden]
         cos = self.cos[batch.positions].unsqueeze(1)  # [N, 1, head_dim]
         sin = self.sin[batch.positions].unsqueeze(1)
@@ -331,7 +347,7 @@ class ModelRunner:
         q: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        batch: _StepBatch,
+        batch: StepBatch,
         decode_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         if batch.all_decode:  # the common step: no scatter/gather of rows needed
@@ -352,7 +368,7 @@ class ModelRunner:
         q: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        batch: _StepBatch,
+        batch: StepBatch,
         mask: torch.Tensor,
     ) -> torch.Tensor:
         """A few queries per sequence (its next token, plus any draft tokens), as one bmm over the contiguous
@@ -394,7 +410,7 @@ class ModelRunner:
 
 
 @dataclass
-class _StepBatch:
+class StepBatch:
     """Index tensors for one step, built on the host and moved to the device once."""
 
     input_ids: torch.Tensor  # [N]
@@ -421,7 +437,7 @@ class _StepBatch:
         sample_seqs: list[Sequence],
         prompt_logprob_seqs: dict[Sequence, tuple[int, int]],
         device: torch.device,
-    ) -> _StepBatch:
+    ) -> StepBatch:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []

@@ -71,7 +71,7 @@ TINY_ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
     "qwen2": ("Qwen2Config", "q/k/v biases", {}),
     "qwen3": ("Qwen3Config", "q/k norms, head_dim (32) != hidden/heads", {"head_dim": 32}),
     "gemma2": ("Gemma2Config", "attention and final-logit soft-capping, sliding-window layers (8), scaled embeddings",
-               {"head_dim": 16, "sliding_window": 8, "layer_types": _ALTERNATING, "attn_logit_softcapping": 20.0,
+               {"head_dim": 16, "sliding_window": 8, "layer_types": _ALTERNATING, "attn_logit_softcapping": 0.5,
                 "final_logit_softcapping": 40.0, "query_pre_attn_scalar": 16}),
     "gemma3": ("Gemma3TextConfig", "sliding-window layers (8), q/k norms, head_dim (32), scaled embeddings",
                {"head_dim": 32, "sliding_window": 8, "layer_types": _ALTERNATING, "query_pre_attn_scalar": 32}),

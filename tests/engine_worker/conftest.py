@@ -74,6 +74,10 @@ def hf_model(tiny_model_dir: Path) -> Any:
 
 @pytest.fixture(scope="session")
 def hf_greedy(hf_model: Any) -> Callable[..., list[int]]:
+    return greedy_reference(hf_model)
+
+
+def greedy_reference(hf_model: Any) -> Callable[..., list[int]]:
     """transformers `generate(do_sample=False)` for one request alone (cached)."""
     import torch
 

@@ -51,7 +51,13 @@ class _Oracle:
         return Engine(config, base.tokenizer, base.runner, base.eos_token_ids, proposer=proposer)
 
 
-@pytest.fixture(scope="module", params=sorted(TINY_ARCHITECTURES))
+# Two architectures run in the quick suite (sliding-window layers, q/k norms, odd head_dim); all in the slow one.
+QUICK = {"gemma3", "qwen3"}
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=() if name in QUICK else pytest.mark.slow) for name in sorted(TINY_ARCHITECTURES)
+])
 def oracle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path):
     return _Oracle(build_tiny_model(request.param, tmp_path_factory.mktemp(request.param), smollm2_tokenizer_dir))
 

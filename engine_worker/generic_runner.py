@@ -126,7 +126,7 @@ class GenericRunner(SlotKVCache):
             self._call(torch.tensor([0, 1, 2], device=self.device), torch.arange(3, device=self.device), step)
         except UnsupportedModelFeature as exc:
             raise ValueError(f"unsupported model feature: {exc}") from exc
-        expected = {layer: (self.num_kv_heads, self.head_dim) for layer in range(self.num_layers)}
+        expected = dict.fromkeys(range(self.num_layers), (self.num_kv_heads, self.head_dim))
         if step.kv_shapes != expected:
             raise ValueError(
                 "unsupported model feature: layers whose attention differs from the config's "

@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 
 from engine_worker.generic_attention import (
@@ -29,13 +28,9 @@ from engine_worker.model_runner import (
     SlotKVCache,
     StepBatch,
     check_rope_scaling,
-    resolve_device,
-    resolve_dtype,
 )
-from engine_worker.sampler import Sampler, SamplerOutput, SamplingRow, TokenLogprobData, compute_prompt_logprobs
+from engine_worker.sampler import SamplerOutput, SamplingRow, TokenLogprobData, compute_prompt_logprobs
 from engine_worker.sequence import Sequence
-
-log = structlog.get_logger(__name__)
 
 # Config attributes whose semantics the engine's attention does not implement, by the feature they name.
 _UNSUPPORTED_CONFIG = {
@@ -73,14 +68,10 @@ class GenericRunner(SlotKVCache):
         max_model_len: int | None,
         torch_threads: int | None,
     ) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        config = AutoConfig.from_pretrained(model_dir)
+        config = self._start_loading(model_dir, device, dtype, torch_threads)
         try:
             model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         except KeyError:
@@ -102,20 +93,7 @@ class GenericRunner(SlotKVCache):
             raise ValueError("the model config has no max_position_embeddings: set max_model_len")
         self.max_model_len = min(max_model_len or model_len, model_len)
         self._probe()
-        self.sampler = Sampler(self.device)
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
-        self.slot_len = 0
-        log.info(
-            "model loaded (generic path)",
-            path=str(model_dir),
-            architecture=type(self.model).__name__,
-            device=str(self.device),
-            dtype=str(self.dtype),
-            layers=self.num_layers,
-            max_model_len=self.max_model_len,
-            threads=torch.get_num_threads(),
-        )
+        self._log_loaded(model_dir, model_impl="generic", architecture=type(self.model).__name__)
 
     @torch.inference_mode()
     def _probe(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
@@ -136,6 +137,33 @@ class SlotKVCache:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    max_model_len: int
+
+    def _start_loading(self, model_dir: str | Path, device: str, dtype: str, torch_threads: int | None) -> Any:
+        """Threads, device, dtype, the sampler and an empty cache; returns the model's transformers config."""
+        from transformers import AutoConfig
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.sampler = Sampler(self.device)
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.slot_len = 0
+        return AutoConfig.from_pretrained(model_dir)
+
+    def _log_loaded(self, model_dir: str | Path, **details: Any) -> None:
+        log.info(
+            "model loaded",
+            path=str(model_dir),
+            device=str(self.device),
+            dtype=str(self.dtype),
+            layers=self.num_layers,
+            max_model_len=self.max_model_len,
+            threads=torch.get_num_threads(),
+            **details,
+        )
 
     # --- KV cache -------------------------------------------------------------------------------------------
     @property
@@ -193,13 +221,9 @@ class ModelRunner(SlotKVCache):
         max_model_len: int | None,
         torch_threads: int | None,
     ) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        config = AutoConfig.from_pretrained(model_dir)
+        config = self._start_loading(model_dir, device, dtype, torch_threads)
         archs = set(getattr(config, "architectures", None) or [])
         if not archs & SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -214,19 +238,7 @@ class ModelRunner(SlotKVCache):
             self.max_model_len = sliding
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         self._load_weights(model, config)
-        self.sampler = Sampler(self.device)
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
-        self.slot_len = 0
-        log.info(
-            "model loaded",
-            path=str(model_dir),
-            device=str(self.device),
-            dtype=str(self.dtype),
-            layers=self.num_layers,
-            max_model_len=self.max_model_len,
-            threads=torch.get_num_threads(),
-        )
+        self._log_loaded(model_dir, model_impl="fast")
 
     @torch.inference_mode()
     def _load_weights(self, model: torch.nn.Module, config: object) -> None:

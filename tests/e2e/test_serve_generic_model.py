@@ -4,19 +4,14 @@ transformers `generate()` on the same prompt."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
 
-from tests.integration.harness import free_port
+from tests.e2e.serve import start_serve, wait_healthy
 from tests.model_fixtures import build_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -26,27 +21,12 @@ def test_streams_a_chat_completion_from_a_generic_path_model(tmp_path: Path, smo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = build_tiny_model("gemma3", tmp_path / "tiny-gemma3", smollm2_tokenizer_dir)
-    port = free_port()
-    env = {**os.environ, "INFERQ_PORT": str(port), "INFERQ_DATA_DIR": str(tmp_path / "data"),
-           "INFERQ_MODEL": str(model_dir), "INFERQ_DTYPE": "float32", "INFERQ_NUM_SPECULATIVE_TOKENS": "0",
-           "INFERQ_DEPLOY_AGENT": "false", "INFERQ_LOG_FORMAT": "json"}
-    env.pop("INFERQ_NATS_URL", None)
-    with open(tmp_path / "serve.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "serve"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    proc, base = start_serve({"INFERQ_DATA_DIR": str(tmp_path / "data"), "INFERQ_MODEL": str(model_dir),
+                              "INFERQ_DTYPE": "float32", "INFERQ_NUM_SPECULATIVE_TOKENS": "0",
+                              "INFERQ_DEPLOY_AGENT": "false", "INFERQ_LOG_FORMAT": "json"}, log_path)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "inferq serve did not become healthy"
-            time.sleep(0.5)
-
+        wait_healthy(proc, base, log_path, timeout=180)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120)
         messages = [{"role": "user", "content": "Tell me about sliding windows."}]
         stream = client.chat.completions.create(model="tiny-gemma3", messages=messages, max_tokens=24,
@@ -60,7 +40,7 @@ def test_streams_a_chat_completion_from_a_generic_path_model(tmp_path: Path, smo
         with torch.no_grad():
             out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, min_new_tokens=24)
         assert "".join(pieces) == tokenizer.decode(out[0, len(prompt):])
-        assert '"model_impl": "generic"' in (tmp_path / "serve.log").read_text()
+        assert '"model_impl": "generic"' in log_path.read_text()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

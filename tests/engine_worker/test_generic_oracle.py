@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from engine_worker.engine import Engine, EngineConfig
-from tests.engine_worker.conftest import ScriptedProposer, make_request, prompt_of, run_to_completion, tokens_by_choice
+from tests.engine_worker.conftest import (
+    ScriptedProposer,
+    make_request,
+    prompt_of,
+    record_steps,
+    run_to_completion,
+    run_workload,
+    tokens_by_choice,
+)
 from tests.model_fixtures import TINY_ARCHITECTURES, build_tiny_model
 
 # (prompt length, max_tokens, step at which it is added). With a 128-token context and a 256-token cache, four
@@ -62,29 +70,11 @@ def oracle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return _Oracle(build_tiny_model(request.param, tmp_path_factory.mktemp(request.param), smollm2_tokenizer_dir))
 
 
-def _run_workload(engine: Engine) -> dict[str, list[int]]:
-    got: dict[str, list[int]] = {}
-    pending = sorted(enumerate(WORKLOAD), key=lambda item: item[1][2])
-    step = 0
-    while pending or engine.has_unfinished_requests():
-        while pending and pending[0][1][2] <= step:
-            i, (length, max_tokens, _) = pending.pop(0)
-            engine.add_request(make_request(f"r{i}", prompt_of(length, i), temperature=0.0, max_tokens=max_tokens))
-        for output in engine.step():
-            for choice in output.choices:
-                got.setdefault(output.request_id, []).extend(choice.token_ids)
-        step += 1
-        assert step < 3000
-    return got
-
-
 def test_concurrent_greedy_under_chunking_and_preemption_matches_generate(oracle: _Oracle) -> None:
     engine = oracle.engine(**TIGHT)
     assert type(engine.runner).__name__ == "GenericRunner"
-    steps: list[Any] = []
-    schedule = engine.scheduler.schedule
-    engine.scheduler.schedule = lambda: steps.append(schedule()) or steps[-1]
-    got = _run_workload(engine)
+    steps = record_steps(engine)
+    got = run_workload(engine, WORKLOAD)
     for i, (length, max_tokens, _) in enumerate(WORKLOAD):
         assert got[f"r{i}"] == oracle.greedy(prompt_of(length, i), max_tokens), f"r{i} diverged from transformers"
     assert engine.num_preemptions_total > 0

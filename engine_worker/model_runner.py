@@ -5,7 +5,9 @@ q/k/v biases) the forward is written directly over the HF weights, gpt-fast styl
 step (decodes and prefill chunks of any number of sequences) goes through the projections and the MLP as one
 flat `[tokens, hidden]` batch; only attention is split, into one batched decode attention over the slot cache
 and one causal attention per prefill chunk. Logits are computed only for the rows that are sampled (or whose
-prompt logprobs were asked for). Other architectures are rejected at load time with a clear error.
+prompt logprobs were asked for). Other architectures run on the generic path (generic_runner.py), which
+runner_factory.py chooses; the KV cache view and the step's index tensors (`SlotKVCache`, `StepBatch`) are
+shared with it.
 
 The cache per layer is one buffer of `kv_capacity` tokens, viewed as `[slots, kv_heads, slot_len, head_dim]`
 (see kv_cache.py); decode attention reads whole slots `[:highest_slot+1]`, the slot length tracking the longest
@@ -227,8 +229,8 @@ class ModelRunner(SlotKVCache):
         archs = set(getattr(config, "architectures", None) or [])
         if not archs & SUPPORTED_ARCHITECTURES:
             raise ValueError(
-                f"unsupported architecture {sorted(archs) or config.model_type!r}: the engine runs llama-layout "
-                f"models ({', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+                f"the fast path does not run {sorted(archs) or config.model_type!r}: it runs llama-layout models "
+                f"({', '.join(sorted(SUPPORTED_ARCHITECTURES))}); model_impl auto or generic runs others"
             )
         check_rope_scaling(config)
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)

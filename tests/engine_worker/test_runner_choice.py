@@ -79,3 +79,15 @@ def _generate(model_dir: Path, impl: str, **sampling) -> dict[str, list[int]]:
 @pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 1.0, "seed": 3, "top_p": 0.9}])
 def test_fast_and_generic_paths_give_the_same_tokens_on_llama(tiny_model_dir: Path, sampling) -> None:
     assert _generate(tiny_model_dir, "fast", **sampling) == _generate(tiny_model_dir, "generic", **sampling)
+
+
+def test_the_setting_reaches_the_engine_config() -> None:
+    """The worker builds EngineConfig from the Settings fields of the same name (engine_worker/main.py)."""
+    from dataclasses import fields
+
+    from ops.settings import Settings
+
+    assert "model_impl" in {f.name for f in fields(EngineConfig)} & set(Settings.model_fields)
+    assert Settings(model_impl="generic").model_impl == "generic"
+    with pytest.raises(ValueError, match="model_impl"):
+        Settings(model_impl="fastest")

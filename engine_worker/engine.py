@@ -62,6 +62,9 @@ class EngineConfig:
     """Draft only while decodes plus their drafts stay within this many rows per step: each decode gets up to
     `speculative_max_rows // decodes - 1` drafts, so speculation fades out as the batch grows (at a large batch
     the GEMMs are compute-bound and a rejected draft costs a full row)."""
+    model_impl: str = "auto"
+    """Model path: auto (the fast llama-layout forward where it applies, else the generic transformers path),
+    fast, or generic (runner_factory.py)."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -136,11 +139,12 @@ class Engine:
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig) -> Engine:
         from transformers import AutoTokenizer, GenerationConfig
 
-        from engine_worker.model_runner import ModelRunner
+        from engine_worker.runner_factory import load_runner
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        runner = ModelRunner(
+        runner = load_runner(
             model_dir,
+            model_impl=config.model_impl,
             device=config.device,
             dtype=config.dtype,
             max_model_len=config.max_model_len,

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     prompt_lookup_max: int = Field(default=4, ge=1, description="Longest n-gram the draft proposer matches.")
     speculative_max_rows: int = Field(default=16, ge=2, description=(
         "Draft only while a step's decodes plus their drafts fit in this many rows (small batches gain most)."))
+    model_impl: Literal["auto", "fast", "generic"] = Field(default="auto", description=(
+        "Model path: auto (the fast llama-layout forward where it applies, else any transformers decoder through "
+        "its own layers with the engine's attention), fast, or generic (docs/models.md)."))
 
     # --- cluster ----------------------------------------------------------------------------------------
     nats_replicas: int = Field(default=1, ge=1, le=5,

@@ -22,15 +22,13 @@ import structlog
 import torch
 import torch.nn.functional as F
 
+from contracts import EmbeddingVector, EmbedRequest
 from engine_worker.kv_cache import Relayout, round_up
-from engine_worker.sampler import (
-    Sampler,
-    SamplerOutput,
-    SamplingRow,
-    TokenLogprobData,
-    compute_prompt_logprobs,
-)
+from engine_worker.pooling import vectors_for
+from engine_worker.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
+from engine_worker.sampling_rows import SamplingRow, TokenLogprobData
 from engine_worker.sequence import Sequence
+from engine_worker.validation import resolve_layer
 
 log = structlog.get_logger(__name__)
 
@@ -61,19 +59,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else torch.float32
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{device.type} ({name}, {torch.get_num_threads()} threads)"
 
 
 class _Linear:
@@ -206,6 +191,14 @@ class ModelRunner:
         cos, sin = inner.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
 
+    @property
+    def device_name(self) -> str:
+        return str(self.device)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
     # --- KV cache -------------------------------------------------------------------------------------------
     @property
     def kv_bytes_per_token(self) -> int:
@@ -305,6 +298,15 @@ class ModelRunner:
         x = x + layer.o(attn.reshape(-1, heads * dim))
         gate, up = layer.gate_up(self._rms_norm(x, layer.ln2)).chunk(2, dim=-1)
         return x + layer.down(F.silu(gate) * up)
+
+    def pooled_vectors(self, request: EmbedRequest) -> list[EmbeddingVector]:
+        """Pooled hidden states of each input of `request`, computed outside the KV cache."""
+        layers = list(dict.fromkeys(resolve_layer(layer, self.num_layers) for layer in request.layers))
+        vectors = []
+        for index, tokens in enumerate(request.inputs):
+            states = self.hidden_states(tokens, set(layers))
+            vectors += vectors_for(request, index, {layer: states[layer] for layer in layers})
+        return vectors
 
     @torch.inference_mode()
     def hidden_states(self, token_ids: list[int], layers: set[int]) -> dict[int, torch.Tensor]:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from engine_worker.sequence import Sequence
 
+MAX_DRAFT_BACKOFF = 32  # tokens a sequence decodes without drafts after repeated misses, at most
+
 
 class Proposer(Protocol):
     def propose(self, seq: Sequence, limit: int) -> list[int]:
@@ -79,3 +81,30 @@ class NgramProposer:
                     draft.append(token_ids[source] if source < length else draft[source - length])
                 return draft
         return []
+
+
+def propose_drafts(proposer: Proposer, running: list[Sequence], max_rows: int, max_model_len: int) -> None:
+    """Guess draft tokens for every running decode while the step stays small enough to gain from them."""
+    decodes = [seq for seq in running if not seq.is_prefill]
+    per_seq = max_rows // max(len(decodes), 1) - 1
+    for seq in decodes:
+        # Never guess past max_tokens or the context: the sampled token after the last draft must fit too.
+        limit = min(per_seq, seq.max_tokens - seq.num_output_tokens - 1, max_model_len - seq.num_tokens)
+        drafting = limit > 0 and seq.num_tokens >= seq.next_draft_at
+        seq.draft_token_ids = proposer.propose(seq, limit)[:limit] if drafting else []
+
+
+def num_accepted(drafts: list[int], sampled: list[tuple[int, object]]) -> int:
+    """Drafts kept: those before the first one the sampler disagrees with. The sampler's own token at that
+    position follows them, so the tokens kept are exactly what decoding one at a time would have produced."""
+    matched = 0
+    while matched < len(drafts) and sampled[matched][0] == drafts[matched]:
+        matched += 1
+    return matched
+
+
+def back_off(seq: Sequence, matched: int) -> None:
+    """Text the proposer cannot guess (novel or randomly sampled) stops costing verify rows: each step whose
+    drafts all miss doubles the pause before the next guess; one hit ends the pause."""
+    seq.draft_backoff = 0 if matched else min(2 * seq.draft_backoff or 1, MAX_DRAFT_BACKOFF)
+    seq.next_draft_at = seq.num_tokens + seq.draft_backoff

@@ -5,12 +5,12 @@ The proposer looks for the most recent earlier occurrence of the sequence's last
 down to `min_n`) and proposes the tokens that followed it. Text that repeats itself (code edits, quotes, lists,
 a small model that loops) is guessed well; novel text gets no proposal, so costs nothing.
 
-Verification is in the engine: the draft tokens join their sequence's next token as extra queries of the
-batched decode attention (model_runner.py), and the sampler draws a token at every draft position as if
-decoding normally (same parameters, same seeded randomness per position). The drafts are kept up to the first
-one that differs from what the sampler drew, plus the sampler's own token there. So the output is the one plain
-decoding would produce, for greedy and seeded sampling alike; a guess changes only how many tokens one step
-yields.
+Verification (`num_accepted` and `back_off` below, called by the engine's postprocess): the draft tokens join
+their sequence's next token as extra queries of the batched decode attention (model_runner.py), and the sampler
+draws a token at every draft position as if decoding normally (same parameters, same seeded randomness per
+position). The drafts are kept up to the first one that differs from what the sampler drew, plus the sampler's
+own token there. So the output is the one plain decoding would produce, for greedy and seeded sampling alike; a
+guess changes only how many tokens one step yields.
 
 Why it pays: a decode step at a small batch is bound by reading the weights, and computing 5 rows costs
 about what 1 row costs (on this repo's CPU, 1.1x; on a GPU, less). At large batches the GEMMs are bound by

@@ -37,4 +37,5 @@ RUN pip install --no-deps . \
 USER inferq
 VOLUME ["/data"]
 EXPOSE 8000
+# On 0.0.0.0 the api needs a credential: docker run -e INFERQ_API_KEYS=<secret> ... (or INFERQ_AUTH=off).
 CMD ["inferq", "serve", "--host", "0.0.0.0"]

@@ -20,6 +20,7 @@ from api.errors import install_error_handlers
 from api.request_context import RequestContextMiddleware
 from api.routes import accounts, aleph, batches, deployments, files, openai, system, tokenizer, websocket
 from api.routes.metrics import router as metrics_router
+from api.routes.ui import mount_console
 from api.services import Services
 from api.serving.deployments import Deployments
 from api.serving.files import FILES_PATH, MULTIPART_OVERHEAD, size_limit_message
@@ -66,7 +67,8 @@ def create_app(settings: Settings) -> FastAPI:
                       if settings.batch_runner else None)
             if runner is not None:
                 await runner.start()
-            app.state.fleet_metrics = FleetMetrics(nc, js, services.catalog, settings.metrics_scrape_timeout_s)
+            app.state.fleet_metrics = FleetMetrics(nc, js, services.catalog, settings.metrics_scrape_timeout_s,
+                                                   settings.supervisor_status_file)
             log.info("api.ready", edge_id=edge_id)
             yield
             if runner is not None:
@@ -87,6 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(batches.router)
     app.include_router(deployments.router)
     app.include_router(metrics_router)
+    mount_console(app)
     if tracing.tracer is not None:  # a span and a log trace_id per request, inside auth (refusals are not traced)
         app.add_middleware(RequestContextMiddleware, tracer=tracing.tracer)
     # Added last, so outermost: it sees every HTTP request and WebSocket handshake before anything else.

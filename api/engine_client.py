@@ -16,6 +16,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 
 from api.auth.metering import Reservation, reserve_for
+from api.auth.request_ids import unknown_request
 from api.errors import ApiError, broker_error
 from broker.errors import BrokerError, QueueFull
 from broker.events import Event, EventRouter, publish_cancel
@@ -268,10 +269,9 @@ class EngineClient:
 
     async def resume(self, request: GenerateRequest) -> Generation:
         """Follow a request submitted earlier (by this edge or another), from the journal; 404 if the journal
-        no longer has it."""
+        no longer has it. Whether the caller may follow it is decided before (api/auth/request_ids.owns)."""
         if not await self._journal_has(request.request_id):
-            raise ApiError(ErrorCode.NOT_FOUND, f"no request {request.request_id!r} to resume: it is unknown, or "
-                           "finished too long ago to be replayed")
+            raise unknown_request(request.request_id)
         return await self.attach(request)
 
     async def attach(self, request: GenerateRequest) -> Generation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True, slots=True)
 class NatsAuth:
     """How to authenticate to a NATS server that requires it: user/password, an nkey seed file, or a JWT
-    `.creds` file. Empty: no credentials (the embedded loopback server)."""
+    `.creds` file; and TLS: a CA to verify the server with, a client certificate to present (mutual TLS).
+    Empty: no credentials, plain TCP (the embedded loopback server)."""
 
     user: str | None = None
     password: str | None = field(default=None, repr=False)
@@ -32,15 +34,32 @@ class NatsAuth:
     creds_file: Path | None = None
     # Per-user permissions can only keep users out of each other's replies if their inboxes differ.
     inbox_prefix: str | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NatsAuth:
         return cls(settings.nats_user, settings.nats_password, settings.nats_nkey_file, settings.nats_creds_file,
-                   settings.nats_inbox_prefix)
+                   settings.nats_inbox_prefix, settings.nats_tls_ca_file, settings.nats_tls_cert_file,
+                   settings.nats_tls_key_file)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """A verifying client context (the server's certificate must chain to `tls_ca_file`, else the system's
+        CAs, and match its host name), with our certificate if one is set; None: plain TCP."""
+        if self.tls_ca_file is None and self.tls_cert_file is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                             cafile=str(self.tls_ca_file) if self.tls_ca_file else None)
+        if self.tls_cert_file is not None:
+            context.load_cert_chain(str(self.tls_cert_file), str(self.tls_key_file) if self.tls_key_file else None)
+        return context
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for `nats.connect`."""
         options: dict[str, Any] = {}
+        if (tls := self.tls_context()) is not None:
+            options["tls"] = tls
         if self.user is not None:
             options |= {"user": self.user, "password": self.password or ""}
         if self.nkey_seed_file is not None:

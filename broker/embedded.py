@@ -174,6 +174,14 @@ class EmbeddedNatsServer:
         log.debug("nats.embedded.started", url=self._url, pid=self.pid, store_dir=str(self.store_dir))
         return self
 
+    def restart(self) -> Self:
+        """Start again after the server died (or was stopped): same store, so JetStream recovers everything it
+        had stored, and the same client port, so clients reconnect to the URL they were given."""
+        if self._url is not None:
+            self.port = urlsplit(self._url).port or self.port
+        self.stop()
+        return self.start()
+
     def stop(self) -> int | None:
         """SIGTERM, wait `stop_timeout_s`, SIGKILL. Returns the exit code (None if never started)."""
         returncode = terminate(self._proc, timeout_s=self.stop_timeout_s) if self._proc is not None else None

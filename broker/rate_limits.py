@@ -92,13 +92,16 @@ class RateLimiter:
         return cls(await ensure_rate_limits(js, replicas))
 
     async def admit(self, owner: str, limits: RateLimits, now: float, *, requests: int = 0,
-                    tokens: int = 0) -> Verdict:
-        """Atomically count the request/tokens against `owner`'s windows, or refuse without counting."""
+                    tokens: int = 0, minute_only: bool = False) -> Verdict:
+        """Atomically count the request/tokens against `owner`'s windows, or refuse without counting.
+        `minute_only`: the entry is needed only for the current minute, so it expires when the minute ends
+        (anything counted by a name anyone may make up, such as a login email, leaves nothing behind)."""
         def decide(windows: UsageWindows) -> tuple[UsageWindows | None, Verdict]:
             verdict = admit(windows, limits, now, requests=requests, tokens=tokens)
             return (verdict.windows if verdict.allowed else None), verdict
 
-        return await self._transact(owner, decide)
+        ttl_s = max(1, math.ceil((int(now // MINUTE_S) + 1) * MINUTE_S - now)) + 1 if minute_only else None
+        return await self._transact(owner, decide, ttl_s)
 
     async def adjust(self, owner: str, now: float, *, minute: int, tokens: int) -> UsageWindows:
         def decide(windows: UsageWindows) -> tuple[UsageWindows | None, UsageWindows]:
@@ -116,9 +119,11 @@ class RateLimiter:
         found = await kv.read(self._kv, key)
         return (UsageWindows(), 0) if found is None else (UsageWindows.from_bytes(found[0]), found[1])
 
-    async def _transact(self, owner: str, decide: Callable[[UsageWindows], tuple[UsageWindows | None, T]]) -> T:
+    async def _transact(self, owner: str, decide: Callable[[UsageWindows], tuple[UsageWindows | None, T]],
+                        ttl_s: float | None = None) -> T:
         """Read, decide, write expecting the revision read; on a lost race read again. `decide` returns the
-        windows to store (None: nothing to write) and the result."""
+        windows to store (None: nothing to write) and the result. `ttl_s`: the entry expires that long after the
+        write (a per-message TTL)."""
         key = subjects.rate_limit_key(owner)
         try:
             for attempt in range(_MAX_ATTEMPTS):
@@ -128,9 +133,10 @@ class RateLimiter:
                     return result
                 try:
                     if revision:
-                        await self._kv.update(key, new.to_bytes(), last=revision)
+                        # nats-py's public update() takes no TTL; _update() is what its create(msg_ttl=) uses too.
+                        await self._kv._update(key, new.to_bytes(), last=revision, msg_ttl=ttl_s)
                     else:
-                        await self._kv.create(key, new.to_bytes())
+                        await self._kv.create(key, new.to_bytes(), msg_ttl=ttl_s)
                     return result
                 except jse.KeyWrongLastSequenceError:
                     # Another replica wrote first; back off a little (jittered) so hot keys do not livelock.

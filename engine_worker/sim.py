@@ -90,8 +90,9 @@ class SimEngine:
         """Frozen limits only: safe from any thread."""
         if isinstance(request, EmbedRequest):
             raise InvalidRequest("the sim engine computes no embeddings")
-        prompt = len(request.prompt_token_ids) + len(request.resume_token_ids)
-        wanted = request.sampling.max_tokens or 0
+        # As the torch engine: resumed tokens count toward max_tokens (the edge fills in an unset one).
+        prompt = len(request.prompt_token_ids)
+        wanted = request.sampling.max_tokens or len(request.resume_token_ids) + 1
         if prompt + wanted > self.max_model_len:
             raise ContextLengthExceeded(f"this model's maximum context length is {self.max_model_len} tokens, "
                                         f"but the request needs {prompt + wanted}")

@@ -198,7 +198,7 @@ def _configure_logging_from(parser: argparse.ArgumentParser, make: Callable[[], 
         settings = make()
     except ValidationError as exc:
         parser.exit(2, f"inferq: invalid settings\n{exc}\n")
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, secrets=settings.secret_values())
     return settings
 
 

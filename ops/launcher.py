@@ -1,11 +1,13 @@
 """`inferq serve`: the whole service on one machine from one command.
 
-Supervises an embedded nats-server (unless `nats_url` points at one), one worker and the api, each a child in
-its own process group that dies with us. Ready = the api's `/health` is 200, i.e. a worker is live. Stops in
-reverse: api (no new requests), worker, NATS last (both others need it to drain)."""
+Supervises an embedded nats-server (unless `nats_url` points at one), the workers, the agent and the api, each
+a child in its own process group that dies with us, each restarted with backoff if it crashes. Ready = the
+api's `/health` is 200, i.e. a worker is live. Stops in reverse: api (no new requests), worker, NATS last (both
+others need it to drain)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -23,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydantic_settings import NoDecode
 
+from contracts.supervision import ProcessState, SupervisedProcess, SupervisorStatus
 from ops.process import spawn, stop_on_signals, terminate
+from ops.restart_policy import CrashHistory, GiveUp, RestartPolicy
 from ops.settings import Settings
 
 if TYPE_CHECKING:
@@ -32,22 +36,21 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 ENV_PREFIX = "INFERQ_"
+NATS_NAME = "nats-server"
+_MIN_STOP_S = 0.5  # even past the stop deadline, each child gets a moment to exit on SIGTERM
+STATUS_FILE_NAME = "supervisor.json"  # in the data dir; rewritten at every start, so a stale one does no harm
 
 
 @dataclass(frozen=True)
 class ChildSpec:
-    """One supervised process. `ready_check` is polled until it is True; None means ready once started."""
+    """One supervised process. `ready_check` is polled until it is True; None means ready once started.
+    `essential`: the service cannot go on without it, so giving up on it stops everything."""
 
     name: str
     argv: Sequence[str]
     env: Mapping[str, str]
     ready_check: Callable[[], bool] | None = None
-
-
-@dataclass
-class _Child:
-    spec: ChildSpec
-    proc: subprocess.Popen[bytes]
+    essential: bool = False
 
 
 BuildChildren = Callable[[Settings], list[ChildSpec]]
@@ -103,7 +106,7 @@ def build_children(settings: Settings) -> list[ChildSpec]:
     ]
     # The node agent starts deployments' workers (POST /api/v1/deploy) on this machine or over SSH.
     agent = [ChildSpec("agent", [*cli, "agent"], env)] if settings.deploy_agent else []
-    return [*workers, *agent, ChildSpec("api", [*cli, "api"], env, ready_check=api_health)]
+    return [*workers, *agent, ChildSpec("api", [*cli, "api"], env, ready_check=api_health, essential=True)]
 
 
 def colocated_torch_threads(num_workers: int) -> int:
@@ -143,12 +146,45 @@ def curl_example(base_url: str, model: str, *, auth: bool) -> str:
 # --- supervision --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Supervised:
+    """One process we watch and restart: a child, or the embedded nats-server."""
+
+    name: str
+    history: CrashHistory
+    essential: bool  # giving up on it ends the service (the api, NATS): nothing could be served without it
+    started_at: float = dataclasses.field(default_factory=time.monotonic)
+    restarts: int = 0
+    restart_at: float | None = None  # crashed, to be started again at this time.monotonic()
+    gave_up: str | None = None
+
+    @property
+    def state(self) -> ProcessState:
+        if self.gave_up is not None:
+            return ProcessState.GAVE_UP
+        return ProcessState.RUNNING if self.restart_at is None else ProcessState.RESTARTING
+
+
+@dataclass
+class _Child(_Supervised):
+    spec: ChildSpec = dataclasses.field(kw_only=True)
+    proc: subprocess.Popen[bytes] = dataclasses.field(kw_only=True)
+
+
+def restart_policy(settings: Settings) -> RestartPolicy:
+    return RestartPolicy(settings.restart_backoff_initial_s, settings.restart_backoff_max_s,
+                         settings.crash_loop_crashes, settings.crash_loop_window_s)
+
+
 class Launcher:
     """Start NATS (maybe), then the children in order; wait until all are ready; then watch them.
 
-    Exit code 0 after SIGINT/SIGTERM (or `request_stop()`), 1 if a child or NATS died, did not start, or did
-    not get ready within `ready_timeout_s`. Restart policy is a later issue: today any death ends the service,
-    so a supervisor above us (systemd, compose) decides about restarts."""
+    A child or the embedded nats-server that dies is started again after a backoff (`ops.restart_policy`); one
+    that crash-loops is given up, loudly, while the rest keeps serving, unless it is the api or NATS, without
+    which nothing can be served (then the service stops with exit code 1). Restarts and give-ups are logged and
+    written to the status file the api reports on `/metrics`. Exit code 0 after SIGINT/SIGTERM (or
+    `request_stop()`), 1 if an essential process was given up, something could not be started, or the children
+    were not ready within `ready_timeout_s`."""
 
     def __init__(
         self,
@@ -164,8 +200,11 @@ class Launcher:
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.poll_interval_s = poll_interval_s
+        self.policy = restart_policy(settings)
+        self.status_file = settings.data_dir / STATUS_FILE_NAME
         self._stop = threading.Event()
         self._nats: EmbeddedNatsServer | None = None
+        self._nats_watch: _Supervised | None = None
         self._children: list[_Child] = []
 
     def request_stop(self) -> None:
@@ -185,18 +224,21 @@ class Launcher:
         settings = self._resolve(self.settings)
         specs = self._build(settings)
         for spec in specs:
-            self._children.append(_Child(spec, spawn(spec.argv, env=spec.env)))
-            log.info("child.started", child=spec.name, pid=self._children[-1].proc.pid)
+            proc = spawn(spec.argv, env=spec.env)
+            self._children.append(_Child(spec.name, CrashHistory(self.policy), spec.essential, spec=spec, proc=proc))
+            log.info("child.started", child=spec.name, pid=proc.pid)
+        self._write_status()
         if (code := self._await_ready()) is not None:
             return code
         self._announce(settings)
-        while (code := self._exit_code()) is None:
+        while (code := self._supervise()) is None:
             self._stop.wait(self.poll_interval_s)
         return code
 
     def _resolve(self, settings: Settings) -> Settings:
-        """Fill in what children must agree on: the NATS URL (start one if none given) and a concrete port."""
-        updates: dict[str, Any] = {}
+        """Fill in what children must agree on: the NATS URL (start one if none given), a concrete port, and
+        where the supervisor's status record is."""
+        updates: dict[str, Any] = {"supervisor_status_file": self.status_file}
         if settings.port == 0:
             updates["port"] = _free_port(settings.host)
         if settings.nats_url is None:
@@ -204,18 +246,25 @@ class Launcher:
 
             # die_with_parent: run() is on the main thread for `inferq serve`, which lives as long as we do.
             self._nats = EmbeddedNatsServer(settings.nats_store_dir, die_with_parent=True).start()
+            self._nats_watch = _Supervised(NATS_NAME, CrashHistory(self.policy), essential=True)
             updates["nats_url"] = self._nats.url
             log.info("nats.started", url=self._nats.url, store_dir=str(settings.nats_store_dir))
         return settings.model_copy(update=updates)
 
     def _await_ready(self) -> int | None:
-        """None once every child is ready; otherwise the exit code to stop with."""
+        """None once every child is ready; otherwise the exit code to stop with. Children that die meanwhile
+        are restarted like later."""
         deadline = time.monotonic() + self.ready_timeout_s
         pending = [child for child in self._children if child.spec.ready_check is not None]
         while pending:
-            if (code := self._exit_code()) is not None:
+            if (code := self._supervise()) is not None:
                 return code
-            pending = [child for child in pending if not _is_ready(child.spec)]
+            if given_up := [child.name for child in self._children if child.gave_up is not None]:
+                # Before ready, a crash loop is a start that failed (a bad model path, a taken port): say so.
+                log.error("serve.not_ready", given_up=given_up)
+                return 1
+            pending = [child for child in pending if not (child.state is ProcessState.RUNNING
+                                                          and _is_ready(child.spec))]
             if not pending:
                 break
             if time.monotonic() > deadline:
@@ -225,19 +274,81 @@ class Launcher:
             self._stop.wait(self.poll_interval_s)
         return None
 
-    def _exit_code(self) -> int | None:
-        """0 if a stop was requested, 1 if anything we supervise has died, None while all is well."""
+    def _supervise(self) -> int | None:
+        """One look at everything: restart what is due, handle what died. 0 if a stop was requested, 1 if an
+        essential process was given up, None while the service goes on."""
         if self._stop.is_set():
             return 0
+        changed = False
+        if self._nats_watch is not None and self._nats is not None:
+            changed |= self._check(self._nats_watch, self._nats.poll, self._restart_nats)
         for child in self._children:
-            # No restarts yet (a later issue): one death stops the whole service, loudly, with exit code 1.
-            if (returncode := child.proc.poll()) is not None:
-                log.error("child.died", child=child.spec.name, pid=child.proc.pid, returncode=returncode)
-                return 1
-        if self._nats is not None and (returncode := self._nats.poll()) is not None:
-            log.error("nats.died", returncode=returncode, log_tail=self._nats.log_tail())
-            return 1
-        return None
+            changed |= self._check(child, child.proc.poll, partial(self._restart_child, child))
+        if changed:
+            self._write_status()
+        watched = [*([self._nats_watch] if self._nats_watch else []), *self._children]
+        return 1 if any(item.essential and item.gave_up for item in watched) else None
+
+    def _check(self, item: _Supervised, poll: Callable[[], int | None], restart: Callable[[], None]) -> bool:
+        """Restart `item` if its backoff is over, or decide about it if it died. True if its state changed."""
+        if item.gave_up is not None:
+            return False
+        now = time.monotonic()
+        if item.restart_at is not None:
+            if now < item.restart_at:
+                return False
+            item.restart_at = None
+            item.restarts += 1
+            item.started_at = now
+            try:
+                restart()
+            except (RuntimeError, OSError) as exc:  # it could not even start: a crash like any other
+                log.error("child.restart_failed", child=item.name, error=str(exc))
+                self._decide(item, now, returncode=1)
+            return True
+        if (returncode := poll()) is None:
+            return False
+        self._decide(item, now, returncode)
+        return True
+
+    def _decide(self, item: _Supervised, now: float, returncode: int) -> None:
+        extra = {"log_tail": self._nats.log_tail()} if item is self._nats_watch and self._nats else {}
+        log.error("child.died", child=item.name, returncode=returncode, restarts=item.restarts, **extra)
+        decision = item.history.crashed(now, item.started_at, returncode)
+        if isinstance(decision, GiveUp):
+            item.gave_up = decision.reason
+            consequence = ("stopping the service: nothing can be served without it" if item.essential else
+                           "not restarting it; everything else keeps serving")
+            log.critical("child.gave_up", child=item.name, reason=decision.reason, consequence=consequence,
+                         restarts=item.restarts)
+        else:
+            item.restart_at = now + decision.delay_s
+            log.warning("child.restart_scheduled", child=item.name, delay_s=decision.delay_s,
+                        restarts=item.restarts)
+
+    def _restart_child(self, child: _Child) -> None:
+        terminate(child.proc, timeout_s=0)  # it is dead; this sweeps what it left in its process group
+        child.proc = spawn(child.spec.argv, env=child.spec.env)
+        log.warning("child.restarted", child=child.name, pid=child.proc.pid, restarts=child.restarts)
+
+    def _restart_nats(self) -> None:
+        assert self._nats is not None
+        self._nats.restart()  # same port and store: clients reconnect, JetStream recovers its store
+        log.warning("child.restarted", child=NATS_NAME, pid=self._nats.pid, url=self._nats.url,
+                    restarts=self._nats_watch.restarts if self._nats_watch else 0)
+
+    def _write_status(self) -> None:
+        watched = [*([self._nats_watch] if self._nats_watch else []), *self._children]
+        status = SupervisorStatus(updated_at=time.time(), processes=[
+            SupervisedProcess(name=item.name, state=item.state, restarts=item.restarts, reason=item.gave_up)
+            for item in watched])
+        try:
+            self.status_file.parent.mkdir(parents=True, exist_ok=True)
+            partial_file = self.status_file.with_suffix(".tmp")
+            partial_file.write_bytes(status.to_bytes())
+            partial_file.replace(self.status_file)  # atomic: a reader never sees half a record
+        except OSError as exc:  # only /metrics loses detail; supervision goes on
+            log.warning("serve.status_unwritable", path=str(self.status_file), error=str(exc))
 
     def _announce(self, settings: Settings) -> None:
         base_url = api_base_url(settings)
@@ -246,8 +357,11 @@ class Launcher:
         log.info(curl_example(base_url, model, auth=bool(settings.api_keys)))
 
     def _shutdown(self) -> None:
+        # One deadline for all children, not one each: the api waits for open streams and a worker drains its
+        # requests, so with a stream in flight each would use its whole timeout, and a stop took 20 s or more.
+        deadline = time.monotonic() + self.stop_timeout_s
         for child in reversed(self._children):
-            returncode = terminate(child.proc, timeout_s=self.stop_timeout_s)
+            returncode = terminate(child.proc, timeout_s=max(_MIN_STOP_S, deadline - time.monotonic()))
             log.info("child.stopped", child=child.spec.name, returncode=returncode)
         self._children.clear()
         if self._nats is not None:

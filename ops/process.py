@@ -16,6 +16,9 @@ from contextlib import contextmanager
 from typing import IO
 
 _PR_SET_PDEATHSIG = 1
+# sysexits.h EX_CONFIG: a process refused to start because of its configuration (an unsafe bind, say). A
+# supervisor must not start it again unchanged: it would refuse again.
+EXIT_CONFIG = 78
 
 
 def die_with_parent_preexec() -> Callable[[], None] | None:

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
         default="auto", description="auto: on once any API key or user exists (or INFERQ_API_KEYS is set)."
     )
     login_token_ttl_s: float = Field(default=86_400.0, ge=1, description="Lifetime of a POST /users/me/token token.")
+    login_attempts_per_minute: int = Field(default=120, ge=0, description=(
+        "Logins (POST /users/me/token) per minute in all, every replica together; 0: unlimited."))
+    login_attempts_per_minute_per_address: int = Field(default=30, ge=0, description=(
+        "Logins per minute from one client address (an IPv6 /64); 0: unlimited."))
     rate_limit_requests_per_minute: int = Field(default=60, ge=0, description="Per-key default; 0: unlimited.")
     rate_limit_tokens_per_minute: int = Field(default=150_000, ge=0, description="Per-key default; 0: unlimited.")
     rate_limit_requests_per_day: int = Field(default=3_500, ge=0, description="Per-key default; 0: unlimited.")
@@ -104,6 +108,21 @@ class Settings(BaseSettings):
     nats_inbox_prefix: str = Field(default="_INBOX", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
                                    description="Reply-inbox prefix, e.g. _INBOX.worker for per-user permissions.")
 
+    nats_tls_ca_file: Path | None = Field(default=None, description=(
+        "CA bundle to verify the NATS server's certificate with; setting it (or a client certificate) turns TLS on."))
+    nats_tls_cert_file: Path | None = Field(default=None, description="Client certificate (PEM) for NATS mutual TLS.")
+    nats_tls_key_file: Path | None = Field(default=None, description="Private key (PEM) of nats_tls_cert_file.")
+
+    # --- supervision (`inferq serve`) -------------------------------------------------------------------
+    restart_backoff_initial_s: float = Field(default=0.5, gt=0, description=(
+        "First delay before `inferq serve` restarts a crashed process; doubles with each crash in a row."))
+    restart_backoff_max_s: float = Field(default=30.0, gt=0, description="Longest delay between restarts.")
+    crash_loop_crashes: int = Field(default=5, ge=1, description=(
+        "A process crashing this often within crash_loop_window_s is not restarted again (a crash loop)."))
+    crash_loop_window_s: float = Field(default=60.0, gt=0, description="The crash-loop window, in seconds.")
+    supervisor_status_file: Path | None = Field(default=None, description=(
+        "Set by `inferq serve` for its children: the JSON record of restarts the api's /metrics reports."))
+
     # --- telemetry --------------------------------------------------------------------------------------
     otel_exporter: Literal["none", "console", "otlp"] = Field(
         default="none", description="Where OpenTelemetry spans go: none (no tracing), console, or otlp (HTTP)."
@@ -126,6 +145,11 @@ class Settings(BaseSettings):
         default=900.0, gt=0, description="A deployment whose worker has not registered by then fails.")
     deploy_probe_timeout_s: float = Field(default=120.0, gt=0, description="Longest wait for the probe generation.")
     deploy_ssh_connect_timeout_s: float = Field(default=20.0, gt=0, description="SSH connect and login timeout.")
+    deploy_client_models: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Comma-separated models clients may deploy (admins: any model, path or SSH host); default: the packaged "
+        "models."))
+    deploy_max_per_owner: int = Field(default=2, ge=0, description=(
+        "Deployments a client may have running at once (admins: unlimited); 0: unlimited."))
     deploy_ssh_known_hosts: Path | None = Field(
         default=None, description="known_hosts file to verify SSH hosts against; unset: host keys are not checked.")
 
@@ -133,7 +157,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "deploy_client_models", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -148,6 +172,14 @@ class Settings(BaseSettings):
     @property
     def models(self) -> list[str]:
         return [model.strip() for model in self.model.split(",") if model.strip()]
+
+    def secret_values(self) -> list[str]:
+        """Configured secrets, which logging masks wherever they appear: each INFERQ_API_KEYS entry (and its key
+        after a `ROLE:` prefix) and the NATS password."""
+        values = [self.nats_password or ""]
+        for entry in self.api_keys:
+            values += [entry, entry.partition(":")[2]]
+        return [value for value in values if value]
 
     @property
     def nats_store_dir(self) -> Path:

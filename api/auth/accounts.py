@@ -3,9 +3,11 @@ so both do exactly the same thing. Secrets are returned to the caller once and n
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
 
 import structlog
 
@@ -35,6 +37,16 @@ MIN_PASSWORD_LENGTH = 8
 LOGIN_LIMITS = RateLimits(requests_per_minute=10)
 
 
+@dataclass(frozen=True, slots=True)
+class LoginCaps:
+    """Login attempts per minute from one client address and in all (None: unlimited). Every attempt costs an
+    argon2 verify (tens of ms of CPU, 64 MiB), unknown emails included, so the public login route needs caps
+    that do not depend on the email: these bound its CPU and memory whatever names an attacker makes up."""
+
+    per_address: int | None = 30
+    total: int | None = 120
+
+
 def resolve_limits(defaults: RateLimits, given: Mapping[str, int | None] | None) -> RateLimits | None:
     """None: follow the server's defaults; otherwise the given fields (null = unlimited) over the defaults."""
     if given is None:
@@ -44,12 +56,13 @@ def resolve_limits(defaults: RateLimits, given: Mapping[str, int | None] | None)
 
 class Accounts:
     def __init__(self, store: AccountStore, limiter: RateLimiter, defaults: RateLimits, token_ttl_s: float,
-                 clock: Clock = time.time):
+                 clock: Clock = time.time, login_caps: LoginCaps = LoginCaps()):
         self.store = store
         self._limiter = limiter
         self.defaults = defaults
         self._token_ttl_s = token_ttl_s
         self._clock = clock
+        self._login_caps = login_caps
 
     # --- API keys -------------------------------------------------------------------------------------------
 
@@ -101,12 +114,18 @@ class Accounts:
 
     # --- login tokens ---------------------------------------------------------------------------------------
 
-    async def login(self, email: str, password: str) -> tuple[str, UserRecord]:
-        """A new login token for the user, or 401 (the same answer for an unknown email and a wrong password)."""
+    async def login(self, email: str, password: str, address: str | None = None) -> tuple[str, UserRecord]:
+        """A new login token for the user, or 401 (the same answer for an unknown email and a wrong password).
+        `address`: the client's, for the per-address cap (None: not over HTTP, e.g. a test or tool)."""
         user_id = user_id_for(email)
-        verdict = await self._limiter.admit(f"login:{user_id}", LOGIN_LIMITS, self._clock(), requests=1)
-        if not verdict.allowed:
-            raise rate_limited(verdict)
+        caps = self._login_caps
+        # Cheapest refusals first, and every one before the argon2 verify. Entries named by what a caller chose
+        # (its address, an email that may not exist) expire with their minute: nothing is left behind, and a
+        # known and an unknown email are counted (and refused) alike, so a 429 does not reveal an account.
+        if address is not None:
+            await self._admit(f"login-address:{address_key(address)}", caps.per_address)
+        await self._admit("login-all:all", caps.total, minute_only=False)
+        await self._admit(f"login:{user_id}", LOGIN_LIMITS.requests_per_minute)
         user = await self.store.get_user(user_id)
         if not await verify_password(password, user.password_argon2 if user else None) or user is None:
             log.info("accounts.login_failed", email=normalise_email(email))
@@ -117,3 +136,25 @@ class Accounts:
         await self.store.add_token(record, self._token_ttl_s)
         log.info("accounts.login", email=user.email, token_id=record.token_id)
         return login_token(user_id, record.token_id, secret), user
+
+    async def _admit(self, name: str, per_minute: int | None, *, minute_only: bool = True) -> None:
+        if per_minute is None:
+            return
+        verdict = await self._limiter.admit(name, RateLimits(requests_per_minute=per_minute), self._clock(),
+                                            requests=1, minute_only=minute_only)
+        if not verdict.allowed:
+            raise rate_limited(verdict)
+
+
+def address_key(address: str) -> str:
+    """The unit one client controls: an IPv4 address, or an IPv6 /64 (a host is usually given a whole /64, so
+    per-address counting of IPv6 would be no cap at all). Anything else (a unix socket) as given."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False).network_address)
+    return str(ip)

@@ -11,7 +11,7 @@ import nats.errors
 import structlog
 from nats.js import JetStreamContext
 
-from api.auth.accounts import Accounts
+from api.auth.accounts import Accounts, LoginCaps
 from api.auth.caller import ANONYMOUS, Caller
 from api.auth.credentials import digest_matches, parse_bearer, sha256_hex
 from api.auth.metering import Clock, Meter
@@ -48,6 +48,11 @@ def default_limits(settings: Settings) -> RateLimits:
                       requests_per_day=settings.rate_limit_requests_per_day or None)
 
 
+def login_caps(settings: Settings) -> LoginCaps:
+    return LoginCaps(per_address=settings.login_attempts_per_minute_per_address or None,
+                     total=settings.login_attempts_per_minute or None)
+
+
 class AuthGate:
     def __init__(self, settings: Settings, clock: Clock = time.time):
         self.settings = settings
@@ -63,7 +68,7 @@ class AuthGate:
         self._store = await AccountStore.open(js, self.settings.nats_replicas)
         self._limiter = await RateLimiter.open(js, self.settings.nats_replicas)
         self._accounts = Accounts(self._store, self._limiter, self.defaults, self.settings.login_token_ttl_s,
-                                  clock=lambda: self.clock())
+                                  clock=lambda: self.clock(), login_caps=login_caps(self.settings))
         enabled = await self.enabled()
         log.info("auth.mode", setting=self.settings.auth, enabled=enabled, env_keys=len(self._env_keys))
         if not enabled and self.settings.host not in ("127.0.0.1", "localhost", "::1"):

@@ -1,8 +1,9 @@
 """Token budgets. The middleware opens a `Meter` for the caller of each request (a WebSocket: each connection)
 and makes it current in a context variable, so the one place every generation passes through
 (`EngineClient.submit`) can reserve without any route or serving function passing it along. A reservation is
-the prompt plus `max_tokens` per candidate; when the generation ends it is settled to what was really used
-(prompt + completion), from whichever replica sees the end.
+the prompt plus `max_tokens` per candidate (n or best_of; an unset max_tokens is the rest of the context); when
+the generation ends it is settled to what was really used (prompt + completion), from whichever replica sees the
+end.
 
 A task that outlives its request inherits the meter; once the request is over the meter only charges and never
 refuses, so background work counts against its owner's budget without failing. Work that never had a request
@@ -82,7 +83,8 @@ class Reservation:
 def rate_limited(verdict: Verdict, tokens: int | None = None) -> ApiError:
     message = f"rate limit reached: {verdict.reason}"
     if tokens is not None:
-        message += f" (this request reserves {tokens} tokens: the prompt plus max_tokens)"
+        message += (f" (this request reserves {tokens} tokens: the prompt plus max_tokens per choice, and without "
+                    "max_tokens the rest of the context; a lower max_tokens may fit)")
     return ApiError(ErrorCode.RATE_LIMITED, message + "; retry after the reset", retry_after=verdict.retry_after_s)
 
 
@@ -99,17 +101,16 @@ def using(meter: Meter | None) -> Iterator[Meter | None]:
         _current.reset(token)
 
 
-def current_owner() -> str | None:
-    """Who the current request is from (None with auth off)."""
-    meter = _current.get()
-    return None if meter is None else meter.owner
-
-
 def reservation_size(request: GenerateRequest | EmbedRequest) -> int:
+    """The prompt plus `max_tokens` per candidate (n, or best_of). The edge resolves an unset `max_tokens` to the
+    rest of the context before it gets here (api/serving/generation.with_max_tokens); one still unset is a bug
+    that would reserve too little, so it is refused rather than guessed."""
     if isinstance(request, EmbedRequest):
         return sum(len(tokens) for tokens in request.inputs)  # embeddings generate nothing
     sampling = request.sampling
-    return len(request.prompt_token_ids) + (sampling.max_tokens or 0) * sampling.num_candidates
+    if sampling.max_tokens is None:
+        raise ValueError(f"request {request.request_id}: max_tokens must be resolved before its tokens are reserved")
+    return len(request.prompt_token_ids) + sampling.max_tokens * sampling.num_candidates
 
 
 async def reserve_for(request: GenerateRequest | EmbedRequest) -> Reservation:

@@ -5,7 +5,8 @@ this route (403); one request against the caller's minute and day (429 + Retry-A
 `request.state.caller`, its token meter becomes current, and the response gets the rate-limit headers.
 
 A refused WebSocket is closed before it is accepted (the client sees the handshake fail): 1008 (policy
-violation) for 401/403, 1013 (try again later) for 429."""
+violation) for 401/403, 1013 (try again later) for 429. On the Aleph Alpha routes a refusal has the status that
+client understands (403 → 401, as docs/api.md promises), like every other error there."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import nats.errors
 import structlog
 from nats.js import errors as jse
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
@@ -22,7 +24,7 @@ from api.auth.gate import AuthGate
 from api.auth.headers import rate_limit_headers
 from api.auth.metering import Meter, rate_limited, using
 from api.auth.policy import PUBLIC, rule_for
-from api.errors import ApiError, broker_error, error_response
+from api.errors import ApiError, broker_error, error_response, use_aleph_statuses
 from broker.errors import BrokerError, BrokerUnavailable
 from contracts import ErrorCode
 from contracts.accounts import Role
@@ -47,6 +49,8 @@ class AuthMiddleware:
         try:
             caller, meter = await self._admit(scope, rule.roles, rule.route_class)
         except ApiError as refusal:
+            if rule.aleph:  # its client turns 401 into PermissionError; a 403 would be a bare RuntimeError
+                use_aleph_statuses(HTTPConnection(scope))
             return await self._refuse(scope, receive, send, refusal)
         scope.setdefault("state", {})["caller"] = caller
         with using(meter):
@@ -84,7 +88,7 @@ class AuthMiddleware:
         if scope["type"] == "websocket":
             close_code = _WS_CLOSE_CODE.get(refusal.status, 1011)
             return await WebSocketClose(close_code, refusal.info.message[:120])(scope, receive, send)
-        response = error_response(refusal)
+        response = error_response(refusal, HTTPConnection(scope))
         if refusal.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         meter = refusal.meter if isinstance(refusal, _RateLimited) else None

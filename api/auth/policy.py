@@ -21,24 +21,27 @@ class Rule:
     pattern: re.Pattern[str]
     roles: frozenset[Role]
     methods: frozenset[str] | None = None  # None: every method (and WebSocket)
+    aleph: bool = False  # Aleph Alpha routes: refusals use the statuses its client knows (api/errors.py)
 
     def matches(self, method: str, path: str) -> bool:
         return (self.methods is None or method in self.methods) and self.pattern.fullmatch(path) is not None
 
 
-def _rule(route_class: str, pattern: str, roles: frozenset[Role] | set[Role], methods: str | None = None) -> Rule:
+def _rule(route_class: str, pattern: str, roles: frozenset[Role] | set[Role], methods: str | None = None,
+          *, aleph: bool = False) -> Rule:
     return Rule(route_class, re.compile(pattern), frozenset(roles),
-                frozenset(methods.split()) if methods else None)
+                frozenset(methods.split()) if methods else None, aleph)
 
 
 _READ = "GET HEAD"
 # First match wins.
 RULES: tuple[Rule, ...] = (
     _rule("public", r"/health|/version", PUBLIC),
+    _rule("console", r"/|/ui(/.*)?", PUBLIC, _READ),  # static files; the page then asks for a key
     _rule("login", r"/users/me/token", PUBLIC, "POST"),
     _rule("own account", r"/users/me(/.*)?", ANY_ROLE),
     _rule("admin", r"/admin(/.*)?", ADMIN_ONLY),
-    _rule("monitoring", r"/metrics", {ADMIN, MONITOR}),
+    _rule("monitoring", r"/metrics(/cluster)?", {ADMIN, MONITOR}),
     _rule("hardware", r"/v1/gpu/info", {ADMIN, MONITOR, WORKER}),
     # Clients deploy and stop their own (others' are a 404); monitors read every deployment's status and logs.
     _rule("deployment status", r"/api/v1/deployments(/.*)?", {ADMIN, MONITOR, CLIENT}, _READ),
@@ -47,7 +50,7 @@ RULES: tuple[Rule, ...] = (
     _rule("inference", r"/v1/(completions|chat/completions|embeddings|responses)", {ADMIN, CLIENT}),
     _rule("inference", r"/(v1/)?(tokenize|detokenize)", {ADMIN, CLIENT}),
     _rule("inference", r"/(complete|embed|semantic_embed|batch_semantic_embed|evaluate|explain|models_available"
-                       r"|models/.+/tokenizer)", {ADMIN, CLIENT}),
+                       r"|models/.+/tokenizer)", {ADMIN, CLIENT}, aleph=True),
     _rule("own batches and files", r"/v1/(files|batches)(/.*)?", {ADMIN, CLIENT}),
     _rule("api docs", r"/docs(/.*)?|/redoc|/openapi\.json", ANY_ROLE, _READ),
 )

@@ -3,14 +3,16 @@ call what is decided by api/auth/policy.py (`/admin/*`: admin only; login: publi
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
 
 from api.auth.accounts import Accounts, resolve_limits
 from api.auth.caller import CallerDep
+from api.auth.gate import AuthGate
 from api.errors import ApiError
 from api.schemas.ids import ResourceId
 from contracts import ErrorCode
@@ -60,9 +62,10 @@ def key_view(key: ApiKeyRecord) -> dict:
 
 
 @router.post("/users/me/token")
-async def login(body: LoginBody, accounts: AccountsDep) -> dict:
+async def login(body: LoginBody, accounts: AccountsDep, request: Request) -> dict:
     """Email and password → a login token to send as `Authorization: Bearer <token>`, and the user's role."""
-    token, user = await accounts.login(body.email, body.password)
+    address = request.client.host if request.client else None
+    token, user = await accounts.login(body.email, body.password, address)
     return {"token": token, "role": user.role.value}
 
 
@@ -104,10 +107,25 @@ async def revoke_user_tokens(email: str, accounts: AccountsDep) -> dict:
     return {"revoked": await accounts.revoke_tokens(email)}
 
 
+@router.get("/users/me")
+async def who_am_i(caller: CallerDep, connection: HTTPConnection) -> dict:
+    """The caller's name and role, and whether auth is on (the web console shows the pages that role may use)."""
+    gate: AuthGate = connection.app.state.auth_gate
+    return {"object": "caller", "name": caller.name, "role": caller.role.value, "auth": await gate.enabled()}
+
+
 @router.get("/admin/keys")
-async def list_keys(accounts: AccountsDep) -> dict:
+async def list_keys(accounts: AccountsDep, connection: HTTPConnection) -> dict:
+    """Every key, with its effective limits and its use of them in the current minute and UTC day."""
+    gate: AuthGate = connection.app.state.auth_gate
     keys = sorted(await accounts.store.list_keys(), key=lambda key: key.created_at)
-    return {"object": "list", "data": [key_view(key) for key in keys]}
+    now = time.time()
+    usages = [await gate.limiter.windows(f"key:{key.key_id}", now) for key in keys]
+    return {"object": "list", "data": [
+        {**key_view(key), "effective_limits": (key.limits or accounts.defaults).model_dump(),
+         "usage": {"minute_requests": usage.minute_requests, "minute_tokens": usage.minute_tokens,
+                   "day_requests": usage.day_requests}}
+        for key, usage in zip(keys, usages, strict=True)]}
 
 
 @router.post("/admin/keys", status_code=201)

@@ -7,10 +7,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from api.auth.caller import CallerDep
-from api.schemas.deployments import DeployRequest, DeployResponse, status_object
+from api.schemas.deployments import DeployRequest, DeployResponse
 from api.schemas.ids import ResourceId
 from api.serving import deployments
 from api.serving.deployments import DeploymentError, DeploymentsDep
+from contracts.accounts import Role
 
 router = APIRouter(tags=["deployments"])
 
@@ -42,7 +43,7 @@ async def list_deployments(services: DeploymentsDep, caller: CallerDep) -> dict:
 
 @router.get("/api/v1/deployments/{deployment_id}/status")
 async def deployment_status(deployment_id: ResourceId, services: DeploymentsDep, caller: CallerDep) -> dict:
-    return status_object(await deployments.visible_deployment(deployment_id, caller, services))
+    return deployments.status_for(await deployments.visible_deployment(deployment_id, caller, services), caller)
 
 
 @router.delete("/api/v1/deployments/{deployment_id}")
@@ -57,6 +58,8 @@ async def stream_logs(deployment_id: ResourceId, services: DeploymentsDep, calle
     """Server-sent events: `deployment_info`, `metadata` (every few seconds) and `log` (the last lines kept,
     then live). SSH credentials in the query (as in the Aphrodite guide's example) are not needed and are ignored."""
     deployment = await deployments.visible_deployment(deployment_id, caller, services)
-    return StreamingResponse(deployments.log_stream(deployment, services, timestamps=timestamps),
+    # Admins see the raw lines; anyone else a tenant view: a worker's output names every owner's requests.
+    view = caller.role is not Role.ADMIN
+    return StreamingResponse(deployments.log_stream(deployment, services, timestamps=timestamps, tenant_view=view),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

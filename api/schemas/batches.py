@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 _WINDOW = re.compile(r"^([1-9][0-9]*)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+# OpenAI and vLLM accept only "24h"; shorter windows are ours (tests, quick jobs). A week caps how long a batch may
+# hold its owner's share of the batch lane and its stored state: longer is a typo, or a job to split up.
+MAX_WINDOW_S = 7 * 86_400
 MAX_METADATA_PAIRS = 16
 
 
@@ -23,8 +26,10 @@ class BatchCreateRequest(BaseModel):
     @field_validator("completion_window")
     @classmethod
     def _window_is_a_duration(cls, value: str) -> str:
-        if not _WINDOW.match(value):
+        if not (match := _WINDOW.match(value)):
             raise ValueError("completion_window must be a duration such as 24h (also accepted: 90s, 30m, 2d)")
+        if _seconds(match) > MAX_WINDOW_S:
+            raise ValueError(f"completion_window is at most {MAX_WINDOW_S // 86_400}d")
         return value
 
     @field_validator("metadata")
@@ -42,4 +47,8 @@ class BatchCreateRequest(BaseModel):
     def window_s(self) -> int:
         match = _WINDOW.match(self.completion_window)
         assert match is not None  # validated
-        return int(match.group(1)) * _UNIT_S[match.group(2)]
+        return _seconds(match)
+
+
+def _seconds(window: re.Match[str]) -> int:
+    return int(window.group(1)) * _UNIT_S[window.group(2)]

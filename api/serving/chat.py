@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from starlette.requests import Request
 
+from api.auth.caller import get_caller
 from api.engine_client import Generation, merge
 from api.errors import ApiError
 from api.schemas.openai import ChatCompletionRequest, ChatMessage
@@ -15,7 +16,6 @@ from api.serving.generation import (
     build_requests,
     chat_logprobs,
     collect,
-    new_id,
     prompt_logprobs_body,
     until_disconnected,
     usage_body,
@@ -47,7 +47,7 @@ def render_chat(messages: Sequence[ChatMessage], tokenizer, *, add_generation_pr
 
 
 async def create_chat_completion(body: ChatCompletionRequest, services: Services, http: Request):
-    reattach = reattach_from(http.headers, "chatcmpl")
+    reattach = reattach_from(http.headers, "chatcmpl", get_caller(http).owner)
     model, response_id, generation = await _submit(body, services, reattach)
     if body.stream:
         return sse_response(_stream(body, model, response_id, generation),
@@ -73,7 +73,7 @@ async def _submit(body: ChatCompletionRequest, services: Services,
     prompt = render_chat(body.messages, tokenizer, add_generation_prompt=body.add_generation_prompt,
                          continue_final_message=body.continue_final_message)
     sampling = body.sampling(max_tokens=body.token_limit, logprobs=body.logprobs_count)
-    response_id = reattach.response_id(new_id("chatcmpl"))
+    response_id = reattach.response_id("chatcmpl")
     [request] = build_requests(services, model, [prompt], sampling, response_id)
     [generation] = await start(services.engine, [request], reattach)
     return model.id, response_id, generation

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from api.auth.caller import get_caller
 from api.engine_client import Generation, merge
 from api.errors import ApiError
 from api.schemas.openai import CompletionRequest
@@ -18,7 +19,6 @@ from api.serving.generation import (
     choice_index,
     collect,
     completion_logprobs,
-    new_id,
     prompt_logprobs_body,
     until_disconnected,
     usage_body,
@@ -46,7 +46,7 @@ class _Submitted:
 
 
 async def create_completion(body: CompletionRequest, services: Services, http: Request):
-    reattach = reattach_from(http.headers, "cmpl")
+    reattach = reattach_from(http.headers, "cmpl", get_caller(http).owner)
     job = await _submit(body, services, reattach)
     if body.stream:
         return sse_response(_stream(body, job.model, job.response_id, job.generations, job.echoes),
@@ -76,7 +76,7 @@ async def _submit(body: CompletionRequest, services: Services, reattach: Reattac
         sampling = sampling.model_copy(update={"prompt_logprobs": max(sampling.prompt_logprobs or 0, body.logprobs)})
     if body.stream and sampling.num_candidates > sampling.n:
         raise ApiError(ErrorCode.INVALID_REQUEST, "best_of > n cannot be streamed", param="best_of")
-    response_id = reattach.response_id(new_id("cmpl"))
+    response_id = reattach.response_id("cmpl")
     requests = build_requests(services, model, prompts, sampling, response_id)
     generations = await start(services.engine, requests, reattach)
     echoes = [tokenizer.decode(ids) if body.echo else "" for ids in prompts]

@@ -5,7 +5,8 @@ live, with the worker's process statistics asked from its agent.
 
 Deployments belong to the caller that created them (`caller.owner`): others get the same 404 as for an unknown id.
 Monitors may read every deployment's status and logs (that is their role); only admins see every owner's
-otherwise."""
+otherwise. What non-admins may deploy is api/serving/deploy_policy.py; what they see of the logs (and of a
+failure's reason) is the tenant view of api/serving/log_view.py: a worker serves every owner's requests."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from api.schemas.deployments import (
     model_id_problem,
     status_object,
 )
+from api.serving.deploy_policy import DeployPolicy
+from api.serving.log_view import scrub, tenant_line
 from api.streaming import sse_data
 from broker.deployments import DeploymentBus, DeploymentStore
 from broker.errors import BrokerUnavailable
@@ -45,6 +48,7 @@ from contracts.deployments import (
     InvalidDeploymentTransition,
     LogLine,
 )
+from ops.models import PACKAGED_MODELS
 from ops.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -72,11 +76,12 @@ class DeploymentError(Exception):
 class Deployments:
     store: DeploymentStore
     bus: DeploymentBus
+    policy: DeployPolicy = DeployPolicy(tuple(PACKAGED_MODELS), None)
 
     @classmethod
     async def open(cls, nc: NatsClient, settings: Settings) -> Deployments:
         store = await DeploymentStore.open(nc.jetstream(), settings.deploy_log_history, settings.nats_replicas)
-        return cls(store, DeploymentBus(nc))
+        return cls(store, DeploymentBus(nc), DeployPolicy.from_settings(settings))
 
 
 def get_deployments(connection: HTTPConnection) -> Deployments:
@@ -92,6 +97,10 @@ DeploymentsDep = Annotated[Deployments, Depends(get_deployments)]
 async def deploy(body: DeployRequest, caller: Caller, deployments: Deployments, base_url: str) -> DeployResponse:
     if problem := model_id_problem(body.model_id):
         raise DeploymentError(400, problem)
+    if refusal := deployments.policy.refusal(body, caller):
+        raise DeploymentError(403, refusal)
+    if deployments.policy.over_quota(caller, await deployments.store.list()):
+        raise DeploymentError(403, _QUOTA_REACHED.format(deployments.policy.max_per_owner))
     ssh = body.ssh_config.to_contract() if body.ssh_config else None  # exactly one secret, or a 400
     now = time.time()
     record = Deployment(id=str(uuid.uuid4()), owner=caller.owner, model_id=body.model_id, user_id=body.user_id,
@@ -99,6 +108,8 @@ async def deploy(body: DeployRequest, caller: Caller, deployments: Deployments, 
                         ssh_host=ssh.host if ssh else None, ssh_username=ssh.username if ssh else None,
                         ssh_port=ssh.port if ssh else None)
     await deployments.store.create(record)
+    if deployments.policy.over_quota(caller, await deployments.store.list(), record.id):  # lost a race
+        await _refused(deployments, record.id, 403, _QUOTA_REACHED.format(deployments.policy.max_per_owner))
     command = DeployCommand(deployment_id=record.id, model_id=record.model_id, ssh=ssh)
     try:
         reply = await deployments.bus.start(command, _AGENT_ANSWER_S)
@@ -112,6 +123,9 @@ async def deploy(body: DeployRequest, caller: Caller, deployments: Deployments, 
              ssh_host=record.ssh_host)
     return DeployResponse(status=DeploymentStatus.QUEUED, deployment_id=record.id, model_id=record.model_id,
                           monitor_url=f"{base_url}/api/v1/deployments/{record.id}/status")
+
+
+_QUOTA_REACHED = "the deployment quota is reached ({} running); stop one first"
 
 
 async def _refused(deployments: Deployments, deployment_id: str, status: int, reason: str) -> NoReturn:
@@ -128,12 +142,21 @@ async def visible_deployment(deployment_id: str, caller: Caller, deployments: De
     return stored.record
 
 
+def status_for(deployment: Deployment, caller: Caller) -> dict:
+    """The status object as `caller` sees it: a failure's reason (the worker's last words) scrubbed for
+    non-admins, like the log lines."""
+    status = status_object(deployment)
+    if caller.role is not Role.ADMIN and status["error"]:
+        status["error"] = scrub(status["error"])
+    return status
+
+
 async def list_deployments(caller: Caller, deployments: Deployments) -> dict:
     found = await deployments.store.list()
     if caller.role is not Role.MONITOR:
         found = visible_to(caller, found, lambda deployment: deployment.owner)
     found.sort(key=lambda deployment: deployment.created_at, reverse=True)
-    return {"object": "list", "data": [status_object(deployment) for deployment in found]}
+    return {"object": "list", "data": [status_for(deployment, caller) for deployment in found]}
 
 
 async def stop_deployment(deployment_id: str, caller: Caller, deployments: Deployments) -> dict:
@@ -146,7 +169,7 @@ async def stop_deployment(deployment_id: str, caller: Caller, deployments: Deplo
             reply = None
         if reply is None:  # no agent holds it (never taken, or its agent is gone): the record is all there is
             await end_here(deployments, deployment_id, DeploymentStatus.STOPPED, None)
-    return status_object(await visible_deployment(deployment_id, caller, deployments))
+    return status_for(await visible_deployment(deployment_id, caller, deployments), caller)
 
 
 async def end_here(deployments: Deployments, deployment_id: str, status: DeploymentStatus,
@@ -173,10 +196,11 @@ def sse_event(event: str, payload: dict) -> str:
     return f"event: {event}\n{sse_data(payload)}"
 
 
-async def log_stream(deployment: Deployment, deployments: Deployments, *, timestamps: bool,
+async def log_stream(deployment: Deployment, deployments: Deployments, *, timestamps: bool, tenant_view: bool,
                      metadata_every_s: float = METADATA_EVERY_S) -> AsyncIterator[str]:
     """`deployment_info`, then `metadata` (now and every few seconds) and `log` events: the kept history first,
-    then live lines. Ends after the deployment's last line (it failed or was stopped)."""
+    then live lines. Ends after the deployment's last line (it failed or was stopped). `tenant_view`: lines as a
+    non-admin may see them (api/serving/log_view.py)."""
     bus = deployments.bus
     yield sse_event("deployment_info", deployment_info_event(deployment))
     yield sse_event("metadata", await _metadata(deployment, deployments))
@@ -196,9 +220,11 @@ async def log_stream(deployment: Deployment, deployments: Deployments, *, timest
                 next_metadata = time.monotonic() + metadata_every_s
                 yield sse_event("metadata", await _metadata(deployment, deployments))
                 continue
-            payload = {"timestamp": log_time(line.timestamp), "content": line.content} if timestamps else {
-                "content": line.content}
-            yield sse_event("log", payload)
+            content = tenant_line(line.content) if tenant_view else line.content
+            if content is not None:
+                payload = {"timestamp": log_time(line.timestamp), "content": content} if timestamps else {
+                    "content": content}
+                yield sse_event("log", payload)
             if line.final:
                 return
     finally:

@@ -56,10 +56,20 @@ def build_requests(services: Services, model: ServedModel, prompts: Sequence[lis
         check_context(len(token_ids), sampling.max_tokens, model.max_model_len)
         request_id = base_id if len(prompts) == 1 else f"{base_id}-{position}"
         requests.append(GenerateRequest(
-            request_id=request_id, model=model.id, prompt_token_ids=token_ids, sampling=sampling,
+            request_id=request_id, model=model.id, prompt_token_ids=token_ids,
+            sampling=with_max_tokens(sampling, len(token_ids), model.max_model_len),
             reply_subject=services.engine.reply_subject(request_id), deadline=deadline,
             priority=priority))
     return requests
+
+
+def with_max_tokens(sampling: SamplingParams, prompt_len: int, max_model_len: int) -> SamplingParams:
+    """`max_tokens` as the worker will apply it: unset means the rest of the context (as vLLM resolves it, and
+    what the engine does anyway). Resolved here so the token budget reserves what the request may really
+    generate (api/auth/metering.py), not just its prompt."""
+    if sampling.max_tokens is not None:
+        return sampling
+    return sampling.model_copy(update={"max_tokens": max_model_len - prompt_len})
 
 
 def finite(logprob: float | None) -> float | None:

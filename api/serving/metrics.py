@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -17,9 +18,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from api.catalog import ModelCatalog
 from api.errors import ApiError
+from api.serving.supervision_metrics import SupervisorCollector, read_supervisor_status
 from broker.metrics import QueueBacklog, queue_backlogs, scrape_workers
 from contracts import ErrorCode, FinishReason
 from contracts.metrics import HistogramSnapshot, WorkerMetrics
+from contracts.supervision import SupervisorStatus
 
 PREFIX = "inferq:"
 WORKER_LABELS = ["model_name", "worker_id"]
@@ -40,20 +43,28 @@ class FleetMetrics:
     js: JetStreamContext
     catalog: ModelCatalog
     scrape_timeout_s: float
+    supervisor_status_file: Path | None = None  # set when `inferq serve` runs us
 
     async def exposition(self) -> bytes:
-        expected = len(await self.catalog.workers())  # answers beyond this many are not waited for
+        workers, backlogs = await self.scrape(len(await self.catalog.workers()))
+        return render(workers, backlogs, read_supervisor_status(self.supervisor_status_file))
+
+    async def scrape(self, expected: int) -> tuple[list[WorkerMetrics], list[QueueBacklog]]:
+        """Every live worker's snapshot and every queue's backlog; `expected`: the registry's count of live workers
+        (answers beyond this many are not waited for). Also read by the console's status (api/serving/cluster.py)."""
         try:
-            workers, backlogs = await asyncio.gather(
-                scrape_workers(self.nc, expected, self.scrape_timeout_s), queue_backlogs(self.js))
+            return await asyncio.gather(scrape_workers(self.nc, expected, self.scrape_timeout_s),
+                                        queue_backlogs(self.js))
         except (nats.errors.Error, TimeoutError) as exc:  # JetStream errors are nats.errors.Error too
             raise ApiError(ErrorCode.UNAVAILABLE, f"NATS did not answer the scrape: {exc}", retry_after=1.0) from exc
-        return render(workers, backlogs)
 
 
-def render(workers: list[WorkerMetrics], backlogs: list[QueueBacklog]) -> bytes:
+def render(workers: list[WorkerMetrics], backlogs: list[QueueBacklog],
+           supervisor: SupervisorStatus | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_FleetCollector(workers, backlogs))
+    if supervisor is not None:
+        registry.register(SupervisorCollector(supervisor))
     return generate_latest(registry)
 
 

@@ -74,6 +74,30 @@ async def test_restart_on_the_same_store_keeps_streams(tmp_path: Path) -> None:
     assert info.state.messages == 3
 
 
+async def test_a_killed_server_restarts_on_its_port_and_store_and_clients_reconnect(tmp_path: Path) -> None:
+    with EmbeddedNatsServer(tmp_path / "store") as server:
+        url, first_pid = server.url, server.pid
+        nc = await nats.connect(server.url, reconnect_time_wait=0.2, max_reconnect_attempts=-1)
+        js = nc.jetstream()
+        await js.add_stream(name="KEEP", subjects=["keep.>"])
+        await js.publish("keep.x", b"before")
+        os.kill(first_pid, signal.SIGKILL)  # no clean shutdown: JetStream recovers from its files
+        while server.poll() is None:
+            time.sleep(0.01)
+        server.restart()
+        assert server.url == url and server.pid != first_pid
+        deadline = time.monotonic() + 30
+        while True:  # the same client, reconnecting by itself (a request sent while it is still down times out)
+            try:
+                await js.publish("keep.x", b"after", timeout=2)
+                break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                assert time.monotonic() < deadline, "the client did not reconnect"
+        info = await js.stream_info("KEEP")
+        await nc.close()
+    assert info.state.messages == 2
+
+
 def test_config_limits_and_loopback_only(tmp_path: Path) -> None:
     with EmbeddedNatsServer(tmp_path / "store", max_memory_store="64MB", max_file_store="1GB") as server:
         assert server.monitoring_url.startswith("http://127.0.0.1:")

@@ -69,9 +69,10 @@ class NatsCluster:
     on top of ours (the passwords auth.conf reads)."""
 
     def __init__(self, root: Path, size: int = 3, name: str = "inferq-test", extra_config: str = "",
-                 files: Sequence[Path] = (), env: Mapping[str, str] | None = None):
+                 files: Sequence[Path] = (), env: Mapping[str, str] | None = None, route_config: str = ""):
         self.name = name
         self.extra_config = extra_config
+        self.route_config = route_config  # inside the cluster block (e.g. a tls block for the routes)
         self.files = list(files)
         self.env = {**os.environ, **(env or {})}
         self.nodes = [ClusterNode(f"n{i + 1}", free_port(), free_port(), free_port(), root / f"n{i + 1}")
@@ -160,7 +161,8 @@ class NatsCluster:
             f"  name: {self.name}\n"
             f"  listen: 127.0.0.1:{node.route_port}\n"
             f"  routes: [{routes}]\n"
-            "}\n"
+            + self.route_config
+            + "}\n"
         ) if len(self.nodes) > 1 else ""
         return (
             f"server_name: {node.name}\n"

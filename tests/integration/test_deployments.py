@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -26,6 +27,8 @@ from tests.integration.harness import ApiServer
 pytestmark = pytest.mark.asyncio
 
 CLIENT_A, CLIENT_B, MONITOR = "client-a-secret-key", "client-b-secret-key", "monitor-secret-key"
+ADMIN = "admin-secret-key"
+CATALOGUE = ["sim-owned", "sim-spare"]  # what clients of the auth-on API may deploy
 
 
 # --- fixtures and helpers (also used by test_deployments_ssh.py) -------------------------------------------------
@@ -240,8 +243,10 @@ async def test_log_stream_keeps_the_configured_history(deploy_settings: Settings
 
 @pytest.fixture(scope="module")
 def deploy_api_auth(deploy_settings: Settings) -> Iterator[ApiServer]:
-    keys = [f"client:{CLIENT_A}", f"client:{CLIENT_B}", f"monitor:{MONITOR}"]
-    server = ApiServer(deploy_settings.model_copy(update={"auth": "on", "api_keys": keys})).start()
+    keys = [f"client:{CLIENT_A}", f"client:{CLIENT_B}", f"monitor:{MONITOR}", f"admin:{ADMIN}"]
+    server = ApiServer(deploy_settings.model_copy(update={"auth": "on", "api_keys": keys,
+                                                          "deploy_client_models": CATALOGUE,
+                                                          "deploy_max_per_owner": 1})).start()
     yield server
     server.stop()
 
@@ -250,28 +255,96 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-async def test_deployments_belong_to_their_creator(deploy_api_auth: ApiServer, deploy_settings: Settings) -> None:
+async def test_deployments_belong_to_their_creator_and_others_see_a_tenant_view_of_logs(
+        deploy_api_auth: ApiServer, deploy_settings: Settings) -> None:
     async with running_agent(deploy_settings), httpx.AsyncClient(base_url=deploy_api_auth.base_url,
-                                                                 timeout=30) as client:
-        created = await client.post("/api/v1/deploy", json={"model_id": "/nonexistent/owned.gguf"},
-                                    headers=bearer(CLIENT_A))
+                                                                 timeout=60) as client:
+        created = await client.post("/api/v1/deploy", json={"model_id": "sim-owned"}, headers=bearer(CLIENT_A))
         assert created.status_code == 200, created.text
         deployment_id = created.json()["deployment_id"]
-        await wait_status(client, deployment_id, {"failed"}, headers=bearer(CLIENT_A))
-        status_path = f"/api/v1/deployments/{deployment_id}/status"
-        other = await client.get(status_path, headers=bearer(CLIENT_B))
-        assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"
-        assert (await client.delete(f"/api/v1/deployments/{deployment_id}", headers=bearer(CLIENT_B))).status_code \
-            == 404
-        assert (await client.get(f"/api/v1/deployments/{deployment_id}/logs/stream",
-                                 headers=bearer(CLIENT_B))).status_code == 404
-        listed_b = (await client.get("/api/v1/deployments", headers=bearer(CLIENT_B))).json()["data"]
-        assert deployment_id not in [item["deployment_id"] for item in listed_b]
-        listed_a = (await client.get("/api/v1/deployments", headers=bearer(CLIENT_A))).json()["data"]
-        assert deployment_id in [item["deployment_id"] for item in listed_a]
-        # Monitors read every deployment, but cannot deploy or stop.
-        assert (await client.get(status_path, headers=bearer(MONITOR))).json()["status"] == "failed"
-        assert (await client.post("/api/v1/deploy", json={"model_id": "x"}, headers=bearer(MONITOR))).status_code \
-            == 403
-        assert (await client.delete(f"/api/v1/deployments/{deployment_id}", headers=bearer(MONITOR))).status_code \
-            == 403
+        try:
+            await wait_status(client, deployment_id, {"active"}, headers=bearer(CLIENT_A))
+            status_path = f"/api/v1/deployments/{deployment_id}/status"
+            other = await client.get(status_path, headers=bearer(CLIENT_B))
+            assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"
+            assert (await client.delete(f"/api/v1/deployments/{deployment_id}",
+                                        headers=bearer(CLIENT_B))).status_code == 404
+            assert (await client.get(f"/api/v1/deployments/{deployment_id}/logs/stream",
+                                     headers=bearer(CLIENT_B))).status_code == 404
+            listed_b = (await client.get("/api/v1/deployments", headers=bearer(CLIENT_B))).json()["data"]
+            assert deployment_id not in [item["deployment_id"] for item in listed_b]
+            listed_a = (await client.get("/api/v1/deployments", headers=bearer(CLIENT_A))).json()["data"]
+            assert deployment_id in [item["deployment_id"] for item in listed_a]
+            # Monitors read every deployment, but cannot deploy or stop.
+            assert (await client.get(status_path, headers=bearer(MONITOR))).json()["status"] == "active"
+            assert (await client.post("/api/v1/deploy", json={"model_id": "sim-spare"},
+                                      headers=bearer(MONITOR))).status_code == 403
+            assert (await client.delete(f"/api/v1/deployments/{deployment_id}",
+                                        headers=bearer(MONITOR))).status_code == 403
+
+            # Client B's traffic, served by client A's worker (the only one of the model).
+            served = await client.post("/v1/completions", headers=bearer(CLIENT_B),
+                                       json={"model": "sim-owned", "prompt": "w1 w2", "max_tokens": 2})
+            assert served.status_code == 200, served.text
+            b_request = served.json()["id"]
+
+            raw = await _history(client, deployment_id, ADMIN)
+            assert any(b_request in line for line in raw)  # the worker did log client B's request
+            assert any(deploy_settings.nats_url in line for line in raw)
+            for key in (CLIENT_A, MONITOR):
+                shown = await _history(client, deployment_id, key)
+                assert shown and shown[0].startswith("[agent] starting: inferq worker --model sim-owned")
+                assert any('"event": "worker.ready"' in line for line in shown)  # the worker's own news stays
+                leaked = [line for line in shown if b_request in line or "request_id" in line
+                          or "prompt_tokens" in line or "nats://" in line or "127.0.0.1" in line
+                          or sys.prefix in line]
+                assert not leaked, leaked
+
+            # One deployment at a time for a client (INFERQ_DEPLOY_MAX_PER_OWNER=1 here); admins have no quota.
+            second = await client.post("/api/v1/deploy", json={"model_id": "sim-spare"}, headers=bearer(CLIENT_A))
+            assert second.status_code == 403 and "quota" in second.json()["error"]["message"]
+        finally:
+            await client.delete(f"/api/v1/deployments/{deployment_id}", headers=bearer(CLIENT_A))
+
+
+async def _history(client: httpx.AsyncClient, deployment_id: str, key: str) -> list[str]:
+    """The log lines a caller is shown of a deployment's kept history (read until the stream goes quiet)."""
+    lines: list[str] = []
+    try:
+        await read_events(client, deployment_id, lambda seen: lines.__setitem__(slice(None), log_contents(seen))
+                          or False, timeout_s=4, headers=bearer(key))
+    except TimeoutError:
+        pass
+    return lines
+
+
+@pytest.mark.parametrize("model_id", ["/etc/passwd", "/nonexistent/model.gguf", "/root", "~/models",
+                                      "HuggingFaceTB/SmolLM2-135M-Instruct", "sim-not-in-catalogue"])
+async def test_clients_deploy_only_catalogue_models_and_learn_nothing_of_the_filesystem(
+        deploy_api_auth: ApiServer, model_id: str) -> None:
+    async with httpx.AsyncClient(base_url=deploy_api_auth.base_url, timeout=30) as client:
+        before = (await client.get("/api/v1/deployments", headers=bearer(ADMIN))).json()["data"]
+        refused = await client.post("/api/v1/deploy", json={"model_id": model_id}, headers=bearer(CLIENT_B))
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"] == {
+            "message": "Deployment failed: clients may deploy only the catalogue's models: sim-owned, sim-spare",
+            "type": "deployment_error", "code": 403}  # the same words whatever the path: nothing was looked up
+        over_ssh = await client.post("/api/v1/deploy", headers=bearer(CLIENT_B), json={
+            "model_id": "sim-owned", "ssh_config": {"host": "10.0.0.1", "username": "u", "password": "p"}})
+        assert over_ssh.status_code == 403 and "only admins" in over_ssh.json()["error"]["message"]
+        after = (await client.get("/api/v1/deployments", headers=bearer(ADMIN))).json()["data"]
+        assert len(after) == len(before)  # nothing was created
+
+
+async def test_admins_deploy_paths_and_see_the_reason_in_full(deploy_api_auth: ApiServer,
+                                                               deploy_settings: Settings) -> None:
+    async with running_agent(deploy_settings), httpx.AsyncClient(base_url=deploy_api_auth.base_url,
+                                                                 timeout=30) as client:
+        created = await client.post("/api/v1/deploy", json={"model_id": "/nonexistent/admin.gguf"},
+                                    headers=bearer(ADMIN))
+        assert created.status_code == 200, created.text
+        deployment_id = created.json()["deployment_id"]
+        status = await wait_status(client, deployment_id, {"failed"}, headers=bearer(ADMIN))
+        assert "'/nonexistent/admin.gguf' does not exist" in status["error"]
+        seen_by_monitor = await client.get(f"/api/v1/deployments/{deployment_id}/status", headers=bearer(MONITOR))
+        assert "/nonexistent" not in seen_by_monitor.json()["error"]  # a filesystem fact, for admins only

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from api.serving.reattach import keyed_request_id
+from api.auth.caller import ANONYMOUS
+from api.auth.request_ids import keyed_request_id
 from broker.connection import connect
 from broker.journal import JournalFollower
 from broker.work_queue import publish_request
@@ -102,7 +103,7 @@ async def test_killed_worker_non_streaming_request_completes_on_a_restarted_work
                                                                                    spare_settings, tmp_path) -> None:
     expected = await undisturbed_text(api.base_url)
     key = f"liveness-{time.monotonic_ns()}"  # a client-chosen id, so the test knows which journal to watch
-    request_id = keyed_request_id("cmpl", key, owner=None)
+    request_id = keyed_request_id("cmpl", key, ANONYMOUS.owner)  # auth is off
     replacement: WorkerProcess | None = None
     async with httpx.AsyncClient(base_url=api.base_url, timeout=120) as http, \
             connect(nats_server.url, "liveness-journal") as nc:

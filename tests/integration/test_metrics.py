@@ -5,7 +5,6 @@ backlog is visible while no worker consumes, and the worker's log lines about a 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from broker.work_queue import publish_request
 from contracts import GenerateRequest, SamplingParams
 from ops.settings import Settings
 from tests.integration.harness import ApiServer, WorkerProcess, settings_env, wait_healthy
+from tests.json_logs import json_log_lines
 
 pytestmark = pytest.mark.asyncio
 
@@ -189,15 +189,7 @@ async def test_worker_log_lines_carry_the_request_context(metrics_api: ApiServer
 
 
 def _log_lines(worker: CliWorker, request_id: str) -> list[dict]:
-    lines = []
-    for text in worker.log_path.read_text(errors="replace").splitlines():
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(line, dict) and line.get("request_id") == request_id:
-            lines.append(line)
-    return lines
+    return [line for line in json_log_lines(worker.log_path) if line.get("request_id") == request_id]
 
 
 async def test_metrics_are_for_monitors_and_admins_when_auth_is_on(sim_settings: Settings,
@@ -221,3 +213,35 @@ async def test_metrics_are_for_monitors_and_admins_when_auth_is_on(sim_settings:
                 assert f'inferq:num_requests_running{{model_name="{MODEL}"' in response.text
     finally:
         guarded.stop()
+
+
+# `GET /metrics/cluster` (the web console's Cluster page): the same numbers as `/metrics` for the same workers
+# and queues, joined with the registry (slots, heartbeat), and this edge's NATS connection.
+async def test_cluster_status_reports_the_numbers_behind_metrics(metrics_api: ApiServer,
+                                                                 sim_settings: Settings) -> None:
+    [worker_id] = await live_worker_ids(sim_settings.nats_url, MODEL)
+    async with httpx.AsyncClient(base_url=metrics_api.base_url, timeout=60) as client:
+        for max_tokens in (2, 3, 4):
+            response = await client.post("/v1/completions", json={"model": MODEL, "prompt": "w5", "max_tokens":
+                                                                   max_tokens})
+            assert response.status_code == 200, response.text
+        status = (await client.get("/metrics/cluster")).json()
+    samples = await scrape(metrics_api.base_url)  # idle now: both see the same totals
+
+    assert status["object"] == "cluster.status" and status["error"] is None
+    assert status["nats"]["state"] == "connected" and status["nats"]["server"].startswith("127.0.0.1:")
+    [worker] = [w for w in status["workers"] if w["worker_id"] == worker_id]
+    assert worker["model"] == MODEL and worker["capacity"] == 8 and worker["running"] == 0 and worker["free"] == 8
+    assert time.time() - worker["last_heartbeat"] < 30
+    metrics = worker["metrics"]
+    assert metrics["generation_tokens_total"] == worker_value(samples, "inferq:generation_tokens_total", worker_id)
+    assert metrics["generation_tokens_total"] >= 9
+    assert metrics["prompt_tokens_total"] == worker_value(samples, "inferq:prompt_tokens_total", worker_id)
+    assert metrics["ttft_count"] == worker_value(samples, "inferq:time_to_first_token_seconds_count", worker_id)
+    assert metrics["ttft_sum"] == pytest.approx(
+        worker_value(samples, "inferq:time_to_first_token_seconds_sum", worker_id))
+    finished = sum(worker_value(samples, "inferq:request_success_total", worker_id, finished_reason=reason)
+                   for reason in ("stop", "length", "abort"))
+    assert metrics["requests_total"] == finished >= 3
+    queues = {(q["model"], q["lane"]): q["waiting"] for q in status["queues"]}
+    assert queues[(MODEL, "interactive")] == 0 and queues[(MODEL, "batch")] == 0

@@ -37,7 +37,8 @@ def stand_in_children(record: Path, *, worker: Sequence[str] = (), api: Sequence
 
         return [
             ChildSpec("worker", spec("worker", worker), env),
-            ChildSpec("api", spec("api", api), env, ready_check=partial(has_started, record, "api")),
+            ChildSpec("api", spec("api", api), env, ready_check=partial(has_started, record, "api"),
+                      essential=True),
         ]
 
     return build

@@ -39,7 +39,8 @@ def request(prompt_len: int, max_tokens: int | None, n: int = 1) -> GenerateRequ
 
 def test_a_reservation_is_the_prompt_plus_max_tokens_per_candidate() -> None:
     assert reservation_size(request(10, 20, n=2)) == 50
-    assert reservation_size(request(10, None)) == 10
+    with pytest.raises(ValueError):  # an unresolved limit would reserve only the prompt (issue 23)
+        reservation_size(request(10, None))
 
 
 async def test_strict_meters_refuse_then_settle_once() -> None:

@@ -18,6 +18,13 @@ MATRIX = [
     ("GET", "/admin/keys", {A}),
     ("POST", "/admin/users", {A}),
     ("GET", "/metrics", {A, M}),
+    ("GET", "/metrics/cluster", {A, M}),  # the console's JSON of the same numbers
+    ("GET", "/metrics/other", {A}),
+    ("GET", "/", set()),  # a browser is sent to the console
+    ("GET", "/ui/", set()),  # the console's static files; the page asks for a key
+    ("GET", "/ui/js/main.js", set()),
+    ("POST", "/ui/", {A}),  # only reads are public
+    ("GET", "/users/me", {A, W, C, M}),
     ("GET", "/v1/gpu/info", {A, M, W}),
     ("GET", "/api/v1/deployments/d1/logs", {A, M, C}),
     ("POST", "/api/v1/deploy", {A, C}),

@@ -7,6 +7,9 @@ import json
 import tracemalloc
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from api.batch.lines import BatchLine, InvalidLine, LineParser, read_lines
 from api.schemas.batches import BatchCreateRequest
 
@@ -52,6 +55,10 @@ def test_blank_lines_are_skipped_and_numbers_kept(tmp_path: Path) -> None:
 def test_completion_windows_are_durations() -> None:
     assert BatchCreateRequest(input_file_id="f", endpoint="/v1/completions", completion_window="24h").window_s == 86_400
     assert BatchCreateRequest(input_file_id="f", endpoint="e", completion_window="90s").window_s == 90
+    assert BatchCreateRequest(input_file_id="f", endpoint="e", completion_window="7d").window_s == 7 * 86_400
+    for unbounded in ("8d", "169h", "99999999999d"):
+        with pytest.raises(ValidationError, match="at most 7d"):
+            BatchCreateRequest(input_file_id="f", endpoint="e", completion_window=unbounded)
 
 
 def test_judging_a_100k_line_file_holds_one_line_at_a_time(tmp_path) -> None:

@@ -5,6 +5,7 @@ admin routes and CLI use."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -86,6 +87,17 @@ async def role_keys(make_key) -> dict[Role, str]:
 def frozen(server: ApiServer, now: float) -> None:
     """Pin a replica's clock, so a test's requests all fall in one rate-limit minute whenever it runs."""
     server.server.config.app.state.auth_gate.clock = lambda: now
+
+
+@pytest.fixture
+def now(replicas: list[ApiServer]) -> Iterator[float]:
+    """Both replicas' clocks pinned to now for the test."""
+    pinned = time.time()
+    for server in replicas:
+        frozen(server, pinned)
+    yield pinned
+    for server in replicas:
+        server.server.config.app.state.auth_gate.clock = time.time
 
 
 def headers(key: str) -> dict[str, str]:

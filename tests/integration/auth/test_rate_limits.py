@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import openai
@@ -19,21 +18,11 @@ from api.auth.metering import reserve_for, using
 from broker.connection import connect
 from contracts import GenerateRequest, SamplingParams
 from contracts.accounts import RateLimits, Role
-from tests.integration.auth.conftest import frozen, headers
+from tests.integration.auth.conftest import headers
 from tests.integration.test_batches import completion_line, read_lines, start_batch, wait_final
 from tests.model_fixtures import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-def now(replicas) -> float:
-    pinned = time.time()
-    for server in replicas:
-        frozen(server, pinned)
-    yield pinned
-    for server in replicas:
-        server.server.config.app.state.auth_gate.clock = time.time
 
 
 async def test_headers_count_down_then_429_with_retry_after(replicas, make_key, now) -> None:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import structlog
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
 
 from api.auth.credentials import parse_bearer, user_id_for
 from contracts.accounts import Role
@@ -43,6 +44,7 @@ async def test_no_secret_is_ever_logged(replicas, role_keys, accounts, captured_
     admin_key = role_keys[Role.ADMIN]
     password, wrong_password = "the users secret password", "a wrong secret password"
     wrong_keys = ["iq_0123456789abcdef_wrong-secret-part", "sk-guessed-secret-value"]
+    query_secret, header_secret = "sk-opaque-key-in-a-query", "opaque-key-in-a-header"
     first, second = (httpx.AsyncClient(base_url=server.base_url, timeout=60) for server in replicas)
     async with first, second:
         created = await first.post("/admin/keys", json={"name": "logged?", "role": "client"},
@@ -63,6 +65,13 @@ async def test_no_secret_is_ever_logged(replicas, role_keys, accounts, captured_
             await ws.send('{"model": "tiny-llama", "prompt": "Hi", "max_tokens": 1}')
             while (await ws.recv()) != "[DONE]":
                 pass
+        # A key in the query string (browsers cannot set headers on a WebSocket, so people try): refused, and
+        # uvicorn logs the handshake's path with its query string.
+        query = f"?api_key={query_secret}&access_token={token}"
+        with pytest.raises(InvalidStatus):
+            async with ws_connect(url + query):
+                pass
+        assert (await first.get("/v1/models", headers={"X-Api-Key": header_secret})).status_code == 401
         assert (await first.delete("/users/me/token", headers=headers(token))).status_code == 200
         assert (await first.get("/v1/models", headers=headers(token))).status_code == 401
         await first.delete(f"/admin/keys/{created.json()['id']}", headers=headers(admin_key))
@@ -76,7 +85,9 @@ async def test_no_secret_is_ever_logged(replicas, role_keys, accounts, captured_
     lines = events.splitlines()
     assert "accounts.key_created" in events and "auth.unauthenticated" in events  # the capture saw the run
     assert events.count("[redacted]") >= 2  # the two deliberate lines below, and any library's
-    secrets = [admin_key, new_key, password, wrong_password, token, *wrong_keys, user.password_argon2]
+    assert '"WebSocket /v1/completions?api_key=[redacted]' in events  # the capture saw the handshake line
+    secrets = [admin_key, new_key, password, wrong_password, token, *wrong_keys, user.password_argon2, query_secret,
+               header_secret]
     secrets += [parse_bearer(secret).secret for secret in (admin_key, new_key, token)]  # the secret parts alone
     leaked = [secret for secret in secrets if secret in events]
     assert not leaked, [line[:300] for line in lines if any(secret in line for secret in leaked)]

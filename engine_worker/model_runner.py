@@ -25,15 +25,13 @@ import structlog
 import torch
 import torch.nn.functional as F
 
+from contracts import EmbeddingVector, EmbedRequest
 from engine_worker.kv_cache import Relayout, round_up
-from engine_worker.sampler import (
-    Sampler,
-    SamplerOutput,
-    SamplingRow,
-    TokenLogprobData,
-    compute_prompt_logprobs,
-)
+from engine_worker.pooling import vectors_for
+from engine_worker.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
+from engine_worker.sampling_rows import SamplingRow, TokenLogprobData
 from engine_worker.sequence import Sequence
+from engine_worker.validation import resolve_layer
 
 log = structlog.get_logger(__name__)
 
@@ -64,19 +62,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else torch.float32
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{device.type} ({name}, {torch.get_num_threads()} threads)"
 
 
 class _Linear:
@@ -166,6 +151,24 @@ class SlotKVCache:
             threads=torch.get_num_threads(),
             **details,
         )
+
+    @property
+    def device_name(self) -> str:
+        return str(self.device)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def pooled_vectors(self, request: EmbedRequest) -> list[EmbeddingVector]:
+        """Pooled hidden states of each input of `request`, computed outside the KV cache by the
+        subclass's `hidden_states`."""
+        layers = list(dict.fromkeys(resolve_layer(layer, self.num_layers) for layer in request.layers))
+        vectors = []
+        for index, tokens in enumerate(request.inputs):
+            states = self.hidden_states(tokens, set(layers))
+            vectors += vectors_for(request, index, {layer: states[layer] for layer in layers})
+        return vectors
 
     # --- KV cache -------------------------------------------------------------------------------------------
     @property

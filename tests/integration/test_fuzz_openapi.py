@@ -67,7 +67,7 @@ def assert_own_shape(response, case) -> None:
         return  # a valid deploy with no agent to run it: the honest answer here (this setup starts none)
     assert response.status_code < 500, f"{where}: {response.text[:500]}"
     if response.status_code >= 400:
-        # OpenAI's shape everywhere; the deployment routes answer their failures in seed (a)'s variant of it,
+        # OpenAI's shape everywhere; the deployment routes answer their failures in the Aphrodite guide's variant of it,
         # which has no `param` and the status as `code`.
         body = response.json()
         assert set(body) == {"error"}, f"{where}: {body}"

@@ -95,21 +95,10 @@ def error_body(status: int, message: str, *, code: str | None, param: str | None
 
 
 ANTHROPIC_PREFIX = "/v1/messages"
-# Anthropic's `type` vocabulary (its SDK maps statuses to exception classes; the type is what users read).
-_ANTHROPIC_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    499: "api_error",
-    500: "api_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-}
+# Anthropic's `type` vocabulary (its SDKs map statuses to exception classes; the type is what users read): the
+# same words as OpenAI's for client errors, its own for the rest.
+_ANTHROPIC_TYPE_BY_STATUS = _TYPE_BY_STATUS | {413: "request_too_large", 499: "api_error", 500: "api_error",
+                                               503: "overloaded_error"}
 
 
 def anthropic_error_body(status: int, message: str) -> dict:

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 
 from api.auth.caller import get_caller
+from api.catalog import ServedModel
 from api.engine_client import Generation, merge
 from api.errors import ApiError, anthropic_error_body, status_for
 from api.schemas.anthropic import MessagesInput, MessagesRequest
@@ -28,7 +29,7 @@ async def count_tokens(body: MessagesInput, services: Services) -> dict:
     return {"input_tokens": len(await _prompt(body, services, model))}
 
 
-async def _prompt(body: MessagesInput, services: Services, model) -> list[int]:
+async def _prompt(body: MessagesInput, services: Services, model: ServedModel) -> list[int]:
     tokenizer = await services.catalog.tokenizer(model)
     return render_chat(body.chat_messages(), tokenizer, continue_final_message=body.prefilled)
 

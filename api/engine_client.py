@@ -182,7 +182,13 @@ class Generation:
             update["resume_token_ids"] = list(self._delivered)
         self.request = previous.model_copy(update=update)
         self._log.warning("request.resubmitted", attempt=self.request.attempt, delivered=len(self._delivered))
-        await self._client.publish(self.request)
+        while not await self._client.publish(self.request) and self._resumable:
+            # Another edge queued this attempt already, and its events never reached us (published while a NATS
+            # node failed, they missed the journal): that attempt may be long finished, and a duplicate is never
+            # run. Waiting for it would hang the client until the duplicate window passed; take the next one.
+            self.request = self.request.model_copy(update={"attempt": self.request.attempt + 1})
+            self._log.warning("request.resubmitted", attempt=self.request.attempt, delivered=len(self._delivered),
+                              after_duplicate=True)
 
     async def close(self) -> None:
         """Stop listening; if the generation has not finished, cancel it on the worker."""

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from api.engine_client import Generation
+from api.engine_client import Generation, Timeouts
 from contracts import Accepted, ChoiceDelta, End, GenerateRequest, SamplingParams, Tokens, Usage
 from tests.api.test_generation_gaps import RecordingClient, tokens
 
@@ -84,3 +84,31 @@ async def test_the_submitting_edge_still_ignores_newer_attempts_it_did_not_make(
         journal.put_nowait(event)
     received = [event async for event in Generation(RecordingClient(), request(2), journal)]
     assert delivered(received) == [10, 11]
+
+
+async def test_a_follower_whose_resubmission_was_queued_already_takes_the_next_attempt() -> None:
+    """Found by the chaos run (seed 1): a NATS node died while attempt 1 finished, so the journal lost its tail;
+    another edge's resubmission (attempt 2) ran and finished with its events lost too. A follower that fell
+    silent resubmitted attempt 2, the queue dropped it as a duplicate, and the client waited for nothing until
+    the duplicate window passed. Now it moves on to attempt 3, resumed from what it delivered."""
+    client, journal = RecordingClient(already_queued=frozenset({2})), asyncio.Queue()
+    client.timeouts = Timeouts(queue_s=5.0, silence_s=0.2)
+    for event in (accepted(1), tokens(1, 1, 10), tokens(1, 2, 11)):
+        journal.put_nowait(event)
+    received: list = []
+
+    async def consume() -> None:
+        async for event in Generation(client, request(), journal, follower=Follower()):
+            received.append(event)
+
+    async def resubmitted_twice() -> None:
+        while len(client.published) < 2:
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(resubmitted_twice(), 5)  # before: attempt 2 only, then waiting for nothing
+    assert [(r.attempt, r.resume_token_ids) for r in client.published] == [(2, [10, 11]), (3, [10, 11])]
+    for event in (accepted(3, resumed=2), tokens(3, 1, 12), tokens(3, 2, 13, "length"), end(3, 3, 4)):
+        journal.put_nowait(event)
+    await asyncio.wait_for(task, 5)
+    assert delivered(received) == [10, 11, 12, 13]

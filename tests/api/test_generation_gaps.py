@@ -16,13 +16,15 @@ pytestmark = pytest.mark.asyncio
 class RecordingClient:
     """What a Generation needs of its EngineClient: publish (resubmissions), cancel, the router, timeouts."""
 
-    def __init__(self) -> None:
+    def __init__(self, already_queued: frozenset[int] = frozenset()) -> None:
         self.published: list[GenerateRequest] = []
         self.timeouts = Timeouts(queue_s=5.0, silence_s=5.0)
         self.router = self
+        self.already_queued = already_queued  # attempts whose publish the queue reports as a duplicate
 
-    async def publish(self, request: GenerateRequest) -> None:
+    async def publish(self, request: GenerateRequest) -> bool:
         self.published.append(request)
+        return request.attempt not in self.already_queued
 
     async def cancel(self, request_id: str, attempt: int | None = None) -> None:
         pass

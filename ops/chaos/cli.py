@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +32,9 @@ def main(argv: list[str]) -> int:
     root = args.dir or Path(tempfile.mkdtemp(prefix=f"inferq-chaos-{seed}-"))
     sys.stdout.write(f"chaos run: seed {seed}, {args.minutes:g} minutes of faults, logs in {root}\n")
     sys.stdout.flush()
+    # SIGTERM unwinds like Ctrl-C, so the run stops the cluster and processes it started (the nats-server
+    # nodes are not tied to this process's life: the chaos run restarts them from a worker thread).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     report = asyncio.run(run_chaos(ChaosConfig(minutes=args.minutes, seed=seed, root=root,
                                                steady_s=args.steady_s)))
     sys.stdout.write(report.render() + "\n")

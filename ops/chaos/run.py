@@ -19,6 +19,7 @@ from ops.chaos.ledger import Ledger, accepted_attempts
 from ops.chaos.schedule import fault_schedule
 from ops.chaos.system import MODEL, ChaosSystem, NotReady
 from ops.chaos.workload import (
+    BATCH_DEADLINE_S,
     DIRECT_PROMPT_LENGTHS,
     PROMPTS,
     REQUEST_DEADLINE_S,
@@ -150,7 +151,7 @@ async def _chaos_and_steady(config: ChaosConfig, system: ChaosSystem, workload: 
                                               f"{start / 2**20:.0f} → {rss / 2**20:.0f} MiB")
     finally:
         stop.set()
-        done, pending = await asyncio.wait(tasks, timeout=10 * REQUEST_DEADLINE_S)
+        done, pending = await asyncio.wait(tasks, timeout=BATCH_DEADLINE_S + REQUEST_DEADLINE_S)
         for task in pending:
             task.cancel()
         if pending:

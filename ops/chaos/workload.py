@@ -28,6 +28,7 @@ log = structlog.get_logger(__name__)
 # Statuses a client retries on the other replica: the edge or the queue is passing through a fault.
 RETRYABLE = {429, 500, 502, 503, 504}
 REQUEST_DEADLINE_S = 150.0  # queue timeout (60 s) + a resume or two; past this a request hangs
+BATCH_DEADLINE_S = 300.0  # 16 lines take 5-30 s undisturbed; a batch still running after this is stuck
 # Longer than the edge's own limits (60 s queue timeout): a request the system gives up on gets its clear error
 # before the client would give up on it.
 TIMEOUT = httpx.Timeout(90.0, connect=5.0)
@@ -289,7 +290,7 @@ class Workload:
         if batch is None:
             return
         while batch["status"] not in ("completed", "failed", "expired", "cancelled"):
-            if time.monotonic() - started > 10 * REQUEST_DEADLINE_S:
+            if time.monotonic() - started > BATCH_DEADLINE_S:
                 self.ledger.problem(label, f"batch {batch['id']} still {batch['status']}: {batch['request_counts']}")
                 return
             await asyncio.sleep(1)

@@ -147,7 +147,8 @@ class Workload:
                 await asyncio.sleep(0.3)
         if stream.request_id is not None:
             self.ledger.keyed(key, stream.request_id)
-        self._judge(label, "stream", stream.text, stream.finish, self.refs.chat[index], started, resumes)
+        self._judge(label, "stream", stream.text, stream.finish, self.refs.chat[index], started, resumes,
+                    stream.request_id)
 
     async def _read_sse(self, response: httpx.Response, stream: _Stream, label: str) -> None:
         event_id = None
@@ -218,7 +219,7 @@ class Workload:
         self.ledger.keyed(key, answer["id"])
         choice = answer["choices"][0]
         self._judge(label, "chat", choice["message"]["content"] or "", choice["finish_reason"],
-                    self.refs.chat[index], started, resumes)
+                    self.refs.chat[index], started, resumes, answer["id"])
 
     # --- direct NATS publishers (durable result subjects) -----------------------------------------------
 
@@ -232,7 +233,7 @@ class Workload:
             started = time.monotonic()
             text, finish = await self.direct_answer(label, request, started)
             if text is not None:
-                self._judge(label, "direct", text, finish, self.refs.direct[index], started, 0)
+                self._judge(label, "direct", text, finish, self.refs.direct[index], started, 0, request_id)
             number += 1
 
     async def direct_answer(self, label: str, request: GenerateRequest, started: float
@@ -320,7 +321,7 @@ class Workload:
             return
         choice = response["body"]["choices"][0]
         self._judge(custom_id, "batch-line", choice["message"]["content"] or "", choice["finish_reason"],
-                    self.refs.chat[indexes[custom_id]], started, 0)
+                    self.refs.chat[indexes[custom_id]], started, 0, response.get("request_id"))
 
     async def _retrying(self, http: httpx.AsyncClient, label: str, method: str, path: str, **kwargs) -> dict | None:
         """A batch/file call, retried on the other replica while the edge passes through a fault."""
@@ -352,9 +353,10 @@ class Workload:
     # --- the one comparison -----------------------------------------------------------------------------
 
     def _judge(self, label: str, kind: str, text: str, finish: str | None, expected: str, started: float,
-               resumes: int) -> None:
+               resumes: int, request_id: str | None = None) -> None:
         seconds = time.monotonic() - started
         if finish != "length" or text != expected:
-            self.ledger.problem(label, f"{kind} answer differs from the undisturbed run (finish {finish!r}, "
-                                       f"{resumes} resumes): got {text!r}, expected {expected!r}")
+            self.ledger.problem(label, f"{kind} answer of {request_id} differs from the undisturbed run (finish "
+                                       f"{finish!r}, {resumes} resumes, {seconds:.1f} s): got {text!r}, "
+                                       f"expected {expected!r}")
         self.ledger.record(Outcome(label, kind, True, seconds, resumes))

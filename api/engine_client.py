@@ -147,7 +147,11 @@ class Generation:
         if event.kind == "accepted" or event.seq <= expected_seq or (expected_seq, event.seq) == (0, 1):
             return False
         self._log.warning("request.event_gap", expected=expected_seq, got=event.seq, resumed=self._resumable)
-        return self._resumable
+        if not self._resumable:
+            # Going on would hand the client an answer with a hole in it, as if it were whole.
+            raise ApiError(ErrorCode.WORKER_LOST, "token events of this request were lost in transit and it cannot "
+                           "be resumed again", retry_after=1.0)
+        return True
 
     async def _next_event(self, timeout: float) -> Event:
         # Hot path: events usually wait already; asyncio.timeout() avoids wait_for's task per call.

@@ -55,6 +55,7 @@ class Generation:
         self._delivered: list[int] = list(getattr(request, "resume_token_ids", ()))
         self._position = len(self._delivered)  # where the current attempt's next token goes (followers)
         self._aborted = False  # a follower saw the request cancelled under its previous client
+        self._queued_elsewhere = False  # our resubmission was a duplicate of another edge's
         self._done = False
         self._reservation = reservation  # the caller's tokens held for this generation, settled in close()
         self._usage: Usage | None = None
@@ -71,9 +72,12 @@ class Generation:
                 try:
                     event = await self._next_event(timeout)
                 except TimeoutError:
-                    if not (accepted and self._resumable):
+                    if not ((accepted or self._queued_elsewhere) and self._resumable):
                         raise self._client.timeout_error(accepted) from None
-                    event = None  # the worker went silent: continue elsewhere
+                    # The worker went silent: continue elsewhere. Or the attempt another edge queued showed
+                    # nothing here for a whole queue timeout: it expired, or it ran while a NATS node failed
+                    # and its events missed the journal. Its duplicate would never run; take the next attempt.
+                    event = None
                 if event is not None and event.attempt != self.request.attempt:
                     if self._follower is None or event.attempt < self.request.attempt:
                         continue  # from a superseded attempt (a worker that was presumed dead)
@@ -93,7 +97,7 @@ class Generation:
                     raise ApiError.from_info(event.error)
                 expected_seq = event.seq + 1
                 if event.kind == "accepted":
-                    accepted = True
+                    accepted, self._queued_elsewhere = True, False
                     self._position = event.resumed_tokens
                     self._log = self._log.bind(worker_id=event.worker_id)
                 elif event.kind == "tokens":
@@ -186,13 +190,8 @@ class Generation:
             update["resume_token_ids"] = list(self._delivered)
         self.request = previous.model_copy(update=update)
         self._log.warning("request.resubmitted", attempt=self.request.attempt, delivered=len(self._delivered))
-        while not await self._client.publish(self.request) and self._resumable:
-            # Another edge queued this attempt already, and its events never reached us (published while a NATS
-            # node failed, they missed the journal): that attempt may be long finished, and a duplicate is never
-            # run. Waiting for it would hang the client until the duplicate window passed; take the next one.
-            self.request = self.request.model_copy(update={"attempt": self.request.attempt + 1})
-            self._log.warning("request.resubmitted", attempt=self.request.attempt, delivered=len(self._delivered),
-                              after_duplicate=True)
+        # False: another edge queued this attempt already (both saw the worker fall silent); follow it.
+        self._queued_elsewhere = not await self._client.publish(self.request)
 
     async def close(self) -> None:
         """Stop listening; if the generation has not finished, cancel it on the worker."""

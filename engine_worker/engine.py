@@ -15,7 +15,8 @@ import structlog
 
 from contracts import ChoiceDelta, EmbedRequest, FinishReason, GenerateRequest, TokenLogprob, TopLogprob, Usage
 from engine_worker.detokenizer import IncrementalDetokenizer
-from engine_worker.kv_cache import KVCacheManager, round_up
+from engine_worker.kv_budget import size_kv_cache
+from engine_worker.kv_cache import KVCacheManager
 from engine_worker.outputs import EmbedOutput, RequestOutput
 from engine_worker.pooling import resolve_layer, vectors_for
 from engine_worker.sampler import SamplingRow, TokenLogprobData, seed_key
@@ -41,8 +42,9 @@ class EngineConfig:
     max_model_len: int | None = None
     """Cap on the context length; the model's own when None."""
     kv_cache_tokens: int | None = None
-    """KV capacity in tokens, allocated once. None: max_num_seqs x max_model_len, capped at what fits in
-    `kv_cache_gib` (but always at least one full-length sequence)."""
+    """KV capacity in tokens. None: max_num_seqs x max_model_len, capped at `kv_cache_gib` and at a share of the
+    memory available (kv_budget.py; always at least one full-length sequence). On a CPU the memory is committed
+    as sequences use it, so the capacity is a ceiling, not a reservation."""
     kv_cache_gib: float = DEFAULT_KV_CACHE_GIB
     """Memory cap for the derived default of kv_cache_tokens (2 GiB: ~93k tokens of SmolLM2-135M in bf16)."""
     dtype: str = "auto"
@@ -106,11 +108,7 @@ class Engine:
         self.runner = runner
         self.max_model_len: int = runner.max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
-        capacity = config.kv_cache_tokens
-        if capacity is None:
-            by_memory = int(config.kv_cache_gib * 2**30) // runner.kv_bytes_per_token
-            capacity = max(min(config.max_num_seqs * self.max_model_len, by_memory), self.max_model_len)
-        capacity = round_up(max(capacity, self.max_model_len))
+        capacity = size_kv_cache(config, runner).tokens
         self.kv = KVCacheManager(capacity, config.max_num_seqs, self.max_model_len)
         runner.allocate_kv_cache(capacity, self.kv.slot_len)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.kv)
@@ -128,7 +126,6 @@ class Engine:
             "engine ready",
             max_model_len=self.max_model_len,
             kv_cache_tokens=capacity,
-            kv_cache_gib=round(capacity * runner.kv_bytes_per_token / 2**30, 2),
             max_num_seqs=config.max_num_seqs,
         )
 

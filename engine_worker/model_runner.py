@@ -1,4 +1,4 @@
-"""The model on its device: weights, the pre-allocated KV cache, and one batched forward per engine step.
+"""The model on its device: weights, the KV cache, and one batched forward per engine step.
 
 For llama-layout architectures (`SUPPORTED_ARCHITECTURES`: RMSNorm, rotary, GQA, SiLU-gated MLP, optional
 q/k/v biases) the forward is written directly over the HF weights, gpt-fast style: every token scheduled in a
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from engine_worker.kv_cache import Relayout, round_up
+from engine_worker.kv_memory import KVBuffers
 from engine_worker.sampler import (
     Sampler,
     SamplerOutput,
@@ -212,10 +213,12 @@ class ModelRunner:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
     def allocate_kv_cache(self, capacity: int, slot_len: int) -> None:
-        """Once, at start-up. Zeroed so masked-out positions never hold NaN (0 * NaN would leak through)."""
-        shape = (capacity * self.num_kv_heads * self.head_dim,)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        """Once, at start-up. Zeroed so masked-out positions never hold NaN (0 * NaN would leak through); on a
+        CPU committed page by page as sequences first write it (kv_memory.py)."""
+        self.k_cache = self.v_cache = []  # drop a previous cache before mapping the new one
+        kv = KVBuffers(2 * self.num_layers, capacity * self.num_kv_heads * self.head_dim, self.dtype, self.device)
+        self.k_cache, self.v_cache = kv.buffers[: self.num_layers], kv.buffers[self.num_layers :]
+        self.kv_committed_lazily = kv.lazy
         self.capacity = capacity
         self.slot_len = slot_len
 

@@ -1,5 +1,5 @@
-"""Zeroed KV buffers whose memory is committed on first write (CPU), so a generous capacity costs nothing until
-sequences actually use it.
+"""Worker memory: zeroed KV buffers whose memory is committed on first write (CPU), so a generous capacity
+costs nothing until sequences actually use it.
 
 On a CPU the buffers are slices of one private anonymous mapping: the kernel hands out zero pages and backs a page
 with memory only when it is first written. The slot layout (kv_cache.py) packs running sequences into the lowest
@@ -7,10 +7,15 @@ slots of each buffer, so the resident part of the cache is the high-water mark o
 hot path never allocates (a page faults in once, the first time a slot reaches it). Reading a never-written page
 maps the shared zero page and commits nothing, so decode attention over a whole slot stays cheap.
 On other devices the buffers are allocated (and zeroed) up front.
+
+And `release_freed_memory`, for after the model load.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import mmap
 
 import torch
@@ -36,3 +41,16 @@ class KVBuffers:
                                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         whole = torch.frombuffer(self._mapping, dtype=dtype)
         self.buffers = [whole[i * stride: i * stride + numel] for i in range(count)]
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand glibc's freed heap back to the kernel. Loading a model frees hundreds of MB
+    (the HF module, conversion buffers) that glibc otherwise keeps mapped, resident in the worker for its life."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    try:
+        ctypes.CDLL(libc_name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        pass

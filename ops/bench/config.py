@@ -48,6 +48,7 @@ class BenchConfig:
     baseline_requests: int | None = None
     observe_nats: str | None = None
     temperature: float = 0.0
+    server_pid: int | None = None
 
     def requests_for(self, concurrency: int) -> int:
         """Requests sent at one level: the explicit count, else enough for every stream to see two."""
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="timeout_s",
         metavar="SECONDS",
         help="per-request seconds",
+    )
+    server.add_argument(
+        "--server-pid", type=int, metavar="PID",
+        help="sample this process and its children for peak RSS (default: the local process listening on the "
+             "URL's port, widened to its `inferq serve` launcher's whole tree)",
     )
     server.add_argument(
         "--tokenizer",

@@ -195,6 +195,11 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests or self._pending)
 
+    def release_idle_memory(self) -> None:
+        """Called by the engine loop after a while without requests: the KV cache's pages go back to the OS."""
+        if not self.has_unfinished_requests():
+            self.runner.release_kv_memory()
+
     # --- intake ---------------------------------------------------------------------------------------------
     def validate(self, request: GenerateRequest | EmbedRequest) -> None:
         """Raises ValueError (with the numbers) for a request this engine can never serve."""

@@ -42,6 +42,12 @@ class KVBuffers:
         whole = torch.frombuffer(self._mapping, dtype=dtype)
         self.buffers = [whole[i * stride: i * stride + numel] for i in range(count)]
 
+    def release(self) -> None:
+        """Hand every page back to the kernel; they read as zeros again and are committed anew when written.
+        Only while no sequence holds KV (the engine is idle), so a burst's high-water mark does not stay."""
+        if self._mapping is not None:
+            self._mapping.madvise(mmap.MADV_DONTNEED)
+
 
 def release_freed_memory() -> None:
     """Collect garbage and hand glibc's freed heap back to the kernel. Loading a model frees hundreds of MB

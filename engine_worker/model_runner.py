@@ -227,9 +227,13 @@ class ModelRunner:
         self.k_cache = self.v_cache = []  # drop a previous cache before mapping the new one
         kv = KVBuffers(2 * self.num_layers, capacity * self.num_kv_heads * self.head_dim, self.dtype, self.device)
         self.k_cache, self.v_cache = kv.buffers[: self.num_layers], kv.buffers[self.num_layers :]
-        self.kv_committed_lazily = kv.lazy
+        self._kv_buffers = kv
         self.capacity = capacity
         self.slot_len = slot_len
+
+    def release_kv_memory(self) -> None:
+        """Give the cache's pages back (CPU); the caller guarantees no sequence holds KV."""
+        self._kv_buffers.release()
 
     def _view(self, flat: torch.Tensor, slot_len: int) -> torch.Tensor:
         slots = self.capacity // slot_len

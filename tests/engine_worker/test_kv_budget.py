@@ -3,6 +3,8 @@ logged; and the CPU buffers that commit memory only as sequences write them."""
 
 from __future__ import annotations
 
+import time
+
 import psutil
 import pytest
 import torch
@@ -10,6 +12,7 @@ from structlog.testing import capture_logs
 
 from engine_worker.kv_budget import GIB, _cgroup_remaining, choose_kv_budget
 from engine_worker.kv_memory import KVBuffers
+from tests.engine_worker.conftest import make_request, prompt_of, run_to_completion, tokens_by_choice
 
 SMOLLM2_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2  # 30 layers, 3 KV heads of 64, bf16: 22.5 KiB a token
 
@@ -96,3 +99,63 @@ def test_cpu_buffers_are_zero_and_commit_memory_only_when_written() -> None:
     grown = process.memory_info().rss - before
     assert 16 * 2**20 <= grown < 80 * 2**20
     assert float(kv.buffers[2][-10:].abs().sum()) == 0 and float(kv.buffers[4][:10].abs().sum()) == 0  # no overlap
+
+
+def test_released_buffers_give_memory_back_and_read_as_zeros() -> None:
+    process = psutil.Process()
+    kv = KVBuffers(2, 16 * 2**20, torch.float32, torch.device("cpu"))  # 2 x 64 MiB
+    for buffer in kv.buffers:
+        buffer.fill_(3.0)
+    full = process.memory_info().rss
+    kv.release()
+    assert full - process.memory_info().rss >= 100 * 2**20
+    assert all(float(buffer.abs().sum()) == 0.0 for buffer in kv.buffers)
+
+
+def test_an_engine_that_released_its_kv_generates_the_same(engine_factory) -> None:
+    engine = engine_factory(max_num_seqs=2)
+
+    def generate(request_id: str) -> dict[int, list[int]]:
+        engine.add_request(make_request(request_id, prompt_of(80), max_tokens=12, ignore_eos=True, temperature=0.0))
+        return tokens_by_choice(run_to_completion(engine)[request_id])
+
+    first = generate("a")
+    assert any(float(buffer.abs().sum()) for buffer in engine.runner.k_cache)
+    engine.release_idle_memory()
+    assert all(float(buffer.abs().sum()) == 0.0 for buffer in engine.runner.k_cache)
+    assert generate("b") == first and len(first[0]) == 12
+
+
+class _IdleEngine:
+    """Counts releases; `busy` steps are pending before it goes idle."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy, self.steps, self.releases = busy, 0, []
+
+    def has_unfinished_requests(self) -> bool:
+        return self.steps < self.busy
+
+    def step(self) -> list:
+        self.steps += 1
+        return []
+
+    def release_idle_memory(self) -> None:
+        self.releases.append((time.monotonic(), self.steps))
+
+
+def test_the_engine_loop_releases_memory_once_after_an_idle_pause(monkeypatch) -> None:
+    from engine_worker import engine_loop
+
+    monkeypatch.setattr(engine_loop, "RELEASE_MEMORY_AFTER_IDLE_S", 0.3)
+    engine = _IdleEngine(busy=5)
+    loop = engine_loop.EngineLoop(engine, lambda outputs: None, lambda rid, exc: None, lambda exc: None)
+    started = time.monotonic()
+    loop.start()
+    deadline = started + 30
+    while not engine.releases and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # an idle second more: no second release
+    loop.stop()
+    assert len(engine.releases) == 1
+    released_at, steps = engine.releases[0]
+    assert steps == 5 and released_at - started >= 0.3  # after every step, and after the pause

@@ -35,6 +35,7 @@ class MemoryReport:
 
     root_pid: int | None
     note: str | None = None  # why nothing was sampled
+    settle_s: float = 0.0  # the last sample was taken this long after the traffic
     processes: list[ProcessPeak] = field(default_factory=list)
     peak_total_bytes: int = 0
     last_total_bytes: int = 0
@@ -107,12 +108,14 @@ def _cmdline(process: psutil.Process) -> list[str]:
 class RssSampler:
     """Samples the tree every `interval_s` on a thread (psutil calls block) between `start()` and `stop()`."""
 
-    def __init__(self, root: psutil.Process | None, interval_s: float = 0.5, note: str | None = None) -> None:
+    def __init__(self, root: psutil.Process | None, interval_s: float = 0.5, note: str | None = None,
+                 settle_s: float = 0.0) -> None:
         self._root = root
         self._interval_s = interval_s
+        self._settle_s = settle_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
-        self.report = MemoryReport(root_pid=root.pid if root else None, note=note)
+        self.report = MemoryReport(root_pid=root.pid if root else None, note=note, settle_s=settle_s)
         self._by_pid: dict[int, ProcessPeak] = {}
 
     def start(self) -> RssSampler:
@@ -122,7 +125,10 @@ class RssSampler:
         return self
 
     def stop(self) -> MemoryReport:
+        """After `settle_s` more seconds of sampling: the server frees memory once idle (a worker gives its KV
+        pages back after 2 s), and what it holds then is the figure that matters between bursts."""
         if self._thread.is_alive():
+            self._stop.wait(self._settle_s)
             self._stop.set()
             self._thread.join()
         if self._root is not None:
@@ -166,7 +172,7 @@ def format_memory(report: MemoryReport | None) -> str:
     if not report.samples:
         return f"\nserver memory: not sampled ({report.note or 'no local server process found'})\n"
     lines = ["", f"server memory (RSS, {report.samples} samples of the process tree under pid {report.root_pid}; "
-                 "MiB; 'after' = the last sample, when the traffic is over)",
+                 f"MiB; 'after' = the last sample, {report.settle_s:g} s after the traffic)",
              f"{'process':<14}{'pid':>8}{'peak':>9}{'after':>9}"]
     for process in report.processes:
         lines.append(f"{process.role:<14}{process.pid:>8}{process.peak_rss_bytes / MIB:>9.0f}"

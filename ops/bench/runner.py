@@ -132,7 +132,7 @@ def sample_server_memory(cfg: BenchConfig) -> Iterator[RssSampler]:
     except psutil.Error as exc:
         raise BenchError(f"--server-pid {cfg.server_pid}: {exc}") from exc
     note = None if root is not None else f"no process of this user listens locally behind {cfg.base_url}"
-    sampler = RssSampler(root, note=note).start()
+    sampler = RssSampler(root, note=note, settle_s=cfg.rss_settle_s).start()
     try:
         yield sampler
     finally:

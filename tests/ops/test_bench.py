@@ -241,7 +241,8 @@ def serve(fake: FakeOpenAI) -> Iterator[str]:
 
 def _run(argv: list[str], tmp_path: Path) -> tuple[int, dict[str, Any] | None]:
     out = tmp_path / "bench.json"
-    code = main([*argv, "--json", str(out)])
+    settle = [] if "--rss-settle" in argv else ["--rss-settle", "0"]  # the fake server frees nothing when idle
+    code = main([*argv, *settle, "--json", str(out)])
     return code, json.loads(out.read_text()) if out.exists() else None
 
 
@@ -455,10 +456,11 @@ def test_server_rss_is_sampled_and_reported(tmp_path: Path, capsys: pytest.Captu
     fake = FakeOpenAI(first_delay=0.3)
     with serve(fake) as url:
         argv = ["--base-url", url, "--concurrency", "2", "--num-requests", "4", "--output-len", "4"]
-        code, report = _run([*argv, "--input-len", "4"], tmp_path)
+        code, report = _run([*argv, "--input-len", "4", "--rss-settle", "1"], tmp_path)
     assert code == 0 and report is not None
     memory = report["run"]["memory"]
-    assert memory["root_pid"] == os.getpid() and memory["samples"] >= 3  # start, during (0.5 s), after
+    assert memory["root_pid"] == os.getpid() and memory["settle_s"] == 1
+    assert memory["samples"] >= 4  # start, during the traffic and the settle second (every 0.5 s), after
     ours = next(p for p in memory["processes"] if p["pid"] == os.getpid())
     assert ours["peak_rss_bytes"] >= ours["last_rss_bytes"] > 10 * 2**20
     assert memory["peak_total_bytes"] >= memory["last_total_bytes"] >= ours["last_rss_bytes"]

@@ -51,9 +51,9 @@ def load_torch_engine(settings: Settings) -> LoadedEngine:
         encoder = EncoderEngine(model.local_dir, device=settings.device, torch_threads=settings.torch_threads)
         return LoadedEngine(encoder, model.served_name, model.source, model.local_dir,
                             describe_device(encoder.device), encoder.max_model_len, encoder.dtype_name)
-    # Engine settings are the EngineConfig fields that Settings also has, by name.
+    # Engine settings are the EngineConfig fields that Settings also has, by name; unset ones keep the engine's.
     shared = {field.name for field in fields(EngineConfig)} & set(Settings.model_fields)
-    config = EngineConfig(**{name: getattr(settings, name) for name in shared})
+    config = EngineConfig(**{name: getattr(settings, name) for name in shared if getattr(settings, name) is not None})
     engine = Engine.from_pretrained(model.local_dir, config)
     return LoadedEngine(engine, model.served_name, model.source, model.local_dir, describe_device(engine.device),
                         engine.max_model_len, engine.dtype_name)

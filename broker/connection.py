@@ -17,7 +17,7 @@ from nats.aio.client import Client as NatsClient
 from broker.errors import BrokerUnavailable
 
 if TYPE_CHECKING:
-    from ops.settings import Settings
+    from common.settings import Settings
 
 log = structlog.get_logger(__name__)
 

@@ -25,10 +25,10 @@ from urllib.parse import urlsplit
 import structlog
 
 from broker.connection import NatsAuth
-from ops.process import spawn, stop_on_signals, terminate
+from common.process import spawn, stop_on_signals, terminate
 
 if TYPE_CHECKING:
-    from ops.settings import Settings
+    from common.settings import Settings
 
 log = structlog.get_logger(__name__)
 

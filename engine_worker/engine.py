@@ -26,7 +26,7 @@ from engine_worker.sequence import RequestState, Sequence, SequenceStatus
 from engine_worker.speculative import NgramProposer, Proposer, back_off, num_accepted, propose_drafts
 from engine_worker.stopping import append_token
 from engine_worker.validation import InvalidRequest, RequestLimits
-from ops.engine_config import EngineConfig
+from common.engine_config import EngineConfig
 
 __all__ = ["Engine", "EngineConfig"]
 

@@ -21,7 +21,7 @@ import structlog
 from engine_worker.kv_cache import SLOT_ALIGN, round_up
 
 if TYPE_CHECKING:
-    from ops.engine_config import EngineConfig
+    from common.engine_config import EngineConfig
     from engine_worker.model_runner import ModelRunner
 
 log = structlog.get_logger(__name__)

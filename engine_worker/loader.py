@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ops.models import PACKAGED_MODELS, ModelNotFound, convert_gguf, packaged_model
+from common.models import PACKAGED_MODELS, ModelNotFound, convert_gguf, packaged_model
 
 __all__ = ["ModelNotFound", "ResolvedModel", "resolve_model"]
 

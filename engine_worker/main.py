@@ -24,8 +24,8 @@ from engine_worker.bridge import BridgeConfig, WorkerBridge
 from engine_worker.device import describe_device
 from engine_worker.engine_loop import StepEngine
 from engine_worker.loader import resolve_model
-from ops.settings import Settings
-from ops.telemetry import open_tracing
+from common.settings import Settings
+from common.telemetry import open_tracing
 
 log = structlog.get_logger(__name__)
 

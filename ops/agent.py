@@ -38,7 +38,7 @@ from contracts.deployments import (
     LogLine,
 )
 from ops.deploy_launch import LaunchFailed, LocalWorker, WorkerLaunch, model_problem
-from ops.settings import Settings
+from common.settings import Settings
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

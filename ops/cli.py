@@ -14,8 +14,8 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from ops.logging import configure_logging
-from ops.settings import Settings
+from common.logging import configure_logging
+from common.settings import Settings
 
 Handler = Callable[[Settings], int | None]
 

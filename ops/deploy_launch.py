@@ -20,9 +20,9 @@ import psutil
 
 from contracts.deployments import ProcessStats
 from ops.launcher import ENV_PREFIX, child_env
-from ops.models import PACKAGED_MODELS, ModelNotFound, packaged_model
-from ops.process import spawn, terminate
-from ops.settings import Settings
+from common.models import PACKAGED_MODELS, ModelNotFound, packaged_model
+from common.process import spawn, terminate
+from common.settings import Settings
 
 _STOP_TIMEOUT_S = 10.0
 _LINE_LIMIT = 1 << 20  # a longer output line is cut (a traceback line never is)
@@ -107,7 +107,7 @@ def _readable(line: str) -> str:
 
 class LocalWorker:
     """`python -m ops.cli worker …` as a child of the agent, in its own process group, dying with the agent
-    (ops/process.py), its stdout and stderr read as one line stream."""
+    (common/process.py), its stdout and stderr read as one line stream."""
 
     def __init__(self, settings: Settings, model_id: str):
         self._settings = settings

@@ -26,9 +26,9 @@ import structlog
 from pydantic_settings import NoDecode
 
 from contracts.supervision import ProcessState, SupervisedProcess, SupervisorStatus
-from ops.process import spawn, stop_on_signals, terminate
+from common.process import spawn, stop_on_signals, terminate
 from ops.restart_policy import CrashHistory, GiveUp, RestartPolicy
-from ops.settings import Settings
+from common.settings import Settings
 
 if TYPE_CHECKING:
     from broker.embedded import EmbeddedNatsServer

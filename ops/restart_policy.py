@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ops.process import EXIT_CONFIG
+from common.process import EXIT_CONFIG
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ import structlog
 
 from contracts.deployments import ProcessStats, SshConfig
 from ops.deploy_launch import LaunchFailed, explain_exit, shown, worker_arguments
-from ops.settings import Settings
+from common.settings import Settings
 
 log = structlog.get_logger(__name__)
 

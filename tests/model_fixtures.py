@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ops.models import packaged_model
+from common.models import packaged_model
 
 TINY_MODEL_NAME = "tiny-llama"
 

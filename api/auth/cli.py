@@ -24,7 +24,7 @@ from broker.embedded import running_server_url
 from broker.rate_limits import RateLimiter
 from contracts import ErrorCode
 from contracts.accounts import RateLimits, Role
-from ops.settings import Settings
+from common.settings import Settings
 
 _LIMIT_FLAGS = (("--rpm", "requests_per_minute"), ("--tpm", "tokens_per_minute"), ("--rpd", "requests_per_day"))
 

@@ -19,7 +19,7 @@ from broker.accounts import AccountStore
 from broker.errors import BrokerError
 from broker.rate_limits import RateLimiter, Verdict
 from contracts.accounts import RateLimits, Role
-from ops.settings import Settings
+from common.settings import Settings
 
 log = structlog.get_logger(__name__)
 

@@ -12,8 +12,8 @@ from api.auth.caller import Caller
 from api.schemas.deployments import DeployRequest
 from contracts.accounts import Role
 from contracts.deployments import Deployment
-from ops.models import PACKAGED_MODELS
-from ops.settings import Settings
+from common.models import PACKAGED_MODELS
+from common.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,8 +48,8 @@ from contracts.deployments import (
     InvalidDeploymentTransition,
     LogLine,
 )
-from ops.models import PACKAGED_MODELS
-from ops.settings import Settings
+from common.models import PACKAGED_MODELS
+from common.settings import Settings
 
 log = structlog.get_logger(__name__)
 

@@ -20,7 +20,7 @@ import structlog
 from ops.bench.config import BenchConfig, BenchError
 from ops.bench.metrics import RequestResult, inter_token_latencies
 from ops.bench.prompts import TOKEN_ID_RANGE
-from ops.models import ModelNotFound, convert_gguf, packaged_model
+from common.models import ModelNotFound, convert_gguf, packaged_model
 
 log = structlog.get_logger(__name__)
 

@@ -31,7 +31,7 @@ from ops.bench.report import (
     format_table,
     write_json,
 )
-from ops.logging import configure_logging
+from common.logging import configure_logging
 
 log = structlog.get_logger(__name__)
 

@@ -27,7 +27,7 @@ from nats.js.api import StreamConfig
 
 from broker.embedded import find_nats_server
 from ops.chaos.processes import free_port
-from ops.process import spawn, terminate
+from common.process import spawn, terminate
 
 
 @dataclass(slots=True)

@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ops.process import spawn, terminate
-from ops.settings import Settings
+from common.process import spawn, terminate
+from common.settings import Settings
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ import httpx
 from ops.chaos.cluster import NatsCluster
 from ops.chaos.processes import ServiceProcess, free_port
 from ops.chaos.schedule import Action, Fault
-from ops.settings import Settings
+from common.settings import Settings
 
 MODEL = "sim-chaos"
 READY_TIMEOUT_S = 90.0

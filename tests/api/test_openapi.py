@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from api.app import create_app
-from ops.settings import Settings
+from common.settings import Settings
 
 
 def test_every_http_route_is_in_the_schema() -> None:

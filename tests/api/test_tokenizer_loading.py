@@ -27,7 +27,7 @@ def test_the_api_process_stays_free_of_torch_and_model_code(smollm2_tokenizer_di
         from api.schemas.openai import ChatMessage
         from api.serving.chat import render_chat
         from api.tokenizer_loading import load_tokenizer
-        from ops.settings import Settings
+        from common.settings import Settings
         from pathlib import Path
 
         create_app(Settings(nats_url="nats://127.0.0.1:1"))

@@ -11,7 +11,7 @@ import pytest
 from broker.connection import NatsAuth, connect
 from broker.embedded import EmbeddedNatsServer, running_server_url
 from broker.errors import BrokerUnavailable
-from ops.settings import Settings
+from common.settings import Settings
 
 AUTH = NatsAuth(user="inferq", password="nats-password-from-settings")
 

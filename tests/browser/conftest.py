@@ -15,7 +15,7 @@ import pytest
 
 from broker.embedded import EmbeddedNatsServer
 from ops.agent import Agent
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.harness import ApiServer, WorkerProcess, wait_healthy
 from tests.integration.test_deployments import running_agent
 

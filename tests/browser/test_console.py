@@ -16,7 +16,7 @@ import httpx
 import pytest
 import structlog
 
-from ops.settings import Settings
+from common.settings import Settings
 from tests.browser.conftest import (
     ADMIN_KEY,
     CLIENT_KEY,

@@ -85,7 +85,7 @@ def test_the_setting_reaches_the_engine_config() -> None:
     """The worker builds EngineConfig from the Settings fields of the same name (engine_worker/main.py)."""
     from dataclasses import fields
 
-    from ops.settings import Settings
+    from common.settings import Settings
 
     assert "model_impl" in {f.name for f in fields(EngineConfig)} & set(Settings.model_fields)
     assert Settings(model_impl="generic").model_impl == "generic"

@@ -9,7 +9,7 @@ import pytest
 
 from engine_worker.engine import Engine, EngineConfig
 from ops.bench.prompts import prompt_token_ids
-from ops.models import convert_gguf, packaged_model
+from common.models import convert_gguf, packaged_model
 from tests.engine_worker.conftest import make_request
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from broker.embedded import EmbeddedNatsServer
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.harness import ApiServer, WorkerProcess, wait_for_model, wait_healthy
 from tests.model_fixtures import TINY_MODEL_NAME
 

@@ -17,9 +17,9 @@ import uvicorn
 
 from api.app import create_app
 from ops.chaos.processes import free_port, settings_env
-from ops.settings import Settings
+from common.settings import Settings
 
-WORKER_BOOT = "from engine_worker.main import run_worker; from ops.settings import Settings; run_worker(Settings())"
+WORKER_BOOT = "from engine_worker.main import run_worker; from common.settings import Settings; run_worker(Settings())"
 
 
 class WorkerProcess:

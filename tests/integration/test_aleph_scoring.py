@@ -71,7 +71,7 @@ async def test_evaluate_what_greedy_would_say_is_correct(client, api) -> None:
 async def test_embed_layers_and_poolings(client, embedder) -> None:
     from transformers import AutoModel, AutoTokenizer
 
-    from ops.models import PACKAGED_MODELS, packaged_model
+    from common.models import PACKAGED_MODELS, packaged_model
 
     request = aa.EmbeddingRequest(prompt=aa.Prompt.from_text("hello world"), layers=[0, -1], pooling=["mean", "max"],
                                   tokens=True)

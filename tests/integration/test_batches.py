@@ -20,7 +20,7 @@ import pytest
 
 from broker.connection import connect
 from broker.embedded import EmbeddedNatsServer
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.harness import WorkerProcess, free_port, settings_env, wait_healthy
 from tests.model_fixtures import TINY_MODEL_NAME
 
@@ -255,7 +255,7 @@ async def test_a_batch_whose_ticket_was_never_queued_is_swept_up_and_run(base_se
 # --- crash recovery ---------------------------------------------------------------------------------------------
 
 LONG = 240  # tokens per line in the crash test
-API_BOOT = "from api.main import run_api; from ops.settings import Settings; run_api(Settings())"
+API_BOOT = "from api.main import run_api; from common.settings import Settings; run_api(Settings())"
 
 
 class ApiProcess:

@@ -19,7 +19,7 @@ import pytest
 from broker import subjects
 from broker.registry import WorkerRegistry
 from contracts import parse_event
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.harness import WorkerProcess
 from tests.integration.nats_cluster import NatsCluster
 from tests.integration.test_batches import ApiProcess

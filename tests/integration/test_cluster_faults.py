@@ -16,7 +16,7 @@ import structlog
 
 from broker import subjects
 from contracts import parse_event
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.harness import WorkerProcess
 from tests.integration.nats_cluster import NatsCluster
 from tests.integration.test_batches import ApiProcess

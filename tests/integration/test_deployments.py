@@ -21,7 +21,7 @@ from broker import subjects
 from broker.connection import connect
 from broker.embedded import EmbeddedNatsServer
 from ops.agent import Agent
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.harness import ApiServer
 
 pytestmark = pytest.mark.asyncio

@@ -25,7 +25,7 @@ import structlog
 
 from broker import subjects
 from broker.connection import connect
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration import test_deployments as local
 from tests.integration.harness import ApiServer, free_port
 from tests.integration.test_deployments import gone, log_contents, read_events, running_agent, wait_status

@@ -22,7 +22,7 @@ def reference(embedder):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from ops.models import PACKAGED_MODELS, packaged_model
+    from common.models import PACKAGED_MODELS, packaged_model
 
     directory = packaged_model(PACKAGED_MODELS[EMBEDDER])
     tokenizer, model = AutoTokenizer.from_pretrained(directory), AutoModel.from_pretrained(directory).eval()

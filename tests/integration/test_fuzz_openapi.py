@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from broker.embedded import EmbeddedNatsServer
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.harness import ApiServer, WorkerProcess
 
 ADMIN_KEY = "fuzz-admin-key"

@@ -24,7 +24,7 @@ from broker.errors import BrokerUnavailable
 from broker.registry import WorkerRegistry
 from broker.results import read_result
 from contracts import GenerateRequest, SamplingParams, parse_event
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.harness import ApiServer, WorkerProcess, wait_healthy
 from tests.integration.nats_cluster import NatsCluster
 

@@ -17,7 +17,7 @@ import nats
 import pytest
 
 from broker.connection import NatsAuth
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.harness import ApiServer, WorkerProcess, wait_healthy
 from tests.integration.nats_cluster import NatsCluster
 from tests.integration.tls_certs import CertFiles, CertificateAuthority

@@ -18,7 +18,7 @@ import pytest
 from broker.connection import connect
 from broker.embedded import EmbeddedNatsServer
 from broker.journal import JournalFollower
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.harness import WorkerProcess, wait_healthy
 from tests.integration.test_batches import ApiProcess
 

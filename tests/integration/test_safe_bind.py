@@ -16,8 +16,8 @@ import pytest
 
 from api.bind_safety import is_loopback, needs_credential_check
 from broker.embedded import EmbeddedNatsServer
-from ops.process import EXIT_CONFIG
-from ops.settings import Settings
+from common.process import EXIT_CONFIG
+from common.settings import Settings
 from tests.integration.harness import free_port
 
 

@@ -18,11 +18,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, format_trace_id
 
-import ops.telemetry
+import common.telemetry
 from broker.embedded import EmbeddedNatsServer
 from broker.tracing import trace_headers
 from engine_worker.main import serve
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.harness import ApiServer, wait_healthy
 
 pytestmark = pytest.mark.asyncio
@@ -34,7 +34,7 @@ MODEL = "traced-sim"
 def exported(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
     """Every tracer opened while the test runs (the API's and the worker's) exports here."""
     exporter = InMemorySpanExporter()
-    monkeypatch.setattr(ops.telemetry, "span_processor", lambda settings: SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(common.telemetry, "span_processor", lambda settings: SimpleSpanProcessor(exporter))
     return exporter
 
 

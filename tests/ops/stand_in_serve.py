@@ -12,8 +12,8 @@ from functools import partial
 from pathlib import Path
 
 from ops.launcher import BuildChildren, ChildSpec, Launcher, child_env
-from ops.logging import configure_logging
-from ops.settings import Settings
+from common.logging import configure_logging
+from common.settings import Settings
 
 CHILD = Path(__file__).with_name("stand_in_child.py")
 

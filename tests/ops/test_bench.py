@@ -28,7 +28,7 @@ from ops.bench.metrics import LevelResult, RequestResult, inter_token_latencies,
 from ops.bench.prompts import TOKEN_ID_RANGE, prompt_token_ids
 from ops.bench.report import comparison
 from ops.bench.sse import SSEDecoder, SSEEvent
-from ops.logging import configure_logging
+from common.logging import configure_logging
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from ops.cli import build_parser, build_settings, main
-from ops.settings import Settings
+from common.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,7 +107,7 @@ def test_python_m_ops_is_the_cli_and_imports_no_service_package() -> None:
         "import sys, runpy; sys.argv = ['inferq', 'version']\n"
         "try:\n    runpy.run_module('ops', run_name='__main__')\n"
         "except SystemExit as e:\n    assert e.code == 0\n"
-        "import ops.launcher, ops.process\n"
+        "import ops.launcher, common.process\n"
         "banned = {'api', 'broker', 'engine_worker', 'torch'}\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in banned)\n"
         "assert not bad, bad\n"

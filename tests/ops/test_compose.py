@@ -18,7 +18,7 @@ import yaml
 
 from broker.embedded import find_nats_server
 from ops.cli import build_parser, build_settings
-from ops.settings import Settings
+from common.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NATS_DIR = REPO_ROOT / "ops" / "nats"

@@ -7,8 +7,8 @@ from dataclasses import asdict
 
 import pytest
 
-from ops.engine_config import EngineConfig
-from ops.settings import Settings
+from common.engine_config import EngineConfig
+from common.settings import Settings
 
 
 def test_settings_build_the_engine_config_with_its_defaults() -> None:

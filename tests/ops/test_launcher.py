@@ -23,7 +23,7 @@ import pytest
 import structlog
 
 from ops.launcher import ChildSpec, Launcher, child_env, curl_example, settings_env
-from ops.settings import Settings
+from common.settings import Settings
 from tests.json_logs import json_log_lines
 from tests.ops.stand_in_serve import CHILD, has_started, recorded, stand_in_children
 

@@ -14,8 +14,8 @@ import pytest
 import structlog
 
 from ops.cli import _configure_logging_from
-from ops.logging import SecretMasker
-from ops.settings import Settings
+from common.logging import SecretMasker
+from common.settings import Settings
 
 ENV_KEY = "plain-env-key-of-any-shape"  # no prefix, no scheme: only known because it is configured
 

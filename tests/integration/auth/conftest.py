@@ -17,7 +17,7 @@ from broker.connection import connect
 from broker.embedded import EmbeddedNatsServer
 from broker.rate_limits import RateLimiter
 from contracts.accounts import RateLimits, Role
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.harness import ApiServer, WorkerProcess, wait_healthy
 
 UNLIMITED = RateLimits()

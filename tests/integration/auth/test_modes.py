@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from broker.embedded import EmbeddedNatsServer
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.auth.conftest import headers
 from tests.integration.harness import ApiServer
 

@@ -18,7 +18,7 @@ from websockets.exceptions import InvalidStatus
 
 from api.auth.credentials import parse_bearer, user_id_for
 from contracts.accounts import Role
-from ops.logging import configure_logging
+from common.logging import configure_logging
 from tests.integration.auth.conftest import headers
 
 pytestmark = pytest.mark.asyncio

@@ -10,7 +10,7 @@ from platformdirs import user_data_dir
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ops.engine_config import EngineConfig, engine_config_from, engine_field
+from common.engine_config import EngineConfig, engine_config_from, engine_field
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -85,7 +85,7 @@ class Settings(BaseSettings):
         description="Packaged name, HF directory, .gguf path or hub id; comma-separated: one worker each (serve).",
     )
     served_model_name: str | None = Field(default=None, description="Model id clients use; derived if unset.")
-    # The engine's own knobs: defaults, bounds and descriptions come from EngineConfig (ops/engine_config.py).
+    # The engine's own knobs: defaults, bounds and descriptions come from EngineConfig (common/engine_config.py).
     device: str = engine_field("device")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = engine_field("dtype")
     max_num_seqs: int = engine_field("max_num_seqs")

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.trace import Tracer
 
-from ops.settings import Settings
+from common.settings import Settings
 
 INSTRUMENTATION = "inferq"
 

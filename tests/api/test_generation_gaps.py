@@ -14,12 +14,12 @@ pytestmark = pytest.mark.asyncio
 
 
 class RecordingClient:
-    """What a Generation needs of its EngineClient: publish (resubmissions), cancel, the router, timeouts."""
+    """What a Generation needs of its EngineClient (its GenerationPort): publish (resubmissions), cancel, release,
+    timeouts."""
 
     def __init__(self) -> None:
         self.published: list[GenerateRequest] = []
         self.timeouts = Timeouts(queue_s=5.0, silence_s=5.0)
-        self.router = self
 
     async def publish(self, request: GenerateRequest) -> None:
         self.published.append(request)
@@ -27,7 +27,7 @@ class RecordingClient:
     async def cancel(self, request_id: str, attempt: int | None = None) -> None:
         pass
 
-    def close(self, request_id: str) -> None:
+    def release(self, request_id: str) -> None:
         pass
 
 

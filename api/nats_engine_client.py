@@ -34,9 +34,9 @@ class NatsEngineClient:
         self._nc = nc
         self._js = nc.jetstream()
         self._drain = drain or DrainGauge(self._js)  # shared by all variants: its samples span requests
-        self.router = router
-        self.timeouts = timeouts
-        self.lane = lane
+        self._router = router
+        self.timeouts = timeouts  # also read by its generations (GenerationPort)
+        self._lane = lane
         self._meter: Meter | None = None  # whose token budget submissions reserve from (None: nobody's)
         self._idempotency_key: str | None = None
         self._message_keys: dict[str, str] = {}  # request id -> its dedup key (several requests share a client)
@@ -52,7 +52,7 @@ class NatsEngineClient:
 
     def in_lane(self, lane: Lane, timeouts: Timeouts) -> NatsEngineClient:
         """A client for another lane (the batch runner's), sharing this one's connection and event router."""
-        return self._variant(lane=lane, timeouts=timeouts)
+        return self._variant(_lane=lane, timeouts=timeouts)
 
     def _variant(self, **changes: object) -> NatsEngineClient:
         variant = copy.copy(self)
@@ -72,16 +72,16 @@ class NatsEngineClient:
 
     def reply_subject(self, request_id: str) -> str:
         """Interactive replies are journaled (replayable by another edge); batch lines are not."""
-        return self.router.reply_subject(request_id, journaled=self.lane is Lane.INTERACTIVE)
+        return self._router.reply_subject(request_id, journaled=self._lane is Lane.INTERACTIVE)
 
     async def submit(self, request: GenerateRequest, *, attach_duplicate: bool = False) -> Generation:
         """Queue the request durably; raises ApiError (429 full or over the caller's token budget, 503
         unavailable, 413 too large) at once. `attach_duplicate`: if the queue already had this request id, follow
         that submission instead (see submit_or_attach)."""
-        if self.lane is Lane.BATCH:
+        if self._lane is Lane.BATCH:
             request = request.model_copy(update={"priority": max(request.priority, BATCH_PRIORITY)})
         reservation = await reserve_for(request, self._meter)
-        events = self.router.open(request.request_id)
+        events = self._router.open(request.request_id)
         try:
             queued = await self.publish(request)
         except ApiError:
@@ -127,7 +127,7 @@ class NatsEngineClient:
         try:
             # The current span (the HTTP request's) travels in the headers: the worker's spans join its trace.
             return await publish_request(self._js, request, idempotency_key=self._message_key(request),
-                                         lane=self.lane, headers=trace_headers())
+                                         lane=self._lane, headers=trace_headers())
         except QueueFull as exc:
             raise broker_error(exc, retry_after=await self._drain_time(request.model)) from exc
         except BrokerError as exc:
@@ -159,4 +159,4 @@ class NatsEngineClient:
             log.warning("request.cancel_failed", request_id=request_id, error=str(exc))
 
     def release(self, request_id: str) -> None:
-        self.router.close(request_id)
+        self._router.close(request_id)

@@ -19,7 +19,7 @@ from api.errors import install_error_handlers
 from api.generation import Timeouts
 from api.nats_engine_client import NatsEngineClient
 from api.request_context import RequestContextMiddleware
-from api.routes import accounts, aleph, batches, deployments, files, openai, system, tokenizer, websocket
+from api.routes import accounts, aleph, anthropic, batches, deployments, files, openai, system, tokenizer, websocket
 from api.routes.metrics import router as metrics_router
 from api.routes.ui import mount_console
 from api.services import Services
@@ -81,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
 
     app.include_router(openai.router)
+    app.include_router(anthropic.router)
     app.include_router(websocket.router)
     app.include_router(tokenizer.router)
     app.include_router(aleph.router)

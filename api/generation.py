@@ -3,6 +3,8 @@
     QUEUED ──accepted──▶ STREAMING ──end──▶ FINISHED          (error: FINISHED, raised as ApiError)
       ▲                    │   └─abort seen by a follower─▶ ABANDONED ──end──┐
       └──── resubmitted ◀──┴── worker silent, or events lost (a gap) ◀───────┘
+    (QUEUED_ELSEWHERE: a resubmission another edge had queued already; if it shows nothing for a queue timeout,
+    resubmitted again rather than failed)
     any state but FINISHED ──close()──▶ cancelled on the worker
 
 A generation talks to the engine client that started it only through `GenerationPort` (publish a resubmission,
@@ -40,6 +42,7 @@ class Timeouts:
 
 class GenerationState(Enum):
     QUEUED = "queued"  # this attempt's `accepted` event not seen yet: wait at most queue_s for each event
+    QUEUED_ELSEWHERE = "queued_elsewhere"  # as QUEUED, but our resubmission was a duplicate of another edge's
     STREAMING = "streaming"  # a worker accepted this attempt: each event must follow within silence_s
     ABANDONED = "abandoned"  # (followers) the previous client's cancel reached the worker: its end is not ours
     FINISHED = "finished"  # ended or failed on the worker: nothing left to cancel
@@ -51,8 +54,8 @@ class GenerationPort(Protocol):
     @property
     def timeouts(self) -> Timeouts: ...
 
-    async def publish(self, request: GenerateRequest | EmbedRequest) -> object:
-        """Queue a (re)submission of the request."""
+    async def publish(self, request: GenerateRequest | EmbedRequest) -> bool:
+        """Queue a (re)submission of the request; False if the queue already had it (another edge's)."""
 
     async def cancel(self, request_id: str, attempt: int | None = None) -> None:
         """Stop the request on its worker (best effort)."""
@@ -105,13 +108,16 @@ class Generation:
 
     async def _advance(self) -> Sequence[Tokens | End]:
         """Take the next event (or notice the worker is gone) and move the state; what to hand the client."""
-        accepted = self.state is not GenerationState.QUEUED
+        accepted = self.state in (GenerationState.STREAMING, GenerationState.ABANDONED)
         try:
             event = await self._next_event(self._port.timeouts.silence_s if accepted else self._port.timeouts.queue_s)
         except TimeoutError:
-            if not (accepted and self._resumable):
+            if not ((accepted or self.state is GenerationState.QUEUED_ELSEWHERE) and self._resumable):
                 raise timeout_error(self._port.timeouts, accepted) from None
-            return await self._worker_lost()  # the worker went silent: continue elsewhere
+            # The worker went silent: continue elsewhere. Or the attempt another edge queued showed nothing here
+            # for a whole queue timeout: it expired, or it ran while a NATS node failed and its events missed
+            # the journal. Its duplicate would never run; take the next attempt.
+            return await self._worker_lost()
         if event.attempt != self.request.attempt:
             if self._follower is None or event.attempt < self.request.attempt:
                 return ()  # from a superseded attempt (a worker that was presumed dead)
@@ -156,7 +162,9 @@ class Generation:
     def _adopt(self, attempt: int) -> None:
         """Follow a newer attempt seen in the journal (another edge resubmitted the request)."""
         self.request = self.request.model_copy(update={"attempt": attempt})
-        self.state, self._expected_seq = GenerationState.QUEUED, 0
+        if self.state is not GenerationState.QUEUED_ELSEWHERE:
+            self.state = GenerationState.QUEUED
+        self._expected_seq = 0
 
     def _unseen(self, event: Tokens) -> Tokens | None:
         """A replayed event without what was already delivered: an attempt that resumed from fewer tokens than
@@ -187,7 +195,11 @@ class Generation:
         if event.kind == "accepted" or event.seq <= expected or (expected, event.seq) == (0, 1):
             return False
         self._log.warning("request.event_gap", expected=expected, got=event.seq, resumed=self._resumable)
-        return self._resumable
+        if not self._resumable:
+            # Going on would hand the client an answer with a hole in it, as if it were whole.
+            raise ApiError(ErrorCode.WORKER_LOST, "token events of this request were lost in transit and it cannot "
+                           "be resumed again", retry_after=1.0)
+        return True
 
     async def _next_event(self, timeout: float) -> Event:
         # Hot path: events usually wait already; asyncio.timeout() avoids wait_for's task per call.
@@ -221,9 +233,11 @@ class Generation:
         if isinstance(previous, GenerateRequest):
             update["resume_token_ids"] = list(self._delivered)
         self.request = previous.model_copy(update=update)
-        self.state, self._expected_seq = GenerationState.QUEUED, 0
+        self._expected_seq = 0
         self._log.warning("request.resubmitted", attempt=self.request.attempt, delivered=len(self._delivered))
-        await self._port.publish(self.request)
+        # False: another edge queued this attempt already (both saw the worker fall silent); follow it.
+        queued = await self._port.publish(self.request)
+        self.state = GenerationState.QUEUED if queued else GenerationState.QUEUED_ELSEWHERE
 
     async def close(self) -> None:
         """Stop listening; if the generation has not finished, cancel it on the worker."""

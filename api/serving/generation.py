@@ -14,9 +14,7 @@ from api.disconnects import until_disconnected as until_disconnected  # re-expor
 from api.errors import ApiError
 from api.generation import Generation, merge
 from api.services import Services
-from contracts import ChoiceDelta, ErrorCode, GenerateRequest, SamplingParams, TokenLogprob, Usage
-
-LOGPROB_FLOOR = -9999.0  # -inf breaks JSON; vLLM clamps to the same value
+from contracts import LOGPROB_FLOOR, ChoiceDelta, ErrorCode, GenerateRequest, SamplingParams, TokenLogprob, Usage
 
 
 def new_id(prefix: str) -> str:

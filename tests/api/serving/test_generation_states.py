@@ -32,15 +32,16 @@ QUIET_S = 0.05  # how long "silent" is in these tests: the timeouts of the scrip
 class ScriptedEngine:
     """A fake engine client: records what the generation asks of it; the test scripts the events."""
 
-    def __init__(self, max_attempts: int = 3, quiet_s: float = QUIET_S) -> None:
+    def __init__(self, max_attempts: int = 3, quiet_s: float = QUIET_S, already_queued: frozenset[int] = frozenset()):
         self.timeouts = Timeouts(queue_s=quiet_s, silence_s=quiet_s, max_attempts=max_attempts)
+        self.already_queued = already_queued  # attempts the queue reports as another edge's duplicate
         self.published: list[GenerateRequest] = []
         self.cancelled: list[tuple[str, int | None]] = []
         self.released: list[str] = []
 
     async def publish(self, request: GenerateRequest) -> bool:
         self.published.append(request)
-        return True
+        return request.attempt not in self.already_queued
 
     async def cancel(self, request_id: str, attempt: int | None = None) -> None:
         self.cancelled.append((request_id, attempt))
@@ -165,6 +166,22 @@ async def test_the_last_attempt_going_silent_is_worker_lost() -> None:
             received.append(event)
     assert failure.value.info.code is ErrorCode.WORKER_LOST and token_ids(received) == [10]
     assert engine.published == []
+
+
+async def test_an_attempt_another_edge_queued_that_never_shows_up_is_resubmitted_not_failed() -> None:
+    engine = ScriptedEngine(already_queued=frozenset({2}))
+    events = scripted(accepted(), tokens(1, 10))  # then silence: attempt 2 is a duplicate, and nothing comes of it
+    generation = Generation(engine, request(), events)
+    stream = aiter(generation)
+    await anext(stream)
+    waiting = asyncio.ensure_future(anext(stream))
+    await until(lambda: len(engine.published) == 2)  # a queue timeout after the duplicate: the next attempt
+    assert [r.attempt for r in engine.published] == [2, 3] and generation.state is GenerationState.QUEUED
+    for event in (accepted(3, resumed=1), tokens(1, 11, attempt=3), tokens(2, 12, attempt=3, finish="length"),
+                  end(3, 3, attempt=3)):
+        events.put_nowait(event)
+    received = [await waiting] + [event async for event in stream]
+    assert token_ids(received) == [11, 12]
 
 
 async def test_a_worker_lost_after_the_last_token_ends_the_stream_without_resubmitting() -> None:

@@ -16,7 +16,8 @@ import structlog
 from contracts import EmbedRequest, FinishReason, GenerateRequest, Usage
 from engine_worker.detokenizer import IncrementalDetokenizer
 from engine_worker.executor import ModelExecutor
-from engine_worker.kv_cache import KVCacheManager, round_up
+from engine_worker.kv_budget import size_kv_cache
+from engine_worker.kv_cache import KVCacheManager
 from engine_worker.output_builder import OutputBuilder
 from engine_worker.outputs import EmbedOutput, EngineStats, RequestOutput
 from engine_worker.sampling_rows import TokenLogprobData, row_for, seed_key
@@ -48,11 +49,7 @@ class Engine:
         self.max_model_len: int = runner.max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.limits = RequestLimits(self.max_model_len, runner.vocab_size, config.max_num_seqs, runner.num_layers)
-        capacity = config.kv_cache_tokens
-        if capacity is None:
-            by_memory = int(config.kv_cache_gib * 2**30) // runner.kv_bytes_per_token
-            capacity = max(min(config.max_num_seqs * self.max_model_len, by_memory), self.max_model_len)
-        capacity = round_up(max(capacity, self.max_model_len))
+        capacity = size_kv_cache(config, runner).tokens
         self.kv = KVCacheManager(capacity, config.max_num_seqs, self.max_model_len)
         runner.allocate_kv_cache(capacity, self.kv.slot_len)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.kv)
@@ -70,7 +67,6 @@ class Engine:
             "engine ready",
             max_model_len=self.max_model_len,
             kv_cache_tokens=capacity,
-            kv_cache_gib=round(capacity * runner.kv_bytes_per_token / 2**30, 2),
             max_num_seqs=config.max_num_seqs,
         )
 
@@ -125,6 +121,11 @@ class Engine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests or self._pending)
+
+    def release_idle_memory(self) -> None:
+        """Called by the engine loop after a while without requests: the KV cache's pages go back to the OS."""
+        if not self.has_unfinished_requests():
+            self.runner.release_kv_memory()
 
     # --- intake ---------------------------------------------------------------------------------------------
     def validate(self, request: GenerateRequest | EmbedRequest) -> None:

@@ -20,6 +20,7 @@ log = structlog.get_logger(__name__)
 
 _IDLE_WAIT_S = 0.05
 STATS_INTERVAL_S = 0.1  # stats go out at most this often while busy (and once when the engine turns idle)
+RELEASE_MEMORY_AFTER_IDLE_S = 2.0  # an engine idle this long gives its KV pages back (engines that can)
 
 
 class StepEngine(Protocol):
@@ -119,12 +120,22 @@ class EngineLoop:
             self._on_outputs(outputs, stats)
 
     def _run(self) -> None:
+        release = getattr(self._engine, "release_idle_memory", None)
+        idle_since: float | None = None  # None: busy (the idle clock starts at the next idle pass)
         try:
             while not self._stopping.is_set():
                 busy = self._engine.has_unfinished_requests()
                 self._drain_commands(block=not busy)
                 if self._engine.has_unfinished_requests():
+                    idle_since = None
                     self._hand_over(self._engine.step())
+                elif release is not None:
+                    # Once per idle spell, after a pause, so back-to-back requests keep their warm pages.
+                    now = time.monotonic()
+                    idle_since = now if idle_since is None else idle_since
+                    if now - idle_since >= RELEASE_MEMORY_AFTER_IDLE_S:
+                        release()
+                        idle_since = float("inf")  # released: not again until the next request
         except BaseException as exc:  # the engine is dead: every request on it must be failed, loudly
             log.exception("engine.dead")
             self._on_dead(exc)

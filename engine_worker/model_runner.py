@@ -1,4 +1,4 @@
-"""The model on its device: weights, the pre-allocated KV cache, and one batched forward per engine step.
+"""The model on its device: weights, the KV cache, and one batched forward per engine step.
 
 For llama-layout architectures (`SUPPORTED_ARCHITECTURES`: RMSNorm, rotary, GQA, SiLU-gated MLP, optional
 q/k/v biases) the forward is written directly over the HF weights, gpt-fast style: every token scheduled in a
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from contracts import EmbeddingVector, EmbedRequest
 from engine_worker.kv_cache import Relayout, round_up
+from engine_worker.kv_memory import KVBuffers, release_freed_memory
 from engine_worker.pooling import vectors_for
 from engine_worker.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
 from engine_worker.sampling_rows import SamplingRow, TokenLogprobData
@@ -69,7 +70,7 @@ class _Linear:
     faster than `F.linear` (bf16 and fp32, measured on this repo's CPU); elsewhere it is plain `F.linear`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight, self.bias, self.packed = weight, bias, False
+        self.weight, self.bias, self.packed = _owned(weight), None if bias is None else _owned(bias), False
         if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _can_pack():
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight)
@@ -84,6 +85,13 @@ class _Linear:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def _owned(weight: torch.Tensor) -> torch.Tensor:
+    """A CPU weight in the process's own memory. The loader maps the checkpoint file and its tensors are views of
+    one mapping, so keeping any of them (the embedding, a norm) would keep every page of the file resident next
+    to the packed copies the runner uses (513 MB of SmolLM2 in fp32). Elsewhere `.to(device)` already copied."""
+    return weight.clone() if weight.device.type == "cpu" else weight
 
 
 def _fused_linear(*projections: torch.nn.Linear) -> _Linear:
@@ -176,12 +184,18 @@ class SlotKVCache:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
     def allocate_kv_cache(self, capacity: int, slot_len: int) -> None:
-        """Once, at start-up. Zeroed so masked-out positions never hold NaN (0 * NaN would leak through)."""
-        shape = (capacity * self.num_kv_heads * self.head_dim,)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        """Once, at start-up. Zeroed so masked-out positions never hold NaN (0 * NaN would leak through); on a
+        CPU committed page by page as sequences first write it (kv_memory.py)."""
+        self.k_cache = self.v_cache = []  # drop a previous cache before mapping the new one
+        kv = KVBuffers(2 * self.num_layers, capacity * self.num_kv_heads * self.head_dim, self.dtype, self.device)
+        self.k_cache, self.v_cache = kv.buffers[: self.num_layers], kv.buffers[self.num_layers :]
+        self._kv_buffers = kv
         self.capacity = capacity
         self.slot_len = slot_len
+
+    def release_kv_memory(self) -> None:
+        """Give the cache's pages back (CPU); the caller guarantees no sequence holds KV."""
+        self._kv_buffers.release()
 
     def _view(self, flat: torch.Tensor, slot_len: int) -> torch.Tensor:
         slots = self.capacity // slot_len
@@ -243,6 +257,8 @@ class ModelRunner(SlotKVCache):
             self.max_model_len = sliding
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         self._load_weights(model, config)
+        del model  # the runner keeps its own copies of the weights: the HF module and the file mapping can go
+        release_freed_memory()
         self._log_loaded(model_dir, model_impl="fast")
 
     @torch.inference_mode()
@@ -254,18 +270,18 @@ class ModelRunner(SlotKVCache):
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim**-0.5
         inner = model.model
-        self.embed = inner.embed_tokens.weight
-        self.norm = inner.norm.weight
+        self.embed = _owned(inner.embed_tokens.weight)
+        self.norm = _owned(inner.norm.weight)
         self.lm_head = _Linear(model.lm_head.weight)  # the embedding's weight when tied
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 _Layer(
-                    ln1=layer.input_layernorm.weight,
+                    ln1=_owned(layer.input_layernorm.weight),
                     qkv=_fused_linear(attn.q_proj, attn.k_proj, attn.v_proj),
                     o=_Linear(attn.o_proj.weight, attn.o_proj.bias),
-                    ln2=layer.post_attention_layernorm.weight,
+                    ln2=_owned(layer.post_attention_layernorm.weight),
                     gate_up=_fused_linear(mlp.gate_proj, mlp.up_proj),
                     down=_Linear(mlp.down_proj.weight, mlp.down_proj.bias),
                 )

@@ -24,8 +24,9 @@ class EngineConfig:
     max_model_len: int | None = Field(default=None, ge=2, description=(
         "Cap on the context length; the model's own when unset."))
     kv_cache_tokens: int | None = Field(default=None, ge=1, description=(
-        "KV capacity in tokens, allocated once. Unset: max_num_seqs x max_model_len, capped at what fits in "
-        "kv_cache_gib (but always at least one full-length sequence)."))
+        "KV capacity in tokens; unset: max_num_seqs x max_model_len, capped by kv_cache_gib and 40% of the "
+        "available memory (engine_worker/kv_budget.py, logged as kv_cache.sized). On a CPU it is committed as "
+        "sequences use it."))
     kv_cache_gib: float = Field(default=DEFAULT_KV_CACHE_GIB, gt=0, description=(
         "Memory cap for the derived default of kv_cache_tokens (2 GiB: ~93k tokens of SmolLM2-135M in bf16)."))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description=(

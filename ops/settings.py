@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = engine_field("max_num_batched_tokens")
     max_model_len: int | None = engine_field("max_model_len")
     kv_cache_tokens: int | None = engine_field("kv_cache_tokens")
+    kv_cache_gib: float = engine_field("kv_cache_gib")
     torch_threads: int | None = engine_field("torch_threads")
     num_speculative_tokens: int = engine_field("num_speculative_tokens")
     prompt_lookup_min: int = engine_field("prompt_lookup_min")

@@ -15,8 +15,9 @@ from api.auth.middleware import AuthMiddleware
 from api.batch.runner import BatchRunner
 from api.body_limit import BodySizeLimit, LimitFor
 from api.catalog import ModelCatalog
-from api.engine_client import EngineClient, Timeouts
 from api.errors import install_error_handlers
+from api.generation import Timeouts
+from api.nats_engine_client import NatsEngineClient
 from api.request_context import RequestContextMiddleware
 from api.routes import accounts, aleph, anthropic, batches, deployments, files, openai, system, tokenizer, websocket
 from api.routes.metrics import router as metrics_router
@@ -59,8 +60,8 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.services = services = Services(
                 settings=settings,
                 catalog=ModelCatalog(js, registry, settings.data_dir / "tokenizers", settings.registry_ttl_s),
-                engine=EngineClient(nc, router, Timeouts(queue_s=settings.queue_timeout_s,
-                                                          silence_s=settings.worker_silence_timeout_s)),
+                engine=NatsEngineClient(nc, router, Timeouts(queue_s=settings.queue_timeout_s,
+                                                              silence_s=settings.worker_silence_timeout_s)),
                 batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s, settings.nats_replicas),
             )
             runner = (BatchRunner(services, services.batches, nc, meter_for_owner=auth_gate.meter_for_owner)

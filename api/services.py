@@ -1,8 +1,10 @@
-"""What route handlers need, built once in the lifespan and handed over by dependency."""
+"""What route handlers need, built once in the lifespan and handed over by dependency. A route gets them with the
+engine client charging its caller's token budget (the meter the auth middleware put on the request), so the
+reservation travels with the client the route passes down, not in ambient state."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 from fastapi import Depends
@@ -23,7 +25,9 @@ class Services:
 
 
 def get_services(connection: HTTPConnection) -> Services:
-    return connection.app.state.services
+    services: Services = connection.app.state.services
+    meter = getattr(connection.state, "meter", None)
+    return services if meter is None else replace(services, engine=services.engine.charging(meter))
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

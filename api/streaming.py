@@ -14,8 +14,8 @@ import structlog
 from fastapi.responses import StreamingResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from api.disconnects import until_gone
 from api.errors import ApiError, api_error_body, as_api_error
-from api.serving.generation import until_gone
 from contracts import ErrorCode
 
 log = structlog.get_logger(__name__)

@@ -1,21 +1,19 @@
 """Token budgets. The middleware opens a `Meter` for the caller of each request (a WebSocket: each connection)
-and makes it current in a context variable, so the one place every generation passes through
-(`EngineClient.submit`) can reserve without any route or serving function passing it along. A reservation is
+and puts it on the request's state beside the caller; the route's engine client charges it
+(`EngineClient.charging`, api/services.py), and the one place every generation passes through
+(`EngineClient.submit`) reserves from it. A reservation is
 the prompt plus `max_tokens` per candidate (n or best_of; an unset max_tokens is the rest of the context); when
 the generation ends it is settled to what was really used (prompt + completion), from whichever replica sees the
 end.
 
-A task that outlives its request inherits the meter; once the request is over the meter only charges and never
+A task that outlives its request keeps the meter; once the request is over the meter only charges and never
 refuses, so background work counts against its owner's budget without failing. Work that never had a request
-(a batch runner, which has only the owner stored with the job) charges it with
-`with using(await gate.meter_for_owner(owner)):`."""
+(a batch runner, which has only the owner stored with the job) charges `await gate.meter_for_owner(owner)`."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
 
 import structlog
 
@@ -88,19 +86,6 @@ def rate_limited(verdict: Verdict, tokens: int | None = None) -> ApiError:
     return ApiError(ErrorCode.RATE_LIMITED, message + "; retry after the reset", retry_after=verdict.retry_after_s)
 
 
-_current: ContextVar[Meter | None] = ContextVar("inferq_meter", default=None)
-
-
-@contextlib.contextmanager
-def using(meter: Meter | None) -> Iterator[Meter | None]:
-    """Make `meter` the one generations started in this context reserve from."""
-    token = _current.set(meter)
-    try:
-        yield meter
-    finally:
-        _current.reset(token)
-
-
 def reservation_size(request: GenerateRequest | EmbedRequest) -> int:
     """The prompt plus `max_tokens` per candidate (n, or best_of). The edge resolves an unset `max_tokens` to the
     rest of the context before it gets here (api/serving/generation.with_max_tokens); one still unset is a bug
@@ -113,9 +98,8 @@ def reservation_size(request: GenerateRequest | EmbedRequest) -> int:
     return len(request.prompt_token_ids) + sampling.max_tokens * sampling.num_candidates
 
 
-async def reserve_for(request: GenerateRequest | EmbedRequest) -> Reservation:
-    """Hold the request's tokens against the current caller's budget (nothing without one: auth off)."""
-    meter = _current.get()
+async def reserve_for(request: GenerateRequest | EmbedRequest, meter: Meter | None) -> Reservation:
+    """Hold the request's tokens against `meter`, its caller's budget (nothing without one: auth off)."""
     if meter is None:
         return Reservation(None, 0, 0)
     return await meter.reserve(reservation_size(request))

@@ -2,7 +2,7 @@
 middleware: it sees both scope types and runs before any router, so every route is covered, including routes
 whose code knows nothing about auth. In order: public route → pass; who is calling (401); may that role call
 this route (403); one request against the caller's minute and day (429 + Retry-After). Then the caller goes on
-`request.state.caller`, its token meter becomes current, and the response gets the rate-limit headers.
+`request.state.caller` and its token meter on `request.state.meter`, and the response gets the rate-limit headers.
 
 A refused WebSocket is closed before it is accepted (the client sees the handshake fail): 1008 (policy
 violation) for 401/403, 1013 (try again later) for 429. On the Aleph Alpha routes a refusal has the status that
@@ -22,7 +22,7 @@ from api.auth.caller import Caller
 from api.auth.credentials import credential_from_headers
 from api.auth.gate import AuthGate
 from api.auth.headers import rate_limit_headers
-from api.auth.metering import Meter, rate_limited, using
+from api.auth.metering import Meter, rate_limited
 from api.auth.policy import PUBLIC, rule_for
 from api.errors import ApiError, broker_error, error_response, use_aleph_statuses
 from broker.errors import BrokerError, BrokerUnavailable
@@ -52,13 +52,13 @@ class AuthMiddleware:
             if rule.aleph:  # its client turns 401 into PermissionError; a 403 would be a bare RuntimeError
                 use_aleph_statuses(HTTPConnection(scope))
             return await self._refuse(scope, receive, send, refusal)
-        scope.setdefault("state", {})["caller"] = caller
-        with using(meter):
-            try:
-                await self.app(scope, receive, _with_rate_headers(send, meter, self.gate))
-            finally:
-                if meter is not None:
-                    meter.finish()
+        state = scope.setdefault("state", {})
+        state["caller"], state["meter"] = caller, meter
+        try:
+            await self.app(scope, receive, _with_rate_headers(send, meter, self.gate))
+        finally:
+            if meter is not None:
+                meter.finish()
 
     async def _admit(self, scope: Scope, roles: frozenset[Role], route_class: str) -> tuple[Caller, Meter | None]:
         """The caller and its meter, or the ApiError refusing the request."""

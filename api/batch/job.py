@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from api.auth.metering import Meter, using
+from api.auth.metering import Meter
 from api.batch.assemble import Tally, assemble, discard
 from api.batch.lines import BatchLine, InvalidLine, LineParser, RetryLater, read_lines, run_line
 from api.services import Services
@@ -71,6 +71,7 @@ class JobRun:
         self._stopped = asyncio.Event()
         self._stop_reason: str | None = None
         self._in_flight: set[asyncio.Task] = set()
+        self._meter: Meter | None = None  # the owner's charge-only meter, once the run has claimed the batch
 
     @property
     def job(self) -> BatchJob:
@@ -96,8 +97,8 @@ class JobRun:
                 except FileMissing:
                     await self._fail("input_file_missing", f"the input file {self.job.input_file_id} was deleted")
                 else:
-                    with using(await self._owner_meter()):  # line tasks inherit it with the context
-                        await self._drive(path)
+                    self._meter = await self._owner_meter()  # every line's engine client charges it
+                    await self._drive(path)
         await storage.results.purge(self._id)  # the files hold them now
 
     async def _drive(self, path: Path) -> None:
@@ -232,7 +233,7 @@ class JobRun:
 
     async def _result_of(self, line: BatchLine) -> LineResult:
         for attempt in itertools.count(1):
-            engine = self._ctx.services.engine.keyed(self._message_key(line, attempt))
+            engine = self._ctx.services.engine.keyed(self._message_key(line, attempt)).charging(self._meter)
             try:
                 return await run_line(line, self.job.endpoint, replace(self._ctx.services, engine=engine))
             except RetryLater as exc:  # no worker right now, queue full: wait it out

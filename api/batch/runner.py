@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from api.auth.metering import Meter
 from api.batch.job import Fenced, JobRun, RunnerContext
-from api.engine_client import EngineClient, Timeouts
+from api.generation import Timeouts
 from api.services import Services
 from broker.batch_store import BatchStorage
 from broker.errors import BrokerError
@@ -36,8 +36,8 @@ class BatchRunner:
     def __init__(self, services: Services, storage: BatchStorage, nc: NatsClient,
                  meter_for_owner: Callable[[str], Awaitable[Meter | None]] | None = None):
         settings = services.settings
-        lines = EngineClient(nc, services.engine.router, lane=Lane.BATCH, timeouts=Timeouts(
-            queue_s=settings.batch_line_timeout_s, silence_s=settings.worker_silence_timeout_s))
+        lines = services.engine.in_lane(Lane.BATCH, Timeouts(queue_s=settings.batch_line_timeout_s,
+                                                             silence_s=settings.worker_silence_timeout_s))
         self.runner_id = f"r{uuid.uuid4().hex[:12]}"
         # Lines may wait in the batch lane behind interactive work far longer than interactive requests may.
         line_settings = settings.model_copy(update={"queue_timeout_s": settings.batch_line_timeout_s})

@@ -1,25 +1,20 @@
 """Shared by the completion surfaces: context checks, building queue requests, accumulating choices, logprob
-shapes, and cancelling work when a non-streaming client goes away."""
+shapes (cancelling work when a non-streaming client goes away is api/disconnects.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-from starlette.requests import Request
 
 from api.catalog import ServedModel
-from api.engine_client import Generation, merge
+from api.disconnects import until_disconnected as until_disconnected  # re-exported: the serving modules use it
 from api.errors import ApiError
+from api.generation import Generation, merge
 from api.services import Services
 from contracts import LOGPROB_FLOOR, ChoiceDelta, ErrorCode, GenerateRequest, SamplingParams, TokenLogprob, Usage
-
-T = TypeVar("T")
 
 
 def new_id(prefix: str) -> str:
@@ -177,28 +172,3 @@ def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
         {**item(entry.token, entry.logprob), "top_logprobs": [item(alt.token, alt.logprob) for alt in entry.top]}
         for entry in entries
     ]}
-
-
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it (and so the generation on the worker) if the HTTP client disconnects first."""
-    return await until_gone(_http_disconnect(request), work)
-
-
-async def _http_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def until_gone(gone: Awaitable[object], work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it (and so any generation it iterates) if `gone` completes first: the client left."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(gone)
-    watcher.add_done_callback(lambda _: task.cancel())
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled():
-            raise ApiError(ErrorCode.CANCELLED, "the client disconnected") from None
-        raise
-    finally:
-        watcher.cancel()

@@ -15,12 +15,12 @@ pytestmark = pytest.mark.asyncio
 
 
 class RecordingClient:
-    """What a Generation needs of its EngineClient: publish (resubmissions), cancel, the router, timeouts."""
+    """What a Generation needs of its EngineClient (its GenerationPort): publish (resubmissions), cancel, release,
+    timeouts."""
 
     def __init__(self, already_queued: frozenset[int] = frozenset()) -> None:
         self.published: list[GenerateRequest] = []
         self.timeouts = Timeouts(queue_s=5.0, silence_s=5.0)
-        self.router = self
         self.already_queued = already_queued  # attempts whose publish the queue reports as a duplicate
 
     async def publish(self, request: GenerateRequest) -> bool:
@@ -30,7 +30,7 @@ class RecordingClient:
     async def cancel(self, request_id: str, attempt: int | None = None) -> None:
         pass
 
-    def close(self, request_id: str) -> None:
+    def release(self, request_id: str) -> None:
         pass
 
 

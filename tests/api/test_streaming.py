@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from api.disconnects import until_gone
 from api.errors import ApiError
-from api.serving.generation import until_gone
 from api.streaming import primed, sse_frames
 from contracts import ErrorCode
 

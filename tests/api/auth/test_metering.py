@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from api.auth.metering import Meter, reservation_size, reserve_for, using
+from api.auth.metering import Meter, reservation_size, reserve_for
 from api.errors import ApiError
 from broker.rate_limits import Verdict, adjust, admit
 from contracts import GenerateRequest, SamplingParams
@@ -46,10 +46,9 @@ def test_a_reservation_is_the_prompt_plus_max_tokens_per_candidate() -> None:
 async def test_strict_meters_refuse_then_settle_once() -> None:
     limiter = MemoryLimiter()
     meter = Meter(limiter, "key:k", RateLimits(tokens_per_minute=100), clock=lambda: NOW)
-    with using(meter):
-        held = await reserve_for(request(10, 60))
-        with pytest.raises(ApiError) as refused:
-            await reserve_for(request(10, 60))
+    held = await reserve_for(request(10, 60), meter)
+    with pytest.raises(ApiError) as refused:
+        await reserve_for(request(10, 60), meter)
     assert refused.value.status == 429 and refused.value.retry_after == pytest.approx(30)  # to the end of the minute
     await held.settle(25)
     await held.settle(999)  # ignored: settled already
@@ -60,12 +59,11 @@ async def test_after_the_request_the_meter_charges_without_refusing() -> None:
     limiter = MemoryLimiter()
     meter = Meter(limiter, "key:k", RateLimits(tokens_per_minute=100), clock=lambda: NOW)
     meter.finish()
-    with using(meter):
-        held = await reserve_for(request(100, 100))  # over the budget: still admitted
+    held = await reserve_for(request(100, 100), meter)  # over the budget: still admitted
     await held.settle(150)
     assert limiter.windows.minute_tokens == 150
 
 
 async def test_no_meter_no_accounting() -> None:
-    held = await reserve_for(request(10, 10))
+    held = await reserve_for(request(10, 10), None)
     await held.settle(20)  # nothing to settle against

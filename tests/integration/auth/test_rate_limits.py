@@ -14,7 +14,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from api.auth.credentials import parse_bearer
 from api.auth.gate import AuthGate
-from api.auth.metering import reserve_for, using
+from api.auth.metering import reserve_for
 from broker.connection import connect
 from contracts import GenerateRequest, SamplingParams
 from contracts.accounts import RateLimits, Role
@@ -126,9 +126,9 @@ async def test_background_work_is_charged_to_its_owner_without_refusal(api_on, a
         gate = AuthGate(auth_settings, clock=lambda: now)
         await gate.open(nc.jetstream())
         meter = await gate.meter_for_owner(owner)
-        with using(meter):
-            held = await reserve_for(GenerateRequest(request_id="line-1", model=TINY_MODEL_NAME, reply_subject="x",
-                                                     prompt_token_ids=[1] * 90, sampling=SamplingParams(max_tokens=50)))
+        held = await reserve_for(GenerateRequest(request_id="line-1", model=TINY_MODEL_NAME, reply_subject="x",
+                                                 prompt_token_ids=[1] * 90, sampling=SamplingParams(max_tokens=50)),
+                                 meter)
         await held.settle(130)  # over the budget, and still not refused: a batch line must not fail for it
         assert await gate.meter_for_owner("key:0000000000000000") is None  # revoked or unknown: nothing to charge
     async with httpx.AsyncClient(base_url=api_on.base_url, headers=headers(key)) as client:

@@ -1,0 +1,297 @@
+"""One submitted request as the edge sees it: a small state machine over the request's events.
+
+    QUEUED ──accepted──▶ STREAMING ──end──▶ FINISHED          (error: FINISHED, raised as ApiError)
+      ▲                    │   └─abort seen by a follower─▶ ABANDONED ──end──┐
+      └──── resubmitted ◀──┴── worker silent, or events lost (a gap) ◀───────┘
+    (QUEUED_ELSEWHERE: a resubmission another edge had queued already; if it shows nothing for a queue timeout,
+    resubmitted again rather than failed)
+    any state but FINISHED ──close()──▶ cancelled on the worker
+
+A generation talks to the engine client that started it only through `GenerationPort` (publish a resubmission,
+cancel, stop routing its events, the timeouts), so it can be driven by a scripted fake in tests.
+
+An edge can also follow a request it did not submit, from the token journal (broker/journal.py): a client whose
+stream broke reconnects with its SSE Last-Event-ID, or retries its POST with the same Idempotency-Key."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+import structlog
+
+from api.auth.metering import Reservation
+from api.errors import ApiError
+from broker.events import Event
+from broker.journal import JournalFollower
+from contracts import ChoiceDelta, EmbedRequest, End, ErrorCode, FinishReason, GenerateRequest, Tokens, Usage
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    queue_s: float  # longest wait for a worker to accept
+    silence_s: float  # longest gap between events once accepted (workers heartbeat every second)
+    max_attempts: int = 3  # a request survives this many workers going silent under it, minus one
+
+
+class GenerationState(Enum):
+    QUEUED = "queued"  # this attempt's `accepted` event not seen yet: wait at most queue_s for each event
+    QUEUED_ELSEWHERE = "queued_elsewhere"  # as QUEUED, but our resubmission was a duplicate of another edge's
+    STREAMING = "streaming"  # a worker accepted this attempt: each event must follow within silence_s
+    ABANDONED = "abandoned"  # (followers) the previous client's cancel reached the worker: its end is not ours
+    FINISHED = "finished"  # ended or failed on the worker: nothing left to cancel
+
+
+class GenerationPort(Protocol):
+    """What a Generation needs of the engine client that started it, and nothing more."""
+
+    @property
+    def timeouts(self) -> Timeouts: ...
+
+    async def publish(self, request: GenerateRequest | EmbedRequest) -> bool:
+        """Queue a (re)submission of the request; False if the queue already had it (another edge's)."""
+
+    async def cancel(self, request_id: str, attempt: int | None = None) -> None:
+        """Stop the request on its worker (best effort)."""
+
+    def release(self, request_id: str) -> None:
+        """Stop routing the request's events to this generation."""
+
+
+def timeout_error(timeouts: Timeouts, accepted: bool) -> ApiError:
+    if accepted:
+        return ApiError(ErrorCode.WORKER_LOST, "the worker serving this request stopped responding", retry_after=1.0)
+    return ApiError(ErrorCode.NO_WORKER, f"no worker accepted the request within {timeouts.queue_s:g} s",
+                    retry_after=5.0)
+
+
+class Generation:
+    """One submitted request. Iterate it for Tokens events and the final End; failures raise ApiError.
+
+    If the worker goes silent mid-stream, the request is resubmitted with the tokens already delivered
+    (`resume_token_ids`, attempt + 1): the next worker continues from there, so the client sees one
+    uninterrupted stream. Events of superseded attempts are ignored.
+
+    A generation that follows the journal (`follower`) replays every attempt's events from the start: it moves
+    on to a newer attempt when one appears, drops tokens it already has (an attempt's `accepted` event says
+    where its tokens start), and continues a request its previous client cancelled, by resubmitting it."""
+
+    def __init__(self, port: GenerationPort, request: GenerateRequest | EmbedRequest, events: asyncio.Queue[Event],
+                 reservation: Reservation | None = None, follower: JournalFollower | None = None):
+        self._port = port
+        self.request = request
+        self.state = GenerationState.QUEUED
+        self._events = events
+        self._follower = follower
+        self._expected_seq = 0  # the current attempt's next event
+        self._delivered: list[int] = list(getattr(request, "resume_token_ids", ()))
+        self._position = len(self._delivered)  # where the current attempt's next token goes (followers)
+        self._reservation = reservation  # the caller's tokens held for this generation, settled in close()
+        self._usage: Usage | None = None
+        # Its lines carry request_id and model, worker_id once accepted (trace_id comes from the HTTP request's
+        # log context, api/request_context.py).
+        self._log = log.bind(request_id=request.request_id, model=request.model)
+
+    async def __aiter__(self) -> AsyncIterator[Tokens | End]:
+        try:
+            while self.state is not GenerationState.FINISHED:
+                for event in await self._advance():
+                    yield event
+        finally:
+            await self.close()
+
+    async def _advance(self) -> Sequence[Tokens | End]:
+        """Take the next event (or notice the worker is gone) and move the state; what to hand the client."""
+        accepted = self.state in (GenerationState.STREAMING, GenerationState.ABANDONED)
+        try:
+            event = await self._next_event(self._port.timeouts.silence_s if accepted else self._port.timeouts.queue_s)
+        except TimeoutError:
+            if not ((accepted or self.state is GenerationState.QUEUED_ELSEWHERE) and self._resumable):
+                raise timeout_error(self._port.timeouts, accepted) from None
+            # The worker went silent: continue elsewhere. Or the attempt another edge queued showed nothing here
+            # for a whole queue timeout: it expired, or it ran while a NATS node failed and its events missed
+            # the journal. Its duplicate would never run; take the next attempt.
+            return await self._worker_lost()
+        if event.attempt != self.request.attempt:
+            if self._follower is None or event.attempt < self.request.attempt:
+                return ()  # from a superseded attempt (a worker that was presumed dead)
+            self._adopt(event.attempt)
+        if self._lost_before(event):
+            return await self._worker_lost()
+        if event.kind == "error":
+            self.state = GenerationState.FINISHED
+            raise ApiError.from_info(event.error)
+        self._expected_seq = event.seq + 1
+        if event.kind == "accepted":
+            self.state = GenerationState.STREAMING
+            self._position = event.resumed_tokens
+            self._log = self._log.bind(worker_id=event.worker_id)
+        elif event.kind == "tokens":
+            return self._deliver(event)
+        elif event.kind == "embeddings":
+            return (event,)
+        elif event.kind == "end" and self.state is GenerationState.ABANDONED:
+            await self._resubmit()  # its previous client left; this one wants the rest
+        elif event.kind == "end":
+            self.state = GenerationState.FINISHED
+            self._usage = event.usage
+            return (event,)
+        return ()  # accepted, heartbeat
+
+    def _deliver(self, event: Tokens) -> Sequence[Tokens]:
+        if self._follower is not None and (event := self._unseen(event)) is None:
+            return ()
+        self._delivered.extend(t for c in event.choices if c.index == 0 for t in c.token_ids)
+        return (event,)
+
+    async def _worker_lost(self) -> Sequence[Tokens | End]:
+        """The worker went silent or events were lost: finish here if everything arrived, else continue on a new
+        attempt."""
+        if self._all_delivered:
+            self.state = GenerationState.FINISHED
+            return self._synthetic_end()
+        await self._resubmit()
+        return ()
+
+    def _adopt(self, attempt: int) -> None:
+        """Follow a newer attempt seen in the journal (another edge resubmitted the request)."""
+        self.request = self.request.model_copy(update={"attempt": attempt})
+        if self.state is not GenerationState.QUEUED_ELSEWHERE:
+            self.state = GenerationState.QUEUED
+        self._expected_seq = 0
+
+    def _unseen(self, event: Tokens) -> Tokens | None:
+        """A replayed event without what was already delivered: an attempt that resumed from fewer tokens than
+        its predecessor streamed repeats those (identically, for greedy or seeded sampling). An abort from the
+        previous client leaving is kept back: this client still wants the rest."""
+        if self.request.sampling.num_candidates != 1:
+            return event  # never resumed, so one attempt: nothing repeats
+        choices = []
+        for delta in event.choices:
+            self._position += len(delta.token_ids)
+            if delta.token_ids and self._position <= len(self._delivered):
+                continue
+            if delta.finish_reason is FinishReason.ABORT and self._resumable:
+                self.state = GenerationState.ABANDONED
+                delta = delta.model_copy(update={"finish_reason": None, "stop_reason": None})
+                if not delta.token_ids and not delta.text:
+                    continue
+            choices.append(delta)
+        if not choices and event.prompt_logprobs is None:
+            return None
+        return event.model_copy(update={"choices": choices})
+
+    def _lost_before(self, event: Event) -> bool:
+        """Whether events were lost ahead of `event` (core NATS drops what arrives while a connection is being
+        re-established). Tokens after a gap cannot be placed: a resumable request continues from what was
+        delivered, on a new attempt. Only the `accepted` event (seq 0) missing loses nothing."""
+        expected = self._expected_seq
+        if event.kind == "accepted" or event.seq <= expected or (expected, event.seq) == (0, 1):
+            return False
+        self._log.warning("request.event_gap", expected=expected, got=event.seq, resumed=self._resumable)
+        if not self._resumable:
+            # Going on would hand the client an answer with a hole in it, as if it were whole.
+            raise ApiError(ErrorCode.WORKER_LOST, "token events of this request were lost in transit and it cannot "
+                           "be resumed again", retry_after=1.0)
+        return True
+
+    async def _next_event(self, timeout: float) -> Event:
+        # Hot path: events usually wait already; asyncio.timeout() avoids wait_for's task per call.
+        try:
+            return self._events.get_nowait()
+        except asyncio.QueueEmpty:
+            async with asyncio.timeout(timeout):
+                return await self._events.get()
+
+    @property
+    def _resumable(self) -> bool:
+        if self.request.attempt >= self._port.timeouts.max_attempts:
+            return False
+        return isinstance(self.request, EmbedRequest) or self.request.sampling.num_candidates == 1
+
+    @property
+    def _all_delivered(self) -> bool:
+        limit = self.request.sampling.max_tokens
+        return limit is not None and len(self._delivered) >= limit
+
+    def _synthetic_end(self) -> list[Tokens | End]:
+        """Every token arrived but the worker died before saying so: finish the stream here."""
+        usage = Usage(prompt_tokens=prompt_tokens(self.request), completion_tokens=len(self._delivered))
+        common = {"request_id": self.request.request_id, "attempt": self.request.attempt}
+        return [Tokens(**common, seq=0, choices=[ChoiceDelta(index=0, finish_reason=FinishReason.LENGTH)]),
+                End(**common, seq=1, usage=usage)]
+
+    async def _resubmit(self) -> None:
+        previous = self.request
+        update = {"attempt": previous.attempt + 1, "deadline": time.time() + self._port.timeouts.queue_s}
+        if isinstance(previous, GenerateRequest):
+            update["resume_token_ids"] = list(self._delivered)
+        self.request = previous.model_copy(update=update)
+        self._expected_seq = 0
+        self._log.warning("request.resubmitted", attempt=self.request.attempt, delivered=len(self._delivered))
+        # False: another edge queued this attempt already (both saw the worker fall silent); follow it.
+        queued = await self._port.publish(self.request)
+        self.state = GenerationState.QUEUED if queued else GenerationState.QUEUED_ELSEWHERE
+
+    async def close(self) -> None:
+        """Stop listening; if the generation has not finished, cancel it on the worker."""
+        if self._follower is not None:
+            await asyncio.shield(self._follower.close())
+        self._port.release(self.request.request_id)
+        if self.state is not GenerationState.FINISHED:
+            self.state = GenerationState.FINISHED
+            await asyncio.shield(self._port.cancel(self.request.request_id, self.request.attempt))
+        if self._reservation is not None:
+            # What the worker reported, else what we know it spent (the prompt and the tokens delivered).
+            used = self._usage or Usage(prompt_tokens=prompt_tokens(self.request),
+                                        completion_tokens=len(self._delivered))
+            reservation, self._reservation = self._reservation, None
+            await asyncio.shield(reservation.settle(used.prompt_tokens + used.completion_tokens))
+
+
+def prompt_tokens(request: GenerateRequest | EmbedRequest) -> int:
+    if isinstance(request, EmbedRequest):
+        return sum(len(tokens) for tokens in request.inputs)
+    return len(request.prompt_token_ids)
+
+
+async def merge(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, Tokens | End]]:
+    """Interleave several generations' events as they arrive, tagged with the generation's position."""
+    if len(generations) == 1:
+        async for event in generations[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, Tokens | End | BaseException | None]] = asyncio.Queue()
+
+    async def forward(position: int, generation: Generation) -> None:
+        try:
+            async for event in generation:
+                await queue.put((position, event))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            await queue.put((position, exc))
+        else:
+            await queue.put((position, None))
+
+    tasks = [asyncio.create_task(forward(i, g)) for i, g in enumerate(generations)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            position, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield position, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for generation in generations:
+            await generation.close()

@@ -18,7 +18,7 @@ from api.catalog import ModelCatalog
 from api.engine_client import EngineClient, Timeouts
 from api.errors import install_error_handlers
 from api.request_context import RequestContextMiddleware
-from api.routes import accounts, aleph, batches, deployments, files, openai, system, tokenizer, websocket
+from api.routes import accounts, aleph, batches, deployments, files, openai, responses, system, tokenizer, websocket
 from api.routes.metrics import router as metrics_router
 from api.routes.ui import mount_console
 from api.services import Services
@@ -29,6 +29,7 @@ from broker.batch_store import BatchStorage
 from broker.connection import NatsAuth, connect
 from broker.events import EventRouter
 from broker.registry import WorkerRegistry
+from broker.response_store import ResponseStore
 from broker.topology import ensure_journal_stream
 from ops.settings import Settings
 from ops.telemetry import open_tracing
@@ -62,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
                 engine=EngineClient(nc, router, Timeouts(queue_s=settings.queue_timeout_s,
                                                           silence_s=settings.worker_silence_timeout_s)),
                 batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s, settings.nats_replicas),
+                responses=await ResponseStore.open(js, settings.nats_replicas),
             )
             runner = (BatchRunner(services, services.batches, nc, meter_for_owner=auth_gate.meter_for_owner)
                       if settings.batch_runner else None)
@@ -71,6 +73,7 @@ def create_app(settings: Settings) -> FastAPI:
                                                    settings.supervisor_status_file)
             log.info("api.ready", edge_id=edge_id)
             yield
+            await services.response_runs.stop()
             if runner is not None:
                 await runner.stop()  # before the router: its lines' cancels still go out
             await router.stop()
@@ -80,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
 
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(websocket.router)
     app.include_router(tokenizer.router)
     app.include_router(aleph.router)

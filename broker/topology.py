@@ -184,6 +184,17 @@ async def ensure_batch_storage(js: JetStreamContext, replicas: int = 1):
     return files, file_data, batches, results
 
 
+async def ensure_response_storage(js: JetStreamContext, replicas: int = 1):
+    """The KV bucket of stored responses (file-backed, compare-and-swap updates) and the stream of background
+    responses' events (kept until the response is deleted). Returns the bucket."""
+    responses = await _key_value(js, KeyValueConfig(bucket=subjects.RESPONSES_BUCKET, history=1,
+                                                    storage=StorageType.FILE, replicas=replicas))
+    await _stream(js, StreamConfig(
+        name=subjects.RESPONSE_EVENTS_STREAM, subjects=[subjects.RESPONSE_EVENTS_WILDCARD],
+        retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, num_replicas=replicas))
+    return responses
+
+
 async def ensure_batch_jobs(js: JetStreamContext, ack_wait_s: float, replicas: int = 1) -> None:
     """The job queue: one ticket per batch (deduplicated by batch id), one durable consumer shared by every
     runner. A runner heartbeats its ticket (in_progress) and acks only once the batch is in a final state, so

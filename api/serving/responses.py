@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -14,7 +15,7 @@ import structlog
 from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 
-from api.auth.caller import Caller, get_caller, require_visible
+from api.auth.caller import Caller, get_caller
 from api.engine_client import Generation
 from api.errors import ApiError, as_api_error
 from api.schemas.responses import ResponseRequest
@@ -29,6 +30,7 @@ from contracts import ErrorCode
 from contracts.responses import StoredResponse
 
 log = structlog.get_logger(__name__)
+RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")  # what item_id("resp") makes; anything else cannot exist
 CANCEL_POLL_S = 0.5  # how often a background run looks for a cancel (which any replica may record)
 
 
@@ -40,10 +42,9 @@ def _store(services: Services) -> ResponseStore:
 
 async def owned_response(services: Services, caller: Caller, response_id: str) -> StoredResponse:
     """The stored response, if `caller` may see it; otherwise the not-found error (unknown or not theirs)."""
-    found = await _store(services).get(response_id) if response_id.startswith("resp_") else None
-    if found is None:
+    found = await _store(services).get(response_id) if RESPONSE_ID.fullmatch(response_id) else None
+    if found is None or not caller.can_see(found.record.owner):
         raise ApiError(ErrorCode.NOT_FOUND, f"response {response_id} does not exist", param="response_id")
-    require_visible(caller, found.record.owner, f"response {response_id}")
     return found.record
 
 

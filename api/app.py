@@ -25,6 +25,7 @@ from api.services import Services
 from api.serving.deployments import Deployments
 from api.serving.files import FILES_PATH, MULTIPART_OVERHEAD, size_limit_message
 from api.serving.metrics import FleetMetrics
+from api.serving.response_runner import ResponseRunner
 from broker.batch_store import BatchStorage
 from broker.connection import NatsAuth, connect
 from broker.events import EventRouter
@@ -63,17 +64,19 @@ def create_app(settings: Settings) -> FastAPI:
                 engine=EngineClient(nc, router, Timeouts(queue_s=settings.queue_timeout_s,
                                                           silence_s=settings.worker_silence_timeout_s)),
                 batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s, settings.nats_replicas),
-                responses=await ResponseStore.open(js, settings.nats_replicas),
+                responses=await ResponseStore.open(js, settings.response_job_ack_wait_s, settings.nats_replicas),
             )
             runner = (BatchRunner(services, services.batches, nc, meter_for_owner=auth_gate.meter_for_owner)
                       if settings.batch_runner else None)
             if runner is not None:
                 await runner.start()
+            response_runner = ResponseRunner(services, services.responses)  # background /v1/responses
+            await response_runner.start()
             app.state.fleet_metrics = FleetMetrics(nc, js, services.catalog, settings.metrics_scrape_timeout_s,
                                                    settings.supervisor_status_file)
             log.info("api.ready", edge_id=edge_id)
             yield
-            await services.response_runs.stop()
+            await response_runner.stop()
             if runner is not None:
                 await runner.stop()  # before the router: its lines' cancels still go out
             await router.stop()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends
@@ -10,7 +10,6 @@ from starlette.requests import HTTPConnection
 
 from api.catalog import ModelCatalog
 from api.engine_client import EngineClient
-from api.serving.background_runs import BackgroundRuns
 from broker.batch_store import BatchStorage
 from broker.response_store import ResponseStore
 from ops.settings import Settings
@@ -23,7 +22,6 @@ class Services:
     engine: EngineClient
     batches: BatchStorage | None = None  # files, batch jobs and their results (the /v1/files and /v1/batches APIs)
     responses: ResponseStore | None = None  # stored responses of /v1/responses
-    response_runs: BackgroundRuns = field(default_factory=BackgroundRuns)  # this replica's background ones
 
 
 def get_services(connection: HTTPConnection) -> Services:

@@ -9,24 +9,34 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from nats.js import JetStreamContext
+from nats.js import errors as jse
 from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
 
 from broker import subjects
+from broker.batch_store import JobQueue, QueueNames
 from broker.kv import CasRecords, as_broker_errors
-from broker.topology import ensure_response_storage
+from broker.topology import ensure_response_jobs, ensure_response_storage
 from broker.work_queue import MSG_ID_HEADER
 from contracts.responses import StoredResponse
 
+RESPONSE_QUEUE = QueueNames(subjects.RESPONSE_JOB_SUBJECT, subjects.RESPONSE_JOB_STREAM,
+                            subjects.RESPONSE_JOB_CONSUMER, str.encode)
+
 
 class ResponseStore(CasRecords[StoredResponse]):
-    def __init__(self, kv: KeyValue, js: JetStreamContext):
+    """The records, the event logs, and `queue`: tickets of background responses to run."""
+
+    def __init__(self, kv: KeyValue, js: JetStreamContext, queue: JobQueue):
         super().__init__(kv, StoredResponse, "resp", subjects.response_key)
         self._js = js
+        self.queue = queue
 
     @classmethod
-    async def open(cls, js: JetStreamContext, replicas: int = 1) -> ResponseStore:
-        return cls(await ensure_response_storage(js, replicas), js)
+    async def open(cls, js: JetStreamContext, ack_wait_s: float, replicas: int = 1) -> ResponseStore:
+        kv = await ensure_response_storage(js, replicas)
+        await ensure_response_jobs(js, ack_wait_s, replicas)
+        return cls(kv, js, JobQueue(js, ack_wait_s, RESPONSE_QUEUE))
 
     async def put(self, record: StoredResponse) -> None:
         """Store a finished response (foreground responses are written once, when they are done)."""
@@ -45,6 +55,17 @@ class ResponseStore(CasRecords[StoredResponse]):
         with as_broker_errors():
             await self._js.publish(subjects.response_events_subject(response_id), json.dumps(event).encode(),
                                    headers={MSG_ID_HEADER: f"{response_id}/{event['sequence_number']}"})
+
+    async def logged(self, response_id: str) -> tuple[dict[str, Any], int] | None:
+        """The first logged event (`response.created`) and the last sequence number logged, or None."""
+        stream, subject = subjects.RESPONSE_EVENTS_STREAM, subjects.response_events_subject(response_id)
+        with as_broker_errors():
+            try:
+                first = await self._js.get_msg(stream, seq=1, subject=subject, next=True)
+                last = await self._js.get_last_msg(stream, subject)
+            except jse.NotFoundError:
+                return None
+        return json.loads(first.data), json.loads(last.data)["sequence_number"]
 
     async def events(self, response_id: str) -> AsyncIterator[dict[str, Any]]:
         """The response's logged events from the first, then live ones, until the caller stops iterating."""

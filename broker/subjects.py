@@ -150,6 +150,10 @@ def batch_result_prefix(batch_id: str) -> str:
 RESPONSES_BUCKET = "inferq_responses"
 RESPONSE_EVENTS_STREAM = "INFERQ_RESPONSE_EVENTS"
 RESPONSE_EVENTS_WILDCARD = "inf.responses.events.>"
+# Background responses to run: one ticket each, pulled by the runners of every api replica (like batch jobs).
+RESPONSE_JOB_SUBJECT = "inf.jobs.responses"
+RESPONSE_JOB_STREAM = "INFERQ_RESPONSE_JOBS"
+RESPONSE_JOB_CONSUMER = "response_runner"
 
 
 def response_key(response_id: str) -> str:

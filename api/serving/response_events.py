@@ -11,7 +11,6 @@ from typing import Any
 
 from api.engine_client import Generation, merge
 from api.errors import ApiError
-from api.serving.response_items import item_id
 from contracts import Usage
 
 Event = dict[str, Any]
@@ -56,7 +55,9 @@ class ResponseEvents:
         of the generation ends them with `response.failed` (the stream has started: no HTTP status left)."""
         self.response["status"] = "in_progress"
         yield self.lifecycle("response.in_progress")
-        message = {"type": "message", "id": item_id("msg"), "status": "in_progress", "role": "assistant",
+        # Named after the response: a runner that takes a background response over makes the same events.
+        message_id = "msg_" + self.response["id"].removeprefix("resp_")
+        message = {"type": "message", "id": message_id, "status": "in_progress", "role": "assistant",
                    "content": []}
         self.response["output"].append(message)
         yield self.event("response.output_item.added", output_index=0, item=copy.deepcopy(message))

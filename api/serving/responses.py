@@ -4,20 +4,17 @@ and follow a background response's stream from any replica. Responses are stored
 
 from __future__ import annotations
 
-import asyncio
-import copy
 import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-import structlog
 from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 
 from api.auth.caller import Caller, get_caller
 from api.engine_client import Generation
-from api.errors import ApiError, as_api_error
+from api.errors import ApiError
 from api.schemas.responses import ResponseRequest
 from api.services import Services
 from api.serving.chat import render_chat
@@ -26,12 +23,10 @@ from api.serving.reattach import NEW, start
 from api.serving.response_events import TERMINAL, Event, ResponseEvents, new_response
 from api.serving.response_items import chat_messages, item_id, normalise_input
 from broker.response_store import ResponseStore
-from contracts import ErrorCode
+from contracts import ErrorCode, GenerateRequest
 from contracts.responses import StoredResponse
 
-log = structlog.get_logger(__name__)
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")  # what item_id("resp") makes; anything else cannot exist
-CANCEL_POLL_S = 0.5  # how often a background run looks for a cancel (which any replica may record)
 
 
 def _store(services: Services) -> ResponseStore:
@@ -62,7 +57,11 @@ async def create_response(body: ResponseRequest, services: Services, http: Reque
     tokenizer = await services.catalog.tokenizer(model)
     prompt = render_chat(chat_messages(body.instructions, [*history, *items]), tokenizer)
     response_id = item_id("resp")
-    [request] = build_requests(services, model, [prompt], body.sampling(), new_id("resp"))
+    sampling = body.sampling()
+    if body.background and sampling.seed is None:
+        # A runner that takes over may have to generate again: the same seed gives the same tokens.
+        sampling = sampling.model_copy(update={"seed": int(response_id[-8:], 16)})
+    [request] = build_requests(services, model, [prompt], sampling, new_id("resp"))
     record = StoredResponse(id=response_id, owner=caller.owner, input_items=items, history=history,
                             response=new_response(response_id, model.id, body.echoed(), status="queued"))
     if body.background:
@@ -93,78 +92,16 @@ async def _last_response(events: AsyncIterator[Event]) -> dict:
     return response
 
 
-async def _start_background(services: Services, record: StoredResponse, request, *, stream: bool):
+async def _start_background(services: Services, record: StoredResponse, request: GenerateRequest, *,
+                            stream: bool):
+    """Store the response with its queue request, log its first event, queue it for any replica's runner."""
     store = _store(services)
     await store.create(record.model_copy(update={"request": request.model_dump(mode="json")}))
-    builder = ResponseEvents(record.response)
-    await store.publish_event(record.id, builder.lifecycle("response.created"))
-    snapshot = copy.deepcopy(record.response)  # the run changes record.response from now on
-    services.response_runs.start(_run_background(services, record.id, request, builder))
+    await store.publish_event(record.id, ResponseEvents(record.response).lifecycle("response.created"))
+    await store.queue.publish(record.id)
     if stream:
         return sse_events(follow_events(services, record.id, after=-1))
-    return snapshot
-
-
-async def _run_background(services: Services, response_id: str, request, builder: ResponseEvents) -> None:
-    """Run the generation, logging each event and saving the response at every lifecycle step; stops early
-    when a cancel is recorded (by any replica)."""
-    store = _store(services)
-    try:
-        [generation] = await start(services.engine, [request], NEW)
-        events = builder.run(generation)
-    except Exception as exc:  # queueing failed: the response fails, nobody is waiting on an HTTP status
-        events = _one(builder.failed(as_api_error(exc)))
-    watcher = asyncio.create_task(_cancel_requested(store, response_id))
-    try:
-        async with aclosing(events):
-            async for event in _until(watcher, events):
-                await store.publish_event(response_id, event)
-                if "response" in event:
-                    await _save(store, response_id, builder.response)
-        if watcher.done() and watcher.result():
-            await store.publish_event(response_id, builder.cancelled())
-            await _save(store, response_id, builder.response)
-    except Exception:
-        log.exception("responses.background_failed", response_id=response_id)
-    finally:
-        watcher.cancel()
-
-
-async def _one(event: Event) -> AsyncIterator[Event]:
-    yield event
-
-
-async def _until(watcher: asyncio.Task, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-    """`events` until `watcher` finishes (a cancel), whichever comes first."""
-    while True:
-        step = asyncio.ensure_future(anext(events))
-        await asyncio.wait([step, watcher], return_when=asyncio.FIRST_COMPLETED)
-        if not step.done():
-            step.cancel()
-            await asyncio.gather(step, return_exceptions=True)
-            return
-        try:
-            yield step.result()
-        except StopAsyncIteration:
-            return
-
-
-async def _cancel_requested(store: ResponseStore, response_id: str) -> bool:
-    while True:
-        await asyncio.sleep(CANCEL_POLL_S)
-        found = await store.get(response_id)
-        if found is None or found.record.cancel_requested:
-            return True
-
-
-async def _save(store: ResponseStore, response_id: str, response: dict) -> None:
-    """Write the runner's view of the response, unless a cancel has been recorded meanwhile (it stands)."""
-    def edit(record: StoredResponse) -> StoredResponse | None:
-        if record.status == "cancelled" and response.get("status") != "cancelled":
-            return None
-        return record.model_copy(update={"response": response})
-
-    await store.change(response_id, edit)
+    return record.response
 
 
 async def cancel_response(services: Services, caller: Caller, response_id: str) -> dict:

@@ -70,7 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
                       if settings.batch_runner else None)
             if runner is not None:
                 await runner.start()
-            response_runner = ResponseRunner(services, services.responses)  # background /v1/responses
+            response_runner = ResponseRunner(services, services.responses, meter_for_owner=auth_gate.meter_for_owner)
             await response_runner.start()
             app.state.fleet_metrics = FleetMetrics(nc, js, services.catalog, settings.metrics_scrape_timeout_s,
                                                    settings.supervisor_status_file)

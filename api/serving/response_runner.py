@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
 import structlog
 from nats.aio.msg import Msg
 
+from api.auth.metering import Meter, using
 from api.errors import as_api_error
 from api.services import Services
 from api.serving.reattach import Reattach, start
@@ -31,10 +32,17 @@ FINISHED = ("completed", "incomplete", "failed", "cancelled")
 _MAX_RUNS = 64  # background responses one replica runs at once; the rest wait in the queue for any replica
 
 
+MeterForOwner = Callable[[str], Awaitable[Meter | None]]
+
+
 class ResponseRunner:
-    def __init__(self, services: Services, store: ResponseStore):
+    """`meter_for_owner` (api/auth): each response's tokens count against its owner's budget (charge-only, as
+    batch lines: it was accepted already)."""
+
+    def __init__(self, services: Services, store: ResponseStore, meter_for_owner: MeterForOwner | None = None):
         self._services = services
         self._store = store
+        self._meter_for_owner = meter_for_owner
         self.runner_id = f"r{uuid.uuid4().hex[:12]}"
         self._heartbeat_s = max(0.5, min(store.queue.ack_wait_s / 3, 2.0))
         self._runs: set[asyncio.Task] = set()
@@ -71,7 +79,7 @@ class ResponseRunner:
         response_id = msg.data.decode(errors="replace")
         heartbeat = asyncio.create_task(self._keep_alive(msg))
         try:
-            await run_background(self._services, self._store, response_id)
+            await run_background(self._services, self._store, response_id, self._meter_for_owner)
         except asyncio.CancelledError:
             await asyncio.shield(_quietly(msg.nak()))
             raise
@@ -89,7 +97,8 @@ class ResponseRunner:
             await _quietly(msg.in_progress())
 
 
-async def run_background(services: Services, store: ResponseStore, response_id: str) -> None:
+async def run_background(services: Services, store: ResponseStore, response_id: str,
+                         meter_for_owner: MeterForOwner | None = None) -> None:
     """Run (or take over) one background response to its final state."""
     found = await store.get(response_id)
     if found is None or found.record.status in FINISHED or found.record.request is None:
@@ -106,8 +115,10 @@ async def run_background(services: Services, store: ResponseStore, response_id: 
         "reply_subject": services.engine.reply_subject(found.record.request["request_id"]),
         "deadline": time.time() + services.settings.queue_timeout_s})
     try:
+        meter = await meter_for_owner(found.record.owner) if meter_for_owner else None
         # Attach to the generation if the journal has it (a runner before this one started it), else submit.
-        [generation] = await start(services.engine, [request], Reattach(request_id=request.request_id))
+        with using(meter):
+            [generation] = await start(services.engine, [request], Reattach(request_id=request.request_id))
         events = builder.run(generation)
     except Exception as exc:  # queueing failed: the response fails (nobody waits on an HTTP status)
         events = _one(builder.failed(as_api_error(exc)))

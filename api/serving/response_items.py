@@ -96,11 +96,11 @@ def chat_messages(instructions: str | None, conversation: Sequence[Item]) -> lis
     """What the chat template renders: the instructions as the system message, then each message item (a
     developer message is a system message to the template)."""
     messages = [ChatMessage(role="system", content=instructions)] if instructions else []
-    for index, item in enumerate(conversation):
+    for item in conversation:
         if item["type"] in TOOL_ITEMS:
-            # Rendering tool turns needs the tool-calling template support of the structured-outputs work.
+            # Rendering tool turns waits for tool calling in the engine (engine-enforced structured outputs).
             raise _invalid(f"{item['type']} items are not yet supported (tool calling needs engine-enforced "
-                           "structured outputs)", f"input[{index}]")
+                           "structured outputs)", "input")
         role = "system" if item["role"] == "developer" else item["role"]
         messages.append(ChatMessage(role=role, content="".join(part["text"] for part in item["content"])))
     return messages

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 
 from api.auth.metering import Meter, using
 from api.errors import as_api_error
+from api.job_tickets import heartbeat_interval, keep_alive, pull_tickets
 from api.services import Services
 from api.serving.reattach import Reattach, start
 from api.serving.response_events import Event, ResponseEvents
@@ -44,7 +45,7 @@ class ResponseRunner:
         self._store = store
         self._meter_for_owner = meter_for_owner
         self.runner_id = f"r{uuid.uuid4().hex[:12]}"
-        self._heartbeat_s = max(0.5, min(store.queue.ack_wait_s / 3, 2.0))
+        self._heartbeat_s = heartbeat_interval(store.queue)
         self._runs: set[asyncio.Task] = set()
         self._loop: asyncio.Task | None = None
 
@@ -60,24 +61,11 @@ class ResponseRunner:
         await self._store.queue.stop()
 
     async def _serve(self) -> None:
-        while True:
-            if len(self._runs) >= _MAX_RUNS:
-                await asyncio.wait(self._runs, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            try:
-                msg = await self._store.queue.fetch(timeout=1.0)
-            except Exception as exc:  # NATS reconnecting: keep pulling once it is back
-                log.warning("response_runner.fetch_failed", error=str(exc))
-                await asyncio.sleep(1.0)
-                continue
-            if msg is not None:
-                task = asyncio.create_task(self._handle(msg))
-                self._runs.add(task)
-                task.add_done_callback(self._runs.discard)
+        await pull_tickets(self._store.queue, self._handle, self._runs, _MAX_RUNS, "response_runner")
 
     async def _handle(self, msg: Msg) -> None:
         response_id = msg.data.decode(errors="replace")
-        heartbeat = asyncio.create_task(self._keep_alive(msg))
+        heartbeat = asyncio.create_task(keep_alive(msg, self._heartbeat_s, "response_runner"))
         try:
             await run_background(self._services, self._store, response_id, self._meter_for_owner)
         except asyncio.CancelledError:
@@ -90,11 +78,6 @@ class ResponseRunner:
         finally:
             heartbeat.cancel()
         await _quietly(msg.ack())
-
-    async def _keep_alive(self, msg: Msg) -> None:
-        while True:
-            await asyncio.sleep(self._heartbeat_s)
-            await _quietly(msg.in_progress())
 
 
 async def run_background(services: Services, store: ResponseStore, response_id: str,

@@ -56,8 +56,8 @@ class ResponseStore(CasRecords[StoredResponse]):
             await self._js.publish(subjects.response_events_subject(response_id), json.dumps(event).encode(),
                                    headers={MSG_ID_HEADER: f"{response_id}/{event['sequence_number']}"})
 
-    async def logged(self, response_id: str) -> tuple[dict[str, Any], int] | None:
-        """The first logged event (`response.created`) and the last sequence number logged, or None."""
+    async def logged(self, response_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The first logged event (`response.created`) and the last one, or None if none is logged."""
         stream, subject = subjects.RESPONSE_EVENTS_STREAM, subjects.response_events_subject(response_id)
         with as_broker_errors():
             try:
@@ -65,7 +65,7 @@ class ResponseStore(CasRecords[StoredResponse]):
                 last = await self._js.get_last_msg(stream, subject)
             except jse.NotFoundError:
                 return None
-        return json.loads(first.data), json.loads(last.data)["sequence_number"]
+        return json.loads(first.data), json.loads(last.data)
 
     async def events(self, response_id: str) -> AsyncIterator[dict[str, Any]]:
         """The response's logged events from the first, then live ones, until the caller stops iterating."""

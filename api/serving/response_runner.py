@@ -21,7 +21,7 @@ from api.errors import as_api_error
 from api.job_tickets import heartbeat_interval, keep_alive, pull_tickets
 from api.services import Services
 from api.serving.reattach import Reattach, start
-from api.serving.response_events import Event, ResponseEvents
+from api.serving.response_events import TERMINAL, Event, ResponseEvents
 from broker.errors import BrokerError
 from broker.response_store import ResponseStore
 from contracts import GenerateRequest
@@ -31,6 +31,7 @@ log = structlog.get_logger(__name__)
 CANCEL_POLL_S = 0.5  # how often a run looks for a cancel (which any replica may record)
 FINISHED = ("completed", "incomplete", "failed", "cancelled")
 _MAX_RUNS = 64  # background responses one replica runs at once; the rest wait in the queue for any replica
+_MISSING_DELIVERIES = 5  # a ticket whose record is still missing after this many tries names nothing (dropped)
 
 
 MeterForOwner = Callable[[str], Awaitable[Meter | None]]
@@ -67,7 +68,7 @@ class ResponseRunner:
         response_id = msg.data.decode(errors="replace")
         heartbeat = asyncio.create_task(keep_alive(msg, self._heartbeat_s, "response_runner"))
         try:
-            await run_background(self._services, self._store, response_id, self._meter_for_owner)
+            stored = await run_background(self._services, self._store, response_id, self._meter_for_owner)
         except asyncio.CancelledError:
             await asyncio.shield(_quietly(msg.nak()))
             raise
@@ -77,22 +78,35 @@ class ResponseRunner:
             return
         finally:
             heartbeat.cancel()
+        if not stored and msg.metadata.num_delivered < _MISSING_DELIVERIES:
+            # The ticket is queued before the record is written: the record may be on its way.
+            await _quietly(msg.nak(delay=1.0))
+            return
         await _quietly(msg.ack())
 
 
 async def run_background(services: Services, store: ResponseStore, response_id: str,
-                         meter_for_owner: MeterForOwner | None = None) -> None:
-    """Run (or take over) one background response to its final state."""
+                         meter_for_owner: MeterForOwner | None = None) -> bool:
+    """Run (or take over) one background response to its final state. False if there is no such record (not
+    yet written, or deleted)."""
     found = await store.get(response_id)
-    if found is None or found.record.status in FINISHED or found.record.request is None:
-        return  # deleted or finished: nothing to run
+    if found is None:
+        return False
+    if found.record.request is None:
+        return True  # not a background response: nothing to run
     logged = await store.logged(response_id)
     if logged is None:  # the accepting replica died before logging the first event: log it now
         created = ResponseEvents(found.record.response).lifecycle("response.created")
         await store.publish_event(response_id, created)
-        logged = created, created["sequence_number"]
-    created, last_logged = logged
+        logged = created, created
+    created, last = logged
     builder = ResponseEvents(created["response"], after=created["sequence_number"])
+    if found.record.status in FINISHED:
+        if last["type"] not in TERMINAL:  # cancelled before any runner ran it: its stream still needs an end
+            builder = ResponseEvents(found.record.response, after=last["sequence_number"])
+            await store.publish_event(response_id, builder.cancelled())
+        return True
+    last_logged = last["sequence_number"]
     request = GenerateRequest.model_validate(found.record.request).model_copy(update={
         # This replica's reply subject, and a fresh queue deadline: the first runner may be long gone.
         "reply_subject": services.engine.reply_subject(found.record.request["request_id"]),
@@ -119,6 +133,7 @@ async def run_background(services: Services, store: ResponseStore, response_id: 
             await _save(store, response_id, builder.response)
     finally:
         watcher.cancel()
+    return True
 
 
 async def _one(event: Event) -> AsyncIterator[Event]:

@@ -94,11 +94,13 @@ async def _last_response(events: AsyncIterator[Event]) -> dict:
 
 async def _start_background(services: Services, record: StoredResponse, request: GenerateRequest, *,
                             stream: bool):
-    """Store the response with its queue request, log its first event, queue it for any replica's runner."""
+    """Queue it for any replica's runner, store the response with its queue request, log its first event. The
+    ticket comes first: if this replica dies after storing, the response still runs (a runner retries a ticket
+    whose record is not there yet, and logs the first event itself if it is missing)."""
     store = _store(services)
+    await store.queue.publish(record.id)
     await store.create(record.model_copy(update={"request": request.model_dump(mode="json")}))
     await store.publish_event(record.id, ResponseEvents(record.response).lifecycle("response.created"))
-    await store.queue.publish(record.id)
     if stream:
         return sse_events(follow_events(services, record.id, after=-1))
     return record.response

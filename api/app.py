@@ -18,7 +18,19 @@ from api.catalog import ModelCatalog
 from api.engine_client import EngineClient, Timeouts
 from api.errors import install_error_handlers
 from api.request_context import RequestContextMiddleware
-from api.routes import accounts, aleph, batches, deployments, files, openai, responses, system, tokenizer, websocket
+from api.routes import (
+    accounts,
+    aleph,
+    anthropic,
+    batches,
+    deployments,
+    files,
+    openai,
+    responses,
+    system,
+    tokenizer,
+    websocket,
+)
 from api.routes.metrics import router as metrics_router
 from api.routes.ui import mount_console
 from api.services import Services
@@ -87,6 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(openai.router)
     app.include_router(responses.router)
+    app.include_router(anthropic.router)
     app.include_router(websocket.router)
     app.include_router(tokenizer.router)
     app.include_router(aleph.router)

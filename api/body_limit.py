@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_body
+from api.errors import ApiError, error_response
 from contracts import ErrorCode
 
 # path -> (limit in bytes, the message a client gets when over it)
@@ -28,8 +28,8 @@ class BodySizeLimit:
         limit, message = self._limit_for(scope["path"])
         announced = dict(scope["headers"]).get(b"content-length", b"")
         if announced.isdigit() and int(announced) > limit:
-            response = JSONResponse(error_body(413, message, code=ErrorCode.PAYLOAD_TOO_LARGE.value), status_code=413)
-            await response(scope, receive, send)
+            await error_response(ApiError(ErrorCode.PAYLOAD_TOO_LARGE, message), HTTPConnection(scope))(
+                scope, receive, send)
             return
         received = 0
 

@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 from nats.js import errors as jse
 
 from api.errors import ApiError
+from api.tokenizer_loading import load_tokenizer
 from broker import subjects
 from broker.artifacts import fetch_tokenizer
 from broker.errors import BrokerUnavailable
@@ -107,14 +108,8 @@ class ModelCatalog:
     async def _load(self, model: ServedModel, name: str):
         try:
             directory = await fetch_tokenizer(self._js, name, self._tokenizer_cache)
-            return await asyncio.to_thread(_load_tokenizer, directory)
+            return await asyncio.to_thread(load_tokenizer, directory)
         except Exception as exc:  # a missing or unreadable object is our side's failure, never the client's input
             log.warning("catalog.tokenizer_failed", model=model.id, tokenizer=name, error=repr(exc))
             raise ApiError(ErrorCode.UNAVAILABLE, f"the tokenizer of {model.id!r} could not be loaded; retry "
                            "shortly", retry_after=1.0) from exc
-
-
-def _load_tokenizer(directory: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory)

@@ -56,6 +56,7 @@ class Generation:
         self._delivered: list[int] = list(getattr(request, "resume_token_ids", ()))
         self._position = len(self._delivered)  # where the current attempt's next token goes (followers)
         self._aborted = False  # a follower saw the request cancelled under its previous client
+        self._queued_elsewhere = False  # our resubmission was a duplicate of another edge's
         self._done = False
         self._reservation = reservation  # the caller's tokens held for this generation, settled in close()
         self._usage: Usage | None = None
@@ -72,9 +73,12 @@ class Generation:
                 try:
                     event = await self._next_event(timeout)
                 except TimeoutError:
-                    if not (accepted and self._resumable):
+                    if not ((accepted or self._queued_elsewhere) and self._resumable):
                         raise self._client.timeout_error(accepted) from None
-                    event = None  # the worker went silent: continue elsewhere
+                    # The worker went silent: continue elsewhere. Or the attempt another edge queued showed
+                    # nothing here for a whole queue timeout: it expired, or it ran while a NATS node failed
+                    # and its events missed the journal. Its duplicate would never run; take the next attempt.
+                    event = None
                 if event is not None and event.attempt != self.request.attempt:
                     if self._follower is None or event.attempt < self.request.attempt:
                         continue  # from a superseded attempt (a worker that was presumed dead)
@@ -94,7 +98,7 @@ class Generation:
                     raise ApiError.from_info(event.error)
                 expected_seq = event.seq + 1
                 if event.kind == "accepted":
-                    accepted = True
+                    accepted, self._queued_elsewhere = True, False
                     self._position = event.resumed_tokens
                     self._log = self._log.bind(worker_id=event.worker_id)
                 elif event.kind == "tokens":
@@ -148,7 +152,11 @@ class Generation:
         if event.kind == "accepted" or event.seq <= expected_seq or (expected_seq, event.seq) == (0, 1):
             return False
         self._log.warning("request.event_gap", expected=expected_seq, got=event.seq, resumed=self._resumable)
-        return self._resumable
+        if not self._resumable:
+            # Going on would hand the client an answer with a hole in it, as if it were whole.
+            raise ApiError(ErrorCode.WORKER_LOST, "token events of this request were lost in transit and it cannot "
+                           "be resumed again", retry_after=1.0)
+        return True
 
     async def _next_event(self, timeout: float) -> Event:
         # Hot path: events usually wait already; asyncio.timeout() avoids wait_for's task per call.
@@ -183,7 +191,8 @@ class Generation:
             update["resume_token_ids"] = list(self._delivered)
         self.request = previous.model_copy(update=update)
         self._log.warning("request.resubmitted", attempt=self.request.attempt, delivered=len(self._delivered))
-        await self._client.publish(self.request)
+        # False: another edge queued this attempt already (both saw the worker fall silent); follow it.
+        self._queued_elsewhere = not await self._client.publish(self.request)
 
     async def close(self) -> None:
         """Stop listening; if the generation has not finished, cancel it on the worker."""

@@ -1,5 +1,6 @@
 """Errors, mapped to HTTP in one place and rendered in the OpenAI shape
-`{"error": {"message", "type", "param", "code"}}`."""
+`{"error": {"message", "type", "param", "code"}}`, or on the Anthropic routes (`/v1/messages…`) in Anthropic's
+`{"type": "error", "error": {"type", "message"}}`, which its SDK parses."""
 
 from __future__ import annotations
 
@@ -93,6 +94,31 @@ def error_body(status: int, message: str, *, code: str | None, param: str | None
                       "code": code}}
 
 
+ANTHROPIC_PREFIX = "/v1/messages"
+# Anthropic's `type` vocabulary (its SDKs map statuses to exception classes; the type is what users read): the
+# same words as OpenAI's for client errors, its own for the rest.
+_ANTHROPIC_TYPE_BY_STATUS = _TYPE_BY_STATUS | {413: "request_too_large", 499: "api_error", 500: "api_error",
+                                               503: "overloaded_error"}
+
+
+def anthropic_error_body(status: int, message: str) -> dict:
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPE_BY_STATUS.get(status, "api_error"),
+                                       "message": message}}
+
+
+def _is_anthropic(connection: HTTPConnection | None) -> bool:
+    path = connection.url.path if connection is not None else ""
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
+def _error_json(connection: HTTPConnection | None, status: int, message: str, *, code: str | None,
+                param: str | None = None) -> dict:
+    """The error body in the shape of the API the request was made to."""
+    if _is_anthropic(connection):
+        return anthropic_error_body(status, message)
+    return error_body(status, message, code=code, param=param)
+
+
 def api_error_body(exc: ApiError, status: int | None = None) -> dict:
     return error_body(status or exc.status, exc.info.message, code=exc.info.code.value, param=exc.info.param)
 
@@ -140,7 +166,8 @@ def validation_message(exc: ValidationError | RequestValidationError) -> tuple[s
 def _render(exc: ApiError, request: HTTPConnection | None = None) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
     status = status_for(exc, request)
-    return JSONResponse(api_error_body(exc, status), status_code=status, headers=headers)
+    body = _error_json(request, status, exc.info.message, code=exc.info.code.value, param=exc.info.param)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 error_response = _render  # for middleware, which answers before any route (and its handlers) runs
@@ -160,12 +187,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return _render(error, request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _CODE_BY_HTTP_STATUS.get(exc.status_code)
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=code), exc.status_code,
+        return JSONResponse(_error_json(request, exc.status_code, str(exc.detail), code=code), exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("api.unhandled_error")
-        return JSONResponse(error_body(500, "internal error", code=ErrorCode.INTERNAL.value), 500)
+        return JSONResponse(_error_json(request, 500, "internal error", code=ErrorCode.INTERNAL.value), 500)

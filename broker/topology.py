@@ -139,8 +139,14 @@ async def _await_leader(js: JetStreamContext, stream_name: str) -> None:
     its group has a leader: until then a direct get (KV get, object info) times out instead of failing fast."""
     deadline = time.monotonic() + _LEADER_WAIT_S
     while True:
-        info = await js.stream_info(stream_name)
-        if (info.config.num_replicas or 1) <= 1 or (info.cluster is not None and info.cluster.leader):
+        try:
+            info = await js.stream_info(stream_name)
+        except jse.NotFoundError:
+            # Created an instant ago by another process: the node answering may not have applied it yet (seen
+            # by the chaos run when two api replicas start at once on a 3-node cluster).
+            info = None
+        if info is not None and ((info.config.num_replicas or 1) <= 1
+                                 or (info.cluster is not None and info.cluster.leader)):
             return
         if time.monotonic() > deadline:
             raise BrokerUnavailable(f"stream {stream_name} has no leader after {_LEADER_WAIT_S:g} s")

@@ -5,6 +5,7 @@ from contracts.base import SCHEMA_VERSION, Contract
 from contracts.batch import BatchJob, BatchStatus, BatchTicket, FilePurpose, FileRecord, LineResult
 from contracts.errors import ErrorCode, ErrorInfo
 from contracts.events import (
+    LOGPROB_FLOOR,
     Accepted,
     ChoiceDelta,
     Embeddings,
@@ -32,6 +33,7 @@ from contracts.sampling import SamplingParams
 from contracts.workers import DeviceInfo, WorkerInfo
 
 __all__ = [
+    "LOGPROB_FLOOR",
     "SCHEMA_VERSION",
     "Accepted",
     "BatchJob",

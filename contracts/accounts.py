@@ -21,7 +21,7 @@ class Role(StrEnum):
 
 class RateLimits(Contract):
     """Per-key budgets; None (absent on the wire) means unlimited in that dimension. The server's defaults
-    (seed (b): 60 requests/min, 150,000 tokens/min, 3,500 requests/day) come from its settings."""
+    (Inferneo: 60 requests/min, 150,000 tokens/min, 3,500 requests/day) come from its settings."""
 
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)

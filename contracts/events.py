@@ -11,6 +11,9 @@ from pydantic import Field, TypeAdapter
 from contracts.base import Contract
 from contracts.errors import ErrorInfo
 
+LOGPROB_FLOOR = -9999.0
+"""Logprobs on the wire are clamped to this: -inf breaks JSON, and vLLM clamps to the same value."""
+
 
 class FinishReason(StrEnum):
     STOP = "stop"

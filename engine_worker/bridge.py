@@ -37,8 +37,9 @@ from contracts import (
 )
 from contracts.metrics import WorkerMetrics
 from engine_worker.engine_loop import EngineLoop, StepEngine
-from engine_worker.metrics import RequestTelemetry, WorkerTelemetry, engine_gauges
-from engine_worker.outputs import EmbedOutput, RequestOutput
+from engine_worker.metrics import RequestTelemetry, WorkerTelemetry
+from engine_worker.outputs import EmbedOutput, EngineStats, RequestOutput
+from engine_worker.validation import error_code
 
 log = structlog.get_logger(__name__)
 
@@ -99,7 +100,6 @@ class WorkerBridge:
         tracer: Tracer | None = None,
     ):
         self._nc = nc
-        self._engine = engine  # read for gauges only (metrics_snapshot); the engine thread owns it
         self._telemetry = WorkerTelemetry(info.worker_id, info.model, tracer)
         self._intake = intake
         self._registry = registry
@@ -110,6 +110,7 @@ class WorkerBridge:
         self._current: dict[str, str] = {}  # request id -> engine key of its newest attempt here
         self._cancelled: OrderedDict[str, CancelRequest] = OrderedDict()  # cancels of requests not (yet) here
         self._outputs: asyncio.Queue[list[RequestOutput | EmbedOutput]] = asyncio.Queue()
+        self._engine_stats: EngineStats | None = None  # the latest the engine thread handed over
         self._slot_freed = asyncio.Event()
         self._dead: BaseException | None = None
         self._stop = asyncio.Event()
@@ -122,13 +123,19 @@ class WorkerBridge:
         return self._info.worker_id
 
     # --- thread → loop hand-offs ------------------------------------------------------------------------
-    def _outputs_from_thread(self, outputs: list[RequestOutput | EmbedOutput]) -> None:
+    def _outputs_from_thread(self, outputs: list[RequestOutput | EmbedOutput], stats: EngineStats | None) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._outputs.put_nowait, outputs)
+        if outputs:
+            self._loop.call_soon_threadsafe(self._outputs.put_nowait, outputs)
+        if stats is not None:
+            self._loop.call_soon_threadsafe(self._set_engine_stats, stats)
+
+    def _set_engine_stats(self, stats: EngineStats) -> None:
+        self._engine_stats = stats
 
     def _rejected_from_thread(self, key: str, exc: Exception) -> None:
         assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(self._fail(key, ErrorCode.INVALID_REQUEST, str(exc)), self._loop)
+        asyncio.run_coroutine_threadsafe(self._fail(key, error_code(exc), str(exc)), self._loop)
 
     def _dead_from_thread(self, exc: BaseException) -> None:
         assert self._loop is not None
@@ -228,10 +235,9 @@ class WorkerBridge:
         engine_request = request.model_copy(update={"request_id": engine_key(request)})
         try:
             self._validate(engine_request)
-        except ValueError as exc:
+        except ValueError as exc:  # validation.InvalidRequest, or a bad value the engine's checks ran into
             await delivery.msg.term()  # bad input never succeeds on any worker
-            code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if "context" in str(exc) else ErrorCode.INVALID_REQUEST
-            await self._reject(request, code, str(exc))
+            await self._reject(request, error_code(exc), str(exc))
             return
         # Requests with a live reply are acked on accept: the edge owns recovery, so a redelivery after a crash
         # would only replay tokens the client already has.
@@ -353,12 +359,15 @@ class WorkerBridge:
                     await publish_event(self._nc, flight.request.reply_subject, flight.event(Heartbeat))
 
     def metrics_snapshot(self) -> WorkerMetrics:
-        """This worker's answer to a fleet scrape (broker/metrics.py). Running and waiting come from the engine;
-        an engine that does not count them (the sim) is described by what the bridge sees: a request is running
-        once its first token came out."""
-        started = sum(1 for flight in self._in_flight.values()
-                      if flight.telemetry and flight.telemetry.timeline.first_token_mono is not None)
-        return self._telemetry.snapshot(engine_gauges(self._engine, started, len(self._in_flight) - started))
+        """This worker's answer to a fleet scrape (broker/metrics.py): the engine's latest stats, handed over by
+        the engine thread. An engine that keeps none (the sim) is described by what the bridge sees: a request
+        is running once its first token came out."""
+        stats = self._engine_stats
+        if stats is None:
+            started = sum(1 for flight in self._in_flight.values()
+                          if flight.telemetry and flight.telemetry.timeline.first_token_mono is not None)
+            stats = EngineStats(running=started, waiting=len(self._in_flight) - started)
+        return self._telemetry.snapshot(stats)
 
     async def _announce(self) -> None:
         running = sum(flight.slots for flight in self._in_flight.values())

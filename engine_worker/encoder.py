@@ -12,7 +12,8 @@ import torch
 from contracts import EmbedRequest, GenerateRequest, Usage
 from engine_worker.model_runner import resolve_device
 from engine_worker.outputs import EmbedOutput, RequestOutput
-from engine_worker.pooling import resolve_layer, vectors_for
+from engine_worker.pooling import vectors_for
+from engine_worker.validation import InvalidRequest, RequestLimits, resolve_layer
 
 log = structlog.get_logger(__name__)
 
@@ -38,22 +39,14 @@ class EncoderEngine:
         self.num_layers: int = config.num_hidden_layers
         self.vocab_size: int = config.vocab_size
         self.dtype_name = "float32"
+        self.limits = RequestLimits(self.max_model_len, self.vocab_size, max_num_seqs=1, num_layers=self.num_layers)
         log.info("encoder loaded", path=str(model_dir), layers=self.num_layers, width=config.hidden_size)
 
     # --- the engine interface -----------------------------------------------------------------------------
     def validate(self, request: GenerateRequest | EmbedRequest) -> None:
         if isinstance(request, GenerateRequest):
-            raise ValueError(f"{request.model!r} is an embedding model; it cannot generate text")
-        for layer in request.layers:
-            resolve_layer(layer, self.num_layers)
-        for tokens in request.inputs:
-            if not tokens:
-                raise ValueError("inputs must not be empty")
-            if len(tokens) > self.max_model_len:
-                raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens, but an "
-                                 f"input has {len(tokens)}")
-            if max(tokens) >= self.vocab_size or min(tokens) < 0:
-                raise ValueError(f"token ids must be in 0..{self.vocab_size - 1}")
+            raise InvalidRequest(f"{request.model!r} is an embedding model; it cannot generate text")
+        self.limits.check_embed(request)
 
     @torch.inference_mode()
     def embed(self, requests: list[EmbedRequest]) -> list[EmbedOutput]:
@@ -90,3 +83,6 @@ class EncoderEngine:
 
     def step(self) -> list[RequestOutput]:
         return []
+
+    def stats(self) -> None:
+        return None  # nothing runs between two embed batches

@@ -1,26 +1,34 @@
 """Runs the synchronous engine on its own thread so the asyncio loop stays free for acks, heartbeats and
 cancels (a blocked loop starves JetStream heartbeats). Commands go in through a thread-safe queue; outputs
-come back through callbacks the caller makes loop-safe."""
+and stats come back through callbacks the caller makes loop-safe. The engine thread owns every engine object:
+the only things that cross are requests, ids, outputs and `EngineStats` snapshots (plain values)."""
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
 import structlog
 
 from contracts import EmbedRequest, GenerateRequest
-from engine_worker.outputs import EmbedOutput, RequestOutput
+from engine_worker.outputs import EmbedOutput, EngineStats, RequestOutput
 
 log = structlog.get_logger(__name__)
 
 _IDLE_WAIT_S = 0.05
+STATS_INTERVAL_S = 0.1  # stats go out at most this often while busy (and once when the engine turns idle)
+RELEASE_MEMORY_AFTER_IDLE_S = 2.0  # an engine idle this long gives its KV pages back (engines that can)
 
 
 class StepEngine(Protocol):
-    def validate(self, request: GenerateRequest | EmbedRequest) -> None: ...
+    def validate(self, request: GenerateRequest | EmbedRequest) -> None:
+        """Raises `validation.InvalidRequest`; reads frozen limits only, so the bridge calls it on its thread."""
+        ...
+
+    def stats(self) -> EngineStats | None: ...
     def embed(self, requests: list[EmbedRequest]) -> list[EmbedOutput]: ...
     def add_request(self, request: GenerateRequest) -> None: ...
     def abort_request(self, request_id: str) -> None: ...
@@ -32,7 +40,7 @@ class EngineLoop:
     def __init__(
         self,
         engine: StepEngine,
-        on_outputs: Callable[[list[RequestOutput | EmbedOutput]], None],
+        on_outputs: Callable[[list[RequestOutput | EmbedOutput], EngineStats | None], None],
         on_rejected: Callable[[str, Exception], None],
         on_dead: Callable[[BaseException], None],
     ):
@@ -42,6 +50,7 @@ class EngineLoop:
         self._on_dead = on_dead
         self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self._next_stats = 0.0
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -98,17 +107,35 @@ class EngineLoop:
             for request in embeds:
                 self._on_rejected(request.request_id, exc)
             return
-        self._on_outputs(outputs)
+        self._on_outputs(outputs, None)
+
+    def _hand_over(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, with the engine's stats when they are due: a clock read per step, a snapshot at
+        most every STATS_INTERVAL_S, and always one when the engine has just run dry (so idle gauges read 0)."""
+        now = time.monotonic()
+        stats = None
+        if now >= self._next_stats or not self._engine.has_unfinished_requests():
+            stats, self._next_stats = self._engine.stats(), now + STATS_INTERVAL_S
+        if outputs or stats is not None:
+            self._on_outputs(outputs, stats)
 
     def _run(self) -> None:
+        release = getattr(self._engine, "release_idle_memory", None)
+        idle_since: float | None = None  # None: busy (the idle clock starts at the next idle pass)
         try:
             while not self._stopping.is_set():
                 busy = self._engine.has_unfinished_requests()
                 self._drain_commands(block=not busy)
                 if self._engine.has_unfinished_requests():
-                    outputs = self._engine.step()
-                    if outputs:
-                        self._on_outputs(outputs)
+                    idle_since = None
+                    self._hand_over(self._engine.step())
+                elif release is not None:
+                    # Once per idle spell, after a pause, so back-to-back requests keep their warm pages.
+                    now = time.monotonic()
+                    idle_since = now if idle_since is None else idle_since
+                    if now - idle_since >= RELEASE_MEMORY_AFTER_IDLE_S:
+                        release()
+                        idle_since = float("inf")  # released: not again until the next request
         except BaseException as exc:  # the engine is dead: every request on it must be failed, loudly
             log.exception("engine.dead")
             self._on_dead(exc)

@@ -1,10 +1,11 @@
-"""KV cache accounting: slots in one pre-allocated buffer whose size is a token capacity.
+"""KV cache accounting: slots in one buffer whose size is a token capacity (kv_budget.py picks it; on a CPU the
+memory behind it is committed as slots are written, kv_memory.py).
 
 Why slots: on CPU, decode attention as a `bmm` over a contiguous per-slot cache is ~13x faster than masked SDPA
 or a gathered paged layout (reference/engine_cpu.md). Why a variable slot length: a fixed slot of
 `max_model_len` tokens would need max_num_seqs x max_model_len memory (12 GiB in bf16 for SmolLM2 at 64 x 8192).
 
-So the runner allocates, per layer, one buffer of `capacity` tokens once, and views it as
+So the runner maps, per layer, one buffer of `capacity` tokens once, and views it as
 `[capacity // slot_len, kv_heads, slot_len, head_dim]`. `slot_len` is one of a ladder of lengths (64, 128, 192,
 256, 320, ... 512, 640, 768, 960, ...: multiples of 64, each about a quarter longer than the last; capped at the
 model length) and tracks the longest running sequence: it steps up when a sequence outgrows it and down as soon

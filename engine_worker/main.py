@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -43,7 +43,7 @@ class LoadedEngine:
 
 def load_torch_engine(settings: Settings) -> LoadedEngine:
     from engine_worker.encoder import EncoderEngine, is_encoder_model
-    from engine_worker.engine import Engine, EngineConfig
+    from engine_worker.engine import Engine
 
     model = resolve_model(settings.model, settings.model_cache_dir, settings.served_model_name)
     log.info("worker.loading_model", model=model.served_name, source=model.source)
@@ -51,10 +51,7 @@ def load_torch_engine(settings: Settings) -> LoadedEngine:
         encoder = EncoderEngine(model.local_dir, device=settings.device, torch_threads=settings.torch_threads)
         return LoadedEngine(encoder, model.served_name, model.source, model.local_dir,
                             describe_device(encoder.device), encoder.max_model_len, encoder.dtype_name)
-    # Engine settings are the EngineConfig fields that Settings also has, by name.
-    shared = {field.name for field in fields(EngineConfig)} & set(Settings.model_fields)
-    config = EngineConfig(**{name: getattr(settings, name) for name in shared})
-    engine = Engine.from_pretrained(model.local_dir, config)
+    engine = Engine.from_pretrained(model.local_dir, settings.engine_config())
     return LoadedEngine(engine, model.served_name, model.source, model.local_dir, describe_device(engine.device),
                         engine.max_model_len, engine.dtype_name)
 

@@ -21,7 +21,7 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 from broker.tracing import extract_context, trace_id_of
 from contracts import EmbedRequest, GenerateRequest, Usage
 from contracts.metrics import HistogramSnapshot, WorkerMetrics
-from engine_worker.outputs import RequestOutput
+from engine_worker.outputs import EngineStats, RequestOutput
 
 log = structlog.get_logger(__name__)
 
@@ -112,17 +112,17 @@ class WorkerMeters:
         self.generation_tokens += usage.completion_tokens
         self.successes[finish_reason] += 1
 
-    def snapshot(self, worker_id: str, model: str, gauges: EngineGauges) -> WorkerMetrics:
+    def snapshot(self, worker_id: str, model: str, stats: EngineStats) -> WorkerMetrics:
         return WorkerMetrics(
             worker_id=worker_id,
             model=model,
             sent_at=time.time(),
-            num_requests_running=gauges.running,
-            num_requests_waiting=gauges.waiting,
-            kv_cache_usage_perc=gauges.kv_cache_usage,
-            num_preemptions_total=gauges.preemptions,
-            spec_decode_num_draft_tokens_total=gauges.draft_tokens,
-            spec_decode_num_accepted_tokens_total=gauges.accepted_tokens,
+            num_requests_running=stats.running,
+            num_requests_waiting=stats.waiting,
+            kv_cache_usage_perc=stats.kv_cache_usage,
+            num_preemptions_total=stats.preemptions,
+            spec_decode_num_draft_tokens_total=stats.draft_tokens,
+            spec_decode_num_accepted_tokens_total=stats.accepted_tokens,
             prompt_tokens_total=self.prompt_tokens,
             generation_tokens_total=self.generation_tokens,
             request_success_total=dict(self.successes),
@@ -131,41 +131,6 @@ class WorkerMeters:
             e2e_request_latency_seconds=self.e2e.snapshot(),
             request_queue_time_seconds=self.queue_time.snapshot(),
         )
-
-
-@dataclass(frozen=True, slots=True)
-class EngineGauges:
-    running: int
-    waiting: int
-    kv_cache_usage: float | None = None
-    preemptions: int | None = None
-    draft_tokens: int | None = None
-    accepted_tokens: int | None = None
-
-
-def engine_gauges(engine: object, fallback_running: int, fallback_waiting: int) -> EngineGauges:
-    """The engine's own view when it offers one (the torch engine does; the sim engine does not, then the bridge's
-    view is used). Read from the loop thread while the engine thread steps: the values are plain ints and floats,
-    but computing them iterates the engine's dicts, which may change size underneath; a retry gets a clean read."""
-    for _ in range(5):
-        try:
-            running = getattr(engine, "num_requests_running", None)
-            waiting = getattr(engine, "num_requests_waiting", None)
-            usage = getattr(engine, "kv_cache_usage", None)
-            preemptions = getattr(engine, "num_preemptions_total", None)
-            draft_tokens = getattr(engine, "num_draft_tokens_total", None)
-            accepted_tokens = getattr(engine, "num_accepted_tokens_total", None)
-        except RuntimeError:  # "dictionary changed size during iteration"
-            continue
-        return EngineGauges(
-            running=fallback_running if running is None else running,
-            waiting=fallback_waiting if waiting is None else waiting,
-            kv_cache_usage=usage,
-            preemptions=preemptions,
-            draft_tokens=draft_tokens,
-            accepted_tokens=accepted_tokens,
-        )
-    return EngineGauges(running=fallback_running, waiting=fallback_waiting)
 
 
 def record_spans(tracer: Tracer, parent: Context | None, timeline: RequestTimeline, attributes: dict,
@@ -270,5 +235,5 @@ class WorkerTelemetry:
                       if key != "trace_id"} | attributes
         record_spans(self.tracer, telemetry.trace_parent, telemetry.timeline, attributes, error)
 
-    def snapshot(self, gauges: EngineGauges) -> WorkerMetrics:
-        return self.meters.snapshot(self.worker_id, self.model, gauges)
+    def snapshot(self, stats: EngineStats) -> WorkerMetrics:
+        return self.meters.snapshot(self.worker_id, self.model, stats)

@@ -1,11 +1,13 @@
-"""The model on its device: weights, the pre-allocated KV cache, and one batched forward per engine step.
+"""The model on its device: weights, the KV cache, and one batched forward per engine step.
 
 For llama-layout architectures (`SUPPORTED_ARCHITECTURES`: RMSNorm, rotary, GQA, SiLU-gated MLP, optional
 q/k/v biases) the forward is written directly over the HF weights, gpt-fast style: every token scheduled in a
 step (decodes and prefill chunks of any number of sequences) goes through the projections and the MLP as one
 flat `[tokens, hidden]` batch; only attention is split, into one batched decode attention over the slot cache
 and one causal attention per prefill chunk. Logits are computed only for the rows that are sampled (or whose
-prompt logprobs were asked for). Other architectures are rejected at load time with a clear error.
+prompt logprobs were asked for). Other architectures run on the generic path (generic_runner.py), which
+runner_factory.py chooses; the KV cache view and the step's index tensors (`SlotKVCache`, `StepBatch`) are
+shared with it.
 
 The cache per layer is one buffer of `kv_capacity` tokens, viewed as `[slots, kv_heads, slot_len, head_dim]`
 (see kv_cache.py); decode attention reads whole slots `[:highest_slot+1]`, the slot length tracking the longest
@@ -17,20 +19,20 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
 import torch.nn.functional as F
 
+from contracts import EmbeddingVector, EmbedRequest
 from engine_worker.kv_cache import Relayout, round_up
-from engine_worker.sampler import (
-    Sampler,
-    SamplerOutput,
-    SamplingRow,
-    TokenLogprobData,
-    compute_prompt_logprobs,
-)
+from engine_worker.kv_memory import KVBuffers, release_freed_memory
+from engine_worker.pooling import vectors_for
+from engine_worker.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
+from engine_worker.sampling_rows import SamplingRow, TokenLogprobData
 from engine_worker.sequence import Sequence
+from engine_worker.validation import resolve_layer
 
 log = structlog.get_logger(__name__)
 
@@ -63,25 +65,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else torch.float32
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{device.type} ({name}, {torch.get_num_threads()} threads)"
-
-
 class _Linear:
     """`y = x @ W.T + b`. On CPU the weight is pre-packed once for oneDNN, which runs these GEMMs 1.2-2x
     faster than `F.linear` (bf16 and fp32, measured on this repo's CPU); elsewhere it is plain `F.linear`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight, self.bias, self.packed = weight, bias, False
+        self.weight, self.bias, self.packed = _owned(weight), None if bias is None else _owned(bias), False
         if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _can_pack():
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight)
@@ -96,6 +85,13 @@ class _Linear:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def _owned(weight: torch.Tensor) -> torch.Tensor:
+    """A CPU weight in the process's own memory. The loader maps the checkpoint file and its tensors are views of
+    one mapping, so keeping any of them (the embedding, a norm) would keep every page of the file resident next
+    to the packed copies the runner uses (513 MB of SmolLM2 in fp32). Elsewhere `.to(device)` already copied."""
+    return weight.clone() if weight.device.type == "cpu" else weight
 
 
 def _fused_linear(*projections: torch.nn.Linear) -> _Linear:
@@ -127,43 +123,32 @@ class RunOutput:
     prompt_logprobs: dict[Sequence, list[TokenLogprobData]]
 
 
-class ModelRunner:
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        device: str,
-        dtype: str,
-        max_model_len: int | None,
-        torch_threads: int | None,
-    ) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+class SlotKVCache:
+    """The pre-allocated per-layer KV buffers and their slot view (kv_cache.py), shared by both model paths.
+    Subclasses set `num_layers`, `num_kv_heads`, `head_dim`, `dtype` and `device` before allocating."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+
+    def _start_loading(self, model_dir: str | Path, device: str, dtype: str, torch_threads: int | None) -> Any:
+        """Threads, device, dtype, the sampler and an empty cache; returns the model's transformers config."""
+        from transformers import AutoConfig
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        config = AutoConfig.from_pretrained(model_dir)
-        archs = set(getattr(config, "architectures", None) or [])
-        if not archs & SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {sorted(archs) or config.model_type!r}: the engine runs llama-layout "
-                f"models ({', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
-            )
-        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        if rope.get("rope_type", rope.get("type")) == "dynamic":
-            raise ValueError("dynamic NTK rope scaling is not supported (its frequencies depend on the length)")
-        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-        sliding = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        if sliding and self.max_model_len > sliding:
-            log.warning("capping max_model_len at the sliding window", sliding_window=sliding)
-            self.max_model_len = sliding
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
-        self._load_weights(model, config)
         self.sampler = Sampler(self.device)
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.slot_len = 0
+        return AutoConfig.from_pretrained(model_dir)
+
+    def _log_loaded(self, model_dir: str | Path, **details: Any) -> None:
         log.info(
             "model loaded",
             path=str(model_dir),
@@ -172,39 +157,26 @@ class ModelRunner:
             layers=self.num_layers,
             max_model_len=self.max_model_len,
             threads=torch.get_num_threads(),
+            **details,
         )
 
-    @torch.inference_mode()
-    def _load_weights(self, model: torch.nn.Module, config: object) -> None:
-        self.vocab_size = model.config.vocab_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.eps = config.rms_norm_eps
-        self.scale = self.head_dim**-0.5
-        inner = model.model
-        self.embed = inner.embed_tokens.weight
-        self.norm = inner.norm.weight
-        self.lm_head = _Linear(model.lm_head.weight)  # the embedding's weight when tied
-        self.layers = []
-        for layer in inner.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append(
-                _Layer(
-                    ln1=layer.input_layernorm.weight,
-                    qkv=_fused_linear(attn.q_proj, attn.k_proj, attn.v_proj),
-                    o=_Linear(attn.o_proj.weight, attn.o_proj.bias),
-                    ln2=layer.post_attention_layernorm.weight,
-                    gate_up=_fused_linear(mlp.gate_proj, mlp.up_proj),
-                    down=_Linear(mlp.down_proj.weight, mlp.down_proj.bias),
-                )
-            )
-        self.num_layers = len(self.layers)
-        # HF's own rotary module gives exactly its cos/sin (rope_theta, llama3/linear/yarn scaling...).
-        positions = torch.arange(round_up(self.max_model_len), device=self.device).unsqueeze(0)
-        probe = torch.empty(0, dtype=self.dtype, device=self.device)
-        cos, sin = inner.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
+    @property
+    def device_name(self) -> str:
+        return str(self.device)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def pooled_vectors(self, request: EmbedRequest) -> list[EmbeddingVector]:
+        """Pooled hidden states of each input of `request`, computed outside the KV cache by the
+        subclass's `hidden_states`."""
+        layers = list(dict.fromkeys(resolve_layer(layer, self.num_layers) for layer in request.layers))
+        vectors = []
+        for index, tokens in enumerate(request.inputs):
+            states = self.hidden_states(tokens, set(layers))
+            vectors += vectors_for(request, index, {layer: states[layer] for layer in layers})
+        return vectors
 
     # --- KV cache -------------------------------------------------------------------------------------------
     @property
@@ -212,12 +184,18 @@ class ModelRunner:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
     def allocate_kv_cache(self, capacity: int, slot_len: int) -> None:
-        """Once, at start-up. Zeroed so masked-out positions never hold NaN (0 * NaN would leak through)."""
-        shape = (capacity * self.num_kv_heads * self.head_dim,)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        """Once, at start-up. Zeroed so masked-out positions never hold NaN (0 * NaN would leak through); on a
+        CPU committed page by page as sequences first write it (kv_memory.py)."""
+        self.k_cache = self.v_cache = []  # drop a previous cache before mapping the new one
+        kv = KVBuffers(2 * self.num_layers, capacity * self.num_kv_heads * self.head_dim, self.dtype, self.device)
+        self.k_cache, self.v_cache = kv.buffers[: self.num_layers], kv.buffers[self.num_layers :]
+        self._kv_buffers = kv
         self.capacity = capacity
         self.slot_len = slot_len
+
+    def release_kv_memory(self) -> None:
+        """Give the cache's pages back (CPU); the caller guarantees no sequence holds KV."""
+        self._kv_buffers.release()
 
     def _view(self, flat: torch.Tensor, slot_len: int) -> torch.Tensor:
         slots = self.capacity // slot_len
@@ -244,6 +222,77 @@ class ModelRunner:
             for src, dst, n in copies:
                 view[dst, :, :n] = view[src, :, :n]
 
+
+def check_rope_scaling(config: object) -> None:
+    """Dynamic NTK frequencies depend on the longest position of the forward, which a mixed batch breaks."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) == "dynamic":
+        raise ValueError("dynamic NTK rope scaling is not supported (its frequencies depend on the length)")
+
+
+class ModelRunner(SlotKVCache):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str,
+        dtype: str,
+        max_model_len: int | None,
+        torch_threads: int | None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        config = self._start_loading(model_dir, device, dtype, torch_threads)
+        archs = set(getattr(config, "architectures", None) or [])
+        if not archs & SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"the fast path does not run {sorted(archs) or config.model_type!r}: it runs llama-layout models "
+                f"({', '.join(sorted(SUPPORTED_ARCHITECTURES))}); model_impl auto or generic runs others"
+            )
+        check_rope_scaling(config)
+        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        sliding = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if sliding and self.max_model_len > sliding:
+            log.warning("capping max_model_len at the sliding window", sliding_window=sliding)
+            self.max_model_len = sliding
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        self._load_weights(model, config)
+        del model  # the runner keeps its own copies of the weights: the HF module and the file mapping can go
+        release_freed_memory()
+        self._log_loaded(model_dir, model_impl="fast")
+
+    @torch.inference_mode()
+    def _load_weights(self, model: torch.nn.Module, config: object) -> None:
+        self.vocab_size = model.config.vocab_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.eps = config.rms_norm_eps
+        self.scale = self.head_dim**-0.5
+        inner = model.model
+        self.embed = _owned(inner.embed_tokens.weight)
+        self.norm = _owned(inner.norm.weight)
+        self.lm_head = _Linear(model.lm_head.weight)  # the embedding's weight when tied
+        self.layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                _Layer(
+                    ln1=_owned(layer.input_layernorm.weight),
+                    qkv=_fused_linear(attn.q_proj, attn.k_proj, attn.v_proj),
+                    o=_Linear(attn.o_proj.weight, attn.o_proj.bias),
+                    ln2=_owned(layer.post_attention_layernorm.weight),
+                    gate_up=_fused_linear(mlp.gate_proj, mlp.up_proj),
+                    down=_Linear(mlp.down_proj.weight, mlp.down_proj.bias),
+                )
+            )
+        self.num_layers = len(self.layers)
+        # HF's own rotary module gives exactly its cos/sin (rope_theta, llama3/linear/yarn scaling...).
+        positions = torch.arange(round_up(self.max_model_len), device=self.device).unsqueeze(0)
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        cos, sin = inner.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
+
     # --- forward --------------------------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # HF LlamaRMSNorm exactly (normalise in fp32, cast, scale), with torch's fused kernel for the fp32 part:
@@ -268,7 +317,7 @@ class ModelRunner:
         (whose last known token is in this step), and one after each of its draft tokens; `sample_rows` has an
         entry per sampled row, in that order. Prompt logprobs for `prompt_logprob_seqs`
         (seq -> (top-k, first position still needed))."""
-        batch = _StepBatch.build(scheduled, sample_seqs, prompt_logprob_seqs, self.device)
+        batch = StepBatch.build(scheduled, sample_seqs, prompt_logprob_seqs, self.device)
         hidden = self._forward(batch)
         prompt_lps: dict[Sequence, list[TokenLogprobData]] = {}
         for seq, (rows, targets, num_top) in batch.prompt_rows.items():
@@ -279,7 +328,7 @@ class ModelRunner:
         logits = self.lm_head(self._rms_norm(hidden[batch.sample_index], self.norm))
         return RunOutput(sampled=self.sampler(logits, sample_rows), prompt_logprobs=prompt_lps)
 
-    def _forward(self, batch: _StepBatch) -> torch.Tensor:
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
         x = self.embed[batch.input_ids]  # [N, hidden]
         cos = self.cos[batch.positions].unsqueeze(1)  # [N, 1, head_dim]
         sin = self.sin[batch.positions].unsqueeze(1)
@@ -331,7 +380,7 @@ class ModelRunner:
         q: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        batch: _StepBatch,
+        batch: StepBatch,
         decode_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         if batch.all_decode:  # the common step: no scatter/gather of rows needed
@@ -352,7 +401,7 @@ class ModelRunner:
         q: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        batch: _StepBatch,
+        batch: StepBatch,
         mask: torch.Tensor,
     ) -> torch.Tensor:
         """A few queries per sequence (its next token, plus any draft tokens), as one bmm over the contiguous
@@ -394,7 +443,7 @@ class ModelRunner:
 
 
 @dataclass
-class _StepBatch:
+class StepBatch:
     """Index tensors for one step, built on the host and moved to the device once."""
 
     input_ids: torch.Tensor  # [N]
@@ -421,7 +470,7 @@ class _StepBatch:
         sample_seqs: list[Sequence],
         prompt_logprob_seqs: dict[Sequence, tuple[int, int]],
         device: torch.device,
-    ) -> _StepBatch:
+    ) -> StepBatch:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []

@@ -1,4 +1,5 @@
-"""What `Engine.step()` returns: one `RequestOutput` per request that has something new."""
+"""What an engine hands the worker: per step a `RequestOutput` for each request with something new, per embed
+batch an `EmbedOutput` per request, and now and then its `EngineStats`."""
 
 from __future__ import annotations
 
@@ -23,3 +24,16 @@ class EmbedOutput:
     request_id: str
     vectors: list[EmbeddingVector]
     usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """The engine's gauges and counters, taken on the engine thread and handed over with its outputs (nothing
+    else reads engine state from another thread). Engines that do not count something leave it None."""
+
+    running: int
+    waiting: int
+    kv_cache_usage: float | None = None
+    preemptions: int | None = None
+    draft_tokens: int | None = None
+    accepted_tokens: int | None = None

@@ -1,21 +1,12 @@
-"""Turning hidden states into embedding vectors: layer selection and the pooling modes of the embed surfaces
-(mean, max, last_token, abs_max, none = one vector per token), optionally L2-normalised. Shared by every engine
-that answers `EmbedRequest`s."""
+"""Turning hidden states into embedding vectors: the pooling modes of the embed surfaces (mean, max, last_token,
+abs_max, none = one vector per token), optionally L2-normalised. Shared by every engine that answers
+`EmbedRequest`s; layer numbers are resolved (and checked) in validation.py."""
 
 from __future__ import annotations
 
 import torch
 
 from contracts import EmbeddingVector, EmbedRequest, Pooling
-
-
-def resolve_layer(layer: int, num_layers: int) -> int:
-    """0 is the token embeddings, `num_layers` the last block's output; negative counts from the end."""
-    resolved = layer + num_layers + 1 if layer < 0 else layer
-    if not 0 <= resolved <= num_layers:
-        raise ValueError(f"layer {layer} does not exist: the model has layers 0..{num_layers} "
-                         f"(or -1..-{num_layers + 1})")
-    return resolved
 
 
 def pool(hidden: torch.Tensor, pooling: Pooling) -> torch.Tensor:

@@ -12,71 +12,14 @@ on whatever device, and a resumed stream continues exactly where the first attem
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-LOGPROB_FLOOR = -9999.0  # vLLM clamps -inf so JSON never breaks
+from contracts import LOGPROB_FLOOR
+from engine_worker.sampling_rows import SamplingRow, TokenLogprobData, row_uniform
+
 NUCLEUS_CANDIDATES = (256, 4096)  # top-k sizes tried before sorting the whole vocabulary
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def seed_key(seed: int, choice_index: int) -> int:
-    """The per-choice stream key: choices of one request differ, the same (seed, index) always agrees."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ choice_index)
-
-
-def row_uniform(key: int, position: int) -> float:
-    """A uniform in [0, 1) for sampling the token at `position`; 53 random bits."""
-    return (_splitmix64(key ^ _splitmix64(position)) >> 11) / float(1 << 53)
-
-
-@dataclass(slots=True)
-class SamplingRow:
-    """Host-side parameters of one sampled row (one sequence this step)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    suppress_ids: tuple[int, ...] = ()  # stop tokens while below min_tokens
-    key: int = 0
-    position: int = 0  # index of the token being sampled
-    output_ids: list[int] = field(default_factory=list)  # for frequency/presence
-    context_ids: list[int] = field(default_factory=list)  # prompt + output, for repetition
-    num_logprobs: int | None = None  # None: no logprobs; 0: only the sampled token's
-    need_logprob: bool = False  # the sampled token's logprob is needed (best_of ranking)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
-    def has_penalties(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
-
-    @property
-    def wants_logprobs(self) -> bool:
-        return self.num_logprobs is not None or self.need_logprob
-
-
-@dataclass(slots=True)
-class TokenLogprobData:
-    logprob: float
-    rank: int
-    top_ids: list[int]
-    top_logprobs: list[float]
 
 
 @dataclass(slots=True)

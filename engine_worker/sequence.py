@@ -113,7 +113,6 @@ class RequestState:
     seqs: list[Sequence]
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
-    aborted: bool = False
 
     @property
     def request_id(self) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from broker.artifacts import directory_in_place
 from contracts import ChoiceDelta, DeviceInfo, EmbedRequest, FinishReason, GenerateRequest, Usage
 from engine_worker.outputs import EmbedOutput, RequestOutput
+from engine_worker.validation import ContextLengthExceeded, InvalidRequest
 
 SPECIALS = ("<unk>", "<s>", "</s>")
 SIM_MAX_MODEL_LEN = 4096
@@ -86,22 +87,23 @@ class SimEngine:
         return DeviceInfo(kind="sim", name=f"simulated engine, {self.config.tokens_per_s:g} tokens/s per sequence")
 
     def validate(self, request: GenerateRequest | EmbedRequest) -> None:
+        """Frozen limits only: safe from any thread."""
         if isinstance(request, EmbedRequest):
-            raise ValueError("the sim engine computes no embeddings")
+            raise InvalidRequest("the sim engine computes no embeddings")
         # As the torch engine: resumed tokens count toward max_tokens (the edge fills in an unset one).
         prompt = len(request.prompt_token_ids)
         wanted = request.sampling.max_tokens or len(request.resume_token_ids) + 1
         if prompt + wanted > self.max_model_len:
-            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens, but the "
-                             f"request needs {prompt + wanted}")
-        if request.request_id in self._running:
-            raise ValueError(f"request {request.request_id!r} is already running")
+            raise ContextLengthExceeded(f"this model's maximum context length is {self.max_model_len} tokens, "
+                                        f"but the request needs {prompt + wanted}")
 
     def embed(self, requests: list[EmbedRequest]) -> list[EmbedOutput]:
-        raise ValueError("the sim engine computes no embeddings")
+        raise InvalidRequest("the sim engine computes no embeddings")
 
     def add_request(self, request: GenerateRequest) -> None:
         self.validate(request)
+        if request.request_id in self._running:
+            raise InvalidRequest(f"request {request.request_id!r} is already running")
         rest = self.max_model_len - len(request.prompt_token_ids)
         self._waiting.append(_SimRequest(request, request.sampling.max_tokens or rest))
 
@@ -115,6 +117,9 @@ class SimEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._waiting or self._running or self._pending)
+
+    def stats(self) -> None:
+        return None  # the bridge's own counts describe the sim well enough
 
     def step(self) -> list[RequestOutput]:
         if self._pending and not self._running:

@@ -5,12 +5,12 @@ The proposer looks for the most recent earlier occurrence of the sequence's last
 down to `min_n`) and proposes the tokens that followed it. Text that repeats itself (code edits, quotes, lists,
 a small model that loops) is guessed well; novel text gets no proposal, so costs nothing.
 
-Verification is in the engine: the draft tokens join their sequence's next token as extra queries of the
-batched decode attention (model_runner.py), and the sampler draws a token at every draft position as if
-decoding normally (same parameters, same seeded randomness per position). The drafts are kept up to the first
-one that differs from what the sampler drew, plus the sampler's own token there. So the output is the one plain
-decoding would produce, for greedy and seeded sampling alike; a guess changes only how many tokens one step
-yields.
+Verification (`num_accepted` and `back_off` below, called by the engine's postprocess): the draft tokens join
+their sequence's next token as extra queries of the batched decode attention (model_runner.py), and the sampler
+draws a token at every draft position as if decoding normally (same parameters, same seeded randomness per
+position). The drafts are kept up to the first one that differs from what the sampler drew, plus the sampler's
+own token there. So the output is the one plain decoding would produce, for greedy and seeded sampling alike; a
+guess changes only how many tokens one step yields.
 
 Why it pays: a decode step at a small batch is bound by reading the weights, and computing 5 rows costs
 about what 1 row costs (on this repo's CPU, 1.1x; on a GPU, less). At large batches the GEMMs are bound by
@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from engine_worker.sequence import Sequence
+
+MAX_DRAFT_BACKOFF = 32  # tokens a sequence decodes without drafts after repeated misses, at most
 
 
 class Proposer(Protocol):
@@ -79,3 +81,30 @@ class NgramProposer:
                     draft.append(token_ids[source] if source < length else draft[source - length])
                 return draft
         return []
+
+
+def propose_drafts(proposer: Proposer, running: list[Sequence], max_rows: int, max_model_len: int) -> None:
+    """Guess draft tokens for every running decode while the step stays small enough to gain from them."""
+    decodes = [seq for seq in running if not seq.is_prefill]
+    per_seq = max_rows // max(len(decodes), 1) - 1
+    for seq in decodes:
+        # Never guess past max_tokens or the context: the sampled token after the last draft must fit too.
+        limit = min(per_seq, seq.max_tokens - seq.num_output_tokens - 1, max_model_len - seq.num_tokens)
+        drafting = limit > 0 and seq.num_tokens >= seq.next_draft_at
+        seq.draft_token_ids = proposer.propose(seq, limit)[:limit] if drafting else []
+
+
+def num_accepted(drafts: list[int], sampled: list[tuple[int, object]]) -> int:
+    """Drafts kept: those before the first one the sampler disagrees with. The sampler's own token at that
+    position follows them, so the tokens kept are exactly what decoding one at a time would have produced."""
+    matched = 0
+    while matched < len(drafts) and sampled[matched][0] == drafts[matched]:
+        matched += 1
+    return matched
+
+
+def back_off(seq: Sequence, matched: int) -> None:
+    """Text the proposer cannot guess (novel or randomly sampled) stops costing verify rows: each step whose
+    drafts all miss doubles the pause before the next guess; one hit ends the pause."""
+    seq.draft_backoff = 0 if matched else min(2 * seq.draft_backoff or 1, MAX_DRAFT_BACKOFF)
+    seq.next_draft_at = seq.num_tokens + seq.draft_backoff

@@ -100,6 +100,12 @@ def _bench(argv: list[str]) -> int | None:
     return bench_main(argv)
 
 
+def _chaos(argv: list[str]) -> int | None:
+    from ops.chaos.cli import main as chaos_main
+
+    return chaos_main(argv)
+
+
 def _accounts(argv: list[str]) -> int | None:
     from api.auth.cli import main as accounts_main
 
@@ -109,6 +115,7 @@ def _accounts(argv: list[str]) -> int | None:
 # Subcommands with their own parsers: everything after the name is handed over untouched.
 _FORWARDED: dict[str, Callable[[list[str]], int | None]] = {
     "bench": _bench,
+    "chaos": _chaos,
     "users": lambda argv: _accounts(["users", *argv]),
     "keys": lambda argv: _accounts(["keys", *argv]),
 }
@@ -144,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
              _CONNECT, _COMMON, _AGENT)  # fmt: skip
     for name, help_text in (("bench", "benchmark a running server (arguments go to the benchmark)"),
                             ("users", "add, list or remove users (email/password login) in NATS"),
-                            ("keys", "create, list or revoke API keys in NATS")):
+                            ("keys", "create, list or revoke API keys in NATS"),
+                            ("chaos", "a seeded fault schedule against a local cluster (arguments go to it)")):
         forwarded = commands.add_parser(name, help=help_text, add_help=False)
         forwarded.add_argument("args", nargs=argparse.REMAINDER)
     commands.add_parser("version", help="print the installed version")

@@ -10,6 +10,8 @@ from platformdirs import user_data_dir
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ops.engine_config import EngineConfig, engine_config_from, engine_field
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
@@ -85,24 +87,24 @@ class Settings(BaseSettings):
         description="Packaged name, HF directory, .gguf path or hub id; comma-separated: one worker each (serve).",
     )
     served_model_name: str | None = Field(default=None, description="Model id clients use; derived if unset.")
-    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ...")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_num_seqs: int = Field(default=64, ge=1, description="Sequences decoded together (batch slots).")
-    max_num_batched_tokens: int = Field(default=512, ge=16, description="Token budget per engine step.")
-    max_model_len: int | None = Field(default=None, ge=16, description="Cap on the model's context length.")
-    kv_cache_tokens: int | None = Field(default=None, ge=16, description="KV capacity in tokens; derived if unset.")
+    # The engine's own knobs: defaults, bounds and descriptions come from EngineConfig (ops/engine_config.py).
+    device: str = engine_field("device")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = engine_field("dtype")
+    max_num_seqs: int = engine_field("max_num_seqs")
+    max_num_batched_tokens: int = engine_field("max_num_batched_tokens")
+    max_model_len: int | None = engine_field("max_model_len")
+    kv_cache_tokens: int | None = engine_field("kv_cache_tokens")
+    kv_cache_gib: float = engine_field("kv_cache_gib")
+    torch_threads: int | None = engine_field("torch_threads")
+    num_speculative_tokens: int = engine_field("num_speculative_tokens")
+    prompt_lookup_min: int = engine_field("prompt_lookup_min")
+    prompt_lookup_max: int = engine_field("prompt_lookup_max")
+    speculative_max_rows: int = engine_field("speculative_max_rows")
+    model_impl: Literal["auto", "fast", "generic"] = engine_field("model_impl")
     workers_per_model: int = Field(default=1, ge=1, le=64, description=(
         "Engine workers `inferq serve` starts per model, sharing its queue. On a CPU a small model runs faster as "
         "one single-thread worker per core than as one worker using every core (docs/benchmarks.md); on a GPU "
         "keep 1 (each worker holds its own weights and KV cache)."))
-    torch_threads: int | None = Field(default=None, ge=1, description=(
-        "torch intra-op threads (default: torch's; under `inferq serve`, one core is left to the api and NATS)."))
-    num_speculative_tokens: int = Field(default=4, ge=0, description=(
-        "N-gram speculative decoding: draft tokens guessed per sequence and step from its own text (0: off)."))
-    prompt_lookup_min: int = Field(default=2, ge=1, description="Shortest n-gram the draft proposer matches.")
-    prompt_lookup_max: int = Field(default=4, ge=1, description="Longest n-gram the draft proposer matches.")
-    speculative_max_rows: int = Field(default=16, ge=2, description=(
-        "Draft only while a step's decodes plus their drafts fit in this many rows (small batches gain most)."))
 
     # --- cluster ----------------------------------------------------------------------------------------
     nats_replicas: int = Field(default=1, ge=1, le=5,
@@ -190,3 +192,7 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.data_dir / "models"
+
+    def engine_config(self) -> EngineConfig:
+        """The torch engine's configuration: this object's engine knobs, checked together."""
+        return engine_config_from(self)

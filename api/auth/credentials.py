@@ -90,6 +90,12 @@ def bearer_from_header(authorization: str | None) -> str | None:
     return (value.strip() or None) if scheme.lower() == "bearer" else None
 
 
+def credential_from_headers(authorization: str | None, api_key: str | None) -> str | None:
+    """The secret a request presents: `Authorization: Bearer <secret>`, or `x-api-key: <secret>` (what the
+    Anthropic SDKs send). Bearer wins when both are present."""
+    return bearer_from_header(authorization) or (api_key.strip() if api_key else None) or None
+
+
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
 

@@ -1,4 +1,4 @@
-"""Rate-limit response headers, both families (shared/reference/features.md §2.8): seed (b)'s
+"""Rate-limit response headers, both families (shared/reference/features.md §2.8): Inferneo's
 `X-RateLimit-Limit/Remaining/Reset` (reset as epoch seconds) and OpenAI's `x-ratelimit-{limit,remaining,reset}-
 {requests,tokens}` (reset as a duration such as `12s`). For requests, whichever window binds first is reported:
 the minute, or the day once fewer requests remain in it than in the minute."""

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
 from api.auth.caller import Caller
-from api.auth.credentials import bearer_from_header
+from api.auth.credentials import credential_from_headers
 from api.auth.gate import AuthGate
 from api.auth.headers import rate_limit_headers
 from api.auth.metering import Meter, rate_limited, using
@@ -63,10 +63,12 @@ class AuthMiddleware:
     async def _admit(self, scope: Scope, roles: frozenset[Role], route_class: str) -> tuple[Caller, Meter | None]:
         """The caller and its meter, or the ApiError refusing the request."""
         try:
-            caller = await self.gate.caller_for(bearer_from_header(Headers(scope=scope).get("authorization")))
+            headers = Headers(scope=scope)
+            caller = await self.gate.caller_for(credential_from_headers(headers.get("authorization"),
+                                                                        headers.get("x-api-key")))
             if caller is None:
                 raise ApiError(ErrorCode.UNAUTHENTICATED, "a valid API key or login token is required: send "
-                               "`Authorization: Bearer <key>`")
+                               "`Authorization: Bearer <key>` (or `x-api-key: <key>`)")
             if caller.role not in roles:
                 log.info("auth.forbidden", path=scope["path"], caller=caller.name, role=caller.role.value,
                          route_class=route_class)

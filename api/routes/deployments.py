@@ -1,5 +1,5 @@
-"""Deployment management (seed (a)): deploy a model to a node agent's machine or over SSH, watch its status, list,
-stop, and stream its logs as server-sent events."""
+"""Deployment management (Aphrodite deployment guide): deploy a model to a node agent's machine or over SSH,
+watch its status, list, stop, and stream its logs as server-sent events."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from contracts.accounts import Role
 
 router = APIRouter(tags=["deployments"])
 
-_DEPLOYMENT_ERROR = {"description": "The seed's `deployment_error` shape: "
+_DEPLOYMENT_ERROR = {"description": "The Aphrodite guide's `deployment_error` shape: "
                                     '`{"error": {"message": "Deployment failed: …", "type": "deployment_error", '
                                     '"code": <status>}}`'}
 
@@ -56,7 +56,7 @@ async def stop_deployment(deployment_id: ResourceId, services: DeploymentsDep, c
 async def stream_logs(deployment_id: ResourceId, services: DeploymentsDep, caller: CallerDep,
                       timestamps: bool = False) -> StreamingResponse:
     """Server-sent events: `deployment_info`, `metadata` (every few seconds) and `log` (the last lines kept,
-    then live). SSH credentials in the query (as in the seed's example) are not needed and are ignored."""
+    then live). SSH credentials in the query (as in the Aphrodite guide's example) are not needed and are ignored."""
     deployment = await deployments.visible_deployment(deployment_id, caller, services)
     # Admins see the raw lines; anyone else a tenant view: a worker's output names every owner's requests.
     view = caller.role is not Role.ADMIN

@@ -1,5 +1,5 @@
 """Tokenizer surface. vLLM and Aleph Alpha share `/tokenize` and `/detokenize`; the body says which one a
-request is (see api/schemas/tokenizer.py). `/v1/...` also answers in the seed's shape."""
+request is (see api/schemas/tokenizer.py). `/v1/...` also answers in the Aphrodite guide's shape."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ async def tokenize(body: AnyTokenizeRequest, services: ServicesDep, request: Req
 
 @router.post("/v1/tokenize")
 async def tokenize_v1(body: AnyTokenizeRequest, services: ServicesDep, request: Request) -> dict:
-    """As `/tokenize`; also accepts `{"text": …}` and adds `token_strings` and `token_count` (seed shape)."""
+    """As `/tokenize`; also accepts `{"text": …}` and adds `token_strings` and `token_count` (Aphrodite guide shape)."""
     return await tokenizer.tokenize(body, services, request, seed_keys=True)
 
 

@@ -1,5 +1,5 @@
-"""Wire shapes of the deployment API (seed (a), "Deployment Management" and "Log Streaming"): the deploy body, the
-deploy answer, the status object, and the SSE event payloads of the log stream."""
+"""Wire shapes of the deployment API (Aphrodite guide, "Deployment Management" and "Log Streaming"): the deploy
+body, the deploy answer, the status object, and the SSE event payloads of the log stream."""
 
 from __future__ import annotations
 
@@ -65,22 +65,22 @@ class DeployResponse(BaseModel):
 
 
 def seed_time(timestamp: float | None) -> str | None:
-    """`2025-03-14T23:55:12`: the seed's created_at/updated_at (UTC, seconds)."""
+    """`2025-03-14T23:55:12`: the Aphrodite guide's created_at/updated_at (UTC, seconds)."""
     return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def log_time(timestamp: float) -> str:
-    """`2025-03-15T05:08:40.768Z`: the seed's log line timestamps."""
+    """`2025-03-15T05:08:40.768Z`: the Aphrodite guide's log line timestamps."""
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def container_id(deployment: Deployment) -> str | None:
-    """The seed's container is our worker process: its registry id once it registered."""
+    """The Aphrodite guide's container is our worker process: its registry id once it registered."""
     return deployment.worker_id
 
 
 def status_object(deployment: Deployment) -> dict:
-    """The seed's status object (its seven keys first), plus what a person needs to use or debug it."""
+    """The Aphrodite guide's status object (its seven keys first), plus what a person needs to use or debug it."""
     active = deployment.status is DeploymentStatus.ACTIVE
     return {
         "status": deployment.status.value,
@@ -105,7 +105,7 @@ def deployment_info_event(deployment: Deployment) -> dict:
 
 def metadata_event(deployment: Deployment, stats: ProcessStats | None, now: float) -> dict:
     """`{container_id, timestamp, is_running, started_at, cpu_usage: "1.90%", memory_usage: "10.75GiB /
-    125.7GiB"}` as in the seed, plus the worker's `host` and `pid`."""
+    125.7GiB"}` as in the Aphrodite guide, plus the worker's `host` and `pid`."""
     started = stats.started_at if stats and stats.started_at else deployment.started_at
     return {
         "container_id": container_id(deployment),

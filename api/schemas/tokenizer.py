@@ -1,5 +1,5 @@
-"""Tokenizer wire requests: vLLM's `/tokenize` + `/detokenize` (plus the seed's `{"text"}` form) and Aleph Alpha's,
-which share the same paths. The body decides which one a request is; see `tokenize_shape`/`detokenize_shape`."""
+"""Tokenizer wire requests: vLLM's `/tokenize` + `/detokenize` (plus the Aphrodite guide's `{"text"}`) and Aleph
+Alpha's, which share the same paths. The body decides which one it is; see `tokenize_shape`/`detokenize_shape`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ Shape = Literal["aleph", "vllm"]
 
 
 class TokenizeRequest(OpenAIRequest):
-    """vLLM's completion form (`prompt`) or chat form (`messages`); seed (a) calls the prompt `text`."""
+    """vLLM's completion form (`prompt`) or chat form (`messages`); the Aphrodite guide calls it `text`."""
 
     unsupported: ClassVar[dict[str, str]] = {
         "chat_template": "custom chat templates are not supported; the model's own template is used",
@@ -24,7 +24,7 @@ class TokenizeRequest(OpenAIRequest):
 
     model: str | None = Field(default=None, description="Default: the first served model.")
     prompt: str | None = None
-    text: str | None = Field(default=None, description="Seed (a) name for `prompt`.")
+    text: str | None = Field(default=None, description="The Aphrodite deployment guide's name for `prompt`.")
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = Field(default=None, description="Default: true for a prompt, false for "
                                             "messages (the chat template writes its own).")

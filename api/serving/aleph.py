@@ -22,6 +22,7 @@ from api.serving.generation import (
     new_id,
     until_disconnected,
 )
+from api.serving.token_pieces import split_into_tokens
 from api.streaming import primed, sse_response
 from contracts import ErrorCode, SamplingParams, TokenLogprob
 
@@ -69,21 +70,31 @@ class _Job:
     prompt: list[int]
     tokenizer: Any
 
-    def fields(self, text: str, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob | None]) -> dict:
+    def fields(self, text: str, pieces: Sequence[str], logprobs: Sequence[TokenLogprob | None]) -> dict:
         """The completion fields a response or a stream chunk carries. We never rewrite the model's output, so
-        `raw_completion` equals `completion`."""
+        `raw_completion` equals `completion`; `completion_tokens` is `completion` split into its tokens."""
         fields: dict = {"completion": text, "raw_completion": text}
         if self.body.log_probs is not None:
             fields["log_probs"] = log_probs_body(logprobs, self.tokenizer.decode(self.prompt[:1]))
         if self.body.tokens:
-            fields["completion_tokens"] = self.tokenizer.convert_ids_to_tokens(list(token_ids))
+            fields["completion_tokens"] = list(pieces)
         return fields
 
-    def echoed(self, prompt_logprobs: Sequence[TokenLogprob | None] | None) -> tuple[str, list[int], list]:
-        """What `echo` puts before the first completion text: the prompt, its tokens and their log_probs."""
+    def pieces(self, token_ids: Sequence[int], text: str, context: Sequence[int]) -> list[str]:
+        """The generated `text` cut at its tokens (only computed when `tokens` was asked for)."""
+        if not self.body.tokens:
+            return []
+        return split_into_tokens(self.tokenizer, token_ids, text, context=context,
+                                 skip_special_tokens=self.sampling.skip_special_tokens)
+
+    def echoed(self, prompt_logprobs: Sequence[TokenLogprob | None] | None) -> tuple[str, list[str], list]:
+        """What `echo` puts before the first completion text: the prompt, its pieces and their log_probs."""
         if not self.body.echo:
             return "", [], []
-        return self.tokenizer.decode(self.prompt), self.prompt, list(prompt_logprobs or [])
+        text = self.tokenizer.decode(self.prompt)  # as written, special tokens included
+        pieces = split_into_tokens(self.tokenizer, self.prompt, text, skip_special_tokens=False) \
+            if self.body.tokens else []
+        return text, pieces, list(prompt_logprobs or [])
 
     def summary(self, prompt_tokens: int, generated: int) -> dict:
         # Aleph Alpha counts the prompt once per candidate (n or best_of).
@@ -115,10 +126,12 @@ def _error_event(exc: ApiError) -> dict:
 
 async def _collect(job: _Job) -> dict:
     collected = await collect([job.generation], job.body.n)
-    text, token_ids, logprobs = job.echoed(collected.prompt_logprobs.get(0))
+    text, pieces, logprobs = job.echoed(collected.prompt_logprobs.get(0))
     completions = [
         {"index": index,
-         **job.fields(text + "".join(state.text), [*token_ids, *state.token_ids], [*logprobs, *state.logprobs]),
+         **job.fields(text + "".join(state.text),
+                      [*pieces, *job.pieces(state.token_ids, "".join(state.text), job.prompt)],
+                      [*logprobs, *state.logprobs]),
          "finish_reason": finish_reason(state.finish_reason, state.stop_reason)}
         for index, state in sorted(collected.choices.items())
     ]
@@ -129,21 +142,22 @@ async def _collect(job: _Job) -> dict:
 
 async def _stream(job: _Job) -> AsyncIterator[dict]:
     """stream_chunk per delta, stream_summary when a choice ends, completion_summary last (no `[DONE]`)."""
-    started: set[int] = set()
+    generated: dict[int, list[int]] = {}  # per choice, the prompt and the tokens streamed so far (context)
     summary = job.summary(0, 0)
     async for _, event in merge([job.generation]):
         if event.kind == "end":
             summary = job.summary(event.usage.prompt_tokens, event.usage.completion_tokens)
             continue
         for delta in event.choices:
-            text, token_ids, logprobs = "", [], []
-            if delta.index not in started:
-                started.add(delta.index)
-                text, token_ids, logprobs = job.echoed(event.prompt_logprobs)
+            text, pieces, logprobs = "", [], []
+            if delta.index not in generated:
+                generated[delta.index] = list(job.prompt)
+                text, pieces, logprobs = job.echoed(event.prompt_logprobs)
+            pieces += job.pieces(delta.token_ids, delta.text, generated[delta.index])
+            generated[delta.index] += delta.token_ids
             if delta.text or delta.token_ids or text:
                 yield {"type": "stream_chunk", "index": delta.index,
-                       **job.fields(text + delta.text, [*token_ids, *delta.token_ids],
-                                    [*logprobs, *(delta.logprobs or [])])}
+                       **job.fields(text + delta.text, pieces, [*logprobs, *(delta.logprobs or [])])}
             if delta.finish_reason is not None:
                 yield {"type": "stream_summary", "index": delta.index, "model_version": job.model,
                        "finish_reason": finish_reason(delta.finish_reason.value, delta.stop_reason)}

@@ -60,7 +60,7 @@ METADATA_EVERY_S = 5.0
 
 
 class DeploymentError(Exception):
-    """A deploy that cannot go ahead, answered in the seed's shape:
+    """A deploy that cannot go ahead, answered in the Aphrodite guide's shape:
     `{"error": {"message": "Deployment failed: …", "type": "deployment_error", "code": <status>}}`."""
 
     def __init__(self, status: int, reason: str):

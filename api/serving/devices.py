@@ -26,7 +26,7 @@ def gpu_count(workers: Sequence[WorkerInfo]) -> int:
 
 
 def gpu_info(workers: Sequence[WorkerInfo]) -> dict:
-    """CUDA devices under `gpus` (seed (c) fields, plus where they are and what runs on them); CPU-only
+    """CUDA devices under `gpus` (DeepInfer fields, plus where they are and what runs on them); CPU-only
     workers' processors under `cpu`."""
     gpus = []
     for (host, _, index), group in _distinct(workers, cuda=True).items():

@@ -17,10 +17,9 @@ from api.catalog import ServedModel
 from api.engine_client import Generation, merge
 from api.errors import ApiError
 from api.services import Services
-from contracts import ChoiceDelta, ErrorCode, GenerateRequest, SamplingParams, TokenLogprob, Usage
+from contracts import LOGPROB_FLOOR, ChoiceDelta, ErrorCode, GenerateRequest, SamplingParams, TokenLogprob, Usage
 
 T = TypeVar("T")
-LOGPROB_FLOOR = -9999.0  # -inf breaks JSON; vLLM clamps to the same value
 
 
 def new_id(prefix: str) -> str:

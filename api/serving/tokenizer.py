@@ -1,5 +1,5 @@
 """One tokenizer service (the tokenizer the model's worker published; no model in the edge) and the response
-shapers of the APIs that share its paths: vLLM, the seed's `/v1/tokenize` superset, and Aleph Alpha."""
+shapers of the APIs that share its paths: vLLM, the Aphrodite guide's `/v1/tokenize` superset, and Aleph Alpha."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ async def resolve(services: Services, model_id: str | None) -> tuple[ServedModel
 
 async def tokenize(body: TokenizeRequest | AlephTokenizeRequest, services: Services, http: Request, *,
                    seed_keys: bool = False) -> dict:
-    """`seed_keys`: also answer in the seed's `{tokens, token_strings, token_count}` shape (`/v1/tokenize`)."""
+    """`seed_keys`: also answer in the Aphrodite guide's `{tokens, token_strings, token_count}` shape
+    (`/v1/tokenize`)."""
     if isinstance(body, AlephTokenizeRequest):
         use_aleph_statuses(http)
         _, tokenizer = await resolve(services, body.model)
@@ -72,7 +73,8 @@ def vllm_tokens(tokenizer, ids: list[int], *, max_model_len: int, return_token_s
 
 
 def seed_tokens(tokenizer, ids: list[int]) -> dict:
-    """Seed (a): each token decoded on its own (a token holding part of a multi-byte character decodes to �)."""
+    """The Aphrodite guide's shape: each token decoded on its own (a token holding part of a multi-byte
+    character decodes to �)."""
     return {"tokens": ids, "token_strings": [tokenizer.decode([token]) for token in ids], "token_count": len(ids)}
 
 

@@ -48,6 +48,8 @@ class BenchConfig:
     baseline_requests: int | None = None
     observe_nats: str | None = None
     temperature: float = 0.0
+    server_pid: int | None = None
+    rss_settle_s: float = 3.0
 
     def requests_for(self, concurrency: int) -> int:
         """Requests sent at one level: the explicit count, else enough for every stream to see two."""
@@ -99,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
         dest="timeout_s",
         metavar="SECONDS",
         help="per-request seconds",
+    )
+    server.add_argument(
+        "--server-pid", type=int, metavar="PID",
+        help="sample this process and its children for peak RSS (default: the local process listening on the "
+             "URL's port, widened to its `inferq serve` launcher's whole tree)",
+    )
+    server.add_argument(
+        "--rss-settle", type=float, default=3.0, dest="rss_settle_s", metavar="SECONDS",
+        help="keep sampling the server's RSS this long after the traffic; the last sample is the 'after' column "
+             "(an idle worker gives its KV pages back after 2 s)",
     )
     server.add_argument(
         "--tokenizer",
@@ -169,6 +181,8 @@ def parse_args(argv: list[str]) -> BenchConfig:
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    if args.rss_settle_s < 0:
+        parser.error("--rss-settle must be >= 0")
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
     if args.baseline_requests is not None and args.baseline_requests < 1:

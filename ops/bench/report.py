@@ -11,6 +11,7 @@ from typing import Any
 
 from ops.bench.background import BatchProgress
 from ops.bench.config import BenchConfig
+from ops.bench.memory import MemoryReport
 from ops.bench.metrics import LevelResult
 
 BUSY_TARGET = "+batch"  # the server measured again while a background batch runs
@@ -24,6 +25,7 @@ class RunInfo:
     endpoint: str | None
     prompt_source: str
     baseline: str | None
+    memory: MemoryReport | None = None  # the server's RSS during the run (ops/bench/memory.py)
 
 
 def _num(value: float | None, digits: int = 1) -> str:

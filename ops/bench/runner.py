@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import time
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 from typing import Protocol
 
+import psutil
 import structlog
 
 from ops.bench.background import BatchProgress, background_batch
@@ -15,6 +18,7 @@ from ops.bench.baseline import BaselineTarget
 from ops.bench.client import OpenAIStreamTarget
 from ops.bench.config import BenchConfig, BenchError, parse_args
 from ops.bench.edge_latency import TokenObserver
+from ops.bench.memory import RssSampler, format_memory, server_root
 from ops.bench.metrics import LevelResult, RequestResult, Stats, summarize
 from ops.bench.prompts import prompt_set
 from ops.bench.report import (
@@ -55,7 +59,7 @@ def main(argv: list[str]) -> int:
         return exc.exit_code
     batch_rows = batch_comparison(levels, batches)
     sys.stdout.write(format_table(cfg, info, levels) + format_comparison(comparison(levels))
-                     + format_batch_comparison(batch_rows))
+                     + format_batch_comparison(batch_rows) + format_memory(info.memory))
     if cfg.json_path is not None:
         write_json(cfg.json_path, cfg, info, levels, batch_rows)
     failed = sum(level.errors for level in levels)
@@ -84,6 +88,7 @@ async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo, dict[int, B
     async with AsyncExitStack() as stack:
         # The server first: an unreachable one fails fast, before the baseline model is loaded.
         server = await stack.enter_async_context(OpenAIStreamTarget.connect(cfg)) if cfg.runs_server else None
+        sampler = stack.enter_context(sample_server_memory(cfg)) if server is not None else None
         baseline = stack.enter_context(BaselineTarget.load(cfg)) if cfg.runs_baseline else None
         observer = (await stack.enter_async_context(TokenObserver.watching(cfg.observe_nats))
                     if cfg.observe_nats and server is not None else None)
@@ -114,7 +119,24 @@ async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo, dict[int, B
             prompt_source=server.prompt_source if server else "token ids (exact)",
             baseline=baseline.label if baseline else None,
         )
-        return levels, info, batches
+    # Out of the stack: the sampler has taken its last sample (after the traffic) and stopped.
+    if sampler is not None:
+        info = dataclasses.replace(info, memory=sampler.report)
+    return levels, info, batches
+
+
+@contextmanager
+def sample_server_memory(cfg: BenchConfig) -> Iterator[RssSampler]:
+    try:
+        root = server_root(cfg.base_url, cfg.server_pid)
+    except psutil.Error as exc:
+        raise BenchError(f"--server-pid {cfg.server_pid}: {exc}") from exc
+    note = None if root is not None else f"no process of this user listens locally behind {cfg.base_url}"
+    sampler = RssSampler(root, note=note, settle_s=cfg.rss_settle_s).start()
+    try:
+        yield sampler
+    finally:
+        sampler.stop()
 
 
 async def warm_up(target: Target, cfg: BenchConfig) -> None:

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from api.engine_client import Generation
+from api.engine_client import Generation, Timeouts
 from contracts import Accepted, ChoiceDelta, End, GenerateRequest, SamplingParams, Tokens, Usage
 from tests.api.test_generation_gaps import RecordingClient, tokens
 
@@ -84,3 +84,54 @@ async def test_the_submitting_edge_still_ignores_newer_attempts_it_did_not_make(
         journal.put_nowait(event)
     received = [event async for event in Generation(RecordingClient(), request(2), journal)]
     assert delivered(received) == [10, 11]
+
+
+async def follow_two_tokens_then_silence(client: RecordingClient) -> tuple[asyncio.Queue, asyncio.Task, list]:
+    """A follower of a request whose journal shows attempt 1's first two tokens and then nothing."""
+    journal: asyncio.Queue = asyncio.Queue()
+    for event in (accepted(1), tokens(1, 1, 10), tokens(1, 2, 11)):
+        journal.put_nowait(event)
+    received: list = []
+
+    async def consume() -> None:
+        async for event in Generation(client, request(), journal, follower=Follower()):
+            received.append(event)
+
+    return journal, asyncio.create_task(consume()), received
+
+
+async def published(client: RecordingClient, count: int) -> None:
+    while len(client.published) < count:
+        await asyncio.sleep(0.01)
+
+
+async def test_a_resubmission_another_edge_queued_and_ran_unseen_moves_on_after_a_queue_timeout() -> None:
+    """Found by the chaos run (seed 1): a NATS node died while attempt 1 finished, so the journal lost its tail;
+    another edge's resubmission (attempt 2) ran and finished with its events lost too. A follower that fell
+    silent resubmitted attempt 2, the queue dropped it as a duplicate, and every retry of the client waited for
+    nothing until the duplicate window passed. Now, once that attempt shows nothing for a queue timeout, it
+    moves on to attempt 3, resumed from what it delivered."""
+    client = RecordingClient(already_queued=frozenset({2}))
+    client.timeouts = Timeouts(queue_s=0.3, silence_s=0.2)
+    journal, task, received = await follow_two_tokens_then_silence(client)
+    await asyncio.wait_for(published(client, 2), 5)  # before: attempt 2 only, then waiting for nothing
+    assert [(r.attempt, r.resume_token_ids) for r in client.published] == [(2, [10, 11]), (3, [10, 11])]
+    for event in (accepted(3, resumed=2), tokens(3, 1, 12), tokens(3, 2, 13, "length"), end(3, 3, 4)):
+        journal.put_nowait(event)
+    await asyncio.wait_for(task, 5)
+    assert delivered(received) == [10, 11, 12, 13]
+
+
+async def test_a_resubmission_another_edge_queued_and_runs_is_followed_not_superseded() -> None:
+    """Both edges of a keyed request saw its worker die and resubmitted attempt 2 at once (chaos run, seed 22).
+    The one whose publish was the duplicate must follow that attempt: a third attempt would supersede it on the
+    worker, and the other edge's client would get finish_reason "abort"."""
+    client = RecordingClient(already_queued=frozenset({2}))
+    client.timeouts = Timeouts(queue_s=1.0, silence_s=0.2)
+    journal, task, received = await follow_two_tokens_then_silence(client)
+    await asyncio.wait_for(published(client, 1), 5)
+    for event in (accepted(2, resumed=2), tokens(2, 1, 12), tokens(2, 2, 13, "length"), end(2, 3, 4)):
+        journal.put_nowait(event)
+    await asyncio.wait_for(task, 5)
+    assert [r.attempt for r in client.published] == [2]
+    assert delivered(received) == [10, 11, 12, 13]

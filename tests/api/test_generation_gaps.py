@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from api.engine_client import Generation, Timeouts
-from contracts import Accepted, ChoiceDelta, End, GenerateRequest, SamplingParams, Tokens, Usage
+from api.errors import ApiError
+from contracts import Accepted, ChoiceDelta, End, ErrorCode, GenerateRequest, SamplingParams, Tokens, Usage
 
 pytestmark = pytest.mark.asyncio
 
@@ -16,13 +17,15 @@ pytestmark = pytest.mark.asyncio
 class RecordingClient:
     """What a Generation needs of its EngineClient: publish (resubmissions), cancel, the router, timeouts."""
 
-    def __init__(self) -> None:
+    def __init__(self, already_queued: frozenset[int] = frozenset()) -> None:
         self.published: list[GenerateRequest] = []
         self.timeouts = Timeouts(queue_s=5.0, silence_s=5.0)
         self.router = self
+        self.already_queued = already_queued  # attempts whose publish the queue reports as a duplicate
 
-    async def publish(self, request: GenerateRequest) -> None:
+    async def publish(self, request: GenerateRequest) -> bool:
         self.published.append(request)
+        return request.attempt not in self.already_queued
 
     async def cancel(self, request_id: str, attempt: int | None = None) -> None:
         pass
@@ -75,3 +78,21 @@ async def test_only_the_accepted_event_missing_is_no_gap() -> None:
         events.put_nowait(event)
     received = [event async for event in Generation(client, request, events)]
     assert [event.kind for event in received] == ["tokens", "end"] and client.published == []
+
+
+async def test_a_gap_that_cannot_be_resumed_is_a_clear_error_not_a_hole() -> None:
+    """Found by the chaos run (seed 22): on its last attempt a request lost events in a NATS node failure, and
+    the edge handed the client the tokens after the hole as if none were missing (finish "length")."""
+    request = GenerateRequest(request_id="r", model="m", prompt_token_ids=[1], reply_subject="inf.tok.e.r",
+                              sampling=SamplingParams(max_tokens=4), attempt=3)  # Timeouts.max_attempts
+    events: asyncio.Queue = asyncio.Queue()
+    for event in (Accepted(request_id="r", attempt=3, seq=0, worker_id="w3"), tokens(3, 1, 10),
+                  tokens(3, 3, 12), tokens(3, 4, 13, "length"),
+                  End(request_id="r", attempt=3, seq=5, usage=Usage(prompt_tokens=1, completion_tokens=4))):
+        events.put_nowait(event)
+    received = []
+    with pytest.raises(ApiError) as raised:
+        async for event in Generation(RecordingClient(), request, events):
+            received.append(event)
+    assert raised.value.info.code is ErrorCode.WORKER_LOST
+    assert [t for event in received for c in event.choices for t in c.token_ids] == [10]  # nothing after the hole

@@ -1,4 +1,4 @@
-"""`/openapi.json` describes every HTTP route the app serves (schemathesis fuzzing is issue 8's)."""
+"""`/openapi.json` describes every HTTP route the app serves."""
 
 from __future__ import annotations
 

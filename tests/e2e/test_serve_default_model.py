@@ -3,19 +3,16 @@ SDK, then stopped with SIGTERM leaving no process behind."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from tests.integration.harness import free_port
+from tests.e2e.serve import start_serve, wait_healthy
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -39,30 +36,15 @@ def _descendants(pid: int) -> set[int]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen, set[int]]]:
-    port = free_port()
     data_dir = tmp_path_factory.mktemp("serve-data")
-    log = open(data_dir / "serve.log", "wb")
-    env = {**os.environ, "INFERQ_PORT": str(port), "INFERQ_DATA_DIR": str(data_dir), "INFERQ_LOG_FORMAT": "json"}
-    env.pop("INFERQ_NATS_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "serve"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300  # first start dequantizes the GGUF
-    while True:
-        assert proc.poll() is None, (data_dir / "serve.log").read_text()[-3000:]
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "inferq serve did not become healthy"
-        time.sleep(0.5)
+    log_path = data_dir / "serve.log"
+    proc, base = start_serve({"INFERQ_DATA_DIR": str(data_dir), "INFERQ_LOG_FORMAT": "json"}, log_path)
+    wait_healthy(proc, base, log_path, timeout=300)  # first start dequantizes the GGUF
     children = _descendants(proc.pid)
     yield base, proc, children
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    log.close()
 
 
 def test_openai_sdk_chat_and_completions(served) -> None:

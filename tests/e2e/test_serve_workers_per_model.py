@@ -3,17 +3,13 @@ and each one serves part of a burst of concurrent requests."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.harness import free_port
+from tests.e2e.serve import start_serve, wait_healthy
 
 MODEL = "sim"
 
@@ -26,27 +22,12 @@ def _generated_tokens_by_worker(base: str) -> dict[str, float]:
 
 
 def test_two_workers_per_model_share_the_queue(tmp_path) -> None:
-    port = free_port()
-    env = {**os.environ, "INFERQ_PORT": str(port), "INFERQ_DATA_DIR": str(tmp_path / "data"),
-           "INFERQ_ENGINE": "sim", "INFERQ_SIM_TOKENS_PER_S": "50", "INFERQ_MAX_NUM_SEQS": "4",
-           "INFERQ_WORKERS_PER_MODEL": "2", "INFERQ_DEPLOY_AGENT": "false"}
-    env.pop("INFERQ_NATS_URL", None)
-    with open(tmp_path / "serve.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "serve"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    proc, base = start_serve({"INFERQ_DATA_DIR": str(tmp_path / "data"), "INFERQ_ENGINE": "sim",
+                              "INFERQ_SIM_TOKENS_PER_S": "50", "INFERQ_MAX_NUM_SEQS": "4",
+                              "INFERQ_WORKERS_PER_MODEL": "2", "INFERQ_DEPLOY_AGENT": "false"}, log_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                health = httpx.get(f"{base}/health", timeout=2)
-                if health.status_code == 200 and health.json()["workers"] == 2:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "inferq serve did not bring up two workers"
-            time.sleep(0.5)
+        wait_healthy(proc, base, log_path, timeout=120, ready=lambda health: health["workers"] == 2)
 
         # 16 requests of 20 tokens at 50 tokens/s: 4 slots per worker, so one worker alone would need 4 rounds.
         def complete(i: int) -> dict:

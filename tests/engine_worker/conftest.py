@@ -12,6 +12,7 @@ import pytest
 from contracts import GenerateRequest, SamplingParams
 from engine_worker.engine import Engine, EngineConfig
 from engine_worker.outputs import RequestOutput
+from engine_worker.scheduler import SchedulerOutput
 
 
 def make_request(request_id: str, prompt: list[int], **sampling: Any) -> GenerateRequest:
@@ -74,6 +75,10 @@ def hf_model(tiny_model_dir: Path) -> Any:
 
 @pytest.fixture(scope="session")
 def hf_greedy(hf_model: Any) -> Callable[..., list[int]]:
+    return greedy_reference(hf_model)
+
+
+def greedy_reference(hf_model: Any) -> Callable[..., list[int]]:
     """transformers `generate(do_sample=False)` for one request alone (cached)."""
     import torch
 
@@ -99,6 +104,36 @@ def engine_factory(tiny_model_dir: Path) -> Callable[..., Engine]:
         return Engine.from_pretrained(tiny_model_dir, EngineConfig(**config))
 
     return make
+
+
+def record_steps(engine) -> list[SchedulerOutput]:
+    steps: list[SchedulerOutput] = []
+    schedule = engine.scheduler.schedule
+
+    def recording() -> SchedulerOutput:
+        out = schedule()
+        steps.append(out)
+        return out
+
+    engine.scheduler.schedule = recording
+    return steps
+
+
+def run_workload(engine: Engine, workload: list[tuple[int, int, int]]) -> dict[str, list[int]]:
+    """Add greedy requests (prompt length, max_tokens, step to add at) as the steps go; tokens by request id."""
+    got: dict[str, list[int]] = {}
+    pending = sorted(enumerate(workload), key=lambda item: item[1][2])
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][1][2] <= step:
+            i, (length, max_tokens, _) = pending.pop(0)
+            engine.add_request(make_request(f"r{i}", prompt_of(length, i), temperature=0.0, max_tokens=max_tokens))
+        for output in engine.step():
+            for choice in output.choices:
+                got.setdefault(output.request_id, []).extend(choice.token_ids)
+        step += 1
+        assert step < 5000
+    return got
 
 
 class ScriptedProposer:

@@ -7,7 +7,8 @@ import torch
 
 from contracts import EmbedRequest, GenerateRequest
 from engine_worker.encoder import EncoderEngine, is_encoder_model
-from engine_worker.pooling import pool, resolve_layer
+from engine_worker.pooling import pool
+from engine_worker.validation import resolve_layer
 from ops.models import PACKAGED_MODELS, packaged_model
 
 

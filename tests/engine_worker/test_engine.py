@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from contracts import FinishReason
+from engine_worker.outputs import EngineStats
 from tests.engine_worker.conftest import (
     make_request,
     prompt_of,
@@ -27,7 +28,7 @@ def test_abort_frees_the_slot_at_once_and_reports_abort(engine_factory) -> None:
     engine.add_request(make_request("c", prompt_of(10, 2), temperature=0.0, max_tokens=5))
     for _ in range(3):
         engine.step()
-    assert engine.num_requests_running == 2 and engine.num_requests_waiting == 1 and engine.num_free_slots == 0
+    assert (engine.stats().running, engine.stats().waiting) == (2, 1)
     engine.abort_request("a")
     assert engine.kv.num_running == 1  # freed before any further step
     outputs = engine.step()
@@ -205,20 +206,19 @@ def test_validation_errors_name_the_numbers(engine_factory) -> None:
     engine.add_request(make_request("ok", prompt_of(5), max_tokens=2))
     with pytest.raises(ValueError, match="already"):
         engine.add_request(make_request("ok", prompt_of(5), max_tokens=2))
-    assert engine.num_requests_waiting == 1 and not engine.scheduler.running
+    assert engine.stats().waiting == 1 and not engine.scheduler.running
 
 
-def test_free_slots_account_for_choices_and_waiting(engine_factory) -> None:
+def test_stats_count_requests_and_kv_usage(engine_factory) -> None:
     engine = engine_factory(max_num_seqs=4)
-    assert engine.num_free_slots == 4
     engine.add_request(make_request("a", prompt_of(5), n=3, temperature=1.0, max_tokens=5))
-    assert engine.num_free_slots == 0  # waiting work: pull nothing more until it is admitted
+    assert (engine.stats().running, engine.stats().waiting) == (0, 1)
     engine.step()  # choice 0 computes the prompt ...
     engine.step()  # ... which choices 1 and 2 then copy
-    assert engine.num_free_slots == 1 and engine.num_requests_running == 1
-    assert 0 < engine.kv_cache_usage <= 1
+    stats = engine.stats()
+    assert (stats.running, stats.waiting) == (1, 0) and 0 < stats.kv_cache_usage <= 1
     run_to_completion(engine)
-    assert engine.num_free_slots == 4 and engine.kv_cache_usage == 0
+    assert engine.stats() == EngineStats(0, 0, 0.0, 0, engine.num_draft_tokens_total, engine.num_accepted_tokens_total)
 
 
 def test_embeddings_equal_hf_hidden_states(engine_factory, hf_model) -> None:

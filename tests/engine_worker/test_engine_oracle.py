@@ -7,47 +7,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_worker.scheduler import SchedulerOutput
 from tests.engine_worker.conftest import (
     ScriptedProposer,
     make_request,
     prompt_of,
+    record_steps,
     run_to_completion,
+    run_workload,
     tokens_by_choice,
 )
 
 # (prompt length, max_tokens, step at which it is added)
 # The first four grow past 128 tokens together, which a 512-token cache cannot hold: preemption.
 WORKLOAD = [(5, 130, 0), (20, 120, 0), (12, 125, 1), (30, 100, 2), (90, 20, 3), (9, 38, 7), (130, 16, 12)]
-
-
-def _record_steps(engine) -> list[SchedulerOutput]:
-    steps: list[SchedulerOutput] = []
-    schedule = engine.scheduler.schedule
-
-    def recording() -> SchedulerOutput:
-        out = schedule()
-        steps.append(out)
-        return out
-
-    engine.scheduler.schedule = recording
-    return steps
-
-
-def _run_workload(engine) -> dict[str, list[int]]:
-    got: dict[str, list[int]] = {}
-    pending = sorted(enumerate(WORKLOAD), key=lambda item: item[1][2])
-    step = 0
-    while pending or engine.has_unfinished_requests():
-        while pending and pending[0][1][2] <= step:
-            i, (length, max_tokens, _) = pending.pop(0)
-            engine.add_request(make_request(f"r{i}", prompt_of(length, i), temperature=0.0, max_tokens=max_tokens))
-        for output in engine.step():
-            for choice in output.choices:
-                got.setdefault(output.request_id, []).extend(choice.token_ids)
-        step += 1
-        assert step < 5000
-    return got
 
 
 @pytest.mark.parametrize(
@@ -61,8 +33,8 @@ def _run_workload(engine) -> dict[str, list[int]]:
 )
 def test_greedy_matches_transformers_for_a_concurrent_mix(engine_factory, hf_greedy, config) -> None:
     engine = engine_factory(**config)
-    steps = _record_steps(engine)
-    got = _run_workload(engine)
+    steps = record_steps(engine)
+    got = run_workload(engine, WORKLOAD)
     for i, (length, max_tokens, _) in enumerate(WORKLOAD):
         expected = hf_greedy(prompt_of(length, i), max_tokens)
         assert got[f"r{i}"] == expected, f"request r{i} diverged from transformers"
@@ -105,8 +77,8 @@ def test_greedy_with_draft_tokens_matches_transformers(engine_factory, tiny_mode
         base.eos_token_ids,
         proposer=proposer,
     )
-    steps = _record_steps(engine)
-    got = _run_workload(engine)
+    steps = record_steps(engine)
+    got = run_workload(engine, WORKLOAD)
     for i, (length, _, _) in enumerate(WORKLOAD):
         assert got[f"r{i}"] == answers[(tuple(prompt_of(length, i)), 0)], f"request r{i} diverged"
 
@@ -191,7 +163,7 @@ def test_prompt_logprobs_survive_chunking_and_preemption(engine_factory, hf_mode
 @pytest.mark.parametrize("budget", [512, 16])
 def test_choices_copy_the_prompt_kv_of_choice_zero(engine_factory, hf_greedy, budget) -> None:
     engine = engine_factory(max_num_batched_tokens=budget)
-    steps = _record_steps(engine)
+    steps = record_steps(engine)
     prompt = prompt_of(45, 2)
     engine.add_request(make_request("n", prompt, temperature=0.0, n=3, max_tokens=20))
     by_choice = tokens_by_choice(run_to_completion(engine)["n"])

@@ -13,15 +13,13 @@ from contracts import ChoiceDelta, FinishReason, GenerateRequest, Usage
 from engine_worker.metrics import (
     ITL_BUCKETS,
     TTFT_BUCKETS,
-    EngineGauges,
     Histogram,
     RequestTimeline,
     WorkerMeters,
     WorkerTelemetry,
-    engine_gauges,
     record_spans,
 )
-from engine_worker.outputs import RequestOutput
+from engine_worker.outputs import EngineStats, RequestOutput
 
 
 def test_histogram_buckets_are_le_with_an_overflow_bucket() -> None:
@@ -49,7 +47,7 @@ def test_a_request_timeline_feeds_each_meter() -> None:
         meters.tokens(timeline, now=mono)
     meters.finished(timeline, Usage(prompt_tokens=7, completion_tokens=3), "length", now=50.7)
 
-    snapshot = meters.snapshot("w1", "m", EngineGauges(running=1, waiting=2, kv_cache_usage=0.25, preemptions=4,
+    snapshot = meters.snapshot("w1", "m", EngineStats(running=1, waiting=2, kv_cache_usage=0.25, preemptions=4,
                                                        draft_tokens=40, accepted_tokens=30))
     assert snapshot.request_queue_time_seconds.sum == pytest.approx(2.0)
     assert snapshot.time_to_first_token_seconds.count == 1
@@ -67,35 +65,6 @@ def test_a_request_timeline_feeds_each_meter() -> None:
 def test_queue_time_is_clamped_when_clocks_disagree() -> None:
     timeline = RequestTimeline(published_at=1005.0, accepted_at=1000.0, accepted_mono=0.0)
     assert timeline.queue_time == 0.0
-
-
-class _Engine:
-    num_requests_running = 3
-    num_requests_waiting = 1
-    kv_cache_usage = 0.5
-    num_preemptions_total = 2
-    num_draft_tokens_total = 12
-    num_accepted_tokens_total = 7
-
-
-class _CountingEngine:
-    """Raises like a dict iterated while the engine thread changes it, the first time only."""
-
-    def __init__(self) -> None:
-        self.reads = 0
-
-    @property
-    def num_requests_running(self) -> int:
-        self.reads += 1
-        if self.reads == 1:
-            raise RuntimeError("dictionary changed size during iteration")
-        return 5
-
-
-def test_engine_gauges_prefer_the_engine_and_fall_back_to_the_bridge() -> None:
-    assert engine_gauges(_Engine(), 9, 9) == EngineGauges(3, 1, 0.5, 2, 12, 7)
-    assert engine_gauges(object(), 2, 1) == EngineGauges(2, 1, None, None, None, None)
-    assert engine_gauges(_CountingEngine(), 0, 0).running == 5
 
 
 @pytest.fixture
@@ -137,7 +106,7 @@ def test_finish_reason_is_choice_zeros(spans) -> None:
                                                   ChoiceDelta(index=0, token_ids=[6],
                                                               finish_reason=FinishReason.LENGTH)]))
     telemetry.finished(flight, Usage(prompt_tokens=1, completion_tokens=2))
-    snapshot = telemetry.snapshot(EngineGauges(0, 0))
+    snapshot = telemetry.snapshot(EngineStats(0, 0))
     assert snapshot.request_success_total == {"length": 1}
     assert snapshot.time_to_first_token_seconds.count == 1
     assert [span.name for span in spans[1].get_finished_spans()][-1] == "generate"

@@ -8,7 +8,9 @@ from collections import Counter
 import pytest
 import torch
 
-from engine_worker.sampler import LOGPROB_FLOOR, Sampler, SamplingRow, row_uniform, seed_key
+from contracts import LOGPROB_FLOOR
+from engine_worker.sampler import Sampler
+from engine_worker.sampling_rows import SamplingRow, row_uniform, seed_key
 
 VOCAB = 8
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,25 +16,11 @@ import httpx
 import uvicorn
 
 from api.app import create_app
+from ops.chaos.processes import free_port, settings_env
 from ops.settings import Settings
 
 API_BOOT = "from api.main import run_api; from ops.settings import Settings; run_api(Settings())"
 WORKER_BOOT = "from engine_worker.main import run_worker; from ops.settings import Settings; run_worker(Settings())"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    env = {}
-    for name, value in settings.model_dump(exclude_none=True).items():
-        if isinstance(value, list):
-            value = ",".join(map(str, value))
-        env[f"INFERQ_{name.upper()}"] = str(value)
-    return env
 
 
 class WorkerProcess:

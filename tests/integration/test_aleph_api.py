@@ -63,7 +63,8 @@ async def test_greedy_complete_equals_openai_completions(api, client, hf_tokeniz
     assert response.model_version == TINY_MODEL_NAME
     assert response.num_tokens_prompt_total == len(hf_tokenizer.encode(PROMPT))
     assert response.num_tokens_generated == expected.usage.completion_tokens == len(completion.completion_tokens)
-    assert hf_tokenizer.convert_tokens_to_string(completion.completion_tokens) == completion.completion
+    # "The completion split into tokens": decoded text, not the vocabulary's strings (`Ġ` for a space).
+    assert "".join(completion.completion_tokens) == completion.completion
     assert len(completion.log_probs) == len(completion.completion_tokens)
     for entry in completion.log_probs:  # the chosen token plus up to two alternatives, all finite
         assert 1 <= len(entry) <= 3 and all(value <= 0 for value in entry.values())
@@ -97,6 +98,22 @@ async def test_stop_sequence_and_echo(api, client) -> None:
     log_probs = echoed.completions[0].log_probs
     assert list(log_probs[0].values()) == [None]  # nothing predicts the first prompt token
     assert len(log_probs) == echoed.num_tokens_prompt_total + echoed.num_tokens_generated
+
+
+async def test_completion_tokens_join_to_the_completion(client) -> None:
+    """With a stop sequence (tokens past it are cut), with echo (the prompt's tokens first), and streamed."""
+    full = (await client.complete(request(maximum_tokens=16), model=TINY_MODEL_NAME)).completions[0].completion
+    stop = next(full[i:i + 2] for i in range(4, len(full) - 1) if full[i:i + 2].strip())
+    for fields in ({"stop_sequences": [stop]}, {"echo": True}, {}):
+        [completion] = (await client.complete(request(maximum_tokens=16, tokens=True, **fields),
+                                              model=TINY_MODEL_NAME)).completions
+        assert "".join(completion.completion_tokens) == completion.completion, fields
+        assert not any(piece.startswith("\u0120") for piece in completion.completion_tokens), fields  # Ġ
+    streamed = [item async for item in client.complete_with_streaming(request(maximum_tokens=16, tokens=True),
+                                                                      model=TINY_MODEL_NAME)
+                if isinstance(item, aa.completion.StreamChunk)]
+    assert "".join(piece for chunk in streamed for piece in chunk.completion_tokens) == full
+    assert all("".join(chunk.completion_tokens) == chunk.completion for chunk in streamed)
 
 
 async def test_streaming_matches_the_plain_response(client) -> None:

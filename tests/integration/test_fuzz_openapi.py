@@ -66,9 +66,13 @@ def assert_own_shape(response, case) -> None:
     if NO_AGENT in response.text:
         return  # a valid deploy with no agent to run it: the honest answer here (this setup starts none)
     assert response.status_code < 500, f"{where}: {response.text[:500]}"
-    if response.status_code >= 400:
-        # OpenAI's shape everywhere; the deployment routes answer their failures in seed (a)'s variant of it,
-        # which has no `param` and the status as `code`.
+    if response.status_code >= 400 and case.path.startswith("/v1/messages"):  # Anthropic's routes: its shape
+        body = response.json()
+        assert set(body) == {"type", "error"} and body["type"] == "error", f"{where}: {body}"
+        assert set(body["error"]) == {"type", "message"} and body["error"]["message"], f"{where}: {body}"
+    elif response.status_code >= 400:
+        # OpenAI's shape everywhere else; the deployment routes answer their failures in the Aphrodite guide's
+        # variant of it, which has no `param` and the status as `code`.
         body = response.json()
         assert set(body) == {"error"}, f"{where}: {body}"
         error = body["error"]
@@ -113,6 +117,7 @@ def test_no_input_gets_a_server_error_or_a_foreign_error_shape(fuzz_schema) -> N
 def test_the_fuzzer_reaches_every_route(fuzz_schema) -> None:
     """The parametrized test above covers what the schema lists: make sure that is every route the app has."""
     paths = set(fuzz_schema.raw_schema["paths"])
-    assert {"/v1/completions", "/v1/chat/completions", "/complete", "/v1/batches", "/api/v1/deploy"} <= paths
+    assert {"/v1/completions", "/v1/chat/completions", "/complete", "/v1/batches", "/api/v1/deploy",
+            "/v1/messages", "/v1/messages/count_tokens"} <= paths
     assert len(paths) >= 30
 

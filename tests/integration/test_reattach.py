@@ -1,4 +1,4 @@
-"""Getting a request back after losing it (issue 8): a client whose API replica is SIGKILLed mid-stream resumes
+"""Getting a request back after losing it: a client whose API replica is SIGKILLed mid-stream resumes
 on another replica with SSE Last-Event-ID; a retried POST with the same Idempotency-Key or X-Request-Id attaches
 to the request the first one started, running or finished, instead of generating again. Two API processes, one
 sim worker (deterministic text), one nats-server of their own."""

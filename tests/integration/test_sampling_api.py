@@ -1,4 +1,4 @@
-"""The issue-3 output surface through the API: logprobs shapes (checked against a plain forward pass), echo,
+"""The sampling output surface through the API: logprobs shapes (checked against a plain forward pass), echo,
 prompt_logprobs, n>1 with per-choice finish reasons, best_of, several prompts in one request."""
 
 from __future__ import annotations

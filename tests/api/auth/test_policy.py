@@ -32,6 +32,9 @@ MATRIX = [
     ("GET", "/v1/models", {A, C, W}),
     ("POST", "/v1/chat/completions", {A, C}),
     ("GET", "/v1/chat/completions", {A, C}),  # the WebSocket handshake
+    ("POST", "/v1/messages", {A, C}),
+    ("POST", "/v1/messages/count_tokens", {A, C}),
+    ("POST", "/v1/messages/batches", {A}),  # not served: unlisted, so admin-only
     ("POST", "/v1/completions", {A, C}),
     ("POST", "/v1/embeddings", {A, C}),
     ("POST", "/tokenize", {A, C}),

@@ -1,11 +1,12 @@
-"""The real clients against an auth-on server: the `openai` SDK and `aleph-alpha-client`, each with an API key
-and with a login token, and each told clearly when the credential is wrong."""
+"""The real clients against an auth-on server: the `openai` SDK, `aleph-alpha-client` and the `anthropic` SDK,
+each with an API key and with a login token, and each told clearly when the credential is wrong."""
 
 from __future__ import annotations
 
 import asyncio
 
 import aleph_alpha_client as aa
+import anthropic
 import openai
 import pytest
 
@@ -60,3 +61,26 @@ async def test_aleph_alpha_client_with_a_wrong_token(api_on) -> None:
     async with aa.AsyncClient(token="wrong", host=api_on.base_url, total_retries=0) as client:
         with pytest.raises(PermissionError):  # the client's type for a 401
             await client.models()
+
+
+@pytest.mark.parametrize("kind", ["api key", "login token"])
+async def test_anthropic_sdk(api_on, credentials, kind) -> None:
+    # `api_key` is sent as x-api-key (what Anthropic's SDKs use), `auth_token` as a bearer credential.
+    for sdk in (anthropic.AsyncAnthropic(base_url=api_on.base_url, api_key=credentials[kind], max_retries=0),
+                anthropic.AsyncAnthropic(base_url=api_on.base_url, auth_token=credentials[kind], max_retries=0)):
+        async with sdk:
+            message = await sdk.messages.create(model=TINY_MODEL_NAME, max_tokens=2,
+                                                messages=[{"role": "user", "content": "Hi"}])
+            assert message.usage.output_tokens == 2
+            counted = await sdk.messages.count_tokens(model=TINY_MODEL_NAME,
+                                                      messages=[{"role": "user", "content": "Hi"}])
+            assert counted.input_tokens == message.usage.input_tokens
+
+
+async def test_anthropic_sdk_with_a_wrong_key(api_on) -> None:
+    async with anthropic.AsyncAnthropic(base_url=api_on.base_url, api_key="sk-ant-wrong", max_retries=0) as sdk:
+        with pytest.raises(anthropic.AuthenticationError) as info:
+            await sdk.messages.create(model=TINY_MODEL_NAME, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    assert info.value.status_code == 401
+    assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "authentication_error"
+    assert "x-api-key" in info.value.body["error"]["message"]

@@ -154,3 +154,17 @@ async def test_batch_lines_count_against_the_owners_budget_without_failing(repli
                                                             "max_tokens": 1})
     assert after.headers["x-ratelimit-remaining-tokens"] == "0"  # the batch spent the owner's minute
     assert refused.status_code == 429
+
+
+async def test_anthropic_messages_reserve_and_settle_like_chat(replicas, make_key, now) -> None:
+    key = await make_key(Role.CLIENT, RateLimits(tokens_per_minute=200))
+    body = {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}]}
+    async with httpx.AsyncClient(base_url=replicas[0].base_url, headers={"x-api-key": key}, timeout=60) as client:
+        refused = await client.post("/v1/messages", json={**body, "max_tokens": 300})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["type"] == "rate_limit_error" and refused.json()["type"] == "error"
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "200"  # nothing was held
+        answered = await client.post("/v1/messages", json={**body, "max_tokens": 20})
+    assert answered.status_code == 200
+    usage = answered.json()["usage"]
+    assert answered.headers["x-ratelimit-remaining-tokens"] == str(200 - usage["input_tokens"] - usage["output_tokens"])

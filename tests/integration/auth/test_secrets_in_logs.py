@@ -51,6 +51,9 @@ async def test_no_secret_is_ever_logged(replicas, role_keys, accounts, captured_
                                    headers=headers(admin_key))
         new_key = created.json()["key"]
         assert (await second.get("/v1/models", headers=headers(new_key))).status_code == 200
+        counted = await second.post("/v1/messages/count_tokens", headers={"x-api-key": new_key},  # Anthropic's header
+                                    json={"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}]})
+        assert counted.status_code == 200
         assert (await second.get("/admin/keys", headers=headers(new_key))).status_code == 403
         for wrong in wrong_keys:
             assert (await second.get("/v1/models", headers=headers(wrong))).status_code == 401
@@ -80,6 +83,7 @@ async def test_no_secret_is_ever_logged(replicas, role_keys, accounts, captured_
     logging.getLogger("some.library").debug("sending Authorization: Bearer %s", new_key)
     structlog.get_logger("some.handler").warning("request failed", headers={"authorization": f"Bearer {token}"},
                                                  key=admin_key)
+    logging.getLogger("some.library").debug("sending x-api-key: %s", new_key)
 
     events = captured_logs()
     lines = events.splitlines()

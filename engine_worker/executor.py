@@ -1,0 +1,49 @@
+"""What the engine core needs from the device side, as a protocol: the core (engine, scheduler, KV accounting,
+output building) stays torch-free and `model_runner.ModelRunner` is the one implementation. A runner for another
+model family (or a fake in a test) implements these and nothing else."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from contracts import EmbeddingVector, EmbedRequest
+    from engine_worker.kv_cache import Relayout
+    from engine_worker.model_runner import RunOutput
+    from engine_worker.sampling_rows import SamplingRow
+    from engine_worker.sequence import Sequence
+
+
+class ModelExecutor(Protocol):
+    max_model_len: int
+    vocab_size: int
+    num_layers: int
+
+    @property
+    def kv_bytes_per_token(self) -> int: ...
+
+    @property
+    def device_name(self) -> str:
+        """The torch device, e.g. "cpu" or "cuda:0"."""
+        ...
+
+    @property
+    def dtype_name(self) -> str: ...
+
+    def allocate_kv_cache(self, capacity: int, slot_len: int) -> None: ...
+
+    def relayout(self, plan: Relayout) -> None: ...
+
+    def copy_prefixes(self, copies: list[tuple[int, int, int]]) -> None: ...
+
+    def run(
+        self,
+        scheduled: list[tuple[Sequence, int]],
+        sample_seqs: list[Sequence],
+        sample_rows: list[SamplingRow],
+        prompt_logprob_seqs: dict[Sequence, tuple[int, int]],
+    ) -> RunOutput: ...
+
+    def pooled_vectors(self, request: EmbedRequest) -> list[EmbeddingVector]:
+        """Pooled hidden states of each input of `request`, outside the KV cache."""
+        ...

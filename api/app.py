@@ -19,17 +19,31 @@ from api.errors import install_error_handlers
 from api.generation import Timeouts
 from api.nats_engine_client import NatsEngineClient
 from api.request_context import RequestContextMiddleware
-from api.routes import accounts, aleph, anthropic, batches, deployments, files, openai, system, tokenizer, websocket
+from api.routes import (
+    accounts,
+    aleph,
+    anthropic,
+    batches,
+    deployments,
+    files,
+    openai,
+    responses,
+    system,
+    tokenizer,
+    websocket,
+)
 from api.routes.metrics import router as metrics_router
 from api.routes.ui import mount_console
 from api.services import Services
 from api.serving.deployments import Deployments
 from api.serving.files import FILES_PATH, MULTIPART_OVERHEAD, size_limit_message
 from api.serving.metrics import FleetMetrics
+from api.serving.response_runner import ResponseRunner
 from broker.batch_store import BatchStorage
 from broker.connection import NatsAuth, connect
 from broker.events import EventRouter
 from broker.registry import WorkerRegistry
+from broker.response_store import ResponseStore
 from broker.topology import ensure_journal_stream
 from common.settings import Settings
 from common.telemetry import open_tracing
@@ -63,15 +77,19 @@ def create_app(settings: Settings) -> FastAPI:
                 engine=NatsEngineClient(nc, router, Timeouts(queue_s=settings.queue_timeout_s,
                                                               silence_s=settings.worker_silence_timeout_s)),
                 batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s, settings.nats_replicas),
+                responses=await ResponseStore.open(js, settings.response_job_ack_wait_s, settings.nats_replicas),
             )
             runner = (BatchRunner(services, services.batches, nc, meter_for_owner=auth_gate.meter_for_owner)
                       if settings.batch_runner else None)
             if runner is not None:
                 await runner.start()
+            response_runner = ResponseRunner(services, services.responses, meter_for_owner=auth_gate.meter_for_owner)
+            await response_runner.start()
             app.state.fleet_metrics = FleetMetrics(nc, js, services.catalog, settings.metrics_scrape_timeout_s,
                                                    settings.supervisor_status_file)
             log.info("api.ready", edge_id=edge_id)
             yield
+            await response_runner.stop()
             if runner is not None:
                 await runner.stop()  # before the router: its lines' cancels still go out
             await router.stop()
@@ -81,6 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
 
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(anthropic.router)
     app.include_router(websocket.router)
     app.include_router(tokenizer.router)

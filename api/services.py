@@ -13,6 +13,7 @@ from starlette.requests import HTTPConnection
 from api.catalog import ModelCatalog
 from api.engine_client import EngineClient
 from broker.batch_store import BatchStorage
+from broker.response_store import ResponseStore
 from common.settings import Settings
 
 
@@ -22,6 +23,7 @@ class Services:
     catalog: ModelCatalog
     engine: EngineClient
     batches: BatchStorage | None = None  # files, batch jobs and their results (the /v1/files and /v1/batches APIs)
+    responses: ResponseStore | None = None  # stored responses of /v1/responses
 
 
 def get_services(connection: HTTPConnection) -> Services:

@@ -5,6 +5,7 @@ writer last saw, line results in KV written create-only, and the job queue runne
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -106,32 +107,44 @@ class ResultStore:
         await self._js.purge_stream(f"KV_{subjects.BATCH_RESULTS_BUCKET}", subject=subject)
 
 
-class JobQueue:
-    """Tickets naming batches to run; one per batch (deduplicated by batch id)."""
+@dataclass(frozen=True, slots=True)
+class QueueNames:
+    subject: str
+    stream: str
+    consumer: str
+    ticket: Callable[[str], bytes]  # a job id as the ticket's body
 
-    def __init__(self, js: JetStreamContext, ack_wait_s: float):
+
+BATCH_QUEUE = QueueNames(subjects.BATCH_JOB_SUBJECT, subjects.BATCH_JOB_STREAM, subjects.BATCH_JOB_CONSUMER,
+                         lambda batch_id: BatchTicket(batch_id=batch_id).to_bytes())
+
+
+class JobQueue:
+    """Tickets naming jobs to run (batches by default); one per job (deduplicated by job id)."""
+
+    def __init__(self, js: JetStreamContext, ack_wait_s: float, names: QueueNames = BATCH_QUEUE):
         self._js = js
         self.ack_wait_s = ack_wait_s
+        self._names = names
         self._sub: JetStreamContext.PullSubscription | None = None
 
-    async def publish(self, batch_id: str) -> bool:
-        """Queue the batch's ticket; False if one was queued already (within the stream's duplicate window)."""
+    async def publish(self, job_id: str) -> bool:
+        """Queue the job's ticket; False if one was queued already (within the stream's duplicate window)."""
         with as_broker_errors():
-            ack = await self._js.publish(subjects.BATCH_JOB_SUBJECT, BatchTicket(batch_id=batch_id).to_bytes(),
-                                         timeout=2.0, headers={MSG_ID_HEADER: batch_id})
+            ack = await self._js.publish(self._names.subject, self._names.ticket(job_id), timeout=2.0,
+                                         headers={MSG_ID_HEADER: job_id})
         return not ack.duplicate
 
     async def fetch(self, timeout: float = 1.0) -> Msg | None:
         """The next ticket, or None after `timeout`."""
         if self._sub is None:
-            self._sub = await self._js.pull_subscribe_bind(subjects.BATCH_JOB_CONSUMER,
-                                                           stream=subjects.BATCH_JOB_STREAM)
+            self._sub = await self._js.pull_subscribe_bind(self._names.consumer, stream=self._names.stream)
         try:
             [msg] = await self._sub.fetch(batch=1, timeout=timeout)
         except TimeoutError:
             return None
         except jse.APIError as exc:  # a consumer leader election: retry on the next call, not at once
-            log.warning("batch_queue.fetch_failed", error=str(exc))
+            log.warning("job_queue.fetch_failed", stream=self._names.stream, error=str(exc))
             await asyncio.sleep(_FETCH_RETRY_S)
             return None
         return msg

@@ -144,6 +144,26 @@ def batch_result_prefix(batch_id: str) -> str:
     return f"res.{batch_id}"
 
 
+# --- Responses API ----------------------------------------------------------------------------------------------
+# Stored responses (/v1/responses) in KV, one record per response; the events of background responses on a
+# stream, one subject per response, so any replica replays and follows them.
+RESPONSES_BUCKET = "inferq_responses"
+RESPONSE_EVENTS_STREAM = "INFERQ_RESPONSE_EVENTS"
+RESPONSE_EVENTS_WILDCARD = "inf.responses.events.>"
+# Background responses to run: one ticket each, pulled by the runners of every api replica (like batch jobs).
+RESPONSE_JOB_SUBJECT = "inf.jobs.responses"
+RESPONSE_JOB_STREAM = "INFERQ_RESPONSE_JOBS"
+RESPONSE_JOB_CONSUMER = "response_runner"
+
+
+def response_key(response_id: str) -> str:
+    return f"resp.{response_id}"
+
+
+def response_events_subject(response_id: str) -> str:
+    return f"inf.responses.events.{response_id}"
+
+
 # --- deployments ------------------------------------------------------------------------------------------------
 # Commands travel on core NATS (never stored: a deploy command may carry SSH secrets); start commands go to the
 # agents' queue group so exactly one agent takes each. Log lines are kept per deployment in a JetStream stream.

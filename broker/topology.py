@@ -190,18 +190,41 @@ async def ensure_batch_storage(js: JetStreamContext, replicas: int = 1):
     return files, file_data, batches, results
 
 
+async def ensure_response_storage(js: JetStreamContext, replicas: int = 1):
+    """The KV bucket of stored responses (file-backed, compare-and-swap updates) and the stream of background
+    responses' events (kept until the response is deleted). Returns the bucket."""
+    responses = await _key_value(js, KeyValueConfig(bucket=subjects.RESPONSES_BUCKET, history=1,
+                                                    storage=StorageType.FILE, replicas=replicas))
+    await _stream(js, StreamConfig(
+        name=subjects.RESPONSE_EVENTS_STREAM, subjects=[subjects.RESPONSE_EVENTS_WILDCARD],
+        retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, num_replicas=replicas))
+    return responses
+
+
 async def ensure_batch_jobs(js: JetStreamContext, ack_wait_s: float, replicas: int = 1) -> None:
     """The job queue: one ticket per batch (deduplicated by batch id), one durable consumer shared by every
     runner. A runner heartbeats its ticket (in_progress) and acks only once the batch is in a final state, so
     a dead runner's batch goes to another after `ack_wait_s`; tickets are never dropped (no max_deliver). The
     duplicate window is long so that the orphan sweep can re-queue any batch's ticket without doubling it."""
-    stream = StreamConfig(name=subjects.BATCH_JOB_STREAM, subjects=[subjects.BATCH_JOB_SUBJECT],
-                          retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                          duplicate_window=_TWO_DAYS_S, num_replicas=replicas)
+    await _job_queue(js, subjects.BATCH_JOB_STREAM, subjects.BATCH_JOB_SUBJECT, subjects.BATCH_JOB_CONSUMER,
+                     ack_wait_s, replicas)
+
+
+async def ensure_response_jobs(js: JetStreamContext, ack_wait_s: float, replicas: int = 1) -> None:
+    """The queue of background responses to run: as the batch job queue (a dead runner's response goes to
+    another after `ack_wait_s`)."""
+    await _job_queue(js, subjects.RESPONSE_JOB_STREAM, subjects.RESPONSE_JOB_SUBJECT,
+                     subjects.RESPONSE_JOB_CONSUMER, ack_wait_s, replicas)
+
+
+async def _job_queue(js: JetStreamContext, name: str, subject: str, consumer: str, ack_wait_s: float,
+                     replicas: int) -> None:
+    stream = StreamConfig(name=name, subjects=[subject], retention=RetentionPolicy.WORK_QUEUE,
+                          storage=StorageType.FILE, duplicate_window=_TWO_DAYS_S, num_replicas=replicas)
     await _stream(js, stream)
     await js.add_consumer(stream.name, ConsumerConfig(
-        durable_name=subjects.BATCH_JOB_CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
-        max_deliver=-1, max_ack_pending=10_000))
+        durable_name=consumer, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s, max_deliver=-1,
+        max_ack_pending=10_000))
 
 
 async def ensure_results_stream(js: JetStreamContext, max_age_s: float, max_bytes: int, replicas: int = 1) -> None:

@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     batch_jobs_per_runner: int = Field(default=2, ge=1, description="Batches one runner works on at once.")
     batch_line_concurrency: int = Field(default=8, ge=1, description="Lines of one batch in flight at once.")
     batch_job_ack_wait_s: float = Field(default=30.0, ge=1, description="A silent runner loses its batch after this.")
+    response_job_ack_wait_s: float = Field(
+        default=10.0, ge=1, description="A silent replica loses the background responses it runs after this.")
     batch_orphan_sweep_s: float = Field(default=30.0, gt=0,
                                         description="How often runners re-queue batches that never got a ticket.")
     batch_line_timeout_s: float = Field(default=600.0, gt=0,

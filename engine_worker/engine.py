@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from common.engine_config import EngineConfig
 from contracts import EmbedRequest, FinishReason, GenerateRequest, Usage
 from engine_worker.detokenizer import IncrementalDetokenizer
 from engine_worker.executor import ModelExecutor
@@ -26,7 +27,6 @@ from engine_worker.sequence import RequestState, Sequence, SequenceStatus
 from engine_worker.speculative import NgramProposer, Proposer, back_off, num_accepted, propose_drafts
 from engine_worker.stopping import append_token
 from engine_worker.validation import InvalidRequest, RequestLimits
-from common.engine_config import EngineConfig
 
 __all__ = ["Engine", "EngineConfig"]
 

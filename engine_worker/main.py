@@ -19,13 +19,13 @@ from broker.connection import NatsAuth, connect
 from broker.registry import WorkerRegistry
 from broker.topology import QueueLimits, ensure_request_queue, ensure_results_stream
 from broker.work_queue import RequestIntake
+from common.settings import Settings
+from common.telemetry import open_tracing
 from contracts import DeviceInfo, WorkerInfo
 from engine_worker.bridge import BridgeConfig, WorkerBridge
 from engine_worker.device import describe_device
 from engine_worker.engine_loop import StepEngine
 from engine_worker.loader import resolve_model
-from common.settings import Settings
-from common.telemetry import open_tracing
 
 log = structlog.get_logger(__name__)
 

@@ -28,6 +28,7 @@ from broker.deployments import DeploymentBus, DeploymentStore
 from broker.errors import BrokerError
 from broker.registry import WorkerRegistry
 from broker.work_queue import publish_request
+from common.settings import Settings
 from contracts import Accepted, End, Failed, GenerateRequest, SamplingParams, WorkerInfo, parse_event
 from contracts.deployments import (
     AgentReply,
@@ -38,7 +39,6 @@ from contracts.deployments import (
     LogLine,
 )
 from ops.deploy_launch import LaunchFailed, LocalWorker, WorkerLaunch, model_problem
-from common.settings import Settings
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

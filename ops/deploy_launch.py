@@ -18,11 +18,11 @@ from typing import Protocol
 
 import psutil
 
-from contracts.deployments import ProcessStats
-from ops.launcher import ENV_PREFIX, child_env
 from common.models import PACKAGED_MODELS, ModelNotFound, packaged_model
 from common.process import spawn, terminate
 from common.settings import Settings
+from contracts.deployments import ProcessStats
+from ops.launcher import ENV_PREFIX, child_env
 
 _STOP_TIMEOUT_S = 10.0
 _LINE_LIMIT = 1 << 20  # a longer output line is cut (a traceback line never is)

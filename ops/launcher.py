@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydantic_settings import NoDecode
 
-from contracts.supervision import ProcessState, SupervisedProcess, SupervisorStatus
 from common.process import spawn, stop_on_signals, terminate
-from ops.restart_policy import CrashHistory, GiveUp, RestartPolicy
 from common.settings import Settings
+from contracts.supervision import ProcessState, SupervisedProcess, SupervisorStatus
+from ops.restart_policy import CrashHistory, GiveUp, RestartPolicy
 
 if TYPE_CHECKING:
     from broker.embedded import EmbeddedNatsServer

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Sequence
 import asyncssh
 import structlog
 
+from common.settings import Settings
 from contracts.deployments import ProcessStats, SshConfig
 from ops.deploy_launch import LaunchFailed, explain_exit, shown, worker_arguments
-from common.settings import Settings
 
 log = structlog.get_logger(__name__)
 

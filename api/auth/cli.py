@@ -22,9 +22,9 @@ from broker.accounts import AccountStore
 from broker.connection import NatsAuth, connect
 from broker.embedded import running_server_url
 from broker.rate_limits import RateLimiter
+from common.settings import Settings
 from contracts import ErrorCode
 from contracts.accounts import RateLimits, Role
-from common.settings import Settings
 
 _LIMIT_FLAGS = (("--rpm", "requests_per_minute"), ("--tpm", "tokens_per_minute"), ("--rpd", "requests_per_day"))
 

@@ -18,8 +18,8 @@ from api.auth.metering import Clock, Meter
 from broker.accounts import AccountStore
 from broker.errors import BrokerError
 from broker.rate_limits import RateLimiter, Verdict
-from contracts.accounts import RateLimits, Role
 from common.settings import Settings
+from contracts.accounts import RateLimits, Role
 
 log = structlog.get_logger(__name__)
 

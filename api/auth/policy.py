@@ -47,7 +47,7 @@ RULES: tuple[Rule, ...] = (
     _rule("deployment status", r"/api/v1/deployments(/.*)?", {ADMIN, MONITOR, CLIENT}, _READ),
     _rule("deployment changes", r"/api/v1/deploy(ments)?(/.*)?", {ADMIN, CLIENT}),
     _rule("models", r"/v1/models(/.*)?", {ADMIN, CLIENT, WORKER}, _READ),
-    _rule("inference", r"/v1/(completions|chat/completions|embeddings|responses)", {ADMIN, CLIENT}),
+    _rule("inference", r"/v1/(completions|chat/completions|embeddings|responses(/.*)?)", {ADMIN, CLIENT}),
     _rule("inference", r"/v1/messages(/count_tokens)?", {ADMIN, CLIENT}),  # Anthropic Messages
     _rule("inference", r"/(v1/)?(tokenize|detokenize)", {ADMIN, CLIENT}),
     _rule("inference", r"/(complete|embed|semantic_embed|batch_semantic_embed|evaluate|explain|models_available"

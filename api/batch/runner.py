@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from api.auth.metering import Meter
 from api.batch.job import Fenced, JobRun, RunnerContext
 from api.generation import Timeouts
+from api.job_tickets import heartbeat_interval, keep_alive, pull_tickets
 from api.services import Services
 from broker.batch_store import BatchStorage
 from broker.errors import BrokerError
@@ -47,8 +48,7 @@ class BatchRunner:
             max_lines=settings.batch_max_lines, meter_for_owner=meter_for_owner)
         self._storage = storage
         self._max_jobs = settings.batch_jobs_per_runner
-        # Well inside the ack wait even if another replica configured the shared consumer with a shorter one.
-        self._heartbeat_s = max(0.5, min(storage.queue.ack_wait_s / 3, 2.0))
+        self._heartbeat_s = heartbeat_interval(storage.queue)
         self._sweep_s = settings.batch_orphan_sweep_s
         self._jobs: set[asyncio.Task] = set()
         self._loop: asyncio.Task | None = None
@@ -68,20 +68,7 @@ class BatchRunner:
         await self._storage.queue.stop()
 
     async def _serve(self) -> None:
-        while True:
-            if len(self._jobs) >= self._max_jobs:
-                await asyncio.wait(self._jobs, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            try:
-                msg = await self._storage.queue.fetch(timeout=1.0)
-            except Exception as exc:  # NATS reconnecting: keep pulling once it is back
-                log.warning("batch_runner.fetch_failed", error=str(exc))
-                await asyncio.sleep(1.0)
-                continue
-            if msg is not None:
-                task = asyncio.create_task(self._handle(msg))
-                self._jobs.add(task)
-                task.add_done_callback(self._jobs.discard)
+        await pull_tickets(self._storage.queue, self._handle, self._jobs, self._max_jobs, "batch_runner")
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -89,7 +76,7 @@ class BatchRunner:
         except ValidationError:
             await msg.term()  # can never name a batch
             return
-        heartbeat = asyncio.create_task(self._keep_alive(msg))
+        heartbeat = asyncio.create_task(keep_alive(msg, self._heartbeat_s, "batch"))
         try:
             await JobRun(self._context, ticket.batch_id).run()
         except Fenced:
@@ -121,14 +108,6 @@ class BatchRunner:
                             log.warning("batch.orphan_requeued", batch_id=job.id)
             except BrokerError as exc:  # NATS reconnecting: the next sweep retries
                 log.warning("batch.sweep_failed", error=str(exc))
-
-    async def _keep_alive(self, msg: Msg) -> None:
-        while True:
-            await asyncio.sleep(self._heartbeat_s)
-            try:
-                await msg.in_progress()
-            except Exception as exc:  # a missed beat only risks a takeover, which fencing makes safe
-                log.warning("batch.heartbeat_failed", error=str(exc))
 
 
 async def _quietly(action) -> None:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from api.auth.caller import Caller
 from api.schemas.deployments import DeployRequest
-from contracts.accounts import Role
-from contracts.deployments import Deployment
 from common.models import PACKAGED_MODELS
 from common.settings import Settings
+from contracts.accounts import Role
+from contracts.deployments import Deployment
 
 
 @dataclass(frozen=True, slots=True)

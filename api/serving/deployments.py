@@ -39,6 +39,8 @@ from api.serving.log_view import scrub, tenant_line
 from api.streaming import sse_data
 from broker.deployments import DeploymentBus, DeploymentStore
 from broker.errors import BrokerUnavailable
+from common.models import PACKAGED_MODELS
+from common.settings import Settings
 from contracts import ErrorCode
 from contracts.accounts import Role
 from contracts.deployments import (
@@ -48,8 +50,6 @@ from contracts.deployments import (
     InvalidDeploymentTransition,
     LogLine,
 )
-from common.models import PACKAGED_MODELS
-from common.settings import Settings
 
 log = structlog.get_logger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import structlog
 
+from common.models import ModelNotFound, convert_gguf, packaged_model
 from ops.bench.config import BenchConfig, BenchError
 from ops.bench.metrics import RequestResult, inter_token_latencies
 from ops.bench.prompts import TOKEN_ID_RANGE
-from common.models import ModelNotFound, convert_gguf, packaged_model
 
 log = structlog.get_logger(__name__)
 

@@ -13,6 +13,7 @@ from typing import Protocol
 import psutil
 import structlog
 
+from common.logging import configure_logging
 from ops.bench.background import BatchProgress, background_batch
 from ops.bench.baseline import BaselineTarget
 from ops.bench.client import OpenAIStreamTarget
@@ -31,7 +32,6 @@ from ops.bench.report import (
     format_table,
     write_json,
 )
-from common.logging import configure_logging
 
 log = structlog.get_logger(__name__)
 

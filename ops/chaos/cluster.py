@@ -26,8 +26,8 @@ from nats.js import errors as jse
 from nats.js.api import StreamConfig
 
 from broker.embedded import find_nats_server
-from ops.chaos.processes import free_port
 from common.process import spawn, terminate
+from ops.chaos.processes import free_port
 
 
 @dataclass(slots=True)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 
+from common.settings import Settings
 from ops.chaos.cluster import NatsCluster
 from ops.chaos.processes import ServiceProcess, free_port
 from ops.chaos.schedule import Action, Fault
-from common.settings import Settings
 
 MODEL = "sim-chaos"
 READY_TIMEOUT_S = 90.0

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from broker.embedded import EmbeddedNatsServer
-from ops.agent import Agent
 from common.settings import Settings
+from ops.agent import Agent
 from tests.integration.harness import ApiServer, WorkerProcess, wait_healthy
 from tests.integration.test_deployments import running_agent
 

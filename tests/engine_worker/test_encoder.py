@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.models import PACKAGED_MODELS, packaged_model
 from contracts import EmbedRequest, GenerateRequest
 from engine_worker.encoder import EncoderEngine, is_encoder_model
 from engine_worker.pooling import pool
 from engine_worker.validation import resolve_layer
-from common.models import PACKAGED_MODELS, packaged_model
 
 
 @pytest.fixture(scope="module")

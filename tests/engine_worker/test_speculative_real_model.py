@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from common.models import convert_gguf, packaged_model
 from engine_worker.engine import Engine, EngineConfig
 from ops.bench.prompts import prompt_token_ids
-from common.models import convert_gguf, packaged_model
 from tests.engine_worker.conftest import make_request
 
 pytestmark = pytest.mark.slow

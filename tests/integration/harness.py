@@ -16,9 +16,10 @@ import httpx
 import uvicorn
 
 from api.app import create_app
-from ops.chaos.processes import free_port, settings_env
 from common.settings import Settings
+from ops.chaos.processes import free_port, settings_env
 
+API_BOOT = "from api.main import run_api; from common.settings import Settings; run_api(Settings())"
 WORKER_BOOT = "from engine_worker.main import run_worker; from common.settings import Settings; run_worker(Settings())"
 
 
@@ -105,3 +106,28 @@ async def wait_for_model(base_url: str, model: str, worker: WorkerProcess) -> No
             assert worker.proc.poll() is None, worker.log_tail()
             assert time.monotonic() < deadline, "worker did not register"
             await asyncio.sleep(0.2)
+
+
+class ApiProcess:
+    """The api (with its batch and response runners) in a process of its own, so it can be SIGKILLed."""
+
+    def __init__(self, settings: Settings, log_path: Path):
+        self.settings = settings.model_copy(update={"port": free_port()})
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    def start(self) -> ApiProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-c", API_BOOT], env={**os.environ,
+                                         **settings_env(self.settings)}, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        return self
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait()

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,7 +18,7 @@ import pytest
 from broker.connection import connect
 from broker.embedded import EmbeddedNatsServer
 from common.settings import Settings
-from tests.integration.harness import WorkerProcess, free_port, settings_env, wait_healthy
+from tests.integration.harness import ApiProcess, WorkerProcess, wait_healthy
 from tests.model_fixtures import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.asyncio
@@ -255,34 +252,6 @@ async def test_a_batch_whose_ticket_was_never_queued_is_swept_up_and_run(base_se
 # --- crash recovery ---------------------------------------------------------------------------------------------
 
 LONG = 240  # tokens per line in the crash test
-API_BOOT = "from api.main import run_api; from common.settings import Settings; run_api(Settings())"
-
-
-class ApiProcess:
-    """The api (with its batch runner) in a process of its own, so it can be SIGKILLed."""
-
-    def __init__(self, settings: Settings, log_path: Path):
-        self.settings = settings.model_copy(update={"port": free_port()})
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.port}"
-
-    def start(self) -> ApiProcess:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-c", API_BOOT], env={**os.environ,
-                                         **settings_env(self.settings)}, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        return self
-
-    def stop(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait()
-
-
 @pytest.fixture
 def own_nats(tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
     """A server of its own: no other runner can take this test's batch, and the kills disturb nothing else."""

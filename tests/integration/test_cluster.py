@@ -18,8 +18,8 @@ import pytest
 
 from broker import subjects
 from broker.registry import WorkerRegistry
-from contracts import parse_event
 from common.settings import Settings
+from contracts import parse_event
 from tests.integration.harness import WorkerProcess
 from tests.integration.nats_cluster import NatsCluster
 from tests.integration.test_batches import ApiProcess

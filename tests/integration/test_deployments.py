@@ -20,8 +20,8 @@ import pytest
 from broker import subjects
 from broker.connection import connect
 from broker.embedded import EmbeddedNatsServer
-from ops.agent import Agent
 from common.settings import Settings
+from ops.agent import Agent
 from tests.integration.harness import ApiServer
 
 pytestmark = pytest.mark.asyncio

@@ -20,8 +20,8 @@ from broker.embedded import EmbeddedNatsServer
 from broker.registry import WorkerRegistry
 from broker.topology import QueueLimits, ensure_request_queue
 from broker.work_queue import publish_request
-from contracts import GenerateRequest, SamplingParams
 from common.settings import Settings
+from contracts import GenerateRequest, SamplingParams
 from tests.integration.harness import ApiServer, WorkerProcess, settings_env, wait_healthy
 from tests.json_logs import json_log_lines
 

@@ -23,8 +23,8 @@ from broker.artifacts import fetch_tokenizer
 from broker.errors import BrokerUnavailable
 from broker.registry import WorkerRegistry
 from broker.results import read_result
-from contracts import GenerateRequest, SamplingParams, parse_event
 from common.settings import Settings
+from contracts import GenerateRequest, SamplingParams, parse_event
 from tests.integration.harness import ApiServer, WorkerProcess, wait_healthy
 from tests.integration.nats_cluster import NatsCluster
 

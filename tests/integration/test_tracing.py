@@ -21,8 +21,8 @@ from opentelemetry.trace import SpanKind, format_trace_id
 import common.telemetry
 from broker.embedded import EmbeddedNatsServer
 from broker.tracing import trace_headers
-from engine_worker.main import serve
 from common.settings import Settings
+from engine_worker.main import serve
 from tests.integration.harness import ApiServer, wait_healthy
 
 pytestmark = pytest.mark.asyncio

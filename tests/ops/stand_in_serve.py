@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from ops.launcher import BuildChildren, ChildSpec, Launcher, child_env
 from common.logging import configure_logging
 from common.settings import Settings
+from ops.launcher import BuildChildren, ChildSpec, Launcher, child_env
 
 CHILD = Path(__file__).with_name("stand_in_child.py")
 

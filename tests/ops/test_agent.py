@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from common.settings import Settings
 from contracts.deployments import (
     DeployCommand,
     Deployment,
@@ -19,7 +20,6 @@ from contracts.deployments import (
 from ops.cli import build_parser, build_settings
 from ops.deploy_launch import explain_exit, model_problem, shown, worker_arguments
 from ops.launcher import build_children
-from common.settings import Settings
 
 
 def test_model_problem_accepts_what_a_worker_can_load_here(tmp_path: Path) -> None:
@@ -45,8 +45,9 @@ def test_model_problem_names_what_is_wrong(tmp_path: Path) -> None:
 def test_an_exit_is_explained_by_the_workers_last_words() -> None:
     traceback_tail = ["Traceback (most recent call last):", "  ...",
                       "common.models.ModelNotFound: model path '/m' does not exist", ""]
-    assert explain_exit(1, traceback_tail) == "the worker exited with code 1: common.models.ModelNotFound: model path " \
-                                              "'/m' does not exist"
+    assert explain_exit(1, traceback_tail) == (
+        "the worker exited with code 1: common.models.ModelNotFound: model path '/m' does not exist"
+    )
     json_tail = [json.dumps({"event": "worker.failed", "error": "CUDA out of memory", "level": "error"})]
     assert explain_exit(1, json_tail) == "the worker exited with code 1: worker.failed: CUDA out of memory"
     assert explain_exit(-9, []) == "the worker was killed"

@@ -23,12 +23,12 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from common.logging import configure_logging
 from ops.bench import main
 from ops.bench.metrics import LevelResult, RequestResult, inter_token_latencies, percentile, summarize
 from ops.bench.prompts import TOKEN_ID_RANGE, prompt_token_ids
 from ops.bench.report import comparison
 from ops.bench.sse import SSEDecoder, SSEEvent
-from common.logging import configure_logging
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from ops.cli import build_parser, build_settings, main
 from common.settings import Settings
+from ops.cli import build_parser, build_settings, main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

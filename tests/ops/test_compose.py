@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from broker.embedded import find_nats_server
-from ops.cli import build_parser, build_settings
 from common.settings import Settings
+from ops.cli import build_parser, build_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NATS_DIR = REPO_ROOT / "ops" / "nats"

@@ -22,8 +22,8 @@ import httpx
 import pytest
 import structlog
 
-from ops.launcher import ChildSpec, Launcher, child_env, curl_example, settings_env
 from common.settings import Settings
+from ops.launcher import ChildSpec, Launcher, child_env, curl_example, settings_env
 from tests.json_logs import json_log_lines
 from tests.ops.stand_in_serve import CHILD, has_started, recorded, stand_in_children
 

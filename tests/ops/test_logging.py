@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from ops.cli import _configure_logging_from
 from common.logging import SecretMasker
 from common.settings import Settings
+from ops.cli import _configure_logging_from
 
 ENV_KEY = "plain-env-key-of-any-shape"  # no prefix, no scheme: only known because it is configured
 

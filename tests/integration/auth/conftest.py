@@ -16,8 +16,8 @@ from broker.accounts import AccountStore
 from broker.connection import connect
 from broker.embedded import EmbeddedNatsServer
 from broker.rate_limits import RateLimiter
-from contracts.accounts import RateLimits, Role
 from common.settings import Settings
+from contracts.accounts import RateLimits, Role
 from tests.integration.harness import ApiServer, WorkerProcess, wait_healthy
 
 UNLIMITED = RateLimits()

@@ -17,8 +17,8 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
 from api.auth.credentials import parse_bearer, user_id_for
-from contracts.accounts import Role
 from common.logging import configure_logging
+from contracts.accounts import Role
 from tests.integration.auth.conftest import headers
 
 pytestmark = pytest.mark.asyncio

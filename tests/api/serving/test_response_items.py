@@ -1,0 +1,72 @@
+"""Responses API input items: normalised into stored items, checked with clear 400s, rendered as chat messages;
+and the request envelope refusing what needs structured output."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from api.errors import ApiError
+from api.schemas.responses import ResponseRequest
+from api.serving.response_items import chat_messages, normalise_input
+
+
+def test_a_string_is_one_user_message() -> None:
+    [item] = normalise_input("hi", [])
+    assert item["type"] == "message" and item["role"] == "user" and item["id"].startswith("msg_")
+    assert item["content"] == [{"type": "input_text", "text": "hi"}]
+
+
+def test_messages_keep_roles_and_parts_and_render_in_order() -> None:
+    items = normalise_input([
+        {"role": "developer", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"},
+                                                       {"type": "input_text", "text": "b"}]},
+        {"role": "assistant", "content": "c", "id": "msg_given"},
+    ], [])
+    assert [item["role"] for item in items] == ["developer", "user", "assistant"]
+    assert items[2]["id"] == "msg_given" and items[2]["content"][0]["type"] == "output_text"
+    messages = chat_messages("Rules.", items)
+    assert [(m.role, m.text()) for m in messages] == [("system", "Rules."), ("system", "Be brief."),
+                                                      ("user", "ab"), ("assistant", "c")]
+
+
+@pytest.mark.parametrize(("given", "words"), [
+    ([{"type": "reasoning", "id": "r"}], "unknown item type 'reasoning'"),
+    ([{"foo": 1}], "unknown item type None"),
+    ([{"role": "tool", "content": "x"}], "input[0].role"),
+    ([{"role": "user", "content": []}], "input[0].content"),
+    ([{"role": "user", "content": [{"type": "input_image"}]}], "'input_image' is not supported"),
+    ([{"type": "function_call_output", "call_id": "c9", "output": "1"}], "has no function_call before it"),
+    ([{"type": "function_call", "call_id": "c1"}], "needs a name and arguments"),
+])
+def test_bad_items_are_400s_naming_the_item(given, words) -> None:
+    with pytest.raises(ApiError) as caught:
+        normalise_input(given, [])
+    assert caught.value.status == 400 and words in caught.value.info.message
+
+
+def test_a_function_call_output_finds_its_call_in_earlier_turns_but_is_not_rendered_yet() -> None:
+    earlier = [{"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": "{}"}]
+    [output] = normalise_input([{"type": "function_call_output", "call_id": "c1", "output": "42"}], earlier)
+    assert output["type"] == "function_call_output" and output["output"] == "42"
+    with pytest.raises(ApiError, match="not yet supported"):
+        chat_messages(None, [*earlier, output])
+
+
+@pytest.mark.parametrize("fields", [
+    {"tools": [{"type": "function", "name": "f"}]},
+    {"tools": [{"type": "function", "name": "f"}], "tool_choice": "required"},
+    {"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}},
+    {"text": {"format": {"type": "json_object"}}},
+    {"background": True, "store": False},
+])
+def test_requests_needing_what_is_not_there_are_refused(fields) -> None:
+    with pytest.raises(ValidationError):
+        ResponseRequest(model="m", input="hi", **fields)
+
+
+def test_tools_with_tool_choice_none_and_a_text_format_are_fine() -> None:
+    body = ResponseRequest(model="m", input="hi", tools=[{"type": "function", "name": "f"}], tool_choice="none",
+                           text={"format": {"type": "text"}}, max_output_tokens=5, temperature=0)
+    assert body.sampling().max_tokens == 5 and body.echoed()["tool_choice"] == "none"

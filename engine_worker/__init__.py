@@ -4,7 +4,8 @@ thread, and the NATS bridge that feeds it (docs/architecture.md).
 Core (no NATS, no asyncio, no torch): `sequence` (per-choice state) → `scheduler` (continuous batching, chunked
 prefill, preemption) + `kv_cache` (slot and token accounting, sized by `kv_budget`) → `validation` (frozen
 limits, typed errors), `sampling_rows` (what to sample per row), `speculative` (drafts and their acceptance),
-`stopping` + `detokenizer` (appending tokens, stop checks, incremental text), `output_builder` (deltas, logprobs, best_of).
+`stopping` + `detokenizer` (appending tokens, stop checks, incremental text), `output_builder` (deltas,
+logprobs, best_of).
 `engine.Engine.step()` ties them together: schedule → run → postprocess.
 
 Device side (torch), behind `executor.ModelExecutor`: `model_runner` (lean batched llama forward over the HF

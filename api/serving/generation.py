@@ -18,6 +18,7 @@ from api.engine_client import Generation, merge
 from api.errors import ApiError
 from api.services import Services
 from contracts import LOGPROB_FLOOR, ChoiceDelta, ErrorCode, GenerateRequest, SamplingParams, TokenLogprob, Usage
+from contracts.constraints import Constraint
 
 T = TypeVar("T")
 
@@ -49,7 +50,7 @@ def check_token_ids(prompts: Sequence[Sequence[int]], vocab_size: int, param: st
 
 
 def build_requests(services: Services, model: ServedModel, prompts: Sequence[list[int]], sampling: SamplingParams,
-                   base_id: str, *, priority: int = 0) -> list[GenerateRequest]:
+                   base_id: str, *, priority: int = 0, constraint: Constraint | None = None) -> list[GenerateRequest]:
     deadline = time.time() + services.settings.queue_timeout_s
     requests = []
     for position, token_ids in enumerate(prompts):
@@ -59,7 +60,7 @@ def build_requests(services: Services, model: ServedModel, prompts: Sequence[lis
             request_id=request_id, model=model.id, prompt_token_ids=token_ids,
             sampling=with_max_tokens(sampling, len(token_ids), model.max_model_len),
             reply_subject=services.engine.reply_subject(request_id), deadline=deadline,
-            priority=priority))
+            priority=priority, constraint=constraint))
     return requests
 
 

@@ -1,7 +1,7 @@
 """Constrained decoding with llguidance: a wire constraint (contracts/constraints.py) becomes a per-sequence
 matcher that says which tokens may come next, as a bitmask the sampler applies to the logits.
 
-Building block for issue #16, not yet wired into the engine (docs/structured-outputs.md says where it goes).
+Wired into the engine by engine_worker/structured_decoding.py (issue #16, docs/structured-outputs.md).
 
 - `GrammarCompiler` (one per worker): the llguidance tokenizer built once from the HF tokenizer (~0.5 s for
   SmolLM2), and a bounded LRU of compiled grammars keyed by `constraint_key`. A cached entry is a pristine matcher;

@@ -29,7 +29,7 @@ class Person(BaseModel):
 
 
 PERSON = JsonSchemaConstraint(json_schema=Person.model_json_schema())
-LONG_REGEX = RegexConstraint(pattern=r"[a-z]{40}( [0-9]{3}){8}")  # long enough to be preempted mid-way
+LONG_REGEX = RegexConstraint(pattern=r"[a-z]{60}( [0-9]{3}){12}")  # long enough to be preempted mid-way
 
 
 def constrained(request_id: str, prompt: list[int], constraint, **sampling):
@@ -65,15 +65,27 @@ def masked_greedy(hf_model, engine, prompt: list[int], constraint, max_tokens: i
 def test_greedy_constrained_output_equals_the_masked_reference(engine_factory, hf_model, config) -> None:
     engine = engine_factory(**config)
     # Unconstrained batch-mates that grow together so the small cache must preempt.
-    for i, (length, max_tokens) in enumerate([(5, 130), (20, 120), (12, 125)]):
+    for i, (length, max_tokens) in enumerate([(120, 100), (110, 100), (100, 100)]):
         engine.add_request(make_request(f"free{i}", prompt_of(length, i), temperature=0.0, max_tokens=max_tokens,
                                         ignore_eos=True))
-    cases = {"person": (prompt_of(9, 7), PERSON, 200), "long": (prompt_of(14, 8), LONG_REGEX, 120)}
+    cases = {"person": (prompt_of(9, 7), PERSON, 200), "long": (prompt_of(14, 8), LONG_REGEX, 160)}
     for name, (prompt, constraint, max_tokens) in cases.items():
-        engine.add_request(constrained(name, prompt, constraint, temperature=0.0, max_tokens=max_tokens))
+        # A lower rank (higher priority value): the constrained choices are the ones the scheduler preempts.
+        engine.add_request(constrained(name, prompt, constraint, temperature=0.0, max_tokens=max_tokens, priority=5))
+    seqs = [seq for name in cases for seq in engine._requests[name].seqs]
+    constrained_drafts = []
+    trim = engine.structured.trim_drafts
+
+    def recording_trim(running) -> None:
+        trim(running)
+        constrained_drafts.extend(len(seq.draft_token_ids) for seq in running if seq.matcher is not None)
+
+    engine.structured.trim_drafts = recording_trim
     outputs = run_to_completion(engine)
     if "kv_cache_tokens" in config:
-        assert engine.num_preemptions_total > 0
+        assert sum(seq.num_preemptions for seq in seqs) > 0  # a constrained choice was recomputed
+    if "num_speculative_tokens" in config:
+        assert sum(constrained_drafts) > 0  # constrained choices were verified with (grammar-checked) drafts
     for name, (prompt, constraint, max_tokens) in cases.items():
         got = tokens_by_choice(outputs[name])[0]
         assert got == masked_greedy(hf_model, engine, prompt, constraint, max_tokens), name
@@ -84,10 +96,10 @@ def test_greedy_constrained_output_equals_the_masked_reference(engine_factory, h
 def test_a_resumed_constrained_request_continues_like_the_undisturbed_run(engine_factory) -> None:
     engine = engine_factory()
     prompt = prompt_of(9, 3)
-    engine.add_request(constrained("whole", prompt, LONG_REGEX, temperature=0.0, max_tokens=120))
+    engine.add_request(constrained("whole", prompt, LONG_REGEX, temperature=0.0, max_tokens=160))
     whole = tokens_by_choice(run_to_completion(engine)["whole"])[0]
     assert len(whole) > 12
-    engine.add_request(constrained("rest", prompt, LONG_REGEX, temperature=0.0, max_tokens=120,
+    engine.add_request(constrained("rest", prompt, LONG_REGEX, temperature=0.0, max_tokens=160,
                                    resume_token_ids=whole[:10]))
     rest = tokens_by_choice(run_to_completion(engine)["rest"])[0]
     assert whole[:10] + rest == whole

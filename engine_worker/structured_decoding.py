@@ -53,8 +53,12 @@ class StructuredDecoding:
     @property
     def compiler(self) -> GrammarCompiler:
         if self._compiler is None:
-            self._compiler = GrammarCompiler.from_hf_tokenizer(
-                self._tokenizer, vocab_size=self._vocab_size, eos_token_ids=self._eos)
+            try:
+                self._compiler = GrammarCompiler.from_hf_tokenizer(
+                    self._tokenizer, vocab_size=self._vocab_size, eos_token_ids=self._eos)
+            except Exception as exc:  # a tokenizer llguidance cannot read: refuse the request, keep the engine
+                log.exception("structured.tokenizer_unusable")
+                raise InvalidRequest(f"this model's tokenizer cannot be used for structured outputs: {exc}") from exc
             self._filler = MaskFiller()
         return self._compiler
 

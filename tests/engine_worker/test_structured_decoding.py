@@ -147,3 +147,12 @@ def test_a_constraint_that_does_not_compile_or_fit_the_resume_is_refused(engine_
         digits = engine.tokenizer.encode("123", add_special_tokens=False)
         engine.add_request(constrained("resume", prompt_of(5), LONG_REGEX, max_tokens=50, resume_token_ids=digits))
     assert not engine.has_unfinished_requests()
+
+
+def test_a_tokenizer_llguidance_cannot_read_refuses_the_request_not_the_engine(engine_factory) -> None:
+    engine = engine_factory()
+    engine.structured._tokenizer = object()  # not a HF tokenizer
+    with pytest.raises(InvalidRequest, match="cannot be used for structured outputs"):
+        engine.add_request(constrained("x", prompt_of(5), LONG_REGEX, max_tokens=5))
+    engine.add_request(make_request("free", prompt_of(5), temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert len(tokens_by_choice(run_to_completion(engine)["free"])[0]) == 3

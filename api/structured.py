@@ -1,6 +1,6 @@
 """Edge validation of a structured-output constraint before it is queued: an invalid JSON schema, regex or grammar
-is a 400 naming what is wrong, never a worker-side failure. Building block for issue #16 (the routes call it once
-they accept `response_format` / `structured_outputs` / tools; see docs/structured-outputs.md).
+is a 400 naming what is wrong, never a worker-side failure (issue #16; chat and completions call
+`check_before_queueing` for `response_format` / `structured_outputs`, see docs/structured-outputs.md).
 
 Validation compiles the very grammar a worker will (contracts/grammar.py) under llguidance's resource limits, so
 the edge refuses what a worker would. Sizes are already bounded by the wire models (contracts/constraints.py).
@@ -14,6 +14,7 @@ the expensive keyword (~1 ms each): a 64 KiB schema of only ranges takes ~0.8 s 
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import llguidance
@@ -67,3 +68,9 @@ def validate_constraint(constraint: Constraint, *, param: str | None = None,
         raise ApiError(ErrorCode.INVALID_REQUEST,
                        f"{param or 'constraint'}: the {_WHAT[constraint.type]} is too complex (compiling it took "
                        f"{elapsed:.2f} s, the limit is {MAX_COMPILE_SECONDS} s); simplify it", param=param)
+
+
+async def check_before_queueing(constraint: Constraint | None, param: str) -> None:
+    """Validate off the event loop (llguidance releases the GIL while compiling); no-op without a constraint."""
+    if constraint is not None:
+        await asyncio.to_thread(validate_constraint, constraint, param=param)

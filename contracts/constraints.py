@@ -2,8 +2,7 @@
 expression, a choice among strings, or a Lark/GBNF grammar. Data only; the edge validates one before queueing
 (api/structured.py) and a worker compiles it to a token mask (engine_worker/constraints.py).
 
-Building block for issue #16: no request carries a constraint yet (GenerateRequest gains the field when the
-engine enforces it), so these models are not in the published NATS schema.
+`GenerateRequest.constraint` carries one (issue #16), so these models are part of the published NATS schema.
 
 Sizes are bounded here, on the wire, so neither the edge nor a worker ever compiles an unbounded grammar.
 """

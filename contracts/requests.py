@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, TypeAdapter
 
 from contracts.base import SCHEMA_VERSION, Contract
+from contracts.constraints import Constraint
 from contracts.sampling import SamplingParams
 
 # Batch-lane work (api batch runner) runs at this priority: inside a worker, interactive requests (priority 0) are
@@ -31,6 +32,9 @@ class GenerateRequest(Contract):
         default_factory=list, description="Tokens already delivered; generation continues after them (n=1 only)."
     )
     priority: int = Field(default=0, description="Lower runs first (vLLM convention).")
+    constraint: Constraint | None = Field(default=None, description=(
+        "Structured output: every choice is forced to match it (JSON schema, JSON object, regex, choice or "
+        "grammar). A worker that cannot compile it answers invalid_request."))
 
 
 class Pooling(StrEnum):

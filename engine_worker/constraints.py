@@ -1,7 +1,7 @@
 """Constrained decoding with llguidance: a wire constraint (contracts/constraints.py) becomes a per-sequence
 matcher that says which tokens may come next, as a bitmask the sampler applies to the logits.
 
-Building block for issue #16, not yet wired into the engine (docs/structured-outputs.md says where it goes).
+Wired into the engine by engine_worker/structured_decoding.py (issue #16, docs/structured-outputs.md).
 
 - `GrammarCompiler` (one per worker): the llguidance tokenizer built once from the HF tokenizer (~0.5 s for
   SmolLM2), and a bounded LRU of compiled grammars keyed by `constraint_key`. A cached entry is a pristine matcher;
@@ -246,10 +246,12 @@ class MaskFiller:
         """As `ConstraintMatcher.fill_bitmasks_with_drafts`, for many sequences at once: rows first_row ..
         first_row + len(drafts) of `out` belong to one sequence. The drafts must be validated first."""
         self._check(out)
-        if rows:
-            self._executor.unsafe_compute_mask_ptr_with_draft_token(
-                [(m.llmatcher, row, list(drafts)) for m, row, drafts in rows], out.ctypes.data, out.shape[1] * 4,
-                out.shape[0])
+        # llguidance's draft variant refuses an empty draft list, so sequences without drafts go the plain way.
+        self.fill(out, [(m, row) for m, row, drafts in rows if not drafts])
+        with_drafts = [(m.llmatcher, row, list(drafts)) for m, row, drafts in rows if drafts]
+        if with_drafts:
+            self._executor.unsafe_compute_mask_ptr_with_draft_token(with_drafts, out.ctypes.data, out.shape[1] * 4,
+                                                                    out.shape[0])
 
     @staticmethod
     def _check(out: np.ndarray) -> None:

@@ -26,6 +26,7 @@ from engine_worker.scheduler import Scheduler, SchedulerOutput
 from engine_worker.sequence import RequestState, Sequence, SequenceStatus
 from engine_worker.speculative import NgramProposer, Proposer, back_off, num_accepted, propose_drafts
 from engine_worker.stopping import append_token
+from engine_worker.structured_decoding import StructuredDecoding
 from engine_worker.validation import InvalidRequest, RequestLimits
 
 __all__ = ["Engine", "EngineConfig"]
@@ -57,6 +58,7 @@ class Engine:
         if proposer is None and config.num_speculative_tokens:
             proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
         self.proposer = proposer
+        self.structured = StructuredDecoding(tokenizer, runner.vocab_size, self.eos_token_ids)
         self.num_draft_tokens_total = 0
         self.num_accepted_tokens_total = 0
         self._requests: dict[str, RequestState] = {}
@@ -150,6 +152,7 @@ class Engine:
         max_tokens = params.max_tokens or self.max_model_len - len(request.prompt_token_ids)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         context = list(request.prompt_token_ids) + list(request.resume_token_ids)
+        matchers = self.structured.matchers(request, params.num_candidates)
         seqs = []
         self._arrivals += 1
         for index in range(params.num_candidates):
@@ -162,6 +165,7 @@ class Engine:
                 num_prompt_tokens=len(request.prompt_token_ids), num_resume_tokens=len(request.resume_token_ids),
                 params=params, max_tokens=max_tokens, sampling_key=seed_key(seed, index), priority=request.priority,
                 arrival=self._arrivals, eos_token_ids=self.eos_token_ids, detokenizer=detokenizer,
+                matcher=matchers[index],
             ))
         for seq in seqs[1:]:
             seq.parent = seqs[0]
@@ -187,13 +191,18 @@ class Engine:
         outputs, self._pending = self._pending, []
         if self.proposer is not None:
             propose_drafts(self.proposer, self.scheduler.running, self.config.speculative_max_rows, self.max_model_len)
+            self.structured.trim_drafts(self.scheduler.running)
         batch = self.scheduler.schedule()
         self._prepare_cache(batch)
         if batch.is_empty:
             return outputs
         sample_seqs = [seq for seq, n in batch.scheduled if seq.num_computed_tokens + n >= seq.num_tokens]
-        rows = [row_for(seq, seq.draft_token_ids[:j]) for seq in sample_seqs
-                for j in range(len(seq.draft_token_ids) + 1)]
+        rows, constrained = [], []
+        for seq in sample_seqs:
+            if seq.matcher is not None:
+                constrained.append((seq, len(rows)))
+            rows += [row_for(seq, seq.draft_token_ids[:j]) for j in range(len(seq.draft_token_ids) + 1)]
+        self.structured.mask_rows(rows, constrained)
         result = self.runner.run(batch.scheduled, sample_seqs, rows, self._prompt_logprobs_wanted(batch))
         self.scheduler.postprocess(batch)
         for seq, entries in result.prompt_logprobs.items():
@@ -228,6 +237,8 @@ class Engine:
             entry = self.outputs.token_logprob(token_id, lp) if lp is not None and seq.params.logprobs is not None \
                 else None
             finish = append_token(seq, token_id, None if lp is None else lp.logprob, entry, self.max_model_len)
+            if finish is None and seq.matcher is not None and self.structured.advance(seq, token_id):
+                finish = FinishReason.STOP, None  # the output is complete: only EOS could follow
             if finish is not None:
                 self._finish(seq, *finish)
                 break

@@ -1,6 +1,8 @@
 """Sampling with vLLM semantics, on the device, with one host transfer per step.
 
-Order (vLLM v1): raw logprobs are taken from the model's logits before anything else; then logit_bias and the
+Order (vLLM v1): a structured-output token mask first (tokens the grammar refuses get -inf, so greedy, seeded
+and sampled rows alike only ever pick allowed tokens, and reported logprobs are those of the constrained
+distribution, as in vLLM); raw logprobs are taken from the model's logits before anything else; then logit_bias and the
 min_tokens suppression of stop tokens, then penalties (repetition over prompt+output, frequency and presence
 over output). Greedy rows take the argmax of that. Random rows go on: temperature, min_p, top_k/top_p, then an
 inverse-CDF draw with one uniform number per row.
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from contracts import LOGPROB_FLOOR
+from engine_worker.constraints import unpack_bitmask
 from engine_worker.sampling_rows import SamplingRow, TokenLogprobData, row_uniform
 
 NUCLEUS_CANDIDATES = (256, 4096)  # top-k sizes tried before sorting the whole vocabulary
@@ -39,6 +43,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """logits: [R, V] for the R rows being sampled (any float dtype)."""
         logits = logits.float()
+        self._apply_token_masks(logits, rows)
         lp_rows = [i for i, r in enumerate(rows) if r.wants_logprobs]
         raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
         self._apply_bias_and_suppression(logits, rows)
@@ -59,6 +64,15 @@ class Sampler:
         if raw_logprobs is None:
             return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[None] * len(rows))
         return self._with_logprobs(token_ids, raw_logprobs, lp_rows, rows)
+
+    def _apply_token_masks(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+        masked = [i for i, r in enumerate(rows) if r.allowed is not None]
+        if not masked:
+            return
+        allowed = unpack_bitmask(np.stack([rows[i].allowed for i in masked]), logits.shape[1])
+        index = self._tensor(masked, torch.long)
+        refused = ~torch.from_numpy(allowed).to(self.device)
+        logits[index] = logits[index].masked_fill(refused, -float("inf"))
 
     def _apply_bias_and_suppression(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         bias = [(i, t, b) for i, r in enumerate(rows) for t, b in r.logit_bias.items() if t < logits.shape[1]]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from contracts import FinishReason, GenerateRequest, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
+    from engine_worker.constraints import ConstraintMatcher
     from engine_worker.detokenizer import IncrementalDetokenizer
     from engine_worker.speculative import NgramIndex
 
@@ -53,6 +54,7 @@ class Sequence:
     ngram_index: NgramIndex | None = None  # the proposer's index of this sequence's text
     draft_backoff: int = 0  # after drafts that were all wrong, skip this many tokens before guessing again...
     next_draft_at: int = 0  # ...that is, until the sequence has this many tokens
+    matcher: ConstraintMatcher | None = None  # structured output: the grammar state after this choice's tokens
 
     @property
     def key(self) -> tuple[int, int]:

@@ -90,6 +90,8 @@ class SimEngine:
         """Frozen limits only: safe from any thread."""
         if isinstance(request, EmbedRequest):
             raise InvalidRequest("the sim engine computes no embeddings")
+        if request.constraint is not None:  # its canned words could not honour it; never pretend
+            raise InvalidRequest("the sim engine cannot enforce structured outputs (constraint)")
         # As the torch engine: resumed tokens count toward max_tokens (the edge fills in an unset one).
         prompt = len(request.prompt_token_ids)
         wanted = request.sampling.max_tokens or len(request.resume_token_ids) + 1

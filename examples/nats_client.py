@@ -33,6 +33,7 @@ from broker.artifacts import fetch_tokenizer
 from broker.registry import WorkerRegistry
 from broker.results import read_result
 from contracts import CancelRequest, GenerateRequest, SamplingParams, parse_event
+from contracts.constraints import parse_constraint
 
 QUEUE_FULL = 10077  # JetStream err_code when the model's queue is at its cap
 
@@ -69,7 +70,8 @@ def build_request(args: argparse.Namespace, request_id: str, prompt_token_ids: l
                   deadline: float | None) -> GenerateRequest:
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=args.ignore_eos)
     return GenerateRequest(request_id=request_id, model=args.model, prompt_token_ids=prompt_token_ids,
-                           sampling=sampling, reply_subject=reply_subject, deadline=deadline)
+                           sampling=sampling, reply_subject=reply_subject, deadline=deadline,
+                           constraint=args.constraint)
 
 
 async def submit(js, request: GenerateRequest) -> bool:
@@ -173,6 +175,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--constraint", type=parse_constraint, metavar="JSON",
+                        help='structured output, e.g. \'{"type": "regex", "pattern": "[0-9]{3}"}\' (see the schema)')
     args = parser.parse_args()
     if not args.fetch and not (args.model and args.message):
         parser.error("a message and --model are needed (or --fetch SUBJECT)")

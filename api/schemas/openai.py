@@ -7,9 +7,11 @@ from __future__ import annotations
 import difflib
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from api.schemas.structured import DEPRECATED_GUIDED, requested_constraint
 from contracts import SamplingParams
+from contracts.constraints import Constraint
 
 _MISSPELLING_CUTOFF = 0.85  # `store` vs `stop` (0.67) is a different field; `logprob` vs `logprobs` (0.93) is not
 
@@ -22,11 +24,7 @@ class OpenAIRequest(BaseModel):
         "tools": "tool calling is not supported",
         "functions": "function calling is not supported",
         "use_beam_search": "beam search is not supported",
-        "guided_json": "structured output is not supported",
-        "guided_regex": "structured output is not supported",
-        "guided_choice": "structured output is not supported",
-        "guided_grammar": "structured output is not supported",
-        "structured_outputs": "structured output is not supported",
+        **{name: f"removed in vLLM; use {instead}" for name, instead in DEPRECATED_GUIDED.items()},
         "logits_processors": "custom logits processors are not supported",
         "allowed_token_ids": "allowed_token_ids is not supported",
         "bad_words": "bad_words is not supported",
@@ -78,6 +76,24 @@ class GenerationFields(OpenAIRequest):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None
+    # Structured output (docs/structured-outputs.md): OpenAI's field, or vLLM's; read into one wire constraint.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    _constraint: Constraint | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _read_constraint(self):
+        self._constraint = requested_constraint(self.response_format, self.structured_outputs)
+        return self
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """What the output must match (None: free text); its shape is checked, whether it compiles is not."""
+        return self._constraint
+
+    @property
+    def constraint_param(self) -> str:
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
 
     def sampling(self, *, max_tokens: int | None, logprobs: int | None, best_of: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])

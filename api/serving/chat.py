@@ -22,6 +22,7 @@ from api.serving.generation import (
 )
 from api.serving.reattach import NEW, Reattach, reattach_from, start
 from api.streaming import sse_response
+from api.structured import check_before_queueing
 from contracts import ErrorCode, Usage
 
 
@@ -73,8 +74,9 @@ async def _submit(body: ChatCompletionRequest, services: Services,
     prompt = render_chat(body.messages, tokenizer, add_generation_prompt=body.add_generation_prompt,
                          continue_final_message=body.continue_final_message)
     sampling = body.sampling(max_tokens=body.token_limit, logprobs=body.logprobs_count)
+    await check_before_queueing(body.constraint, body.constraint_param)
     response_id = reattach.response_id("chatcmpl")
-    [request] = build_requests(services, model, [prompt], sampling, response_id)
+    [request] = build_requests(services, model, [prompt], sampling, response_id, constraint=body.constraint)
     [generation] = await start(services.engine, [request], reattach)
     return model.id, response_id, generation
 

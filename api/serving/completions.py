@@ -25,6 +25,7 @@ from api.serving.generation import (
 )
 from api.serving.reattach import NEW, Reattach, reattach_from, start
 from api.streaming import sse_response
+from api.structured import check_before_queueing
 from contracts import ErrorCode, Usage
 
 
@@ -76,8 +77,9 @@ async def _submit(body: CompletionRequest, services: Services, reattach: Reattac
         sampling = sampling.model_copy(update={"prompt_logprobs": max(sampling.prompt_logprobs or 0, body.logprobs)})
     if body.stream and sampling.num_candidates > sampling.n:
         raise ApiError(ErrorCode.INVALID_REQUEST, "best_of > n cannot be streamed", param="best_of")
+    await check_before_queueing(body.constraint, body.constraint_param)
     response_id = reattach.response_id("cmpl")
-    requests = build_requests(services, model, prompts, sampling, response_id)
+    requests = build_requests(services, model, prompts, sampling, response_id, constraint=body.constraint)
     generations = await start(services.engine, requests, reattach)
     echoes = [tokenizer.decode(ids) if body.echo else "" for ids in prompts]
     first_tokens = [tokenizer.decode(ids[:1]) for ids in prompts]

@@ -15,6 +15,7 @@ from api.errors import ApiError
 from api.generation import Generation, merge
 from api.services import Services
 from contracts import LOGPROB_FLOOR, ChoiceDelta, ErrorCode, GenerateRequest, SamplingParams, TokenLogprob, Usage
+from contracts.constraints import Constraint
 
 
 def new_id(prefix: str) -> str:
@@ -44,7 +45,7 @@ def check_token_ids(prompts: Sequence[Sequence[int]], vocab_size: int, param: st
 
 
 def build_requests(services: Services, model: ServedModel, prompts: Sequence[list[int]], sampling: SamplingParams,
-                   base_id: str, *, priority: int = 0) -> list[GenerateRequest]:
+                   base_id: str, *, priority: int = 0, constraint: Constraint | None = None) -> list[GenerateRequest]:
     deadline = time.time() + services.settings.queue_timeout_s
     requests = []
     for position, token_ids in enumerate(prompts):
@@ -54,7 +55,7 @@ def build_requests(services: Services, model: ServedModel, prompts: Sequence[lis
             request_id=request_id, model=model.id, prompt_token_ids=token_ids,
             sampling=with_max_tokens(sampling, len(token_ids), model.max_model_len),
             reply_subject=services.engine.reply_subject(request_id), deadline=deadline,
-            priority=priority))
+            priority=priority, constraint=constraint))
     return requests
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from contracts import GenerateRequest, SamplingParams
 from engine_worker.sim import SimConfig, SimEngine, write_sim_tokenizer
+from engine_worker.validation import InvalidRequest
 
 
 def request(request_id: str, max_tokens: int = 3, n: int = 1, seed: int | None = None) -> GenerateRequest:
@@ -61,6 +62,13 @@ def test_context_overflow_is_rejected() -> None:
     engine = SimEngine(SimConfig(max_model_len=8))
     with pytest.raises(ValueError, match="context"):
         engine.add_request(request("a", max_tokens=6))
+
+
+def test_a_constrained_request_is_refused_not_answered_freely() -> None:
+    engine = SimEngine(SimConfig())
+    constrained = request("a", max_tokens=6).model_copy(update={"constraint": {"type": "json_object"}})
+    with pytest.raises(InvalidRequest, match="structured outputs"):
+        engine.validate(GenerateRequest.model_validate(constrained.model_dump()))
 
 
 def test_tokenizer_round_trips_words(tmp_path: Path) -> None:

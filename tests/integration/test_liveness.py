@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -43,11 +44,12 @@ async def spare_worker(api, spare_settings, tmp_path) -> AsyncIterator[WorkerPro
 STREAM_BODY = {"model": SPARE_MODEL, "prompt": "Resume me", "max_tokens": 60, "ignore_eos": True, "temperature": 0}
 
 
-async def stream_with_fault(base_url: str, fault, after_chunks: int = 3) -> tuple[str, dict | None]:
+async def stream_with_fault(base_url: str, fault, after_chunks: int = 3,
+                            body: dict = STREAM_BODY) -> tuple[str, dict | None]:
     """Stream STREAM_BODY; call `fault()` after a few chunks; return the text and any error event."""
     text, error, seen = [], None, 0
     async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
-        async with http.stream("POST", "/v1/completions", json={**STREAM_BODY, "stream": True}) as response:
+        async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
             assert response.status_code == 200
             async for line in response.aiter_lines():
                 if not line.startswith("data: {"):
@@ -63,9 +65,9 @@ async def stream_with_fault(base_url: str, fault, after_chunks: int = 3) -> tupl
     return "".join(text), error
 
 
-async def undisturbed_text(base_url: str) -> str:
+async def undisturbed_text(base_url: str, body: dict = STREAM_BODY) -> str:
     async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
-        return (await http.post("/v1/completions", json=STREAM_BODY)).json()["choices"][0]["text"]
+        return (await http.post("/v1/completions", json=body)).json()["choices"][0]["text"]
 
 
 async def test_frozen_worker_stream_resumes_where_it_stopped(api, spare_worker) -> None:
@@ -81,9 +83,17 @@ async def test_frozen_worker_stream_resumes_where_it_stopped(api, spare_worker) 
     assert text == expected
 
 
+CONSTRAINED_PATTERN = r"[a-z]{30}( [0-9]{3}){12}"
+CONSTRAINED_BODY = {"model": SPARE_MODEL, "prompt": "Resume me", "max_tokens": 80, "temperature": 0,
+                    "structured_outputs": {"regex": CONSTRAINED_PATTERN}}
+
+
+@pytest.mark.parametrize("body", [pytest.param(STREAM_BODY, id="free"),
+                                  pytest.param(CONSTRAINED_BODY, id="constrained")])
 async def test_killed_worker_stream_continues_on_a_restarted_worker(api, spare_worker, spare_settings,
-                                                                   tmp_path) -> None:
-    expected = await undisturbed_text(api.base_url)
+                                                                   tmp_path, body) -> None:
+    """Constrained: the replacement replays the delivered tokens into a fresh matcher (issue #16)."""
+    expected = await undisturbed_text(api.base_url, body)
     replacements: list[WorkerProcess] = []
 
     async def kill_and_restart() -> None:
@@ -91,12 +101,14 @@ async def test_killed_worker_stream_continues_on_a_restarted_worker(api, spare_w
         replacements.append(WorkerProcess(spare_settings, tmp_path / "replacement.log").start())
 
     try:
-        text, error = await stream_with_fault(api.base_url, kill_and_restart)
+        text, error = await stream_with_fault(api.base_url, kill_and_restart, body=body)
     finally:
         for replacement in replacements:
             replacement.stop(signal.SIGKILL)
     assert error is None
     assert text == expected
+    if body is CONSTRAINED_BODY:
+        assert re.fullmatch(CONSTRAINED_PATTERN, text), text
 
 
 async def test_killed_worker_non_streaming_request_completes_on_a_restarted_worker(api, nats_server, spare_worker,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,3 +68,11 @@ async def test_ctrl_c_cancels_the_generation_on_the_worker(api, nats_server, slo
             break
         await asyncio.sleep(0.1)
     assert cancelled_on_worker(), worker.log_tail()
+
+
+async def test_a_direct_publisher_can_constrain_the_output(api, nats_server) -> None:
+    constraint = '{"type": "regex", "pattern": "[a-z]{4}-[0-9]{2}"}'
+    proc = example(nats_server.url, "--max-tokens", "20", "--temperature", "1.0", "--constraint", constraint, "Hi")
+    stdout, stderr = await asyncio.to_thread(proc.communicate, timeout=120)
+    assert proc.returncode == 0, stderr
+    assert re.fullmatch(r"[a-z]{4}-[0-9]{2}\n", stdout), stdout

@@ -31,10 +31,9 @@ def test_semantic_fields_we_do_not_implement_are_refused(field: str) -> None:
         CompletionRequest(model="m", prompt="hi", **{field: [{"x": 1}] if field == "tools" else True})
 
 
-def test_json_response_format_is_refused() -> None:
-    with pytest.raises(ValidationError, match="response_format"):
-        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}],
-                              response_format={"type": "json_object"})
+def test_a_deprecated_guided_field_names_its_replacement() -> None:
+    with pytest.raises(ValidationError, match=r"guided_regex: removed in vLLM; use structured_outputs: \{\"regex\""):
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], guided_regex="a+")
 
 
 def test_chat_token_limit_prefers_max_completion_tokens() -> None:

@@ -1,0 +1,158 @@
+"""Structured outputs through the engine (tiny random llama: it writes garbage, so only the grammar makes the
+output valid). Oracle: greedy constrained output equals a plain HF forward pass masked step by step by a fresh
+matcher of the same constraint, whatever the batch mix, preemption, n-gram drafts, or a resume."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated
+
+import numpy as np
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts import FinishReason
+from contracts.constraints import JsonSchemaConstraint, RegexConstraint, parse_constraint
+from engine_worker.constraints import unpack_bitmask
+from engine_worker.validation import InvalidRequest
+from tests.engine_worker.conftest import make_request, prompt_of, run_to_completion, text_by_choice, tokens_by_choice
+
+
+class Person(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # additionalProperties: false, as the OpenAI SDK sends
+
+    name: str = Field(max_length=12)
+    age: int = Field(ge=0, le=120)
+    tags: list[Annotated[str, Field(max_length=10)]] = Field(max_length=3)
+
+
+PERSON = JsonSchemaConstraint(json_schema=Person.model_json_schema())
+LONG_REGEX = RegexConstraint(pattern=r"[a-z]{60}( [0-9]{3}){12}")  # long enough to be preempted mid-way
+
+
+def constrained(request_id: str, prompt: list[int], constraint, **sampling):
+    return make_request(request_id, prompt, **sampling).model_copy(update={"constraint": constraint})
+
+
+def masked_greedy(hf_model, engine, prompt: list[int], constraint, max_tokens: int) -> list[int]:
+    """The reference: one HF forward per token, refused tokens set to -inf, argmax, until EOS or the grammar
+    stops."""
+    matcher = engine.structured.compiler.matcher(constraint)
+    out: list[int] = []
+    row = np.full((1, engine.structured.compiler.words), -1, dtype=np.int32)
+    while len(out) < max_tokens:
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt + out])).logits[0, -1].float()
+        matcher.fill_bitmask(row[0])
+        allowed = torch.from_numpy(unpack_bitmask(row, logits.shape[0])[0])
+        token = int(logits.masked_fill(~allowed, -float("inf")).argmax())
+        out.append(token)
+        if token in engine.eos_token_ids:
+            break
+        matcher.consume([token])
+        if matcher.is_stopped():
+            break
+    return out
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param({}, id="roomy"),
+    pytest.param({"max_num_batched_tokens": 32, "kv_cache_tokens": 512}, id="preemption"),
+    pytest.param({"num_speculative_tokens": 3}, id="ngram-drafts"),
+])
+def test_greedy_constrained_output_equals_the_masked_reference(engine_factory, hf_model, config) -> None:
+    engine = engine_factory(**config)
+    # Unconstrained batch-mates that grow together so the small cache must preempt.
+    for i, (length, max_tokens) in enumerate([(120, 100), (110, 100), (100, 100)]):
+        engine.add_request(make_request(f"free{i}", prompt_of(length, i), temperature=0.0, max_tokens=max_tokens,
+                                        ignore_eos=True))
+    cases = {"person": (prompt_of(9, 7), PERSON, 200), "long": (prompt_of(14, 8), LONG_REGEX, 160)}
+    for name, (prompt, constraint, max_tokens) in cases.items():
+        # A lower rank (higher priority value): the constrained choices are the ones the scheduler preempts.
+        engine.add_request(constrained(name, prompt, constraint, temperature=0.0, max_tokens=max_tokens, priority=5))
+    seqs = [seq for name in cases for seq in engine._requests[name].seqs]
+    constrained_drafts = []
+    trim = engine.structured.trim_drafts
+
+    def recording_trim(running) -> None:
+        trim(running)
+        constrained_drafts.extend(len(seq.draft_token_ids) for seq in running if seq.matcher is not None)
+
+    engine.structured.trim_drafts = recording_trim
+    outputs = run_to_completion(engine)
+    if "kv_cache_tokens" in config:
+        assert sum(seq.num_preemptions for seq in seqs) > 0  # a constrained choice was recomputed
+    if "num_speculative_tokens" in config:
+        assert sum(constrained_drafts) > 0  # constrained choices were verified with (grammar-checked) drafts
+    for name, (prompt, constraint, max_tokens) in cases.items():
+        got = tokens_by_choice(outputs[name])[0]
+        assert got == masked_greedy(hf_model, engine, prompt, constraint, max_tokens), name
+    Person.model_validate_json(text_by_choice(outputs["person"])[0])
+    assert re.fullmatch(LONG_REGEX.pattern, text_by_choice(outputs["long"])[0])
+
+
+def test_a_resumed_constrained_request_continues_like_the_undisturbed_run(engine_factory) -> None:
+    engine = engine_factory()
+    prompt = prompt_of(9, 3)
+    engine.add_request(constrained("whole", prompt, LONG_REGEX, temperature=0.0, max_tokens=160))
+    whole = tokens_by_choice(run_to_completion(engine)["whole"])[0]
+    assert len(whole) > 12
+    engine.add_request(constrained("rest", prompt, LONG_REGEX, temperature=0.0, max_tokens=160,
+                                   resume_token_ids=whole[:10]))
+    rest = tokens_by_choice(run_to_completion(engine)["rest"])[0]
+    assert whole[:10] + rest == whole
+
+
+def test_sampled_choices_at_temperature_one_always_validate(engine_factory) -> None:
+    engine = engine_factory()
+    for seed in range(6):
+        engine.add_request(constrained(f"s{seed}", prompt_of(7, seed), PERSON, temperature=1.0, seed=seed, n=2,
+                                       max_tokens=250))
+    engine.add_request(constrained("best", prompt_of(7, 99), PERSON, temperature=1.0, n=2, best_of=3,
+                                   max_tokens=250))
+    outputs = run_to_completion(engine)
+    texts = [text for outs in outputs.values() for text in text_by_choice(outs).values()]
+    assert len(texts) == 14
+    for text in texts:
+        Person.model_validate_json(text)
+    assert len(set(texts)) > 1  # sampling really happened
+
+
+def test_choice_and_json_object_and_max_tokens_cut(engine_factory) -> None:
+    engine = engine_factory()
+    engine.add_request(constrained("choice", prompt_of(5), parse_constraint({"type": "choice", "choices": [
+        "alpha", "beta gamma"]}), temperature=1.0, seed=3, max_tokens=20))
+    engine.add_request(constrained("object", prompt_of(6), parse_constraint({"type": "json_object"}),
+                                   temperature=0.0, max_tokens=200))
+    engine.add_request(constrained("cut", prompt_of(8), LONG_REGEX, temperature=0.0, max_tokens=5))
+    outputs = run_to_completion(engine)
+    assert text_by_choice(outputs["choice"])[0] in {"alpha", "beta gamma"}
+    assert outputs["choice"][-1].choices[-1].finish_reason is FinishReason.STOP
+    obj = text_by_choice(outputs["object"])[0]
+    if outputs["object"][-1].choices[-1].finish_reason is FinishReason.STOP:
+        assert isinstance(json.loads(obj), dict)
+    cut = outputs["cut"][-1].choices[-1]
+    assert cut.finish_reason is FinishReason.LENGTH
+    text = text_by_choice(outputs["cut"])[0]
+    assert len(tokens_by_choice(outputs["cut"])[0]) == 5 and re.fullmatch(r"[a-z]*", text) and text
+
+
+def test_a_constraint_that_does_not_compile_or_fit_the_resume_is_refused(engine_factory) -> None:
+    engine = engine_factory()
+    with pytest.raises(InvalidRequest, match="constraint"):
+        engine.add_request(constrained("bad", prompt_of(5), RegexConstraint(pattern="(unclosed")))
+    with pytest.raises(InvalidRequest, match="resume_token_ids"):
+        digits = engine.tokenizer.encode("123", add_special_tokens=False)
+        engine.add_request(constrained("resume", prompt_of(5), LONG_REGEX, max_tokens=50, resume_token_ids=digits))
+    assert not engine.has_unfinished_requests()
+
+
+def test_a_tokenizer_llguidance_cannot_read_refuses_the_request_not_the_engine(engine_factory) -> None:
+    engine = engine_factory()
+    engine.structured._tokenizer = object()  # not a HF tokenizer
+    with pytest.raises(InvalidRequest, match="cannot be used for structured outputs"):
+        engine.add_request(constrained("x", prompt_of(5), LONG_REGEX, max_tokens=5))
+    engine.add_request(make_request("free", prompt_of(5), temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert len(tokens_by_choice(run_to_completion(engine)["free"])[0]) == 3

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -22,30 +22,25 @@ MODEL = "sim-node-faults"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    with NatsCluster(tmp_path_factory.mktemp("node-fault-cluster"), name="inferq-node-faults") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-async def served(cluster: NatsCluster, tmp_path_factory: pytest.TempPathFactory
-                 ) -> AsyncIterator[tuple[ApiProcess, WorkerProcess]]:
-    """One sim worker connected to node n1 only (the node the tests freeze), the API to n2 and n3."""
-    await cluster.wait_for_jetstream()
+async def served(tmp_path_factory: pytest.TempPathFactory
+                 ) -> AsyncIterator[tuple[NatsCluster, ApiProcess, WorkerProcess]]:
+    """A 3-node cluster; one sim worker connected to node n1 only (the node the tests freeze), the API to n2, n3."""
     data = tmp_path_factory.mktemp("node-fault-data")
-    settings = Settings(nats_url=cluster.urls, engine="sim", served_model_name=MODEL, sim_tokens_per_s=200.0,
-                        max_num_seqs=16, nats_replicas=3, queue_timeout_s=60.0, worker_silence_timeout_s=3.0,
-                        log_format="json", data_dir=data)
-    worker = WorkerProcess(settings.model_copy(update={"data_dir": data / "w", "nats_url": cluster.nodes[0].url}),
-                           data / "w.log").start()
-    edge_urls = ",".join(node.url for node in cluster.nodes[1:])
-    api = ApiProcess(settings.model_copy(update={"nats_url": edge_urls}), data / "api.log").start()
-    try:
-        await wait_for_workers(api, [worker], count=1)
-        yield api, worker
-    finally:
-        api.stop()
-        worker.stop()
+    with NatsCluster(data / "cluster", name="inferq-node-faults") as cluster:
+        await cluster.wait_for_jetstream()
+        settings = Settings(nats_url=cluster.urls, engine="sim", served_model_name=MODEL, sim_tokens_per_s=200.0,
+                            max_num_seqs=16, nats_replicas=3, queue_timeout_s=60.0, worker_silence_timeout_s=3.0,
+                            log_format="json", data_dir=data)
+        worker = WorkerProcess(settings.model_copy(update={"data_dir": data / "w", "nats_url": cluster.nodes[0].url}),
+                               data / "w.log").start()
+        edge_urls = ",".join(node.url for node in cluster.nodes[1:])
+        api = ApiProcess(settings.model_copy(update={"nats_url": edge_urls}), data / "api.log").start()
+        try:
+            await wait_for_workers(api, [worker], count=1)
+            yield cluster, api, worker
+        finally:
+            api.stop()
+            worker.stop()
 
 
 async def _stream_until(http: httpx.AsyncClient, until: float) -> None:
@@ -63,8 +58,8 @@ async def _stream_until(http: httpx.AsyncClient, until: float) -> None:
             await asyncio.sleep(0.2)
 
 
-async def test_a_worker_serves_again_after_its_node_was_frozen(cluster: NatsCluster, served) -> None:
-    api, worker = served
+async def test_a_worker_serves_again_after_its_node_was_frozen(served) -> None:
+    cluster, api, worker = served
     async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
         warm = await http.post("/v1/completions", json={"model": MODEL, "prompt": "warm", "max_tokens": 2})
         assert warm.status_code == 200, warm.text

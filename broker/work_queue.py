@@ -35,6 +35,9 @@ _MAX_RETRY_AFTER_S = 60.0
 # interactive queue only, so a batch line waits at most one fetch timeout to be noticed.
 _LANE_PROBE_S = 0.01
 _BATCH_ACTIVE_S = 1.0
+# A consumer election answers 503 for seconds; a pull that fails for longer than this re-binds its subscription
+# (a new inbox and pull request path) instead of repeating the same failing pull forever.
+_REBIND_AFTER_S = 10.0
 
 
 class Lane(StrEnum):
@@ -181,12 +184,15 @@ class RequestIntake:
         self._js = js
         self._model_id = model_id
         self._subs: dict[Lane, JetStreamContext.PullSubscription] = {}
+        self._failing_since: dict[Lane, float] = {}  # lane → when its pulls began to fail
         self._batch_active_until = 0.0
 
     async def start(self) -> None:
         for lane in Lane:
-            self._subs[lane] = await self._js.pull_subscribe_bind(
-                subjects.REQUEST_CONSUMER, stream=lane.stream(self._model_id))
+            self._subs[lane] = await self._bind(lane)
+
+    async def _bind(self, lane: Lane) -> JetStreamContext.PullSubscription:
+        return await self._js.pull_subscribe_bind(subjects.REQUEST_CONSUMER, stream=lane.stream(self._model_id))
 
     async def fetch(self, max_requests: int, timeout: float = 1.0) -> list[Delivery]:
         """Up to `max_requests`; returns as soon as any arrive, or empty after about `timeout`."""
@@ -209,14 +215,36 @@ class RequestIntake:
 
     async def _pull(self, lane: Lane, max_requests: int, timeout: float) -> list[Msg]:
         try:
-            return await self._subs[lane].fetch(batch=max_requests, timeout=timeout)
+            msgs = await self._subs[lane].fetch(batch=max_requests, timeout=timeout)
         except TimeoutError:  # covers nats' TimeoutError, FetchTimeoutError and the bare asyncio one
+            self._failing_since.pop(lane, None)
             return []
         except jse.APIError as exc:
             # Consumer leader elections answer 503 for a moment; the loop simply retries.
             log.warning("intake.fetch_failed", lane=lane.value, error=str(exc))
+            await self._rebind_if_stuck(lane)
             await asyncio.sleep(0.25)
             return []
+        self._failing_since.pop(lane, None)
+        return msgs
+
+    async def _rebind_if_stuck(self, lane: Lane) -> None:
+        now = time.monotonic()
+        since = self._failing_since.setdefault(lane, now)
+        if now - since < _REBIND_AFTER_S:
+            return
+        self._failing_since[lane] = now  # the next re-bind only after another whole period of failures
+        try:
+            fresh = await self._bind(lane)
+        except Exception as exc:  # NATS still failing: keep the old one and try again later
+            log.warning("intake.rebind_failed", lane=lane.value, error=repr(exc))
+            return
+        old, self._subs[lane] = self._subs[lane], fresh
+        log.warning("intake.rebound", lane=lane.value, failing_s=round(now - since, 1))
+        try:
+            await old.unsubscribe()
+        except Exception as exc:
+            log.warning("intake.unsubscribe_failed", lane=lane.value, error=repr(exc))
 
     async def stop(self) -> None:
         for sub in self._subs.values():

@@ -46,6 +46,10 @@ log = structlog.get_logger(__name__)
 _REMEMBERED_CANCELS = 10_000
 _FETCH_TIMEOUT_S = 1.0
 _HELD_PROGRESS_S = 10.0  # well inside the request queue's ack wait (30 s)
+# After a NATS call failed (a frozen or dying node: timeouts, "no response from stream") the loops pause this
+# long and go on: one failure must never end a loop, or the worker stays up but serves nothing again.
+_NATS_RETRY_S = 0.5
+_ANNOUNCE_TIMEOUT_S = 5.0
 
 
 @dataclass(slots=True)
@@ -165,7 +169,10 @@ class WorkerBridge:
         await asyncio.wait([stop_waiter, asyncio.create_task(self._stop.wait())], return_when="FIRST_COMPLETED")
         stop_waiter.cancel()
         self._stop.set()  # the feeder stops pulling new work
-        await self._registry.withdraw(self.worker_id)
+        try:
+            await asyncio.wait_for(self._registry.withdraw(self.worker_id), _ANNOUNCE_TIMEOUT_S)
+        except Exception as exc:  # NATS failing: the entry expires with the bucket's TTL anyway
+            log.warning("registry.withdraw_failed", error=repr(exc))
         await self._drain()
         for task in tasks:
             task.cancel()
@@ -209,15 +216,28 @@ class WorkerBridge:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
-            for delivery in await self._intake.fetch(free, timeout=_FETCH_TIMEOUT_S):
+            try:
+                deliveries = await self._intake.fetch(free, timeout=_FETCH_TIMEOUT_S)
+            except Exception as exc:  # NATS reconnecting or a node frozen: pull again shortly
+                log.warning("intake.fetch_failed", error=repr(exc))
+                await asyncio.sleep(_NATS_RETRY_S)
+                continue
+            for delivery in deliveries:
                 with self._telemetry.log_context(delivery.request, delivery.headers):
                     try:
                         await self._admit(delivery)
                     except Exception as exc:  # one bad message must not stop the intake of all others
                         log.exception("intake.admit_failed", request_id=delivery.request.request_id)
-                        await delivery.msg.term()
-                        await self._reject(delivery.request, ErrorCode.INTERNAL,
-                                           f"the worker could not admit it: {exc}")
+                        await self._refuse_unadmitted(delivery, exc)
+
+    async def _refuse_unadmitted(self, delivery: Delivery, exc: Exception) -> None:
+        """Tell the edge a request could not be admitted; NATS may be failing too (often why admitting failed),
+        and that must not end the intake: an unanswered request is resubmitted by its edge or redelivered."""
+        try:
+            await delivery.msg.term()
+            await self._reject(delivery.request, ErrorCode.INTERNAL, f"the worker could not admit it: {exc}")
+        except Exception as refusal:
+            log.warning("intake.refusal_failed", request_id=delivery.request.request_id, error=repr(refusal))
 
     async def _admit(self, delivery: Delivery) -> None:
         request = delivery.request
@@ -250,9 +270,13 @@ class WorkerBridge:
                            telemetry=self._telemetry.accepted(request, delivery.published_at, delivery.headers))
         self._in_flight[flight.engine_key] = flight
         self._current[request.request_id] = flight.engine_key
-        await publish_event(self._nc, request.reply_subject, Accepted(
-            request_id=request.request_id, attempt=request.attempt, seq=0, worker_id=self.worker_id,
-            resumed_tokens=len(getattr(request, "resume_token_ids", ()))))
+        try:
+            await publish_event(self._nc, request.reply_subject, Accepted(
+                request_id=request.request_id, attempt=request.attempt, seq=0, worker_id=self.worker_id,
+                resumed_tokens=len(getattr(request, "resume_token_ids", ()))))
+        except Exception:
+            self._forget(flight)  # never reached the engine: its slot must not stay taken
+            raise
         log.debug("request.accepted")
         if isinstance(engine_request, EmbedRequest):
             self._engine_loop.embed(engine_request)
@@ -269,7 +293,24 @@ class WorkerBridge:
         while True:
             for output in await self._outputs.get():
                 with self._request_context(output.request_id):
-                    await self._emit(output)
+                    try:
+                        await self._emit(output)
+                    except Exception as exc:
+                        await self._emit_failed(output.request_id, exc)
+
+    async def _emit_failed(self, key: str, exc: Exception) -> None:
+        """An event NATS did not take (a durable one not stored in time, a full reconnect buffer): its request's
+        answer has a hole, so it stops here. A held request goes back to the queue (redelivered as a new attempt,
+        whose events replace these); a live one's edge notices the silence and resumes it elsewhere."""
+        log.warning("request.publish_failed", error=repr(exc))
+        flight = self._in_flight.get(key)
+        if flight is None:
+            return  # its last event failed: a held message never acked is redelivered after the ack wait
+        self._engine_loop.abort(key)
+        if flight.held is not None:
+            await self._hand_back(flight)
+        else:
+            self._forget(flight)
 
     def _request_context(self, key: str) -> contextlib.AbstractContextManager:
         """Log lines about a running request carry its request_id, model, worker_id and trace_id."""
@@ -351,12 +392,18 @@ class WorkerBridge:
             await asyncio.sleep(interval / 2)
             now = time.monotonic()
             for flight in list(self._in_flight.values()):
-                if flight.held is not None:  # nobody listens live; the queue must not think this worker dead
-                    if now - flight.last_progress >= _HELD_PROGRESS_S:
-                        flight.last_progress = now
-                        await flight.held.in_progress()
-                elif now - flight.last_sent >= interval:
-                    await publish_event(self._nc, flight.request.reply_subject, flight.event(Heartbeat))
+                try:
+                    await self._beat(flight, now, interval)
+                except Exception as exc:  # NATS failing: the next beat tries again
+                    log.warning("heartbeat.failed", request_id=flight.request.request_id, error=repr(exc))
+
+    async def _beat(self, flight: _InFlight, now: float, interval: float) -> None:
+        if flight.held is not None:  # nobody listens live; the queue must not think this worker dead
+            if now - flight.last_progress >= _HELD_PROGRESS_S:
+                flight.last_progress = now
+                await flight.held.in_progress()
+        elif now - flight.last_sent >= interval:
+            await publish_event(self._nc, flight.request.reply_subject, flight.event(Heartbeat))
 
     def metrics_snapshot(self) -> WorkerMetrics:
         """This worker's answer to a fleet scrape (broker/metrics.py): the engine's latest stats, handed over by
@@ -378,6 +425,6 @@ class WorkerBridge:
         while True:
             await asyncio.sleep(self._config.announce_interval_s)
             try:
-                await self._announce()
+                await asyncio.wait_for(self._announce(), _ANNOUNCE_TIMEOUT_S)
             except Exception as exc:  # NATS reconnecting: the next beat retries
                 log.warning("registry.announce_failed", error=str(exc))

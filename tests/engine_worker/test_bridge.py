@@ -124,3 +124,39 @@ async def test_a_cancel_aborts_the_running_request(worker) -> None:
     seen = await _until_last(events)
     finishes = [c.finish_reason for e in seen if isinstance(e, Tokens) for c in e.choices if c.finish_reason]
     assert finishes == [FinishReason.ABORT] and isinstance(seen[-1], End)
+
+
+def _failing_publishes(monkeypatch: pytest.MonkeyPatch, fails) -> None:
+    """NATS not taking the worker's events (a frozen node: JetStream publishes time out) where `fails(event)`."""
+    from engine_worker import bridge as bridge_module
+
+    real = bridge_module.publish_event
+
+    async def publish(nc, reply_subject, event) -> None:
+        if fails(event):
+            raise TimeoutError("nats: timeout")
+        await real(nc, reply_subject, event)
+
+    monkeypatch.setattr(bridge_module, "publish_event", publish)
+
+
+async def test_events_nats_did_not_take_do_not_stop_the_worker(worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The chaos run's seed 2026: one publish timing out during a node freeze ended the output pump for good.
+    _, _, client = worker
+    _failing_publishes(monkeypatch, lambda event: event.request_id == "lost" and isinstance(event, Tokens))
+    lost = await _send(client, "lost", max_tokens=3)
+    assert isinstance(await asyncio.wait_for(lost.get(), WAIT_S), Accepted)
+    seen = await _until_last(await _send(client, "after", max_tokens=3))
+    assert isinstance(seen[-1], End) and seen[-1].usage.completion_tokens == 3
+
+
+async def test_an_admission_nats_failed_frees_its_slot_and_the_intake_goes_on(worker, monkeypatch) -> None:
+    # Accepted not published, then the refusal not either: the feeder died, and the slot stayed taken.
+    bridge, _, client = worker
+    _failing_publishes(monkeypatch, lambda event: event.request_id.startswith("unadmitted"))
+    for number in range(bridge._config.capacity + 1):  # more than the slots: a leaked slot would block "after"
+        await _send(client, f"unadmitted{number}")
+    await asyncio.sleep(1.0)
+    seen = await _until_last(await _send(client, "after-admission", max_tokens=3))
+    assert isinstance(seen[-1], End) and seen[-1].usage.completion_tokens == 3
+    assert bridge._free_slots() == bridge._config.capacity

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from ops.settings import Settings
+from common.settings import Settings
 from tests.integration.harness import WorkerProcess
 from tests.integration.nats_cluster import NatsCluster
 from tests.integration.test_batches import ApiProcess

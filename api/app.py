@@ -65,8 +65,9 @@ def create_app(settings: Settings) -> FastAPI:
             js = nc.jetstream()
             await auth_gate.open(js)
             # The journal first: from the router's first subscription on, this edge's token events are kept.
-            await ensure_journal_stream(js, settings.journal_max_age_s, settings.journal_max_bytes,
-                                        settings.nats_replicas)
+            await ensure_journal_stream(
+                js, settings.journal_max_age_s, settings.journal_max_bytes, settings.nats_replicas
+            )
             router = EventRouter(nc, edge_id)
             await router.start()
             registry = await WorkerRegistry.open(js, settings.registry_ttl_s, settings.nats_replicas)
@@ -74,19 +75,24 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.services = services = Services(
                 settings=settings,
                 catalog=ModelCatalog(js, registry, settings.data_dir / "tokenizers", settings.registry_ttl_s),
-                engine=NatsEngineClient(nc, router, Timeouts(queue_s=settings.queue_timeout_s,
-                                                              silence_s=settings.worker_silence_timeout_s)),
+                engine=NatsEngineClient(
+                    nc, router, Timeouts(queue_s=settings.queue_timeout_s, silence_s=settings.worker_silence_timeout_s)
+                ),
                 batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s, settings.nats_replicas),
                 responses=await ResponseStore.open(js, settings.response_job_ack_wait_s, settings.nats_replicas),
             )
-            runner = (BatchRunner(services, services.batches, nc, meter_for_owner=auth_gate.meter_for_owner)
-                      if settings.batch_runner else None)
+            runner = (
+                BatchRunner(services, services.batches, nc, meter_for_owner=auth_gate.meter_for_owner)
+                if settings.batch_runner
+                else None
+            )
             if runner is not None:
                 await runner.start()
             response_runner = ResponseRunner(services, services.responses, meter_for_owner=auth_gate.meter_for_owner)
             await response_runner.start()
-            app.state.fleet_metrics = FleetMetrics(nc, js, services.catalog, settings.metrics_scrape_timeout_s,
-                                                   settings.supervisor_status_file)
+            app.state.fleet_metrics = FleetMetrics(
+                nc, js, services.catalog, settings.metrics_scrape_timeout_s, settings.supervisor_status_file
+            )
             log.info("api.ready", edge_id=edge_id)
             yield
             await response_runner.stop()

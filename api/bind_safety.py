@@ -48,4 +48,5 @@ async def check_bind(settings: Settings) -> None:
     raise UnsafeBind(
         f"refusing to listen on {settings.host}:{settings.port} without authentication: every caller would be an "
         "admin. Set INFERQ_API_KEYS=<a long random secret> (or create a key with `inferq keys create` and set "
-        "INFERQ_AUTH=on), bind to 127.0.0.1, or set INFERQ_AUTH=off if this network is really trusted.")
+        "INFERQ_AUTH=on), bind to 127.0.0.1, or set INFERQ_AUTH=off if this network is really trusted."
+    )

@@ -29,7 +29,8 @@ class BodySizeLimit:
         announced = dict(scope["headers"]).get(b"content-length", b"")
         if announced.isdigit() and int(announced) > limit:
             await error_response(ApiError(ErrorCode.PAYLOAD_TOO_LARGE, message), HTTPConnection(scope))(
-                scope, receive, send)
+                scope, receive, send
+            )
             return
         received = 0
 

@@ -42,8 +42,9 @@ class ServedModel:
 
 
 class ModelCatalog:
-    def __init__(self, js: JetStreamContext, registry: WorkerRegistry, tokenizer_cache: Path,
-                 registry_ttl_s: float = 10.0):
+    def __init__(
+        self, js: JetStreamContext, registry: WorkerRegistry, tokenizer_cache: Path, registry_ttl_s: float = 10.0
+    ):
         self._js = js
         self._registry = registry
         self._registry_ttl_s = registry_ttl_s  # a worker's entry outlives its death by this much anyway
@@ -92,8 +93,7 @@ class ModelCatalog:
         try:
             await self._js.stream_info(subjects.request_stream(model_id))
         except jse.NotFoundError:
-            raise ApiError(ErrorCode.MODEL_NOT_FOUND, f"the model {model_id!r} does not exist",
-                           param="model") from None
+            raise ApiError(ErrorCode.MODEL_NOT_FOUND, f"the model {model_id!r} does not exist", param="model") from None
         raise ApiError(ErrorCode.NO_WORKER, f"no worker for model {model_id!r} is running", retry_after=5.0)
 
     async def tokenizer(self, model: ServedModel):
@@ -111,5 +111,8 @@ class ModelCatalog:
             return await asyncio.to_thread(load_tokenizer, directory)
         except Exception as exc:  # a missing or unreadable object is our side's failure, never the client's input
             log.warning("catalog.tokenizer_failed", model=model.id, tokenizer=name, error=repr(exc))
-            raise ApiError(ErrorCode.UNAVAILABLE, f"the tokenizer of {model.id!r} could not be loaded; retry "
-                           "shortly", retry_after=1.0) from exc
+            raise ApiError(
+                ErrorCode.UNAVAILABLE,
+                f"the tokenizer of {model.id!r} could not be loaded; retry shortly",
+                retry_after=1.0,
+            ) from exc

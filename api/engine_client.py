@@ -24,8 +24,7 @@ class EngineClient(Protocol):
     def reply_subject(self, request_id: str) -> str:
         """Where the request's events are to be sent (a request names it; the engine answers there)."""
 
-    async def submit(self, request: GenerateRequest | EmbedRequest, *,
-                     attach_duplicate: bool = False) -> Generation:
+    async def submit(self, request: GenerateRequest | EmbedRequest, *, attach_duplicate: bool = False) -> Generation:
         """Queue the request; ApiError at once if it cannot be (full, over the caller's budget, unavailable)."""
 
     async def submit_all(self, requests: Sequence[GenerateRequest], *, attach: bool = False) -> list[Generation]:

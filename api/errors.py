@@ -37,8 +37,11 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
 }
 
 # Starlette's own refusals (unknown route, wrong method, a body over its limit while reading) get a code too.
-_CODE_BY_HTTP_STATUS = {404: ErrorCode.NOT_FOUND.value, 405: ErrorCode.INVALID_REQUEST.value,
-                        413: ErrorCode.PAYLOAD_TOO_LARGE.value}
+_CODE_BY_HTTP_STATUS = {
+    404: ErrorCode.NOT_FOUND.value,
+    405: ErrorCode.INVALID_REQUEST.value,
+    413: ErrorCode.PAYLOAD_TOO_LARGE.value,
+}
 
 # OpenAI's `type` vocabulary, which its SDKs and users key on.
 _TYPE_BY_STATUS = {
@@ -90,20 +93,24 @@ def status_for(exc: ApiError, connection: HTTPConnection | None = None) -> int:
 
 
 def error_body(status: int, message: str, *, code: str | None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPE_BY_STATUS.get(status, "api_error"), "param": param,
-                      "code": code}}
+    return {
+        "error": {"message": message, "type": _TYPE_BY_STATUS.get(status, "api_error"), "param": param, "code": code}
+    }
 
 
 ANTHROPIC_PREFIX = "/v1/messages"
 # Anthropic's `type` vocabulary (its SDKs map statuses to exception classes; the type is what users read): the
 # same words as OpenAI's for client errors, its own for the rest.
-_ANTHROPIC_TYPE_BY_STATUS = _TYPE_BY_STATUS | {413: "request_too_large", 499: "api_error", 500: "api_error",
-                                               503: "overloaded_error"}
+_ANTHROPIC_TYPE_BY_STATUS = _TYPE_BY_STATUS | {
+    413: "request_too_large",
+    499: "api_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
 
 
 def anthropic_error_body(status: int, message: str) -> dict:
-    return {"type": "error", "error": {"type": _ANTHROPIC_TYPE_BY_STATUS.get(status, "api_error"),
-                                       "message": message}}
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPE_BY_STATUS.get(status, "api_error"), "message": message}}
 
 
 def _is_anthropic(connection: HTTPConnection | None) -> bool:
@@ -111,8 +118,9 @@ def _is_anthropic(connection: HTTPConnection | None) -> bool:
     return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
 
 
-def _error_json(connection: HTTPConnection | None, status: int, message: str, *, code: str | None,
-                param: str | None = None) -> dict:
+def _error_json(
+    connection: HTTPConnection | None, status: int, message: str, *, code: str | None, param: str | None = None
+) -> dict:
     """The error body in the shape of the API the request was made to."""
     if _is_anthropic(connection):
         return anthropic_error_body(status, message)
@@ -182,15 +190,19 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_request_error(request: Request, exc: Exception) -> JSONResponse:
         error = as_api_error(exc)
         if error.status >= 500:  # our side failed (NATS, workers): worth a line, with what caused it
-            log.warning("api.server_error", path=request.url.path, code=error.info.code.value,
-                        cause=repr(exc.__cause__ or exc))
+            log.warning(
+                "api.server_error", path=request.url.path, code=error.info.code.value, cause=repr(exc.__cause__ or exc)
+            )
         return _render(error, request)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _CODE_BY_HTTP_STATUS.get(exc.status_code)
-        return JSONResponse(_error_json(request, exc.status_code, str(exc.detail), code=code), exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            _error_json(request, exc.status_code, str(exc.detail), code=code),
+            exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

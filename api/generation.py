@@ -67,8 +67,9 @@ class GenerationPort(Protocol):
 def timeout_error(timeouts: Timeouts, accepted: bool) -> ApiError:
     if accepted:
         return ApiError(ErrorCode.WORKER_LOST, "the worker serving this request stopped responding", retry_after=1.0)
-    return ApiError(ErrorCode.NO_WORKER, f"no worker accepted the request within {timeouts.queue_s:g} s",
-                    retry_after=5.0)
+    return ApiError(
+        ErrorCode.NO_WORKER, f"no worker accepted the request within {timeouts.queue_s:g} s", retry_after=5.0
+    )
 
 
 class Generation:
@@ -82,8 +83,14 @@ class Generation:
     on to a newer attempt when one appears, drops tokens it already has (an attempt's `accepted` event says
     where its tokens start), and continues a request its previous client cancelled, by resubmitting it."""
 
-    def __init__(self, port: GenerationPort, request: GenerateRequest | EmbedRequest, events: asyncio.Queue[Event],
-                 reservation: Reservation | None = None, follower: JournalFollower | None = None):
+    def __init__(
+        self,
+        port: GenerationPort,
+        request: GenerateRequest | EmbedRequest,
+        events: asyncio.Queue[Event],
+        reservation: Reservation | None = None,
+        follower: JournalFollower | None = None,
+    ):
         self._port = port
         self.request = request
         self.state = GenerationState.QUEUED
@@ -197,8 +204,11 @@ class Generation:
         self._log.warning("request.event_gap", expected=expected, got=event.seq, resumed=self._resumable)
         if not self._resumable:
             # Going on would hand the client an answer with a hole in it, as if it were whole.
-            raise ApiError(ErrorCode.WORKER_LOST, "token events of this request were lost in transit and it cannot "
-                           "be resumed again", retry_after=1.0)
+            raise ApiError(
+                ErrorCode.WORKER_LOST,
+                "token events of this request were lost in transit and it cannot be resumed again",
+                retry_after=1.0,
+            )
         return True
 
     async def _next_event(self, timeout: float) -> Event:
@@ -224,8 +234,10 @@ class Generation:
         """Every token arrived but the worker died before saying so: finish the stream here."""
         usage = Usage(prompt_tokens=prompt_tokens(self.request), completion_tokens=len(self._delivered))
         common = {"request_id": self.request.request_id, "attempt": self.request.attempt}
-        return [Tokens(**common, seq=0, choices=[ChoiceDelta(index=0, finish_reason=FinishReason.LENGTH)]),
-                End(**common, seq=1, usage=usage)]
+        return [
+            Tokens(**common, seq=0, choices=[ChoiceDelta(index=0, finish_reason=FinishReason.LENGTH)]),
+            End(**common, seq=1, usage=usage),
+        ]
 
     async def _resubmit(self) -> None:
         previous = self.request
@@ -249,8 +261,9 @@ class Generation:
             await asyncio.shield(self._port.cancel(self.request.request_id, self.request.attempt))
         if self._reservation is not None:
             # What the worker reported, else what we know it spent (the prompt and the tokens delivered).
-            used = self._usage or Usage(prompt_tokens=prompt_tokens(self.request),
-                                        completion_tokens=len(self._delivered))
+            used = self._usage or Usage(
+                prompt_tokens=prompt_tokens(self.request), completion_tokens=len(self._delivered)
+            )
             reservation, self._reservation = self._reservation, None
             await asyncio.shield(reservation.settle(used.prompt_tokens + used.completion_tokens))
 

@@ -20,8 +20,9 @@ def heartbeat_interval(queue: JobQueue) -> float:
     return max(0.5, min(queue.ack_wait_s / 3, 2.0))
 
 
-async def pull_tickets(queue: JobQueue, handle: Callable[[Msg], Awaitable[None]], running: set[asyncio.Task],
-                       max_running: int, name: str) -> None:
+async def pull_tickets(
+    queue: JobQueue, handle: Callable[[Msg], Awaitable[None]], running: set[asyncio.Task], max_running: int, name: str
+) -> None:
     """Forever: fetch the next ticket when fewer than `max_running` are handled, and handle it in a task kept
     in `running` (so the owner can cancel them all)."""
     while True:

@@ -22,6 +22,7 @@ def run_api(settings: Settings) -> int | None:
         # EXIT_CONFIG tells `inferq serve` (and systemd's RestartPreventExitStatus) not to start us again as is.
         log.critical("api.unsafe_bind", reason=str(exc))
         return EXIT_CONFIG
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                timeout_graceful_shutdown=10)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=10
+    )
     return None

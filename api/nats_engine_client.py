@@ -29,8 +29,14 @@ class NatsEngineClient:
     """Submits to a model's queue. `lane=Lane.BATCH` is for background work (the batch runner): its requests go
     to the lane workers pull only when no interactive request waits, at a lower priority inside the worker."""
 
-    def __init__(self, nc: NatsClient, router: EventRouter, timeouts: Timeouts, lane: Lane = Lane.INTERACTIVE,
-                 drain: DrainGauge | None = None):
+    def __init__(
+        self,
+        nc: NatsClient,
+        router: EventRouter,
+        timeouts: Timeouts,
+        lane: Lane = Lane.INTERACTIVE,
+        drain: DrainGauge | None = None,
+    ):
         self._nc = nc
         self._js = nc.jetstream()
         self._drain = drain or DrainGauge(self._js)  # shared by all variants: its samples span requests
@@ -66,8 +72,9 @@ class NatsEngineClient:
             return None
         if request.request_id not in self._message_keys:
             count = len(self._message_keys)
-            self._message_keys[request.request_id] = (f"{self._idempotency_key}/{count}" if count
-                                                      else self._idempotency_key)
+            self._message_keys[request.request_id] = (
+                f"{self._idempotency_key}/{count}" if count else self._idempotency_key
+            )
         return self._message_keys[request.request_id]
 
     def reply_subject(self, request_id: str) -> str:
@@ -126,8 +133,9 @@ class NatsEngineClient:
         """Queue the request; False if the queue already had it (a duplicate of the same submission)."""
         try:
             # The current span (the HTTP request's) travels in the headers: the worker's spans join its trace.
-            return await publish_request(self._js, request, idempotency_key=self._message_key(request),
-                                         lane=self._lane, headers=trace_headers())
+            return await publish_request(
+                self._js, request, idempotency_key=self._message_key(request), lane=self._lane, headers=trace_headers()
+            )
         except QueueFull as exc:
             raise broker_error(exc, retry_after=await self._drain_time(request.model)) from exc
         except BrokerError as exc:

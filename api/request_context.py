@@ -29,10 +29,15 @@ class RequestContextMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
-        with self.tracer.start_as_current_span(
-            f"{method} {scope['path']}", context=extract_context(headers), kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "url.path": scope["path"]},
-        ) as span, structlog.contextvars.bound_contextvars(trace_id=trace_id_of()):
+        with (
+            self.tracer.start_as_current_span(
+                f"{method} {scope['path']}",
+                context=extract_context(headers),
+                kind=SpanKind.SERVER,
+                attributes={"http.request.method": method, "url.path": scope["path"]},
+            ) as span,
+            structlog.contextvars.bound_contextvars(trace_id=trace_id_of()),
+        ):
             try:
                 await self.app(scope, receive, send_noting_status)
             finally:

@@ -42,8 +42,13 @@ class EventIds:
     after: int = -1
 
 
-async def sse_frames(chunks: AsyncIterator[dict], *, done: bool = True, error_event: ErrorEvent = api_error_body,
-                     event_ids: EventIds | None = None) -> AsyncIterator[str]:
+async def sse_frames(
+    chunks: AsyncIterator[dict],
+    *,
+    done: bool = True,
+    error_event: ErrorEvent = api_error_body,
+    event_ids: EventIds | None = None,
+) -> AsyncIterator[str]:
     """Frame chunk objects; a failure after headers were sent becomes an error event (status stays 200)."""
     try:
         index = -1
@@ -59,8 +64,13 @@ async def sse_frames(chunks: AsyncIterator[dict], *, done: bool = True, error_ev
         yield sse_data(DONE)
 
 
-def sse_response(chunks: AsyncIterator[dict], *, done: bool = True, error_event: ErrorEvent = api_error_body,
-                 event_ids: EventIds | None = None) -> StreamingResponse:
+def sse_response(
+    chunks: AsyncIterator[dict],
+    *,
+    done: bool = True,
+    error_event: ErrorEvent = api_error_body,
+    event_ids: EventIds | None = None,
+) -> StreamingResponse:
     """`done=False` for protocols without the OpenAI terminator (Aleph Alpha's stream has none)."""
     return StreamingResponse(
         sse_frames(chunks, done=done, error_event=error_event, event_ids=event_ids),
@@ -159,8 +169,9 @@ def _request_object(message: str | bytes, max_bytes: int) -> dict:
     try:
         payload = json.loads(message)
     except ValueError as exc:  # not JSON, or not UTF-8
-        raise ApiError(ErrorCode.INVALID_REQUEST,
-                       "the message is not valid JSON: send one request object per message") from exc
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST, "the message is not valid JSON: send one request object per message"
+        ) from exc
     if not isinstance(payload, dict):
         raise ApiError(ErrorCode.INVALID_REQUEST, "the message must be a JSON object (a request body)")
     return payload

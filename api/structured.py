@@ -30,44 +30,60 @@ from contracts.grammar import grammar_for, parser_limits
 # counters; the wall time is checked after the fact as a backstop.
 MAX_COMPILE_SECONDS = 0.5
 
-_WHAT = {"json_schema": "JSON schema", "json_object": "JSON object", "regex": "regex", "choice": "choice",
-         "grammar": "grammar"}
+_WHAT = {
+    "json_schema": "JSON schema",
+    "json_object": "JSON object",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+}
 
 
 def _explain(constraint: Constraint, error: str) -> str:
     error = error.strip()
     if isinstance(constraint, JsonSchemaConstraint) and "Unimplemented keys" in error:
         # llguidance names the keywords: `Unimplemented keys: ["unevaluatedProperties"]`.
-        return (f"the JSON schema uses keywords that structured outputs cannot enforce ({error}); remove them, or "
-                "set strict to false to have them ignored")
+        return (
+            f"the JSON schema uses keywords that structured outputs cannot enforce ({error}); remove them, or "
+            "set strict to false to have them ignored"
+        )
     if isinstance(constraint, GrammarConstraint):
         return f"the grammar is invalid (Lark syntax with a `start` rule, or GBNF with a `root` rule): {error}"
     return f"the {_WHAT[constraint.type]} is invalid: {error}"
 
 
-def validate_constraint(constraint: Constraint, *, param: str | None = None,
-                        tokenizer: llguidance.LLTokenizer | None = None) -> None:
+def validate_constraint(
+    constraint: Constraint, *, param: str | None = None, tokenizer: llguidance.LLTokenizer | None = None
+) -> None:
     """Raise ApiError(invalid_request) naming the problem, with `param` as the field that held the constraint.
     `tokenizer`: the model's llguidance tokenizer when the edge has one (adds token-level checks)."""
     started = time.perf_counter()
     try:
         grammar = grammar_for(constraint)
     except ValueError as exc:
-        raise ApiError(ErrorCode.INVALID_REQUEST, f"{param or 'constraint'}: {_explain(constraint, str(exc))}",
-                       param=param) from exc
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST, f"{param or 'constraint'}: {_explain(constraint, str(exc))}", param=param
+        ) from exc
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer, limits=parser_limits())
     if is_error:
-        raise ApiError(ErrorCode.INVALID_REQUEST, f"{param or 'constraint'}: {_explain(constraint, messages[0])}",
-                       param=param)
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST, f"{param or 'constraint'}: {_explain(constraint, messages[0])}", param=param
+        )
     if isinstance(constraint, GrammarConstraint) and (stuck := unproductive_rules(any_to_lark(constraint.grammar))):
-        raise ApiError(ErrorCode.INVALID_REQUEST,
-                       f"{param or 'constraint'}: the grammar can never finish: every alternative of the rules "
-                       f"{', '.join(stuck)} needs one of them again; give one an alternative that ends", param=param)
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST,
+            f"{param or 'constraint'}: the grammar can never finish: every alternative of the rules "
+            f"{', '.join(stuck)} needs one of them again; give one an alternative that ends",
+            param=param,
+        )
     elapsed = time.perf_counter() - started
     if elapsed > MAX_COMPILE_SECONDS:
-        raise ApiError(ErrorCode.INVALID_REQUEST,
-                       f"{param or 'constraint'}: the {_WHAT[constraint.type]} is too complex (compiling it took "
-                       f"{elapsed:.2f} s, the limit is {MAX_COMPILE_SECONDS} s); simplify it", param=param)
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST,
+            f"{param or 'constraint'}: the {_WHAT[constraint.type]} is too complex (compiling it took "
+            f"{elapsed:.2f} s, the limit is {MAX_COMPILE_SECONDS} s); simplify it",
+            param=param,
+        )
 
 
 async def check_before_queueing(constraint: Constraint | None, param: str) -> None:

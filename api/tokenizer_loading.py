@@ -28,8 +28,12 @@ def load_tokenizer(directory: Path):
     cls = getattr(transformers, name, None) if name and name.endswith(_CLASS_SUFFIXES) else None
     if isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerBase):
         return cls.from_pretrained(directory)
-    log.warning("tokenizer.auto_fallback", directory=str(directory), tokenizer_class=name,
-                detail="AutoTokenizer imports torch and the model config code into the api process")
+    log.warning(
+        "tokenizer.auto_fallback",
+        directory=str(directory),
+        tokenizer_class=name,
+        detail="AutoTokenizer imports torch and the model config code into the api process",
+    )
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(directory)

@@ -72,8 +72,9 @@ class AccountStore:
 
     async def add_token(self, record: LoginTokenRecord, ttl_s: float) -> None:
         # The per-message TTL only collects expired tokens; validity is checked against expires_at.
-        await self._kv.create(subjects.login_token_key(record.user_id, record.token_id), record.to_bytes(),
-                              msg_ttl=max(1, int(ttl_s)))
+        await self._kv.create(
+            subjects.login_token_key(record.user_id, record.token_id), record.to_bytes(), msg_ttl=max(1, int(ttl_s))
+        )
 
     async def get_token(self, user_id: str, token_id: str) -> LoginTokenRecord | None:
         return await self._get(subjects.login_token_key(user_id, token_id), LoginTokenRecord)

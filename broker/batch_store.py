@@ -115,8 +115,12 @@ class QueueNames:
     ticket: Callable[[str], bytes]  # a job id as the ticket's body
 
 
-BATCH_QUEUE = QueueNames(subjects.BATCH_JOB_SUBJECT, subjects.BATCH_JOB_STREAM, subjects.BATCH_JOB_CONSUMER,
-                         lambda batch_id: BatchTicket(batch_id=batch_id).to_bytes())
+BATCH_QUEUE = QueueNames(
+    subjects.BATCH_JOB_SUBJECT,
+    subjects.BATCH_JOB_STREAM,
+    subjects.BATCH_JOB_CONSUMER,
+    lambda batch_id: BatchTicket(batch_id=batch_id).to_bytes(),
+)
 
 
 class JobQueue:
@@ -131,8 +135,9 @@ class JobQueue:
     async def publish(self, job_id: str) -> bool:
         """Queue the job's ticket; False if one was queued already (within the stream's duplicate window)."""
         with as_broker_errors():
-            ack = await self._js.publish(self._names.subject, self._names.ticket(job_id), timeout=2.0,
-                                         headers={MSG_ID_HEADER: job_id})
+            ack = await self._js.publish(
+                self._names.subject, self._names.ticket(job_id), timeout=2.0, headers={MSG_ID_HEADER: job_id}
+            )
         return not ack.duplicate
 
     async def fetch(self, timeout: float = 1.0) -> Msg | None:

@@ -40,17 +40,25 @@ class NatsAuth:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NatsAuth:
-        return cls(settings.nats_user, settings.nats_password, settings.nats_nkey_file, settings.nats_creds_file,
-                   settings.nats_inbox_prefix, settings.nats_tls_ca_file, settings.nats_tls_cert_file,
-                   settings.nats_tls_key_file)
+        return cls(
+            settings.nats_user,
+            settings.nats_password,
+            settings.nats_nkey_file,
+            settings.nats_creds_file,
+            settings.nats_inbox_prefix,
+            settings.nats_tls_ca_file,
+            settings.nats_tls_cert_file,
+            settings.nats_tls_key_file,
+        )
 
     def tls_context(self) -> ssl.SSLContext | None:
         """A verifying client context (the server's certificate must chain to `tls_ca_file`, else the system's
         CAs, and match its host name), with our certificate if one is set; None: plain TCP."""
         if self.tls_ca_file is None and self.tls_cert_file is None:
             return None
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                             cafile=str(self.tls_ca_file) if self.tls_ca_file else None)
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(self.tls_ca_file) if self.tls_ca_file else None
+        )
         if self.tls_cert_file is not None:
             context.load_cert_chain(str(self.tls_cert_file), str(self.tls_key_file) if self.tls_key_file else None)
         return context

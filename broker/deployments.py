@@ -40,11 +40,20 @@ __all__ = ["DeploymentBus", "DeploymentStore", "ensure_deployments"]
 async def ensure_deployments(js: JetStreamContext, log_history: int, replicas: int = 1) -> KeyValue:
     """The records bucket (file storage: deployments outlive restarts) and the log stream keeping the last
     `log_history` lines of each deployment."""
-    await _stream(js, StreamConfig(
-        name=subjects.DEPLOY_LOG_STREAM, subjects=[subjects.DEPLOY_LOG_WILDCARD], storage=StorageType.FILE,
-        max_msgs_per_subject=log_history, max_age=_LOG_MAX_AGE_S, num_replicas=replicas))
-    return await _key_value(js, KeyValueConfig(bucket=subjects.DEPLOYMENTS_BUCKET, history=5,
-                                               storage=StorageType.FILE, replicas=replicas))
+    await _stream(
+        js,
+        StreamConfig(
+            name=subjects.DEPLOY_LOG_STREAM,
+            subjects=[subjects.DEPLOY_LOG_WILDCARD],
+            storage=StorageType.FILE,
+            max_msgs_per_subject=log_history,
+            max_age=_LOG_MAX_AGE_S,
+            num_replicas=replicas,
+        ),
+    )
+    return await _key_value(
+        js, KeyValueConfig(bucket=subjects.DEPLOYMENTS_BUCKET, history=5, storage=StorageType.FILE, replicas=replicas)
+    )
 
 
 class DeploymentStore(CasRecords[Deployment]):
@@ -70,8 +79,9 @@ class DeploymentBus:
 
     async def stop(self, deployment_id: str, timeout_s: float) -> AgentReply | None:
         """Ask the agent holding the deployment to stop it; None when no agent holds it."""
-        return await self._request(subjects.deploy_stop_subject(deployment_id),
-                                   StopCommand(deployment_id=deployment_id).to_bytes(), timeout_s)
+        return await self._request(
+            subjects.deploy_stop_subject(deployment_id), StopCommand(deployment_id=deployment_id).to_bytes(), timeout_s
+        )
 
     async def stats(self, deployment_id: str, timeout_s: float) -> ProcessStats | None:
         try:
@@ -85,8 +95,9 @@ class DeploymentBus:
 
     async def log_lines(self, deployment_id: str) -> AsyncIterator[LogLine]:
         """The kept history of the deployment's output, then live lines, until the caller stops iterating."""
-        sub = await self._nc.jetstream().subscribe(subjects.deploy_log_subject(deployment_id),
-                                                   ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+        sub = await self._nc.jetstream().subscribe(
+            subjects.deploy_log_subject(deployment_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
         try:
             async for msg in sub.messages:
                 try:

@@ -209,15 +209,16 @@ class EmbeddedNatsServer:
             "jetstream {\n"
             f"  max_memory_store: {self.max_memory_store}\n"
             f"  max_file_store: {self.max_file_store}\n"
-            "}\n"
-            + self._authorization_text()
+            "}\n" + self._authorization_text()
         )
 
     def _authorization_text(self) -> str:
         if self.auth is None or self.auth.user is None:
             return ""
-        return (f"authorization {{\n  user: {json.dumps(self.auth.user)}\n"
-                f"  password: {json.dumps(self.auth.password or '')}\n}}\n")
+        return (
+            f"authorization {{\n  user: {json.dumps(self.auth.user)}\n"
+            f"  password: {json.dumps(self.auth.password or '')}\n}}\n"
+        )
 
     def _await_ready(self, ports_dir: Path, *, deadline: float) -> None:
         ports = self._read_ports_file(ports_dir, deadline)
@@ -298,8 +299,9 @@ def run_foreground(settings: Settings) -> int:
     host, port = listen_address(settings.nats_url)
     stop = threading.Event()
     with stop_on_signals(stop):
-        server = EmbeddedNatsServer(settings.nats_store_dir, host=host, port=port, die_with_parent=True,
-                                    auth=NatsAuth.from_settings(settings))
+        server = EmbeddedNatsServer(
+            settings.nats_store_dir, host=host, port=port, die_with_parent=True, auth=NatsAuth.from_settings(settings)
+        )
         try:
             server.start()
         except NatsServerError as exc:

@@ -29,8 +29,9 @@ async def publish_event(nc: NatsClient, reply_subject: str, event: Event) -> Non
         await nc.publish(reply_subject, event.to_bytes())
 
 
-async def publish_cancel(nc: NatsClient, request_id: str, reason: str = "client disconnected",
-                         up_to_attempt: int | None = None) -> None:
+async def publish_cancel(
+    nc: NatsClient, request_id: str, reason: str = "client disconnected", up_to_attempt: int | None = None
+) -> None:
     cancel = CancelRequest(request_id=request_id, reason=reason, up_to_attempt=up_to_attempt)
     await nc.publish(subjects.cancel_subject(request_id), cancel.to_bytes())
 
@@ -57,8 +58,11 @@ class EventRouter:
 
     async def start(self) -> None:
         for journaled in (True, False):
-            self._subs.append(await self._nc.subscribe(subjects.token_wildcard(self.edge_id, journaled=journaled),
-                                                       cb=self._on_message))
+            self._subs.append(
+                await self._nc.subscribe(
+                    subjects.token_wildcard(self.edge_id, journaled=journaled), cb=self._on_message
+                )
+            )
         await self._nc.flush()
 
     async def stop(self) -> None:

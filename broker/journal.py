@@ -45,8 +45,12 @@ class JournalFollower:
     async def start(self) -> JournalFollower:
         try:
             self._sub = await self._js.subscribe(
-                subjects.journal_filter(self.request_id), stream=subjects.JOURNAL_STREAM, cb=self._on_message,
-                ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+                subjects.journal_filter(self.request_id),
+                stream=subjects.JOURNAL_STREAM,
+                cb=self._on_message,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+            )
         except (TimeoutError, jse.Error) as exc:
             raise BrokerUnavailable(f"the token journal cannot be read: {exc}") from exc
         return self

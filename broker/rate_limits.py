@@ -53,8 +53,7 @@ def current(windows: UsageWindows, now: float) -> UsageWindows:
     return windows.model_copy(update=update) if update else windows
 
 
-def admit(windows: UsageWindows, limits: RateLimits, now: float, *, requests: int = 0,
-          tokens: int = 0) -> Verdict:
+def admit(windows: UsageWindows, limits: RateLimits, now: float, *, requests: int = 0, tokens: int = 0) -> Verdict:
     """Count `requests` and `tokens` if every limit still has room for them, else refuse and say until when."""
     w = current(windows, now)
     minute_left = (w.minute + 1) * MINUTE_S - now
@@ -67,11 +66,16 @@ def admit(windows: UsageWindows, limits: RateLimits, now: float, *, requests: in
     for limit, used, wanted, left, what in checks:
         if limit is not None and wanted and used + wanted > limit:
             return Verdict(False, w, retry_after_s=left, reason=f"{limit} {what}")
-    return Verdict(True, w.model_copy(update={
-        "minute_requests": w.minute_requests + requests,
-        "minute_tokens": w.minute_tokens + tokens,
-        "day_requests": w.day_requests + requests,
-    }))
+    return Verdict(
+        True,
+        w.model_copy(
+            update={
+                "minute_requests": w.minute_requests + requests,
+                "minute_tokens": w.minute_tokens + tokens,
+                "day_requests": w.day_requests + requests,
+            }
+        ),
+    )
 
 
 def adjust(windows: UsageWindows, now: float, *, minute: int, tokens: int) -> UsageWindows:
@@ -91,11 +95,20 @@ class RateLimiter:
     async def open(cls, js: JetStreamContext, replicas: int = 1) -> RateLimiter:
         return cls(await ensure_rate_limits(js, replicas))
 
-    async def admit(self, owner: str, limits: RateLimits, now: float, *, requests: int = 0,
-                    tokens: int = 0, minute_only: bool = False) -> Verdict:
+    async def admit(
+        self,
+        owner: str,
+        limits: RateLimits,
+        now: float,
+        *,
+        requests: int = 0,
+        tokens: int = 0,
+        minute_only: bool = False,
+    ) -> Verdict:
         """Atomically count the request/tokens against `owner`'s windows, or refuse without counting.
         `minute_only`: the entry is needed only for the current minute, so it expires when the minute ends
         (anything counted by a name anyone may make up, such as a login email, leaves nothing behind)."""
+
         def decide(windows: UsageWindows) -> tuple[UsageWindows | None, Verdict]:
             verdict = admit(windows, limits, now, requests=requests, tokens=tokens)
             return (verdict.windows if verdict.allowed else None), verdict
@@ -119,8 +132,9 @@ class RateLimiter:
         found = await kv.read(self._kv, key)
         return (UsageWindows(), 0) if found is None else (UsageWindows.from_bytes(found[0]), found[1])
 
-    async def _transact(self, owner: str, decide: Callable[[UsageWindows], tuple[UsageWindows | None, T]],
-                        ttl_s: float | None = None) -> T:
+    async def _transact(
+        self, owner: str, decide: Callable[[UsageWindows], tuple[UsageWindows | None, T]], ttl_s: float | None = None
+    ) -> T:
         """Read, decide, write expecting the revision read; on a lost race read again. `decide` returns the
         windows to store (None: nothing to write) and the result. `ttl_s`: the entry expires that long after the
         write (a per-message TTL)."""

@@ -20,8 +20,9 @@ from broker.topology import ensure_response_jobs, ensure_response_storage
 from broker.work_queue import MSG_ID_HEADER
 from contracts.responses import StoredResponse
 
-RESPONSE_QUEUE = QueueNames(subjects.RESPONSE_JOB_SUBJECT, subjects.RESPONSE_JOB_STREAM,
-                            subjects.RESPONSE_JOB_CONSUMER, str.encode)
+RESPONSE_QUEUE = QueueNames(
+    subjects.RESPONSE_JOB_SUBJECT, subjects.RESPONSE_JOB_STREAM, subjects.RESPONSE_JOB_CONSUMER, str.encode
+)
 
 
 class ResponseStore(CasRecords[StoredResponse]):
@@ -46,15 +47,19 @@ class ResponseStore(CasRecords[StoredResponse]):
     async def delete(self, response_id: str) -> None:
         with as_broker_errors():
             await self._kv.delete(subjects.response_key(response_id))
-            await self._js.purge_stream(subjects.RESPONSE_EVENTS_STREAM,
-                                        subject=subjects.response_events_subject(response_id))
+            await self._js.purge_stream(
+                subjects.RESPONSE_EVENTS_STREAM, subject=subjects.response_events_subject(response_id)
+            )
 
     async def publish_event(self, response_id: str, event: dict[str, Any]) -> None:
         """Append one event (its `sequence_number` set) to the response's log; a re-publish of the same number
         (a runner that took over re-sending) is dropped by the stream's duplicate window."""
         with as_broker_errors():
-            await self._js.publish(subjects.response_events_subject(response_id), json.dumps(event).encode(),
-                                   headers={MSG_ID_HEADER: f"{response_id}/{event['sequence_number']}"})
+            await self._js.publish(
+                subjects.response_events_subject(response_id),
+                json.dumps(event).encode(),
+                headers={MSG_ID_HEADER: f"{response_id}/{event['sequence_number']}"},
+            )
 
     async def logged(self, response_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The first logged event (`response.created`) and the last one, or None if none is logged."""
@@ -69,8 +74,9 @@ class ResponseStore(CasRecords[StoredResponse]):
 
     async def events(self, response_id: str) -> AsyncIterator[dict[str, Any]]:
         """The response's logged events from the first, then live ones, until the caller stops iterating."""
-        sub = await self._js.subscribe(subjects.response_events_subject(response_id), ordered_consumer=True,
-                                       deliver_policy=DeliverPolicy.ALL)
+        sub = await self._js.subscribe(
+            subjects.response_events_subject(response_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
         try:
             async for msg in sub.messages:
                 yield json.loads(msg.data)

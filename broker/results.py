@@ -48,9 +48,17 @@ async def read_result(js: JetStreamContext, reply_subject: str, wait_s: float = 
     # A named consumer filtered on the subject: its create request names the filter, so NATS permissions can
     # confine a publisher to reading its own results namespace.
     name = f"read_{uuid.uuid4().hex[:16]}"
-    await js.add_consumer(subjects.RESULTS_STREAM, ConsumerConfig(
-        name=name, filter_subject=reply_subject, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
-        inactive_threshold=_ABANDONED_S, mem_storage=True))
+    await js.add_consumer(
+        subjects.RESULTS_STREAM,
+        ConsumerConfig(
+            name=name,
+            filter_subject=reply_subject,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=_ABANDONED_S,
+            mem_storage=True,
+        ),
+    )
     try:
         sub = await js.pull_subscribe_bind(name, stream=subjects.RESULTS_STREAM)
         while not result.finished:

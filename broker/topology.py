@@ -49,14 +49,15 @@ async def ensure_request_queue(js: JetStreamContext, model_id: str, limits: Queu
     """The model's work queues, each with one durable pull consumer shared by every worker of the model: the
     interactive queue and the batch lane (pulled only when the interactive queue is empty). The lane has its own
     cap, so a large batch never makes interactive requests see a full queue."""
-    for stream_name, subject in ((subjects.request_stream(model_id), subjects.request_subject(model_id)),
-                                 (subjects.batch_stream(model_id), subjects.batch_subject(model_id))):
+    for stream_name, subject in (
+        (subjects.request_stream(model_id), subjects.request_subject(model_id)),
+        (subjects.batch_stream(model_id), subjects.batch_subject(model_id)),
+    ):
         await _ensure_work_queue(js, stream_name, subject, model_id, limits)
     log.debug("topology.request_queue_ready", model=model_id)
 
 
-async def _ensure_work_queue(js: JetStreamContext, name: str, subject: str, model_id: str,
-                             limits: QueueLimits) -> None:
+async def _ensure_work_queue(js: JetStreamContext, name: str, subject: str, model_id: str, limits: QueueLimits) -> None:
     stream = StreamConfig(
         name=name,
         subjects=[subject],
@@ -128,8 +129,9 @@ async def _object_store(js: JetStreamContext, name: str, replicas: int):
     try:
         store = await js.object_store(name)
     except jse.BucketNotFoundError:
-        store = await js.create_object_store(name, config=ObjectStoreConfig(storage=StorageType.FILE,
-                                                                            replicas=replicas))
+        store = await js.create_object_store(
+            name, config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas)
+        )
     await _await_leader(js, f"OBJ_{name}")
     return store
 
@@ -145,8 +147,9 @@ async def _await_leader(js: JetStreamContext, stream_name: str) -> None:
             # Created an instant ago by another process: the node answering may not have applied it yet (seen
             # by the chaos run when two api replicas start at once on a 3-node cluster).
             info = None
-        if info is not None and ((info.config.num_replicas or 1) <= 1
-                                 or (info.cluster is not None and info.cluster.leader)):
+        if info is not None and (
+            (info.config.num_replicas or 1) <= 1 or (info.cluster is not None and info.cluster.leader)
+        ):
             return
         if time.monotonic() > deadline:
             raise BrokerUnavailable(f"stream {stream_name} has no leader after {_LEADER_WAIT_S:g} s")
@@ -155,21 +158,30 @@ async def _await_leader(js: JetStreamContext, stream_name: str) -> None:
 
 async def ensure_registry(js: JetStreamContext, ttl_s: float, replicas: int = 1):
     """KV bucket of live workers: each entry expires `ttl_s` after the worker's last heartbeat."""
-    return await _key_value(js, KeyValueConfig(bucket=subjects.REGISTRY_BUCKET, history=1, ttl=ttl_s,
-                                               storage=StorageType.MEMORY, replicas=replicas))
+    return await _key_value(
+        js,
+        KeyValueConfig(
+            bucket=subjects.REGISTRY_BUCKET, history=1, ttl=ttl_s, storage=StorageType.MEMORY, replicas=replicas
+        ),
+    )
 
 
 async def ensure_accounts(js: JetStreamContext, replicas: int = 1):
     """KV bucket of users, API keys and login tokens (hashes only). File storage: accounts survive restarts."""
-    return await _key_value(js, KeyValueConfig(bucket=subjects.ACCOUNTS_BUCKET, history=1, storage=StorageType.FILE,
-                                               replicas=replicas))
+    return await _key_value(
+        js, KeyValueConfig(bucket=subjects.ACCOUNTS_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas)
+    )
 
 
 async def ensure_rate_limits(js: JetStreamContext, replicas: int = 1):
     """KV bucket of per-owner usage windows, updated by compare-and-swap from every API replica. An entry nobody
     touched for two days only holds finished windows, so the bucket TTL collects it."""
-    return await _key_value(js, KeyValueConfig(bucket=subjects.RATE_LIMIT_BUCKET, history=1, ttl=_TWO_DAYS_S,
-                                               storage=StorageType.FILE, replicas=replicas))
+    return await _key_value(
+        js,
+        KeyValueConfig(
+            bucket=subjects.RATE_LIMIT_BUCKET, history=1, ttl=_TWO_DAYS_S, storage=StorageType.FILE, replicas=replicas
+        ),
+    )
 
 
 async def ensure_artifacts(js: JetStreamContext, replicas: int = 1):
@@ -180,6 +192,7 @@ async def ensure_artifacts(js: JetStreamContext, replicas: int = 1):
 async def ensure_batch_storage(js: JetStreamContext, replicas: int = 1):
     """KV buckets for file records, batch jobs and line results, and the object store for file contents; all
     file-backed (a batch survives any restart). Returns (files, file_data, batches, results)."""
+
     def bucket(name: str, history: int = 1) -> KeyValueConfig:
         return KeyValueConfig(bucket=name, history=history, storage=StorageType.FILE, replicas=replicas)
 
@@ -193,11 +206,19 @@ async def ensure_batch_storage(js: JetStreamContext, replicas: int = 1):
 async def ensure_response_storage(js: JetStreamContext, replicas: int = 1):
     """The KV bucket of stored responses (file-backed, compare-and-swap updates) and the stream of background
     responses' events (kept until the response is deleted). Returns the bucket."""
-    responses = await _key_value(js, KeyValueConfig(bucket=subjects.RESPONSES_BUCKET, history=1,
-                                                    storage=StorageType.FILE, replicas=replicas))
-    await _stream(js, StreamConfig(
-        name=subjects.RESPONSE_EVENTS_STREAM, subjects=[subjects.RESPONSE_EVENTS_WILDCARD],
-        retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, num_replicas=replicas))
+    responses = await _key_value(
+        js, KeyValueConfig(bucket=subjects.RESPONSES_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas)
+    )
+    await _stream(
+        js,
+        StreamConfig(
+            name=subjects.RESPONSE_EVENTS_STREAM,
+            subjects=[subjects.RESPONSE_EVENTS_WILDCARD],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+        ),
+    )
     return responses
 
 
@@ -206,34 +227,64 @@ async def ensure_batch_jobs(js: JetStreamContext, ack_wait_s: float, replicas: i
     runner. A runner heartbeats its ticket (in_progress) and acks only once the batch is in a final state, so
     a dead runner's batch goes to another after `ack_wait_s`; tickets are never dropped (no max_deliver). The
     duplicate window is long so that the orphan sweep can re-queue any batch's ticket without doubling it."""
-    await _job_queue(js, subjects.BATCH_JOB_STREAM, subjects.BATCH_JOB_SUBJECT, subjects.BATCH_JOB_CONSUMER,
-                     ack_wait_s, replicas)
+    await _job_queue(
+        js, subjects.BATCH_JOB_STREAM, subjects.BATCH_JOB_SUBJECT, subjects.BATCH_JOB_CONSUMER, ack_wait_s, replicas
+    )
 
 
 async def ensure_response_jobs(js: JetStreamContext, ack_wait_s: float, replicas: int = 1) -> None:
     """The queue of background responses to run: as the batch job queue (a dead runner's response goes to
     another after `ack_wait_s`)."""
-    await _job_queue(js, subjects.RESPONSE_JOB_STREAM, subjects.RESPONSE_JOB_SUBJECT,
-                     subjects.RESPONSE_JOB_CONSUMER, ack_wait_s, replicas)
+    await _job_queue(
+        js,
+        subjects.RESPONSE_JOB_STREAM,
+        subjects.RESPONSE_JOB_SUBJECT,
+        subjects.RESPONSE_JOB_CONSUMER,
+        ack_wait_s,
+        replicas,
+    )
 
 
-async def _job_queue(js: JetStreamContext, name: str, subject: str, consumer: str, ack_wait_s: float,
-                     replicas: int) -> None:
-    stream = StreamConfig(name=name, subjects=[subject], retention=RetentionPolicy.WORK_QUEUE,
-                          storage=StorageType.FILE, duplicate_window=_TWO_DAYS_S, num_replicas=replicas)
+async def _job_queue(
+    js: JetStreamContext, name: str, subject: str, consumer: str, ack_wait_s: float, replicas: int
+) -> None:
+    stream = StreamConfig(
+        name=name,
+        subjects=[subject],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        duplicate_window=_TWO_DAYS_S,
+        num_replicas=replicas,
+    )
     await _stream(js, stream)
-    await js.add_consumer(stream.name, ConsumerConfig(
-        durable_name=consumer, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s, max_deliver=-1,
-        max_ack_pending=10_000))
+    await js.add_consumer(
+        stream.name,
+        ConsumerConfig(
+            durable_name=consumer,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=10_000,
+        ),
+    )
 
 
 async def ensure_results_stream(js: JetStreamContext, max_age_s: float, max_bytes: int, replicas: int = 1) -> None:
     """Durable replies of fire-and-forget publishers (subjects.RESULTS_WILDCARD), kept `max_age_s`; when full
     the oldest results go first, so a publisher that never reads cannot block anyone else's."""
-    await _stream(js, StreamConfig(
-        name=subjects.RESULTS_STREAM, subjects=[subjects.RESULTS_WILDCARD], retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE, max_age=max_age_s, max_bytes=max_bytes, discard=DiscardPolicy.OLD,
-        num_replicas=replicas))
+    await _stream(
+        js,
+        StreamConfig(
+            name=subjects.RESULTS_STREAM,
+            subjects=[subjects.RESULTS_WILDCARD],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=max_age_s,
+            max_bytes=max_bytes,
+            discard=DiscardPolicy.OLD,
+            num_replicas=replicas,
+        ),
+    )
 
 
 _INSUFFICIENT_RESOURCES = 10028
@@ -246,14 +297,27 @@ async def ensure_journal_stream(js: JetStreamContext, max_age_s: float, max_byte
     Returns False when the server has no memory to reserve for it: the edge serves on without replays (a
     resume is then a 404, a repeated Idempotency-Key a new request) rather than not at all."""
     try:
-        await _stream(js, StreamConfig(
-            name=subjects.JOURNAL_STREAM, subjects=[subjects.JOURNAL_WILDCARD], retention=RetentionPolicy.LIMITS,
-            storage=StorageType.MEMORY, max_age=max_age_s, max_bytes=max_bytes, discard=DiscardPolicy.OLD,
-            num_replicas=replicas))
+        await _stream(
+            js,
+            StreamConfig(
+                name=subjects.JOURNAL_STREAM,
+                subjects=[subjects.JOURNAL_WILDCARD],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.MEMORY,
+                max_age=max_age_s,
+                max_bytes=max_bytes,
+                discard=DiscardPolicy.OLD,
+                num_replicas=replicas,
+            ),
+        )
     except jse.APIError as exc:
         if exc.err_code != _INSUFFICIENT_RESOURCES:
             raise
-        log.warning("topology.journal_unavailable", max_bytes=max_bytes, error=exc.description,
-                    fix="raise the server's jetstream max_memory_store or lower INFERQ_JOURNAL_MAX_BYTES")
+        log.warning(
+            "topology.journal_unavailable",
+            max_bytes=max_bytes,
+            error=exc.description,
+            fix="raise the server's jetstream max_memory_store or lower INFERQ_JOURNAL_MAX_BYTES",
+        )
         return False
     return True

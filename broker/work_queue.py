@@ -119,8 +119,13 @@ def _publish_error(exc: Exception, model: str) -> Exception:
     if isinstance(exc, jse.NoStreamResponseError):
         # No stream answered: none exists for the model, or its leader is being re-elected.
         return _Passing(QueueMissing(f"no queue exists for model {model!r}"))
-    if isinstance(exc, TimeoutError | nats.errors.ConnectionClosedError | nats.errors.OutboundBufferLimitError
-                  | nats.errors.ConnectionReconnectingError):
+    if isinstance(
+        exc,
+        TimeoutError
+        | nats.errors.ConnectionClosedError
+        | nats.errors.OutboundBufferLimitError
+        | nats.errors.ConnectionReconnectingError,
+    ):
         return _Passing(BrokerUnavailable("NATS did not accept the request in time"))
     raise exc
 

@@ -17,41 +17,88 @@ DEFAULT_KV_CACHE_GIB = 2.0
 
 @dataclass(slots=True)
 class EngineConfig:
-    max_num_seqs: int = Field(default=64, ge=1, description=(
-        "Sequences decoded together (batch slots). A request with n (or best_of) choices uses that many."))
-    max_num_batched_tokens: int = Field(default=512, ge=1, description=(
-        "Token budget per engine step: decodes (1 token each, plus their draft tokens) and prefill chunks."))
-    max_model_len: int | None = Field(default=None, ge=2, description=(
-        "Cap on the context length; the model's own when unset."))
-    kv_cache_tokens: int | None = Field(default=None, ge=1, description=(
-        "KV capacity in tokens; unset: max_num_seqs x max_model_len, capped by kv_cache_gib and 40% of the "
-        "available memory (engine_worker/kv_budget.py, logged as kv_cache.sized). On a CPU it is committed as "
-        "sequences use it."))
-    kv_cache_gib: float = Field(default=DEFAULT_KV_CACHE_GIB, gt=0, description=(
-        "Memory cap for the derived default of kv_cache_tokens (2 GiB: ~93k tokens of SmolLM2-135M in bf16)."))
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description=(
-        "auto: bfloat16 on CUDA (float16 before Ampere) and on CPUs with native bf16 (avx512_bf16/AMX), else "
-        "float32. float32 is the correctness reference."))
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps.*|xpu.*)$",
-                        description="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    torch_threads: int | None = Field(default=None, ge=1, description=(
-        "torch intra-op threads (default: torch's; under `inferq serve`, one core is left to the api and NATS)."))
-    num_speculative_tokens: int = Field(default=4, ge=0, description=(
-        "N-gram speculative decoding: draft tokens guessed per sequence and step from its own text (0: off)."))
+    max_num_seqs: int = Field(
+        default=64,
+        ge=1,
+        description=("Sequences decoded together (batch slots). A request with n (or best_of) choices uses that many."),
+    )
+    max_num_batched_tokens: int = Field(
+        default=512,
+        ge=1,
+        description=(
+            "Token budget per engine step: decodes (1 token each, plus their draft tokens) and prefill chunks."
+        ),
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=2, description=("Cap on the context length; the model's own when unset.")
+    )
+    kv_cache_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "KV capacity in tokens; unset: max_num_seqs x max_model_len, capped by kv_cache_gib and 40% of the "
+            "available memory (engine_worker/kv_budget.py, logged as kv_cache.sized). On a CPU it is committed as "
+            "sequences use it."
+        ),
+    )
+    kv_cache_gib: float = Field(
+        default=DEFAULT_KV_CACHE_GIB,
+        gt=0,
+        description=(
+            "Memory cap for the derived default of kv_cache_tokens (2 GiB: ~93k tokens of SmolLM2-135M in bf16)."
+        ),
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description=(
+            "auto: bfloat16 on CUDA (float16 before Ampere) and on CPUs with native bf16 (avx512_bf16/AMX), else "
+            "float32. float32 is the correctness reference."
+        ),
+    )
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?|mps.*|xpu.*)$",
+        description="auto (cuda if available), cpu, cuda, cuda:1, ...",
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "torch intra-op threads (default: torch's; under `inferq serve`, one core is left to the api and NATS)."
+        ),
+    )
+    num_speculative_tokens: int = Field(
+        default=4,
+        ge=0,
+        description=(
+            "N-gram speculative decoding: draft tokens guessed per sequence and step from its own text (0: off)."
+        ),
+    )
     prompt_lookup_min: int = Field(default=2, ge=1, description="Shortest n-gram the draft proposer matches.")
     prompt_lookup_max: int = Field(default=4, ge=1, description="Longest n-gram the draft proposer matches.")
-    speculative_max_rows: int = Field(default=16, ge=2, description=(
-        "Draft only while a step's decodes plus their drafts fit in this many rows: each decode gets up to "
-        "`speculative_max_rows // decodes - 1` drafts, so speculation fades out as the batch grows (at a large "
-        "batch the GEMMs are compute-bound and a rejected draft costs a full row)."))
-    model_impl: Literal["auto", "fast", "generic"] = Field(default="auto", description=(
-        "Model path: auto (the fast llama-layout forward where it applies, else any transformers decoder through "
-        "its own layers with the engine's attention), fast, or generic (docs/models.md, runner_factory.py)."))
+    speculative_max_rows: int = Field(
+        default=16,
+        ge=2,
+        description=(
+            "Draft only while a step's decodes plus their drafts fit in this many rows: each decode gets up to "
+            "`speculative_max_rows // decodes - 1` drafts, so speculation fades out as the batch grows (at a large "
+            "batch the GEMMs are compute-bound and a rejected draft costs a full row)."
+        ),
+    )
+    model_impl: Literal["auto", "fast", "generic"] = Field(
+        default="auto",
+        description=(
+            "Model path: auto (the fast llama-layout forward where it applies, else any transformers decoder through "
+            "its own layers with the engine's attention), fast, or generic (docs/models.md, runner_factory.py)."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.prompt_lookup_min > self.prompt_lookup_max:
-            raise ValueError(f"need prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} and "
-                             f"{self.prompt_lookup_max}")
+            raise ValueError(
+                f"need prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} and "
+                f"{self.prompt_lookup_max}"
+            )
 
 
 def engine_field(name: str) -> FieldInfo:
@@ -61,5 +108,6 @@ def engine_field(name: str) -> FieldInfo:
 
 def engine_config_from(values: object) -> EngineConfig:
     """An `EngineConfig` from the same-named attributes of `values` (a `Settings`)."""
-    return EngineConfig(**{name: getattr(values, name) for name in EngineConfig.__pydantic_fields__
-                           if hasattr(values, name)})
+    return EngineConfig(
+        **{name: getattr(values, name) for name in EngineConfig.__pydantic_fields__ if hasattr(values, name)}
+    )

@@ -17,9 +17,11 @@ from structlog.typing import EventDict, WrappedLogger
 # formats, credential-named query/form parameters, and a URL's password. Event fields with a credential's name
 # are masked whole. Values configured as secrets (INFERQ_API_KEYS entries, the NATS password) are masked as
 # literals, since they may have any shape (`configure_logging(secrets=...)`).
-_CREDENTIAL_NAMES = (r"api[_-]?key|apikey|x[_-]api[_-]key|key|token|access[_-]?token|refresh[_-]?token|id[_-]?token"
-                     r"|auth|authorization|password|passwd|pwd|secret|client[_-]?secret|signature|sig|session"
-                     r"|private[_-]?key|jwt|cookie")
+_CREDENTIAL_NAMES = (
+    r"api[_-]?key|apikey|x[_-]api[_-]key|key|token|access[_-]?token|refresh[_-]?token|id[_-]?token"
+    r"|auth|authorization|password|passwd|pwd|secret|client[_-]?secret|signature|sig|session"
+    r"|private[_-]?key|jwt|cookie"
+)
 _SECRETS = re.compile(
     r"(?i)(\b(?:bearer|basic|digest)\s+)[^\s'\",;)]+"  # an auth scheme and its credential
     r"|((?:proxy-)?authorization|x-api-key|api-key|cookie|set-cookie)(\s*[:=]\s*)[^\r\n'\"]+"  # credential headers

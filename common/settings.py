@@ -28,10 +28,14 @@ class Settings(BaseSettings):
         default="auto", description="auto: on once any API key or user exists (or INFERQ_API_KEYS is set)."
     )
     login_token_ttl_s: float = Field(default=86_400.0, ge=1, description="Lifetime of a POST /users/me/token token.")
-    login_attempts_per_minute: int = Field(default=120, ge=0, description=(
-        "Logins (POST /users/me/token) per minute in all, every replica together; 0: unlimited."))
-    login_attempts_per_minute_per_address: int = Field(default=30, ge=0, description=(
-        "Logins per minute from one client address (an IPv6 /64); 0: unlimited."))
+    login_attempts_per_minute: int = Field(
+        default=120,
+        ge=0,
+        description=("Logins (POST /users/me/token) per minute in all, every replica together; 0: unlimited."),
+    )
+    login_attempts_per_minute_per_address: int = Field(
+        default=30, ge=0, description=("Logins per minute from one client address (an IPv6 /64); 0: unlimited.")
+    )
     rate_limit_requests_per_minute: int = Field(default=60, ge=0, description="Per-key default; 0: unlimited.")
     rate_limit_tokens_per_minute: int = Field(default=150_000, ge=0, description="Per-key default; 0: unlimited.")
     rate_limit_requests_per_day: int = Field(default=3_500, ge=0, description="Per-key default; 0: unlimited.")
@@ -49,13 +53,20 @@ class Settings(BaseSettings):
     queue_max_requests: int = Field(default=1024, ge=1, description="Per-model queue cap; full means 429.")
     queue_max_age_s: float = Field(default=600.0, gt=0, description="Backstop: queued requests older than this expire.")
     duplicate_window_s: float = Field(default=120.0, gt=0, description="Idempotency window for request ids.")
-    results_max_age_s: float = Field(default=86_400.0, gt=0,
-                                     description="How long fire-and-forget results (inf.results.>) are kept.")
+    results_max_age_s: float = Field(
+        default=86_400.0, gt=0, description="How long fire-and-forget results (inf.results.>) are kept."
+    )
     results_max_bytes: int = Field(default=1024**3, ge=1024, description="Cap on stored results; oldest go first.")
-    journal_max_age_s: float = Field(default=600.0, gt=0, description=(
-        "How long interactive token events stay replayable (SSE Last-Event-ID resume, Idempotency-Key attach)."))
-    journal_max_bytes: int = Field(default=64 * 1024**2, ge=1024,
-                                   description="Cap on the in-memory token journal; the oldest events go first.")
+    journal_max_age_s: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "How long interactive token events stay replayable (SSE Last-Event-ID resume, Idempotency-Key attach)."
+        ),
+    )
+    journal_max_bytes: int = Field(
+        default=64 * 1024**2, ge=1024, description="Cap on the in-memory token journal; the oldest events go first."
+    )
 
     # --- files and batches ------------------------------------------------------------------------------
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1, description="Larger uploads to /v1/files get a 413.")
@@ -65,11 +76,14 @@ class Settings(BaseSettings):
     batch_line_concurrency: int = Field(default=8, ge=1, description="Lines of one batch in flight at once.")
     batch_job_ack_wait_s: float = Field(default=30.0, ge=1, description="A silent runner loses its batch after this.")
     response_job_ack_wait_s: float = Field(
-        default=10.0, ge=1, description="A silent replica loses the background responses it runs after this.")
-    batch_orphan_sweep_s: float = Field(default=30.0, gt=0,
-                                        description="How often runners re-queue batches that never got a ticket.")
-    batch_line_timeout_s: float = Field(default=600.0, gt=0,
-                                        description="Longest a batch line may wait in the batch lane for a worker.")
+        default=10.0, ge=1, description="A silent replica loses the background responses it runs after this."
+    )
+    batch_orphan_sweep_s: float = Field(
+        default=30.0, gt=0, description="How often runners re-queue batches that never got a ticket."
+    )
+    batch_line_timeout_s: float = Field(
+        default=600.0, gt=0, description="Longest a batch line may wait in the batch lane for a worker."
+    )
 
     # --- liveness ---------------------------------------------------------------------------------------
     heartbeat_interval_s: float = Field(default=1.0, gt=0, description="Worker heartbeat when otherwise silent.")
@@ -101,31 +115,53 @@ class Settings(BaseSettings):
     prompt_lookup_max: int = engine_field("prompt_lookup_max")
     speculative_max_rows: int = engine_field("speculative_max_rows")
     model_impl: Literal["auto", "fast", "generic"] = engine_field("model_impl")
-    workers_per_model: int = Field(default=1, ge=1, le=64, description=(
-        "Engine workers `inferq serve` starts per model, sharing its queue. On a CPU a small model runs faster as "
-        "one single-thread worker per core than as one worker using every core (docs/benchmarks.md); on a GPU "
-        "keep 1 (each worker holds its own weights and KV cache)."))
+    workers_per_model: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Engine workers `inferq serve` starts per model, sharing its queue. On a CPU a small model runs faster as "
+            "one single-thread worker per core than as one worker using every core (docs/benchmarks.md); on a GPU "
+            "keep 1 (each worker holds its own weights and KV cache)."
+        ),
+    )
 
     # --- cluster ----------------------------------------------------------------------------------------
-    nats_replicas: int = Field(default=1, ge=1, le=5,
-                               description="JetStream replicas of every stream and bucket: 3 on a 3-node cluster.")
-    nats_inbox_prefix: str = Field(default="_INBOX", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
-                                   description="Reply-inbox prefix, e.g. _INBOX.worker for per-user permissions.")
+    nats_replicas: int = Field(
+        default=1, ge=1, le=5, description="JetStream replicas of every stream and bucket: 3 on a 3-node cluster."
+    )
+    nats_inbox_prefix: str = Field(
+        default="_INBOX",
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        description="Reply-inbox prefix, e.g. _INBOX.worker for per-user permissions.",
+    )
 
-    nats_tls_ca_file: Path | None = Field(default=None, description=(
-        "CA bundle to verify the NATS server's certificate with; setting it (or a client certificate) turns TLS on."))
+    nats_tls_ca_file: Path | None = Field(
+        default=None,
+        description=(
+            "CA bundle to verify the NATS server's certificate with; setting it (or a client certificate) turns TLS on."
+        ),
+    )
     nats_tls_cert_file: Path | None = Field(default=None, description="Client certificate (PEM) for NATS mutual TLS.")
     nats_tls_key_file: Path | None = Field(default=None, description="Private key (PEM) of nats_tls_cert_file.")
 
     # --- supervision (`inferq serve`) -------------------------------------------------------------------
-    restart_backoff_initial_s: float = Field(default=0.5, gt=0, description=(
-        "First delay before `inferq serve` restarts a crashed process; doubles with each crash in a row."))
+    restart_backoff_initial_s: float = Field(
+        default=0.5,
+        gt=0,
+        description=("First delay before `inferq serve` restarts a crashed process; doubles with each crash in a row."),
+    )
     restart_backoff_max_s: float = Field(default=30.0, gt=0, description="Longest delay between restarts.")
-    crash_loop_crashes: int = Field(default=5, ge=1, description=(
-        "A process crashing this often within crash_loop_window_s is not restarted again (a crash loop)."))
+    crash_loop_crashes: int = Field(
+        default=5,
+        ge=1,
+        description=("A process crashing this often within crash_loop_window_s is not restarted again (a crash loop)."),
+    )
     crash_loop_window_s: float = Field(default=60.0, gt=0, description="The crash-loop window, in seconds.")
-    supervisor_status_file: Path | None = Field(default=None, description=(
-        "Set by `inferq serve` for its children: the JSON record of restarts the api's /metrics reports."))
+    supervisor_status_file: Path | None = Field(
+        default=None,
+        description=("Set by `inferq serve` for its children: the JSON record of restarts the api's /metrics reports."),
+    )
 
     # --- telemetry --------------------------------------------------------------------------------------
     otel_exporter: Literal["none", "console", "otlp"] = Field(
@@ -141,21 +177,31 @@ class Settings(BaseSettings):
     # --- deployments ------------------------------------------------------------------------------------
     deploy_agent: bool = Field(default=True, description="inferq serve also runs a deployment agent.")
     deploy_nats_url: str | None = Field(
-        default=None, description="NATS URL given to workers launched over SSH (as that host reaches it); "
-                                  "default: nats_url.")
+        default=None,
+        description="NATS URL given to workers launched over SSH (as that host reaches it); default: nats_url.",
+    )
     deploy_remote_inferq: str = Field(default="inferq", description="The inferq executable on SSH hosts.")
     deploy_log_history: int = Field(default=200, ge=1, description="Output lines kept per deployment.")
     deploy_start_timeout_s: float = Field(
-        default=900.0, gt=0, description="A deployment whose worker has not registered by then fails.")
+        default=900.0, gt=0, description="A deployment whose worker has not registered by then fails."
+    )
     deploy_probe_timeout_s: float = Field(default=120.0, gt=0, description="Longest wait for the probe generation.")
     deploy_ssh_connect_timeout_s: float = Field(default=20.0, gt=0, description="SSH connect and login timeout.")
-    deploy_client_models: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
-        "Comma-separated models clients may deploy (admins: any model, path or SSH host); default: the packaged "
-        "models."))
-    deploy_max_per_owner: int = Field(default=2, ge=0, description=(
-        "Deployments a client may have running at once (admins: unlimited); 0: unlimited."))
+    deploy_client_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated models clients may deploy (admins: any model, path or SSH host); default: the packaged "
+            "models."
+        ),
+    )
+    deploy_max_per_owner: int = Field(
+        default=2,
+        ge=0,
+        description=("Deployments a client may have running at once (admins: unlimited); 0: unlimited."),
+    )
     deploy_ssh_known_hosts: Path | None = Field(
-        default=None, description="known_hosts file to verify SSH hosts against; unset: host keys are not checked.")
+        default=None, description="known_hosts file to verify SSH hosts against; unset: host keys are not checked."
+    )
 
     # --- logging ----------------------------------------------------------------------------------------
     log_level: str = "info"

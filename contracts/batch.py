@@ -47,10 +47,12 @@ _TERMINAL = frozenset({BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EX
 # validating → in_progress → finalizing → completed; failed on bad input; expired when the window passes (with the
 # results so far); cancelling → cancelled. A runner may die anywhere: the next one resumes from the stored state.
 TRANSITIONS: dict[BatchStatus, frozenset[BatchStatus]] = {
-    BatchStatus.VALIDATING: frozenset({BatchStatus.IN_PROGRESS, BatchStatus.FAILED, BatchStatus.EXPIRED,
-                                       BatchStatus.CANCELLING}),
-    BatchStatus.IN_PROGRESS: frozenset({BatchStatus.FINALIZING, BatchStatus.FAILED, BatchStatus.EXPIRED,
-                                        BatchStatus.CANCELLING}),
+    BatchStatus.VALIDATING: frozenset(
+        {BatchStatus.IN_PROGRESS, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLING}
+    ),
+    BatchStatus.IN_PROGRESS: frozenset(
+        {BatchStatus.FINALIZING, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLING}
+    ),
     BatchStatus.FINALIZING: frozenset({BatchStatus.COMPLETED, BatchStatus.FAILED}),
     BatchStatus.CANCELLING: frozenset({BatchStatus.CANCELLED, BatchStatus.FAILED}),
 }
@@ -77,8 +79,11 @@ class RequestCounts(Contract):
 
     def at_least(self, other: RequestCounts) -> RequestCounts:
         """Field-wise maximum: progress shown while a restarted runner re-counts never goes backwards."""
-        return RequestCounts(total=max(self.total, other.total), completed=max(self.completed, other.completed),
-                             failed=max(self.failed, other.failed))
+        return RequestCounts(
+            total=max(self.total, other.total),
+            completed=max(self.completed, other.completed),
+            failed=max(self.failed, other.failed),
+        )
 
 
 class BatchErrorItem(Contract):

@@ -26,8 +26,7 @@ class DeploymentStatus(StrEnum):
 
 TRANSITIONS: dict[DeploymentStatus, frozenset[DeploymentStatus]] = {
     DeploymentStatus.QUEUED: frozenset({DeploymentStatus.STARTING, DeploymentStatus.FAILED, DeploymentStatus.STOPPED}),
-    DeploymentStatus.STARTING: frozenset({DeploymentStatus.ACTIVE, DeploymentStatus.FAILED,
-                                          DeploymentStatus.STOPPED}),
+    DeploymentStatus.STARTING: frozenset({DeploymentStatus.ACTIVE, DeploymentStatus.FAILED, DeploymentStatus.STOPPED}),
     DeploymentStatus.ACTIVE: frozenset({DeploymentStatus.FAILED, DeploymentStatus.STOPPED}),
 }
 

@@ -65,8 +65,13 @@ class Accepted(_Event):
     kind: Literal["accepted"] = "accepted"
     worker_id: str
     attempt: int = 1
-    resumed_tokens: int = Field(default=0, ge=0, description=(
-        "Completion tokens this attempt continues from (its resume_token_ids): the position of its first token."))
+    resumed_tokens: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Completion tokens this attempt continues from (its resume_token_ids): the position of its first token."
+        ),
+    )
 
 
 class Tokens(_Event):

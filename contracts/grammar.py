@@ -36,8 +36,11 @@ JSON_OPTIONS: dict[str, Any] = {
 ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
 # llguidance's resource limits, below its defaults (lexer fuel ~50k/ms): what the edge validates under is what a
 # worker compiles under, so a grammar the edge accepted never fails on a worker for being too large.
-PARSER_LIMITS: dict[str, int] = {"initial_lexer_fuel": 500_000, "max_grammar_size": 200_000,
-                                 "max_lexer_states": 100_000}
+PARSER_LIMITS: dict[str, int] = {
+    "initial_lexer_fuel": 500_000,
+    "max_grammar_size": 200_000,
+    "max_lexer_states": 100_000,
+}
 
 
 def parser_limits() -> llguidance.LLParserLimits:

@@ -38,15 +38,19 @@ class WorkerMetrics(Contract):
     sent_at: float = Field(description="Unix time of the snapshot.")
     # gauges
     num_requests_running: int = Field(description="Requests the engine is computing now.")
-    num_requests_waiting: int = Field(description="Requests admitted by this worker but not yet scheduled "
-                                                  "(or preempted); the queue's backlog is the edge's to count.")
+    num_requests_waiting: int = Field(
+        description="Requests admitted by this worker but not yet scheduled "
+        "(or preempted); the queue's backlog is the edge's to count."
+    )
     kv_cache_usage_perc: float | None = Field(default=None, description="Fraction 0..1; None: no KV cache.")
     # counters
     num_preemptions_total: int | None = Field(default=None, description="None: the engine never preempts.")
     spec_decode_num_draft_tokens_total: int | None = Field(
-        default=None, description="Draft tokens checked by speculative decoding; None: the engine never drafts.")
+        default=None, description="Draft tokens checked by speculative decoding; None: the engine never drafts."
+    )
     spec_decode_num_accepted_tokens_total: int | None = Field(
-        default=None, description="Draft tokens that matched what the model sampled (kept in the output).")
+        default=None, description="Draft tokens that matched what the model sampled (kept in the output)."
+    )
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     request_success_total: dict[str, int] = Field(default_factory=dict, description="By finish reason.")

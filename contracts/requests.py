@@ -32,9 +32,13 @@ class GenerateRequest(Contract):
         default_factory=list, description="Tokens already delivered; generation continues after them (n=1 only)."
     )
     priority: int = Field(default=0, description="Lower runs first (vLLM convention).")
-    constraint: Constraint | None = Field(default=None, description=(
-        "Structured output: every choice is forced to match it (JSON schema, JSON object, regex, choice or "
-        "grammar). A worker that cannot compile it answers invalid_request."))
+    constraint: Constraint | None = Field(
+        default=None,
+        description=(
+            "Structured output: every choice is forced to match it (JSON schema, JSON object, regex, choice or "
+            "grammar). A worker that cannot compile it answers invalid_request."
+        ),
+    )
 
 
 class Pooling(StrEnum):
@@ -75,9 +79,14 @@ class CancelRequest(Contract):
     v: int = SCHEMA_VERSION
     request_id: str
     reason: str = "client disconnected"
-    up_to_attempt: int | None = Field(default=None, ge=1, description=(
-        "Cancel the attempts up to this one (None: every attempt). A client that re-attaches to its request "
-        "elsewhere continues it as a newer attempt, which the cancel sent when it left must not stop."))
+    up_to_attempt: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Cancel the attempts up to this one (None: every attempt). A client that re-attaches to its request "
+            "elsewhere continues it as a newer attempt, which the cancel sent when it left must not stop."
+        ),
+    )
 
     def covers(self, attempt: int) -> bool:
         return self.up_to_attempt is None or attempt <= self.up_to_attempt

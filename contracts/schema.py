@@ -38,7 +38,7 @@ def export_json_schema() -> dict[str, Any]:
         "$id": f"urn:inferq:contracts:v{SCHEMA_VERSION}",
         "title": "inferq NATS wire contract",
         "description": "Messages on inf.req.<model> / inf.batch.<model> (WorkRequest), the reply subject "
-                       "(TokenEvent) and inf.cancel.<request_id> (CancelRequest). See docs/nats-protocol.md.",
+        "(TokenEvent) and inf.cancel.<request_id> (CancelRequest). See docs/nats-protocol.md.",
         "version": SCHEMA_VERSION,
         "errorCodes": [code.value for code in ErrorCode],
         "$defs": dict(sorted(defs.items())),

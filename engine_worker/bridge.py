@@ -119,8 +119,9 @@ class WorkerBridge:
         self._dead: BaseException | None = None
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._engine_loop = EngineLoop(engine, self._outputs_from_thread, self._rejected_from_thread,
-                                       self._dead_from_thread)
+        self._engine_loop = EngineLoop(
+            engine, self._outputs_from_thread, self._rejected_from_thread, self._dead_from_thread
+        )
 
     @property
     def worker_id(self) -> str:
@@ -266,14 +267,25 @@ class WorkerBridge:
         superseded = self._current.get(request.request_id)
         if superseded is not None and superseded in self._in_flight:
             self._engine_loop.abort(superseded)  # an older attempt of the same request; the edge ignores it
-        flight = _InFlight(request, held=delivery.msg if durable else None,
-                           telemetry=self._telemetry.accepted(request, delivery.published_at, delivery.headers))
+        flight = _InFlight(
+            request,
+            held=delivery.msg if durable else None,
+            telemetry=self._telemetry.accepted(request, delivery.published_at, delivery.headers),
+        )
         self._in_flight[flight.engine_key] = flight
         self._current[request.request_id] = flight.engine_key
         try:
-            await publish_event(self._nc, request.reply_subject, Accepted(
-                request_id=request.request_id, attempt=request.attempt, seq=0, worker_id=self.worker_id,
-                resumed_tokens=len(getattr(request, "resume_token_ids", ()))))
+            await publish_event(
+                self._nc,
+                request.reply_subject,
+                Accepted(
+                    request_id=request.request_id,
+                    attempt=request.attempt,
+                    seq=0,
+                    worker_id=self.worker_id,
+                    resumed_tokens=len(getattr(request, "resume_token_ids", ())),
+                ),
+            )
         except Exception:
             self._forget(flight)  # never reached the engine: its slot must not stay taken
             raise
@@ -285,8 +297,11 @@ class WorkerBridge:
 
     async def _reject(self, request: GenerateRequest | EmbedRequest, code: ErrorCode, message: str) -> None:
         error = ErrorInfo(code=code, message=message)
-        await publish_event(self._nc, request.reply_subject, Failed(
-            request_id=request.request_id, attempt=request.attempt, seq=1, error=error))
+        await publish_event(
+            self._nc,
+            request.reply_subject,
+            Failed(request_id=request.request_id, attempt=request.attempt, seq=1, error=error),
+        )
 
     # --- outputs ----------------------------------------------------------------------------------------
     async def _pump(self) -> None:
@@ -331,8 +346,9 @@ class WorkerBridge:
             await self._release(flight)
             return
         if output.choices or output.prompt_logprobs:
-            await publish_event(self._nc, reply, flight.event(
-                Tokens, choices=output.choices, prompt_logprobs=output.prompt_logprobs))
+            await publish_event(
+                self._nc, reply, flight.event(Tokens, choices=output.choices, prompt_logprobs=output.prompt_logprobs)
+            )
         if flight.telemetry:
             self._telemetry.output(flight.telemetry, output)
         if output.finished:
@@ -353,8 +369,9 @@ class WorkerBridge:
         if flight is None:
             return
         self._forget(flight)
-        await publish_event(self._nc, flight.request.reply_subject, flight.event(
-            Failed, error=ErrorInfo(code=code, message=message)))
+        await publish_event(
+            self._nc, flight.request.reply_subject, flight.event(Failed, error=ErrorInfo(code=code, message=message))
+        )
         if flight.telemetry:
             with flight.telemetry.log_context():
                 self._telemetry.failed(flight.telemetry, message)
@@ -411,8 +428,11 @@ class WorkerBridge:
         is running once its first token came out."""
         stats = self._engine_stats
         if stats is None:
-            started = sum(1 for flight in self._in_flight.values()
-                          if flight.telemetry and flight.telemetry.timeline.first_token_mono is not None)
+            started = sum(
+                1
+                for flight in self._in_flight.values()
+                if flight.telemetry and flight.telemetry.timeline.first_token_mono is not None
+            )
             stats = EngineStats(running=started, waiting=len(self._in_flight) - started)
         return self._telemetry.snapshot(stats)
 

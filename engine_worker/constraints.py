@@ -63,8 +63,9 @@ def unpack_bitmask(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
 
 def _check_row(row: np.ndarray, words: int) -> None:
     if row.dtype != np.int32 or row.ndim != 1 or row.shape[0] != words or not row.flags["C_CONTIGUOUS"]:
-        raise ValueError(f"a bitmask row must be a contiguous int32 array of {words} words, got "
-                         f"{row.dtype} {row.shape}")
+        raise ValueError(
+            f"a bitmask row must be a contiguous int32 array of {words} words, got {row.dtype} {row.shape}"
+        )
 
 
 class ConstraintMatcher:
@@ -169,8 +170,13 @@ class _Compiled:
 class GrammarCompiler:
     """Compiles constraints for one tokenizer and vocabulary. Not thread-safe (the engine thread owns it)."""
 
-    def __init__(self, tokenizer: llguidance.LLTokenizer, *, cache_size: int = DEFAULT_CACHE_SIZE,
-                 limits: llguidance.LLParserLimits | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: llguidance.LLTokenizer,
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        limits: llguidance.LLParserLimits | None = None,
+    ) -> None:
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
         self.tokenizer = tokenizer
@@ -184,9 +190,14 @@ class GrammarCompiler:
         self.cache_misses = 0
 
     @classmethod
-    def from_hf_tokenizer(cls, hf_tokenizer: Any, *, vocab_size: int | None = None,
-                          eos_token_ids: Iterable[int] | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
-                          ) -> GrammarCompiler:
+    def from_hf_tokenizer(
+        cls,
+        hf_tokenizer: Any,
+        *,
+        vocab_size: int | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> GrammarCompiler:
         """`vocab_size`: the width of the model's logits when it differs from the tokenizer's (padded
         embeddings): tokens past the tokenizer's own are never allowed. `eos_token_ids`: every id that ends a
         generation (the engine's set; the tokenizer's own EOS otherwise)."""
@@ -239,8 +250,9 @@ class MaskFiller:
         """`out`: int32 [R, words] bitmask; each (matcher, row) writes its mask into that row."""
         self._check(out)
         if rows:
-            self._executor.unsafe_compute_mask_ptr([(m.llmatcher, row) for m, row in rows], out.ctypes.data,
-                                                   out.shape[1] * 4, out.shape[0])
+            self._executor.unsafe_compute_mask_ptr(
+                [(m.llmatcher, row) for m, row in rows], out.ctypes.data, out.shape[1] * 4, out.shape[0]
+            )
 
     def fill_with_drafts(self, out: np.ndarray, rows: Sequence[tuple[ConstraintMatcher, int, Sequence[int]]]) -> None:
         """As `ConstraintMatcher.fill_bitmasks_with_drafts`, for many sequences at once: rows first_row ..
@@ -250,11 +262,11 @@ class MaskFiller:
         self.fill(out, [(m, row) for m, row, drafts in rows if not drafts])
         with_drafts = [(m.llmatcher, row, list(drafts)) for m, row, drafts in rows if drafts]
         if with_drafts:
-            self._executor.unsafe_compute_mask_ptr_with_draft_token(with_drafts, out.ctypes.data, out.shape[1] * 4,
-                                                                    out.shape[0])
+            self._executor.unsafe_compute_mask_ptr_with_draft_token(
+                with_drafts, out.ctypes.data, out.shape[1] * 4, out.shape[0]
+            )
 
     @staticmethod
     def _check(out: np.ndarray) -> None:
         if out.dtype != np.int32 or out.ndim != 2 or not out.flags["C_CONTIGUOUS"]:
-            raise ValueError(f"the bitmask must be a contiguous int32 [rows, words] array, got {out.dtype} "
-                             f"{out.shape}")
+            raise ValueError(f"the bitmask must be a contiguous int32 [rows, words] array, got {out.dtype} {out.shape}")

@@ -57,8 +57,9 @@ class EncoderEngine:
         for row, tokens in enumerate(inputs):
             ids[row, : len(tokens)] = torch.tensor(tokens)
             mask[row, : len(tokens)] = 1
-        states = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            output_hidden_states=True).hidden_states  # layer 0 = embeddings
+        states = self.model(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), output_hidden_states=True
+        ).hidden_states  # layer 0 = embeddings
         outputs, row = [], 0
         for request in requests:
             layers = [resolve_layer(layer, self.num_layers) for layer in request.layers]

@@ -158,15 +158,30 @@ class Engine:
         for index in range(params.num_candidates):
             self._seq_ids += 1
             detokenizer = IncrementalDetokenizer(
-                self.tokenizer, list(context), skip_special_tokens=params.skip_special_tokens,
-                stop=tuple(params.stop), include_stop_str_in_output=params.include_stop_str_in_output)
-            seqs.append(Sequence(
-                seq_id=self._seq_ids, request_id=request.request_id, index=index, token_ids=list(context),
-                num_prompt_tokens=len(request.prompt_token_ids), num_resume_tokens=len(request.resume_token_ids),
-                params=params, max_tokens=max_tokens, sampling_key=seed_key(seed, index), priority=request.priority,
-                arrival=self._arrivals, eos_token_ids=self.eos_token_ids, detokenizer=detokenizer,
-                matcher=matchers[index],
-            ))
+                self.tokenizer,
+                list(context),
+                skip_special_tokens=params.skip_special_tokens,
+                stop=tuple(params.stop),
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+            seqs.append(
+                Sequence(
+                    seq_id=self._seq_ids,
+                    request_id=request.request_id,
+                    index=index,
+                    token_ids=list(context),
+                    num_prompt_tokens=len(request.prompt_token_ids),
+                    num_resume_tokens=len(request.resume_token_ids),
+                    params=params,
+                    max_tokens=max_tokens,
+                    sampling_key=seed_key(seed, index),
+                    priority=request.priority,
+                    arrival=self._arrivals,
+                    eos_token_ids=self.eos_token_ids,
+                    detokenizer=detokenizer,
+                    matcher=matchers[index],
+                )
+            )
         for seq in seqs[1:]:
             seq.parent = seqs[0]
         state = RequestState(request=request, seqs=seqs)
@@ -234,8 +249,9 @@ class Engine:
         drafts = seq.draft_token_ids
         matched = num_accepted(drafts, sampled)
         for token_id, lp in sampled[: matched + 1]:
-            entry = self.outputs.token_logprob(token_id, lp) if lp is not None and seq.params.logprobs is not None \
-                else None
+            entry = (
+                self.outputs.token_logprob(token_id, lp) if lp is not None and seq.params.logprobs is not None else None
+            )
             finish = append_token(seq, token_id, None if lp is None else lp.logprob, entry, self.max_model_len)
             if finish is None and seq.matcher is not None and self.structured.advance(seq, token_id):
                 finish = FinishReason.STOP, None  # the output is complete: only EOS could follow

@@ -26,10 +26,22 @@ ATTENTION_NAME = "inferq"
 
 # Arguments the modeling code may pass that do not change attention's result here (the flat batch carries no
 # padding mask and no HF cache; positions are already applied by the model's rotary embedding).
-_IGNORED_ARGUMENTS = frozenset({
-    "position_ids", "cache_position", "output_attentions", "use_cache", "past_key_values", "past_key_value",
-    "return_dict", "output_hidden_states", "position_embeddings", "dropout", "layer_idx", "logits_to_keep",
-})
+_IGNORED_ARGUMENTS = frozenset(
+    {
+        "position_ids",
+        "cache_position",
+        "output_attentions",
+        "use_cache",
+        "past_key_values",
+        "past_key_value",
+        "return_dict",
+        "output_hidden_states",
+        "position_embeddings",
+        "dropout",
+        "layer_idx",
+        "logits_to_keep",
+    }
+)
 
 
 class UnsupportedModelFeature(ValueError):
@@ -121,8 +133,12 @@ def causal_attention(
         visible &= k_pos > q_pos - spec.window
     if spec.softcap is None and spec.sinks is None:
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=visible,
-            scale=spec.scale, enable_gqa=True,
+            q.transpose(0, 1).unsqueeze(0),
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            attn_mask=visible,
+            scale=spec.scale,
+            enable_gqa=True,
         )
         return out[0].transpose(0, 1)
     group = heads // keys.shape[0]

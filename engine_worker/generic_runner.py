@@ -112,18 +112,29 @@ class GenericRunner(SlotKVCache):
             )
 
     def _call(
-        self, ids: torch.Tensor, positions: torch.Tensor, step: StepAttention, logits_rows: torch.Tensor | None = None,
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        step: StepAttention,
+        logits_rows: torch.Tensor | None = None,
         output_hidden_states: bool = False,
     ) -> Any:
         kwargs: dict[str, Any] = {"output_hidden_states": output_hidden_states} if output_hidden_states else {}
         if logits_rows is None:  # hidden states only
             return self.model.model(
-                input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False, inferq_step=step,
+                input_ids=ids.unsqueeze(0),
+                position_ids=positions.unsqueeze(0),
+                use_cache=False,
+                inferq_step=step,
                 **kwargs,
             )
         return self.model(
-            input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
-            logits_to_keep=logits_rows, inferq_step=step, **kwargs,
+            input_ids=ids.unsqueeze(0),
+            position_ids=positions.unsqueeze(0),
+            use_cache=False,
+            logits_to_keep=logits_rows,
+            inferq_step=step,
+            **kwargs,
         )
 
     @torch.inference_mode()
@@ -160,7 +171,8 @@ class GenericRunner(SlotKVCache):
         """As ModelRunner.hidden_states: transformers' `output_hidden_states` (embeddings, each layer's output,
         the last one after the final norm), outside the KV cache."""
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        out = self._call(ids, torch.arange(len(token_ids), device=self.device), StepAttention(),
-                         output_hidden_states=True)
+        out = self._call(
+            ids, torch.arange(len(token_ids), device=self.device), StepAttention(), output_hidden_states=True
+        )
         states = out.hidden_states
         return {index: states[index][0] for index in layers}

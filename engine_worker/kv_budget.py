@@ -60,8 +60,11 @@ def choose_kv_budget(
     one_sequence = round_up(max_model_len)
     if configured_tokens is not None:
         tokens = max(round_up(configured_tokens), one_sequence)
-        reason = "configured (kv_cache_tokens)" if tokens == round_up(configured_tokens) else (
-            "configured kv_cache_tokens raised to one max_model_len sequence")
+        reason = (
+            "configured (kv_cache_tokens)"
+            if tokens == round_up(configured_tokens)
+            else ("configured kv_cache_tokens raised to one max_model_len sequence")
+        )
         return KVBudget(tokens, tokens * bytes_per_token, reason)
     wanted = max_num_seqs * one_sequence
     caps = {"kv_cache_gib": int(cap_gib * GIB) // bytes_per_token}
@@ -83,16 +86,27 @@ def size_kv_cache(config: EngineConfig, runner: ModelRunner) -> KVBudget:
 
     device = str(runner.device)
     available = available_memory_bytes(device)
-    geometry = {"bytes_per_token": runner.kv_bytes_per_token, "max_model_len": runner.max_model_len,
-                "max_num_seqs": config.max_num_seqs}
-    budget = choose_kv_budget(**geometry, available_bytes=available, configured_tokens=config.kv_cache_tokens,
-                              cap_gib=config.kv_cache_gib)
+    geometry = {
+        "bytes_per_token": runner.kv_bytes_per_token,
+        "max_model_len": runner.max_model_len,
+        "max_num_seqs": config.max_num_seqs,
+    }
+    budget = choose_kv_budget(
+        **geometry, available_bytes=available, configured_tokens=config.kv_cache_tokens, cap_gib=config.kv_cache_gib
+    )
     log_kv_budget(budget, **geometry, available_bytes=available, lazy=commits_lazily(runner.device))
     return budget
 
 
-def log_kv_budget(budget: KVBudget, *, bytes_per_token: int, max_model_len: int, max_num_seqs: int,
-                  available_bytes: int | None, lazy: bool) -> None:
+def log_kv_budget(
+    budget: KVBudget,
+    *,
+    bytes_per_token: int,
+    max_model_len: int,
+    max_num_seqs: int,
+    available_bytes: int | None,
+    lazy: bool,
+) -> None:
     """The chosen figure and why, once at start-up (operators size machines by it)."""
     log.info(
         "kv_cache.sized",
@@ -107,8 +121,11 @@ def log_kv_budget(budget: KVBudget, *, bytes_per_token: int, max_model_len: int,
         available_gib=None if available_bytes is None else round(available_bytes / GIB, 2),
     )
     if available_bytes is not None and budget.bytes > available_bytes:
-        log.warning("kv_cache.exceeds_available_memory", kv_cache_gib=round(budget.gib, 3),
-                    available_gib=round(available_bytes / GIB, 2))
+        log.warning(
+            "kv_cache.exceeds_available_memory",
+            kv_cache_gib=round(budget.gib, 3),
+            available_gib=round(available_bytes / GIB, 2),
+        )
 
 
 def available_memory_bytes(device: str) -> int | None:

@@ -37,10 +37,9 @@ class KVBuffers:
         itemsize = torch.empty((), dtype=dtype).element_size()
         # Each buffer starts on a page boundary, so the pages one layer touches are its own.
         stride = -(-numel * itemsize // mmap.PAGESIZE) * mmap.PAGESIZE // itemsize
-        self._mapping = mmap.mmap(-1, max(1, count * stride * itemsize),
-                                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._mapping = mmap.mmap(-1, max(1, count * stride * itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         whole = torch.frombuffer(self._mapping, dtype=dtype)
-        self.buffers = [whole[i * stride: i * stride + numel] for i in range(count)]
+        self.buffers = [whole[i * stride : i * stride + numel] for i in range(count)]
 
     def release(self) -> None:
         """Hand every page back to the kernel; they read as zeros again and are committed anew when written.

@@ -42,7 +42,8 @@ def _download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                                "*.jinja"]))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        )
     except Exception as exc:  # offline, unknown repo, gated: all mean "cannot serve this model here"
         raise ModelNotFound(f"cannot fetch {repo_id!r} from the hub: {exc}") from exc

@@ -49,23 +49,39 @@ def load_torch_engine(settings: Settings) -> LoadedEngine:
     log.info("worker.loading_model", model=model.served_name, source=model.source)
     if is_encoder_model(model.local_dir):
         encoder = EncoderEngine(model.local_dir, device=settings.device, torch_threads=settings.torch_threads)
-        return LoadedEngine(encoder, model.served_name, model.source, model.local_dir,
-                            describe_device(encoder.device), encoder.max_model_len, encoder.dtype_name)
+        return LoadedEngine(
+            encoder,
+            model.served_name,
+            model.source,
+            model.local_dir,
+            describe_device(encoder.device),
+            encoder.max_model_len,
+            encoder.dtype_name,
+        )
     engine = Engine.from_pretrained(model.local_dir, settings.engine_config())
-    return LoadedEngine(engine, model.served_name, model.source, model.local_dir, describe_device(engine.device),
-                        engine.max_model_len, engine.dtype_name)
+    return LoadedEngine(
+        engine,
+        model.served_name,
+        model.source,
+        model.local_dir,
+        describe_device(engine.device),
+        engine.max_model_len,
+        engine.dtype_name,
+    )
 
 
 def load_sim_engine(settings: Settings) -> LoadedEngine:
     from engine_worker.sim import SIM_MAX_MODEL_LEN, SimConfig, SimEngine, write_sim_tokenizer
 
-    config = SimConfig(max_num_seqs=settings.max_num_seqs, tokens_per_s=settings.sim_tokens_per_s,
-                       max_model_len=settings.max_model_len or SIM_MAX_MODEL_LEN)
+    config = SimConfig(
+        max_num_seqs=settings.max_num_seqs,
+        tokens_per_s=settings.sim_tokens_per_s,
+        max_model_len=settings.max_model_len or SIM_MAX_MODEL_LEN,
+    )
     tokenizer_dir = write_sim_tokenizer(settings.data_dir / "sim-tokenizer", config.vocab_size)
     engine = SimEngine(config)
     name = settings.served_model_name or "sim"
-    return LoadedEngine(engine, name, "sim", tokenizer_dir, engine.device_info, engine.max_model_len,
-                        engine.dtype_name)
+    return LoadedEngine(engine, name, "sim", tokenizer_dir, engine.device_info, engine.max_model_len, engine.dtype_name)
 
 
 ENGINE_LOADERS = {"torch": load_torch_engine, "sim": load_sim_engine}
@@ -82,14 +98,17 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     nats_auth = NatsAuth.from_settings(settings)
     async with connect(settings.nats_url, name=f"inferq-worker-{worker_id}", auth=nats_auth) as nc:
         js = nc.jetstream()
-        await ensure_request_queue(js, loaded.served_name, QueueLimits(
-            max_requests=settings.queue_max_requests,
-            max_age_s=settings.queue_max_age_s,
-            duplicate_window_s=settings.duplicate_window_s,
-            replicas=settings.nats_replicas,
-        ))
-        await ensure_results_stream(js, settings.results_max_age_s, settings.results_max_bytes,
-                                    settings.nats_replicas)
+        await ensure_request_queue(
+            js,
+            loaded.served_name,
+            QueueLimits(
+                max_requests=settings.queue_max_requests,
+                max_age_s=settings.queue_max_age_s,
+                duplicate_window_s=settings.duplicate_window_s,
+                replicas=settings.nats_replicas,
+            ),
+        )
+        await ensure_results_stream(js, settings.results_max_age_s, settings.results_max_bytes, settings.nats_replicas)
         tokenizer_object = await publish_tokenizer(js, loaded.served_name, loaded.tokenizer_dir, settings.nats_replicas)
         registry = await WorkerRegistry.open(js, settings.registry_ttl_s, settings.nats_replicas)
         now = time.time()

@@ -26,12 +26,74 @@ from engine_worker.outputs import EngineStats, RequestOutput
 log = structlog.get_logger(__name__)
 
 # vLLM's boundaries (vllm/v1/metrics/loggers.py), so dashboards built for vLLM read ours the same way.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
-               80.0)
-REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-                           240.0, 480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+REQUEST_LATENCY_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 
 class Histogram:
@@ -104,8 +166,7 @@ class WorkerMeters:
         else:
             self.itl.observe(gap)
 
-    def finished(self, timeline: RequestTimeline, usage: Usage, finish_reason: str,
-                 now: float | None = None) -> None:
+    def finished(self, timeline: RequestTimeline, usage: Usage, finish_reason: str, now: float | None = None) -> None:
         timeline.finished_mono = time.monotonic() if now is None else now
         self.e2e.observe(timeline.since_publish(timeline.finished_mono))
         self.prompt_tokens += usage.prompt_tokens
@@ -133,8 +194,9 @@ class WorkerMeters:
         )
 
 
-def record_spans(tracer: Tracer, parent: Context | None, timeline: RequestTimeline, attributes: dict,
-                 error: str | None = None) -> None:
+def record_spans(
+    tracer: Tracer, parent: Context | None, timeline: RequestTimeline, attributes: dict, error: str | None = None
+) -> None:
     """The request's spans, made once it ended (all moments are known by then): `generate` from publish to end,
     with `queue_wait` (publish → accept), `prefill` (accept → first token) and `decode` (first token → end)."""
     end = timeline.finished_mono if timeline.finished_mono is not None else time.monotonic()
@@ -180,10 +242,16 @@ class WorkerTelemetry:
         self.tracer = tracer
         self.meters = WorkerMeters()
 
-    def log_fields(self, request: GenerateRequest | EmbedRequest, headers: Mapping[str, str] | None,
-                   ) -> dict[str, str | int]:
-        fields: dict[str, str | int] = {"request_id": request.request_id, "model": request.model,
-                                        "worker_id": self.worker_id}
+    def log_fields(
+        self,
+        request: GenerateRequest | EmbedRequest,
+        headers: Mapping[str, str] | None,
+    ) -> dict[str, str | int]:
+        fields: dict[str, str | int] = {
+            "request_id": request.request_id,
+            "model": request.model,
+            "worker_id": self.worker_id,
+        }
         if request.attempt > 1:
             fields["attempt"] = request.attempt
         trace_id = trace_id_of(extract_context(headers))
@@ -191,15 +259,18 @@ class WorkerTelemetry:
             fields["trace_id"] = trace_id
         return fields
 
-    def log_context(self, request: GenerateRequest | EmbedRequest,
-                    headers: Mapping[str, str] | None) -> AbstractContextManager:
+    def log_context(
+        self, request: GenerateRequest | EmbedRequest, headers: Mapping[str, str] | None
+    ) -> AbstractContextManager:
         """For lines logged while a queued request is looked at, before it is accepted."""
         return structlog.contextvars.bound_contextvars(**self.log_fields(request, headers))
 
-    def accepted(self, request: GenerateRequest | EmbedRequest, published_at: float,
-                 headers: Mapping[str, str] | None) -> RequestTelemetry:
-        telemetry = RequestTelemetry(RequestTimeline(published_at), self.log_fields(request, headers),
-                                     extract_context(headers))
+    def accepted(
+        self, request: GenerateRequest | EmbedRequest, published_at: float, headers: Mapping[str, str] | None
+    ) -> RequestTelemetry:
+        telemetry = RequestTelemetry(
+            RequestTimeline(published_at), self.log_fields(request, headers), extract_context(headers)
+        )
         self.meters.accepted(telemetry.timeline)
         return telemetry
 
@@ -215,13 +286,24 @@ class WorkerTelemetry:
         reason = telemetry.finish_reason or default_reason
         timeline = telemetry.timeline
         self.meters.finished(timeline, usage, reason)
-        self._spans(telemetry, {"inferq.finish_reason": reason, "inferq.prompt_tokens": usage.prompt_tokens,
-                                "inferq.completion_tokens": usage.completion_tokens})
+        self._spans(
+            telemetry,
+            {
+                "inferq.finish_reason": reason,
+                "inferq.prompt_tokens": usage.prompt_tokens,
+                "inferq.completion_tokens": usage.completion_tokens,
+            },
+        )
         first = timeline.first_token_mono
-        log.info("request.finished", finish_reason=reason, prompt_tokens=usage.prompt_tokens,
-                 completion_tokens=usage.completion_tokens, queue_s=round(timeline.queue_time, 4),
-                 ttft_s=None if first is None else round(timeline.since_publish(first), 4),
-                 e2e_s=round(timeline.since_publish(timeline.finished_mono or time.monotonic()), 4))
+        log.info(
+            "request.finished",
+            finish_reason=reason,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            queue_s=round(timeline.queue_time, 4),
+            ttft_s=None if first is None else round(timeline.since_publish(first), 4),
+            e2e_s=round(timeline.since_publish(timeline.finished_mono or time.monotonic()), 4),
+        )
 
     def failed(self, telemetry: RequestTelemetry, message: str) -> None:
         telemetry.timeline.finished_mono = time.monotonic()
@@ -231,8 +313,9 @@ class WorkerTelemetry:
     def _spans(self, telemetry: RequestTelemetry, attributes: dict, error: str | None = None) -> None:
         if self.tracer is None:
             return
-        attributes = {f"inferq.{key}": value for key, value in telemetry.log_fields.items()
-                      if key != "trace_id"} | attributes
+        attributes = {
+            f"inferq.{key}": value for key, value in telemetry.log_fields.items() if key != "trace_id"
+        } | attributes
         record_spans(self.tracer, telemetry.trace_parent, telemetry.timeline, attributes, error)
 
     def snapshot(self, stats: EngineStats) -> WorkerMetrics:

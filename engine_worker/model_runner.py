@@ -510,8 +510,13 @@ class StepBatch:
             positions=tensor(positions),
             token_slots=tensor(slots),
             # A sequence checking d draft tokens is sampled at its last d + 1 rows.
-            sample_index=tensor([row for seq in sample_seqs
-                                 for row in range(last_row[seq] - len(seq.draft_token_ids), last_row[seq] + 1)]),
+            sample_index=tensor(
+                [
+                    row
+                    for seq in sample_seqs
+                    for row in range(last_row[seq] - len(seq.draft_token_ids), last_row[seq] + 1)
+                ]
+            ),
             decode_rows=decode_rows,
             decode_index=tensor(decode_rows),
             decode_slots=tensor(decode_slots),

@@ -48,8 +48,11 @@ class OutputBuilder:
     @staticmethod
     def aborted(state: RequestState, unfinished: list[Sequence]) -> RequestOutput:
         """The last output of an aborted request: "abort" for each returned choice that was still running."""
-        choices = [ChoiceDelta(index=seq.index, finish_reason=FinishReason.ABORT)
-                   for seq in unfinished if seq.index < state.params.n]
+        choices = [
+            ChoiceDelta(index=seq.index, finish_reason=FinishReason.ABORT)
+            for seq in unfinished
+            if seq.index < state.params.n
+        ]
         return RequestOutput(state.request_id, choices, finished=True, usage=usage(state, state.seqs))
 
     def _choice_delta(self, seq: Sequence, index: int) -> ChoiceDelta | None:

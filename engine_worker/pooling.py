@@ -32,6 +32,7 @@ def vectors_for(request: EmbedRequest, input_index: int, layers: dict[int, torch
             pooled = pool(hidden.float(), pooling)
             if request.normalize:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            vectors.append(EmbeddingVector(input_index=input_index, layer=layer, pooling=pooling.value,
-                                           values=pooled.tolist()))
+            vectors.append(
+                EmbeddingVector(input_index=input_index, layer=layer, pooling=pooling.value, values=pooled.tolist())
+            )
     return vectors

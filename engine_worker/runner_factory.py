@@ -22,7 +22,7 @@ MODEL_IMPLS: tuple[str, ...] = ("auto", "fast", "generic")
 
 
 def choose_model_impl(config: Any, requested: str = "auto", max_model_len: int | None = None) -> str:
-    """"fast" or "generic" for a transformers config."""
+    """ "fast" or "generic" for a transformers config."""
     if requested not in MODEL_IMPLS:
         raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {requested!r}")
     if requested != "auto":

@@ -67,8 +67,9 @@ class _SimRequest:
 
     def usage(self) -> Usage:
         """As the real engine counts: resumed tokens are completion tokens too (n > 1 is never resumed)."""
-        return Usage(prompt_tokens=len(self.request.prompt_token_ids),
-                     completion_tokens=self.position * self.request.sampling.n)
+        return Usage(
+            prompt_tokens=len(self.request.prompt_token_ids), completion_tokens=self.position * self.request.sampling.n
+        )
 
 
 class SimEngine:
@@ -96,8 +97,10 @@ class SimEngine:
         prompt = len(request.prompt_token_ids)
         wanted = request.sampling.max_tokens or len(request.resume_token_ids) + 1
         if prompt + wanted > self.max_model_len:
-            raise ContextLengthExceeded(f"this model's maximum context length is {self.max_model_len} tokens, "
-                                        f"but the request needs {prompt + wanted}")
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.max_model_len} tokens, "
+                f"but the request needs {prompt + wanted}"
+            )
 
     def embed(self, requests: list[EmbedRequest]) -> list[EmbedOutput]:
         raise InvalidRequest("the sim engine computes no embeddings")
@@ -161,6 +164,12 @@ class SimEngine:
         choices = []
         for choice in range(request.sampling.n):
             token = self._token(request, choice, position)
-            choices.append(ChoiceDelta(index=choice, text=f" w{token}", token_ids=[token],
-                                       finish_reason=FinishReason.LENGTH if done else None))
+            choices.append(
+                ChoiceDelta(
+                    index=choice,
+                    text=f" w{token}",
+                    token_ids=[token],
+                    finish_reason=FinishReason.LENGTH if done else None,
+                )
+            )
         return RequestOutput(request.request_id, choices, finished=done, usage=item.usage() if done else None)

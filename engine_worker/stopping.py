@@ -10,8 +10,9 @@ from engine_worker.sequence import Sequence
 Finish = tuple[FinishReason, str | int | None]  # (finish_reason, stop_reason)
 
 
-def append_token(seq: Sequence, token_id: int, logprob: float | None, entry: TokenLogprob | None,
-                 max_model_len: int) -> Finish | None:
+def append_token(
+    seq: Sequence, token_id: int, logprob: float | None, entry: TokenLogprob | None, max_model_len: int
+) -> Finish | None:
     """Add `token_id` (with its logprob and, when asked for, its logprob entry); returns how the sequence
     finishes if it does with this token."""
     p = seq.params

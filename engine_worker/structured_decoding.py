@@ -55,7 +55,8 @@ class StructuredDecoding:
         if self._compiler is None:
             try:
                 self._compiler = GrammarCompiler.from_hf_tokenizer(
-                    self._tokenizer, vocab_size=self._vocab_size, eos_token_ids=self._eos)
+                    self._tokenizer, vocab_size=self._vocab_size, eos_token_ids=self._eos
+                )
             except Exception as exc:  # a tokenizer llguidance cannot read: refuse the request, keep the engine
                 log.exception("structured.tokenizer_unusable")
                 raise InvalidRequest(f"this model's tokenizer cannot be used for structured outputs: {exc}") from exc
@@ -68,8 +69,7 @@ class StructuredDecoding:
         if request.constraint is None:
             return [None] * count
         try:
-            return [self.compiler.matcher(request.constraint, replay=request.resume_token_ids)
-                    for _ in range(count)]
+            return [self.compiler.matcher(request.constraint, replay=request.resume_token_ids) for _ in range(count)]
         except ConstraintError as exc:
             raise InvalidRequest(f"constraint: {exc}") from exc
         except ConstraintViolation as exc:
@@ -80,7 +80,7 @@ class StructuredDecoding:
         """Keep only the leading drafts the grammar allows: no verify row is spent on a refused token."""
         for seq in seqs:
             if seq.matcher is not None and seq.draft_token_ids:
-                del seq.draft_token_ids[seq.matcher.validate_draft(seq.draft_token_ids):]
+                del seq.draft_token_ids[seq.matcher.validate_draft(seq.draft_token_ids) :]
 
     def mask_rows(self, rows: list[SamplingRow], constrained: list[tuple[Sequence, int]]) -> None:
         """Attach the allowed-token bitmask to each row of a constrained sequence. `constrained`: (sequence, its
@@ -90,8 +90,9 @@ class StructuredDecoding:
         compiler = self.compiler
         assert self._filler is not None
         masks = allocate_bitmask(len(rows), compiler.vocab_size)
-        self._filler.fill_with_drafts(masks, [(seq.matcher, first, seq.draft_token_ids)
-                                              for seq, first in constrained if seq.matcher is not None])
+        self._filler.fill_with_drafts(
+            masks, [(seq.matcher, first, seq.draft_token_ids) for seq, first in constrained if seq.matcher is not None]
+        )
         for seq, first in constrained:
             for row in range(first, first + len(seq.draft_token_ids) + 1):
                 rows[row].allowed = masks[row]

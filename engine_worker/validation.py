@@ -29,8 +29,9 @@ def resolve_layer(layer: int, num_layers: int) -> int:
     """0 is the token embeddings, `num_layers` the last block's output; negative counts from the end."""
     resolved = layer + num_layers + 1 if layer < 0 else layer
     if not 0 <= resolved <= num_layers:
-        raise InvalidRequest(f"layer {layer} does not exist: the model has layers 0..{num_layers} "
-                             f"(or -1..-{num_layers + 1})")
+        raise InvalidRequest(
+            f"layer {layer} does not exist: the model has layers 0..{num_layers} (or -1..-{num_layers + 1})"
+        )
     return resolved
 
 

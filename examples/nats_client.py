@@ -42,20 +42,25 @@ async def chat_token_ids(js, model: str, text: str) -> list[int]:
     """The model's chat template applied to one user message, with the tokenizer its worker published."""
     from transformers import AutoTokenizer
 
-    workers = [worker for worker in await WorkerRegistry(await js.key_value(subjects.REGISTRY_BUCKET))
-               .live_workers() if worker.model == model]
+    workers = [
+        worker
+        for worker in await WorkerRegistry(await js.key_value(subjects.REGISTRY_BUCKET)).live_workers()
+        if worker.model == model
+    ]
     if not workers:
         raise SystemExit(f"no live worker serves {model!r}")
     directory = await fetch_tokenizer(js, workers[0].tokenizer_object, Path(tempfile.gettempdir()) / "inferq-tok")
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer.encode(rendered, add_special_tokens=False)
 
 
 async def run(args: argparse.Namespace) -> int:
-    nc = await nats.connect(args.nats, name="inferq-example-client", user=args.user, password=args.password,
-                            inbox_prefix=args.inbox_prefix)
+    nc = await nats.connect(
+        args.nats, name="inferq-example-client", user=args.user, password=args.password, inbox_prefix=args.inbox_prefix
+    )
     try:
         if args.fetch:
             return await fetch(nc.jetstream(), args.fetch, args.wait)
@@ -66,19 +71,30 @@ async def run(args: argparse.Namespace) -> int:
         await nc.drain()
 
 
-def build_request(args: argparse.Namespace, request_id: str, prompt_token_ids: list[int], reply_subject: str,
-                  deadline: float | None) -> GenerateRequest:
+def build_request(
+    args: argparse.Namespace, request_id: str, prompt_token_ids: list[int], reply_subject: str, deadline: float | None
+) -> GenerateRequest:
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=args.ignore_eos)
-    return GenerateRequest(request_id=request_id, model=args.model, prompt_token_ids=prompt_token_ids,
-                           sampling=sampling, reply_subject=reply_subject, deadline=deadline,
-                           constraint=args.constraint)
+    return GenerateRequest(
+        request_id=request_id,
+        model=args.model,
+        prompt_token_ids=prompt_token_ids,
+        sampling=sampling,
+        reply_subject=reply_subject,
+        deadline=deadline,
+        constraint=args.constraint,
+    )
 
 
 async def submit(js, request: GenerateRequest) -> bool:
     """Queue the request; False (after saying so) when the model's queue is full."""
     try:
-        await js.publish(subjects.request_subject(request.model), request.to_bytes(), timeout=2,
-                         headers={"Nats-Msg-Id": request.request_id})  # a retried publish is queued once
+        await js.publish(
+            subjects.request_subject(request.model),
+            request.to_bytes(),
+            timeout=2,
+            headers={"Nats-Msg-Id": request.request_id},
+        )  # a retried publish is queued once
     except jse.ServiceUnavailableError as exc:
         if exc.err_code == QUEUE_FULL:
             sys.stderr.write("the model's queue is full; retry later\n")
@@ -124,15 +140,17 @@ async def stream(nc, args: argparse.Namespace) -> int:
     await nc.subscribe(subjects.token_wildcard(client_id), cb=on_event)
     await nc.flush()
     prompt = await chat_token_ids(js, args.model, args.message)
-    request = build_request(args, request_id, prompt, subjects.token_subject(client_id, request_id),
-                            deadline=time.time() + 60)
+    request = build_request(
+        args, request_id, prompt, subjects.token_subject(client_id, request_id), deadline=time.time() + 60
+    )
     if not await submit(js, request):
         return 2
     try:
         return await print_stream(events)
     except asyncio.CancelledError:  # Ctrl-C: stop the generation on the worker, not just our reading
-        await nc.publish(subjects.cancel_subject(request_id),
-                         CancelRequest(request_id=request_id, reason="ctrl-c").to_bytes())
+        await nc.publish(
+            subjects.cancel_subject(request_id), CancelRequest(request_id=request_id, reason="ctrl-c").to_bytes()
+        )
         await nc.flush()
         sys.stderr.write(f"\nrequest {request_id} cancelled\n")
         return 130
@@ -153,8 +171,7 @@ def report_end(event) -> int:
         sys.stderr.write(f"\nfailed: {event.error.code.value}: {event.error.message}\n")
         return 3
     sys.stdout.write("\n")
-    sys.stderr.write(f"usage: {event.usage.prompt_tokens} prompt + {event.usage.completion_tokens} "
-                     "completion tokens\n")
+    sys.stderr.write(f"usage: {event.usage.prompt_tokens} prompt + {event.usage.completion_tokens} completion tokens\n")
     return 0
 
 
@@ -164,10 +181,16 @@ def main() -> int:
     parser.add_argument("--nats", default="nats://127.0.0.1:4222")
     parser.add_argument("--user", default=os.environ.get("NATS_USER"), help="default: $NATS_USER")
     parser.add_argument("--password", default=os.environ.get("NATS_PASSWORD"), help="default: $NATS_PASSWORD")
-    parser.add_argument("--inbox-prefix", default="_INBOX",
-                        help="reply inboxes; a server with per-user permissions names one (ops/nats/auth.conf)")
-    parser.add_argument("--client-id", default=f"c{uuid.uuid4().hex[:12]}",
-                        help="the reply-subject segment: inf.tok.<client-id>.* or inf.results.<client-id>.*")
+    parser.add_argument(
+        "--inbox-prefix",
+        default="_INBOX",
+        help="reply inboxes; a server with per-user permissions names one (ops/nats/auth.conf)",
+    )
+    parser.add_argument(
+        "--client-id",
+        default=f"c{uuid.uuid4().hex[:12]}",
+        help="the reply-subject segment: inf.tok.<client-id>.* or inf.results.<client-id>.*",
+    )
     parser.add_argument("--model")
     parser.add_argument("--detach", action="store_true", help="fire-and-forget: print the results subject, exit")
     parser.add_argument("--fetch", metavar="SUBJECT", help="print the stored answer of a detached request")
@@ -175,8 +198,12 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--ignore-eos", action="store_true")
-    parser.add_argument("--constraint", type=parse_constraint, metavar="JSON",
-                        help='structured output, e.g. \'{"type": "regex", "pattern": "[0-9]{3}"}\' (see the schema)')
+    parser.add_argument(
+        "--constraint",
+        type=parse_constraint,
+        metavar="JSON",
+        help='structured output, e.g. \'{"type": "regex", "pattern": "[0-9]{3}"}\' (see the schema)',
+    )
     args = parser.parse_args()
     if not args.fetch and not (args.model and args.message):
         parser.error("a message and --model are needed (or --fetch SUBJECT)")

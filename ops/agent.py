@@ -73,8 +73,10 @@ class Supervision:
 
     async def listen(self) -> None:
         bus = self.agent.bus
-        self._subscriptions = [await bus.serve_stop(self.deployment_id, self._on_stop),
-                               await bus.serve_stats(self.deployment_id, self._on_stats)]
+        self._subscriptions = [
+            await bus.serve_stop(self.deployment_id, self._on_stop),
+            await bus.serve_stats(self.deployment_id, self._on_stats),
+        ]
 
     async def run(self) -> None:
         outcome: tuple[DeploymentStatus, str | None] = (DeploymentStatus.STOPPED, None)
@@ -107,14 +109,16 @@ class Supervision:
             self.command = self.command.model_copy(update={"ssh": None})  # SSH secrets are used once: drop them
         self._exited = asyncio.ensure_future(self.launch.wait())
         self._pump = asyncio.create_task(self._publish_output())
-        await self._update(DeploymentStatus.STARTING, host=self.launch.host, pid=self.launch.pid,
-                           started_at=time.time())
+        await self._update(
+            DeploymentStatus.STARTING, host=self.launch.host, pid=self.launch.pid, started_at=time.time()
+        )
         settings = self.agent.settings
         worker = await self._unless_exited(self._registered(), settings.deploy_start_timeout_s, "did not register")
         await self._update(None, worker_id=worker.worker_id, served_model=worker.model)
         await self._note(f"worker {worker.worker_id} registered for model {worker.model!r}; probing")
-        await self._unless_exited(self._probe(worker), settings.deploy_probe_timeout_s,
-                                  "did not answer a probe generation")
+        await self._unless_exited(
+            self._probe(worker), settings.deploy_probe_timeout_s, "did not answer a probe generation"
+        )
         await self._update(DeploymentStatus.ACTIVE)
         await self._note("active")
 
@@ -122,8 +126,7 @@ class Supervision:
         """`work`'s result, unless the worker exits first or it takes longer than `timeout_s`."""
         task = asyncio.ensure_future(work)
         try:
-            done, _ = await asyncio.wait({task, self._exited}, timeout=timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({task, self._exited}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not task.done():
                 task.cancel()
@@ -153,8 +156,9 @@ class Supervision:
                 continue
             if answered_by == worker.worker_id:
                 return
-            log.info("deployment.probe_taken_by_another_worker", deployment_id=self.deployment_id,
-                     worker_id=answered_by)
+            log.info(
+                "deployment.probe_taken_by_another_worker", deployment_id=self.deployment_id, worker_id=answered_by
+            )
 
     async def _publish_output(self) -> None:
         async for line in self.launch.lines():
@@ -237,8 +241,14 @@ class Supervision:
 
 
 class Agent:
-    def __init__(self, nc: NatsClient, settings: Settings, store: DeploymentStore, registry: WorkerRegistry,
-                 agent_id: str | None = None):
+    def __init__(
+        self,
+        nc: NatsClient,
+        settings: Settings,
+        store: DeploymentStore,
+        registry: WorkerRegistry,
+        agent_id: str | None = None,
+    ):
         self.nc = nc
         self.settings = settings
         self.store = store
@@ -291,6 +301,7 @@ class Agent:
 
     async def _take(self, command: DeployCommand) -> AgentReply:
         """Claim the record, listen for stop/stats, then answer; the worker starts after the answer."""
+
         def claim(current: Deployment) -> Deployment:
             if current.status is not DeploymentStatus.QUEUED or current.agent_id is not None:
                 raise InvalidDeploymentTransition(f"deployment {current.id} is {current.status}")
@@ -306,8 +317,12 @@ class Agent:
         await supervision.listen()
         self._supervisions[command.deployment_id] = supervision
         supervision.task = asyncio.create_task(supervision.run(), name=f"deployment-{command.deployment_id}")
-        log.info("agent.took_deployment", deployment_id=command.deployment_id, model=command.model_id,
-                 ssh_host=command.ssh.host if command.ssh else None)
+        log.info(
+            "agent.took_deployment",
+            deployment_id=command.deployment_id,
+            model=command.model_id,
+            ssh_host=command.ssh.host if command.ssh else None,
+        )
         return AgentReply(agent_id=self.agent_id)
 
     async def probe(self, model: str) -> str:
@@ -317,9 +332,14 @@ class Agent:
         inbox = self.nc.new_inbox()
         subscription = await self.nc.subscribe(inbox)
         try:
-            request = GenerateRequest(request_id=request_id, model=model, prompt_token_ids=[1],
-                                      sampling=SamplingParams(max_tokens=1, temperature=0.0),
-                                      reply_subject=inbox, deadline=time.time() + _PROBE_ATTEMPT_S)
+            request = GenerateRequest(
+                request_id=request_id,
+                model=model,
+                prompt_token_ids=[1],
+                sampling=SamplingParams(max_tokens=1, temperature=0.0),
+                reply_subject=inbox,
+                deadline=time.time() + _PROBE_ATTEMPT_S,
+            )
             await publish_request(self.nc.jetstream(), request)
             answered_by = ""
             while True:

@@ -149,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
              _CONNECT, _COMMON, _EDGE, _QUEUE)  # fmt: skip
     _command(commands, "agent", _agent, "a node agent: starts deployments' workers here or over SSH",
              _CONNECT, _COMMON, _AGENT)  # fmt: skip
-    for name, help_text in (("bench", "benchmark a running server (arguments go to the benchmark)"),
-                            ("users", "add, list or remove users (email/password login) in NATS"),
-                            ("keys", "create, list or revoke API keys in NATS"),
-                            ("chaos", "a seeded fault schedule against a local cluster (arguments go to it)")):
+    for name, help_text in (
+        ("bench", "benchmark a running server (arguments go to the benchmark)"),
+        ("users", "add, list or remove users (email/password login) in NATS"),
+        ("keys", "create, list or revoke API keys in NATS"),
+        ("chaos", "a seeded fault schedule against a local cluster (arguments go to it)"),
+    ):
         forwarded = commands.add_parser(name, help=help_text, add_help=False)
         forwarded.add_argument("args", nargs=argparse.REMAINDER)
     commands.add_parser("version", help="print the installed version")

@@ -50,8 +50,7 @@ def worker_arguments(settings: Settings, model_id: str, nats_url: str) -> list[s
     """`inferq worker …` arguments (after the executable) for a deployment of `model_id`. The sim engine names
     every model `sim` unless told otherwise, so it gets the deployment's model id as its served name. JSON logs:
     a terminal (an SSH pty) would otherwise get colour codes in every line."""
-    arguments = ["worker", "--model", model_id, "--engine", settings.engine, "--nats", nats_url,
-                 "--log-format", "json"]
+    arguments = ["worker", "--model", model_id, "--engine", settings.engine, "--nats", nats_url, "--log-format", "json"]
     if settings.engine == "sim":
         arguments += ["--served-model-name", model_id]
     return arguments
@@ -88,7 +87,7 @@ def model_problem(spec: str) -> str | None:
 
 
 def explain_exit(code: int | None, tail: Sequence[str]) -> str:
-    """"worker exited with code 1: <its last words>"; a JSON log line is shortened to its event and error."""
+    """ "worker exited with code 1: <its last words>"; a JSON log line is shortened to its event and error."""
     last = next((_readable(line) for line in reversed(tail) if line.strip()), "")
     status = "was killed" if code is None or code < 0 else f"exited with code {code}"
     return f"the worker {status}" + (f": {last}" if last else "")
@@ -111,8 +110,7 @@ class LocalWorker:
 
     def __init__(self, settings: Settings, model_id: str):
         self._settings = settings
-        self._argv = [sys.executable, "-m", "ops.cli",
-                      *worker_arguments(settings, model_id, settings.nats_url or "")]
+        self._argv = [sys.executable, "-m", "ops.cli", *worker_arguments(settings, model_id, settings.nats_url or "")]
         env = child_env(settings)
         env.pop(f"{ENV_PREFIX}SERVED_MODEL_NAME", None)  # the agent's own default must not rename the model
         self._env = env
@@ -178,9 +176,9 @@ class LocalWorker:
                 cpu, memory = self._stats.cpu_percent(None), self._stats.memory_info().rss
         except psutil.Error:
             return stats
-        return stats.model_copy(update={"cpu_percent": cpu, "memory_bytes": memory,
-                                        "memory_total_bytes": psutil.virtual_memory().total})
+        return stats.model_copy(
+            update={"cpu_percent": cpu, "memory_bytes": memory, "memory_total_bytes": psutil.virtual_memory().total}
+        )
 
     def explain_exit(self, code: int | None, tail: Sequence[str]) -> str:
         return explain_exit(code, tail)
-

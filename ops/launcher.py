@@ -100,8 +100,11 @@ def build_children(settings: Settings) -> list[ChildSpec]:
     if settings.torch_threads is None:
         env[f"{ENV_PREFIX}TORCH_THREADS"] = str(colocated_torch_threads(len(worker_models)))
     workers = [
-        ChildSpec("worker" if len(worker_models) == 1 else f"worker-{index}", [*cli, "worker"],
-                  {**env, f"{ENV_PREFIX}MODEL": model})
+        ChildSpec(
+            "worker" if len(worker_models) == 1 else f"worker-{index}",
+            [*cli, "worker"],
+            {**env, f"{ENV_PREFIX}MODEL": model},
+        )
         for index, model in enumerate(worker_models)
     ]
     # The node agent starts deployments' workers (POST /api/v1/deploy) on this machine or over SSH.
@@ -172,8 +175,12 @@ class _Child(_Supervised):
 
 
 def restart_policy(settings: Settings) -> RestartPolicy:
-    return RestartPolicy(settings.restart_backoff_initial_s, settings.restart_backoff_max_s,
-                         settings.crash_loop_crashes, settings.crash_loop_window_s)
+    return RestartPolicy(
+        settings.restart_backoff_initial_s,
+        settings.restart_backoff_max_s,
+        settings.crash_loop_crashes,
+        settings.crash_loop_window_s,
+    )
 
 
 class Launcher:
@@ -263,8 +270,9 @@ class Launcher:
                 # Before ready, a crash loop is a start that failed (a bad model path, a taken port): say so.
                 log.error("serve.not_ready", given_up=given_up)
                 return 1
-            pending = [child for child in pending if not (child.state is ProcessState.RUNNING
-                                                          and _is_ready(child.spec))]
+            pending = [
+                child for child in pending if not (child.state is ProcessState.RUNNING and _is_ready(child.spec))
+            ]
             if not pending:
                 break
             if time.monotonic() > deadline:
@@ -317,14 +325,21 @@ class Launcher:
         decision = item.history.crashed(now, item.started_at, returncode)
         if isinstance(decision, GiveUp):
             item.gave_up = decision.reason
-            consequence = ("stopping the service: nothing can be served without it" if item.essential else
-                           "not restarting it; everything else keeps serving")
-            log.critical("child.gave_up", child=item.name, reason=decision.reason, consequence=consequence,
-                         restarts=item.restarts)
+            consequence = (
+                "stopping the service: nothing can be served without it"
+                if item.essential
+                else "not restarting it; everything else keeps serving"
+            )
+            log.critical(
+                "child.gave_up",
+                child=item.name,
+                reason=decision.reason,
+                consequence=consequence,
+                restarts=item.restarts,
+            )
         else:
             item.restart_at = now + decision.delay_s
-            log.warning("child.restart_scheduled", child=item.name, delay_s=decision.delay_s,
-                        restarts=item.restarts)
+            log.warning("child.restart_scheduled", child=item.name, delay_s=decision.delay_s, restarts=item.restarts)
 
     def _restart_child(self, child: _Child) -> None:
         terminate(child.proc, timeout_s=0)  # it is dead; this sweeps what it left in its process group
@@ -334,14 +349,23 @@ class Launcher:
     def _restart_nats(self) -> None:
         assert self._nats is not None
         self._nats.restart()  # same port and store: clients reconnect, JetStream recovers its store
-        log.warning("child.restarted", child=NATS_NAME, pid=self._nats.pid, url=self._nats.url,
-                    restarts=self._nats_watch.restarts if self._nats_watch else 0)
+        log.warning(
+            "child.restarted",
+            child=NATS_NAME,
+            pid=self._nats.pid,
+            url=self._nats.url,
+            restarts=self._nats_watch.restarts if self._nats_watch else 0,
+        )
 
     def _write_status(self) -> None:
         watched = [*([self._nats_watch] if self._nats_watch else []), *self._children]
-        status = SupervisorStatus(updated_at=time.time(), processes=[
-            SupervisedProcess(name=item.name, state=item.state, restarts=item.restarts, reason=item.gave_up)
-            for item in watched])
+        status = SupervisorStatus(
+            updated_at=time.time(),
+            processes=[
+                SupervisedProcess(name=item.name, state=item.state, restarts=item.restarts, reason=item.gave_up)
+                for item in watched
+            ],
+        )
         try:
             self.status_file.parent.mkdir(parents=True, exist_ok=True)
             partial_file = self.status_file.with_suffix(".tmp")

@@ -45,8 +45,10 @@ class CrashHistory:
     def crashed(self, now: float, started_at: float, returncode: int) -> Restart | GiveUp:
         """Record a crash at `now` of a run that began at `started_at`; say what to do about it."""
         if returncode == EXIT_CONFIG:
-            return GiveUp(f"it refused to start because of its configuration (exit code {EXIT_CONFIG}); "
-                          "see its last log lines, fix the setting and start again")
+            return GiveUp(
+                f"it refused to start because of its configuration (exit code {EXIT_CONFIG}); "
+                "see its last log lines, fix the setting and start again"
+            )
         window = self.policy.crash_loop_window_s
         if now - started_at >= window:
             self._consecutive = 0
@@ -54,7 +56,8 @@ class CrashHistory:
         while self._recent and now - self._recent[0] > window:
             self._recent.popleft()
         if len(self._recent) >= self.policy.crash_loop_crashes:
-            return GiveUp(f"it crashed {len(self._recent)} times within {window:g} s (crash loop); "
-                          "its last log lines say why")
+            return GiveUp(
+                f"it crashed {len(self._recent)} times within {window:g} s (crash loop); its last log lines say why"
+            )
         self._consecutive += 1
         return Restart(self.policy.backoff_s(self._consecutive))

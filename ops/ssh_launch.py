@@ -55,8 +55,9 @@ class SshWorker:
         assert self._conn is not None
         script = f'echo "{_MARKER} $$ $(uname -n)"; exec {shlex.join(self._argv)}'
         try:
-            self._process = await self._conn.create_process(script, term_type="dumb", encoding="utf-8",
-                                                            errors="replace")
+            self._process = await self._conn.create_process(
+                script, term_type="dumb", encoding="utf-8", errors="replace"
+            )
             await asyncio.wait_for(self._read_marker(), _MARKER_TIMEOUT_S)
         except (asyncssh.Error, OSError, TimeoutError) as exc:
             raise LaunchFailed(f"cannot run the worker on {self.target}: {exc}") from exc
@@ -75,15 +76,16 @@ class SshWorker:
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 self._conn = await asyncssh.connect(
-                    ssh.host, ssh.port, username=ssh.username, known_hosts=known_hosts, agent_path=None,
-                    **secret)
+                    ssh.host, ssh.port, username=ssh.username, known_hosts=known_hosts, agent_path=None, **secret
+                )
         except asyncssh.PermissionDenied:
             raise LaunchFailed(f"SSH authentication failed for {self.target}") from None
         except asyncssh.HostKeyNotVerifiable:
             raise LaunchFailed(f"the SSH host key of {ssh.host} is not in {known_hosts}") from None
         except TimeoutError:
-            raise LaunchFailed(f"SSH connection to {self.target} timed out after "
-                               f"{self._connect_timeout_s:g} s") from None
+            raise LaunchFailed(
+                f"SSH connection to {self.target} timed out after {self._connect_timeout_s:g} s"
+            ) from None
         except (asyncssh.Error, OSError) as exc:
             raise LaunchFailed(f"SSH connection to {self.target} failed: {exc}") from None
         finally:
@@ -100,8 +102,9 @@ class SshWorker:
                 self.pid, self.host = int(pid), host.strip()
                 return
             self._early_lines.append(text)
-        raise LaunchFailed(f"the shell on {self.target} ended before starting the worker: "
-                           f"{' '.join(self._early_lines[-3:])}")
+        raise LaunchFailed(
+            f"the shell on {self.target} ended before starting the worker: {' '.join(self._early_lines[-3:])}"
+        )
 
     async def lines(self) -> AsyncIterator[str]:
         assert self._process is not None
@@ -140,19 +143,24 @@ class SshWorker:
         if not running or self._conn is None:
             return stats
         try:
-            result = await self._conn.run(f"ps -o pcpu=,rss= -p {self.pid}; grep MemTotal /proc/meminfo",
-                                          check=False)
+            result = await self._conn.run(f"ps -o pcpu=,rss= -p {self.pid}; grep MemTotal /proc/meminfo", check=False)
             usage, total = str(result.stdout).splitlines()[:2]
             cpu, rss_kib = usage.split()
-            return stats.model_copy(update={"cpu_percent": float(cpu), "memory_bytes": int(rss_kib) * 1024,
-                                            "memory_total_bytes": int(total.split()[1]) * 1024})
+            return stats.model_copy(
+                update={
+                    "cpu_percent": float(cpu),
+                    "memory_bytes": int(rss_kib) * 1024,
+                    "memory_total_bytes": int(total.split()[1]) * 1024,
+                }
+            )
         except (asyncssh.Error, OSError, ValueError):
             return stats
 
     def explain_exit(self, code: int | None, tail: Sequence[str]) -> str:
         if code in (_NOT_FOUND, _NOT_EXECUTABLE):
             problem = "not found" if code == _NOT_FOUND else "not executable"
-            return (f"inferq {problem} on {self._ssh.host} ({self._inferq!r}); install inferq there or set "
-                    f"INFERQ_DEPLOY_REMOTE_INFERQ to its path")
+            return (
+                f"inferq {problem} on {self._ssh.host} ({self._inferq!r}); install inferq there or set "
+                f"INFERQ_DEPLOY_REMOTE_INFERQ to its path"
+            )
         return explain_exit(code, tail)
-

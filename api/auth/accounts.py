@@ -55,8 +55,15 @@ def resolve_limits(defaults: RateLimits, given: Mapping[str, int | None] | None)
 
 
 class Accounts:
-    def __init__(self, store: AccountStore, limiter: RateLimiter, defaults: RateLimits, token_ttl_s: float,
-                 clock: Clock = time.time, login_caps: LoginCaps = LoginCaps()):
+    def __init__(
+        self,
+        store: AccountStore,
+        limiter: RateLimiter,
+        defaults: RateLimits,
+        token_ttl_s: float,
+        clock: Clock = time.time,
+        login_caps: LoginCaps = LoginCaps(),
+    ):
         self.store = store
         self._limiter = limiter
         self.defaults = defaults
@@ -71,8 +78,14 @@ class Accounts:
         if not name.strip():
             raise ApiError(ErrorCode.INVALID_REQUEST, "a key needs a name", param="name")
         secret = new_secret()
-        record = ApiKeyRecord(key_id=new_id(), name=name.strip(), role=role, secret_sha256=sha256_hex(secret),
-                              limits=limits, created_at=self._clock())
+        record = ApiKeyRecord(
+            key_id=new_id(),
+            name=name.strip(),
+            role=role,
+            secret_sha256=sha256_hex(secret),
+            limits=limits,
+            created_at=self._clock(),
+        )
         await self._created(self.store.add_key(record))
         log.info("accounts.key_created", key_id=record.key_id, name=record.name, role=role.value)
         return record, api_key(record.key_id, secret)
@@ -96,10 +109,19 @@ class Accounts:
         if not _EMAIL.fullmatch(email):
             raise ApiError(ErrorCode.INVALID_REQUEST, "not an email address", param="email")
         if len(password) < MIN_PASSWORD_LENGTH:
-            raise ApiError(ErrorCode.INVALID_REQUEST, f"the password needs at least {MIN_PASSWORD_LENGTH} "
-                           "characters", param="password")
-        record = UserRecord(user_id=user_id_for(email), email=email, role=role, password_argon2=hash_password(password),
-                            limits=limits, created_at=self._clock())
+            raise ApiError(
+                ErrorCode.INVALID_REQUEST,
+                f"the password needs at least {MIN_PASSWORD_LENGTH} characters",
+                param="password",
+            )
+        record = UserRecord(
+            user_id=user_id_for(email),
+            email=email,
+            role=role,
+            password_argon2=hash_password(password),
+            limits=limits,
+            created_at=self._clock(),
+        )
         await self._created(self.store.add_user(record))
         log.info("accounts.user_added", email=email, role=role.value)
         return record
@@ -131,8 +153,13 @@ class Accounts:
             log.info("accounts.login_failed", email=normalise_email(email))
             raise ApiError(ErrorCode.UNAUTHENTICATED, "wrong email or password")
         secret, now = new_secret(), self._clock()
-        record = LoginTokenRecord(token_id=new_id(), user_id=user_id, secret_sha256=sha256_hex(secret),
-                                  created_at=now, expires_at=now + self._token_ttl_s)
+        record = LoginTokenRecord(
+            token_id=new_id(),
+            user_id=user_id,
+            secret_sha256=sha256_hex(secret),
+            created_at=now,
+            expires_at=now + self._token_ttl_s,
+        )
         await self.store.add_token(record, self._token_ttl_s)
         log.info("accounts.login", email=user.email, token_id=record.token_id)
         return login_token(user_id, record.token_id, secret), user
@@ -140,8 +167,9 @@ class Accounts:
     async def _admit(self, name: str, per_minute: int | None, *, minute_only: bool = True) -> None:
         if per_minute is None:
             return
-        verdict = await self._limiter.admit(name, RateLimits(requests_per_minute=per_minute), self._clock(),
-                                            requests=1, minute_only=minute_only)
+        verdict = await self._limiter.admit(
+            name, RateLimits(requests_per_minute=per_minute), self._clock(), requests=1, minute_only=minute_only
+        )
         if not verdict.allowed:
             raise rate_limited(verdict)
 

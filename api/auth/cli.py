@@ -40,25 +40,38 @@ def _limit(text: str) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--nats", dest="nats_url", metavar="URL",
-                        help="NATS server (default: INFERQ_NATS_URL, else a local `inferq serve`'s embedded one)")
+    common.add_argument(
+        "--nats",
+        dest="nats_url",
+        metavar="URL",
+        help="NATS server (default: INFERQ_NATS_URL, else a local `inferq serve`'s embedded one)",
+    )
     limits = argparse.ArgumentParser(add_help=False)
     limits.add_argument("--role", type=Role, choices=list(Role), default=Role.CLIENT)
     for flag, field in _LIMIT_FLAGS:
-        limits.add_argument(flag, dest=field, type=_limit, default=argparse.SUPPRESS, metavar="N|unlimited",
-                            help=f"{field.replace('_', ' ')} (default: the server's)")
+        limits.add_argument(
+            flag,
+            dest=field,
+            type=_limit,
+            default=argparse.SUPPRESS,
+            metavar="N|unlimited",
+            help=f"{field.replace('_', ' ')} (default: the server's)",
+        )
 
     parser = argparse.ArgumentParser(prog="inferq", description="Manage users and API keys (stored in NATS).")
     groups = parser.add_subparsers(dest="group", required=True)
     users = groups.add_parser("users", help="people who log in with email and password").add_subparsers(
-        dest="action", required=True)
-    add = users.add_parser("add", parents=[common, limits],
-                           help="add a user (password read from the terminal, or --password-stdin)")
+        dest="action", required=True
+    )
+    add = users.add_parser(
+        "add", parents=[common, limits], help="add a user (password read from the terminal, or --password-stdin)"
+    )
     add.add_argument("email")
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     users.add_parser("list", parents=[common], help="list users")
-    users.add_parser("remove", parents=[common], help="remove a user and revoke their login tokens"
-                     ).add_argument("email")
+    users.add_parser("remove", parents=[common], help="remove a user and revoke their login tokens").add_argument(
+        "email"
+    )
     users.add_parser("logout", parents=[common], help="revoke every login token of a user").add_argument("email")
 
     keys = groups.add_parser("keys", help="API keys for programs").add_subparsers(dest="action", required=True)
@@ -86,9 +99,12 @@ async def _run(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async with connect(url, name="inferq-cli", auth=NatsAuth.from_settings(settings)) as nc:
         js = nc.jetstream()
         defaults = default_limits(settings)
-        accounts = Accounts(await AccountStore.open(js, settings.nats_replicas),
-                            await RateLimiter.open(js, settings.nats_replicas), defaults,
-                            settings.login_token_ttl_s)
+        accounts = Accounts(
+            await AccountStore.open(js, settings.nats_replicas),
+            await RateLimiter.open(js, settings.nats_replicas),
+            defaults,
+            settings.login_token_ttl_s,
+        )
         return await _ACTIONS[(args.group, args.action)](accounts, args)
 
 
@@ -132,8 +148,10 @@ async def _users_add(accounts: Accounts, args: argparse.Namespace) -> int:
 
 async def _users_list(accounts: Accounts, _: argparse.Namespace) -> int:
     users = sorted(await accounts.store.list_users(), key=lambda user: user.email)
-    _table([[u.email, u.role.value, _limits_text(u.limits), _date(u.created_at)] for u in users],
-           ["EMAIL", "ROLE", "LIMITS", "CREATED"])
+    _table(
+        [[u.email, u.role.value, _limits_text(u.limits), _date(u.created_at)] for u in users],
+        ["EMAIL", "ROLE", "LIMITS", "CREATED"],
+    )
     return 0
 
 
@@ -163,8 +181,10 @@ async def _keys_create(accounts: Accounts, args: argparse.Namespace) -> int:
 
 async def _keys_list(accounts: Accounts, _: argparse.Namespace) -> int:
     keys = sorted(await accounts.store.list_keys(), key=lambda key: key.created_at)
-    _table([[k.key_id, k.name, k.role.value, _limits_text(k.limits), _date(k.created_at)] for k in keys],
-           ["ID", "NAME", "ROLE", "LIMITS", "CREATED"])
+    _table(
+        [[k.key_id, k.name, k.role.value, _limits_text(k.limits), _date(k.created_at)] for k in keys],
+        ["ID", "NAME", "ROLE", "LIMITS", "CREATED"],
+    )
     return 0
 
 

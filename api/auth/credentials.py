@@ -77,8 +77,12 @@ def parse_bearer(value: str) -> Bearer:
     parts = value.split("_", 3)
     if parts[0] == API_KEY_PREFIX and len(parts) >= 3 and _HEX_ID.fullmatch(parts[1]):
         return Bearer("key", (parts[1],), "_".join(parts[2:]))
-    if (parts[0] == LOGIN_TOKEN_PREFIX and len(parts) == 4 and _HEX_ID.fullmatch(parts[1])
-            and _HEX_ID.fullmatch(parts[2])):
+    if (
+        parts[0] == LOGIN_TOKEN_PREFIX
+        and len(parts) == 4
+        and _HEX_ID.fullmatch(parts[1])
+        and _HEX_ID.fullmatch(parts[2])
+    ):
         return Bearer("token", (parts[1], parts[2]), parts[3])
     return Bearer("opaque", (), value)
 
@@ -102,6 +106,7 @@ def hash_password(password: str) -> str:
 
 async def verify_password(password: str, stored: str | None) -> bool:
     """argon2 verify in a thread (tens of ms of CPU); `stored=None` burns the same time and fails."""
+
     def verify() -> bool:
         try:
             return _hasher.verify(stored or _dummy_hash(), password) and stored is not None

@@ -43,14 +43,18 @@ class EnvKey:
 
 def default_limits(settings: Settings) -> RateLimits:
     """The server's limits for credentials without their own; 0 in a setting means unlimited."""
-    return RateLimits(requests_per_minute=settings.rate_limit_requests_per_minute or None,
-                      tokens_per_minute=settings.rate_limit_tokens_per_minute or None,
-                      requests_per_day=settings.rate_limit_requests_per_day or None)
+    return RateLimits(
+        requests_per_minute=settings.rate_limit_requests_per_minute or None,
+        tokens_per_minute=settings.rate_limit_tokens_per_minute or None,
+        requests_per_day=settings.rate_limit_requests_per_day or None,
+    )
 
 
 def login_caps(settings: Settings) -> LoginCaps:
-    return LoginCaps(per_address=settings.login_attempts_per_minute_per_address or None,
-                     total=settings.login_attempts_per_minute or None)
+    return LoginCaps(
+        per_address=settings.login_attempts_per_minute_per_address or None,
+        total=settings.login_attempts_per_minute or None,
+    )
 
 
 class AuthGate:
@@ -67,13 +71,22 @@ class AuthGate:
     async def open(self, js: JetStreamContext) -> None:
         self._store = await AccountStore.open(js, self.settings.nats_replicas)
         self._limiter = await RateLimiter.open(js, self.settings.nats_replicas)
-        self._accounts = Accounts(self._store, self._limiter, self.defaults, self.settings.login_token_ttl_s,
-                                  clock=lambda: self.clock(), login_caps=login_caps(self.settings))
+        self._accounts = Accounts(
+            self._store,
+            self._limiter,
+            self.defaults,
+            self.settings.login_token_ttl_s,
+            clock=lambda: self.clock(),
+            login_caps=login_caps(self.settings),
+        )
         enabled = await self.enabled()
         log.info("auth.mode", setting=self.settings.auth, enabled=enabled, env_keys=len(self._env_keys))
         if not enabled and self.settings.host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("auth.off_on_public_address", host=self.settings.host,
-                        hint="create a key (inferq keys create) or set INFERQ_AUTH=on")
+            log.warning(
+                "auth.off_on_public_address",
+                host=self.settings.host,
+                hint="create a key (inferq keys create) or set INFERQ_AUTH=on",
+            )
 
     @property
     def accounts(self) -> Accounts:
@@ -119,8 +132,9 @@ class AuthGate:
             if token is not None and token.expires_at > now and digest_matches(bearer.secret, token.secret_sha256):
                 user = await self.accounts.store.get_user(user_id)  # removed users lose their tokens at once
                 if user is not None:
-                    return Caller(f"user:{user_id}", user.role, user.email, self._limits(user.limits),
-                                  token_id=token_id)
+                    return Caller(
+                        f"user:{user_id}", user.role, user.email, self._limits(user.limits), token_id=token_id
+                    )
         return self._env_caller(presented)
 
     def _env_caller(self, presented: str) -> Caller | None:
@@ -145,8 +159,14 @@ class AuthGate:
     def meter_for(self, caller: Caller, verdict: Verdict | None = None, *, strict: bool = True) -> Meter | None:
         if caller.limits is None:
             return None
-        return Meter(self.limiter, caller.owner, caller.limits, verdict.windows if verdict else None,
-                     strict=strict, clock=self.clock)
+        return Meter(
+            self.limiter,
+            caller.owner,
+            caller.limits,
+            verdict.windows if verdict else None,
+            strict=strict,
+            clock=self.clock,
+        )
 
     async def meter_for_owner(self, owner: str) -> Meter | None:
         """A charge-only meter for background work done for `owner` (a batch runner has only the owner stored

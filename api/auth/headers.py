@@ -27,8 +27,9 @@ def _request_window(limits: RateLimits, w: UsageWindows, now: float) -> tuple[in
     """(limit, remaining, reset epoch) of the binding requests window, if any is limited."""
     windows = []
     if limits.requests_per_minute is not None:
-        windows.append((limits.requests_per_minute, limits.requests_per_minute - w.minute_requests,
-                        (w.minute + 1) * MINUTE_S))
+        windows.append(
+            (limits.requests_per_minute, limits.requests_per_minute - w.minute_requests, (w.minute + 1) * MINUTE_S)
+        )
     if limits.requests_per_day is not None:
         windows.append((limits.requests_per_day, limits.requests_per_day - w.day_requests, (w.day + 1) * DAY_S))
     return min(windows, key=lambda window: window[1], default=None)

@@ -28,8 +28,16 @@ Clock = Callable[[], float]
 
 
 class Meter:
-    def __init__(self, limiter: RateLimiter, owner: str, limits: RateLimits, windows: UsageWindows | None = None,
-                 *, strict: bool = True, clock: Clock = time.time):
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        owner: str,
+        limits: RateLimits,
+        windows: UsageWindows | None = None,
+        *,
+        strict: bool = True,
+        clock: Clock = time.time,
+    ):
         self._limiter = limiter
         self.owner = owner
         self.limits = limits
@@ -81,8 +89,10 @@ class Reservation:
 def rate_limited(verdict: Verdict, tokens: int | None = None) -> ApiError:
     message = f"rate limit reached: {verdict.reason}"
     if tokens is not None:
-        message += (f" (this request reserves {tokens} tokens: the prompt plus max_tokens per choice, and without "
-                    "max_tokens the rest of the context; a lower max_tokens may fit)")
+        message += (
+            f" (this request reserves {tokens} tokens: the prompt plus max_tokens per choice, and without "
+            "max_tokens the rest of the context; a lower max_tokens may fit)"
+        )
     return ApiError(ErrorCode.RATE_LIMITED, message + "; retry after the reset", retry_after=verdict.retry_after_s)
 
 

@@ -64,16 +64,26 @@ class AuthMiddleware:
         """The caller and its meter, or the ApiError refusing the request."""
         try:
             headers = Headers(scope=scope)
-            caller = await self.gate.caller_for(credential_from_headers(headers.get("authorization"),
-                                                                        headers.get("x-api-key")))
+            caller = await self.gate.caller_for(
+                credential_from_headers(headers.get("authorization"), headers.get("x-api-key"))
+            )
             if caller is None:
-                raise ApiError(ErrorCode.UNAUTHENTICATED, "a valid API key or login token is required: send "
-                               "`Authorization: Bearer <key>` (or `x-api-key: <key>`)")
+                raise ApiError(
+                    ErrorCode.UNAUTHENTICATED,
+                    "a valid API key or login token is required: send "
+                    "`Authorization: Bearer <key>` (or `x-api-key: <key>`)",
+                )
             if caller.role not in roles:
-                log.info("auth.forbidden", path=scope["path"], caller=caller.name, role=caller.role.value,
-                         route_class=route_class)
-                raise ApiError(ErrorCode.PERMISSION_DENIED, f"the {caller.role.value} role may not use "
-                               f"{route_class} routes")
+                log.info(
+                    "auth.forbidden",
+                    path=scope["path"],
+                    caller=caller.name,
+                    role=caller.role.value,
+                    route_class=route_class,
+                )
+                raise ApiError(
+                    ErrorCode.PERMISSION_DENIED, f"the {caller.role.value} role may not use {route_class} routes"
+                )
             verdict = await self.gate.admit(caller)
         except BrokerError as exc:
             raise broker_error(exc) from exc

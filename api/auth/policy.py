@@ -27,10 +27,17 @@ class Rule:
         return (self.methods is None or method in self.methods) and self.pattern.fullmatch(path) is not None
 
 
-def _rule(route_class: str, pattern: str, roles: frozenset[Role] | set[Role], methods: str | None = None,
-          *, aleph: bool = False) -> Rule:
-    return Rule(route_class, re.compile(pattern), frozenset(roles),
-                frozenset(methods.split()) if methods else None, aleph)
+def _rule(
+    route_class: str,
+    pattern: str,
+    roles: frozenset[Role] | set[Role],
+    methods: str | None = None,
+    *,
+    aleph: bool = False,
+) -> Rule:
+    return Rule(
+        route_class, re.compile(pattern), frozenset(roles), frozenset(methods.split()) if methods else None, aleph
+    )
 
 
 _READ = "GET HEAD"
@@ -50,8 +57,13 @@ RULES: tuple[Rule, ...] = (
     _rule("inference", r"/v1/(completions|chat/completions|embeddings|responses(/.*)?)", {ADMIN, CLIENT}),
     _rule("inference", r"/v1/messages(/count_tokens)?", {ADMIN, CLIENT}),  # Anthropic Messages
     _rule("inference", r"/(v1/)?(tokenize|detokenize)", {ADMIN, CLIENT}),
-    _rule("inference", r"/(complete|embed|semantic_embed|batch_semantic_embed|evaluate|explain|models_available"
-                       r"|models/.+/tokenizer)", {ADMIN, CLIENT}, aleph=True),
+    _rule(
+        "inference",
+        r"/(complete|embed|semantic_embed|batch_semantic_embed|evaluate|explain|models_available"
+        r"|models/.+/tokenizer)",
+        {ADMIN, CLIENT},
+        aleph=True,
+    ),
     _rule("own batches and files", r"/v1/(files|batches)(/.*)?", {ADMIN, CLIENT}),
     _rule("api docs", r"/docs(/.*)?|/redoc|/openapi\.json", ANY_ROLE, _READ),
 )

@@ -49,5 +49,7 @@ def owns(owner: str | None, request_id: str) -> bool:
 
 def unknown_request(request_id: str) -> ApiError:
     """The answer for a request that cannot be followed: unknown, expired, or someone else's (the same words)."""
-    return ApiError(ErrorCode.NOT_FOUND, f"no request {request_id!r} to resume: it is unknown, or finished too long "
-                    "ago to be replayed")
+    return ApiError(
+        ErrorCode.NOT_FOUND,
+        f"no request {request_id!r} to resume: it is unknown, or finished too long ago to be replayed",
+    )

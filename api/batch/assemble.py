@@ -93,8 +93,14 @@ async def _store(storage: BatchStorage, job: BatchJob, contents: BinaryIO, kind:
     if contents.tell() == 0:
         return None  # OpenAI leaves the id null when there is nothing to report
     contents.seek(0)
-    record = FileRecord(id=new_object_id("file-"), filename=f"{job.id}_{kind}.jsonl", purpose=FilePurpose.BATCH_OUTPUT,
-                        bytes=0, created_at=int(time.time()), owner=job.owner)
+    record = FileRecord(
+        id=new_object_id("file-"),
+        filename=f"{job.id}_{kind}.jsonl",
+        purpose=FilePurpose.BATCH_OUTPUT,
+        bytes=0,
+        created_at=int(time.time()),
+        owner=job.owner,
+    )
     await storage.files.put(record, contents)
     return record.id
 

@@ -36,10 +36,12 @@ _MAX_UNEXPECTED_FAILURES = 5
 
 _UNFINISHED = {
     BatchStatus.COMPLETED: LineError(code="internal", message="the line produced no result"),
-    BatchStatus.EXPIRED: LineError(code="batch_expired", message="This request could not be executed before the "
-                                                                 "completion window expired."),
-    BatchStatus.CANCELLED: LineError(code="batch_cancelled", message="This request was not executed because the "
-                                                                     "batch was cancelled."),
+    BatchStatus.EXPIRED: LineError(
+        code="batch_expired", message="This request could not be executed before the completion window expired."
+    ),
+    BatchStatus.CANCELLED: LineError(
+        code="batch_cancelled", message="This request was not executed because the batch was cancelled."
+    ),
 }
 
 
@@ -82,7 +84,8 @@ class JobRun:
         """Returns once the batch is in a final state; raises Fenced when another runner took it over."""
         storage = self._ctx.storage
         claimed = await storage.jobs.change(
-            self._id, lambda job: None if job.status.terminal else job.claimed_by(self._ctx.runner_id))
+            self._id, lambda job: None if job.status.terminal else job.claimed_by(self._ctx.runner_id)
+        )
         if claimed is None:
             log.warning("batch.ticket_without_job", batch_id=self._id)
             return
@@ -157,10 +160,12 @@ class JobRun:
         if total == 0:
             return await self._fail("empty_file", "the input file has no requests")
         if total > self._ctx.max_lines:
-            return await self._fail("too_many_requests", f"the input file has {total} requests; the limit is "
-                                                         f"{self._ctx.max_lines}")
-        await self._save(lambda job: job.transition(BatchStatus.IN_PROGRESS, _now(),
-                                                    request_counts=RequestCounts(total=total)))
+            return await self._fail(
+                "too_many_requests", f"the input file has {total} requests; the limit is {self._ctx.max_lines}"
+            )
+        await self._save(
+            lambda job: job.transition(BatchStatus.IN_PROGRESS, _now(), request_counts=RequestCounts(total=total))
+        )
 
     async def _execute(self, path: Path) -> None:
         self._tally, self._stop_reason = Tally(), None
@@ -176,15 +181,25 @@ class JobRun:
         if self._stop_reason == "expired":
             return await self._finish(BatchStatus.EXPIRED, path)
         # Done, or cancelled (the transition to finalizing then fails and _drive goes on from cancelling).
-        await self._save(lambda job: job.transition(
-            BatchStatus.FINALIZING, _now(), request_counts=job.request_counts.at_least(self._tally.counts)))
+        await self._save(
+            lambda job: job.transition(
+                BatchStatus.FINALIZING, _now(), request_counts=job.request_counts.at_least(self._tally.counts)
+            )
+        )
 
     async def _finish(self, final: BatchStatus, path: Path) -> None:
         assembled = await assemble(self.job, path, self._ctx.storage, _UNFINISHED[final])
         try:
-            await self._save(lambda job: job.transition(
-                final, _now(), output_file_id=assembled.output_file_id, error_file_id=assembled.error_file_id,
-                request_counts=assembled.counts, usage=assembled.usage))
+            await self._save(
+                lambda job: job.transition(
+                    final,
+                    _now(),
+                    output_file_id=assembled.output_file_id,
+                    error_file_id=assembled.error_file_id,
+                    request_counts=assembled.counts,
+                    usage=assembled.usage,
+                )
+            )
         except (Fenced, InvalidTransition):
             await discard(self._ctx.storage, assembled)
             raise
@@ -241,8 +256,11 @@ class JobRun:
             except Exception as exc:  # unexpected (a bug, NATS gone): a few more tries, then the line fails
                 log.exception("batch.line_error", batch_id=self._id, custom_id=line.custom_id)
                 if attempt >= _MAX_UNEXPECTED_FAILURES:
-                    return LineResult(custom_id=line.custom_id, status_code=500,
-                                      error=LineError(code="internal", message=f"the line failed: {exc}"))
+                    return LineResult(
+                        custom_id=line.custom_id,
+                        status_code=500,
+                        error=LineError(code="internal", message=f"the line failed: {exc}"),
+                    )
                 await asyncio.sleep(min(_MAX_BACKOFF_S, attempt))
         raise AssertionError("unreachable")
 
@@ -272,8 +290,9 @@ class JobRun:
         if counts == self.job.request_counts:
             self._held = await self._fresh()  # nothing new to show: only look
             return self.job
-        return await self._save(lambda job: job.model_copy(
-            update={"request_counts": job.request_counts.at_least(self._tally.counts)}))
+        return await self._save(
+            lambda job: job.model_copy(update={"request_counts": job.request_counts.at_least(self._tally.counts)})
+        )
 
     def _stop(self, reason: str) -> None:
         """Stop starting lines and cancel the running ones (their generations are cancelled on the workers);

@@ -25,8 +25,16 @@ from contracts.batch import LineError, TokenTotals
 
 _MAX_CUSTOM_ID = 512
 # Failures worth waiting out (a worker restarting, a full queue): the line runs again rather than fail.
-RETRYABLE = frozenset({ErrorCode.NO_WORKER, ErrorCode.WORKER_LOST, ErrorCode.UNAVAILABLE, ErrorCode.QUEUE_FULL,
-                       ErrorCode.DEADLINE_EXCEEDED, ErrorCode.RATE_LIMITED})
+RETRYABLE = frozenset(
+    {
+        ErrorCode.NO_WORKER,
+        ErrorCode.WORKER_LOST,
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.QUEUE_FULL,
+        ErrorCode.DEADLINE_EXCEEDED,
+        ErrorCode.RATE_LIMITED,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,18 +92,30 @@ class LineParser:
         if not isinstance(custom_id, str) or not custom_id:
             return _invalid(number, None, "missing_custom_id", "custom_id must be a non-empty string")
         if len(custom_id) > _MAX_CUSTOM_ID or not custom_id.isprintable():
-            return _invalid(number, None, "invalid_custom_id",
-                            f"custom_id must be printable and at most {_MAX_CUSTOM_ID} characters")
+            return _invalid(
+                number,
+                None,
+                "invalid_custom_id",
+                f"custom_id must be printable and at most {_MAX_CUSTOM_ID} characters",
+            )
         digest = hashlib.blake2b(custom_id.encode(), digest_size=16).digest()
         if digest in self._seen:
-            return _invalid(number, custom_id, "duplicate_custom_id",
-                            f"custom_id {custom_id!r} is used by an earlier line; custom_ids must be unique")
+            return _invalid(
+                number,
+                custom_id,
+                "duplicate_custom_id",
+                f"custom_id {custom_id!r} is used by an earlier line; custom_ids must be unique",
+            )
         self._seen.add(digest)
         if line.get("method", "POST") != "POST":
             return _invalid(number, custom_id, "invalid_method", "method must be POST")
         if line.get("url") != self._url:
-            return _invalid(number, custom_id, "invalid_url",
-                            f"url {line.get('url')!r} does not match the batch's endpoint {self._url}")
+            return _invalid(
+                number,
+                custom_id,
+                "invalid_url",
+                f"url {line.get('url')!r} does not match the batch's endpoint {self._url}",
+            )
         return self._body(number, custom_id, line.get("body"))
 
     def _body(self, number: int, custom_id: str, body: object) -> BatchLine | InvalidLine:
@@ -130,12 +150,20 @@ async def run_line(line: BatchLine, endpoint: str, services: Services) -> LineRe
         error = as_api_error(exc)
         if error.info.code in RETRYABLE:
             raise RetryLater(error) from exc
-        return LineResult(custom_id=line.custom_id, status_code=error.status, body=api_error_body(error),
-                          error=LineError(code=error.info.code.value, message=error.info.message))
+        return LineResult(
+            custom_id=line.custom_id,
+            status_code=error.status,
+            body=api_error_body(error),
+            error=LineError(code=error.info.code.value, message=error.info.message),
+        )
     usage = body.get("usage") or {}
-    return LineResult(custom_id=line.custom_id, status_code=200, request_id=body.get("id"), body=body,
-                      usage=TokenTotals(input_tokens=usage.get("prompt_tokens", 0),
-                                        output_tokens=usage.get("completion_tokens", 0)))
+    return LineResult(
+        custom_id=line.custom_id,
+        status_code=200,
+        request_id=body.get("id"),
+        body=body,
+        usage=TokenTotals(input_tokens=usage.get("prompt_tokens", 0), output_tokens=usage.get("completion_tokens", 0)),
+    )
 
 
 def line_id(batch_id: str, custom_id: str | None, number: int) -> str:
@@ -147,12 +175,19 @@ def line_id(batch_id: str, custom_id: str | None, number: int) -> str:
 def result_line(batch_id: str, number: int, result: LineResult) -> dict:
     """`{id, custom_id, response: {status_code, request_id, body}, error}`; a failed request carries both its
     HTTP-style response and the error."""
-    return {"id": line_id(batch_id, result.custom_id, number), "custom_id": result.custom_id,
-            "response": {"status_code": result.status_code, "request_id": result.request_id, "body": result.body},
-            "error": None if result.error is None else result.error.model_dump()}
+    return {
+        "id": line_id(batch_id, result.custom_id, number),
+        "custom_id": result.custom_id,
+        "response": {"status_code": result.status_code, "request_id": result.request_id, "body": result.body},
+        "error": None if result.error is None else result.error.model_dump(),
+    }
 
 
 def error_line(batch_id: str, number: int, custom_id: str | None, error: LineError) -> dict:
     """A line that never reached a model (invalid, or not run before the batch ended): no response."""
-    return {"id": line_id(batch_id, custom_id, number), "custom_id": custom_id, "response": None,
-            "error": error.model_dump()}
+    return {
+        "id": line_id(batch_id, custom_id, number),
+        "custom_id": custom_id,
+        "response": None,
+        "error": error.model_dump(),
+    }

@@ -20,25 +20,44 @@ def new_object_id(prefix: str) -> str:
 
 
 def file_object(record: FileRecord) -> dict:
-    return {"id": record.id, "object": "file", "bytes": record.bytes, "created_at": record.created_at,
-            "filename": record.filename, "purpose": record.purpose.value, "status": "processed",
-            "status_details": None, "expires_at": None}
+    return {
+        "id": record.id,
+        "object": "file",
+        "bytes": record.bytes,
+        "created_at": record.created_at,
+        "filename": record.filename,
+        "purpose": record.purpose.value,
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }
 
 
 def batch_object(job: BatchJob) -> dict:
     fields = job.model_dump(exclude={"v", "owner", "runner_id", "epoch", "usage", "errors"})
     usage = None
     if job.usage is not None:
-        usage = {"input_tokens": job.usage.input_tokens, "output_tokens": job.usage.output_tokens,
-                 "total_tokens": job.usage.input_tokens + job.usage.output_tokens,
-                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+        usage = {
+            "input_tokens": job.usage.input_tokens,
+            "output_tokens": job.usage.output_tokens,
+            "total_tokens": job.usage.input_tokens + job.usage.output_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        }
     errors = {"object": "list", "data": [error.model_dump() for error in job.errors]} if job.errors else None
-    return {**fields, "object": "batch", "status": job.status.value, "errors": errors, "usage": usage,
-            "model": None}
+    return {**fields, "object": "batch", "status": job.status.value, "errors": errors, "usage": usage, "model": None}
 
 
-def page(items: Sequence[T], id_of: Callable[[T], str], render: Callable[[T], dict], *, after: str | None,
-         limit: int, max_limit: int = MAX_PAGE, newest_first: bool = True) -> dict:
+def page(
+    items: Sequence[T],
+    id_of: Callable[[T], str],
+    render: Callable[[T], dict],
+    *,
+    after: str | None,
+    limit: int,
+    max_limit: int = MAX_PAGE,
+    newest_first: bool = True,
+) -> dict:
     """OpenAI's list shape: `{object: "list", data, first_id, last_id, has_more}`; `after` is the last id of the
     previous page."""
     if not 1 <= limit <= max_limit:
@@ -48,7 +67,12 @@ def page(items: Sequence[T], id_of: Callable[[T], str], render: Callable[[T], di
         ids = [id_of(item) for item in ordered]
         if after not in ids:
             raise ApiError(ErrorCode.INVALID_REQUEST, f"after: {after!r} is not in this list", param="after")
-        ordered = ordered[ids.index(after) + 1:]
+        ordered = ordered[ids.index(after) + 1 :]
     data = ordered[:limit]
-    return {"object": "list", "data": [render(item) for item in data], "first_id": id_of(data[0]) if data else None,
-            "last_id": id_of(data[-1]) if data else None, "has_more": len(ordered) > limit}
+    return {
+        "object": "list",
+        "data": [render(item) for item in data],
+        "first_id": id_of(data[0]) if data else None,
+        "last_id": id_of(data[-1]) if data else None,
+        "has_more": len(ordered) > limit,
+    }

@@ -34,18 +34,28 @@ _RETRY_DELAY_S = 5.0  # a batch whose run failed unexpectedly is retried (by any
 
 
 class BatchRunner:
-    def __init__(self, services: Services, storage: BatchStorage, nc: NatsClient,
-                 meter_for_owner: Callable[[str], Awaitable[Meter | None]] | None = None):
+    def __init__(
+        self,
+        services: Services,
+        storage: BatchStorage,
+        nc: NatsClient,
+        meter_for_owner: Callable[[str], Awaitable[Meter | None]] | None = None,
+    ):
         settings = services.settings
-        lines = services.engine.in_lane(Lane.BATCH, Timeouts(queue_s=settings.batch_line_timeout_s,
-                                                             silence_s=settings.worker_silence_timeout_s))
+        lines = services.engine.in_lane(
+            Lane.BATCH, Timeouts(queue_s=settings.batch_line_timeout_s, silence_s=settings.worker_silence_timeout_s)
+        )
         self.runner_id = f"r{uuid.uuid4().hex[:12]}"
         # Lines may wait in the batch lane behind interactive work far longer than interactive requests may.
         line_settings = settings.model_copy(update={"queue_timeout_s": settings.batch_line_timeout_s})
         self._context = RunnerContext(
-            services=replace(services, engine=lines, settings=line_settings), storage=storage,
-            runner_id=self.runner_id, line_concurrency=settings.batch_line_concurrency,
-            max_lines=settings.batch_max_lines, meter_for_owner=meter_for_owner)
+            services=replace(services, engine=lines, settings=line_settings),
+            storage=storage,
+            runner_id=self.runner_id,
+            line_concurrency=settings.batch_line_concurrency,
+            max_lines=settings.batch_max_lines,
+            meter_for_owner=meter_for_owner,
+        )
         self._storage = storage
         self._max_jobs = settings.batch_jobs_per_runner
         self._heartbeat_s = heartbeat_interval(storage.queue)

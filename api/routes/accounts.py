@@ -41,8 +41,9 @@ class NewUser(_Body):
     email: str
     password: str = Field(repr=False)
     role: Role = Role.CLIENT
-    limits: dict[str, int | None] | None = Field(default=None, description="rate limits over the defaults; null: "
-                                                 "unlimited in that dimension")
+    limits: dict[str, int | None] | None = Field(
+        default=None, description="rate limits over the defaults; null: unlimited in that dimension"
+    )
 
 
 class NewKey(_Body):
@@ -52,13 +53,24 @@ class NewKey(_Body):
 
 
 def user_view(user: UserRecord) -> dict:
-    return {"object": "user", "email": user.email, "role": user.role.value, "created_at": int(user.created_at),
-            "limits": user.limits.model_dump() if user.limits else None}
+    return {
+        "object": "user",
+        "email": user.email,
+        "role": user.role.value,
+        "created_at": int(user.created_at),
+        "limits": user.limits.model_dump() if user.limits else None,
+    }
 
 
 def key_view(key: ApiKeyRecord) -> dict:
-    return {"object": "api_key", "id": key.key_id, "name": key.name, "role": key.role.value,
-            "created_at": int(key.created_at), "limits": key.limits.model_dump() if key.limits else None}
+    return {
+        "object": "api_key",
+        "id": key.key_id,
+        "name": key.name,
+        "role": key.role.value,
+        "created_at": int(key.created_at),
+        "limits": key.limits.model_dump() if key.limits else None,
+    }
 
 
 @router.post("/users/me/token")
@@ -121,11 +133,21 @@ async def list_keys(accounts: AccountsDep, connection: HTTPConnection) -> dict:
     keys = sorted(await accounts.store.list_keys(), key=lambda key: key.created_at)
     now = time.time()
     usages = [await gate.limiter.windows(f"key:{key.key_id}", now) for key in keys]
-    return {"object": "list", "data": [
-        {**key_view(key), "effective_limits": (key.limits or accounts.defaults).model_dump(),
-         "usage": {"minute_requests": usage.minute_requests, "minute_tokens": usage.minute_tokens,
-                   "day_requests": usage.day_requests}}
-        for key, usage in zip(keys, usages, strict=True)]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                **key_view(key),
+                "effective_limits": (key.limits or accounts.defaults).model_dump(),
+                "usage": {
+                    "minute_requests": usage.minute_requests,
+                    "minute_tokens": usage.minute_tokens,
+                    "day_requests": usage.day_requests,
+                },
+            }
+            for key, usage in zip(keys, usages, strict=True)
+        ],
+    }
 
 
 @router.post("/admin/keys", status_code=201)

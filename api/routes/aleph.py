@@ -17,8 +17,12 @@ router = APIRouter(tags=["aleph-alpha"], dependencies=[Depends(use_aleph_statuse
 
 
 @router.post("/complete")
-async def complete(body: AlephCompleteRequest, services: ServicesDep, request: Request,
-                   nice: Annotated[bool, Query(description="Run after requests that are not nice.")] = False):
+async def complete(
+    body: AlephCompleteRequest,
+    services: ServicesDep,
+    request: Request,
+    nice: Annotated[bool, Query(description="Run after requests that are not nice.")] = False,
+):
     """Completion; with `"stream": true` an SSE stream of stream_chunk / stream_summary / completion_summary."""
     return await aleph.complete(body, services, request, nice=nice)
 

@@ -23,8 +23,12 @@ async def create_batch(body: BatchCreateRequest, services: ServicesDep, caller: 
 
 
 @router.get("/v1/batches")
-async def list_batches(services: ServicesDep, caller: CallerDep, after: str | None = None,
-                       limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> dict:
+async def list_batches(
+    services: ServicesDep,
+    caller: CallerDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+) -> dict:
     """Newest first; page with `after=<last id of the previous page>`."""
     return await batches.list_batches(caller, services, after=after, limit=limit)
 

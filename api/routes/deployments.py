@@ -15,17 +15,22 @@ from contracts.accounts import Role
 
 router = APIRouter(tags=["deployments"])
 
-_DEPLOYMENT_ERROR = {"description": "The Aphrodite guide's `deployment_error` shape: "
-                                    '`{"error": {"message": "Deployment failed: …", "type": "deployment_error", '
-                                    '"code": <status>}}`'}
+_DEPLOYMENT_ERROR = {
+    "description": "The Aphrodite guide's `deployment_error` shape: "
+    '`{"error": {"message": "Deployment failed: …", "type": "deployment_error", '
+    '"code": <status>}}`'
+}
 
 
 def _base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
-@router.post("/api/v1/deploy", response_model=DeployResponse,
-             responses={400: _DEPLOYMENT_ERROR, 500: _DEPLOYMENT_ERROR, 503: _DEPLOYMENT_ERROR})
+@router.post(
+    "/api/v1/deploy",
+    response_model=DeployResponse,
+    responses={400: _DEPLOYMENT_ERROR, 500: _DEPLOYMENT_ERROR, 503: _DEPLOYMENT_ERROR},
+)
 async def deploy(body: DeployRequest, request: Request, services: DeploymentsDep, caller: CallerDep):
     """Queue a deployment: a node agent starts `inferq worker --model <model_id>` on its machine, or on
     `ssh_config.host` over SSH. Poll `monitor_url` for queued → starting → active | failed."""
@@ -53,13 +58,16 @@ async def stop_deployment(deployment_id: ResourceId, services: DeploymentsDep, c
 
 
 @router.get("/api/v1/deployments/{deployment_id}/logs/stream", response_class=StreamingResponse)
-async def stream_logs(deployment_id: ResourceId, services: DeploymentsDep, caller: CallerDep,
-                      timestamps: bool = False) -> StreamingResponse:
+async def stream_logs(
+    deployment_id: ResourceId, services: DeploymentsDep, caller: CallerDep, timestamps: bool = False
+) -> StreamingResponse:
     """Server-sent events: `deployment_info`, `metadata` (every few seconds) and `log` (the last lines kept,
     then live). SSH credentials in the query (as in the Aphrodite guide's example) are not needed and are ignored."""
     deployment = await deployments.visible_deployment(deployment_id, caller, services)
     # Admins see the raw lines; anyone else a tenant view: a worker's output names every owner's requests.
     view = caller.role is not Role.ADMIN
-    return StreamingResponse(deployments.log_stream(deployment, services, timestamps=timestamps, tenant_view=view),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        deployments.log_stream(deployment, services, timestamps=timestamps, tenant_view=view),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -18,16 +18,22 @@ router = APIRouter(tags=["files"])
 
 
 @router.post(FILES_PATH)
-async def create_file(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()], services: ServicesDep,
-                      caller: CallerDep) -> dict:
+async def create_file(
+    file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()], services: ServicesDep, caller: CallerDep
+) -> dict:
     """Upload a JSONL batch input (multipart: `file`, `purpose=batch`)."""
     return await files.upload_file(file, purpose, caller, services)
 
 
 @router.get(FILES_PATH)
-async def list_files(services: ServicesDep, caller: CallerDep, purpose: str | None = None, after: str | None = None,
-                     limit: Annotated[int, Query(ge=1, le=MAX_FILES_PAGE)] = MAX_FILES_PAGE,
-                     order: Literal["asc", "desc"] = "desc") -> dict:
+async def list_files(
+    services: ServicesDep,
+    caller: CallerDep,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_FILES_PAGE)] = MAX_FILES_PAGE,
+    order: Literal["asc", "desc"] = "desc",
+) -> dict:
     return await files.list_files(caller, services, purpose=purpose, after=after, limit=limit, order=order)
 
 

@@ -43,20 +43,22 @@ def model_card(model: ServedModel) -> dict:
         "root": model.root,
         "parent": None,
         "max_model_len": model.max_model_len,
-        "permission": [{
-            "id": f"modelperm-{model.id}",
-            "object": "model_permission",
-            "created": model.created,
-            "allow_create_engine": False,
-            "allow_sampling": True,
-            "allow_logprobs": True,
-            "allow_search_indices": False,
-            "allow_view": True,
-            "allow_fine_tuning": False,
-            "organization": "*",
-            "group": None,
-            "is_blocking": False,
-        }],
+        "permission": [
+            {
+                "id": f"modelperm-{model.id}",
+                "object": "model_permission",
+                "created": model.created,
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+        ],
     }
 
 

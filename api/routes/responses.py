@@ -29,8 +29,13 @@ async def create(body: ResponseRequest, services: ServicesDep, request: Request)
 
 
 @router.get("/v1/responses/{response_id}")
-async def retrieve(response_id: str, services: ServicesDep, caller: CallerDep, stream: bool = False,
-                   starting_after: int = Query(default=-1, ge=-1)):
+async def retrieve(
+    response_id: str,
+    services: ServicesDep,
+    caller: CallerDep,
+    stream: bool = False,
+    starting_after: int = Query(default=-1, ge=-1),
+):
     """A stored response; with `stream=true`, a background response's events after `starting_after`,
     replayed and then followed live."""
     if stream:
@@ -39,9 +44,14 @@ async def retrieve(response_id: str, services: ServicesDep, caller: CallerDep, s
 
 
 @router.get("/v1/responses/{response_id}/input_items")
-async def input_items(response_id: str, services: ServicesDep, caller: CallerDep,
-                      order: Literal["asc", "desc"] = "desc", after: str | None = None,
-                      limit: int = Query(default=20, ge=1, le=100)) -> dict:
+async def input_items(
+    response_id: str,
+    services: ServicesDep,
+    caller: CallerDep,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+    limit: int = Query(default=20, ge=1, le=100),
+) -> dict:
     """The input items of a stored response (OpenAI lists newest first by default)."""
     record = await owned_response(services, caller, response_id)
     return input_items_page(record, order=order, after=after, limit=limit)

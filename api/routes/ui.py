@@ -32,15 +32,19 @@ async def console_without_slash() -> RedirectResponse:
 
 
 # The page loads nothing but its own files and talks only to this API; no other site may frame it.
-CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-                           "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 @router.get(f"{UI_PATH}/")
 async def console() -> FileResponse:
     # no-cache: a redeployed API serves its new console on the next load, not a stale cached one
-    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache",
-                                                            "Content-Security-Policy": CONTENT_SECURITY_POLICY})
+    return FileResponse(
+        STATIC_DIR / "index.html",
+        headers={"Cache-Control": "no-cache", "Content-Security-Policy": CONTENT_SECURITY_POLICY},
+    )
 
 
 def mount_console(app: FastAPI) -> None:

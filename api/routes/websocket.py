@@ -21,19 +21,27 @@ R = TypeVar("R", bound=BaseModel)
 
 @router.websocket("/v1/chat/completions")
 async def chat_completions_ws(websocket: WebSocket, services: ServicesDep) -> None:
-    await websocket_session(websocket, _streamed(ChatCompletionRequest, chat_completion_chunks, services),
-                            max_bytes=services.settings.max_request_bytes)
+    await websocket_session(
+        websocket,
+        _streamed(ChatCompletionRequest, chat_completion_chunks, services),
+        max_bytes=services.settings.max_request_bytes,
+    )
 
 
 @router.websocket("/v1/completions")
 async def completions_ws(websocket: WebSocket, services: ServicesDep) -> None:
-    await websocket_session(websocket, _streamed(CompletionRequest, completion_chunks, services),
-                            max_bytes=services.settings.max_request_bytes)
+    await websocket_session(
+        websocket,
+        _streamed(CompletionRequest, completion_chunks, services),
+        max_bytes=services.settings.max_request_bytes,
+    )
 
 
-def _streamed(schema: type[R], chunks: Callable[[R, Services], Awaitable[AsyncIterator[dict]]],
-              services: Services) -> StartStream:
+def _streamed(
+    schema: type[R], chunks: Callable[[R, Services], Awaitable[AsyncIterator[dict]]], services: Services
+) -> StartStream:
     """Parse a message as `schema` with `stream` forced on (a socket always streams) and start it."""
+
     async def start(payload: dict) -> AsyncIterator[dict]:
         return await chunks(schema.model_validate({**payload, "stream": True}), services)
 

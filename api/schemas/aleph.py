@@ -16,8 +16,9 @@ class AlephRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    hosting: str | None = Field(default=None, description="Accepted and ignored: every request runs on this "
-                                "deployment's own workers.")
+    hosting: str | None = Field(
+        default=None, description="Accepted and ignored: every request runs on this deployment's own workers."
+    )
     tags: list[str] | None = Field(default=None, description="Client-internal; ignored.")
 
 

@@ -138,6 +138,11 @@ class MessagesRequest(MessagesInput):
         return stops
 
     def sampling(self) -> SamplingParams:
-        given = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                 "top_k": self.top_k, "stop": self.stop_sequences or []}
+        given = {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "stop": self.stop_sequences or [],
+        }
         return SamplingParams(**{key: value for key, value in given.items() if value is not None})

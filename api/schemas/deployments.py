@@ -25,8 +25,10 @@ def model_id_problem(model_id: str) -> str | None:
         return f"the model id is longer than {MAX_MODEL_ID} characters"
     if _PATH.match(model_id) or (_HUB_ID.match(model_id) and ".." not in model_id and "--" not in model_id):
         return None
-    return (f"invalid model id {model_id!r}: use a hub id (org/name), a packaged model name, or a path to a model "
-            f"directory or .gguf file on the worker's machine")
+    return (
+        f"invalid model id {model_id!r}: use a hub id (org/name), a packaged model name, or a path to a model "
+        f"directory or .gguf file on the worker's machine"
+    )
 
 
 class SshConfigBody(BaseModel):
@@ -36,12 +38,14 @@ class SshConfigBody(BaseModel):
     username: str = Field(min_length=1, max_length=64)
     port: int = Field(default=22, ge=1, le=65535)
     password: SecretStr | None = Field(default=None, description="Used for this login only; never stored.")
-    private_key: SecretStr | None = Field(default=None, description="Private key text (PEM/OpenSSH), instead of a "
-                                                                    "password; used once, never stored.")
+    private_key: SecretStr | None = Field(
+        default=None, description="Private key text (PEM/OpenSSH), instead of a password; used once, never stored."
+    )
 
     def to_contract(self) -> SshConfig:
-        return SshConfig(host=self.host, username=self.username, port=self.port, password=self.password,
-                         private_key=self.private_key)
+        return SshConfig(
+            host=self.host, username=self.username, port=self.port, password=self.password, private_key=self.private_key
+        )
 
 
 class DeployRequest(BaseModel):
@@ -50,8 +54,9 @@ class DeployRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
-    model_id: str = Field(description="Packaged model name, hub id, or a model directory / .gguf path on the "
-                                      "worker's machine.")
+    model_id: str = Field(
+        description="Packaged model name, hub id, or a model directory / .gguf path on the worker's machine."
+    )
     user_id: str | None = Field(default=None, max_length=256)
     api_name: str | None = Field(default=None, max_length=256)
     ssh_config: SshConfigBody | None = None
@@ -99,8 +104,12 @@ def status_object(deployment: Deployment) -> dict:
 
 
 def deployment_info_event(deployment: Deployment) -> dict:
-    return {"deployment_id": deployment.id, "model_id": deployment.model_id, "status": deployment.status.value,
-            "container_id": container_id(deployment)}
+    return {
+        "deployment_id": deployment.id,
+        "model_id": deployment.model_id,
+        "status": deployment.status.value,
+        "container_id": container_id(deployment),
+    }
 
 
 def metadata_event(deployment: Deployment, stats: ProcessStats | None, now: float) -> dict:
@@ -111,8 +120,9 @@ def metadata_event(deployment: Deployment, stats: ProcessStats | None, now: floa
         "container_id": container_id(deployment),
         "timestamp": datetime.fromtimestamp(now, UTC).replace(tzinfo=None).isoformat(),
         "is_running": bool(stats and stats.is_running),
-        "started_at": None if started is None else datetime.fromtimestamp(started, UTC).strftime(
-            "%Y-%m-%dT%H:%M:%S.%fZ"),
+        "started_at": None
+        if started is None
+        else datetime.fromtimestamp(started, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "cpu_usage": None if stats is None or stats.cpu_percent is None else f"{stats.cpu_percent:.2f}%",
         "memory_usage": _memory(stats),
         "host": (stats.host if stats else None) or deployment.host,

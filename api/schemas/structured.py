@@ -13,10 +13,10 @@ from contracts.constraints import Constraint, parse_constraint
 
 # The vLLM fields removed in favour of `structured_outputs` (vLLM 0.11): field -> what to send instead.
 DEPRECATED_GUIDED = {
-    "guided_json": "structured_outputs: {\"json\": <schema>}",
-    "guided_regex": "structured_outputs: {\"regex\": <pattern>}",
-    "guided_choice": "structured_outputs: {\"choice\": [<strings>]}",
-    "guided_grammar": "structured_outputs: {\"grammar\": <grammar>}",
+    "guided_json": 'structured_outputs: {"json": <schema>}',
+    "guided_regex": 'structured_outputs: {"regex": <pattern>}',
+    "guided_choice": 'structured_outputs: {"choice": [<strings>]}',
+    "guided_grammar": 'structured_outputs: {"grammar": <grammar>}',
 }
 
 
@@ -44,8 +44,7 @@ class ResponseFormat(BaseModel):
             return {"type": "json_object"}
         if self.json_schema is None:
             raise ValueError("response_format: type json_schema needs a json_schema object with a schema")
-        return {"type": "json_schema", "json_schema": self.json_schema.schema_,
-                "strict": bool(self.json_schema.strict)}
+        return {"type": "json_schema", "json_schema": self.json_schema.schema_, "strict": bool(self.json_schema.strict)}
 
 
 class StructuredOutputs(BaseModel):
@@ -60,11 +59,16 @@ class StructuredOutputs(BaseModel):
     json_object: bool | None = None
 
     def constraint(self) -> dict[str, Any]:
-        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
-                 if getattr(self, "json_" if name == "json" else name) not in (None, False)]
+        given = [
+            name
+            for name in ("json", "regex", "choice", "grammar", "json_object")
+            if getattr(self, "json_" if name == "json" else name) not in (None, False)
+        ]
         if len(given) != 1:
-            raise ValueError(f"structured_outputs: give exactly one of json, regex, choice, grammar (got "
-                             f"{', '.join(given) or 'none'})")
+            raise ValueError(
+                f"structured_outputs: give exactly one of json, regex, choice, grammar (got "
+                f"{', '.join(given) or 'none'})"
+            )
         if self.json_ is not None:
             schema = self.json_
             if isinstance(schema, str):

@@ -26,8 +26,9 @@ class TokenizeRequest(OpenAIRequest):
     prompt: str | None = None
     text: str | None = Field(default=None, description="The Aphrodite deployment guide's name for `prompt`.")
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    add_special_tokens: bool | None = Field(default=None, description="Default: true for a prompt, false for "
-                                            "messages (the chat template writes its own).")
+    add_special_tokens: bool | None = Field(
+        default=None, description="Default: true for a prompt, false for messages (the chat template writes its own)."
+    )
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool | None = False
@@ -63,8 +64,12 @@ def detokenize_shape(body: Any) -> Shape | None:
     return _SHAPES.get(type(body))
 
 
-_SHAPES: dict[type, Shape] = {AlephTokenizeRequest: "aleph", AlephDetokenizeRequest: "aleph",
-                              TokenizeRequest: "vllm", DetokenizeRequest: "vllm"}
+_SHAPES: dict[type, Shape] = {
+    AlephTokenizeRequest: "aleph",
+    AlephDetokenizeRequest: "aleph",
+    TokenizeRequest: "vllm",
+    DetokenizeRequest: "vllm",
+}
 
 AnyTokenizeRequest = Annotated[
     Annotated[AlephTokenizeRequest, Tag("aleph")] | Annotated[TokenizeRequest, Tag("vllm")],

@@ -54,7 +54,8 @@ def log_probs_body(entries: Sequence[TokenLogprob | None], unscored_token: str =
     """One `{token: logprob}` dict per token: the chosen token and the top alternatives. A None entry (the first
     echoed prompt token, which nothing predicts) is `{unscored_token: null}`."""
     return [
-        {unscored_token: None} if entry is None
+        {unscored_token: None}
+        if entry is None
         else {entry.token: finite(entry.logprob), **{alt.token: finite(alt.logprob) for alt in entry.top}}
         for entry in entries
     ]
@@ -84,22 +85,26 @@ class _Job:
         """The generated `text` cut at its tokens (only computed when `tokens` was asked for)."""
         if not self.body.tokens:
             return []
-        return split_into_tokens(self.tokenizer, token_ids, text, context=context,
-                                 skip_special_tokens=self.sampling.skip_special_tokens)
+        return split_into_tokens(
+            self.tokenizer, token_ids, text, context=context, skip_special_tokens=self.sampling.skip_special_tokens
+        )
 
     def echoed(self, prompt_logprobs: Sequence[TokenLogprob | None] | None) -> tuple[str, list[str], list]:
         """What `echo` puts before the first completion text: the prompt, its pieces and their log_probs."""
         if not self.body.echo:
             return "", [], []
         text = self.tokenizer.decode(self.prompt)  # as written, special tokens included
-        pieces = split_into_tokens(self.tokenizer, self.prompt, text, skip_special_tokens=False) \
-            if self.body.tokens else []
+        pieces = (
+            split_into_tokens(self.tokenizer, self.prompt, text, skip_special_tokens=False) if self.body.tokens else []
+        )
         return text, pieces, list(prompt_logprobs or [])
 
     def summary(self, prompt_tokens: int, generated: int) -> dict:
         # Aleph Alpha counts the prompt once per candidate (n or best_of).
-        return {"num_tokens_prompt_total": prompt_tokens * self.sampling.num_candidates,
-                "num_tokens_generated": generated}
+        return {
+            "num_tokens_prompt_total": prompt_tokens * self.sampling.num_candidates,
+            "num_tokens_generated": generated,
+        }
 
 
 async def complete(body: AlephCompleteRequest, services: Services, http: Request, *, nice: bool):
@@ -109,13 +114,11 @@ async def complete(body: AlephCompleteRequest, services: Services, http: Request
     check_token_ids([prompt], len(tokenizer))
     sampling = body.sampling()
     response_id = new_id("cmpl")
-    [request] = build_requests(services, model, [prompt], sampling, response_id,
-                               priority=NICE_PRIORITY if nice else 0)
+    [request] = build_requests(services, model, [prompt], sampling, response_id, priority=NICE_PRIORITY if nice else 0)
     job = _Job(body, model.id, response_id, await services.engine.submit(request), sampling, prompt, tokenizer)
     if body.stream:
         # Wait for the first chunk so "no worker" or a queue timeout is a status the client retries on.
-        return sse_response(await until_disconnected(http, primed(_stream(job))), done=False,
-                            error_event=_error_event)
+        return sse_response(await until_disconnected(http, primed(_stream(job))), done=False, error_event=_error_event)
     return await until_disconnected(http, _collect(job))
 
 
@@ -128,16 +131,24 @@ async def _collect(job: _Job) -> dict:
     collected = await collect([job.generation], job.body.n)
     text, pieces, logprobs = job.echoed(collected.prompt_logprobs.get(0))
     completions = [
-        {"index": index,
-         **job.fields(text + "".join(state.text),
-                      [*pieces, *job.pieces(state.token_ids, "".join(state.text), job.prompt)],
-                      [*logprobs, *state.logprobs]),
-         "finish_reason": finish_reason(state.finish_reason, state.stop_reason)}
+        {
+            "index": index,
+            **job.fields(
+                text + "".join(state.text),
+                [*pieces, *job.pieces(state.token_ids, "".join(state.text), job.prompt)],
+                [*logprobs, *state.logprobs],
+            ),
+            "finish_reason": finish_reason(state.finish_reason, state.stop_reason),
+        }
         for index, state in sorted(collected.choices.items())
     ]
     usage = collected.usages[0]
-    return {"id": job.response_id, "model_version": job.model, "completions": completions,
-            **job.summary(usage.prompt_tokens, usage.completion_tokens)}
+    return {
+        "id": job.response_id,
+        "model_version": job.model,
+        "completions": completions,
+        **job.summary(usage.prompt_tokens, usage.completion_tokens),
+    }
 
 
 async def _stream(job: _Job) -> AsyncIterator[dict]:
@@ -156,11 +167,18 @@ async def _stream(job: _Job) -> AsyncIterator[dict]:
             pieces += job.pieces(delta.token_ids, delta.text, generated[delta.index])
             generated[delta.index] += delta.token_ids
             if delta.text or delta.token_ids or text:
-                yield {"type": "stream_chunk", "index": delta.index,
-                       **job.fields(text + delta.text, pieces, [*logprobs, *(delta.logprobs or [])])}
+                yield {
+                    "type": "stream_chunk",
+                    "index": delta.index,
+                    **job.fields(text + delta.text, pieces, [*logprobs, *(delta.logprobs or [])]),
+                }
             if delta.finish_reason is not None:
-                yield {"type": "stream_summary", "index": delta.index, "model_version": job.model,
-                       "finish_reason": finish_reason(delta.finish_reason.value, delta.stop_reason)}
+                yield {
+                    "type": "stream_summary",
+                    "index": delta.index,
+                    "model_version": job.model,
+                    "finish_reason": finish_reason(delta.finish_reason.value, delta.stop_reason),
+                }
     yield {"type": "completion_summary", **summary}
 
 

@@ -25,16 +25,27 @@ log = structlog.get_logger(__name__)
 async def create_batch(body: BatchCreateRequest, caller: Caller, services: Services) -> dict:
     storage = storage_of(services)
     if body.endpoint not in ENDPOINTS:
-        raise ApiError(ErrorCode.INVALID_REQUEST, f"endpoint {body.endpoint!r} is not supported; use one of "
-                       f"{', '.join(sorted(ENDPOINTS))}", param="endpoint")
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST,
+            f"endpoint {body.endpoint!r} is not supported; use one of {', '.join(sorted(ENDPOINTS))}",
+            param="endpoint",
+        )
     record = await visible_file(body.input_file_id, caller, services)
     if record.purpose is not FilePurpose.BATCH:
-        raise ApiError(ErrorCode.INVALID_REQUEST, f"file {record.id} was not uploaded with purpose=batch",
-                       param="input_file_id")
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST, f"file {record.id} was not uploaded with purpose=batch", param="input_file_id"
+        )
     now = int(time.time())
-    job = BatchJob(id=new_object_id("batch_"), owner=caller.owner, endpoint=body.endpoint,
-                   input_file_id=record.id, completion_window=body.completion_window, metadata=body.metadata,
-                   created_at=now, expires_at=now + body.window_s)
+    job = BatchJob(
+        id=new_object_id("batch_"),
+        owner=caller.owner,
+        endpoint=body.endpoint,
+        input_file_id=record.id,
+        completion_window=body.completion_window,
+        metadata=body.metadata,
+        created_at=now,
+        expires_at=now + body.window_s,
+    )
     await storage.jobs.create(job)
     try:
         await storage.queue.publish(job.id)

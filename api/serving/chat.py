@@ -26,23 +26,36 @@ from api.structured import check_before_queueing
 from contracts import ErrorCode, Usage
 
 
-def render_chat(messages: Sequence[ChatMessage], tokenizer, *, add_generation_prompt: bool = True,
-                continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
+def render_chat(
+    messages: Sequence[ChatMessage],
+    tokenizer,
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    add_special_tokens: bool = False,
+) -> list[int]:
     """The model's chat template applied to the messages, as token ids (shared by chat and /tokenize)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ApiError(ErrorCode.INVALID_REQUEST, "this model has no chat template; use /v1/completions",
-                       param="messages")
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST, "this model has no chat template; use /v1/completions", param="messages"
+        )
     if continue_final_message and messages[-1].role != "assistant":
-        raise ApiError(ErrorCode.INVALID_REQUEST, "continue_final_message needs a final assistant message",
-                       param="continue_final_message")
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST,
+            "continue_final_message needs a final assistant message",
+            param="continue_final_message",
+        )
     try:
         rendered = tokenizer.apply_chat_template(
-            [{"role": message.role, "content": message.text()} for message in messages], tokenize=False,
+            [{"role": message.role, "content": message.text()} for message in messages],
+            tokenize=False,
             add_generation_prompt=add_generation_prompt and not continue_final_message,
-            continue_final_message=continue_final_message)
+            continue_final_message=continue_final_message,
+        )
     except Exception as exc:  # template errors (e.g. role order a template forbids) are the client's input
-        raise ApiError(ErrorCode.INVALID_REQUEST, f"the chat template rejected the messages: {exc}",
-                       param="messages") from exc
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST, f"the chat template rejected the messages: {exc}", param="messages"
+        ) from exc
     # The template writes its own special tokens; vLLM's add_special_tokens (default off) adds the tokenizer's.
     return tokenizer.encode(rendered, add_special_tokens=add_special_tokens)
 
@@ -51,8 +64,9 @@ async def create_chat_completion(body: ChatCompletionRequest, services: Services
     reattach = reattach_from(http.headers, "chatcmpl", get_caller(http).owner)
     model, response_id, generation = await _submit(body, services, reattach)
     if body.stream:
-        return sse_response(_stream(body, model, response_id, generation),
-                            event_ids=reattach.event_ids(response_id, generations=1))
+        return sse_response(
+            _stream(body, model, response_id, generation), event_ids=reattach.event_ids(response_id, generations=1)
+        )
     return await until_disconnected(http, _collect(body, model, response_id, generation))
 
 
@@ -67,12 +81,17 @@ async def chat_completion_chunks(body: ChatCompletionRequest, services: Services
     return _stream(body, model, response_id, generation)
 
 
-async def _submit(body: ChatCompletionRequest, services: Services,
-                  reattach: Reattach = NEW) -> tuple[str, str, Generation]:
+async def _submit(
+    body: ChatCompletionRequest, services: Services, reattach: Reattach = NEW
+) -> tuple[str, str, Generation]:
     model = await services.catalog.get(body.model)
     tokenizer = await services.catalog.tokenizer(model)
-    prompt = render_chat(body.messages, tokenizer, add_generation_prompt=body.add_generation_prompt,
-                         continue_final_message=body.continue_final_message)
+    prompt = render_chat(
+        body.messages,
+        tokenizer,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+    )
     sampling = body.sampling(max_tokens=body.token_limit, logprobs=body.logprobs_count)
     await check_before_queueing(body.constraint, body.constraint_param)
     response_id = reattach.response_id("chatcmpl")
@@ -98,19 +117,27 @@ async def _collect(body: ChatCompletionRequest, model: str, response_id: str, ge
         }
         for index in sorted(states)
     ]
-    response = {**_header(response_id, model, "chat.completion"), "choices": choices,
-                "usage": usage_body(collected.usages)}
+    response = {
+        **_header(response_id, model, "chat.completion"),
+        "choices": choices,
+        "usage": usage_body(collected.usages),
+    }
     if body.prompt_logprobs is not None:
         response["prompt_logprobs"] = prompt_logprobs_body(collected.prompt_logprobs.get(0))
     return response
 
 
-async def _stream(body: ChatCompletionRequest, model: str, response_id: str,
-                  generation: Generation) -> AsyncIterator[dict]:
+async def _stream(
+    body: ChatCompletionRequest, model: str, response_id: str, generation: Generation
+) -> AsyncIterator[dict]:
     header = _header(response_id, model, "chat.completion.chunk")
     for index in range(body.n):
-        yield {**header, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}]}
+        yield {
+            **header,
+            "choices": [
+                {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ],
+        }
     usage = Usage()
     async for _, event in merge([generation]):
         if event.kind == "end":

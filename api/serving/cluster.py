@@ -32,29 +32,53 @@ async def cluster_status(fleet: FleetMetrics) -> dict:
         "time": time.time(),
         "nats": nats_state(fleet.nc),
         "error": error,
-        "workers": [worker_view(info, metrics.get(info.worker_id))
-                    for info in sorted(registered, key=lambda w: (w.model, w.worker_id))],
+        "workers": [
+            worker_view(info, metrics.get(info.worker_id))
+            for info in sorted(registered, key=lambda w: (w.model, w.worker_id))
+        ],
         "queues": [queue_view(backlog) for backlog in backlogs],
     }
 
 
 def nats_state(nc: NatsClient) -> dict:
-    state = ("connected" if nc.is_connected else "reconnecting" if nc.is_reconnecting
-             else "closed" if nc.is_closed else "disconnected")
+    state = (
+        "connected"
+        if nc.is_connected
+        else "reconnecting"
+        if nc.is_reconnecting
+        else "closed"
+        if nc.is_closed
+        else "disconnected"
+    )
     url = nc.connected_url
-    return {"state": state, "server": f"{url.hostname}:{url.port}" if url else None,
-            "reconnects": nc.stats.get("reconnects", 0)}
+    return {
+        "state": state,
+        "server": f"{url.hostname}:{url.port}" if url else None,
+        "reconnects": nc.stats.get("reconnects", 0),
+    }
 
 
 def worker_view(info: WorkerInfo, metrics: WorkerMetrics | None) -> dict:
     """The registry's view, and the worker's counters when it answered this scrape (None: it did not)."""
     view = {
-        "worker_id": info.worker_id, "model": info.model, "host": info.host, "pid": info.pid,
-        "device": (info.device.name if info.device.index is None
-                   else f"{info.device.kind}:{info.device.index} {info.device.name}"),
-        "device_kind": info.device.kind, "dtype": info.dtype, "capacity": info.capacity,
-        "running": info.running, "waiting": info.waiting, "free": max(info.capacity - info.running, 0),
-        "started_at": info.started_at, "last_heartbeat": info.updated_at, "metrics": None,
+        "worker_id": info.worker_id,
+        "model": info.model,
+        "host": info.host,
+        "pid": info.pid,
+        "device": (
+            info.device.name
+            if info.device.index is None
+            else f"{info.device.kind}:{info.device.index} {info.device.name}"
+        ),
+        "device_kind": info.device.kind,
+        "dtype": info.dtype,
+        "capacity": info.capacity,
+        "running": info.running,
+        "waiting": info.waiting,
+        "free": max(info.capacity - info.running, 0),
+        "started_at": info.started_at,
+        "last_heartbeat": info.updated_at,
+        "metrics": None,
     }
     if metrics is not None:
         ttft = metrics.time_to_first_token_seconds
@@ -65,7 +89,8 @@ def worker_view(info: WorkerInfo, metrics: WorkerMetrics | None) -> dict:
             "generation_tokens_total": metrics.generation_tokens_total,
             "prompt_tokens_total": metrics.prompt_tokens_total,
             "requests_total": sum(metrics.request_success_total.values()),
-            "ttft_sum": ttft.sum, "ttft_count": ttft.count,
+            "ttft_sum": ttft.sum,
+            "ttft_count": ttft.count,
             "kv_cache_usage_perc": metrics.kv_cache_usage_perc,
         }
     return view

@@ -50,8 +50,10 @@ async def create_completion(body: CompletionRequest, services: Services, http: R
     reattach = reattach_from(http.headers, "cmpl", get_caller(http).owner)
     job = await _submit(body, services, reattach)
     if body.stream:
-        return sse_response(_stream(body, job.model, job.response_id, job.generations, job.echoes),
-                            event_ids=reattach.event_ids(job.response_id, generations=len(job.generations)))
+        return sse_response(
+            _stream(body, job.model, job.response_id, job.generations, job.echoes),
+            event_ids=reattach.event_ids(job.response_id, generations=len(job.generations)),
+        )
     return await until_disconnected(http, _collect(body, job))
 
 
@@ -102,15 +104,24 @@ async def _collect(body: CompletionRequest, job: _Submitted) -> dict:
         if body.logprobs is not None:
             echoed = prompt_logprobs.get(position, []) if body.echo else []
             logprobs = completion_logprobs([*echoed, *state.logprobs], unscored_token=first_tokens[position])
-        choices.append({"index": index, "text": echoes[position] + "".join(state.text), "logprobs": logprobs,
-                        "finish_reason": state.finish_reason, "stop_reason": state.stop_reason,
-                        "prompt_logprobs": prompt_logprobs_body(prompt_logprobs.get(position))
-                        if body.prompt_logprobs is not None else None})
+        choices.append(
+            {
+                "index": index,
+                "text": echoes[position] + "".join(state.text),
+                "logprobs": logprobs,
+                "finish_reason": state.finish_reason,
+                "stop_reason": state.stop_reason,
+                "prompt_logprobs": prompt_logprobs_body(prompt_logprobs.get(position))
+                if body.prompt_logprobs is not None
+                else None,
+            }
+        )
     return {**_header(job.response_id, job.model), "choices": choices, "usage": usage_body(collected.usages)}
 
 
-async def _stream(body: CompletionRequest, model: str, response_id: str, generations: list[Generation],
-                  echoes: list[str]) -> AsyncIterator[dict]:
+async def _stream(
+    body: CompletionRequest, model: str, response_id: str, generations: list[Generation], echoes: list[str]
+) -> AsyncIterator[dict]:
     header = _header(response_id, model)
     usages: list[Usage] = []
     echoed: set[int] = set()
@@ -125,10 +136,17 @@ async def _stream(body: CompletionRequest, model: str, response_id: str, generat
                 echoed.add(index)
                 text = echoes[position] + text
             logprobs = completion_logprobs(delta.logprobs or []) if body.logprobs is not None else None
-            yield {**header, "choices": [{
-                "index": index, "text": text, "logprobs": logprobs,
-                "finish_reason": delta.finish_reason.value if delta.finish_reason else None,
-                "stop_reason": delta.stop_reason}]}
+            yield {
+                **header,
+                "choices": [
+                    {
+                        "index": index,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": delta.finish_reason.value if delta.finish_reason else None,
+                        "stop_reason": delta.stop_reason,
+                    }
+                ],
+            }
     if body.include_usage:
         yield {**header, "choices": [], "usage": usage_body(usages)}
-

@@ -23,8 +23,7 @@ class DeployPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeployPolicy:
-        return cls(tuple(settings.deploy_client_models or PACKAGED_MODELS),
-                   settings.deploy_max_per_owner or None)
+        return cls(tuple(settings.deploy_client_models or PACKAGED_MODELS), settings.deploy_max_per_owner or None)
 
     def refusal(self, body: DeployRequest, caller: Caller) -> str | None:
         """Why `caller` may not make this deployment (None: it may, quota aside)."""
@@ -42,8 +41,9 @@ class DeployPolicy:
         the later one is refused on both); without, whether a new one would be."""
         if caller.role is Role.ADMIN or self.max_per_owner is None:
             return False
-        running = sorted((d for d in owned if d.owner == caller.owner and not d.status.terminal),
-                         key=lambda d: (d.created_at, d.id))
+        running = sorted(
+            (d for d in owned if d.owner == caller.owner and not d.status.terminal), key=lambda d: (d.created_at, d.id)
+        )
         if deployment_id is None:
             return len(running) >= self.max_per_owner
         position = next((i for i, d in enumerate(running) if d.id == deployment_id), len(running))

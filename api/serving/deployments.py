@@ -103,10 +103,19 @@ async def deploy(body: DeployRequest, caller: Caller, deployments: Deployments, 
         raise DeploymentError(403, _QUOTA_REACHED.format(deployments.policy.max_per_owner))
     ssh = body.ssh_config.to_contract() if body.ssh_config else None  # exactly one secret, or a 400
     now = time.time()
-    record = Deployment(id=str(uuid.uuid4()), owner=caller.owner, model_id=body.model_id, user_id=body.user_id,
-                        api_name=body.api_name, created_at=now, updated_at=now, api_url=base_url,
-                        ssh_host=ssh.host if ssh else None, ssh_username=ssh.username if ssh else None,
-                        ssh_port=ssh.port if ssh else None)
+    record = Deployment(
+        id=str(uuid.uuid4()),
+        owner=caller.owner,
+        model_id=body.model_id,
+        user_id=body.user_id,
+        api_name=body.api_name,
+        created_at=now,
+        updated_at=now,
+        api_url=base_url,
+        ssh_host=ssh.host if ssh else None,
+        ssh_username=ssh.username if ssh else None,
+        ssh_port=ssh.port if ssh else None,
+    )
     await deployments.store.create(record)
     if deployments.policy.over_quota(caller, await deployments.store.list(), record.id):  # lost a race
         await _refused(deployments, record.id, 403, _QUOTA_REACHED.format(deployments.policy.max_per_owner))
@@ -119,10 +128,19 @@ async def deploy(body: DeployRequest, caller: Caller, deployments: Deployments, 
         await _refused(deployments, record.id, 503, "no deployment agent is running (start one with `inferq agent`)")
     if not reply.ok:
         await _refused(deployments, record.id, 500, f"the agent refused it: {reply.error}")
-    log.info("deployment.queued", deployment_id=record.id, model=record.model_id, agent_id=reply.agent_id,
-             ssh_host=record.ssh_host)
-    return DeployResponse(status=DeploymentStatus.QUEUED, deployment_id=record.id, model_id=record.model_id,
-                          monitor_url=f"{base_url}/api/v1/deployments/{record.id}/status")
+    log.info(
+        "deployment.queued",
+        deployment_id=record.id,
+        model=record.model_id,
+        agent_id=reply.agent_id,
+        ssh_host=record.ssh_host,
+    )
+    return DeployResponse(
+        status=DeploymentStatus.QUEUED,
+        deployment_id=record.id,
+        model_id=record.model_id,
+        monitor_url=f"{base_url}/api/v1/deployments/{record.id}/status",
+    )
 
 
 _QUOTA_REACHED = "the deployment quota is reached ({} running); stop one first"
@@ -172,9 +190,9 @@ async def stop_deployment(deployment_id: str, caller: Caller, deployments: Deplo
     return status_for(await visible_deployment(deployment_id, caller, deployments), caller)
 
 
-async def end_here(deployments: Deployments, deployment_id: str, status: DeploymentStatus,
-                   reason: str | None) -> None:
+async def end_here(deployments: Deployments, deployment_id: str, status: DeploymentStatus, reason: str | None) -> None:
     """Finish a deployment no agent is looking after, including the last log line a log stream ends on."""
+
     def edit(current: Deployment) -> Deployment | None:
         return None if current.status.terminal else current.transition(status, time.time(), error=reason)
 
@@ -185,8 +203,9 @@ async def end_here(deployments: Deployments, deployment_id: str, status: Deploym
     if stored is None or stored.record.status is not status or stored.record.error != reason:
         return  # someone else ended it (its agent, just now), and wrote the last line
     content = f"[api] {status}: {reason}" if reason else f"[api] {status}"
-    await deployments.bus.publish_log(deployment_id, LogLine(timestamp=time.time(), content=content, source="api",
-                                                             final=True))
+    await deployments.bus.publish_log(
+        deployment_id, LogLine(timestamp=time.time(), content=content, source="api", final=True)
+    )
 
 
 # --- the log stream ---------------------------------------------------------------------------------------------
@@ -196,8 +215,14 @@ def sse_event(event: str, payload: dict) -> str:
     return f"event: {event}\n{sse_data(payload)}"
 
 
-async def log_stream(deployment: Deployment, deployments: Deployments, *, timestamps: bool, tenant_view: bool,
-                     metadata_every_s: float = METADATA_EVERY_S) -> AsyncIterator[str]:
+async def log_stream(
+    deployment: Deployment,
+    deployments: Deployments,
+    *,
+    timestamps: bool,
+    tenant_view: bool,
+    metadata_every_s: float = METADATA_EVERY_S,
+) -> AsyncIterator[str]:
     """`deployment_info`, then `metadata` (now and every few seconds) and `log` events: the kept history first,
     then live lines. Ends after the deployment's last line (it failed or was stopped). `tenant_view`: lines as a
     non-admin may see them (api/serving/log_view.py)."""
@@ -222,8 +247,9 @@ async def log_stream(deployment: Deployment, deployments: Deployments, *, timest
                 continue
             content = tenant_line(line.content) if tenant_view else line.content
             if content is not None:
-                payload = {"timestamp": log_time(line.timestamp), "content": content} if timestamps else {
-                    "content": content}
+                payload = (
+                    {"timestamp": log_time(line.timestamp), "content": content} if timestamps else {"content": content}
+                )
                 yield sse_event("log", payload)
             if line.final:
                 return

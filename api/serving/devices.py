@@ -31,20 +31,24 @@ def gpu_info(workers: Sequence[WorkerInfo]) -> dict:
     gpus = []
     for (host, _, index), group in _distinct(workers, cuda=True).items():
         device = max(group, key=lambda w: w.updated_at).device  # the freshest memory reading
-        gpus.append({
-            "id": index,
-            "name": device.name,
-            "total_memory_gb": device.total_memory_gb,
-            "free_memory_gb": device.free_memory_gb,
-            "compute_capability": device.compute_capability,
-            "driver_version": device.driver_version,
-            "cuda_version": device.cuda_version,
-            "is_nvidia_5090": "5090" in device.name,
-            "is_nvidia_4090": "4090" in device.name,
-            **_placement(host, group),
-        })
-    cpu = [{"name": group[0].device.name, **_placement(host, group)}
-           for (host, _, _), group in _distinct(workers, cuda=False).items()]
+        gpus.append(
+            {
+                "id": index,
+                "name": device.name,
+                "total_memory_gb": device.total_memory_gb,
+                "free_memory_gb": device.free_memory_gb,
+                "compute_capability": device.compute_capability,
+                "driver_version": device.driver_version,
+                "cuda_version": device.cuda_version,
+                "is_nvidia_5090": "5090" in device.name,
+                "is_nvidia_4090": "4090" in device.name,
+                **_placement(host, group),
+            }
+        )
+    cpu = [
+        {"name": group[0].device.name, **_placement(host, group)}
+        for (host, _, _), group in _distinct(workers, cuda=False).items()
+    ]
     return {"gpus": gpus, "cpu": cpu}
 
 

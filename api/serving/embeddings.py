@@ -54,23 +54,40 @@ async def _submit(body: EmbeddingRequest, services: Services) -> tuple[str, Gene
         if not token_ids:
             raise ApiError(ErrorCode.INVALID_REQUEST, "input: empty strings cannot be embedded", param="input")
         if len(token_ids) > model.max_model_len:
-            raise ApiError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, f"this model's maximum context length is "
-                           f"{model.max_model_len} tokens, but an input has {len(token_ids)}", param="input")
+            raise ApiError(
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                f"this model's maximum context length is "
+                f"{model.max_model_len} tokens, but an input has {len(token_ids)}",
+                param="input",
+            )
     request_id = new_id("embd")
-    request = EmbedRequest(request_id=request_id, model=model.id, inputs=inputs,
-                           reply_subject=services.engine.reply_subject(request_id),
-                           deadline=time.time() + services.settings.queue_timeout_s)
+    request = EmbedRequest(
+        request_id=request_id,
+        model=model.id,
+        inputs=inputs,
+        reply_subject=services.engine.reply_subject(request_id),
+        deadline=time.time() + services.settings.queue_timeout_s,
+    )
     return model.id, await services.engine.submit(request)
 
 
 async def _respond(body: EmbeddingRequest, model: str, generation: Generation) -> dict:
     vectors, usage = await collect_embeddings(generation)
-    data = [{"object": "embedding", "index": vector.input_index,
-             "embedding": encode_vector(shorten(vector.values, body.dimensions), body.encoding_format)}
-            for vector in sorted(vectors, key=lambda v: v.input_index)]
+    data = [
+        {
+            "object": "embedding",
+            "index": vector.input_index,
+            "embedding": encode_vector(shorten(vector.values, body.dimensions), body.encoding_format),
+        }
+        for vector in sorted(vectors, key=lambda v: v.input_index)
+    ]
     usage_fields = usage_body([usage])
-    return {"object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": usage_fields["prompt_tokens"], "total_tokens": usage_fields["prompt_tokens"]}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": usage_fields["prompt_tokens"], "total_tokens": usage_fields["prompt_tokens"]},
+    }
 
 
 async def collect_embeddings(generation) -> tuple[list[EmbeddingVector], Usage]:

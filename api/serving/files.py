@@ -37,14 +37,23 @@ def size_limit_message(limit: int) -> str:
 
 async def upload_file(upload: UploadFile, purpose: str, caller: Caller, services: Services) -> dict:
     if purpose != FilePurpose.BATCH.value:
-        raise ApiError(ErrorCode.INVALID_REQUEST, f"purpose {purpose!r} is not supported; files here are for "
-                       "batches (purpose=batch)", param="purpose")
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST,
+            f"purpose {purpose!r} is not supported; files here are for batches (purpose=batch)",
+            param="purpose",
+        )
     limit = services.settings.max_file_bytes
     size = _size(upload.file)
     if size > limit:
         raise ApiError(ErrorCode.PAYLOAD_TOO_LARGE, size_limit_message(limit), param="file")
-    record = FileRecord(id=new_object_id("file-"), filename=upload.filename or "upload.jsonl",
-                        purpose=FilePurpose.BATCH, bytes=size, created_at=int(time.time()), owner=caller.owner)
+    record = FileRecord(
+        id=new_object_id("file-"),
+        filename=upload.filename or "upload.jsonl",
+        purpose=FilePurpose.BATCH,
+        bytes=size,
+        created_at=int(time.time()),
+        owner=caller.owner,
+    )
     return file_object(await storage_of(services).files.put(record, upload.file))
 
 
@@ -64,13 +73,21 @@ async def visible_file(file_id: str, caller: Caller, services: Services) -> File
     return record
 
 
-async def list_files(caller: Caller, services: Services, *, purpose: str | None, after: str | None, limit: int,
-                     order: str) -> dict:
+async def list_files(
+    caller: Caller, services: Services, *, purpose: str | None, after: str | None, limit: int, order: str
+) -> dict:
     records = visible_to(caller, await storage_of(services).files.list(), lambda record: record.owner)
     if purpose is not None:
         records = [record for record in records if record.purpose.value == purpose]
-    return page(records, lambda record: record.id, file_object, after=after, limit=limit, max_limit=MAX_FILES_PAGE,
-                newest_first=order != "asc")
+    return page(
+        records,
+        lambda record: record.id,
+        file_object,
+        after=after,
+        limit=limit,
+        max_limit=MAX_FILES_PAGE,
+        newest_first=order != "asc",
+    )
 
 
 async def file_content(file_id: str, caller: Caller, services: Services) -> StreamingResponse:
@@ -82,8 +99,14 @@ async def file_content(file_id: str, caller: Caller, services: Services) -> Stre
         spool.close()
         raise ApiError(ErrorCode.NOT_FOUND, f"file {file_id} has no contents", param="file_id") from None
     spool.seek(0)
-    return StreamingResponse(_chunks(spool), media_type="application/octet-stream", headers={
-        "Content-Length": str(record.bytes), "Content-Disposition": f'attachment; filename="{record.filename}"'})
+    return StreamingResponse(
+        _chunks(spool),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(record.bytes),
+            "Content-Disposition": f'attachment; filename="{record.filename}"',
+        },
+    )
 
 
 def _chunks(spool: BinaryIO) -> Iterator[bytes]:

@@ -26,36 +26,59 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -
     if prompt_len == 0:
         raise ApiError(ErrorCode.INVALID_REQUEST, "the prompt is empty", param="prompt")
     if prompt_len >= max_model_len:
-        raise ApiError(ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                       f"this model's maximum context length is {max_model_len} tokens, but the prompt has "
-                       f"{prompt_len} tokens", param="messages")
+        raise ApiError(
+            ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+            f"this model's maximum context length is {max_model_len} tokens, but the prompt has {prompt_len} tokens",
+            param="messages",
+        )
     if max_tokens is not None and prompt_len + max_tokens > max_model_len:
-        raise ApiError(ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                       f"this model's maximum context length is {max_model_len} tokens, but you requested "
-                       f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
-                       f"completion); reduce the prompt or max_tokens", param="max_tokens")
+        raise ApiError(
+            ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+            f"this model's maximum context length is {max_model_len} tokens, but you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+            f"completion); reduce the prompt or max_tokens",
+            param="max_tokens",
+        )
 
 
 def check_token_ids(prompts: Sequence[Sequence[int]], vocab_size: int, param: str = "prompt") -> None:
     for token_ids in prompts:
         bad = [token for token in token_ids if not 0 <= token < vocab_size]
         if bad:
-            raise ApiError(ErrorCode.INVALID_REQUEST, f"{param}: token id {bad[0]} is outside the vocabulary "
-                           f"(0..{vocab_size - 1})", param=param)
+            raise ApiError(
+                ErrorCode.INVALID_REQUEST,
+                f"{param}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})",
+                param=param,
+            )
 
 
-def build_requests(services: Services, model: ServedModel, prompts: Sequence[list[int]], sampling: SamplingParams,
-                   base_id: str, *, priority: int = 0, constraint: Constraint | None = None) -> list[GenerateRequest]:
+def build_requests(
+    services: Services,
+    model: ServedModel,
+    prompts: Sequence[list[int]],
+    sampling: SamplingParams,
+    base_id: str,
+    *,
+    priority: int = 0,
+    constraint: Constraint | None = None,
+) -> list[GenerateRequest]:
     deadline = time.time() + services.settings.queue_timeout_s
     requests = []
     for position, token_ids in enumerate(prompts):
         check_context(len(token_ids), sampling.max_tokens, model.max_model_len)
         request_id = base_id if len(prompts) == 1 else f"{base_id}-{position}"
-        requests.append(GenerateRequest(
-            request_id=request_id, model=model.id, prompt_token_ids=token_ids,
-            sampling=with_max_tokens(sampling, len(token_ids), model.max_model_len),
-            reply_subject=services.engine.reply_subject(request_id), deadline=deadline,
-            priority=priority, constraint=constraint))
+        requests.append(
+            GenerateRequest(
+                request_id=request_id,
+                model=model.id,
+                prompt_token_ids=token_ids,
+                sampling=with_max_tokens(sampling, len(token_ids), model.max_model_len),
+                reply_subject=services.engine.reply_subject(request_id),
+                deadline=deadline,
+                priority=priority,
+                constraint=constraint,
+            )
+        )
     return requests
 
 
@@ -146,8 +169,7 @@ def completion_logprobs(entries: Sequence[TokenLogprob | None], unscored_token: 
         top_logprobs.append(None if entry is None else {alt.token: finite(alt.logprob) for alt in entry.top} or None)
         offsets.append(offset)
         offset += len(token)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
 def prompt_logprobs_body(entries: Sequence[TokenLogprob | None] | None) -> list | None:
@@ -156,10 +178,11 @@ def prompt_logprobs_body(entries: Sequence[TokenLogprob | None] | None) -> list 
         return None
 
     def position(entry: TokenLogprob) -> dict:
-        body = {str(alt.token_id): {"logprob": finite(alt.logprob), "rank": rank, "decoded_token": alt.token}
-                for rank, alt in enumerate(entry.top, start=1)}
-        body[str(entry.token_id)] = {"logprob": finite(entry.logprob), "rank": entry.rank,
-                                     "decoded_token": entry.token}
+        body = {
+            str(alt.token_id): {"logprob": finite(alt.logprob), "rank": rank, "decoded_token": alt.token}
+            for rank, alt in enumerate(entry.top, start=1)
+        }
+        body[str(entry.token_id)] = {"logprob": finite(entry.logprob), "rank": entry.rank, "decoded_token": entry.token}
         return body
 
     return [None if entry is None else position(entry) for entry in entries]
@@ -169,7 +192,9 @@ def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
     def item(token: str, logprob: float) -> dict:
         return {"token": token, "logprob": finite(logprob), "bytes": list(token.encode())}
 
-    return {"content": [
-        {**item(entry.token, entry.logprob), "top_logprobs": [item(alt.token, alt.logprob) for alt in entry.top]}
-        for entry in entries
-    ]}
+    return {
+        "content": [
+            {**item(entry.token, entry.logprob), "top_logprobs": [item(alt.token, alt.logprob) for alt in entry.top]}
+            for entry in entries
+        ]
+    }

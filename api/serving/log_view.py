@@ -18,8 +18,23 @@ import re
 
 _REQUEST_FIELDS = frozenset({"request_id", "trace_id", "span_id", "batch_id", "custom_id", "line", "prompt", "text"})
 _REQUEST_EVENTS = ("request.", "intake.", "batch.")
-_KEPT_FIELDS = ("timestamp", "level", "event", "logger", "model", "worker_id", "capacity", "device", "dtype",
-                "max_model_len", "kv_cache_tokens", "layers", "width", "status", "error")
+_KEPT_FIELDS = (
+    "timestamp",
+    "level",
+    "event",
+    "logger",
+    "model",
+    "worker_id",
+    "capacity",
+    "device",
+    "dtype",
+    "max_model_len",
+    "kv_cache_tokens",
+    "layers",
+    "width",
+    "status",
+    "error",
+)
 _MASKS = (
     (re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE), "<url>"),
     (re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"), "<address>"),
@@ -49,5 +64,9 @@ def tenant_line(content: str) -> str | None:
     if _REQUEST_FIELDS & entry.keys() or str(entry.get("event", "")).startswith(_REQUEST_EVENTS):
         return None
     kept = {name: entry[name] for name in _KEPT_FIELDS if name in entry}
-    return json.dumps({name: scrub(value) if isinstance(value, str) and name != "timestamp" else value
-                       for name, value in kept.items()})
+    return json.dumps(
+        {
+            name: scrub(value) if isinstance(value, str) and name != "timestamp" else value
+            for name, value in kept.items()
+        }
+    )

@@ -47,8 +47,11 @@ async def create_message(body: MessagesRequest, services: Services, http: Reques
         # The first event waits for the first output, so a failure before any (no worker, queue timeout) is a
         # real HTTP status in Anthropic's shape that its SDK retries on, not an error event inside a 200.
         events = await until_disconnected(http, primed(reply.events(generation)))
-        return StreamingResponse(named_sse(events), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            named_sse(events),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     return await until_disconnected(http, reply.collect(generation))
 
 
@@ -73,16 +76,26 @@ class _Reply:
         self.input_tokens = input_tokens
 
     def _message(self, content: list[dict], stop: dict, output_tokens: int) -> dict:
-        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
-                **stop, "usage": {"input_tokens": self.input_tokens, "output_tokens": output_tokens}}
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": content,
+            **stop,
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": output_tokens},
+        }
 
     async def collect(self, generation: Generation) -> dict:
         collected = await collect([generation], 1)
         state = collected.choices.get(0) or ChoiceState(0)
         usage = collected.usages[0]
         self.input_tokens = usage.prompt_tokens
-        return self._message([{"type": "text", "text": "".join(state.text)}],
-                             stop_fields(state.finish_reason, state.stop_reason), usage.completion_tokens)
+        return self._message(
+            [{"type": "text", "text": "".join(state.text)}],
+            stop_fields(state.finish_reason, state.stop_reason),
+            usage.completion_tokens,
+        )
 
     async def events(self, generation: Generation) -> AsyncIterator[dict]:
         """message_start, content_block_start, ping, text deltas, content_block_stop, message_delta (stop reason
@@ -93,8 +106,10 @@ class _Reply:
         async for _, event in merge([generation]):
             if not started:
                 started = True
-                yield {"type": "message_start",
-                       "message": self._message([], {"stop_reason": None, "stop_sequence": None}, 0)}
+                yield {
+                    "type": "message_start",
+                    "message": self._message([], {"stop_reason": None, "stop_sequence": None}, 0),
+                }
                 yield {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
                 yield {"type": "ping"}
             if event.kind == "end":
@@ -102,8 +117,11 @@ class _Reply:
                 continue
             for delta in event.choices:
                 if delta.text:
-                    yield {"type": "content_block_delta", "index": 0,
-                           "delta": {"type": "text_delta", "text": delta.text}}
+                    yield {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": delta.text},
+                    }
                 if delta.finish_reason is not None:
                     stop = stop_fields(delta.finish_reason.value, delta.stop_reason)
         yield {"type": "content_block_stop", "index": 0}

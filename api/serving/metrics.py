@@ -53,14 +53,16 @@ class FleetMetrics:
         """Every live worker's snapshot and every queue's backlog; `expected`: the registry's count of live workers
         (answers beyond this many are not waited for). Also read by the console's status (api/serving/cluster.py)."""
         try:
-            return await asyncio.gather(scrape_workers(self.nc, expected, self.scrape_timeout_s),
-                                        queue_backlogs(self.js))
+            return await asyncio.gather(
+                scrape_workers(self.nc, expected, self.scrape_timeout_s), queue_backlogs(self.js)
+            )
         except (nats.errors.Error, TimeoutError) as exc:  # JetStream errors are nats.errors.Error too
             raise ApiError(ErrorCode.UNAVAILABLE, f"NATS did not answer the scrape: {exc}", retry_after=1.0) from exc
 
 
-def render(workers: list[WorkerMetrics], backlogs: list[QueueBacklog],
-           supervisor: SupervisorStatus | None = None) -> bytes:
+def render(
+    workers: list[WorkerMetrics], backlogs: list[QueueBacklog], supervisor: SupervisorStatus | None = None
+) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_FleetCollector(workers, backlogs))
     if supervisor is not None:
@@ -74,25 +76,39 @@ class _FleetCollector:
         self.backlogs = backlogs
 
     def collect(self) -> Iterator[Metric]:
-        running = GaugeMetricFamily(f"{PREFIX}num_requests_running", "Requests a worker's engine is computing.",
-                                    labels=WORKER_LABELS)
-        kv = GaugeMetricFamily(f"{PREFIX}kv_cache_usage_perc", "Fraction of a worker's KV cache in use (0..1).",
-                               labels=WORKER_LABELS)
-        preemptions = CounterMetricFamily(f"{PREFIX}num_preemptions", "Sequences preempted for lack of KV cache.",
-                                          labels=WORKER_LABELS)
-        drafts = CounterMetricFamily(f"{PREFIX}spec_decode_num_draft_tokens",
-                                     "Draft tokens checked by speculative decoding.", labels=WORKER_LABELS)
-        accepted = CounterMetricFamily(f"{PREFIX}spec_decode_num_accepted_tokens",
-                                       "Draft tokens accepted (they matched what the model sampled).",
-                                       labels=WORKER_LABELS)
-        prompt = CounterMetricFamily(f"{PREFIX}prompt_tokens", "Prompt tokens of finished requests.",
-                                     labels=WORKER_LABELS)
-        generation = CounterMetricFamily(f"{PREFIX}generation_tokens", "Generated tokens of finished requests.",
-                                         labels=WORKER_LABELS)
-        success = CounterMetricFamily(f"{PREFIX}request_success", "Finished requests, by finish reason.",
-                                      labels=[*WORKER_LABELS, "finished_reason"])
-        histograms = {name: HistogramMetricFamily(f"{PREFIX}{name}", text, labels=WORKER_LABELS)
-                      for name, text in _HISTOGRAMS}
+        running = GaugeMetricFamily(
+            f"{PREFIX}num_requests_running", "Requests a worker's engine is computing.", labels=WORKER_LABELS
+        )
+        kv = GaugeMetricFamily(
+            f"{PREFIX}kv_cache_usage_perc", "Fraction of a worker's KV cache in use (0..1).", labels=WORKER_LABELS
+        )
+        preemptions = CounterMetricFamily(
+            f"{PREFIX}num_preemptions", "Sequences preempted for lack of KV cache.", labels=WORKER_LABELS
+        )
+        drafts = CounterMetricFamily(
+            f"{PREFIX}spec_decode_num_draft_tokens",
+            "Draft tokens checked by speculative decoding.",
+            labels=WORKER_LABELS,
+        )
+        accepted = CounterMetricFamily(
+            f"{PREFIX}spec_decode_num_accepted_tokens",
+            "Draft tokens accepted (they matched what the model sampled).",
+            labels=WORKER_LABELS,
+        )
+        prompt = CounterMetricFamily(
+            f"{PREFIX}prompt_tokens", "Prompt tokens of finished requests.", labels=WORKER_LABELS
+        )
+        generation = CounterMetricFamily(
+            f"{PREFIX}generation_tokens", "Generated tokens of finished requests.", labels=WORKER_LABELS
+        )
+        success = CounterMetricFamily(
+            f"{PREFIX}request_success",
+            "Finished requests, by finish reason.",
+            labels=[*WORKER_LABELS, "finished_reason"],
+        )
+        histograms = {
+            name: HistogramMetricFamily(f"{PREFIX}{name}", text, labels=WORKER_LABELS) for name, text in _HISTOGRAMS
+        }
         for worker in self.workers:
             labels = [worker.model, worker.worker_id]
             running.add_metric(labels, worker.num_requests_running)
@@ -124,15 +140,19 @@ class _FleetCollector:
     def _waiting(self) -> Metric:
         """One family, three places to wait, told apart by `lane`: the model's two queues (JetStream: not yet
         delivered plus delivered but not yet accepted) and, per worker, admitted but not yet scheduled."""
-        waiting = Metric(f"{PREFIX}num_requests_waiting",
-                         "Requests waiting: in the model's queue (lane interactive or batch) or inside a worker "
-                         "(lane worker).", "gauge")
+        waiting = Metric(
+            f"{PREFIX}num_requests_waiting",
+            "Requests waiting: in the model's queue (lane interactive or batch) or inside a worker (lane worker).",
+            "gauge",
+        )
         for backlog in self.backlogs:
-            waiting.add_sample(waiting.name, {"model_name": backlog.model, "lane": backlog.lane.value},
-                               backlog.waiting)
+            waiting.add_sample(waiting.name, {"model_name": backlog.model, "lane": backlog.lane.value}, backlog.waiting)
         for worker in self.workers:
-            waiting.add_sample(waiting.name, {"model_name": worker.model, "worker_id": worker.worker_id,
-                                              "lane": "worker"}, worker.num_requests_waiting)
+            waiting.add_sample(
+                waiting.name,
+                {"model_name": worker.model, "worker_id": worker.worker_id, "lane": "worker"},
+                worker.num_requests_waiting,
+            )
         return waiting
 
 

@@ -55,8 +55,9 @@ def reattach_from(headers: Mapping[str, str], prefix: str, owner: str) -> Reatta
     for name in CLIENT_KEYS:
         if key := headers.get(name):
             if len(key) > MAX_KEY_LENGTH:
-                raise ApiError(ErrorCode.INVALID_REQUEST, f"{name} is longer than {MAX_KEY_LENGTH} characters",
-                               param=name)
+                raise ApiError(
+                    ErrorCode.INVALID_REQUEST, f"{name} is longer than {MAX_KEY_LENGTH} characters", param=name
+                )
             # Callers never share a request: the id is a digest of the caller and the key.
             return Reattach(owner, request_id=keyed_request_id(prefix, key, owner))
     return Reattach(owner)
@@ -65,8 +66,11 @@ def reattach_from(headers: Mapping[str, str], prefix: str, owner: str) -> Reatta
 def _resumed(last_event_id: str, prefix: str, owner: str) -> Reattach:
     request_id, _, index = last_event_id.strip().rpartition("/")
     if not (_REQUEST_ID.fullmatch(request_id) and request_id.startswith(f"{prefix}-") and index.isdigit()):
-        raise ApiError(ErrorCode.INVALID_REQUEST, f"Last-Event-ID {last_event_id!r} is not an event id of this "
-                       f"endpoint's streams (<{prefix}-…>/<index>)", param="Last-Event-ID")
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST,
+            f"Last-Event-ID {last_event_id!r} is not an event id of this endpoint's streams (<{prefix}-…>/<index>)",
+            param="Last-Event-ID",
+        )
     if not owns(owner, request_id):
         raise unknown_request(request_id)
     return Reattach(owner, request_id=request_id, resume_after=int(index))
@@ -77,6 +81,9 @@ async def start(engine: EngineClient, requests: Sequence[GenerateRequest], reatt
     if reattach.resume_after is None:
         return await engine.submit_all(requests, attach=reattach.request_id is not None)
     if len(requests) != 1:
-        raise ApiError(ErrorCode.INVALID_REQUEST, "only a stream of one prompt can be resumed by Last-Event-ID",
-                       param="Last-Event-ID")
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST,
+            "only a stream of one prompt can be resumed by Last-Event-ID",
+            param="Last-Event-ID",
+        )
     return [await engine.resume(requests[0])]

@@ -18,14 +18,28 @@ TERMINAL = ("response.completed", "response.incomplete", "response.failed", "res
 
 
 def new_response(response_id: str, model: str, echoed: dict[str, Any], *, status: str) -> dict[str, Any]:
-    return {"id": response_id, "object": "response", "created_at": int(time.time()), "status": status,
-            "model": model, "output": [], "usage": None, "error": None, "incomplete_details": None, **echoed}
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "model": model,
+        "output": [],
+        "usage": None,
+        "error": None,
+        "incomplete_details": None,
+        **echoed,
+    }
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:
-    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }
 
 
 class ResponseEvents:
@@ -57,8 +71,7 @@ class ResponseEvents:
         yield self.lifecycle("response.in_progress")
         # Named after the response: a runner that takes a background response over makes the same events.
         message_id = "msg_" + self.response["id"].removeprefix("resp_")
-        message = {"type": "message", "id": message_id, "status": "in_progress", "role": "assistant",
-                   "content": []}
+        message = {"type": "message", "id": message_id, "status": "in_progress", "role": "assistant", "content": []}
         self.response["output"].append(message)
         yield self.event("response.output_item.added", output_index=0, item=copy.deepcopy(message))
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}

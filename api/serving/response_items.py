@@ -43,14 +43,21 @@ def normalise_input(given: str | list[Item], earlier: Sequence[Item]) -> list[It
         elif kind in TOOL_ITEMS:
             items.append(_tool_item(raw, kind, param, [*earlier, *items]))
         else:
-            raise _invalid(f"{param}: unknown item type {kind!r} (supported: message, function_call, "
-                           "function_call_output)", f"{param}.type")
+            raise _invalid(
+                f"{param}: unknown item type {kind!r} (supported: message, function_call, function_call_output)",
+                f"{param}.type",
+            )
     return items
 
 
 def _message(role: str, content: list[Item], message_id: str | None = None) -> Item:
-    return {"type": "message", "id": message_id or item_id("msg"), "role": role, "content": content,
-            "status": "completed"}
+    return {
+        "type": "message",
+        "id": message_id or item_id("msg"),
+        "role": role,
+        "content": content,
+        "status": "completed",
+    }
 
 
 def _input_message(raw: Item, param: str) -> Item:
@@ -68,8 +75,9 @@ def _input_message(raw: Item, param: str) -> Item:
         where = f"{param}.content[{position}]"
         if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise _invalid(f"{where}: content part {kind!r} is not supported (only input_text and output_text "
-                           "with a text)", where)
+            raise _invalid(
+                f"{where}: content part {kind!r} is not supported (only input_text and output_text with a text)", where
+            )
         parts.append({"type": part["type"], "text": part["text"]})
     return _message(role, parts, raw.get("id"))
 
@@ -80,16 +88,30 @@ def _tool_item(raw: Item, kind: str, param: str, before: Sequence[Item]) -> Item
         raise _invalid(f"{param}.call_id: required for a {kind} item", f"{param}.call_id")
     if kind == "function_call_output":
         if not any(item.get("type") == "function_call" and item.get("call_id") == call_id for item in before):
-            raise _invalid(f"{param}: function_call_output for call_id {call_id!r} has no function_call before it "
-                           "(in this input or the previous response)", f"{param}.call_id")
+            raise _invalid(
+                f"{param}: function_call_output for call_id {call_id!r} has no function_call before it "
+                "(in this input or the previous response)",
+                f"{param}.call_id",
+            )
         if not isinstance(raw.get("output"), str):
             raise _invalid(f"{param}.output: a string", f"{param}.output")
-        return {"type": kind, "id": raw.get("id") or item_id("fco"), "call_id": call_id, "output": raw["output"],
-                "status": "completed"}
+        return {
+            "type": kind,
+            "id": raw.get("id") or item_id("fco"),
+            "call_id": call_id,
+            "output": raw["output"],
+            "status": "completed",
+        }
     if not isinstance(raw.get("name"), str) or not isinstance(raw.get("arguments"), str):
         raise _invalid(f"{param}: a function_call needs a name and arguments (a JSON string)", param)
-    return {"type": kind, "id": raw.get("id") or item_id("fc"), "call_id": call_id, "name": raw["name"],
-            "arguments": raw["arguments"], "status": "completed"}
+    return {
+        "type": kind,
+        "id": raw.get("id") or item_id("fc"),
+        "call_id": call_id,
+        "name": raw["name"],
+        "arguments": raw["arguments"],
+        "status": "completed",
+    }
 
 
 def chat_messages(instructions: str | None, conversation: Sequence[Item]) -> list[ChatMessage]:
@@ -99,8 +121,10 @@ def chat_messages(instructions: str | None, conversation: Sequence[Item]) -> lis
     for item in conversation:
         if item["type"] in TOOL_ITEMS:
             # Rendering tool turns waits for tool calling in the engine (engine-enforced structured outputs).
-            raise _invalid(f"{item['type']} items are not yet supported (tool calling needs engine-enforced "
-                           "structured outputs)", "input")
+            raise _invalid(
+                f"{item['type']} items are not yet supported (tool calling needs engine-enforced structured outputs)",
+                "input",
+            )
         role = "system" if item["role"] == "developer" else item["role"]
         messages.append(ChatMessage(role=role, content="".join(part["text"] for part in item["content"])))
     return messages

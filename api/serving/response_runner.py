@@ -85,8 +85,9 @@ class ResponseRunner:
         await _quietly(msg.ack())
 
 
-async def run_background(services: Services, store: ResponseStore, response_id: str,
-                         meter_for_owner: MeterForOwner | None = None) -> bool:
+async def run_background(
+    services: Services, store: ResponseStore, response_id: str, meter_for_owner: MeterForOwner | None = None
+) -> bool:
     """Run (or take over) one background response to its final state. False if there is no such record (not
     yet written, or deleted)."""
     found = await store.get(response_id)
@@ -107,10 +108,13 @@ async def run_background(services: Services, store: ResponseStore, response_id: 
             await store.publish_event(response_id, builder.cancelled())
         return True
     last_logged = last["sequence_number"]
-    request = GenerateRequest.model_validate(found.record.request).model_copy(update={
-        # This replica's reply subject, and a fresh queue deadline: the first runner may be long gone.
-        "reply_subject": services.engine.reply_subject(found.record.request["request_id"]),
-        "deadline": time.time() + services.settings.queue_timeout_s})
+    request = GenerateRequest.model_validate(found.record.request).model_copy(
+        update={
+            # This replica's reply subject, and a fresh queue deadline: the first runner may be long gone.
+            "reply_subject": services.engine.reply_subject(found.record.request["request_id"]),
+            "deadline": time.time() + services.settings.queue_timeout_s,
+        }
+    )
     try:
         meter = await meter_for_owner(found.record.owner) if meter_for_owner else None
         # Attach to the generation if the journal has it (a runner before this one started it), else submit.
@@ -167,6 +171,7 @@ async def _cancel_requested(store: ResponseStore, response_id: str) -> bool:
 
 async def _save(store: ResponseStore, response_id: str, response: dict) -> None:
     """Write the runner's view of the response, unless a cancel has been recorded meanwhile (it stands)."""
+
     def edit(record: StoredResponse) -> StoredResponse | None:
         if record.status == "cancelled" and response.get("status") != "cancelled":
             return None

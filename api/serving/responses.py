@@ -49,8 +49,11 @@ async def create_response(body: ResponseRequest, services: Services, http: Reque
     if body.previous_response_id:
         previous = await owned_response(services, caller, body.previous_response_id)
         if previous.status not in ("completed", "incomplete"):
-            raise ApiError(ErrorCode.INVALID_REQUEST, f"previous response {previous.id} is {previous.status}; "
-                           "only a finished response can be continued", param="previous_response_id")
+            raise ApiError(
+                ErrorCode.INVALID_REQUEST,
+                f"previous response {previous.id} is {previous.status}; only a finished response can be continued",
+                param="previous_response_id",
+            )
         history = previous.conversation()
     items = normalise_input(body.input, history)
     model = await services.catalog.get(body.model)
@@ -62,8 +65,13 @@ async def create_response(body: ResponseRequest, services: Services, http: Reque
         # A runner that takes over may have to generate again: the same seed gives the same tokens.
         sampling = sampling.model_copy(update={"seed": int(response_id[-8:], 16)})
     [request] = build_requests(services, model, [prompt], sampling, new_id("resp"))
-    record = StoredResponse(id=response_id, owner=caller.owner, input_items=items, history=history,
-                            response=new_response(response_id, model.id, body.echoed(), status="queued"))
+    record = StoredResponse(
+        id=response_id,
+        owner=caller.owner,
+        input_items=items,
+        history=history,
+        response=new_response(response_id, model.id, body.echoed(), status="queued"),
+    )
     if body.background:
         return await _start_background(services, record, request, stream=body.stream)
     [generation] = await start(services.engine, [request], NEW)
@@ -73,8 +81,9 @@ async def create_response(body: ResponseRequest, services: Services, http: Reque
     return await until_disconnected(http, _last_response(events))
 
 
-async def _foreground(services: Services, record: StoredResponse, generation: Generation, *,
-                      store: bool) -> AsyncIterator[Event]:
+async def _foreground(
+    services: Services, record: StoredResponse, generation: Generation, *, store: bool
+) -> AsyncIterator[Event]:
     builder = ResponseEvents(record.response)
     builder.response["status"] = "in_progress"
     yield builder.lifecycle("response.created")
@@ -92,8 +101,7 @@ async def _last_response(events: AsyncIterator[Event]) -> dict:
     return response
 
 
-async def _start_background(services: Services, record: StoredResponse, request: GenerateRequest, *,
-                            stream: bool):
+async def _start_background(services: Services, record: StoredResponse, request: GenerateRequest, *, stream: bool):
     """Queue it for any replica's runner, store the response with its queue request, log its first event. The
     ticket comes first: if this replica dies after storing, the response still runs (a runner retries a ticket
     whose record is not there yet, and logs the first event itself if it is missing)."""
@@ -109,14 +117,14 @@ async def _start_background(services: Services, record: StoredResponse, request:
 async def cancel_response(services: Services, caller: Caller, response_id: str) -> dict:
     record = await owned_response(services, caller, response_id)
     if not record.response.get("background"):
-        raise ApiError(ErrorCode.INVALID_REQUEST, "only a background response can be cancelled",
-                       param="response_id")
+        raise ApiError(ErrorCode.INVALID_REQUEST, "only a background response can be cancelled", param="response_id")
 
     def edit(current: StoredResponse) -> StoredResponse | None:
         if current.status in ("completed", "incomplete", "failed", "cancelled"):
             return None  # finished: cancelling changes nothing (as OpenAI answers)
-        return current.model_copy(update={"cancel_requested": True,
-                                          "response": {**current.response, "status": "cancelled"}})
+        return current.model_copy(
+            update={"cancel_requested": True, "response": {**current.response, "status": "cancelled"}}
+        )
 
     changed = await _store(services).change(response_id, edit)
     return (changed.record if changed else record).response
@@ -136,30 +144,36 @@ async def follow_events(services: Services, response_id: str, after: int) -> Asy
 async def stream_stored(services: Services, caller: Caller, response_id: str, after: int) -> StreamingResponse:
     record = await owned_response(services, caller, response_id)
     if not record.response.get("background"):
-        raise ApiError(ErrorCode.INVALID_REQUEST, "only a background response can be streamed again",
-                       param="stream")
+        raise ApiError(ErrorCode.INVALID_REQUEST, "only a background response can be streamed again", param="stream")
     return sse_events(follow_events(services, response_id, after))
 
 
 def sse_events(events: AsyncIterator[Event]) -> StreamingResponse:
     """Named SSE events (`event: <type>`), as OpenAI frames the Responses stream (no `[DONE]`)."""
+
     async def frames() -> AsyncIterator[str]:
         async with aclosing(events):
             async for event in events:
                 yield f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
 
-    return StreamingResponse(frames(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        frames(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def input_items_page(record: StoredResponse, *, order: str, after: str | None, limit: int) -> dict:
     items = record.input_items if order == "asc" else list(reversed(record.input_items))
     if after is not None:
         ids = [item["id"] for item in items]
-        items = items[ids.index(after) + 1:] if after in ids else []
+        items = items[ids.index(after) + 1 :] if after in ids else []
     page = items[:limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > limit,
+    }
 
 
 async def delete_response(services: Services, caller: Caller, response_id: str) -> dict:

@@ -36,13 +36,20 @@ class SupervisorCollector:
         self.status = status
 
     def collect(self) -> Iterator[Metric]:
-        restarts = CounterMetricFamily(f"{PREFIX}process_restarts",
-                                       "Times `inferq serve` restarted a crashed process.", labels=["process"])
-        up = GaugeMetricFamily(f"{PREFIX}process_up", "1 while a supervised process runs; 0 while it waits out "
-                               "its restart backoff or was given up after a crash loop.", labels=["process"])
-        gave_up = GaugeMetricFamily(f"{PREFIX}process_given_up",
-                                    "1 if `inferq serve` stopped restarting the process (crash loop).",
-                                    labels=["process"])
+        restarts = CounterMetricFamily(
+            f"{PREFIX}process_restarts", "Times `inferq serve` restarted a crashed process.", labels=["process"]
+        )
+        up = GaugeMetricFamily(
+            f"{PREFIX}process_up",
+            "1 while a supervised process runs; 0 while it waits out "
+            "its restart backoff or was given up after a crash loop.",
+            labels=["process"],
+        )
+        gave_up = GaugeMetricFamily(
+            f"{PREFIX}process_given_up",
+            "1 if `inferq serve` stopped restarting the process (crash loop).",
+            labels=["process"],
+        )
         for process in self.status.processes:
             restarts.add_metric([process.name], process.restarts)
             up.add_metric([process.name], 1 if process.state is ProcessState.RUNNING else 0)

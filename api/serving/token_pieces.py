@@ -16,8 +16,9 @@ CONTEXT_TOKENS = 5  # tokens before the first one decoded as context (leading sp
 _REPLACEMENT_CHAR = "\ufffd"
 
 
-def split_into_tokens(tokenizer: Any, ids: Sequence[int], text: str, *, context: Sequence[int] = (),
-                      skip_special_tokens: bool = True) -> list[str]:
+def split_into_tokens(
+    tokenizer: Any, ids: Sequence[int], text: str, *, context: Sequence[int] = (), skip_special_tokens: bool = True
+) -> list[str]:
     """`text` (what `ids` decode to after `context`) cut into one piece per id."""
     window = list(context[-CONTEXT_TOKENS:]) if context else []
     surr, read = 0, len(window)

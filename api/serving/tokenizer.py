@@ -28,31 +28,42 @@ async def resolve(services: Services, model_id: str | None) -> tuple[ServedModel
             raise ApiError(ErrorCode.NO_WORKER, "no model is being served", retry_after=5.0)
         if len(models) > 1:
             names = ", ".join(m.id for m in models)
-            raise ApiError(ErrorCode.INVALID_REQUEST, f"model: required when several models are served ({names})",
-                           param="model")
+            raise ApiError(
+                ErrorCode.INVALID_REQUEST, f"model: required when several models are served ({names})", param="model"
+            )
         model = models[0]
     return model, await services.catalog.tokenizer(model)
 
 
-async def tokenize(body: TokenizeRequest | AlephTokenizeRequest, services: Services, http: Request, *,
-                   seed_keys: bool = False) -> dict:
+async def tokenize(
+    body: TokenizeRequest | AlephTokenizeRequest, services: Services, http: Request, *, seed_keys: bool = False
+) -> dict:
     """`seed_keys`: also answer in the Aphrodite guide's `{tokens, token_strings, token_count}` shape
     (`/v1/tokenize`)."""
     if isinstance(body, AlephTokenizeRequest):
         use_aleph_statuses(http)
         _, tokenizer = await resolve(services, body.model)
         # Aleph Alpha reports the text's own tokens, without the tokenizer's special tokens.
-        return aleph_tokens(tokenizer, tokenizer.encode(body.prompt, add_special_tokens=False),
-                            tokens=body.tokens, token_ids=body.token_ids)
+        return aleph_tokens(
+            tokenizer,
+            tokenizer.encode(body.prompt, add_special_tokens=False),
+            tokens=body.tokens,
+            token_ids=body.token_ids,
+        )
     model, tokenizer = await resolve(services, body.model)
     if body.messages is not None:
-        ids = render_chat(body.messages, tokenizer, add_generation_prompt=body.add_generation_prompt,
-                          continue_final_message=body.continue_final_message,
-                          add_special_tokens=bool(body.add_special_tokens))
+        ids = render_chat(
+            body.messages,
+            tokenizer,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            add_special_tokens=bool(body.add_special_tokens),
+        )
     else:
         ids = tokenizer.encode(body.text_input, add_special_tokens=body.add_special_tokens is not False)
-    response = vllm_tokens(tokenizer, ids, max_model_len=model.max_model_len,
-                           return_token_strs=bool(body.return_token_strs))
+    response = vllm_tokens(
+        tokenizer, ids, max_model_len=model.max_model_len, return_token_strs=bool(body.return_token_strs)
+    )
     return {**response, **seed_tokens(tokenizer, ids)} if seed_keys else response
 
 
@@ -68,8 +79,12 @@ async def detokenize(body: DetokenizeRequest | AlephDetokenizeRequest, services:
 
 
 def vllm_tokens(tokenizer, ids: list[int], *, max_model_len: int, return_token_strs: bool) -> dict:
-    return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids,
-            "token_strs": tokenizer.convert_ids_to_tokens(ids) if return_token_strs else None}
+    return {
+        "count": len(ids),
+        "max_model_len": max_model_len,
+        "tokens": ids,
+        "token_strs": tokenizer.convert_ids_to_tokens(ids) if return_token_strs else None,
+    }
 
 
 def seed_tokens(tokenizer, ids: list[int]) -> dict:

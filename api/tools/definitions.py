@@ -57,8 +57,10 @@ class ToolChoiceError(ValueError):
 def _call_schema(tool: FunctionTool) -> dict[str, Any]:
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.function.name},
-                       "arguments": tool.function.parameters or EMPTY_PARAMETERS},
+        "properties": {
+            "name": {"const": tool.function.name},
+            "arguments": tool.function.parameters or EMPTY_PARAMETERS,
+        },
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
@@ -68,8 +70,14 @@ def _envelope(calls: dict[str, Any], *, parallel: bool, allow_response: bool) ->
     key, value = ("tool_calls", {"type": "array", "items": calls, "minItems": 1}) if parallel else ("tool_call", calls)
     options = [{"type": "object", "properties": {key: value}, "required": [key], "additionalProperties": False}]
     if allow_response:
-        options.append({"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"],
-                        "additionalProperties": False})
+        options.append(
+            {
+                "type": "object",
+                "properties": {"response": {"type": "string"}},
+                "required": ["response"],
+                "additionalProperties": False,
+            }
+        )
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
@@ -79,14 +87,20 @@ def selected_tools(tools: list[FunctionTool], tool_choice: ToolChoice) -> list[F
         chosen = [tool for tool in tools if tool.function.name == tool_choice.function.name]
         if not chosen:
             names = ", ".join(tool.function.name for tool in tools) or "none"
-            raise ToolChoiceError(f"tool_choice names the function {tool_choice.function.name!r}, which is not "
-                                  f"among the tools ({names})")
+            raise ToolChoiceError(
+                f"tool_choice names the function {tool_choice.function.name!r}, which is not among the tools ({names})"
+            )
         return chosen
     return tools
 
 
-def call_constraint(tools: list[FunctionTool], tool_choice: ToolChoice, *, parallel_tool_calls: bool = True,
-                    tool_format: ToolFormat = ToolFormat.GENERIC) -> JsonSchemaConstraint | None:
+def call_constraint(
+    tools: list[FunctionTool],
+    tool_choice: ToolChoice,
+    *,
+    parallel_tool_calls: bool = True,
+    tool_format: ToolFormat = ToolFormat.GENERIC,
+) -> JsonSchemaConstraint | None:
     """The constraint for a request with tools, or None when the model answers freely (`none`, or `auto` with a
     template that has its own tool format, parsed at the edge)."""
     if tool_choice == "none":
@@ -102,17 +116,25 @@ def call_constraint(tools: list[FunctionTool], tool_choice: ToolChoice, *, paral
     return JsonSchemaConstraint(json_schema=schema, strict=any(tool.function.strict for tool in chosen))
 
 
-def generic_tools_prompt(tools: list[FunctionTool], tool_choice: ToolChoice, *, parallel_tool_calls: bool = True,
-                         ) -> str:
+def generic_tools_prompt(
+    tools: list[FunctionTool],
+    tool_choice: ToolChoice,
+    *,
+    parallel_tool_calls: bool = True,
+) -> str:
     """A system-prompt text that tells a model without native tool support about the tools and the JSON it must
     answer with (the grammar enforces the shape; this helps it choose well and fill the arguments)."""
     chosen = selected_tools(tools, tool_choice)
     listing = json.dumps([tool.function.model_dump(exclude_none=True) for tool in chosen], indent=2)
     call = '{"name": "<function name>", "arguments": {...}}'
-    calls = (f'{{"tool_calls": [{call}, ...]}} (one or more calls)' if parallel_tool_calls
-             else f'{{"tool_call": {call}}}')
+    calls = (
+        f'{{"tool_calls": [{call}, ...]}} (one or more calls)' if parallel_tool_calls else f'{{"tool_call": {call}}}'
+    )
     forced = tool_choice == "required" or isinstance(tool_choice, NamedToolChoice)
-    answer = (f"Respond with a JSON object that calls a tool: {calls}." if forced else
-              f'Respond with a JSON object, either calling a tool: {calls}, or answering directly: '
-              f'{{"response": "<your answer>"}}.')
+    answer = (
+        f"Respond with a JSON object that calls a tool: {calls}."
+        if forced
+        else f"Respond with a JSON object, either calling a tool: {calls}, or answering directly: "
+        f'{{"response": "<your answer>"}}.'
+    )
     return f"You can call these tools:\n{listing}\n{answer}"

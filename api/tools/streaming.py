@@ -58,16 +58,19 @@ class ToolCallStream:
                 break  # calls go out in order; a later one waits for this one's name
             sent_arguments = self._sent.calls[index].arguments if index < self._announced else None
             if sent_arguments is None:
-                delta.tool_calls.append({
-                    "index": index,
-                    "id": tool_call_id(self.request_id, index),
-                    "type": "function",
-                    "function": {"name": call.name, "arguments": call.arguments},
-                })
+                delta.tool_calls.append(
+                    {
+                        "index": index,
+                        "id": tool_call_id(self.request_id, index),
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                )
                 self._announced = index + 1
             elif len(call.arguments) > len(sent_arguments):
-                delta.tool_calls.append({"index": index,
-                                         "function": {"arguments": call.arguments[len(sent_arguments) :]}})
+                delta.tool_calls.append(
+                    {"index": index, "function": {"arguments": call.arguments[len(sent_arguments) :]}}
+                )
         self._sent = Snapshot(current.content, current.calls[: self._announced], current.complete)
         return delta
 

@@ -15,8 +15,9 @@ _TOOLS_VARIABLE = re.compile(r"(?<![\w.'\"])tools(?![\w'\"])")
 def template_supports_tools(chat_template: str | None) -> bool:
     if not chat_template:
         return False
-    return any(_TOOLS_VARIABLE.search(match.group(1) or match.group(2) or "")
-               for match in _JINJA_BLOCK.finditer(chat_template))
+    return any(
+        _TOOLS_VARIABLE.search(match.group(1) or match.group(2) or "") for match in _JINJA_BLOCK.finditer(chat_template)
+    )
 
 
 def detect_format(chat_template: str | None) -> ToolFormat:

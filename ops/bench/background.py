@@ -35,9 +35,18 @@ def batch_input(cfg: BenchConfig, model: str, lines: int) -> bytes:
     """Lines shaped like the measured requests, with prompts of their own (indices after every level's)."""
     first = 1_000_000
     rows = (
-        {"custom_id": f"bg-{i}", "method": "POST", "url": "/v1/completions",
-         "body": {"model": model, "prompt": prompt_token_ids(cfg.seed, first + i, cfg.input_len),
-                  "max_tokens": cfg.output_len, "ignore_eos": True, "temperature": 0.0}}
+        {
+            "custom_id": f"bg-{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {
+                "model": model,
+                "prompt": prompt_token_ids(cfg.seed, first + i, cfg.input_len),
+                "max_tokens": cfg.output_len,
+                "ignore_eos": True,
+                "temperature": 0.0,
+            },
+        }
         for i in range(lines)
     )
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
@@ -48,15 +57,27 @@ async def background_batch(client: httpx.AsyncClient, cfg: BenchConfig, model: s
     """Submit the batch, wait until its lines are running, yield; then cancel it and wait for it to stop, so the
     next level starts on an idle server."""
     progress = BatchProgress(cfg.background_batch)
-    upload = await _ok(client.post("/v1/files", data={"purpose": "batch"},
-                                   files={"file": ("bench-batch.jsonl", batch_input(cfg, model, progress.lines))}))
-    batch = await _ok(client.post("/v1/batches", json={"input_file_id": upload["id"], "endpoint": "/v1/completions",
-                                                       "completion_window": "24h"}))
+    upload = await _ok(
+        client.post(
+            "/v1/files",
+            data={"purpose": "batch"},
+            files={"file": ("bench-batch.jsonl", batch_input(cfg, model, progress.lines))},
+        )
+    )
+    batch = await _ok(
+        client.post(
+            "/v1/batches",
+            json={"input_file_id": upload["id"], "endpoint": "/v1/completions", "completion_window": "24h"},
+        )
+    )
     batch_id = batch["id"]
     try:
-        started = await _wait(client, batch_id, lambda b: b["status"] in _FINAL
-                              or (b["status"] == "in_progress" and b["request_counts"]["completed"] > 0),
-                              _START_TIMEOUT_S)
+        started = await _wait(
+            client,
+            batch_id,
+            lambda b: b["status"] in _FINAL or (b["status"] == "in_progress" and b["request_counts"]["completed"] > 0),
+            _START_TIMEOUT_S,
+        )
         if started["status"] in _FINAL:
             raise BenchError(f"the background batch ended before the level started: {started['status']}")
         log.info("background batch running", batch_id=batch_id, lines=progress.lines)

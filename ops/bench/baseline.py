@@ -125,9 +125,7 @@ def load_model(source: Path, dtype: str) -> Any:
     log.info("loading baseline model", source=str(source), dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
     if model.config.vocab_size < TOKEN_ID_RANGE[1]:
-        raise BenchError(
-            f"{source}: vocabulary of {model.config.vocab_size} is smaller than the prompt ids used"
-        )
+        raise BenchError(f"{source}: vocabulary of {model.config.vocab_size} is smaller than the prompt ids used")
     return model.eval()
 
 

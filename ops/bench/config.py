@@ -89,9 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server = parser.add_argument_group("server")
     server.add_argument("--base-url", default="http://127.0.0.1:8000", metavar="URL")
-    server.add_argument(
-        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY"
-    )
+    server.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
     server.add_argument("--model", help="model id to request (default: the first id from GET /v1/models)")
     server.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     server.add_argument(
@@ -103,14 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-request seconds",
     )
     server.add_argument(
-        "--server-pid", type=int, metavar="PID",
+        "--server-pid",
+        type=int,
+        metavar="PID",
         help="sample this process and its children for peak RSS (default: the local process listening on the "
-             "URL's port, widened to its `inferq serve` launcher's whole tree)",
+        "URL's port, widened to its `inferq serve` launcher's whole tree)",
     )
     server.add_argument(
-        "--rss-settle", type=float, default=3.0, dest="rss_settle_s", metavar="SECONDS",
+        "--rss-settle",
+        type=float,
+        default=3.0,
+        dest="rss_settle_s",
+        metavar="SECONDS",
         help="keep sampling the server's RSS this long after the traffic; the last sample is the 'after' column "
-             "(an idle worker gives its KV pages back after 2 s)",
+        "(an idle worker gives its KV pages back after 2 s)",
     )
     server.add_argument(
         "--tokenizer",
@@ -131,19 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--warmup", type=int, default=1, help="unmeasured requests per target before measuring")
     load.add_argument("--seed", type=int, default=0, help="seed for the prompt token ids (and the sampling)")
     load.add_argument(
-        "--temperature", type=float, default=0.0,
+        "--temperature",
+        type=float,
+        default=0.0,
         help="0: greedy (default); above 0: seeded random sampling, on both sides (text that repeats itself "
-             "less, which speculative decoding guesses less often)",
+        "less, which speculative decoding guesses less often)",
     )
     load.add_argument(
-        "--background-batch", type=int, default=0, metavar="LINES",
+        "--background-batch",
+        type=int,
+        default=0,
+        metavar="LINES",
         help="measure each level again while a batch job of LINES lines runs (/v1/batches), and compare",
     )
 
     load.add_argument(
-        "--observe-nats", metavar="URL",
+        "--observe-nats",
+        metavar="URL",
         help="also report what the edge adds per token: listen to the server's NATS (inf.tok.>) and time each "
-             "token event to its SSE chunk",
+        "token event to its SSE chunk",
     )
 
     baseline = parser.add_argument_group("baseline: transformers generate(), one request at a time")
@@ -154,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     baseline.add_argument("--baseline-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     baseline.add_argument(
-        "--baseline-requests", type=int, metavar="N",
+        "--baseline-requests",
+        type=int,
+        metavar="N",
         help="run at most N of each level's requests on the baseline (it serves one at a time, so its tok/s does "
-             "not depend on the level; its TTFT above N streams is then understated, never overstated)",
+        "not depend on the level; its TTFT above N streams is then understated, never overstated)",
     )
     baseline.add_argument(
         "--cache-dir",
@@ -167,9 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     output = parser.add_argument_group("output")
-    output.add_argument(
-        "--json", type=Path, dest="json_path", metavar="PATH", help="write all results to this file"
-    )
+    output.add_argument("--json", type=Path, dest="json_path", metavar="PATH", help="write all results to this file")
     output.add_argument("--fail-on-error", action="store_true", help="exit 1 if any request failed")
     output.add_argument("--log-level", default="info")
     return parser

@@ -37,8 +37,9 @@ class TokenObserver:
     async def watching(cls, nats_url: str) -> AsyncIterator[TokenObserver]:
         observer = cls()
         ready, stop = threading.Event(), threading.Event()
-        thread = threading.Thread(target=asyncio.run, args=(observer._listen(nats_url, ready, stop),),
-                                  name="nats-observer", daemon=True)
+        thread = threading.Thread(
+            target=asyncio.run, args=(observer._listen(nats_url, ready, stop),), name="nats-observer", daemon=True
+        )
         thread.start()
         if not await asyncio.to_thread(ready.wait, _START_TIMEOUT_S):
             raise RuntimeError(f"could not subscribe to {TOKEN_EVENTS} at {nats_url}")
@@ -64,6 +65,9 @@ class TokenObserver:
 
     def added_latencies(self, results: list[RequestResult]) -> list[float]:
         """Seconds from each token event leaving NATS to its chunk reaching the client."""
-        return [seen - left for result in results if result.ok and result.response_id
-                for left, seen in zip(self._left_nats.get(result.response_id, ()), result.token_times,
-                                      strict=False)]
+        return [
+            seen - left
+            for result in results
+            if result.ok and result.response_id
+            for left, seen in zip(self._left_nats.get(result.response_id, ()), result.token_times, strict=False)
+        ]

@@ -108,8 +108,9 @@ def _cmdline(process: psutil.Process) -> list[str]:
 class RssSampler:
     """Samples the tree every `interval_s` on a thread (psutil calls block) between `start()` and `stop()`."""
 
-    def __init__(self, root: psutil.Process | None, interval_s: float = 0.5, note: str | None = None,
-                 settle_s: float = 0.0) -> None:
+    def __init__(
+        self, root: psutil.Process | None, interval_s: float = 0.5, note: str | None = None, settle_s: float = 0.0
+    ) -> None:
         self._root = root
         self._interval_s = interval_s
         self._settle_s = settle_s
@@ -152,8 +153,9 @@ class RssSampler:
                 rss = process.memory_info().rss
                 peak = self._by_pid.get(process.pid)
                 if peak is None:
-                    peak = self._by_pid[process.pid] = ProcessPeak(process.pid, role_of(_cmdline(process),
-                                                                                        process.name()))
+                    peak = self._by_pid[process.pid] = ProcessPeak(
+                        process.pid, role_of(_cmdline(process), process.name())
+                    )
             except psutil.Error:  # exited between listing and reading
                 continue
             peak.peak_rss_bytes = max(peak.peak_rss_bytes, rss)
@@ -171,11 +173,16 @@ def format_memory(report: MemoryReport | None) -> str:
         return ""
     if not report.samples:
         return f"\nserver memory: not sampled ({report.note or 'no local server process found'})\n"
-    lines = ["", f"server memory (RSS, {report.samples} samples of the process tree under pid {report.root_pid}; "
-                 f"MiB; 'after' = the last sample, {report.settle_s:g} s after the traffic)",
-             f"{'process':<14}{'pid':>8}{'peak':>9}{'after':>9}"]
+    lines = [
+        "",
+        f"server memory (RSS, {report.samples} samples of the process tree under pid {report.root_pid}; "
+        f"MiB; 'after' = the last sample, {report.settle_s:g} s after the traffic)",
+        f"{'process':<14}{'pid':>8}{'peak':>9}{'after':>9}",
+    ]
     for process in report.processes:
-        lines.append(f"{process.role:<14}{process.pid:>8}{process.peak_rss_bytes / MIB:>9.0f}"
-                     f"{process.last_rss_bytes / MIB:>9.0f}")
+        lines.append(
+            f"{process.role:<14}{process.pid:>8}{process.peak_rss_bytes / MIB:>9.0f}"
+            f"{process.last_rss_bytes / MIB:>9.0f}"
+        )
     lines.append(f"{'total':<14}{'':>8}{report.peak_total_bytes / MIB:>9.0f}{report.last_total_bytes / MIB:>9.0f}")
     return "\n".join(lines) + "\n"

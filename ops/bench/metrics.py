@@ -99,11 +99,7 @@ def summarize(target: str, concurrency: int, results: list[RequestResult], durat
     output_tokens = sum(r.output_tokens for r in ok)
     prompt_counts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
     # TPOT: decode time per token after the first, per request (insensitive to how tokens were chunked).
-    tpot = [
-        (r.e2e_s - r.ttft_s) / (r.output_tokens - 1)
-        for r in ok
-        if r.ttft_s is not None and r.output_tokens > 1
-    ]
+    tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.ttft_s is not None and r.output_tokens > 1]
     return LevelResult(
         target=target,
         concurrency=concurrency,

@@ -63,8 +63,11 @@ _COLUMNS: list[tuple[str, int, Callable[[LevelResult], str]]] = [
 
 
 # With --observe-nats: what the edge adds per token (token event on NATS -> SSE chunk at the client).
-_EDGE_COLUMN = ("edge p50/p99 ms", 17,
-                lambda r: "-" if r.edge_ms is None else f"{_num(r.edge_ms.p50)}/{_num(r.edge_ms.p99)}")
+_EDGE_COLUMN = (
+    "edge p50/p99 ms",
+    17,
+    lambda r: "-" if r.edge_ms is None else f"{_num(r.edge_ms.p50)}/{_num(r.edge_ms.p99)}",
+)
 
 
 def _acceptance(level: LevelResult) -> str:
@@ -89,14 +92,14 @@ def format_table(cfg: BenchConfig, info: RunInfo, levels: list[LevelResult]) -> 
         f"{f'temperature {cfg.temperature:g}' if cfg.temperature > 0 else 'greedy'}, warm-up {cfg.warmup}",
     ]
     if info.model is not None:
-        heading.append(
-            f"  inferq:   {info.model} at {cfg.base_url}{info.endpoint}; prompts as {info.prompt_source}"
-        )
+        heading.append(f"  inferq:   {info.model} at {cfg.base_url}{info.endpoint}; prompts as {info.prompt_source}")
     if info.baseline is not None:
         heading.append(f"  baseline: transformers generate(), one request at a time, {info.baseline}")
     if cfg.background_batch:
-        heading.append(f"  {BUSY_TARGET}:   inferq again, while a /v1/batches job of {cfg.background_batch} lines "
-                       "(same prompt and output lengths) runs")
+        heading.append(
+            f"  {BUSY_TARGET}:   inferq again, while a /v1/batches job of {cfg.background_batch} lines "
+            "(same prompt and output lengths) runs"
+        )
     columns = _COLUMNS + ([_EDGE_COLUMN] if any(level.edge_ms is not None for level in levels) else [])
     columns += [_DRAFTS_COLUMN] if any(level.draft_tokens for level in levels) else []
     lines = [*heading, "", _row(columns, [name for name, _, _ in columns])]
@@ -142,16 +145,18 @@ def batch_comparison(levels: list[LevelResult], batches: dict[int, BatchProgress
         idle, busy = by_key.get(("inferq", concurrency)), by_key.get((BUSY_TARGET, concurrency))
         if idle is None or busy is None:
             continue
-        rows.append({
-            "concurrency": concurrency,
-            "idle_ttft_p50_ms": idle.ttft_ms.p50,
-            "busy_ttft_p50_ms": busy.ttft_ms.p50,
-            "ttft_p50_ratio_busy_over_idle": _ratio(busy.ttft_ms.p50, idle.ttft_ms.p50),
-            "idle_output_tok_s": idle.output_throughput,
-            "busy_output_tok_s": busy.output_throughput,
-            "batch_lines": progress.lines,
-            "batch_lines_completed_during_level": progress.completed_during_level,
-        })
+        rows.append(
+            {
+                "concurrency": concurrency,
+                "idle_ttft_p50_ms": idle.ttft_ms.p50,
+                "busy_ttft_p50_ms": busy.ttft_ms.p50,
+                "ttft_p50_ratio_busy_over_idle": _ratio(busy.ttft_ms.p50, idle.ttft_ms.p50),
+                "idle_output_tok_s": idle.output_throughput,
+                "busy_output_tok_s": busy.output_throughput,
+                "batch_lines": progress.lines,
+                "batch_lines_completed_during_level": progress.completed_during_level,
+            }
+        )
     return rows
 
 
@@ -178,8 +183,7 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
         return ""
     lines = [
         "",
-        "inferq vs baseline, same run (ratios > 1 mean inferq is better: tok/s inferq/baseline, "
-        "TTFT baseline/inferq)",
+        "inferq vs baseline, same run (ratios > 1 mean inferq is better: tok/s inferq/baseline, TTFT baseline/inferq)",
         f"{'conc':>5}{'inferq tok/s':>14}{'base tok/s':>12}{'tok/s x':>9}"
         f"{'inferq TTFT ms':>16}{'base TTFT ms':>14}{'TTFT x':>8}",
     ]
@@ -192,11 +196,14 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: Path, cfg: BenchConfig, info: RunInfo, levels: list[LevelResult],
-               batch_rows: list[dict[str, Any]] | None = None) -> None:
-    config = dataclasses.asdict(cfg) | {
-        "api_key": "<redacted>" if cfg.api_key else None
-    }  # results get shared
+def write_json(
+    path: Path,
+    cfg: BenchConfig,
+    info: RunInfo,
+    levels: list[LevelResult],
+    batch_rows: list[dict[str, Any]] | None = None,
+) -> None:
+    config = dataclasses.asdict(cfg) | {"api_key": "<redacted>" if cfg.api_key else None}  # results get shared
     document = {
         "config": config,
         "run": dataclasses.asdict(info),

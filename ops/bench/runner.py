@@ -58,8 +58,12 @@ def main(argv: list[str]) -> int:
         log.error(str(exc))
         return exc.exit_code
     batch_rows = batch_comparison(levels, batches)
-    sys.stdout.write(format_table(cfg, info, levels) + format_comparison(comparison(levels))
-                     + format_batch_comparison(batch_rows) + format_memory(info.memory))
+    sys.stdout.write(
+        format_table(cfg, info, levels)
+        + format_comparison(comparison(levels))
+        + format_batch_comparison(batch_rows)
+        + format_memory(info.memory)
+    )
     if cfg.json_path is not None:
         write_json(cfg.json_path, cfg, info, levels, batch_rows)
     failed = sum(level.errors for level in levels)
@@ -90,8 +94,11 @@ async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo, dict[int, B
         server = await stack.enter_async_context(OpenAIStreamTarget.connect(cfg)) if cfg.runs_server else None
         sampler = stack.enter_context(sample_server_memory(cfg)) if server is not None else None
         baseline = stack.enter_context(BaselineTarget.load(cfg)) if cfg.runs_baseline else None
-        observer = (await stack.enter_async_context(TokenObserver.watching(cfg.observe_nats))
-                    if cfg.observe_nats and server is not None else None)
+        observer = (
+            await stack.enter_async_context(TokenObserver.watching(cfg.observe_nats))
+            if cfg.observe_nats and server is not None
+            else None
+        )
         targets: list[Target] = [target for target in (server, baseline) if target is not None]
         for target in targets:
             await warm_up(target, cfg)
@@ -177,9 +184,7 @@ async def measure_server(server: OpenAIStreamTarget, prompts: list[list[int]], c
     return level
 
 
-async def run_level(
-    target: Target, prompts: list[list[int]], concurrency: int
-) -> tuple[list[RequestResult], float]:
+async def run_level(target: Target, prompts: list[list[int]], concurrency: int) -> tuple[list[RequestResult], float]:
     """`concurrency` closed-loop streams over all prompts; returns results in prompt order and the wall time.
 
     Every stream sends its next prompt as soon as its previous response is complete, so at most

@@ -14,15 +14,27 @@ from ops.chaos.run import ChaosConfig, run_chaos
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inferq chaos", description=(
-        "Run a mixed workload against a 3-node NATS cluster, two api processes and two sim workers while a seeded "
-        "schedule SIGKILLs or SIGSTOPs one of them every few seconds; check that nothing is lost or doubled."))
+    parser = argparse.ArgumentParser(
+        prog="inferq chaos",
+        description=(
+            "Run a mixed workload against a 3-node NATS cluster, two api processes and two sim workers while a seeded "
+            "schedule SIGKILLs or SIGSTOPs one of them every few seconds; check that nothing is lost or doubled."
+        ),
+    )
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the fault schedule (default 10)")
     parser.add_argument("--seed", type=int, default=None, help="the schedule's seed (default: random, printed)")
-    parser.add_argument("--steady-s", type=float, default=60.0,
-                        help="seconds of workload without faults after the schedule, RSS sampled at both ends")
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="where processes keep their stores and logs (default: a new temporary directory)")
+    parser.add_argument(
+        "--steady-s",
+        type=float,
+        default=60.0,
+        help="seconds of workload without faults after the schedule, RSS sampled at both ends",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where processes keep their stores and logs (default: a new temporary directory)",
+    )
     return parser
 
 
@@ -35,7 +47,6 @@ def main(argv: list[str]) -> int:
     # SIGTERM unwinds like Ctrl-C, so the run stops the cluster and processes it started (the nats-server
     # nodes are not tied to this process's life: the chaos run restarts them from a worker thread).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    report = asyncio.run(run_chaos(ChaosConfig(minutes=args.minutes, seed=seed, root=root,
-                                               steady_s=args.steady_s)))
+    report = asyncio.run(run_chaos(ChaosConfig(minutes=args.minutes, seed=seed, root=root, steady_s=args.steady_s)))
     sys.stdout.write(report.render() + "\n")
     return 0 if report.ok else 1

@@ -68,15 +68,24 @@ class NatsCluster:
     node's config (e.g. `include ./auth.conf`), `files` are copied beside it, `env` is the servers' environment
     on top of ours (the passwords auth.conf reads)."""
 
-    def __init__(self, root: Path, size: int = 3, name: str = "inferq-test", extra_config: str = "",
-                 files: Sequence[Path] = (), env: Mapping[str, str] | None = None, route_config: str = ""):
+    def __init__(
+        self,
+        root: Path,
+        size: int = 3,
+        name: str = "inferq-test",
+        extra_config: str = "",
+        files: Sequence[Path] = (),
+        env: Mapping[str, str] | None = None,
+        route_config: str = "",
+    ):
         self.name = name
         self.extra_config = extra_config
         self.route_config = route_config  # inside the cluster block (e.g. a tls block for the routes)
         self.files = list(files)
         self.env = {**os.environ, **(env or {})}
-        self.nodes = [ClusterNode(f"n{i + 1}", free_port(), free_port(), free_port(), root / f"n{i + 1}")
-                      for i in range(size)]
+        self.nodes = [
+            ClusterNode(f"n{i + 1}", free_port(), free_port(), free_port(), root / f"n{i + 1}") for i in range(size)
+        ]
 
     @property
     def urls(self) -> str:
@@ -92,8 +101,13 @@ class NatsCluster:
                     shutil.copy(file, node.dir / file.name)
                 node.config_path.write_text(self._config(node))
                 with open(node.log_path, "ab") as node_log:
-                    node.proc = spawn([str(binary), "-c", str(node.config_path)], env=self.env, stdout=node_log,
-                                      stderr=subprocess.STDOUT, die_with_parent=False)
+                    node.proc = spawn(
+                        [str(binary), "-c", str(node.config_path)],
+                        env=self.env,
+                        stdout=node_log,
+                        stderr=subprocess.STDOUT,
+                        die_with_parent=False,
+                    )
             deadline = time.monotonic() + timeout_s
             for node in self.nodes:
                 self._await_listening(node, deadline)
@@ -108,8 +122,13 @@ class NatsCluster:
         if node.running:
             return
         with open(node.log_path, "ab") as node_log:
-            node.proc = spawn([str(find_nats_server()), "-c", str(node.config_path)], env=self.env, stdout=node_log,
-                              stderr=subprocess.STDOUT, die_with_parent=False)
+            node.proc = spawn(
+                [str(find_nats_server()), "-c", str(node.config_path)],
+                env=self.env,
+                stdout=node_log,
+                stderr=subprocess.STDOUT,
+                die_with_parent=False,
+            )
         self._await_listening(node, time.monotonic() + timeout_s)
 
     def signal_node(self, index: int, signum: int) -> None:
@@ -142,8 +161,9 @@ class NatsCluster:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     async def wait_for_jetstream(self, timeout_s: float = 30.0, **connect_options) -> None:
@@ -155,8 +175,7 @@ class NatsCluster:
             while True:
                 try:
                     await js.account_info()
-                    probe = StreamConfig(name="CLUSTER_PROBE", subjects=["cluster.probe"],
-                                         num_replicas=len(self.nodes))
+                    probe = StreamConfig(name="CLUSTER_PROBE", subjects=["cluster.probe"], num_replicas=len(self.nodes))
                     await js.add_stream(probe)
                     await js.delete_stream(probe.name)
                     return
@@ -173,13 +192,15 @@ class NatsCluster:
     def _config(self, node: ClusterNode) -> str:
         routes = ", ".join(f"nats-route://127.0.0.1:{other.route_port}" for other in self.nodes)
         cluster = (
-            "cluster {\n"
-            f"  name: {self.name}\n"
-            f"  listen: 127.0.0.1:{node.route_port}\n"
-            f"  routes: [{routes}]\n"
-            + self.route_config
-            + "}\n"
-        ) if len(self.nodes) > 1 else ""
+            (
+                "cluster {\n"
+                f"  name: {self.name}\n"
+                f"  listen: 127.0.0.1:{node.route_port}\n"
+                f"  routes: [{routes}]\n" + self.route_config + "}\n"
+            )
+            if len(self.nodes) > 1
+            else ""
+        )
         return (
             f"server_name: {node.name}\n"
             f"listen: 127.0.0.1:{node.client_port}\n"
@@ -189,9 +210,7 @@ class NatsCluster:
             f"  store_dir: {json.dumps(str(node.dir / 'store'))}\n"
             "  max_memory_store: 256MB\n"
             "  max_file_store: 16GB\n"  # a reservation, not disk in use: the results stream reserves 1 GB
-            "}\n"
-            + cluster
-            + self.extra_config
+            "}\n" + cluster + self.extra_config
         )
 
     @staticmethod

@@ -59,9 +59,14 @@ class Ledger:
             by_kind[outcome.kind]["resumed"] += outcome.resumes > 0
         errors = Counter(outcome.error for outcome in self.outcomes if not outcome.ok)
         slowest = max((outcome.seconds for outcome in self.outcomes), default=0.0)
-        return {"seed": self.seed, "requests": {kind: dict(counts) for kind, counts in by_kind.items()},
-                "errors": dict(errors), "slowest_s": round(slowest, 1), "keys": len(self.keys),
-                "problems": len(self.problems)}
+        return {
+            "seed": self.seed,
+            "requests": {kind: dict(counts) for kind, counts in by_kind.items()},
+            "errors": dict(errors),
+            "slowest_s": round(slowest, 1),
+            "keys": len(self.keys),
+            "problems": len(self.problems),
+        }
 
 
 def accepted_attempts(worker_logs: list[Path]) -> Counter[tuple[str, int]]:

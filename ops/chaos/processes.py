@@ -68,8 +68,9 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         env = {**os.environ, **settings_env(self.settings), "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:
-            self.proc = spawn([sys.executable, "-m", "ops.cli", self.command], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+            self.proc = spawn(
+                [sys.executable, "-m", "ops.cli", self.command], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         self.starts += 1
         return self
 

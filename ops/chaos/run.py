@@ -61,13 +61,15 @@ class ChaosReport:
 
     def render(self) -> str:
         rss = ", ".join(f"{name} {start / 2**20:.0f}→{end / 2**20:.0f} MiB" for name, (start, end) in self.rss.items())
-        lines = [f"chaos run, seed {self.seed}: {'PASSED' if self.ok else 'FAILED'} in {self.seconds:.0f} s, "
-                 f"{len(self.faults)} faults",
-                 f"  requests: {self.summary.get('requests')}",
-                 f"  clear errors: {self.summary.get('errors')}; slowest request {self.summary.get('slowest_s')} s; "
-                 f"{self.summary.get('keys')} Idempotency-Keys",
-                 f"  RSS over the steady phase: {rss}",
-                 "  faults: " + "; ".join(self.faults)]
+        lines = [
+            f"chaos run, seed {self.seed}: {'PASSED' if self.ok else 'FAILED'} in {self.seconds:.0f} s, "
+            f"{len(self.faults)} faults",
+            f"  requests: {self.summary.get('requests')}",
+            f"  clear errors: {self.summary.get('errors')}; slowest request {self.summary.get('slowest_s')} s; "
+            f"{self.summary.get('keys')} Idempotency-Keys",
+            f"  RSS over the steady phase: {rss}",
+            "  faults: " + "; ".join(self.faults),
+        ]
         lines += [f"  FAILURE (seed {self.seed}): {problem}" for problem in self.problems]
         if not self.ok:
             lines.append(f"  reproduce: inferq chaos --seed {self.seed} --minutes <same>")
@@ -82,8 +84,7 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
         await system.start()
         async with connect(system.cluster.urls, "inferq-chaos-direct") as nc:
             js = nc.jetstream()
-            workload = Workload(MODEL, [api.base_url for api in system.apis], js, await _references(system, js),
-                                ledger)
+            workload = Workload(MODEL, [api.base_url for api in system.apis], js, await _references(system, js), ledger)
             await _chaos_and_steady(config, system, workload, report)
             await _serves_normally(system, workload)
         ledger.check_keys(accepted_attempts(system.worker_logs()))
@@ -121,8 +122,7 @@ async def _references(system: ChaosSystem, js: JetStreamContext) -> References:
     return refs
 
 
-async def _chaos_and_steady(config: ChaosConfig, system: ChaosSystem, workload: Workload,
-                            report: ChaosReport) -> None:
+async def _chaos_and_steady(config: ChaosConfig, system: ChaosSystem, workload: Workload, report: ChaosReport) -> None:
     stop = asyncio.Event()
     clients = [
         *(workload.streaming_client(f"stream{i}", stop) for i in range(config.streaming_clients)),
@@ -147,8 +147,11 @@ async def _chaos_and_steady(config: ChaosConfig, system: ChaosSystem, workload: 
             if pid != before[name][1]:
                 workload.ledger.problem(name, "restarted during the steady phase (nothing was killed)")
             elif rss - start > bound:
-                workload.ledger.problem(name, f"RSS not flat over {config.steady_s:.0f} s without faults: "
-                                              f"{start / 2**20:.0f} → {rss / 2**20:.0f} MiB")
+                workload.ledger.problem(
+                    name,
+                    f"RSS not flat over {config.steady_s:.0f} s without faults: "
+                    f"{start / 2**20:.0f} → {rss / 2**20:.0f} MiB",
+                )
     finally:
         stop.set()
         done, pending = await asyncio.wait(tasks, timeout=BATCH_DEADLINE_S + REQUEST_DEADLINE_S)
@@ -174,7 +177,10 @@ async def _serves_normally(system: ChaosSystem, workload: Workload) -> None:
             except httpx.TransportError as exc:
                 workload.ledger.problem(api.name, f"does not serve after the run: {exc!r}")
                 continue
-            text = response.json().get("choices", [{}])[0].get("message", {}).get("content") \
-                if response.status_code == 200 else None
+            text = (
+                response.json().get("choices", [{}])[0].get("message", {}).get("content")
+                if response.status_code == 200
+                else None
+            )
             if text != workload.refs.chat[1]:
                 workload.ledger.problem(api.name, f"after the run: {response.status_code} {response.text[:300]}")

@@ -28,9 +28,15 @@ class Fault:
         return f"{self.action.value} {self.target} for {self.down_s:.1f} s after {self.gap_s:.1f} s"
 
 
-def fault_schedule(seed: int, duration_s: float, targets: list[str], *, gap_s: tuple[float, float] = (2.0, 6.0),
-                   kill_down_s: tuple[float, float] = (0.5, 4.0), freeze_down_s: tuple[float, float] = (1.0, 8.0)
-                   ) -> list[Fault]:
+def fault_schedule(
+    seed: int,
+    duration_s: float,
+    targets: list[str],
+    *,
+    gap_s: tuple[float, float] = (2.0, 6.0),
+    kill_down_s: tuple[float, float] = (0.5, 4.0),
+    freeze_down_s: tuple[float, float] = (1.0, 8.0),
+) -> list[Fault]:
     """Faults whose nominal gaps and downtimes fill `duration_s` (the real run is longer: restarts take time).
     Freezes run past the edge's 3 s worker-silence timeout about half the time: both sides of it get hit."""
     rng = random.Random(seed)
@@ -39,8 +45,12 @@ def fault_schedule(seed: int, duration_s: float, targets: list[str], *, gap_s: t
     while True:
         action = rng.choice(list(Action))
         low, high = kill_down_s if action is Action.KILL else freeze_down_s
-        fault = Fault(gap_s=round(rng.uniform(*gap_s), 2), action=action, target=rng.choice(targets),
-                      down_s=round(rng.uniform(low, high), 2))
+        fault = Fault(
+            gap_s=round(rng.uniform(*gap_s), 2),
+            action=action,
+            target=rng.choice(targets),
+            down_s=round(rng.uniform(low, high), 2),
+        )
         elapsed += fault.gap_s + fault.down_s
         if elapsed > duration_s:
             return faults

@@ -30,20 +30,46 @@ class ChaosSystem:
     def __init__(self, root: Path, tokens_per_s: float = 20.0):
         self.root = root
         self.cluster = NatsCluster(root / "nats", size=3, name="inferq-chaos")
-        base = Settings(nats_url=self.cluster.urls, engine="sim", served_model_name=MODEL,
-                        sim_tokens_per_s=tokens_per_s, max_num_seqs=16, nats_replicas=3, queue_timeout_s=60.0,
-                        worker_silence_timeout_s=3.0, batch_job_ack_wait_s=5.0, log_format="json",
-                        data_dir=root / "data")
+        base = Settings(
+            nats_url=self.cluster.urls,
+            engine="sim",
+            served_model_name=MODEL,
+            sim_tokens_per_s=tokens_per_s,
+            max_num_seqs=16,
+            nats_replicas=3,
+            queue_timeout_s=60.0,
+            worker_silence_timeout_s=3.0,
+            batch_job_ack_wait_s=5.0,
+            log_format="json",
+            data_dir=root / "data",
+        )
         # Workers log at debug: their `request.accepted` lines are the record of every generation started.
-        self.workers = [ServiceProcess(f"worker-{i}", "worker", base.model_copy(update={
-            "data_dir": root / f"worker-{i}", "log_level": "debug"}), root / f"worker-{i}.log") for i in range(2)]
-        self.apis = [ServiceProcess(f"api-{i}", "api", base.model_copy(update={
-            "data_dir": root / f"api-{i}", "port": free_port()}), root / f"api-{i}.log") for i in range(2)]
+        self.workers = [
+            ServiceProcess(
+                f"worker-{i}",
+                "worker",
+                base.model_copy(update={"data_dir": root / f"worker-{i}", "log_level": "debug"}),
+                root / f"worker-{i}.log",
+            )
+            for i in range(2)
+        ]
+        self.apis = [
+            ServiceProcess(
+                f"api-{i}",
+                "api",
+                base.model_copy(update={"data_dir": root / f"api-{i}", "port": free_port()}),
+                root / f"api-{i}.log",
+            )
+            for i in range(2)
+        ]
 
     @property
     def targets(self) -> list[str]:
-        return [*(p.name for p in self.apis), *(p.name for p in self.workers),
-                *(f"nats-{i}" for i in range(len(self.cluster.nodes)))]
+        return [
+            *(p.name for p in self.apis),
+            *(p.name for p in self.workers),
+            *(f"nats-{i}" for i in range(len(self.cluster.nodes))),
+        ]
 
     @property
     def services(self) -> list[ServiceProcess]:
@@ -90,8 +116,9 @@ class ChaosSystem:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not await self._ready(target):
             if time.monotonic() > deadline:
-                raise NotReady(f"{target} not ready {READY_TIMEOUT_S:.0f} s after it was brought back:\n"
-                               + self.log_tail(target))
+                raise NotReady(
+                    f"{target} not ready {READY_TIMEOUT_S:.0f} s after it was brought back:\n" + self.log_tail(target)
+                )
             await asyncio.sleep(0.25)
 
     def log_tail(self, target: str) -> str:

@@ -47,15 +47,24 @@ def max_tokens_for(index: int) -> int:
 
 
 def chat_body(model: str, index: int, *, stream: bool = False) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": PROMPTS[index]}],
-            "max_tokens": max_tokens_for(index), "temperature": 0, "stream": stream}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPTS[index]}],
+        "max_tokens": max_tokens_for(index),
+        "temperature": 0,
+        "stream": stream,
+    }
 
 
 def direct_request(model: str, index: int, request_id: str, reply_subject: str) -> GenerateRequest:
     length = DIRECT_PROMPT_LENGTHS[index]
-    return GenerateRequest(request_id=request_id, model=model, prompt_token_ids=[3 + i for i in range(length)],
-                           sampling=SamplingParams(max_tokens=max_tokens_for(index), temperature=0),
-                           reply_subject=reply_subject)
+    return GenerateRequest(
+        request_id=request_id,
+        model=model,
+        prompt_token_ids=[3 + i for i in range(length)],
+        sampling=SamplingParams(max_tokens=max_tokens_for(index), temperature=0),
+        reply_subject=reply_subject,
+    )
 
 
 @dataclass
@@ -94,8 +103,7 @@ class Workload:
     """Clients against `api_urls` and `js`, recording into `ledger`, each with a random generator of its own
     seeded from the run's seed."""
 
-    def __init__(self, model: str, api_urls: list[str], js: JetStreamContext, references: References,
-                 ledger: Ledger):
+    def __init__(self, model: str, api_urls: list[str], js: JetStreamContext, references: References, ledger: Ledger):
         self.model = model
         self.api_urls = api_urls
         self.js = js
@@ -118,15 +126,18 @@ class Workload:
         api, stream, resumes, started = rng.randrange(len(self.api_urls)), _Stream(), 0, time.monotonic()
         while not stream.done:
             if time.monotonic() - started > REQUEST_DEADLINE_S:
-                self.ledger.problem(label, f"stream without an end after {REQUEST_DEADLINE_S:.0f} s ({resumes} "
-                                           f"resumes, {stream.last_index + 1} chunks)")
+                self.ledger.problem(
+                    label,
+                    f"stream without an end after {REQUEST_DEADLINE_S:.0f} s ({resumes} "
+                    f"resumes, {stream.last_index + 1} chunks)",
+                )
                 return
             # Before the first chunk the key names the request (a retry attaches); after it, the last event id.
-            headers = {"Idempotency-Key": key} if stream.request_id is None else {"Last-Event-ID":
-                                                                                  stream.last_event_id}
+            headers = {"Idempotency-Key": key} if stream.request_id is None else {"Last-Event-ID": stream.last_event_id}
             try:
-                async with http.stream("POST", f"{self.api_urls[api]}/v1/chat/completions", json=body,
-                                       headers=headers) as response:
+                async with http.stream(
+                    "POST", f"{self.api_urls[api]}/v1/chat/completions", json=body, headers=headers
+                ) as response:
                     if response.status_code != 200:
                         code = error_code(json.loads(await response.aread()))
                         if response.status_code not in RETRYABLE:
@@ -147,18 +158,19 @@ class Workload:
                 await asyncio.sleep(0.3)
         if stream.request_id is not None:
             self.ledger.keyed(key, stream.request_id)
-        self._judge(label, "stream", stream.text, stream.finish, self.refs.chat[index], started, resumes,
-                    stream.request_id)
+        self._judge(
+            label, "stream", stream.text, stream.finish, self.refs.chat[index], started, resumes, stream.request_id
+        )
 
     async def _read_sse(self, response: httpx.Response, stream: _Stream, label: str) -> None:
         event_id = None
         async for line in response.aiter_lines():
             if line.startswith("id: "):
-                event_id = line[len("id: "):]
+                event_id = line[len("id: ") :]
             elif line == "data: [DONE]":
                 stream.done = True
             elif line.startswith("data: "):
-                chunk = json.loads(line[len("data: "):])
+                chunk = json.loads(line[len("data: ") :])
                 if "error" in chunk:
                     raise ClearError(f"stream error event {error_code(chunk)}")
                 self._take_chunk(stream, event_id, chunk, label)
@@ -185,13 +197,15 @@ class Workload:
                 key, api = f"{label}-{uuid.uuid4().hex[:8]}", rng.randrange(len(self.api_urls))
                 calls = [self._keyed_chat(http, label, index, key, api)]
                 if rng.random() < 0.3:  # the same key again, on the other replica, while the first runs
-                    calls.append(self._keyed_chat(http, f"{label}.dup", index, key, api + 1,
-                                                  delay_s=rng.uniform(0, 1.5)))
+                    calls.append(
+                        self._keyed_chat(http, f"{label}.dup", index, key, api + 1, delay_s=rng.uniform(0, 1.5))
+                    )
                 await asyncio.gather(*calls)
                 number += 1
 
-    async def _keyed_chat(self, http: httpx.AsyncClient, label: str, index: int, key: str, api: int,
-                          delay_s: float = 0.0) -> None:
+    async def _keyed_chat(
+        self, http: httpx.AsyncClient, label: str, index: int, key: str, api: int, delay_s: float = 0.0
+    ) -> None:
         await asyncio.sleep(delay_s)
         started, resumes = time.monotonic(), 0
         while True:
@@ -208,8 +222,11 @@ class Workload:
             if response is not None:
                 code = error_code(response.json())
                 if response.status_code not in RETRYABLE:
-                    self.ledger.record(Outcome(label, "chat", False, time.monotonic() - started, resumes,
-                                               f"{response.status_code} {code}"))
+                    self.ledger.record(
+                        Outcome(
+                            label, "chat", False, time.monotonic() - started, resumes, f"{response.status_code} {code}"
+                        )
+                    )
                     return
             log.info("chaos.retry", client=label, key=key, status=response and response.status_code)
             resumes += 1
@@ -218,8 +235,16 @@ class Workload:
         answer = response.json()
         self.ledger.keyed(key, answer["id"])
         choice = answer["choices"][0]
-        self._judge(label, "chat", choice["message"]["content"] or "", choice["finish_reason"],
-                    self.refs.chat[index], started, resumes, answer["id"])
+        self._judge(
+            label,
+            "chat",
+            choice["message"]["content"] or "",
+            choice["finish_reason"],
+            self.refs.chat[index],
+            started,
+            resumes,
+            answer["id"],
+        )
 
     # --- direct NATS publishers (durable result subjects) -----------------------------------------------
 
@@ -236,8 +261,9 @@ class Workload:
                 self._judge(label, "direct", text, finish, self.refs.direct[index], started, 0, request_id)
             number += 1
 
-    async def direct_answer(self, label: str, request: GenerateRequest, started: float
-                             ) -> tuple[str | None, str | None]:
+    async def direct_answer(
+        self, label: str, request: GenerateRequest, started: float
+    ) -> tuple[str | None, str | None]:
         while True:  # publish: retried with the same Nats-Msg-Id, so it is queued once
             try:
                 await publish_request(self.js, request, retry_for_s=30)
@@ -256,13 +282,34 @@ class Workload:
             if result.finished:
                 last = result.events[-1]
                 if last.kind == "error":
-                    self.ledger.record(Outcome(label, "direct", False, time.monotonic() - started, 0,
-                                               f"error event {last.error.code.value}"))
+                    self.ledger.record(
+                        Outcome(
+                            label,
+                            "direct",
+                            False,
+                            time.monotonic() - started,
+                            0,
+                            f"error event {last.error.code.value}",
+                        )
+                    )
                     return None, None
-                text = "".join(choice.text for event in result.events if event.kind == "tokens"
-                               for choice in event.choices if choice.index == 0)
-                finish = next((choice.finish_reason.value for event in result.events if event.kind == "tokens"
-                               for choice in event.choices if choice.finish_reason), None)
+                text = "".join(
+                    choice.text
+                    for event in result.events
+                    if event.kind == "tokens"
+                    for choice in event.choices
+                    if choice.index == 0
+                )
+                finish = next(
+                    (
+                        choice.finish_reason.value
+                        for event in result.events
+                        if event.kind == "tokens"
+                        for choice in event.choices
+                        if choice.finish_reason
+                    ),
+                    None,
+                )
                 return text, finish
         self.ledger.problem(label, f"no finished result after {REQUEST_DEADLINE_S:.0f} s")
         return None, None
@@ -281,13 +328,33 @@ class Workload:
     async def _one_batch(self, http: httpx.AsyncClient, rng: random.Random, label: str, count: int) -> None:
         started = time.monotonic()
         indexes = {f"{label}-line{i}": rng.randrange(len(PROMPTS)) for i in range(count)}
-        content = "".join(json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-                                      "body": chat_body(self.model, index)}) + "\n"
-                          for custom_id, index in indexes.items())
-        upload = await self._retrying(http, label, "POST", "/v1/files", files={
-            "file": ("chaos.jsonl", content.encode())}, data={"purpose": "batch"})
-        batch = upload and await self._retrying(http, label, "POST", "/v1/batches", json={
-            "input_file_id": upload["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+        content = "".join(
+            json.dumps(
+                {
+                    "custom_id": custom_id,
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": chat_body(self.model, index),
+                }
+            )
+            + "\n"
+            for custom_id, index in indexes.items()
+        )
+        upload = await self._retrying(
+            http,
+            label,
+            "POST",
+            "/v1/files",
+            files={"file": ("chaos.jsonl", content.encode())},
+            data={"purpose": "batch"},
+        )
+        batch = upload and await self._retrying(
+            http,
+            label,
+            "POST",
+            "/v1/batches",
+            json={"input_file_id": upload["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        )
         if batch is None:
             return
         while batch["status"] not in ("completed", "failed", "expired", "cancelled"):
@@ -310,18 +377,35 @@ class Workload:
         if wrong:
             self.ledger.problem(label, f"batch {batch['id']}: lines not exactly once (custom_id: times) {wrong}")
 
-    def _judge_batch_line(self, label: str, line: dict, indexes: dict[str, int], seen: dict[str, int],
-                          started: float) -> None:
+    def _judge_batch_line(
+        self, label: str, line: dict, indexes: dict[str, int], seen: dict[str, int], started: float
+    ) -> None:
         custom_id = line["custom_id"]
         seen[custom_id] = seen.get(custom_id, 0) + 1
         response = line.get("response") or {}
         if line.get("error") or response.get("status_code") != 200:
-            self.ledger.record(Outcome(custom_id, "batch-line", False, time.monotonic() - started, 0,
-                                       f"batch line error {line.get('error') or response.get('status_code')}"))
+            self.ledger.record(
+                Outcome(
+                    custom_id,
+                    "batch-line",
+                    False,
+                    time.monotonic() - started,
+                    0,
+                    f"batch line error {line.get('error') or response.get('status_code')}",
+                )
+            )
             return
         choice = response["body"]["choices"][0]
-        self._judge(custom_id, "batch-line", choice["message"]["content"] or "", choice["finish_reason"],
-                    self.refs.chat[indexes[custom_id]], started, 0, response.get("request_id"))
+        self._judge(
+            custom_id,
+            "batch-line",
+            choice["message"]["content"] or "",
+            choice["finish_reason"],
+            self.refs.chat[indexes[custom_id]],
+            started,
+            0,
+            response.get("request_id"),
+        )
 
     async def _retrying(self, http: httpx.AsyncClient, label: str, method: str, path: str, **kwargs) -> dict | None:
         """A batch/file call, retried on the other replica while the edge passes through a fault."""
@@ -332,8 +416,9 @@ class Workload:
         response = await self._retrying_response(http, label, "GET", path)
         return "" if response is None else response.text
 
-    async def _retrying_response(self, http: httpx.AsyncClient, label: str, method: str, path: str,
-                                 **kwargs) -> httpx.Response | None:
+    async def _retrying_response(
+        self, http: httpx.AsyncClient, label: str, method: str, path: str, **kwargs
+    ) -> httpx.Response | None:
         started, api, last = time.monotonic(), 0, ""
         while time.monotonic() - started < REQUEST_DEADLINE_S:
             try:
@@ -352,11 +437,23 @@ class Workload:
 
     # --- the one comparison -----------------------------------------------------------------------------
 
-    def _judge(self, label: str, kind: str, text: str, finish: str | None, expected: str, started: float,
-               resumes: int, request_id: str | None = None) -> None:
+    def _judge(
+        self,
+        label: str,
+        kind: str,
+        text: str,
+        finish: str | None,
+        expected: str,
+        started: float,
+        resumes: int,
+        request_id: str | None = None,
+    ) -> None:
         seconds = time.monotonic() - started
         if finish != "length" or text != expected:
-            self.ledger.problem(label, f"{kind} answer of {request_id} differs from the undisturbed run (finish "
-                                       f"{finish!r}, {resumes} resumes, {seconds:.1f} s): got {text!r}, "
-                                       f"expected {expected!r}")
+            self.ledger.problem(
+                label,
+                f"{kind} answer of {request_id} differs from the undisturbed run (finish "
+                f"{finish!r}, {resumes} resumes, {seconds:.1f} s): got {text!r}, "
+                f"expected {expected!r}",
+            )
         self.ledger.record(Outcome(label, kind, True, seconds, resumes))

@@ -23,8 +23,13 @@ class Follower:
 
 
 def request(max_tokens: int = 4) -> GenerateRequest:
-    return GenerateRequest(request_id="r", model="m", prompt_token_ids=[1], reply_subject="inf.tok.b.r",
-                           sampling=SamplingParams(max_tokens=max_tokens))
+    return GenerateRequest(
+        request_id="r",
+        model="m",
+        prompt_token_ids=[1],
+        reply_subject="inf.tok.b.r",
+        sampling=SamplingParams(max_tokens=max_tokens),
+    )
 
 
 def accepted(attempt: int, resumed: int = 0) -> Accepted:
@@ -43,8 +48,18 @@ async def test_a_replay_across_attempts_hands_over_each_token_once() -> None:
     journal: asyncio.Queue = asyncio.Queue()
     # Attempt 1 streamed 10, 11, 12; the first edge lost 11 and 12 in a reconnect and resubmitted from [10];
     # attempt 1 went on a little (its 13 is stale), attempt 2 repeated 11 and 12 and finished.
-    for event in (accepted(1), tokens(1, 1, 10), tokens(1, 2, 11), tokens(1, 3, 12), accepted(2, resumed=1),
-                  tokens(1, 4, 13), tokens(2, 1, 11), tokens(2, 2, 12), tokens(2, 3, 13, "length"), end(2, 4, 4)):
+    for event in (
+        accepted(1),
+        tokens(1, 1, 10),
+        tokens(1, 2, 11),
+        tokens(1, 3, 12),
+        accepted(2, resumed=1),
+        tokens(1, 4, 13),
+        tokens(2, 1, 11),
+        tokens(2, 2, 12),
+        tokens(2, 3, 13, "length"),
+        end(2, 4, 4),
+    ):
         journal.put_nowait(event)
     follower = Follower()
     received = [event async for event in Generation(RecordingClient(), request(), journal, follower=follower)]

@@ -35,17 +35,29 @@ class RecordingClient:
 
 
 def tokens(attempt: int, seq: int, token: int, finish: str | None = None) -> Tokens:
-    return Tokens(request_id="r", attempt=attempt, seq=seq,
-                  choices=[ChoiceDelta(index=0, text=f" t{token}", token_ids=[token], finish_reason=finish)])
+    return Tokens(
+        request_id="r",
+        attempt=attempt,
+        seq=seq,
+        choices=[ChoiceDelta(index=0, text=f" t{token}", token_ids=[token], finish_reason=finish)],
+    )
 
 
 async def test_a_gap_resumes_from_the_delivered_tokens_on_a_new_attempt() -> None:
     client = RecordingClient()
-    request = GenerateRequest(request_id="r", model="m", prompt_token_ids=[1], reply_subject="inf.tok.e.r",
-                              sampling=SamplingParams(max_tokens=4))
+    request = GenerateRequest(
+        request_id="r",
+        model="m",
+        prompt_token_ids=[1],
+        reply_subject="inf.tok.e.r",
+        sampling=SamplingParams(max_tokens=4),
+    )
     events: asyncio.Queue = asyncio.Queue()
-    for event in (Accepted(request_id="r", attempt=1, seq=0, worker_id="w1"), tokens(1, 1, 10),
-                  tokens(1, 3, 12)):  # seq 2 (token 11) was lost
+    for event in (
+        Accepted(request_id="r", attempt=1, seq=0, worker_id="w1"),
+        tokens(1, 1, 10),
+        tokens(1, 3, 12),
+    ):  # seq 2 (token 11) was lost
         events.put_nowait(event)
     generation = Generation(client, request, events)
     received = []
@@ -59,9 +71,14 @@ async def test_a_gap_resumes_from_the_delivered_tokens_on_a_new_attempt() -> Non
         await asyncio.sleep(0.01)
     [resubmitted] = client.published
     assert resubmitted.attempt == 2 and resubmitted.resume_token_ids == [10]  # not 12: it came after the hole
-    for event in (tokens(1, 4, 13), Accepted(request_id="r", attempt=2, seq=0, worker_id="w2"), tokens(2, 1, 11),
-                  tokens(2, 2, 12), tokens(2, 3, 13, "length"),
-                  End(request_id="r", attempt=2, seq=4, usage=Usage(prompt_tokens=1, completion_tokens=4))):
+    for event in (
+        tokens(1, 4, 13),
+        Accepted(request_id="r", attempt=2, seq=0, worker_id="w2"),
+        tokens(2, 1, 11),
+        tokens(2, 2, 12),
+        tokens(2, 3, 13, "length"),
+        End(request_id="r", attempt=2, seq=4, usage=Usage(prompt_tokens=1, completion_tokens=4)),
+    ):
         events.put_nowait(event)  # the old attempt's late events are ignored
     await asyncio.wait_for(task, 5)
     delivered = [t for event in received if event.kind == "tokens" for c in event.choices for t in c.token_ids]
@@ -70,11 +87,18 @@ async def test_a_gap_resumes_from_the_delivered_tokens_on_a_new_attempt() -> Non
 
 async def test_only_the_accepted_event_missing_is_no_gap() -> None:
     client = RecordingClient()
-    request = GenerateRequest(request_id="r", model="m", prompt_token_ids=[1], reply_subject="inf.tok.e.r",
-                              sampling=SamplingParams(max_tokens=1))
+    request = GenerateRequest(
+        request_id="r",
+        model="m",
+        prompt_token_ids=[1],
+        reply_subject="inf.tok.e.r",
+        sampling=SamplingParams(max_tokens=1),
+    )
     events: asyncio.Queue = asyncio.Queue()
-    for event in (tokens(1, 1, 10, "length"),
-                  End(request_id="r", attempt=1, seq=2, usage=Usage(prompt_tokens=1, completion_tokens=1))):
+    for event in (
+        tokens(1, 1, 10, "length"),
+        End(request_id="r", attempt=1, seq=2, usage=Usage(prompt_tokens=1, completion_tokens=1)),
+    ):
         events.put_nowait(event)
     received = [event async for event in Generation(client, request, events)]
     assert [event.kind for event in received] == ["tokens", "end"] and client.published == []
@@ -83,12 +107,22 @@ async def test_only_the_accepted_event_missing_is_no_gap() -> None:
 async def test_a_gap_that_cannot_be_resumed_is_a_clear_error_not_a_hole() -> None:
     """Found by the chaos run (seed 22): on its last attempt a request lost events in a NATS node failure, and
     the edge handed the client the tokens after the hole as if none were missing (finish "length")."""
-    request = GenerateRequest(request_id="r", model="m", prompt_token_ids=[1], reply_subject="inf.tok.e.r",
-                              sampling=SamplingParams(max_tokens=4), attempt=3)  # Timeouts.max_attempts
+    request = GenerateRequest(
+        request_id="r",
+        model="m",
+        prompt_token_ids=[1],
+        reply_subject="inf.tok.e.r",
+        sampling=SamplingParams(max_tokens=4),
+        attempt=3,
+    )  # Timeouts.max_attempts
     events: asyncio.Queue = asyncio.Queue()
-    for event in (Accepted(request_id="r", attempt=3, seq=0, worker_id="w3"), tokens(3, 1, 10),
-                  tokens(3, 3, 12), tokens(3, 4, 13, "length"),
-                  End(request_id="r", attempt=3, seq=5, usage=Usage(prompt_tokens=1, completion_tokens=4))):
+    for event in (
+        Accepted(request_id="r", attempt=3, seq=0, worker_id="w3"),
+        tokens(3, 1, 10),
+        tokens(3, 3, 12),
+        tokens(3, 4, 13, "length"),
+        End(request_id="r", attempt=3, seq=5, usage=Usage(prompt_tokens=1, completion_tokens=4)),
+    ):
         events.put_nowait(event)
     received = []
     with pytest.raises(ApiError) as raised:

@@ -19,7 +19,9 @@ async def test_named_events_then_an_error_event_in_anthropics_shape() -> None:
     name, data = frames[1].removesuffix("\n\n").split("\n")
     assert name == "event: error"
     assert json.loads(data.removeprefix("data: ")) == {
-        "type": "error", "error": {"type": "overloaded_error", "message": "the worker died"}}
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "the worker died"},
+    }
 
 
 def test_stop_reasons_and_ids() -> None:

@@ -11,11 +11,25 @@ def test_every_http_route_is_in_the_schema() -> None:
     schema = app.openapi()
     documented = {(path, method.upper()) for path, item in schema["paths"].items() for method in item}
     expected = {
-        ("/v1/completions", "POST"), ("/v1/chat/completions", "POST"), ("/v1/embeddings", "POST"),
-        ("/v1/models", "GET"), ("/v1/models/{model_id}", "GET"), ("/complete", "POST"), ("/evaluate", "POST"),
-        ("/embed", "POST"), ("/tokenize", "POST"), ("/detokenize", "POST"), ("/v1/tokenize", "POST"),
-        ("/models_available", "GET"), ("/users/me/token", "POST"), ("/v1/files", "POST"), ("/v1/batches", "POST"),
-        ("/v1/batches/{batch_id}/cancel", "POST"), ("/health", "GET"), ("/version", "GET"), ("/v1/gpu/info", "GET"),
+        ("/v1/completions", "POST"),
+        ("/v1/chat/completions", "POST"),
+        ("/v1/embeddings", "POST"),
+        ("/v1/models", "GET"),
+        ("/v1/models/{model_id}", "GET"),
+        ("/complete", "POST"),
+        ("/evaluate", "POST"),
+        ("/embed", "POST"),
+        ("/tokenize", "POST"),
+        ("/detokenize", "POST"),
+        ("/v1/tokenize", "POST"),
+        ("/models_available", "GET"),
+        ("/users/me/token", "POST"),
+        ("/v1/files", "POST"),
+        ("/v1/batches", "POST"),
+        ("/v1/batches/{batch_id}/cancel", "POST"),
+        ("/health", "GET"),
+        ("/version", "GET"),
+        ("/v1/gpu/info", "GET"),
     }
     assert expected <= documented, expected - documented
     completions = schema["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]

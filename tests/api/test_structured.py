@@ -30,8 +30,11 @@ INVOICE = {
                 "email": {"type": "string", "format": "email"},
                 "address": {
                     "type": "object",
-                    "properties": {"street": {"type": "string"}, "city": {"type": "string"},
-                                   "country": {"type": "string", "enum": ["DE", "FR", "US", "GB", "NL"]}},
+                    "properties": {
+                        "street": {"type": "string"},
+                        "city": {"type": "string"},
+                        "country": {"type": "string", "enum": ["DE", "FR", "US", "GB", "NL"]},
+                    },
                     "required": ["street", "city", "country"],
                     "additionalProperties": False,
                 },
@@ -43,9 +46,12 @@ INVOICE = {
             "type": "array",
             "items": {
                 "type": "object",
-                "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1},
-                               "price": {"type": "number", "minimum": 0},
-                               "tax": {"anyOf": [{"type": "number"}, {"type": "null"}]}},
+                "properties": {
+                    "sku": {"type": "string"},
+                    "qty": {"type": "integer", "minimum": 1},
+                    "price": {"type": "number", "minimum": 0},
+                    "tax": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+                },
                 "required": ["sku", "qty", "price", "tax"],
                 "additionalProperties": False,
             },
@@ -82,8 +88,10 @@ def test_valid_constraints_pass(constraint) -> None:
         (JsonSchemaConstraint(json_schema={"type": "strin"}), "Invalid type: strin"),
         (JsonSchemaConstraint(json_schema={"type": "integer", "minimum": 5, "maximum": 1}), "minimum (5) is greater"),
         (JsonSchemaConstraint(json_schema={"type": "string", "format": "zip-code"}), "Unknown format: zip-code"),
-        (JsonSchemaConstraint(json_schema={"type": "object", "unevaluatedProperties": False}),
-         'keywords that structured outputs cannot enforce (Unimplemented keys: ["unevaluatedProperties"])'),
+        (
+            JsonSchemaConstraint(json_schema={"type": "object", "unevaluatedProperties": False}),
+            'keywords that structured outputs cannot enforce (Unimplemented keys: ["unevaluatedProperties"])',
+        ),
         (JsonSchemaConstraint(json_schema={"$ref": "https://example.com/schema.json"}), "https://example.com"),
         (RegexConstraint(pattern="a(b"), "unclosed group"),
         (RegexConstraint(pattern="(?=a)b"), "look-around"),
@@ -133,14 +141,17 @@ def test_recursive_grammars_that_can_finish_pass(grammar: str) -> None:
 
 
 def test_not_strict_ignores_what_cannot_be_enforced() -> None:
-    validate_constraint(JsonSchemaConstraint(json_schema={"type": "object", "unevaluatedProperties": False},
-                                             strict=False))
+    validate_constraint(
+        JsonSchemaConstraint(json_schema={"type": "object", "unevaluatedProperties": False}, strict=False)
+    )
 
 
-RANGES = JsonSchemaConstraint(json_schema={
-    "type": "object",
-    "properties": {f"n{i}": {"type": "integer", "minimum": -123456 - i, "maximum": 987654 + i} for i in range(60)},
-})
+RANGES = JsonSchemaConstraint(
+    json_schema={
+        "type": "object",
+        "properties": {f"n{i}": {"type": "integer", "minimum": -123456 - i, "maximum": 987654 + i} for i in range(60)},
+    }
+)
 
 
 def test_a_grammar_over_the_lexer_budget_is_refused(monkeypatch) -> None:

@@ -12,17 +12,25 @@ from contracts.supervision import ProcessState, SupervisedProcess, SupervisorSta
 
 
 def _samples(text: str) -> dict[tuple[str, str], float]:
-    return {(sample.name, sample.labels.get("process", "")): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, sample.labels.get("process", "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def test_restarts_and_states_are_rendered_per_process(tmp_path: Path) -> None:
     path = tmp_path / "supervisor.json"
-    path.write_bytes(SupervisorStatus(updated_at=1.0, processes=[
-        SupervisedProcess(name="nats-server", state=ProcessState.RUNNING, restarts=1),
-        SupervisedProcess(name="worker", state=ProcessState.GAVE_UP, restarts=4, reason="crash loop"),
-        SupervisedProcess(name="api", state=ProcessState.RESTARTING, restarts=2),
-    ]).to_bytes())
+    path.write_bytes(
+        SupervisorStatus(
+            updated_at=1.0,
+            processes=[
+                SupervisedProcess(name="nats-server", state=ProcessState.RUNNING, restarts=1),
+                SupervisedProcess(name="worker", state=ProcessState.GAVE_UP, restarts=4, reason="crash loop"),
+                SupervisedProcess(name="api", state=ProcessState.RESTARTING, restarts=2),
+            ],
+        ).to_bytes()
+    )
     samples = _samples(render([], [], read_supervisor_status(path)).decode())
     assert samples[("inferq:process_restarts_total", "worker")] == 4
     assert samples[("inferq:process_restarts_total", "nats-server")] == 1

@@ -70,12 +70,14 @@ def test_same_tokenizer_as_auto_tokenizer(which: str, smollm2_tokenizer_dir: Pat
     assert ours.convert_ids_to_tokens(ids) == auto.convert_ids_to_tokens(ids)
     assert (len(ours), ours.eos_token_id, ours.bos_token_id) == (len(auto), auto.eos_token_id, auto.bos_token_id)
     messages = MESSAGES if which == "smollm2" else [{"role": "user", "content": "w12 w13"}]
-    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
-        auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == auto.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
 
 
-def test_a_directory_naming_no_tokenizer_class_falls_back_to_auto_tokenizer(smollm2_tokenizer_dir: Path,
-                                                                              tmp_path: Path) -> None:
+def test_a_directory_naming_no_tokenizer_class_falls_back_to_auto_tokenizer(
+    smollm2_tokenizer_dir: Path, tmp_path: Path
+) -> None:
     for name in ("tokenizer.json", "chat_template.jinja"):
         (tmp_path / name).write_bytes((smollm2_tokenizer_dir / name).read_bytes())
     config = json.loads((smollm2_tokenizer_dir / "tokenizer_config.json").read_text())
@@ -84,8 +86,9 @@ def test_a_directory_naming_no_tokenizer_class_falls_back_to_auto_tokenizer(smol
     with capture_logs() as logs:
         with pytest.raises((OSError, ValueError)):  # AutoTokenizer fails on it too, after the logged fallback
             load_tokenizer(tmp_path)
-    assert [entry["tokenizer_class"] for entry in logs if entry["event"] == "tokenizer.auto_fallback"] == \
-        ["LlamaForCausalLM"]
+    assert [entry["tokenizer_class"] for entry in logs if entry["event"] == "tokenizer.auto_fallback"] == [
+        "LlamaForCausalLM"
+    ]
     del config["tokenizer_class"]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with capture_logs() as logs:

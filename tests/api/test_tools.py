@@ -25,17 +25,22 @@ from api.tools.templates import detect_format, template_supports_tools
 
 jsonschema_rs = pytest.importorskip("jsonschema_rs")
 
-WEATHER = FunctionTool.model_validate({
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                                        "unit": {"enum": ["c", "f"]}},
-                       "required": ["city", "unit"], "additionalProperties": False},
-        "strict": True,
-    },
-})
+WEATHER = FunctionTool.model_validate(
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+            "strict": True,
+        },
+    }
+)
 TIME = FunctionTool.model_validate({"type": "function", "function": {"name": "get_time"}})  # no parameters
 
 
@@ -64,8 +69,11 @@ def test_parallel_calls_are_a_non_empty_list() -> None:
 
 
 def test_a_named_choice_forces_that_function() -> None:
-    constraint = call_constraint([WEATHER, TIME], NamedToolChoice.model_validate(
-        {"type": "function", "function": {"name": "get_time"}}), parallel_tool_calls=False)
+    constraint = call_constraint(
+        [WEATHER, TIME],
+        NamedToolChoice.model_validate({"type": "function", "function": {"name": "get_time"}}),
+        parallel_tool_calls=False,
+    )
     assert not constraint.strict  # get_time is not strict
     assert _valid(constraint, {"tool_call": {"name": "get_time", "arguments": {}}})
     assert not _valid(constraint, {"tool_call": {"name": "get_weather", "arguments": {"city": "x", "unit": "c"}}})
@@ -143,34 +151,56 @@ def test_a_forced_call_sampled_under_its_mask_always_parses(smollm2_tokenizer_di
 # --- formats ------------------------------------------------------------------------------------------------------
 WEATHER_ARGS = '{"city": "Paris", "unit": "c"}'
 OUTPUTS = {
-    "hermes_two_calls": (ToolFormat.HERMES,
-                         'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": ' + WEATHER_ARGS
-                         + '}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
-                         ParsedOutput("Let me check.", (ToolCall("get_weather", WEATHER_ARGS),
-                                                        ToolCall("get_time", "{}")))),
+    "hermes_two_calls": (
+        ToolFormat.HERMES,
+        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": '
+        + WEATHER_ARGS
+        + '}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+        ParsedOutput("Let me check.", (ToolCall("get_weather", WEATHER_ARGS), ToolCall("get_time", "{}"))),
+    ),
     "hermes_plain": (ToolFormat.HERMES, "Paris is sunny <b>today</b>.", ParsedOutput("Paris is sunny <b>today</b>.")),
-    "hermes_arguments_first": (ToolFormat.HERMES,
-                               '<tool_call>{"arguments": {"a": [1, "}"]}, "name": "f"}</tool_call>',
-                               ParsedOutput(None, (ToolCall("f", '{"a": [1, "}"]}'),))),
-    "hermes_string_arguments": (ToolFormat.HERMES, '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>',
-                                ParsedOutput(None, (ToolCall("f", '{"a": 1}'),))),
-    "llama3": (ToolFormat.LLAMA3_JSON, '{"name": "get_weather", "parameters": ' + WEATHER_ARGS + "}",
-               ParsedOutput(None, (ToolCall("get_weather", WEATHER_ARGS),))),
-    "llama3_python_tag_two": (ToolFormat.LLAMA3_JSON,
-                              '<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}',
-                              ParsedOutput(None, (ToolCall("a", "{}"), ToolCall("b", '{"x": 1}')))),
+    "hermes_arguments_first": (
+        ToolFormat.HERMES,
+        '<tool_call>{"arguments": {"a": [1, "}"]}, "name": "f"}</tool_call>',
+        ParsedOutput(None, (ToolCall("f", '{"a": [1, "}"]}'),)),
+    ),
+    "hermes_string_arguments": (
+        ToolFormat.HERMES,
+        '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>',
+        ParsedOutput(None, (ToolCall("f", '{"a": 1}'),)),
+    ),
+    "llama3": (
+        ToolFormat.LLAMA3_JSON,
+        '{"name": "get_weather", "parameters": ' + WEATHER_ARGS + "}",
+        ParsedOutput(None, (ToolCall("get_weather", WEATHER_ARGS),)),
+    ),
+    "llama3_python_tag_two": (
+        ToolFormat.LLAMA3_JSON,
+        '<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}',
+        ParsedOutput(None, (ToolCall("a", "{}"), ToolCall("b", '{"x": 1}'))),
+    ),
     "llama3_plain": (ToolFormat.LLAMA3_JSON, "The weather is fine.", ParsedOutput("The weather is fine.")),
-    "mistral": (ToolFormat.MISTRAL, '[TOOL_CALLS] [{"name": "get_weather", "arguments": ' + WEATHER_ARGS + "}]",
-                ParsedOutput(None, (ToolCall("get_weather", WEATHER_ARGS),))),
-    "mistral_content_first": (ToolFormat.MISTRAL, 'Checking.[TOOL_CALLS][{"name": "a", "arguments": {}}, '
-                              '{"name": "b", "arguments": {"q": "é\\n"}}]',
-                              ParsedOutput("Checking.", (ToolCall("a", "{}"), ToolCall("b", '{"q": "é\\n"}')))),
-    "generic_call": (ToolFormat.GENERIC, '{"tool_call": {"name": "get_weather", "arguments": ' + WEATHER_ARGS + "}}",
-                     ParsedOutput(None, (ToolCall("get_weather", WEATHER_ARGS),))),
-    "generic_calls": (ToolFormat.GENERIC, '{"tool_calls":[{"name":"a","arguments":{}},{"name":"b","arguments":{}}]}',
-                      ParsedOutput(None, (ToolCall("a", "{}"), ToolCall("b", "{}")))),
-    "generic_response": (ToolFormat.GENERIC, '{"response": "Hi \\"there\\"\\n\\u00e9"}',
-                         ParsedOutput('Hi "there"\né')),
+    "mistral": (
+        ToolFormat.MISTRAL,
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": ' + WEATHER_ARGS + "}]",
+        ParsedOutput(None, (ToolCall("get_weather", WEATHER_ARGS),)),
+    ),
+    "mistral_content_first": (
+        ToolFormat.MISTRAL,
+        'Checking.[TOOL_CALLS][{"name": "a", "arguments": {}}, {"name": "b", "arguments": {"q": "é\\n"}}]',
+        ParsedOutput("Checking.", (ToolCall("a", "{}"), ToolCall("b", '{"q": "é\\n"}'))),
+    ),
+    "generic_call": (
+        ToolFormat.GENERIC,
+        '{"tool_call": {"name": "get_weather", "arguments": ' + WEATHER_ARGS + "}}",
+        ParsedOutput(None, (ToolCall("get_weather", WEATHER_ARGS),)),
+    ),
+    "generic_calls": (
+        ToolFormat.GENERIC,
+        '{"tool_calls":[{"name":"a","arguments":{}},{"name":"b","arguments":{}}]}',
+        ParsedOutput(None, (ToolCall("a", "{}"), ToolCall("b", "{}"))),
+    ),
+    "generic_response": (ToolFormat.GENERIC, '{"response": "Hi \\"there\\"\\n\\u00e9"}', ParsedOutput('Hi "there"\né')),
 }
 MALFORMED = {
     "hermes_cut_by_max_tokens": (ToolFormat.HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa'),
@@ -212,8 +242,9 @@ def reassemble(deltas) -> tuple[str, list[dict]]:
         for entry in delta.tool_calls:
             if "id" in entry:
                 assert entry["index"] == len(calls) and entry["type"] == "function"
-                calls.append({"id": entry["id"], "name": entry["function"]["name"],
-                              "arguments": entry["function"]["arguments"]})
+                calls.append(
+                    {"id": entry["id"], "name": entry["function"]["name"], "arguments": entry["function"]["arguments"]}
+                )
             else:
                 assert set(entry) == {"index", "function"} and set(entry["function"]) == {"arguments"}
                 calls[entry["index"]]["arguments"] += entry["function"]["arguments"]
@@ -221,8 +252,9 @@ def reassemble(deltas) -> tuple[str, list[dict]]:
 
 
 @pytest.mark.parametrize(("tool_format", "text", "expected"), OUTPUTS.values(), ids=OUTPUTS.keys())
-def test_streamed_deltas_reassemble_to_the_final_calls(tool_format: ToolFormat, text: str,
-                                                       expected: ParsedOutput) -> None:
+def test_streamed_deltas_reassemble_to_the_final_calls(
+    tool_format: ToolFormat, text: str, expected: ParsedOutput
+) -> None:
     for seed in range(20):
         rng = random.Random(seed)
         cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(1, 30))))
@@ -244,8 +276,14 @@ def test_a_replayed_stream_yields_the_same_deltas() -> None:
 def test_a_whole_call_in_one_chunk_is_one_delta() -> None:
     _, text, _ = OUTPUTS["generic_call"]
     (delta,) = stream(text, ToolFormat.GENERIC, [])
-    assert delta.tool_calls == [{"index": 0, "id": tool_call_id("req-1", 0), "type": "function",
-                                 "function": {"name": "get_weather", "arguments": WEATHER_ARGS}}]
+    assert delta.tool_calls == [
+        {
+            "index": 0,
+            "id": tool_call_id("req-1", 0),
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": WEATHER_ARGS},
+        }
+    ]
 
 
 def test_the_first_delta_waits_for_the_name_and_tags_are_never_shown() -> None:
@@ -264,13 +302,17 @@ def test_text_that_turns_out_malformed_is_released_as_content() -> None:
 
 
 # --- templates ----------------------------------------------------------------------------------------------------
-QWEN = ('{%- if tools %}{{- "<|im_start|>system\\n# Tools\\n<tools>" }}{%- for tool in tools %}{{- tool | tojson }}'
-        '{%- endfor %}{{- "</tools>\\nFor each function call, return a json object within <tool_call></tool_call>" }}'
-        '{%- endif %}')
-LLAMA31 = ('{%- if tools is not none %}{{- "Environment: ipython\\n" }}{%- endif %}'
-           '{{- \'{"name": function name, "parameters": dictionary of argument name and its value}\' }}'
-           '{%- if builtin_tools is defined %}{{- "<|python_tag|>" }}{%- endif %}{{- "<|eom_id|>" }}')
-MISTRAL = '{%- if tools is not none %}[AVAILABLE_TOOLS] {{ tools|tojson }}[/AVAILABLE_TOOLS]{%- endif %}[TOOL_CALLS]'
+QWEN = (
+    '{%- if tools %}{{- "<|im_start|>system\\n# Tools\\n<tools>" }}{%- for tool in tools %}{{- tool | tojson }}'
+    '{%- endfor %}{{- "</tools>\\nFor each function call, return a json object within <tool_call></tool_call>" }}'
+    "{%- endif %}"
+)
+LLAMA31 = (
+    '{%- if tools is not none %}{{- "Environment: ipython\\n" }}{%- endif %}'
+    '{{- \'{"name": function name, "parameters": dictionary of argument name and its value}\' }}'
+    '{%- if builtin_tools is defined %}{{- "<|python_tag|>" }}{%- endif %}{{- "<|eom_id|>" }}'
+)
+MISTRAL = "{%- if tools is not none %}[AVAILABLE_TOOLS] {{ tools|tojson }}[/AVAILABLE_TOOLS]{%- endif %}[TOOL_CALLS]"
 
 
 def test_template_detection_picks_the_format(smollm2_tokenizer_dir: Path) -> None:

@@ -26,15 +26,17 @@ async def store(server: EmbeddedNatsServer) -> AsyncIterator[AccountStore]:
 
 
 def user(user_id: str, email: str) -> UserRecord:
-    return UserRecord(user_id=user_id, email=email, role=Role.CLIENT, password_argon2="$argon2id$x",
-                      created_at=time.time())
+    return UserRecord(
+        user_id=user_id, email=email, role=Role.CLIENT, password_argon2="$argon2id$x", created_at=time.time()
+    )
 
 
 async def test_empty_store_lists_nothing_and_auth_is_off_until_a_record_exists(store: AccountStore) -> None:
     assert await store.list_users() == [] and await store.list_keys() == []
     assert not await store.auth_enabled()
-    await store.add_key(ApiKeyRecord(key_id="00aa", name="ci", role=Role.ADMIN, secret_sha256="0" * 64,
-                                     created_at=time.time()))
+    await store.add_key(
+        ApiKeyRecord(key_id="00aa", name="ci", role=Role.ADMIN, secret_sha256="0" * 64, created_at=time.time())
+    )
     assert await store.auth_enabled()
     assert [key.name for key in await store.list_keys()] == ["ci"]
     assert await store.remove_key("00aa") and not await store.remove_key("00aa")
@@ -48,8 +50,12 @@ async def test_users_are_created_once_and_removal_revokes_their_tokens(store: Ac
     await store.add_user(user("0b", "b@example.org"))
     now = time.time()
     for token_id in ("01", "02"):
-        await store.add_token(LoginTokenRecord(token_id=token_id, user_id="0a", secret_sha256="0" * 64,
-                                               created_at=now, expires_at=now + 60), ttl_s=60)
+        await store.add_token(
+            LoginTokenRecord(
+                token_id=token_id, user_id="0a", secret_sha256="0" * 64, created_at=now, expires_at=now + 60
+            ),
+            ttl_s=60,
+        )
     assert await store.get_token("0a", "01") is not None
     assert sorted(u.email for u in await store.list_users()) == ["a@example.org", "b@example.org"]
     assert await store.remove_user("0a")

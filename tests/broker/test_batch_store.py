@@ -18,14 +18,22 @@ pytestmark = pytest.mark.asyncio
 
 def job(batch_id: str) -> BatchJob:
     now = int(time.time())
-    return BatchJob(id=batch_id, owner="anonymous", endpoint="/v1/completions", input_file_id="file-1",
-                    completion_window="24h", created_at=now, expires_at=now + 86_400)
+    return BatchJob(
+        id=batch_id,
+        owner="anonymous",
+        endpoint="/v1/completions",
+        input_file_id="file-1",
+        completion_window="24h",
+        created_at=now,
+        expires_at=now + 86_400,
+    )
 
 
 async def test_file_contents_round_trip_in_chunks(batch_storage: BatchStorage) -> None:
     data = b"".join(b'{"line": %d}\n' % i for i in range(40_000))  # several object-store chunks
-    record = FileRecord(id="file-rt", filename="in.jsonl", purpose=FilePurpose.BATCH, bytes=0, created_at=1,
-                        owner="anonymous")
+    record = FileRecord(
+        id="file-rt", filename="in.jsonl", purpose=FilePurpose.BATCH, bytes=0, created_at=1, owner="anonymous"
+    )
     stored = await batch_storage.files.put(record, io.BytesIO(data))
     assert stored.bytes == len(data) and (await batch_storage.files.get("file-rt")) == stored
     target = io.BytesIO()

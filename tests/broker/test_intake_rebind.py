@@ -26,8 +26,13 @@ class _Subscription:
     async def fetch(self, batch: int, timeout: float) -> list:
         if self.broken:  # what nats-py raises for a 503 status on the pull request
             raise jse.ServiceUnavailableError()
-        request = GenerateRequest(request_id="r1", model=MODEL, prompt_token_ids=[1], reply_subject="inf.live.e.r1",
-                                  sampling=SamplingParams(max_tokens=1))
+        request = GenerateRequest(
+            request_id="r1",
+            model=MODEL,
+            prompt_token_ids=[1],
+            reply_subject="inf.live.e.r1",
+            sampling=SamplingParams(max_tokens=1),
+        )
         return [SimpleNamespace(data=request.to_bytes())]
 
     async def unsubscribe(self) -> None:

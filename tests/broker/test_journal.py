@@ -27,8 +27,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNatsSer
 
 
 def token(request_id: str, attempt: int, seq: int, token_id: int) -> Tokens:
-    return Tokens(request_id=request_id, attempt=attempt, seq=seq,
-                  choices=[ChoiceDelta(text=f" t{token_id}", token_ids=[token_id])])
+    return Tokens(
+        request_id=request_id,
+        attempt=attempt,
+        seq=seq,
+        choices=[ChoiceDelta(text=f" t{token_id}", token_ids=[token_id])],
+    )
 
 
 async def test_one_requests_events_replay_in_order_then_follow_live(server) -> None:
@@ -50,8 +54,10 @@ async def test_one_requests_events_replay_in_order_then_follow_live(server) -> N
             replayed = [await asyncio.wait_for(follower.events.get(), 5) for _ in earlier]
             assert replayed == earlier
             # A resubmission by another edge lands on that edge's reply subject: followed all the same.
-            later = [Accepted(request_id="cmpl-a", attempt=2, seq=0, worker_id="w2", resumed_tokens=1),
-                     Heartbeat(request_id="cmpl-a", attempt=2, seq=1)]
+            later = [
+                Accepted(request_id="cmpl-a", attempt=2, seq=0, worker_id="w2", resumed_tokens=1),
+                Heartbeat(request_id="cmpl-a", attempt=2, seq=1),
+            ]
             for event in later:
                 await publish_event(nc, subjects.token_subject("edge2", "cmpl-a"), event)
             assert [await asyncio.wait_for(follower.events.get(), 5) for _ in later] == later

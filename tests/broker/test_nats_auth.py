@@ -30,7 +30,7 @@ async def test_credentials_are_required_and_used(secured: EmbeddedNatsServer) ->
     async with connect(secured.url, "worker", auth=NatsAuth.from_settings(settings)) as nc:
         await nc.jetstream().account_info()
     assert "nats-password" not in repr(NatsAuth.from_settings(settings))
-    config = (secured.run_dir / "nats.conf")
+    config = secured.run_dir / "nats.conf"
     assert config.stat().st_mode & 0o077 == 0  # the config holding the password is private
 
 

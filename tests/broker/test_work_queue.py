@@ -33,8 +33,13 @@ async def nc(server: EmbeddedNatsServer) -> AsyncIterator:
 
 
 def make_request(request_id: str, model: str, attempt: int = 1) -> GenerateRequest:
-    return GenerateRequest(request_id=request_id, model=model, prompt_token_ids=[1, 2],
-                           reply_subject=f"inf.tok.e.{request_id}", attempt=attempt)
+    return GenerateRequest(
+        request_id=request_id,
+        model=model,
+        prompt_token_ids=[1, 2],
+        reply_subject=f"inf.tok.e.{request_id}",
+        attempt=attempt,
+    )
 
 
 async def test_publish_dedups_by_request_id_and_attempt(nc) -> None:
@@ -110,9 +115,20 @@ async def test_event_router_delivers_by_request_id(nc) -> None:
 
 async def test_registry_entries_expire(nc, tmp_path: Path) -> None:
     registry = await WorkerRegistry.open(nc.jetstream(), ttl_s=1)
-    info = WorkerInfo(worker_id="w1", model="m", model_source="/x", max_model_len=10, capacity=1,
-                      device=DeviceInfo(kind="cpu", name="cpu"), dtype="float32", host="h", pid=1,
-                      started_at=0, updated_at=0, tokenizer_object="t")
+    info = WorkerInfo(
+        worker_id="w1",
+        model="m",
+        model_source="/x",
+        max_model_len=10,
+        capacity=1,
+        device=DeviceInfo(kind="cpu", name="cpu"),
+        dtype="float32",
+        host="h",
+        pid=1,
+        started_at=0,
+        updated_at=0,
+        tokenizer_object="t",
+    )
     await registry.announce(info)
     assert [w.worker_id for w in await registry.live_workers()] == ["w1"]
     await asyncio.sleep(2.5)

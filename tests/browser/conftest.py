@@ -41,11 +41,23 @@ def console_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedN
 
 @pytest.fixture(scope="package")
 def console_settings(console_nats: EmbeddedNatsServer, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return Settings(nats_url=console_nats.url, data_dir=tmp_path_factory.mktemp("console-data"), engine="sim",
-                    model=MODEL, served_model_name=MODEL, sim_tokens_per_s=15.0, max_num_seqs=4, auth="on",
-                    api_keys=[ADMIN_KEY, f"client:{CLIENT_KEY}", f"monitor:{MONITOR_KEY}"], log_format="json",
-                    queue_timeout_s=20.0, deploy_start_timeout_s=60.0, deploy_probe_timeout_s=30.0,
-                    max_file_bytes=MAX_FILE_BYTES, rate_limit_requests_per_minute=REQUESTS_PER_MINUTE)
+    return Settings(
+        nats_url=console_nats.url,
+        data_dir=tmp_path_factory.mktemp("console-data"),
+        engine="sim",
+        model=MODEL,
+        served_model_name=MODEL,
+        sim_tokens_per_s=15.0,
+        max_num_seqs=4,
+        auth="on",
+        api_keys=[ADMIN_KEY, f"client:{CLIENT_KEY}", f"monitor:{MONITOR_KEY}"],
+        log_format="json",
+        queue_timeout_s=20.0,
+        deploy_start_timeout_s=60.0,
+        deploy_probe_timeout_s=30.0,
+        max_file_bytes=MAX_FILE_BYTES,
+        rate_limit_requests_per_minute=REQUESTS_PER_MINUTE,
+    )
 
 
 @pytest.fixture(scope="package")
@@ -130,8 +142,7 @@ async def console(browser, console_api: ApiServer) -> AsyncIterator[OpenConsole]
     pages: list[ConsolePage] = []
 
     async def open_console(key: str | None = ADMIN_KEY, viewport: dict | None = None) -> ConsolePage:
-        context = await browser.new_context(viewport=viewport or LAPTOP, accept_downloads=True,
-                                            color_scheme="light")
+        context = await browser.new_context(viewport=viewport or LAPTOP, accept_downloads=True, color_scheme="light")
         if key is not None:  # as if the user had signed in earlier in this tab
             await context.add_init_script(f"sessionStorage.setItem('inferq.credential', {key!r})")
         context.set_default_timeout(45_000)  # generous: the machine running the tests may be busy

@@ -87,8 +87,9 @@ async def test_sign_in_with_a_key_or_a_password_and_pages_follow_the_role(consol
 
     # A client-role user signs in with email and password (the token route): no admin page, and the API refuses.
     async with httpx.AsyncClient(base_url=console_api.base_url, headers=bearer(ADMIN_KEY)) as http:
-        created = await http.post("/admin/users", json={"email": "ada@example.com", "password": "correct horse",
-                                                        "role": "client"})
+        created = await http.post(
+            "/admin/users", json={"email": "ada@example.com", "password": "correct horse", "role": "client"}
+        )
         assert created.status_code == 201, created.text
     await page.click("#sign-out")
     await dialog.wait_for(state="visible")
@@ -159,13 +160,27 @@ async def words_in(locator, count: int) -> bool:
     return len((await locator.inner_text()).split()) >= count
 
 
-@pytest.mark.parametrize(("box", "value"), [
-    ("#schema", {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}),
-    ("#tools", [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}}}}]),
-])
-async def test_structured_and_tool_requests_show_what_the_api_answers(console, console_api: ApiServer, box: str,
-                                                                      value) -> None:
+@pytest.mark.parametrize(
+    ("box", "value"),
+    [
+        ("#schema", {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}),
+        (
+            "#tools",
+            [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "get_weather",
+                        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                    },
+                }
+            ],
+        ),
+    ],
+)
+async def test_structured_and_tool_requests_show_what_the_api_answers(
+    console, console_api: ApiServer, box: str, value
+) -> None:
     tab = await console(key=CLIENT_KEY)
     tab.expected_errors = (HTTP_4XX,)  # if the API refuses the feature, the browser logs the 400
     page = await tab.open("playground")
@@ -208,8 +223,13 @@ async def test_copy_as_python_runs_as_shown(console, console_api: ApiServer, tmp
     script = await page.inner_text("#snippet")
     assert "from openai import OpenAI" in script
     (tmp_path / "snippet.py").write_text(script)
-    run = subprocess.run([sys.executable, str(tmp_path / "snippet.py")], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "INFERQ_API_KEY": CLIENT_KEY})
+    run = subprocess.run(
+        [sys.executable, str(tmp_path / "snippet.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "INFERQ_API_KEY": CLIENT_KEY},
+    )
     assert run.returncode == 0, run.stderr
     assert len(run.stdout.split()) == 3  # three sim words, streamed through the SDK
 
@@ -218,9 +238,15 @@ async def test_copy_as_python_runs_as_shown(console, console_api: ApiServer, tmp
 
 
 async def test_a_batch_uploaded_through_the_page_completes_and_its_output_downloads(console, tmp_path: Path) -> None:
-    lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": MODEL, "messages": [{"role": "user", "content": f"w{i} w{i + 1}"}],
-                       "max_tokens": 3}} for i in range(4)]
+    lines = [
+        {
+            "custom_id": f"line-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": f"w{i} w{i + 1}"}], "max_tokens": 3},
+        }
+        for i in range(4)
+    ]
     source = tmp_path / "requests.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
     tab = await console(key=CLIENT_KEY)
@@ -255,9 +281,9 @@ async def test_an_upload_the_api_refuses_shows_its_error_next_to_the_field(conso
 # --- cluster ------------------------------------------------------------------------------------------------------
 
 
-async def test_the_cluster_page_shows_a_second_worker_within_seconds(console, console_api: ApiServer,
-                                                                    console_settings: Settings,
-                                                                    tmp_path: Path) -> None:
+async def test_the_cluster_page_shows_a_second_worker_within_seconds(
+    console, console_api: ApiServer, console_settings: Settings, tmp_path: Path
+) -> None:
     tab = await console(key=MONITOR_KEY)
     page = await tab.open("cluster")
     rows = page.locator("#workers tr[data-worker-id]")
@@ -286,8 +312,9 @@ async def steady_load(http: httpx.AsyncClient, client: int, seconds: float) -> b
     """Short completions one after another for `seconds`; True if every one succeeded."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        response = await http.post("/v1/completions", json={"model": MODEL, "prompt": f"w{client}", "max_tokens": 8,
-                                                            "ignore_eos": True})
+        response = await http.post(
+            "/v1/completions", json={"model": MODEL, "prompt": f"w{client}", "max_tokens": 8, "ignore_eos": True}
+        )
         if response.status_code != 200:
             log.warning("steady_load.failed", status=response.status_code, body=response.text[:200])
             return False
@@ -351,8 +378,9 @@ async def test_an_admin_creates_sees_usage_of_and_revokes_a_key(console, console
     await row.wait_for()
     assert await page.locator("#new-secret-value").count() == 0
     assert secret not in await page.inner_text("main")
-    await wait_until(lambda: has_text(row, f"1 / {REQUESTS_PER_MINUTE}"), timeout_s=15,
-                     what="the key's use of its minute budget")
+    await wait_until(
+        lambda: has_text(row, f"1 / {REQUESTS_PER_MINUTE}"), timeout_s=15, what="the key's use of its minute budget"
+    )
     await tab.screenshot("keys")
     page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
     await row.get_by_role("button", name="Revoke").click()

@@ -15,22 +15,36 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def job() -> BatchJob:
-    return BatchJob(id="batch_1", owner="o", endpoint="/v1/completions", input_file_id="f", completion_window="24h",
-                    created_at=0, expires_at=86_400)
+    return BatchJob(
+        id="batch_1",
+        owner="o",
+        endpoint="/v1/completions",
+        input_file_id="f",
+        completion_window="24h",
+        created_at=0,
+        expires_at=86_400,
+    )
 
 
 def test_the_happy_path_sets_each_timestamp() -> None:
-    done = (job().transition(BatchStatus.IN_PROGRESS, 1).transition(BatchStatus.FINALIZING, 2)
-            .transition(BatchStatus.COMPLETED, 3))
+    done = (
+        job()
+        .transition(BatchStatus.IN_PROGRESS, 1)
+        .transition(BatchStatus.FINALIZING, 2)
+        .transition(BatchStatus.COMPLETED, 3)
+    )
     assert (done.in_progress_at, done.finalizing_at, done.completed_at) == (1, 2, 3) and done.status.terminal
 
 
-@pytest.mark.parametrize("path", [
-    [BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING, BatchStatus.COMPLETED, BatchStatus.CANCELLING],
-    [BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING, BatchStatus.CANCELLING],
-    [BatchStatus.CANCELLING, BatchStatus.IN_PROGRESS],
-    [BatchStatus.FAILED, BatchStatus.IN_PROGRESS],
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        [BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING, BatchStatus.COMPLETED, BatchStatus.CANCELLING],
+        [BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING, BatchStatus.CANCELLING],
+        [BatchStatus.CANCELLING, BatchStatus.IN_PROGRESS],
+        [BatchStatus.FAILED, BatchStatus.IN_PROGRESS],
+    ],
+)
 def test_the_lifecycle_refuses_other_moves(path: list[BatchStatus]) -> None:
     current = job()
     with pytest.raises(InvalidTransition):
@@ -54,5 +68,6 @@ def test_the_schema_names_every_message_and_is_versioned() -> None:
 
 def test_the_published_schema_file_is_current() -> None:
     assert (DOCS / "nats-schema.json").read_text() == json_schema_text(), (
-        "regenerate: python -c \"from contracts.schema import write_json_schema; "
-        "write_json_schema('docs/nats-schema.json')\"")
+        'regenerate: python -c "from contracts.schema import write_json_schema; '
+        "write_json_schema('docs/nats-schema.json')\""
+    )

@@ -64,8 +64,10 @@ def test_the_key_identifies_content_and_keeps_property_order() -> None:
     ab = {"type": "object", "properties": {"a": {}, "b": {}}}
     ba = {"type": "object", "properties": {"b": {}, "a": {}}}
     assert constraint_key(JsonSchemaConstraint(json_schema=ab)) == constraint_key(
-        parse_constraint(JsonSchemaConstraint(json_schema=ab).to_bytes()))
+        parse_constraint(JsonSchemaConstraint(json_schema=ab).to_bytes())
+    )
     assert constraint_key(JsonSchemaConstraint(json_schema=ab)) != constraint_key(JsonSchemaConstraint(json_schema=ba))
     assert constraint_key(JsonSchemaConstraint(json_schema=ab)) != constraint_key(
-        JsonSchemaConstraint(json_schema=ab, strict=False))
+        JsonSchemaConstraint(json_schema=ab, strict=False)
+    )
     assert constraint_key(RegexConstraint(pattern="a")) != constraint_key(ChoiceConstraint(choices=["a"]))

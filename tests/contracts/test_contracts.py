@@ -17,16 +17,22 @@ from contracts import (
 
 
 def test_request_round_trips_through_json() -> None:
-    request = GenerateRequest(request_id="r-1", model="m/x.y", prompt_token_ids=[1, 2, 3],
-                              sampling=SamplingParams(temperature=0.5, stop=["\n"], seed=7),
-                              reply_subject="inf.tok.e.r-1", deadline=1.5e9)
+    request = GenerateRequest(
+        request_id="r-1",
+        model="m/x.y",
+        prompt_token_ids=[1, 2, 3],
+        sampling=SamplingParams(temperature=0.5, stop=["\n"], seed=7),
+        reply_subject="inf.tok.e.r-1",
+        deadline=1.5e9,
+    )
     assert GenerateRequest.from_bytes(request.to_bytes()) == request
 
 
 def test_unknown_fields_are_rejected_not_dropped() -> None:
     with pytest.raises(ValidationError):
-        GenerateRequest.from_bytes(b'{"request_id":"a","model":"m","prompt_token_ids":[1],'
-                                   b'"reply_subject":"s","temprature":0}')
+        GenerateRequest.from_bytes(
+            b'{"request_id":"a","model":"m","prompt_token_ids":[1],"reply_subject":"s","temprature":0}'
+        )
 
 
 @pytest.mark.parametrize(

@@ -20,13 +20,19 @@ def start_serve(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, 
     full_env = {**os.environ, "INFERQ_PORT": str(port), **env}
     full_env.pop("INFERQ_NATS_URL", None)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "serve"], env=full_env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", "serve"], env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
     return proc, f"http://127.0.0.1:{port}"
 
 
-def wait_healthy(proc: subprocess.Popen, base: str, log_path: Path, timeout: float,
-                 ready: Callable[[dict], bool] = lambda health: True) -> None:
+def wait_healthy(
+    proc: subprocess.Popen,
+    base: str,
+    log_path: Path,
+    timeout: float,
+    ready: Callable[[dict], bool] = lambda health: True,
+) -> None:
     """Poll /health until it answers 200 and `ready(its json)`; fail with the log's tail if serve exits."""
     deadline = time.monotonic() + timeout
     while True:

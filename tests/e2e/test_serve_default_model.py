@@ -52,18 +52,32 @@ def test_openai_sdk_chat_and_completions(served) -> None:
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
     assert [model.id for model in client.models.list().data] == [MODEL]
 
-    reply = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=16,
-                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+    reply = client.chat.completions.create(
+        model=MODEL,
+        temperature=0,
+        max_tokens=16,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
     assert "Paris" in reply.choices[0].message.content
 
-    text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
-                                     temperature=0).choices[0].text
-    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
-        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True))
+    text = (
+        client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+        .choices[0]
+        .text
+    )
+    streamed = "".join(
+        chunk.choices[0].text
+        for chunk in client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+        )
+    )
     assert streamed == text and "Paris" in text
 
-    chunks = list(client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, stream=True,
-                                                 messages=[{"role": "user", "content": "Say hi"}]))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, max_tokens=8, temperature=0, stream=True, messages=[{"role": "user", "content": "Say hi"}]
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
@@ -74,6 +88,9 @@ def test_sigterm_stops_everything(served) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     time.sleep(0.5)
-    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
-             and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+    alive = [
+        pid
+        for pid in children
+        if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    ]
     assert alive == []

@@ -65,13 +65,22 @@ class Serve:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        full_env = {**os.environ, "INFERQ_PORT": str(self.port), "INFERQ_DATA_DIR": str(data_dir),
-                    "INFERQ_ENGINE": "sim", "INFERQ_SIM_TOKENS_PER_S": "20", "INFERQ_DEPLOY_AGENT": "false",
-                    "INFERQ_LOG_FORMAT": "json", "INFERQ_RESTART_BACKOFF_INITIAL_S": "0.2", **env}
+        full_env = {
+            **os.environ,
+            "INFERQ_PORT": str(self.port),
+            "INFERQ_DATA_DIR": str(data_dir),
+            "INFERQ_ENGINE": "sim",
+            "INFERQ_SIM_TOKENS_PER_S": "20",
+            "INFERQ_DEPLOY_AGENT": "false",
+            "INFERQ_LOG_FORMAT": "json",
+            "INFERQ_RESTART_BACKOFF_INITIAL_S": "0.2",
+            **env,
+        }
         full_env.pop("INFERQ_NATS_URL", None)
         with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "serve"], env=full_env, stdout=log,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ops.cli", "serve"], env=full_env, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
@@ -109,8 +118,12 @@ class Serve:
 
     def restarts(self) -> dict[str, float]:
         text = httpx.get(f"{self.base}/metrics", timeout=10).text
-        return {sample.labels["process"]: sample.value for family in text_string_to_metric_families(text)
-                for sample in family.samples if sample.name == "inferq:process_restarts_total"}
+        return {
+            sample.labels["process"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "inferq:process_restarts_total"
+        }
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -144,7 +157,7 @@ def _stream_text(base: str, body: dict, on_chunk: Callable[[int], None] = lambda
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            event = json.loads(line[len("data: "):])
+            event = json.loads(line[len("data: ") :])
             assert "error" not in event, event
             delta = event["choices"][0]["text"] if event.get("choices") else ""
             if delta:
@@ -192,11 +205,21 @@ def test_a_sigkilled_api_is_restarted(start_serve) -> None:
 def test_a_sigkilled_nats_server_is_restarted_on_its_store(start_serve) -> None:
     serve = start_serve()
     serve.wait_healthy()
-    content = b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                                   "body": {"model": MODEL, "prompt": "w1", "max_tokens": 2}}).encode() + b"\n"
-                       for i in range(3))
-    upload = httpx.post(f"{serve.base}/v1/files", files={"file": ("in.jsonl", content)},
-                        data={"purpose": "batch"}, timeout=30)
+    content = b"".join(
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": MODEL, "prompt": "w1", "max_tokens": 2},
+            }
+        ).encode()
+        + b"\n"
+        for i in range(3)
+    )
+    upload = httpx.post(
+        f"{serve.base}/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"}, timeout=30
+    )
     assert upload.status_code == 200, upload.text
     file_id = upload.json()["id"]
     serve.kill_child("nats-server")

@@ -16,16 +16,27 @@ MODEL = "sim"
 
 def _generated_tokens_by_worker(base: str) -> dict[str, float]:
     text = httpx.get(f"{base}/metrics", timeout=10).text
-    return {sample.labels["worker_id"]: sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples
-            if sample.name == "inferq:generation_tokens_total"}
+    return {
+        sample.labels["worker_id"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "inferq:generation_tokens_total"
+    }
 
 
 def test_two_workers_per_model_share_the_queue(tmp_path) -> None:
     log_path = tmp_path / "serve.log"
-    proc, base = start_serve({"INFERQ_DATA_DIR": str(tmp_path / "data"), "INFERQ_ENGINE": "sim",
-                              "INFERQ_SIM_TOKENS_PER_S": "50", "INFERQ_MAX_NUM_SEQS": "4",
-                              "INFERQ_WORKERS_PER_MODEL": "2", "INFERQ_DEPLOY_AGENT": "false"}, log_path)
+    proc, base = start_serve(
+        {
+            "INFERQ_DATA_DIR": str(tmp_path / "data"),
+            "INFERQ_ENGINE": "sim",
+            "INFERQ_SIM_TOKENS_PER_S": "50",
+            "INFERQ_MAX_NUM_SEQS": "4",
+            "INFERQ_WORKERS_PER_MODEL": "2",
+            "INFERQ_DEPLOY_AGENT": "false",
+        },
+        log_path,
+    )
     try:
         wait_healthy(proc, base, log_path, timeout=120, ready=lambda health: health["workers"] == 2)
 

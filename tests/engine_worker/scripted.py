@@ -47,8 +47,9 @@ class ScriptedEngine:
     def abort_request(self, request_id: str) -> None:
         self._touch()
         if self.requests.pop(request_id, None) is not None:
-            self.pending.append(RequestOutput(request_id, [ChoiceDelta(finish_reason=FinishReason.ABORT)],
-                                              finished=True, usage=Usage()))
+            self.pending.append(
+                RequestOutput(request_id, [ChoiceDelta(finish_reason=FinishReason.ABORT)], finished=True, usage=Usage())
+            )
 
     def has_unfinished_requests(self) -> bool:
         self._touch()
@@ -63,11 +64,19 @@ class ScriptedEngine:
         outputs, self.pending = self.pending, []
         for request_id, (request, done) in list(self.requests.items()):
             finished = done + 1 >= (request.sampling.max_tokens or 1)
-            choice = ChoiceDelta(text=f" t{done}", token_ids=[100 + done],
-                                 finish_reason=FinishReason.LENGTH if finished else None)
-            outputs.append(RequestOutput(request_id, [choice], finished=finished,
-                                         usage=Usage(prompt_tokens=len(request.prompt_token_ids),
-                                                     completion_tokens=done + 1) if finished else None))
+            choice = ChoiceDelta(
+                text=f" t{done}", token_ids=[100 + done], finish_reason=FinishReason.LENGTH if finished else None
+            )
+            outputs.append(
+                RequestOutput(
+                    request_id,
+                    [choice],
+                    finished=finished,
+                    usage=Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=done + 1)
+                    if finished
+                    else None,
+                )
+            )
             if finished:
                 del self.requests[request_id]
             else:

@@ -51,12 +51,29 @@ async def worker(server: EmbeddedNatsServer) -> AsyncIterator[tuple]:
     async with connect(server.url, "worker") as nc, connect(server.url, "client") as client:
         js = nc.jetstream()
         await ensure_request_queue(js, MODEL, QueueLimits(100, 60, 60))
-        info = WorkerInfo(worker_id="w1", model=MODEL, model_source="scripted", max_model_len=32, capacity=4,
-                          device=DeviceInfo(kind="cpu", name="cpu"), dtype="none", host="h", pid=1,
-                          started_at=time.time(), updated_at=time.time(), tokenizer_object="t")
-        bridge = WorkerBridge(nc, engine, RequestIntake(js, MODEL), await WorkerRegistry.open(js, 10.0), info,
-                              BridgeConfig(capacity=4, heartbeat_interval_s=1.0, announce_interval_s=1.0),
-                              validate=engine.validate)
+        info = WorkerInfo(
+            worker_id="w1",
+            model=MODEL,
+            model_source="scripted",
+            max_model_len=32,
+            capacity=4,
+            device=DeviceInfo(kind="cpu", name="cpu"),
+            dtype="none",
+            host="h",
+            pid=1,
+            started_at=time.time(),
+            updated_at=time.time(),
+            tokenizer_object="t",
+        )
+        bridge = WorkerBridge(
+            nc,
+            engine,
+            RequestIntake(js, MODEL),
+            await WorkerRegistry.open(js, 10.0),
+            info,
+            BridgeConfig(capacity=4, heartbeat_interval_s=1.0, announce_interval_s=1.0),
+            validate=engine.validate,
+        )
         stop = asyncio.Event()
         task = asyncio.create_task(bridge.run(stop))
         yield bridge, engine, client
@@ -74,8 +91,13 @@ async def _send(client, request_id: str, prompt_len: int = 2, max_tokens: int = 
 
     await client.subscribe(reply, cb=on_event)
     await client.flush()
-    request = GenerateRequest(request_id=request_id, model=MODEL, prompt_token_ids=[1] * prompt_len,
-                              reply_subject=reply, sampling=SamplingParams(max_tokens=max_tokens))
+    request = GenerateRequest(
+        request_id=request_id,
+        model=MODEL,
+        prompt_token_ids=[1] * prompt_len,
+        reply_subject=reply,
+        sampling=SamplingParams(max_tokens=max_tokens),
+    )
     await publish_request(client.jetstream(), request)
     return events
 

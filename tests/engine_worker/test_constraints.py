@@ -44,8 +44,10 @@ PERSON = {
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 3},
         "address": {
             "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 6}, "zip": {"type": "string",
-                                                                                 "pattern": "^[0-9]{5}$"}},
+            "properties": {
+                "city": {"type": "string", "maxLength": 6},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
             "required": ["city", "zip"],
             "additionalProperties": False,
         },
@@ -75,8 +77,9 @@ def allowed_ids(matcher: ConstraintMatcher, compiler: GrammarCompiler) -> np.nda
     return np.flatnonzero(unpack_bitmask(mask, compiler.vocab_size)[0])
 
 
-def random_walk(matcher: ConstraintMatcher, compiler: GrammarCompiler, rng: random.Random,
-                max_steps: int = 400) -> list[int]:
+def random_walk(
+    matcher: ConstraintMatcher, compiler: GrammarCompiler, rng: random.Random, max_steps: int = 400
+) -> list[int]:
     """Sample uniformly among the allowed tokens until EOS is drawn (or the grammar allows nothing else)."""
     tokens: list[int] = []
     for _ in range(max_steps):
@@ -108,10 +111,14 @@ def test_random_walks_over_the_mask_always_produce_valid_json(compiler: GrammarC
     [
         (JsonObjectConstraint(), lambda text: isinstance(json.loads(text), dict)),
         (RegexConstraint(pattern=r"[0-9]{3}-[a-z]{2,4}"), lambda text: re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", text)),
-        (ChoiceConstraint(choices=["yes", "no", "maybe", "naïve ☃"]),
-         lambda text: text in {"yes", "no", "maybe", "naïve ☃"}),
-        (GrammarConstraint(grammar='start: "(" num ("+" num)* ")"\nnum: /[1-9][0-9]?/'),
-         lambda text: re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?)*\)", text)),
+        (
+            ChoiceConstraint(choices=["yes", "no", "maybe", "naïve ☃"]),
+            lambda text: text in {"yes", "no", "maybe", "naïve ☃"},
+        ),
+        (
+            GrammarConstraint(grammar='start: "(" num ("+" num)* ")"\nnum: /[1-9][0-9]?/'),
+            lambda text: re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?)*\)", text),
+        ),
         (GrammarConstraint(grammar='root ::= "ja" | "nein"'), lambda text: text in {"ja", "nein"}),
     ],
     ids=["json_object", "regex", "choice", "lark", "gbnf"],
@@ -177,9 +184,11 @@ def test_rollback_and_replay_restore_the_exact_masks(compiler: GrammarCompiler) 
         rolled.rollback(len(tokens) + 1)
 
 
-@pytest.mark.parametrize(("constraint", "text"), [(ChoiceConstraint(choices=["yes"]), "yes"),
-                                                  (RegexConstraint(pattern="ab(cd)?"), "ab")],
-                         ids=["stopped", "accepting"])
+@pytest.mark.parametrize(
+    ("constraint", "text"),
+    [(ChoiceConstraint(choices=["yes"]), "yes"), (RegexConstraint(pattern="ab(cd)?"), "ab")],
+    ids=["stopped", "accepting"],
+)
 def test_rollback_of_an_eos_undoes_only_the_eos(compiler: GrammarCompiler, hf_tokenizer, constraint, text) -> None:
     """llguidance records an EOS consumed on a stopped grammar differently from one consumed while the grammar could
     still go on; rolling back one token must undo exactly the EOS in both cases."""
@@ -232,16 +241,19 @@ def test_drafts_are_validated_and_masked_per_position(compiler: GrammarCompiler,
 
 
 def test_the_parallel_filler_writes_what_each_matcher_would(compiler: GrammarCompiler, hf_tokenizer) -> None:
-    matchers = [compiler.matcher(JsonSchemaConstraint(json_schema=PERSON)),
-                compiler.matcher(RegexConstraint(pattern="[a-c]+")),
-                compiler.matcher(ChoiceConstraint(choices=["yes", "no"]))]
+    matchers = [
+        compiler.matcher(JsonSchemaConstraint(json_schema=PERSON)),
+        compiler.matcher(RegexConstraint(pattern="[a-c]+")),
+        compiler.matcher(ChoiceConstraint(choices=["yes", "no"])),
+    ]
     filler = MaskFiller(num_threads=2)
     out = allocate_bitmask(4, compiler.vocab_size)
     filler.fill(out, [(matchers[0], 0), (matchers[1], 2), (matchers[2], 3)])
     assert np.all(out[1] == -1)
     for matcher, row in ((matchers[0], 0), (matchers[1], 2), (matchers[2], 3)):
-        assert np.array_equal(np.flatnonzero(unpack_bitmask(out[row : row + 1], compiler.vocab_size)[0]),
-                              allowed_ids(matcher, compiler))
+        assert np.array_equal(
+            np.flatnonzero(unpack_bitmask(out[row : row + 1], compiler.vocab_size)[0]), allowed_ids(matcher, compiler)
+        )
 
     drafts = hf_tokenizer.encode("abc", add_special_tokens=False)
     out = allocate_bitmask(1 + len(drafts), compiler.vocab_size)
@@ -271,8 +283,12 @@ def test_compiled_grammars_are_cached_by_content_in_a_bounded_lru(hf_tokenizer) 
 
 
 def test_property_order_is_part_of_the_cache_key(compiler: GrammarCompiler, hf_tokenizer) -> None:
-    ab = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-          "required": ["a", "b"], "additionalProperties": False}
+    ab = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    }
     ba = {**ab, "properties": {"b": {"type": "integer"}, "a": {"type": "integer"}}}
     text = hf_tokenizer.encode('{"a":1,"b":2}', add_special_tokens=False)
     assert compiler.matcher(JsonSchemaConstraint(json_schema=ab)).validate_draft(text) == len(text)
@@ -285,8 +301,7 @@ def test_an_invalid_constraint_is_a_constraint_error(compiler: GrammarCompiler) 
     with pytest.raises(ConstraintError, match="Unimplemented keys"):
         compiler.matcher(JsonSchemaConstraint(json_schema={"type": "object", "unevaluatedProperties": False}))
     # Not strict: the keyword the engine cannot enforce is ignored instead.
-    compiler.matcher(JsonSchemaConstraint(json_schema={"type": "object", "unevaluatedProperties": False},
-                                          strict=False))
+    compiler.matcher(JsonSchemaConstraint(json_schema={"type": "object", "unevaluatedProperties": False}, strict=False))
 
 
 def test_logits_wider_than_the_tokenizer_are_never_allowed(hf_tokenizer) -> None:
@@ -322,10 +337,18 @@ def test_mask_time_per_token(compiler: GrammarCompiler, record_property) -> None
 
 
 def test_a_schema_cannot_lift_the_whitespace_bound_or_strictness(compiler: GrammarCompiler, hf_tokenizer) -> None:
-    schema = {"x-guidance": {"whitespace_flexible": True, "whitespace_pattern": r"\s*", "item_separator": r"\s*,",
-                             "lenient": True},
-              "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-              "required": ["a", "b"], "additionalProperties": False}
+    schema = {
+        "x-guidance": {
+            "whitespace_flexible": True,
+            "whitespace_pattern": r"\s*",
+            "item_separator": r"\s*,",
+            "lenient": True,
+        },
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    }
     matcher = compiler.matcher(JsonSchemaConstraint(json_schema=schema))
 
     def allowed(text: str) -> bool:

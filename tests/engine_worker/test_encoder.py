@@ -59,8 +59,7 @@ def test_similar_sentences_are_closer(engine, tokenizer) -> None:
 
 
 def test_layers_and_poolings(engine, tokenizer) -> None:
-    output = embed(engine, [tokenizer.encode("hello world")], layers=[0, -1], pooling=["max", "none"],
-                   normalize=False)
+    output = embed(engine, [tokenizer.encode("hello world")], layers=[0, -1], pooling=["max", "none"], normalize=False)
     keys = [(v.layer, v.pooling) for v in output.vectors]
     assert keys == [(0, "max"), (0, "none"), (6, "max"), (6, "none")]
     per_token = output.vectors[1].values

@@ -16,8 +16,13 @@ WAIT_S = 30.0  # generous: the machine is shared
 
 
 def request(request_id: str, max_tokens: int = 3) -> GenerateRequest:
-    return GenerateRequest(request_id=request_id, model="m", prompt_token_ids=[1, 2], reply_subject="x",
-                           sampling=SamplingParams(max_tokens=max_tokens))
+    return GenerateRequest(
+        request_id=request_id,
+        model="m",
+        prompt_token_ids=[1, 2],
+        reply_subject="x",
+        sampling=SamplingParams(max_tokens=max_tokens),
+    )
 
 
 class Recorder:

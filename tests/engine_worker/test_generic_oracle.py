@@ -45,14 +45,26 @@ class _Oracle:
         key = (tuple(prompt), max_new_tokens)
         if key not in self._greedy:
             with torch.no_grad():
-                out = self.hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
-                                       min_new_tokens=max_new_tokens)
-            self._greedy[key] = out[0, len(prompt):].tolist()
+                out = self.hf.generate(
+                    torch.tensor([prompt]),
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    min_new_tokens=max_new_tokens,
+                )
+            self._greedy[key] = out[0, len(prompt) :].tolist()
         return self._greedy[key]
 
     def engine(self, proposer: Any = None, **overrides: Any) -> Engine:
-        config = EngineConfig(**{"dtype": "float32", "device": "cpu", "torch_threads": 1, "model_impl": "generic",
-                                 "num_speculative_tokens": 0, **overrides})
+        config = EngineConfig(
+            **{
+                "dtype": "float32",
+                "device": "cpu",
+                "torch_threads": 1,
+                "model_impl": "generic",
+                "num_speculative_tokens": 0,
+                **overrides,
+            }
+        )
         base = Engine.from_pretrained(self.model_dir, config)
         if proposer is None:
             return base
@@ -63,9 +75,10 @@ class _Oracle:
 QUICK = {"gemma3", "qwen3"}
 
 
-@pytest.fixture(scope="module", params=[
-    pytest.param(name, marks=() if name in QUICK else pytest.mark.slow) for name in sorted(TINY_ARCHITECTURES)
-])
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(name, marks=() if name in QUICK else pytest.mark.slow) for name in sorted(TINY_ARCHITECTURES)],
+)
 def oracle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path):
     return _Oracle(build_tiny_model(request.param, tmp_path_factory.mktemp(request.param), smollm2_tokenizer_dir))
 
@@ -86,8 +99,11 @@ def test_drafts_and_choices_match_generate(oracle: _Oracle) -> None:
     """Draft tokens (right three times in four) as extra decode queries, and n=2 choices sharing the prompt's
     KV, under chunked prefill: every choice still equals transformers alone."""
     requests = WORKLOAD[:4]
-    answers = {(tuple(prompt_of(length, i)), c): oracle.greedy(prompt_of(length, i), max_tokens)
-               for i, (length, max_tokens, _) in enumerate(requests) for c in (0, 1)}
+    answers = {
+        (tuple(prompt_of(length, i)), c): oracle.greedy(prompt_of(length, i), max_tokens)
+        for i, (length, max_tokens, _) in enumerate(requests)
+        for c in (0, 1)
+    }
     engine = oracle.engine(proposer=ScriptedProposer(answers), max_num_batched_tokens=24, speculative_max_rows=32)
     for i, (length, max_tokens, _) in enumerate(requests):
         engine.add_request(make_request(f"r{i}", prompt_of(length, i), temperature=0.0, max_tokens=max_tokens, n=2))
@@ -101,8 +117,9 @@ def test_drafts_and_choices_match_generate(oracle: _Oracle) -> None:
 def test_logprobs_and_prompt_logprobs_equal_a_forward_pass(oracle: _Oracle) -> None:
     engine = oracle.engine(max_num_batched_tokens=16)
     prompt = prompt_of(40, 3)
-    engine.add_request(make_request("lp", prompt, temperature=0.0, max_tokens=10, logprobs=3, prompt_logprobs=2,
-                                    ignore_eos=True))
+    engine.add_request(
+        make_request("lp", prompt, temperature=0.0, max_tokens=10, logprobs=3, prompt_logprobs=2, ignore_eos=True)
+    )
     outputs = run_to_completion(engine)["lp"]
     tokens = tokens_by_choice(outputs)[0]
     generated = [lp for out in outputs for c in out.choices for lp in (c.logprobs or [])]

@@ -19,8 +19,13 @@ SMOLLM2_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2  # 30 layers, 3 KV heads of 64, bf
 
 
 def budget(**overrides):
-    args = {"bytes_per_token": SMOLLM2_BYTES_PER_TOKEN, "max_model_len": 8192, "max_num_seqs": 64,
-            "available_bytes": 20 * GIB, "cap_gib": 2.0} | overrides
+    args = {
+        "bytes_per_token": SMOLLM2_BYTES_PER_TOKEN,
+        "max_model_len": 8192,
+        "max_num_seqs": 64,
+        "available_bytes": 20 * GIB,
+        "cap_gib": 2.0,
+    } | overrides
     return choose_kv_budget(**args)
 
 

@@ -47,8 +47,11 @@ def test_a_request_timeline_feeds_each_meter() -> None:
         meters.tokens(timeline, now=mono)
     meters.finished(timeline, Usage(prompt_tokens=7, completion_tokens=3), "length", now=50.7)
 
-    snapshot = meters.snapshot("w1", "m", EngineStats(running=1, waiting=2, kv_cache_usage=0.25, preemptions=4,
-                                                       draft_tokens=40, accepted_tokens=30))
+    snapshot = meters.snapshot(
+        "w1",
+        "m",
+        EngineStats(running=1, waiting=2, kv_cache_usage=0.25, preemptions=4, draft_tokens=40, accepted_tokens=30),
+    )
     assert snapshot.request_queue_time_seconds.sum == pytest.approx(2.0)
     assert snapshot.time_to_first_token_seconds.count == 1
     assert snapshot.time_to_first_token_seconds.sum == pytest.approx(2.3)  # queue wait included, as in vLLM
@@ -80,8 +83,9 @@ def test_spans_nest_under_the_remote_parent(spans) -> None:
     tracer = provider.get_tracer("test")
     with tracer.start_as_current_span("POST /v1/completions") as edge:
         headers = trace_headers()
-    timeline = RequestTimeline(published_at=100.0, accepted_at=100.5, accepted_mono=10.0, first_token_mono=10.2,
-                               finished_mono=11.0)
+    timeline = RequestTimeline(
+        published_at=100.0, accepted_at=100.5, accepted_mono=10.0, first_token_mono=10.2, finished_mono=11.0
+    )
     record_spans(tracer, extract_context(headers), timeline, {"inferq.request_id": "r1"})
 
     by_name = {span.name: span for span in exporter.get_finished_spans()}
@@ -102,9 +106,16 @@ def test_finish_reason_is_choice_zeros(spans) -> None:
     request = GenerateRequest(request_id="r1", model="m", prompt_token_ids=[1], reply_subject="x")
     flight = telemetry.accepted(request, published_at=0.0, headers=None)
     assert flight.log_fields == {"request_id": "r1", "model": "m", "worker_id": "w1"}  # no trace: no trace_id
-    telemetry.output(flight, RequestOutput("r1", [ChoiceDelta(index=1, token_ids=[5], finish_reason=FinishReason.STOP),
-                                                  ChoiceDelta(index=0, token_ids=[6],
-                                                              finish_reason=FinishReason.LENGTH)]))
+    telemetry.output(
+        flight,
+        RequestOutput(
+            "r1",
+            [
+                ChoiceDelta(index=1, token_ids=[5], finish_reason=FinishReason.STOP),
+                ChoiceDelta(index=0, token_ids=[6], finish_reason=FinishReason.LENGTH),
+            ],
+        ),
+    )
     telemetry.finished(flight, Usage(prompt_tokens=1, completion_tokens=2))
     snapshot = telemetry.snapshot(EngineStats(0, 0))
     assert snapshot.request_success_total == {"length": 1}

@@ -25,8 +25,9 @@ def test_auto_keeps_the_fast_path_for_the_llama_layout_and_sends_the_rest_to_the
     llama = _config("llama", architectures=["LlamaForCausalLM"], max_position_embeddings=4096)
     assert choose_model_impl(llama) == "fast"
     assert choose_model_impl(llama, "generic") == "generic"
-    windowed = _config("mistral", architectures=["MistralForCausalLM"], sliding_window=1024,
-                       max_position_embeddings=4096)
+    windowed = _config(
+        "mistral", architectures=["MistralForCausalLM"], sliding_window=1024, max_position_embeddings=4096
+    )
     assert choose_model_impl(windowed) == "generic"  # the fast path would cap the context at the window
     assert choose_model_impl(windowed, max_model_len=1024) == "fast"  # the window covers the whole context
     assert choose_model_impl(_config("qwen3", architectures=["Qwen3ForCausalLM"])) == "generic"
@@ -68,8 +69,10 @@ def test_an_attention_argument_the_engine_does_not_implement_is_named() -> None:
 
 
 def _generate(model_dir: Path, impl: str, **sampling) -> dict[str, list[int]]:
-    engine = Engine.from_pretrained(model_dir, EngineConfig(dtype="float32", device="cpu", torch_threads=1,
-                                                            model_impl=impl, max_num_batched_tokens=16))
+    engine = Engine.from_pretrained(
+        model_dir,
+        EngineConfig(dtype="float32", device="cpu", torch_threads=1, model_impl=impl, max_num_batched_tokens=16),
+    )
     assert type(engine.runner).__name__ == {"fast": "ModelRunner", "generic": "GenericRunner"}[impl]
     for i in range(3):
         engine.add_request(make_request(f"r{i}", prompt_of(10 + 9 * i, i), max_tokens=20, ignore_eos=True, **sampling))

@@ -10,8 +10,13 @@ from engine_worker.validation import InvalidRequest
 
 
 def request(request_id: str, max_tokens: int = 3, n: int = 1, seed: int | None = None) -> GenerateRequest:
-    return GenerateRequest(request_id=request_id, model="sim", prompt_token_ids=[5, 6, 7], reply_subject="x",
-                           sampling=SamplingParams(max_tokens=max_tokens, n=n, seed=seed))
+    return GenerateRequest(
+        request_id=request_id,
+        model="sim",
+        prompt_token_ids=[5, 6, 7],
+        reply_subject="x",
+        sampling=SamplingParams(max_tokens=max_tokens, n=n, seed=seed),
+    )
 
 
 def run(engine: SimEngine) -> dict[str, list]:
@@ -78,8 +83,9 @@ def test_tokenizer_round_trips_words(tmp_path: Path) -> None:
     ids = tokenizer.encode("w5 w17 w99")
     assert ids == [5, 17, 99]
     assert tokenizer.decode(ids) == "w5 w17 w99"
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "w5"}], tokenize=False,
-                                         add_generation_prompt=True).endswith("assistant:")
+    assert tokenizer.apply_chat_template(
+        [{"role": "user", "content": "w5"}], tokenize=False, add_generation_prompt=True
+    ).endswith("assistant:")
 
 
 def test_a_resumed_request_continues_and_counts_its_resumed_tokens_as_the_real_engine_does() -> None:

@@ -69,10 +69,26 @@ def test_invalid_settings_are_rejected() -> None:
 # --- the engine: drafts never change the output ----------------------------------------------------------------
 REQUESTS = [
     # seeded sampling with every kind of parameter that looks at the tokens generated so far
-    {"temperature": 0.9, "top_p": 0.9, "seed": 11, "max_tokens": 40, "repetition_penalty": 1.3,
-     "frequency_penalty": 0.5, "presence_penalty": 0.4, "ignore_eos": True},
-    {"temperature": 0.8, "top_k": 50, "min_p": 0.05, "seed": 5, "max_tokens": 30, "logprobs": 3, "n": 2,
-     "ignore_eos": True},
+    {
+        "temperature": 0.9,
+        "top_p": 0.9,
+        "seed": 11,
+        "max_tokens": 40,
+        "repetition_penalty": 1.3,
+        "frequency_penalty": 0.5,
+        "presence_penalty": 0.4,
+        "ignore_eos": True,
+    },
+    {
+        "temperature": 0.8,
+        "top_k": 50,
+        "min_p": 0.05,
+        "seed": 5,
+        "max_tokens": 30,
+        "logprobs": 3,
+        "n": 2,
+        "ignore_eos": True,
+    },
     {"temperature": 0.0, "max_tokens": 35, "min_tokens": 20, "logprobs": 0},
     {"temperature": 0.7, "seed": 3, "max_tokens": 50, "best_of": 3, "ignore_eos": True},
 ]
@@ -97,8 +113,10 @@ def _choices(outputs: list) -> dict[int, dict]:
             entry["text"] += choice.text
             # A draft row's logits come from a chunk forward, a decode row's from a single-row one: fp32 agrees
             # to ~1e-5, so compare logprobs to 3 decimals.
-            entry["logprobs"] += [(lp.token_id, pytest.approx(lp.logprob, abs=1e-3), [t.token_id for t in lp.top])
-                                  for lp in choice.logprobs or []]
+            entry["logprobs"] += [
+                (lp.token_id, pytest.approx(lp.logprob, abs=1e-3), [t.token_id for t in lp.top])
+                for lp in choice.logprobs or []
+            ]
             entry["finish"] = choice.finish_reason or entry["finish"]
     return merged
 
@@ -113,7 +131,10 @@ def test_seeded_sampling_penalties_logprobs_and_choices_are_unchanged_by_drafts(
     proposer = ScriptedProposer(answers, wrong_every=3)
     drafted = Engine(
         EngineConfig(**{**asdict(plain.config), "speculative_max_rows": 64}),
-        plain.tokenizer, plain.runner, plain.eos_token_ids, proposer=proposer,
+        plain.tokenizer,
+        plain.runner,
+        plain.eos_token_ids,
+        proposer=proposer,
     )
     got = {rid: _choices(outs) for rid, outs in _run(drafted).items()}
     assert got == expected
@@ -136,10 +157,14 @@ def test_stop_strings_and_max_tokens_end_a_step_that_accepted_drafts(engine_fact
         ({"max_tokens": 23}, "length"),
         ({"stop_token_ids": [tokens[17]]}, "stop"),
     ):
-        engine = Engine(EngineConfig(**asdict(plain.config)), plain.tokenizer, plain.runner, plain.eos_token_ids,
-                        proposer=ScriptedProposer(answers, wrong_every=100, max_tokens=8))
-        engine.add_request(make_request("r", prompt, temperature=0.0, ignore_eos=True,
-                                        **{"max_tokens": 40, **params}))
+        engine = Engine(
+            EngineConfig(**asdict(plain.config)),
+            plain.tokenizer,
+            plain.runner,
+            plain.eos_token_ids,
+            proposer=ScriptedProposer(answers, wrong_every=100, max_tokens=8),
+        )
+        engine.add_request(make_request("r", prompt, temperature=0.0, ignore_eos=True, **{"max_tokens": 40, **params}))
         with_drafts = _choices(run_to_completion(engine)["r"])[0]
         plain.add_request(make_request("r", prompt, temperature=0.0, ignore_eos=True, **{"max_tokens": 40, **params}))
         alone = _choices(run_to_completion(plain)["r"])[0]
@@ -151,8 +176,13 @@ def test_stop_strings_and_max_tokens_end_a_step_that_accepted_drafts(engine_fact
 def test_speculation_fades_out_as_the_batch_grows(engine_factory) -> None:
     proposer = ScriptedProposer({})
     base = engine_factory(max_num_seqs=8)
-    engine = Engine(EngineConfig(**{**asdict(base.config), "speculative_max_rows": 10}), base.tokenizer,
-                    base.runner, base.eos_token_ids, proposer=proposer)
+    engine = Engine(
+        EngineConfig(**{**asdict(base.config), "speculative_max_rows": 10}),
+        base.tokenizer,
+        base.runner,
+        base.eos_token_ids,
+        proposer=proposer,
+    )
     for i in range(1, 9):
         proposer.limits.clear()
         engine.add_request(make_request(f"r{i}", prompt_of(6, i), temperature=0.0, max_tokens=200, ignore_eos=True))
@@ -180,8 +210,9 @@ def test_drafts_that_keep_missing_back_off(engine_factory) -> None:
     plain.add_request(make_request("r", prompt_of(7, 9), temperature=0.0, max_tokens=120, ignore_eos=True))
     expected = _choices(run_to_completion(plain)["r"])
     proposer = _WrongProposer(plain.runner.vocab_size - 1)
-    engine = Engine(EngineConfig(**asdict(plain.config)), plain.tokenizer, plain.runner, plain.eos_token_ids,
-                    proposer=proposer)
+    engine = Engine(
+        EngineConfig(**asdict(plain.config)), plain.tokenizer, plain.runner, plain.eos_token_ids, proposer=proposer
+    )
     engine.add_request(make_request("r", prompt_of(7, 9), temperature=0.0, max_tokens=120, ignore_eos=True))
     assert _choices(run_to_completion(engine)["r"]) == expected
     # Guesses after pauses of 0, 1, 2, 4, 8, 16, 32, 32 tokens: a handful of the 119 decode steps.

@@ -57,17 +57,21 @@ def masked_greedy(hf_model, engine, prompt: list[int], constraint, max_tokens: i
     return out
 
 
-@pytest.mark.parametrize("config", [
-    pytest.param({}, id="roomy"),
-    pytest.param({"max_num_batched_tokens": 32, "kv_cache_tokens": 512}, id="preemption"),
-    pytest.param({"num_speculative_tokens": 3}, id="ngram-drafts"),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param({}, id="roomy"),
+        pytest.param({"max_num_batched_tokens": 32, "kv_cache_tokens": 512}, id="preemption"),
+        pytest.param({"num_speculative_tokens": 3}, id="ngram-drafts"),
+    ],
+)
 def test_greedy_constrained_output_equals_the_masked_reference(engine_factory, hf_model, config) -> None:
     engine = engine_factory(**config)
     # Unconstrained batch-mates that grow together so the small cache must preempt.
     for i, (length, max_tokens) in enumerate([(120, 100), (110, 100), (100, 100)]):
-        engine.add_request(make_request(f"free{i}", prompt_of(length, i), temperature=0.0, max_tokens=max_tokens,
-                                        ignore_eos=True))
+        engine.add_request(
+            make_request(f"free{i}", prompt_of(length, i), temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        )
     cases = {"person": (prompt_of(9, 7), PERSON, 200), "long": (prompt_of(14, 8), LONG_REGEX, 160)}
     for name, (prompt, constraint, max_tokens) in cases.items():
         # A lower rank (higher priority value): the constrained choices are the ones the scheduler preempts.
@@ -99,8 +103,9 @@ def test_a_resumed_constrained_request_continues_like_the_undisturbed_run(engine
     engine.add_request(constrained("whole", prompt, LONG_REGEX, temperature=0.0, max_tokens=160))
     whole = tokens_by_choice(run_to_completion(engine)["whole"])[0]
     assert len(whole) > 12
-    engine.add_request(constrained("rest", prompt, LONG_REGEX, temperature=0.0, max_tokens=160,
-                                   resume_token_ids=whole[:10]))
+    engine.add_request(
+        constrained("rest", prompt, LONG_REGEX, temperature=0.0, max_tokens=160, resume_token_ids=whole[:10])
+    )
     rest = tokens_by_choice(run_to_completion(engine)["rest"])[0]
     assert whole[:10] + rest == whole
 
@@ -108,10 +113,10 @@ def test_a_resumed_constrained_request_continues_like_the_undisturbed_run(engine
 def test_sampled_choices_at_temperature_one_always_validate(engine_factory) -> None:
     engine = engine_factory()
     for seed in range(6):
-        engine.add_request(constrained(f"s{seed}", prompt_of(7, seed), PERSON, temperature=1.0, seed=seed, n=2,
-                                       max_tokens=250))
-    engine.add_request(constrained("best", prompt_of(7, 99), PERSON, temperature=1.0, n=2, best_of=3,
-                                   max_tokens=250))
+        engine.add_request(
+            constrained(f"s{seed}", prompt_of(7, seed), PERSON, temperature=1.0, seed=seed, n=2, max_tokens=250)
+        )
+    engine.add_request(constrained("best", prompt_of(7, 99), PERSON, temperature=1.0, n=2, best_of=3, max_tokens=250))
     outputs = run_to_completion(engine)
     texts = [text for outs in outputs.values() for text in text_by_choice(outs).values()]
     assert len(texts) == 14
@@ -122,10 +127,19 @@ def test_sampled_choices_at_temperature_one_always_validate(engine_factory) -> N
 
 def test_choice_and_json_object_and_max_tokens_cut(engine_factory) -> None:
     engine = engine_factory()
-    engine.add_request(constrained("choice", prompt_of(5), parse_constraint({"type": "choice", "choices": [
-        "alpha", "beta gamma"]}), temperature=1.0, seed=3, max_tokens=20))
-    engine.add_request(constrained("object", prompt_of(6), parse_constraint({"type": "json_object"}),
-                                   temperature=0.0, max_tokens=200))
+    engine.add_request(
+        constrained(
+            "choice",
+            prompt_of(5),
+            parse_constraint({"type": "choice", "choices": ["alpha", "beta gamma"]}),
+            temperature=1.0,
+            seed=3,
+            max_tokens=20,
+        )
+    )
+    engine.add_request(
+        constrained("object", prompt_of(6), parse_constraint({"type": "json_object"}), temperature=0.0, max_tokens=200)
+    )
     engine.add_request(constrained("cut", prompt_of(8), LONG_REGEX, temperature=0.0, max_tokens=5))
     outputs = run_to_completion(engine)
     assert text_by_choice(outputs["choice"])[0] in {"alpha", "beta gamma"}

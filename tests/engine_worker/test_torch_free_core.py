@@ -5,8 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
-CORE = ("engine_worker.engine", "engine_worker.engine_loop", "engine_worker.bridge", "engine_worker.sim",
-        "engine_worker.output_builder", "engine_worker.validation", "engine_worker.speculative")
+CORE = (
+    "engine_worker.engine",
+    "engine_worker.engine_loop",
+    "engine_worker.bridge",
+    "engine_worker.sim",
+    "engine_worker.output_builder",
+    "engine_worker.validation",
+    "engine_worker.speculative",
+)
 
 
 def test_the_engine_core_imports_no_torch() -> None:

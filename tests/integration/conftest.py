@@ -22,8 +22,9 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNa
 
 
 @pytest.fixture(scope="session")
-def base_settings(nats_server: EmbeddedNatsServer, tmp_path_factory: pytest.TempPathFactory,
-                  tiny_model_dir: Path) -> Settings:
+def base_settings(
+    nats_server: EmbeddedNatsServer, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Settings:
     return Settings(
         nats_url=nats_server.url,
         data_dir=tmp_path_factory.mktemp("inferq-data"),
@@ -55,8 +56,9 @@ async def api(base_settings: Settings, worker: WorkerProcess) -> AsyncIterator[A
 
 
 @pytest.fixture(scope="session")
-async def embedder(api: ApiServer, base_settings: Settings, tmp_path_factory: pytest.TempPathFactory
-                   ) -> AsyncIterator[WorkerProcess]:
+async def embedder(
+    api: ApiServer, base_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[WorkerProcess]:
     settings = base_settings.model_copy(update={"model": EMBEDDER, "served_model_name": None})
     process = WorkerProcess(settings, tmp_path_factory.mktemp("embedder") / "worker.log").start()
     await wait_for_model(api.base_url, EMBEDDER, process)

@@ -35,8 +35,13 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         env = {**os.environ, **settings_env(self.settings), **self.extra_env}
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER_BOOT], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER_BOOT],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
@@ -61,8 +66,11 @@ class ApiServer:
 
     def __init__(self, settings: Settings):
         self.settings = settings.model_copy(update={"port": free_port()})
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.settings), host="127.0.0.1",
-                                                    port=self.settings.port, log_config=None, lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(self.settings), host="127.0.0.1", port=self.settings.port, log_config=None, lifespan="on"
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -122,9 +130,13 @@ class ApiProcess:
 
     def start(self) -> ApiProcess:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-c", API_BOOT], env={**os.environ,
-                                         **settings_env(self.settings)}, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", API_BOOT],
+                env={**os.environ, **settings_env(self.settings)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
 
     def stop(self, sig: int = signal.SIGKILL) -> None:

@@ -40,8 +40,9 @@ def reference_scores(model_dir: Path, prompt: str, expected: str) -> tuple[float
 
 async def test_evaluate_matches_a_forward_pass(client, tiny_model_dir: Path) -> None:
     prompt, expected = "An apple a day keeps", " the doctor away"
-    response = await client.evaluate(aa.EvaluationRequest(prompt=aa.Prompt.from_text(prompt),
-                                                          completion_expected=expected), model=TINY_MODEL_NAME)
+    response = await client.evaluate(
+        aa.EvaluationRequest(prompt=aa.Prompt.from_text(prompt), completion_expected=expected), model=TINY_MODEL_NAME
+    )
     log_probability, correct, completion = reference_scores(tiny_model_dir, prompt, expected)
     result = response.result
     assert result["log_probability"] == pytest.approx(log_probability, abs=1e-3)
@@ -59,11 +60,21 @@ async def test_evaluate_what_greedy_would_say_is_correct(client, api) -> None:
 
     prompt = "Once upon a time"
     async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
-        greedy = (await http.post("/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": prompt,
-                                                            "max_tokens": 4, "temperature": 0,
-                                                            "ignore_eos": True})).json()["choices"][0]["text"]
-    response = await client.evaluate(aa.EvaluationRequest(prompt=aa.Prompt.from_text(prompt),
-                                                          completion_expected=greedy), model=TINY_MODEL_NAME)
+        greedy = (
+            await http.post(
+                "/v1/completions",
+                json={
+                    "model": TINY_MODEL_NAME,
+                    "prompt": prompt,
+                    "max_tokens": 4,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            )
+        ).json()["choices"][0]["text"]
+    response = await client.evaluate(
+        aa.EvaluationRequest(prompt=aa.Prompt.from_text(prompt), completion_expected=greedy), model=TINY_MODEL_NAME
+    )
     assert response.result["correct_greedy"] is True
     assert response.result["completion"] == greedy
 
@@ -73,11 +84,16 @@ async def test_embed_layers_and_poolings(client, embedder) -> None:
 
     from common.models import PACKAGED_MODELS, packaged_model
 
-    request = aa.EmbeddingRequest(prompt=aa.Prompt.from_text("hello world"), layers=[0, -1], pooling=["mean", "max"],
-                                  tokens=True)
+    request = aa.EmbeddingRequest(
+        prompt=aa.Prompt.from_text("hello world"), layers=[0, -1], pooling=["mean", "max"], tokens=True
+    )
     response = await client.embed(request, model=EMBEDDER)
-    assert set(response.embeddings) == {("layer_0", "mean"), ("layer_0", "max"), ("layer_6", "mean"),
-                                        ("layer_6", "max")}
+    assert set(response.embeddings) == {
+        ("layer_0", "mean"),
+        ("layer_0", "max"),
+        ("layer_6", "mean"),
+        ("layer_6", "max"),
+    }
     directory = packaged_model(PACKAGED_MODELS[EMBEDDER])
     tokenizer, model = AutoTokenizer.from_pretrained(directory), AutoModel.from_pretrained(directory).eval()
     with torch.no_grad():
@@ -91,6 +107,7 @@ async def test_embed_refuses_semantic_type(api) -> None:
     import httpx
 
     async with httpx.AsyncClient(base_url=api.base_url) as http:
-        response = await http.post("/embed", json={"model": EMBEDDER, "prompt": "x", "layers": [-1],
-                                                   "pooling": ["mean"], "type": "symmetric"})
+        response = await http.post(
+            "/embed", json={"model": EMBEDDER, "prompt": "x", "layers": [-1], "pooling": ["mean"], "type": "symmetric"}
+        )
     assert response.status_code == 400 and "type" in response.json()["error"]["message"]

@@ -36,8 +36,14 @@ def template_ids(hf_tokenizer, messages: list[dict]) -> list[int]:
 
 async def greedy(client: anthropic.AsyncAnthropic, max_tokens: int = 12, **kwargs) -> anthropic.types.Message:
     # The 2.x SDK dropped sampling parameters from its signature; the API (and older SDKs) still take them.
-    return await client.messages.create(model=TINY_MODEL_NAME, max_tokens=max_tokens, messages=CONVERSATION,
-                                        system=SYSTEM, extra_body={"temperature": 0}, **kwargs)
+    return await client.messages.create(
+        model=TINY_MODEL_NAME,
+        max_tokens=max_tokens,
+        messages=CONVERSATION,
+        system=SYSTEM,
+        extra_body={"temperature": 0},
+        **kwargs,
+    )
 
 
 async def test_create_returns_an_anthropic_message(client, hf_tokenizer) -> None:
@@ -54,24 +60,30 @@ async def test_create_returns_an_anthropic_message(client, hf_tokenizer) -> None
 
 
 async def test_count_tokens_matches_the_prompt_of_create(client, hf_tokenizer) -> None:
-    blocks = [{"role": "user", "content": [{"type": "text", "text": "Name three "}, {"type": "text",
-                                                                                  "text": "colours."}]}]
-    counted = await client.messages.count_tokens(model=TINY_MODEL_NAME, messages=blocks,
-                                                 system=[{"type": "text", "text": SYSTEM}])
+    blocks = [
+        {"role": "user", "content": [{"type": "text", "text": "Name three "}, {"type": "text", "text": "colours."}]}
+    ]
+    counted = await client.messages.count_tokens(
+        model=TINY_MODEL_NAME, messages=blocks, system=[{"type": "text", "text": SYSTEM}]
+    )
     expected = template_ids(hf_tokenizer, [{"role": "system", "content": SYSTEM}, *CONVERSATION])
     assert counted.input_tokens == len(expected) == (await greedy(client, max_tokens=1)).usage.input_tokens
 
 
 async def test_stream_reassembles_the_greedy_message(client) -> None:
     plain = await greedy(client)
-    async with client.messages.stream(model=TINY_MODEL_NAME, max_tokens=12, messages=CONVERSATION, system=SYSTEM,
-                                      extra_body={"temperature": 0}) as stream:
+    async with client.messages.stream(
+        model=TINY_MODEL_NAME, max_tokens=12, messages=CONVERSATION, system=SYSTEM, extra_body={"temperature": 0}
+    ) as stream:
         pieces = [text async for text in stream.text_stream]
         final = await stream.get_final_message()
     assert len(pieces) > 1 and "".join(pieces) == plain.content[0].text
     assert final.content[0].text == plain.content[0].text
     assert (final.stop_reason, final.usage.output_tokens, final.usage.input_tokens) == (
-        plain.stop_reason, plain.usage.output_tokens, plain.usage.input_tokens)
+        plain.stop_reason,
+        plain.usage.output_tokens,
+        plain.usage.input_tokens,
+    )
 
 
 async def test_raw_stream_has_the_named_events_in_order(api) -> None:
@@ -88,10 +100,10 @@ async def test_raw_stream_has_the_named_events_in_order(api) -> None:
 
 async def test_stop_sequence_ends_the_message_where_it_first_appears(client) -> None:
     text = (await greedy(client, max_tokens=16)).content[0].text
-    stop = next(text[i:i + 2] for i in range(2, len(text) - 1) if text[i:i + 2].strip())
+    stop = next(text[i : i + 2] for i in range(2, len(text) - 1) if text[i : i + 2].strip())
     message = await greedy(client, max_tokens=16, stop_sequences=[stop])
     assert message.stop_reason == "stop_sequence" and message.stop_sequence == stop
-    assert message.content[0].text == text[:text.find(stop)]
+    assert message.content[0].text == text[: text.find(stop)]
 
 
 async def test_assistant_prefill_is_continued(client) -> None:
@@ -102,8 +114,10 @@ async def test_assistant_prefill_is_continued(client) -> None:
 
 async def test_idempotency_key_attaches_to_the_same_message(client) -> None:
     key = {"Idempotency-Key": f"k-{uuid.uuid4()}"}
-    first, second = [await client.messages.create(model=TINY_MODEL_NAME, max_tokens=8, messages=CONVERSATION,
-                                                  extra_headers=key) for _ in range(2)]
+    first, second = [
+        await client.messages.create(model=TINY_MODEL_NAME, max_tokens=8, messages=CONVERSATION, extra_headers=key)
+        for _ in range(2)
+    ]
     assert first.id == second.id and first.content[0].text == second.content[0].text
 
 
@@ -114,20 +128,29 @@ def assert_anthropic_error(response: httpx.Response, status: int, error_type: st
     assert needle in body["error"]["message"], body
 
 
-@pytest.mark.parametrize(("change", "needle"), [
-    ({"max_tokens": None}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": [{"type": "hologram", "text": "hi"}]}]},
-     "unknown content block type 'hologram'"),
-    ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tool use is not yet supported"),
-    ({"tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "any"}},
-     "tool use is not yet supported"),
-    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "1"}]}]},
-     "tool use is not yet supported"),
-    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
-    ({"output_config": {"format": {"type": "json_schema", "schema": {}}}}, "structured output"),
-    ({"temperature": 1.5}, "temperature"),
-    ({"messages": []}, "messages"),
-])
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"max_tokens": None}, "max_tokens"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "hologram", "text": "hi"}]}]},
+            "unknown content block type 'hologram'",
+        ),
+        ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tool use is not yet supported"),
+        (
+            {"tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "any"}},
+            "tool use is not yet supported",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "1"}]}]},
+            "tool use is not yet supported",
+        ),
+        ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+        ({"output_config": {"format": {"type": "json_schema", "schema": {}}}}, "structured output"),
+        ({"temperature": 1.5}, "temperature"),
+        ({"messages": []}, "messages"),
+    ],
+)
 async def test_bad_requests_are_400_in_anthropic_shape(api, change, needle) -> None:
     body = {"model": TINY_MODEL_NAME, "max_tokens": 4, "messages": CONVERSATION} | change
     body = {key: value for key, value in body.items() if value is not None}
@@ -137,14 +160,19 @@ async def test_bad_requests_are_400_in_anthropic_shape(api, change, needle) -> N
 
 async def test_sdk_raises_its_typed_errors(client) -> None:
     with pytest.raises(anthropic.BadRequestError) as bad:
-        await client.messages.create(model=TINY_MODEL_NAME, max_tokens=4,
-                                     messages=[{"role": "user", "content": [{"type": "hologram"}]}])
+        await client.messages.create(
+            model=TINY_MODEL_NAME, max_tokens=4, messages=[{"role": "user", "content": [{"type": "hologram"}]}]
+        )
     assert bad.value.body["error"]["type"] == "invalid_request_error"
     with pytest.raises(anthropic.NotFoundError) as missing:
         await client.messages.create(model="no-such-model", max_tokens=4, messages=CONVERSATION)
     assert missing.value.body["error"]["type"] == "not_found_error"
     # Tools are accepted with tool_choice none: they are never called, so the text conversation is served.
-    message = await client.messages.create(model=TINY_MODEL_NAME, max_tokens=2, messages=CONVERSATION,
-                                           tools=[{"name": "f", "input_schema": {"type": "object"}}],
-                                           tool_choice={"type": "none"})
+    message = await client.messages.create(
+        model=TINY_MODEL_NAME,
+        max_tokens=2,
+        messages=CONVERSATION,
+        tools=[{"name": "f", "input_schema": {"type": "object"}}],
+        tool_choice={"type": "none"},
+    )
     assert message.usage.output_tokens == 2

@@ -42,29 +42,34 @@ async def test_a_body_over_the_limit_is_413_whether_or_not_its_length_is_announc
 
     async def chunked():  # no Content-Length: the size is only known while reading
         for start in range(0, len(huge), 1 << 20):
-            yield huge[start:start + (1 << 20)]
+            yield huge[start : start + (1 << 20)]
 
-    error = error_of(await http.post(COMPLETIONS, content=chunked(), headers={"Content-Type": "application/json"}),
-                     413)
+    error = error_of(await http.post(COMPLETIONS, content=chunked(), headers={"Content-Type": "application/json"}), 413)
     assert str(limit) in error["message"]
 
 
-@pytest.mark.parametrize("body", [
-    b"[" * 100_000 + b"]" * 100_000,
-    b'{"model": ' * 50_000 + b"1" + b"}" * 50_000,
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"model": ' * 50_000 + b"1" + b"}" * 50_000,
+    ],
+)
 async def test_deeply_nested_json_is_400(http, body) -> None:
     error_of(await http.post(COMPLETIONS, content=body, headers={"Content-Type": "application/json"}), 400)
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({**GOOD, "model": 5}, "model"),
-    ({**GOOD, "prompt": {"text": "hi"}}, "prompt"),
-    ({**GOOD, "max_tokens": "many"}, "max_tokens"),
-    ({**GOOD, "stop": 7}, "stop"),
-    ([GOOD], None),
-    ("just a string", None),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({**GOOD, "model": 5}, "model"),
+        ({**GOOD, "prompt": {"text": "hi"}}, "prompt"),
+        ({**GOOD, "max_tokens": "many"}, "max_tokens"),
+        ({**GOOD, "stop": 7}, "stop"),
+        ([GOOD], None),
+        ("just a string", None),
+    ],
+)
 async def test_ill_typed_json_is_400_naming_the_field(http, body, param) -> None:
     error = error_of(await http.post(COMPLETIONS, json=body), 400)
     if param is not None:
@@ -107,8 +112,16 @@ async def test_logit_bias_out_of_range_is_400(http, logit_bias) -> None:
     assert "logit_bias" in (error["param"] or "") + error["message"]
 
 
-@pytest.mark.parametrize(("field", "value"), [("max_token", 500), ("temprature", 1.5), ("logprob", 3),
-                                              ("tools", [{"type": "function"}]), ("use_beam_search", True)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_token", 500),
+        ("temprature", 1.5),
+        ("logprob", 3),
+        ("tools", [{"type": "function"}]),
+        ("use_beam_search", True),
+    ],
+)
 async def test_unknown_or_unsupported_fields_that_change_the_answer_are_rejected(http, field, value) -> None:
     error = error_of(await http.post(COMPLETIONS, json={**GOOD, field: value}), 400)
     assert field in error["message"]
@@ -130,8 +143,15 @@ async def test_chat_with_no_messages_or_bad_roles_is_400(http) -> None:
 
 
 async def test_websocket_garbage_frames_get_errors_and_the_socket_stays_usable(api) -> None:
-    garbage: list[str | bytes] = [b"\x00\xff\xfe garbage", "not json", "[1, 2, 3]", '"a string"',
-                                  b"\xc3\x28", json.dumps({"model": TINY_MODEL_NAME}), "{" * 50_000]
+    garbage: list[str | bytes] = [
+        b"\x00\xff\xfe garbage",
+        "not json",
+        "[1, 2, 3]",
+        '"a string"',
+        b"\xc3\x28",
+        json.dumps({"model": TINY_MODEL_NAME}),
+        "{" * 50_000,
+    ]
     url = api.base_url.replace("http://", "ws://") + COMPLETIONS
     async with websockets.connect(url, max_size=None) as ws:
         for frame in garbage:

@@ -23,15 +23,32 @@ RUN_BEFORE_CANCEL = 1_000
 def write_input(path: Path) -> None:
     with path.open("w") as target:
         for i in range(LINES):
-            target.write(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
-                                     "body": {"model": "sim", "prompt": f"w{i % 100} w7", "max_tokens": 2}}) + "\n")
+            target.write(
+                json.dumps(
+                    {
+                        "custom_id": f"c{i}",
+                        "method": "POST",
+                        "url": "/v1/completions",
+                        "body": {"model": "sim", "prompt": f"w{i % 100} w7", "max_tokens": 2},
+                    }
+                )
+                + "\n"
+            )
 
 
 async def test_a_100k_line_batch_shows_progress_cancels_and_accounts_for_every_line(base_settings, tmp_path) -> None:
     with EmbeddedNatsServer(tmp_path / "nats", port=-1) as nats:
-        settings = base_settings.model_copy(update={
-            "nats_url": nats.url, "data_dir": tmp_path / "data", "engine": "sim", "served_model_name": "sim",
-            "sim_tokens_per_s": 1000.0, "max_num_seqs": 64, "batch_max_lines": LINES})
+        settings = base_settings.model_copy(
+            update={
+                "nats_url": nats.url,
+                "data_dir": tmp_path / "data",
+                "engine": "sim",
+                "served_model_name": "sim",
+                "sim_tokens_per_s": 1000.0,
+                "max_num_seqs": 64,
+                "batch_max_lines": LINES,
+            }
+        )
         worker = WorkerProcess(settings, tmp_path / "worker.log").start()
         api = ApiProcess(settings, tmp_path / "api.log").start()
         try:
@@ -40,8 +57,9 @@ async def test_a_100k_line_batch_shows_progress_cancels_and_accounts_for_every_l
             write_input(tmp_path / "input.jsonl")
             with (tmp_path / "input.jsonl").open("rb") as source:
                 upload = await client.files.create(file=source, purpose="batch")
-            batch = await client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
-                                                completion_window="24h")
+            batch = await client.batches.create(
+                input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+            )
             progress = []
             deadline = time.monotonic() + 600  # a hang guard
             while batch.status not in ("cancelled", "completed", "failed"):

@@ -31,9 +31,12 @@ def client(api) -> openai.AsyncOpenAI:
 
 
 def completion_line(custom_id: str, prompt: str, max_tokens: int = 6, model: str = TINY_MODEL_NAME) -> dict:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
-            "body": {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                     "ignore_eos": True}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True},
+    }
 
 
 def jsonl(lines: list[dict | str]) -> bytes:
@@ -73,8 +76,9 @@ async def test_completions_batch_equals_the_synchronous_endpoint(client) -> None
     outputs = {line["custom_id"]: line for line in await read_lines(client, done.output_file_id)}
     assert set(outputs) == set(prompts)
     for custom_id, prompt in prompts.items():
-        direct = await client.completions.create(model=TINY_MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0,
-                                                 extra_body={"ignore_eos": True})
+        direct = await client.completions.create(
+            model=TINY_MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+        )
         line = outputs[custom_id]
         assert line["error"] is None and line["id"].startswith("batch_req_")
         assert line["response"]["status_code"] == 200
@@ -86,10 +90,17 @@ async def test_completions_batch_equals_the_synchronous_endpoint(client) -> None
 
 
 async def test_chat_batch_answers_like_chat_completions(client) -> None:
-    body = {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 5,
-            "temperature": 0}
-    batch = await start_batch(client, [{"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
-                                        "body": body}], endpoint="/v1/chat/completions")
+    body = {
+        "model": TINY_MODEL_NAME,
+        "messages": [{"role": "user", "content": "Hi there"}],
+        "max_tokens": 5,
+        "temperature": 0,
+    }
+    batch = await start_batch(
+        client,
+        [{"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions", "body": body}],
+        endpoint="/v1/chat/completions",
+    )
     done = await wait_final(client, batch.id)
     [line] = await read_lines(client, done.output_file_id)
     direct = await client.chat.completions.create(**body)
@@ -99,8 +110,9 @@ async def test_chat_batch_answers_like_chat_completions(client) -> None:
 
 async def test_embeddings_batch_answers_like_embeddings(client) -> None:
     body = {"model": TINY_MODEL_NAME, "input": ["alpha", "beta"]}
-    batch = await start_batch(client, [{"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": body}],
-                              endpoint="/v1/embeddings")
+    batch = await start_batch(
+        client, [{"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": body}], endpoint="/v1/embeddings"
+    )
     done = await wait_final(client, batch.id)
     [line] = await read_lines(client, done.output_file_id)
     direct = await client.embeddings.create(**body)
@@ -127,8 +139,16 @@ async def test_bad_lines_are_reported_in_the_error_file_not_fatal(client) -> Non
     assert good["custom_id"] == "good"
     errors = await read_lines(client, done.error_file_id)
     codes = sorted(line["error"]["code"] for line in errors)
-    assert codes == sorted(["invalid_json", "invalid_url", "model_not_found", "duplicate_custom_id",
-                            "missing_custom_id", "invalid_request"])
+    assert codes == sorted(
+        [
+            "invalid_json",
+            "invalid_url",
+            "model_not_found",
+            "duplicate_custom_id",
+            "missing_custom_id",
+            "invalid_request",
+        ]
+    )
     # Lines that reached the endpoint carry its answer, with the status HTTP would have had; the rest never ran.
     statuses = {line["custom_id"]: line["response"] and line["response"]["status_code"] for line in errors}
     assert statuses == {None: None, "wrong-url": None, "good": None, "no-model": 404, "bad-body": 400}
@@ -236,8 +256,15 @@ async def test_a_batch_whose_ticket_was_never_queued_is_swept_up_and_run(base_se
         lines = [completion_line(f"o{i}", f"orphan {i}") for i in range(3)]
         upload = await client.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
         now = int(time.time())
-        orphan = BatchJob(id=new_object_id("batch_"), owner="anonymous", endpoint="/v1/completions",
-                          input_file_id=upload.id, completion_window="24h", created_at=now, expires_at=now + 86_400)
+        orphan = BatchJob(
+            id=new_object_id("batch_"),
+            owner="anonymous",
+            endpoint="/v1/completions",
+            input_file_id=upload.id,
+            completion_window="24h",
+            created_at=now,
+            expires_at=now + 86_400,
+        )
         async with connect(nats_server.url, "dying-replica") as nc:
             storage = await BatchStorage.open(nc.jetstream(), base_settings.batch_job_ack_wait_s)
             await storage.jobs.create(orphan)  # ... and the replica dies before queueing the ticket
@@ -252,6 +279,8 @@ async def test_a_batch_whose_ticket_was_never_queued_is_swept_up_and_run(base_se
 # --- crash recovery ---------------------------------------------------------------------------------------------
 
 LONG = 240  # tokens per line in the crash test
+
+
 @pytest.fixture
 def own_nats(tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
     """A server of its own: no other runner can take this test's batch, and the kills disturb nothing else."""
@@ -261,9 +290,15 @@ def own_nats(tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
 
 @pytest.fixture
 async def crash_settings(base_settings, own_nats, tmp_path: Path) -> AsyncIterator[Settings]:
-    yield base_settings.model_copy(update={
-        "nats_url": own_nats.url, "data_dir": tmp_path / "data", "batch_job_ack_wait_s": 3.0,
-        "batch_line_concurrency": 2, "max_num_seqs": 2})
+    yield base_settings.model_copy(
+        update={
+            "nats_url": own_nats.url,
+            "data_dir": tmp_path / "data",
+            "batch_job_ack_wait_s": 3.0,
+            "batch_line_concurrency": 2,
+            "max_num_seqs": 2,
+        }
+    )
 
 
 async def test_killed_runner_and_worker_still_give_one_line_per_input_line(crash_settings, tmp_path) -> None:
@@ -281,8 +316,9 @@ async def test_killed_runner_and_worker_still_give_one_line_per_input_line(crash
         client = openai.AsyncOpenAI(base_url=f"{api.base_url}/v1", api_key="unused", max_retries=0)
         # Long enough (8 rounds of 2 lines) that the first progress report comes well before the end.
         prompts = {f"line-{i}": f"Count with me: {i}," for i in range(16)}
-        batch = await start_batch(client, [completion_line(cid, prompt, max_tokens=LONG)
-                                           for cid, prompt in prompts.items()])
+        batch = await start_batch(
+            client, [completion_line(cid, prompt, max_tokens=LONG) for cid, prompt in prompts.items()]
+        )
         while (before := await client.batches.retrieve(batch.id)).request_counts.completed < 2:
             await asyncio.sleep(0.1)
         assert before.status == "in_progress" and before.request_counts.completed < 16  # really mid-job
@@ -297,8 +333,13 @@ async def test_killed_runner_and_worker_still_give_one_line_per_input_line(crash
         outputs = await read_lines(client, done.output_file_id)
         assert sorted(line["custom_id"] for line in outputs) == sorted(prompts)  # exactly one line each
         for line in outputs:
-            direct = await client.completions.create(model=TINY_MODEL_NAME, prompt=prompts[line["custom_id"]],
-                                                     max_tokens=LONG, temperature=0, extra_body={"ignore_eos": True})
+            direct = await client.completions.create(
+                model=TINY_MODEL_NAME,
+                prompt=prompts[line["custom_id"]],
+                max_tokens=LONG,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
             assert line["response"]["body"]["choices"][0]["text"] == direct.choices[0].text
     finally:
         for process in processes:

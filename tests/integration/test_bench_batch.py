@@ -16,8 +16,24 @@ pytestmark = pytest.mark.asyncio
 
 async def test_bench_measures_interactive_traffic_next_to_a_running_batch(api, tmp_path) -> None:
     report = tmp_path / "bench.json"
-    argv = ["--base-url", api.base_url, "--model", TINY_MODEL_NAME, "--concurrency", "2", "--num-requests", "24",
-            "--input-len", "8", "--output-len", "48", "--background-batch", "1000", "--json", str(report)]
+    argv = [
+        "--base-url",
+        api.base_url,
+        "--model",
+        TINY_MODEL_NAME,
+        "--concurrency",
+        "2",
+        "--num-requests",
+        "24",
+        "--input-len",
+        "8",
+        "--output-len",
+        "48",
+        "--background-batch",
+        "1000",
+        "--json",
+        str(report),
+    ]
     import asyncio
 
     assert await asyncio.to_thread(bench_main, argv) == 0

@@ -60,19 +60,30 @@ async def observer(cluster: NatsCluster) -> AsyncIterator[dict[str, Served]]:
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return Settings(engine="sim", served_model_name=MODEL, sim_tokens_per_s=40.0, max_num_seqs=2, nats_replicas=3,
-                    queue_timeout_s=20.0, worker_silence_timeout_s=3.0, log_format="json",
-                    data_dir=tmp_path_factory.mktemp("inferq-data"))
+    return Settings(
+        engine="sim",
+        served_model_name=MODEL,
+        sim_tokens_per_s=40.0,
+        max_num_seqs=2,
+        nats_replicas=3,
+        queue_timeout_s=20.0,
+        worker_silence_timeout_s=3.0,
+        log_format="json",
+        data_dir=tmp_path_factory.mktemp("inferq-data"),
+    )
 
 
 @pytest.fixture(scope="module")
-def workers(cluster: NatsCluster, settings: Settings, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[list[WorkerProcess]]:
+def workers(
+    cluster: NatsCluster, settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[WorkerProcess]]:
     """Worker 1 on node n1, worker 2 on node n2."""
     logs = tmp_path_factory.mktemp("worker-logs")
     processes = [
-        WorkerProcess(settings.model_copy(update={"nats_url": cluster.nodes[i].url, "data_dir": logs / f"w{i}"}),
-                      logs / f"worker{i + 1}.log").start()
+        WorkerProcess(
+            settings.model_copy(update={"nats_url": cluster.nodes[i].url, "data_dir": logs / f"w{i}"}),
+            logs / f"worker{i + 1}.log",
+        ).start()
         for i in (0, 1)
     ]
     yield processes
@@ -81,13 +92,21 @@ def workers(cluster: NatsCluster, settings: Settings, tmp_path_factory: pytest.T
 
 
 @pytest.fixture(scope="module")
-async def apis(cluster: NatsCluster, settings: Settings, observer: dict[str, Served], workers: list[WorkerProcess],
-               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[ApiProcess]]:
+async def apis(
+    cluster: NatsCluster,
+    settings: Settings,
+    observer: dict[str, Served],
+    workers: list[WorkerProcess],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[list[ApiProcess]]:
     """API process edge-a on node n3, API process edge-b on node n2."""
     logs = tmp_path_factory.mktemp("api-logs")
-    servers = [ApiProcess(settings.model_copy(update={"nats_url": cluster.nodes[node].url, "edge_id": edge}),
-                          logs / f"{edge}.log").start()
-               for node, edge in ((2, EDGES[0]), (1, EDGES[1]))]
+    servers = [
+        ApiProcess(
+            settings.model_copy(update={"nats_url": cluster.nodes[node].url, "edge_id": edge}), logs / f"{edge}.log"
+        ).start()
+        for node, edge in ((2, EDGES[0]), (1, EDGES[1]))
+    ]
     try:
         for server in servers:
             await wait_for_workers(server, workers, count=2)
@@ -116,8 +135,9 @@ async def wait_for_workers(api: ApiProcess, workers: list[WorkerProcess], count:
 async def complete(api: ApiProcess, prompt: str) -> str:
     """One completion through `api`; returns its text."""
     async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as http:
-        response = await http.post("/v1/completions",
-                                   json={"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0})
+        response = await http.post(
+            "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0}
+        )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["usage"]["completion_tokens"] == 6
@@ -138,8 +158,9 @@ async def worker_ids_by_pid(cluster: NatsCluster, pids: set[int]) -> dict[int, s
         await nc.close()
 
 
-async def serve_rounds(apis: list[ApiProcess], observer: dict[str, Served], expected: set[Served],
-                       rounds: int = 6) -> set[Served]:
+async def serve_rounds(
+    apis: list[ApiProcess], observer: dict[str, Served], expected: set[Served], rounds: int = 6
+) -> set[Served]:
     """Concurrent completions through both APIs, round after round, until every (edge, worker) pair in
     `expected` has served one. Each worker holds two sequences, so eight at once cannot all go to one."""
     seen: set[Served] = set()
@@ -155,8 +176,8 @@ async def serve_rounds(apis: list[ApiProcess], observer: dict[str, Served], expe
 
 
 async def test_requests_through_either_api_are_served_by_either_worker(
-        cluster: NatsCluster, apis: list[ApiProcess], workers: list[WorkerProcess],
-        observer: dict[str, Served]) -> None:
+    cluster: NatsCluster, apis: list[ApiProcess], workers: list[WorkerProcess], observer: dict[str, Served]
+) -> None:
     ids = await worker_ids_by_pid(cluster, {worker.proc.pid for worker in workers})
     worker_ids = {ids[worker.proc.pid] for worker in workers}
     assert len(worker_ids) == 2
@@ -168,8 +189,12 @@ async def test_requests_through_either_api_are_served_by_either_worker(
     js_nc = await nats.connect(cluster.nodes[1].url)
     try:
         js = js_nc.jetstream()
-        for stream in (subjects.request_stream(MODEL), subjects.batch_stream(MODEL),
-                       f"KV_{subjects.REGISTRY_BUCKET}", f"KV_{subjects.ACCOUNTS_BUCKET}"):
+        for stream in (
+            subjects.request_stream(MODEL),
+            subjects.batch_stream(MODEL),
+            f"KV_{subjects.REGISTRY_BUCKET}",
+            f"KV_{subjects.ACCOUNTS_BUCKET}",
+        ):
             info = await js.stream_info(stream)
             assert info.config.num_replicas == 3, stream
             assert info.cluster is not None and len(info.cluster.replicas or []) == 2, stream  # leader + 2 peers
@@ -178,8 +203,8 @@ async def test_requests_through_either_api_are_served_by_either_worker(
 
 
 async def test_requests_still_succeed_after_a_node_without_an_api_dies(
-        cluster: NatsCluster, apis: list[ApiProcess], workers: list[WorkerProcess],
-        observer: dict[str, Served]) -> None:
+    cluster: NatsCluster, apis: list[ApiProcess], workers: list[WorkerProcess], observer: dict[str, Served]
+) -> None:
     ids = await worker_ids_by_pid(cluster, {worker.proc.pid for worker in workers})
     worker_ids = {ids[worker.proc.pid] for worker in workers}
 

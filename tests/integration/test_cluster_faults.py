@@ -34,16 +34,28 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
 
 
 @pytest.fixture(scope="module")
-async def served(cluster: NatsCluster, tmp_path_factory: pytest.TempPathFactory
-                 ) -> AsyncIterator[tuple[ApiProcess, list[WorkerProcess]]]:
+async def served(
+    cluster: NatsCluster, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[ApiProcess, list[WorkerProcess]]]:
     """Two sim workers and one API, each given every node's URL (as a real deployment would be)."""
     await cluster.wait_for_jetstream()
     data = tmp_path_factory.mktemp("fault-data")
-    settings = Settings(nats_url=cluster.urls, engine="sim", served_model_name=MODEL, sim_tokens_per_s=50.0,
-                        max_num_seqs=16, nats_replicas=3, queue_timeout_s=60.0, worker_silence_timeout_s=3.0,
-                        log_format="json", data_dir=data)
-    workers = [WorkerProcess(settings.model_copy(update={"data_dir": data / f"w{i}"}), data / f"w{i}.log").start()
-               for i in range(2)]
+    settings = Settings(
+        nats_url=cluster.urls,
+        engine="sim",
+        served_model_name=MODEL,
+        sim_tokens_per_s=50.0,
+        max_num_seqs=16,
+        nats_replicas=3,
+        queue_timeout_s=60.0,
+        worker_silence_timeout_s=3.0,
+        log_format="json",
+        data_dir=data,
+    )
+    workers = [
+        WorkerProcess(settings.model_copy(update={"data_dir": data / f"w{i}"}), data / f"w{i}.log").start()
+        for i in range(2)
+    ]
     api = ApiProcess(settings, data / "api.log").start()
     try:
         await wait_for_workers(api, workers, count=2)
@@ -77,8 +89,15 @@ async def test_a_node_killed_under_load_loses_and_duplicates_nothing(cluster: Na
         number = 0
         while time.monotonic() < until:
             started = time.monotonic()
-            response = await http.post("/v1/completions", json={
-                "model": MODEL, "prompt": f"client {index} request {number}", "max_tokens": 10, "ignore_eos": True})
+            response = await http.post(
+                "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": f"client {index} request {number}",
+                    "max_tokens": 10,
+                    "ignore_eos": True,
+                },
+            )
             tokens = response.json()["usage"]["completion_tokens"] if response.status_code == 200 else 0
             if response.status_code != 200:
                 failures.append(response.json()["error"]["message"])
@@ -110,7 +129,13 @@ async def test_a_node_killed_under_load_loses_and_duplicates_nothing(cluster: Na
     before = [seconds for started, seconds, *_ in results if started + seconds < killed_at]
     around = [seconds for started, seconds, *_ in results if started <= killed_at <= started + seconds]
     stall = max(around) - max(before)
-    log.info("cluster_fault.stall", killed=leader, requests=len(results), before_max_s=max(before),
-             around_max_s=max(around), stall_s=stall)
+    log.info(
+        "cluster_fault.stall",
+        killed=leader,
+        requests=len(results),
+        before_max_s=max(before),
+        around_max_s=max(around),
+        stall_s=stall,
+    )
     assert stall < 30.0  # bounded: a new leader is elected within seconds; the edge's queue timeout is 60 s
     assert all(worker.proc.poll() is None for worker in workers)

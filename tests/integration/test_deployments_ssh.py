@@ -94,14 +94,16 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     config.write_text(
         f"ListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {home}/sshd.pid\n"
         f"AuthorizedKeysFile {keys_dir}/%u\nUsePAM no\nStrictModes no\nPasswordAuthentication yes\n"
-        f"KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin no\nAllowUsers {USER}\n")
+        f"KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin no\nAllowUsers {USER}\n"
+    )
     known_hosts = home / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{port} {(host_key.with_suffix('.pub')).read_text()}")
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
     stack = ExitStack()
     log = open(home / "sshd.log", "wb")
-    server = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config), "-p", str(port)], stdout=log,
-                              stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [str(SSHD), "-D", "-e", "-f", str(config), "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         # … and the authorized keys, which sshd reads as the user
         stack.enter_context(traversable_by_others(Path(sys.executable), Path(INFERQ), keys_dir / USER))
@@ -129,8 +131,9 @@ def agent_settings(settings: Settings, **changes) -> Settings:
 
 
 async def deploy(client: httpx.AsyncClient, model_id: str, ssh_config: dict) -> str:
-    response = await client.post("/api/v1/deploy", json={"model_id": model_id, "user_id": "u1", "api_name": "ssh",
-                                                          "ssh_config": ssh_config})
+    response = await client.post(
+        "/api/v1/deploy", json={"model_id": model_id, "user_id": "u1", "api_name": "ssh", "ssh_config": ssh_config}
+    )
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "queued"
     return response.json()["deployment_id"]
@@ -151,7 +154,8 @@ async def stored_bytes(settings: Settings, deployment_id: str) -> bytes:
 
 
 async def test_password_login_goes_active_streams_remote_logs_and_stops(
-        sshd: SshServer, deploy_api: ApiServer, deploy_settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    sshd: SshServer, deploy_api: ApiServer, deploy_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = agent_settings(deploy_settings, deploy_ssh_known_hosts=sshd.known_hosts)  # host key verified
     caplog.set_level(logging.DEBUG)
     with structlog.testing.capture_logs() as events_logged:
@@ -159,16 +163,23 @@ async def test_password_login_goes_active_streams_remote_logs_and_stops(
             deployment_id = await deploy(client, "sim-over-ssh", sshd.config(password=sshd.password))
             status = await wait_status(client, deployment_id, {"active"})
             assert status["host"] == socket.gethostname() and status["container_id"].startswith("w")
-            events = await read_events(client, deployment_id, lambda seen: any(
-                "[agent] active" in data.get("content", "") for _, data in seen), params={"timestamps": "true"})
+            events = await read_events(
+                client,
+                deployment_id,
+                lambda seen: any("[agent] active" in data.get("content", "") for _, data in seen),
+                params={"timestamps": "true"},
+            )
             metadata = next(data for name, data in events if name == "metadata")
             assert metadata["is_running"] is True and metadata["cpu_usage"].endswith("%")
             remote_pid = metadata["pid"]
-            assert (await client.post("/v1/completions", json={"model": "sim-over-ssh", "prompt": "w7",
-                                                                "max_tokens": 2})).status_code == 200
+            assert (
+                await client.post("/v1/completions", json={"model": "sim-over-ssh", "prompt": "w7", "max_tokens": 2})
+            ).status_code == 200
             contents = log_contents(events)
-            assert contents[0] == f"[agent] starting: {INFERQ} worker --model sim-over-ssh --engine sim --nats " \
-                                  f"{deploy_settings.nats_url} --log-format json --served-model-name sim-over-ssh"
+            assert (
+                contents[0] == f"[agent] starting: {INFERQ} worker --model sim-over-ssh --engine sim --nats "
+                f"{deploy_settings.nats_url} --log-format json --served-model-name sim-over-ssh"
+            )
             assert any('"worker' in line for line in contents[1:])  # the remote worker's own log lines
             stopped = await client.delete(f"/api/v1/deployments/{deployment_id}")
             assert stopped.json()["status"] == "stopped"
@@ -183,13 +194,16 @@ async def test_password_login_goes_active_streams_remote_logs_and_stops(
     assert sshd.password not in rendered
 
 
-async def test_key_login_goes_active(sshd: SshServer, deploy_api: ApiServer, deploy_settings: Settings,
-                                     caplog: pytest.LogCaptureFixture) -> None:
+async def test_key_login_goes_active(
+    sshd: SshServer, deploy_api: ApiServer, deploy_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     key_body = sshd.private_key.splitlines()[2]  # a line of the key material itself
     with structlog.testing.capture_logs() as events_logged:
-        async with running_agent(agent_settings(deploy_settings)), httpx.AsyncClient(
-                base_url=deploy_api.base_url, timeout=60) as client:
+        async with (
+            running_agent(agent_settings(deploy_settings)),
+            httpx.AsyncClient(base_url=deploy_api.base_url, timeout=60) as client,
+        ):
             deployment_id = await deploy(client, "sim-key-login", sshd.config(private_key=sshd.private_key))
             await wait_status(client, deployment_id, {"active"})
             assert (await client.delete(f"/api/v1/deployments/{deployment_id}")).json()["status"] == "stopped"
@@ -197,17 +211,21 @@ async def test_key_login_goes_active(sshd: SshServer, deploy_api: ApiServer, dep
     assert key_body not in repr(events_logged) + "\n".join(record.getMessage() for record in caplog.records)
 
 
-async def test_a_wrong_password_fails_with_an_authentication_reason(sshd: SshServer, deploy_api: ApiServer,
-                                                                   deploy_settings: Settings) -> None:
-    async with running_agent(agent_settings(deploy_settings)), httpx.AsyncClient(base_url=deploy_api.base_url,
-                                                                                 timeout=60) as client:
+async def test_a_wrong_password_fails_with_an_authentication_reason(
+    sshd: SshServer, deploy_api: ApiServer, deploy_settings: Settings
+) -> None:
+    async with (
+        running_agent(agent_settings(deploy_settings)),
+        httpx.AsyncClient(base_url=deploy_api.base_url, timeout=60) as client,
+    ):
         deployment_id = await deploy(client, "sim-wrong-password", sshd.config(password="not-the-password"))
         status = await wait_status(client, deployment_id, {"failed"})
     assert status["error"] == f"SSH authentication failed for {USER}@127.0.0.1:{sshd.port}"
 
 
-async def test_a_host_without_inferq_fails_with_inferq_not_found(sshd: SshServer, deploy_api: ApiServer,
-                                                                deploy_settings: Settings) -> None:
+async def test_a_host_without_inferq_fails_with_inferq_not_found(
+    sshd: SshServer, deploy_api: ApiServer, deploy_settings: Settings
+) -> None:
     settings = agent_settings(deploy_settings, deploy_remote_inferq="/opt/nowhere/bin/inferq")
     async with running_agent(settings), httpx.AsyncClient(base_url=deploy_api.base_url, timeout=60) as client:
         deployment_id = await deploy(client, "sim-no-inferq", sshd.config(password=sshd.password))
@@ -215,8 +233,9 @@ async def test_a_host_without_inferq_fails_with_inferq_not_found(sshd: SshServer
     assert status["error"].startswith("inferq not found on 127.0.0.1 ('/opt/nowhere/bin/inferq')")
 
 
-async def test_a_model_the_remote_worker_cannot_load_fails_with_its_error(sshd: SshServer, deploy_api: ApiServer,
-                                                                         deploy_settings: Settings) -> None:
+async def test_a_model_the_remote_worker_cannot_load_fails_with_its_error(
+    sshd: SshServer, deploy_api: ApiServer, deploy_settings: Settings
+) -> None:
     settings = agent_settings(deploy_settings, engine="torch")  # the real loader, which fails before torch loads
     async with running_agent(settings), httpx.AsyncClient(base_url=deploy_api.base_url, timeout=60) as client:
         deployment_id = await deploy(client, "/nonexistent/remote-model.gguf", sshd.config(password=sshd.password))

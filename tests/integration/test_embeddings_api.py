@@ -48,8 +48,12 @@ async def test_openai_sdk_embeddings_match_the_reference(api, reference) -> None
 
 async def test_base64_and_dimensions(api, reference) -> None:
     async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
-        body = (await http.post("/v1/embeddings", json={"model": EMBEDDER, "input": "hello",
-                                                       "encoding_format": "base64", "dimensions": 64})).json()
+        body = (
+            await http.post(
+                "/v1/embeddings",
+                json={"model": EMBEDDER, "input": "hello", "encoding_format": "base64", "dimensions": 64},
+            )
+        ).json()
     raw = base64.b64decode(body["data"][0]["embedding"])
     values = np.array(struct.unpack(f"<{len(raw) // 4}f", raw))
     assert len(values) == 64 and np.isclose(np.linalg.norm(values), 1.0, atol=1e-5)

@@ -32,11 +32,22 @@ NO_AGENT = "no deployment agent is running"
 def fuzzed_api(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     root = tmp_path_factory.mktemp("fuzz")
     with EmbeddedNatsServer(root / "nats", port=-1) as nats:
-        settings = base_settings.model_copy(update={
-            "nats_url": nats.url, "data_dir": root / "data", "engine": "sim", "served_model_name": SIM_MODEL,
-            "sim_tokens_per_s": 2000.0, "max_num_seqs": 64, "api_keys": [ADMIN_KEY], "batch_runner": False,
-            "rate_limit_requests_per_minute": 0, "rate_limit_requests_per_day": 0,
-            "rate_limit_tokens_per_minute": 0, "queue_timeout_s": 10.0})
+        settings = base_settings.model_copy(
+            update={
+                "nats_url": nats.url,
+                "data_dir": root / "data",
+                "engine": "sim",
+                "served_model_name": SIM_MODEL,
+                "sim_tokens_per_s": 2000.0,
+                "max_num_seqs": 64,
+                "api_keys": [ADMIN_KEY],
+                "batch_runner": False,
+                "rate_limit_requests_per_minute": 0,
+                "rate_limit_requests_per_day": 0,
+                "rate_limit_tokens_per_minute": 0,
+                "queue_timeout_s": 10.0,
+            }
+        )
         worker = WorkerProcess(settings, root / "worker.log").start()
         api = ApiServer(settings).start()
         try:
@@ -57,8 +68,9 @@ def _wait_for_model(base_url: str, worker: WorkerProcess) -> None:
 
 @pytest.fixture(scope="module")
 def fuzz_schema(fuzzed_api: ApiServer):
-    return schemathesis.openapi.from_url(f"{fuzzed_api.base_url}/openapi.json",
-                                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    return schemathesis.openapi.from_url(
+        f"{fuzzed_api.base_url}/openapi.json", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    )
 
 
 def assert_own_shape(response, case) -> None:
@@ -101,8 +113,14 @@ def test_no_input_gets_a_server_error_or_a_foreign_error_shape(fuzz_schema) -> N
         fuzzed += 1
 
         @given(case=st.one_of(operation.as_strategy(mode) for mode in GenerationMode))
-        @settings(max_examples=EXAMPLES_PER_ROUTE, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+        @settings(
+            max_examples=EXAMPLES_PER_ROUTE,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            phases=[Phase.explicit, Phase.generate],
+        )
         def fuzz(case) -> None:
             check(case)
 
@@ -117,7 +135,13 @@ def test_no_input_gets_a_server_error_or_a_foreign_error_shape(fuzz_schema) -> N
 def test_the_fuzzer_reaches_every_route(fuzz_schema) -> None:
     """The parametrized test above covers what the schema lists: make sure that is every route the app has."""
     paths = set(fuzz_schema.raw_schema["paths"])
-    assert {"/v1/completions", "/v1/chat/completions", "/complete", "/v1/batches", "/api/v1/deploy",
-            "/v1/messages", "/v1/messages/count_tokens"} <= paths
+    assert {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/complete",
+        "/v1/batches",
+        "/api/v1/deploy",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+    } <= paths
     assert len(paths) >= 30
-

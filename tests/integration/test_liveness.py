@@ -44,8 +44,9 @@ async def spare_worker(api, spare_settings, tmp_path) -> AsyncIterator[WorkerPro
 STREAM_BODY = {"model": SPARE_MODEL, "prompt": "Resume me", "max_tokens": 60, "ignore_eos": True, "temperature": 0}
 
 
-async def stream_with_fault(base_url: str, fault, after_chunks: int = 3,
-                            body: dict = STREAM_BODY) -> tuple[str, dict | None]:
+async def stream_with_fault(
+    base_url: str, fault, after_chunks: int = 3, body: dict = STREAM_BODY
+) -> tuple[str, dict | None]:
     """Stream STREAM_BODY; call `fault()` after a few chunks; return the text and any error event."""
     text, error, seen = [], None, 0
     async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
@@ -54,7 +55,7 @@ async def stream_with_fault(base_url: str, fault, after_chunks: int = 3,
             async for line in response.aiter_lines():
                 if not line.startswith("data: {"):
                     continue
-                chunk = json.loads(line[len("data: "):])
+                chunk = json.loads(line[len("data: ") :])
                 if "error" in chunk:
                     error = chunk["error"]
                     continue
@@ -84,14 +85,21 @@ async def test_frozen_worker_stream_resumes_where_it_stopped(api, spare_worker) 
 
 
 CONSTRAINED_PATTERN = r"[a-z]{30}( [0-9]{3}){12}"
-CONSTRAINED_BODY = {"model": SPARE_MODEL, "prompt": "Resume me", "max_tokens": 80, "temperature": 0,
-                    "structured_outputs": {"regex": CONSTRAINED_PATTERN}}
+CONSTRAINED_BODY = {
+    "model": SPARE_MODEL,
+    "prompt": "Resume me",
+    "max_tokens": 80,
+    "temperature": 0,
+    "structured_outputs": {"regex": CONSTRAINED_PATTERN},
+}
 
 
-@pytest.mark.parametrize("body", [pytest.param(STREAM_BODY, id="free"),
-                                  pytest.param(CONSTRAINED_BODY, id="constrained")])
-async def test_killed_worker_stream_continues_on_a_restarted_worker(api, spare_worker, spare_settings,
-                                                                   tmp_path, body) -> None:
+@pytest.mark.parametrize(
+    "body", [pytest.param(STREAM_BODY, id="free"), pytest.param(CONSTRAINED_BODY, id="constrained")]
+)
+async def test_killed_worker_stream_continues_on_a_restarted_worker(
+    api, spare_worker, spare_settings, tmp_path, body
+) -> None:
     """Constrained: the replacement replays the delivered tokens into a fresh matcher (issue #16)."""
     expected = await undisturbed_text(api.base_url, body)
     replacements: list[WorkerProcess] = []
@@ -111,14 +119,17 @@ async def test_killed_worker_stream_continues_on_a_restarted_worker(api, spare_w
         assert re.fullmatch(CONSTRAINED_PATTERN, text), text
 
 
-async def test_killed_worker_non_streaming_request_completes_on_a_restarted_worker(api, nats_server, spare_worker,
-                                                                                   spare_settings, tmp_path) -> None:
+async def test_killed_worker_non_streaming_request_completes_on_a_restarted_worker(
+    api, nats_server, spare_worker, spare_settings, tmp_path
+) -> None:
     expected = await undisturbed_text(api.base_url)
     key = f"liveness-{time.monotonic_ns()}"  # a client-chosen id, so the test knows which journal to watch
     request_id = keyed_request_id("cmpl", key, ANONYMOUS.owner)  # auth is off
     replacement: WorkerProcess | None = None
-    async with httpx.AsyncClient(base_url=api.base_url, timeout=120) as http, \
-            connect(nats_server.url, "liveness-journal") as nc:
+    async with (
+        httpx.AsyncClient(base_url=api.base_url, timeout=120) as http,
+        connect(nats_server.url, "liveness-journal") as nc,
+    ):
         follower = await JournalFollower(nc.jetstream(), request_id).start()
         answer = asyncio.create_task(http.post("/v1/completions", json=STREAM_BODY, headers={"X-Request-Id": key}))
         try:
@@ -168,7 +179,7 @@ async def test_disconnecting_client_publishes_a_cancel(api, nats_server) -> None
             async with http.stream("POST", "/v1/completions", json=body) as response:
                 async for line in response.aiter_lines():
                     if line.startswith("data: {"):
-                        response_id = json.loads(line[len("data: "):])["id"]
+                        response_id = json.loads(line[len("data: ") :])["id"]
                         break
         cancel = await asyncio.wait_for(cancels.get(), 5)
         assert cancel.request_id == response_id
@@ -187,14 +198,21 @@ async def test_non_streaming_client_that_leaves_cancels_too(api, nats_server) ->
 def direct_request(prefix: str, **fields) -> GenerateRequest:
     """A request as a direct NATS publisher builds it, replying to `inf.tok.<prefix>.<id>`."""
     request_id = f"{prefix}-{time.monotonic_ns()}"
-    return GenerateRequest(request_id=request_id, model="tiny-llama", prompt_token_ids=[1, 2, 3],
-                           reply_subject=f"inf.tok.{prefix}.{request_id}", **fields)
+    return GenerateRequest(
+        request_id=request_id,
+        model="tiny-llama",
+        prompt_token_ids=[1, 2, 3],
+        reply_subject=f"inf.tok.{prefix}.{request_id}",
+        **fields,
+    )
 
 
 async def test_cancel_frees_the_sequence_within_a_step(api, nats_server, worker) -> None:
     """Straight on NATS, as a direct publisher would: tokens stop right after the cancel."""
-    async with (connect(nats_server.url, "direct-client") as nc,
-                observed(nats_server.url, "inf.tok.direct.*", parse_event) as received):
+    async with (
+        connect(nats_server.url, "direct-client") as nc,
+        observed(nats_server.url, "inf.tok.direct.*", parse_event) as received,
+    ):
         request = direct_request("direct", sampling=SamplingParams(max_tokens=480, ignore_eos=True, temperature=0))
         await publish_request(nc.jetstream(), request)
         tokens_before = 0
@@ -219,8 +237,10 @@ async def test_cancel_frees_the_sequence_within_a_step(api, nats_server, worker)
 
 
 async def test_expired_deadline_is_dropped_unprocessed(api, nats_server) -> None:
-    async with (connect(nats_server.url, "deadline-client") as nc,
-                observed(nats_server.url, "inf.tok.late.*", parse_event) as received):
+    async with (
+        connect(nats_server.url, "deadline-client") as nc,
+        observed(nats_server.url, "inf.tok.late.*", parse_event) as received,
+    ):
         request = direct_request("late", deadline=time.time() - 1)
         await publish_request(nc.jetstream(), request)
         event = await asyncio.wait_for(received.get(), 10)

@@ -37,8 +37,13 @@ class CliWorker(WorkerProcess):
     def start(self) -> CliWorker:
         env = {**os.environ, **settings_env(self.settings), **self.extra_env}
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "ops", "worker"], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ops", "worker"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
 
@@ -50,9 +55,18 @@ def metrics_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedN
 
 @pytest.fixture(scope="module")
 def sim_settings(metrics_nats: EmbeddedNatsServer, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return Settings(nats_url=metrics_nats.url, data_dir=tmp_path_factory.mktemp("metrics-data"), engine="sim",
-                    served_model_name=MODEL, sim_tokens_per_s=200.0, max_num_seqs=8, queue_timeout_s=20.0,
-                    auth="off", log_format="json", batch_runner=False)
+    return Settings(
+        nats_url=metrics_nats.url,
+        data_dir=tmp_path_factory.mktemp("metrics-data"),
+        engine="sim",
+        served_model_name=MODEL,
+        sim_tokens_per_s=200.0,
+        max_num_seqs=8,
+        queue_timeout_s=20.0,
+        auth="off",
+        log_format="json",
+        batch_runner=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +92,11 @@ async def scrape(base_url: str) -> Samples:
         response = await client.get("/metrics")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
 
 
 def worker_value(samples: Samples, name: str, worker_id: str, **labels: str) -> float:
@@ -103,15 +120,20 @@ async def live_worker_ids(nats_url: str, model: str) -> set[str]:
         return {worker.worker_id for worker in await registry.live_workers() if worker.model == model}
 
 
-async def test_counters_and_histograms_match_the_completions(metrics_api: ApiServer, sim_settings: Settings,
-                                                             ) -> None:
+async def test_counters_and_histograms_match_the_completions(
+    metrics_api: ApiServer,
+    sim_settings: Settings,
+) -> None:
     [worker_id] = await live_worker_ids(sim_settings.nats_url, MODEL)
     before = await scrape(metrics_api.base_url)
     max_tokens = [3, 4, 5, 6]
     async with httpx.AsyncClient(base_url=metrics_api.base_url, timeout=60) as client:
-        responses = await asyncio.gather(*(
-            client.post("/v1/completions", json={"model": MODEL, "prompt": "w5 w6 w7", "max_tokens": n})
-            for n in max_tokens))
+        responses = await asyncio.gather(
+            *(
+                client.post("/v1/completions", json={"model": MODEL, "prompt": "w5 w6 w7", "max_tokens": n})
+                for n in max_tokens
+            )
+        )
     usages = [response.json()["usage"] for response in responses]
     assert all(response.status_code == 200 for response in responses)
     after = await scrape(metrics_api.base_url)
@@ -155,12 +177,18 @@ async def test_running_gauge_counts_a_streaming_request(metrics_api: ApiServer, 
 async def test_waiting_counts_the_queue_nobody_consumes(metrics_api: ApiServer, sim_settings: Settings) -> None:
     async with connect(sim_settings.nats_url, "metrics-test") as nc:
         js = nc.jetstream()
-        await ensure_request_queue(js, IDLE_MODEL, QueueLimits(max_requests=100, max_age_s=600,
-                                                               duplicate_window_s=60))
+        await ensure_request_queue(js, IDLE_MODEL, QueueLimits(max_requests=100, max_age_s=600, duplicate_window_s=60))
         for index in range(3):
-            await publish_request(js, GenerateRequest(
-                request_id=f"idle-{index}", model=IDLE_MODEL, prompt_token_ids=[5], reply_subject="inf.tok.x.y",
-                sampling=SamplingParams(max_tokens=1)))
+            await publish_request(
+                js,
+                GenerateRequest(
+                    request_id=f"idle-{index}",
+                    model=IDLE_MODEL,
+                    prompt_token_ids=[5],
+                    reply_subject="inf.tok.x.y",
+                    sampling=SamplingParams(max_tokens=1),
+                ),
+            )
     samples = await scrape(metrics_api.base_url)
 
     def waiting(model: str, lane: str) -> float:
@@ -171,8 +199,9 @@ async def test_waiting_counts_the_queue_nobody_consumes(metrics_api: ApiServer, 
     assert waiting(MODEL, "interactive") == 0  # the sim worker keeps its queue empty
 
 
-async def test_worker_log_lines_carry_the_request_context(metrics_api: ApiServer, sim_worker: CliWorker,
-                                                          sim_settings: Settings) -> None:
+async def test_worker_log_lines_carry_the_request_context(
+    metrics_api: ApiServer, sim_worker: CliWorker, sim_settings: Settings
+) -> None:
     [worker_id] = await live_worker_ids(sim_settings.nats_url, MODEL)
     async with httpx.AsyncClient(base_url=metrics_api.base_url, timeout=60) as client:
         response = await client.post("/v1/completions", json={"model": MODEL, "prompt": "w9", "max_tokens": 2})
@@ -192,14 +221,17 @@ def _log_lines(worker: CliWorker, request_id: str) -> list[dict]:
     return [line for line in json_log_lines(worker.log_path) if line.get("request_id") == request_id]
 
 
-async def test_metrics_are_for_monitors_and_admins_when_auth_is_on(sim_settings: Settings,
-                                                                   metrics_api: ApiServer) -> None:
+async def test_metrics_are_for_monitors_and_admins_when_auth_is_on(
+    sim_settings: Settings, metrics_api: ApiServer
+) -> None:
     keys = {"monitor": "monitor-key-0123456789", "client": "client-key-0123456789", "admin": "admin-key-0123456789"}
-    settings = sim_settings.model_copy(update={
-        "auth": "on", "api_keys": [f"{role}:{key}" for role, key in keys.items()]})
+    settings = sim_settings.model_copy(
+        update={"auth": "on", "api_keys": [f"{role}:{key}" for role, key in keys.items()]}
+    )
     guarded = ApiServer(settings).start()
     try:
         async with httpx.AsyncClient(base_url=guarded.base_url, timeout=30) as client:
+
             def get(role: str | None) -> Awaitable[httpx.Response]:
                 return client.get("/metrics", headers={"Authorization": f"Bearer {keys[role]}"} if role else {})
 
@@ -217,13 +249,15 @@ async def test_metrics_are_for_monitors_and_admins_when_auth_is_on(sim_settings:
 
 # `GET /metrics/cluster` (the web console's Cluster page): the same numbers as `/metrics` for the same workers
 # and queues, joined with the registry (slots, heartbeat), and this edge's NATS connection.
-async def test_cluster_status_reports_the_numbers_behind_metrics(metrics_api: ApiServer,
-                                                                 sim_settings: Settings) -> None:
+async def test_cluster_status_reports_the_numbers_behind_metrics(
+    metrics_api: ApiServer, sim_settings: Settings
+) -> None:
     [worker_id] = await live_worker_ids(sim_settings.nats_url, MODEL)
     async with httpx.AsyncClient(base_url=metrics_api.base_url, timeout=60) as client:
         for max_tokens in (2, 3, 4):
-            response = await client.post("/v1/completions", json={"model": MODEL, "prompt": "w5", "max_tokens":
-                                                                   max_tokens})
+            response = await client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "w5", "max_tokens": max_tokens}
+            )
             assert response.status_code == 200, response.text
         status = (await client.get("/metrics/cluster")).json()
     samples = await scrape(metrics_api.base_url)  # idle now: both see the same totals
@@ -239,9 +273,12 @@ async def test_cluster_status_reports_the_numbers_behind_metrics(metrics_api: Ap
     assert metrics["prompt_tokens_total"] == worker_value(samples, "inferq:prompt_tokens_total", worker_id)
     assert metrics["ttft_count"] == worker_value(samples, "inferq:time_to_first_token_seconds_count", worker_id)
     assert metrics["ttft_sum"] == pytest.approx(
-        worker_value(samples, "inferq:time_to_first_token_seconds_sum", worker_id))
-    finished = sum(worker_value(samples, "inferq:request_success_total", worker_id, finished_reason=reason)
-                   for reason in ("stop", "length", "abort"))
+        worker_value(samples, "inferq:time_to_first_token_seconds_sum", worker_id)
+    )
+    finished = sum(
+        worker_value(samples, "inferq:request_success_total", worker_id, finished_reason=reason)
+        for reason in ("stop", "length", "abort")
+    )
     assert metrics["requests_total"] == finished >= 3
     queues = {(q["model"], q["lane"]): q["waiting"] for q in status["queues"]}
     assert queues[(MODEL, "interactive")] == 0 and queues[(MODEL, "batch")] == 0

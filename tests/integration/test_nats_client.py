@@ -26,14 +26,20 @@ SLOW_MODEL = "sim-slow"  # 20 tokens/s: a Ctrl-C always lands mid-generation, ho
 
 
 def example(nats_url: str, *args: str, model: str = TINY_MODEL_NAME) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, str(EXAMPLE), "--nats", nats_url, "--model", model, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    return subprocess.Popen(
+        [sys.executable, str(EXAMPLE), "--nats", nats_url, "--model", model, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
 
 
 @pytest.fixture(scope="module")
 async def slow_worker(api, base_settings, tmp_path_factory) -> AsyncIterator[WorkerProcess]:
-    settings = base_settings.model_copy(update={"engine": "sim", "served_model_name": SLOW_MODEL,
-                                                "sim_tokens_per_s": 20.0})
+    settings = base_settings.model_copy(
+        update={"engine": "sim", "served_model_name": SLOW_MODEL, "sim_tokens_per_s": 20.0}
+    )
     process = WorkerProcess(settings, tmp_path_factory.mktemp("slow") / "worker.log").start()
     await wait_for_model(api.base_url, SLOW_MODEL, process)
     yield process
@@ -45,8 +51,9 @@ async def test_direct_publisher_streams_the_same_answer_as_the_api(api, nats_ser
     stdout, stderr = await asyncio.to_thread(proc.communicate, timeout=120)
     assert proc.returncode == 0, stderr
     client = openai.AsyncOpenAI(base_url=f"{api.base_url}/v1", api_key="unused", max_retries=0)
-    chat = await client.chat.completions.create(model=TINY_MODEL_NAME, max_tokens=8, temperature=0,
-                                                messages=[{"role": "user", "content": "Hello there"}])
+    chat = await client.chat.completions.create(
+        model=TINY_MODEL_NAME, max_tokens=8, temperature=0, messages=[{"role": "user", "content": "Hello there"}]
+    )
     assert stdout == chat.choices[0].message.content + "\n"
     assert "8 completion tokens" in stderr
 
@@ -60,6 +67,7 @@ async def test_ctrl_c_cancels_the_generation_on_the_worker(api, nats_server, slo
     _, stderr = await asyncio.to_thread(proc.communicate, timeout=60)
     assert proc.returncode == 130, stderr
     request_id = stderr.split("request ")[1].split()[0]
+
     def cancelled_on_worker() -> bool:
         return any("request.cancelled" in line and request_id in line for line in worker.log_tail(400).splitlines())
 

@@ -30,8 +30,11 @@ from tests.integration.nats_cluster import NatsCluster
 
 AUTH_CONF = Path(__file__).resolve().parents[2] / "ops" / "nats" / "auth.conf"
 MODEL = "sim-secured"
-PASSWORDS = {"api": f"api-{uuid.uuid4().hex}", "worker": f"worker-{uuid.uuid4().hex}",
-             "publisher": f"publisher-{uuid.uuid4().hex}"}
+PASSWORDS = {
+    "api": f"api-{uuid.uuid4().hex}",
+    "worker": f"worker-{uuid.uuid4().hex}",
+    "publisher": f"publisher-{uuid.uuid4().hex}",
+}
 INBOX = {"api": "_INBOX", "worker": "_INBOX.worker", "publisher": "_INBOX.publisher"}
 
 
@@ -39,16 +42,28 @@ INBOX = {"api": "_INBOX", "worker": "_INBOX.worker", "publisher": "_INBOX.publis
 async def secured(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsCluster]:
     """One JetStream server with ops/nats/auth.conf's users; passwords from its environment, as in compose."""
     env = {f"NATS_{user.upper()}_PASSWORD": password for user, password in PASSWORDS.items()}
-    with NatsCluster(tmp_path_factory.mktemp("secured"), size=1, extra_config="include ./auth.conf\n",
-                     files=[AUTH_CONF], env=env) as server:
+    with NatsCluster(
+        tmp_path_factory.mktemp("secured"), size=1, extra_config="include ./auth.conf\n", files=[AUTH_CONF], env=env
+    ) as server:
         await server.wait_for_jetstream(user="api", password=PASSWORDS["api"])
         yield server
 
 
 def role_settings(server: NatsCluster, role: str, data_dir: Path, **update) -> Settings:
-    return Settings(nats_url=server.nodes[0].url, nats_user=role, nats_password=PASSWORDS[role],
-                    nats_inbox_prefix=INBOX[role], engine="sim", served_model_name=MODEL, sim_tokens_per_s=200.0,
-                    max_num_seqs=4, queue_timeout_s=20.0, log_format="json", data_dir=data_dir, **update)
+    return Settings(
+        nats_url=server.nodes[0].url,
+        nats_user=role,
+        nats_password=PASSWORDS[role],
+        nats_inbox_prefix=INBOX[role],
+        engine="sim",
+        served_model_name=MODEL,
+        sim_tokens_per_s=200.0,
+        max_num_seqs=4,
+        queue_timeout_s=20.0,
+        log_format="json",
+        data_dir=data_dir,
+        **update,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +91,14 @@ class Recorder:
         async def on_error(exc: Exception) -> None:
             self.errors.append(str(exc).lower())
 
-        return await nats.connect(server.nodes[0].url, user=role, password=PASSWORDS[role],
-                                  inbox_prefix=INBOX[role], error_cb=on_error, allow_reconnect=False)
+        return await nats.connect(
+            server.nodes[0].url,
+            user=role,
+            password=PASSWORDS[role],
+            inbox_prefix=INBOX[role],
+            error_cb=on_error,
+            allow_reconnect=False,
+        )
 
     async def violation(self, fragment: str, timeout: float = 5.0) -> str:
         deadline = time.monotonic() + timeout
@@ -94,15 +115,17 @@ async def test_worker_and_api_serve_requests_with_their_own_users(served: ApiSer
         response = await http.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 5})
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] == 5
-        streamed = await http.post("/v1/completions",
-                                   json={"model": MODEL, "prompt": "hello", "max_tokens": 5, "stream": True})
+        streamed = await http.post(
+            "/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 5, "stream": True}
+        )
         assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
     # Everything the worker and the api did was within their permissions.
     assert "Violation" not in secured.nodes[0].log()  # the server logs "Publish/Subscription Violation - …"
 
 
-async def test_publisher_queues_a_request_and_reads_its_own_stream(served: ApiServer, secured: NatsCluster,
-                                                                   tmp_path: Path) -> None:
+async def test_publisher_queues_a_request_and_reads_its_own_stream(
+    served: ApiServer, secured: NatsCluster, tmp_path: Path
+) -> None:
     recorder = Recorder()
     nc = await recorder.connect(secured, "publisher")
     try:
@@ -119,12 +142,17 @@ async def test_publisher_queues_a_request_and_reads_its_own_stream(served: ApiSe
             events.put_nowait(msg.data)
 
         await nc.subscribe(subjects.token_wildcard("publisher"), cb=on_event)
-        request = GenerateRequest(request_id=request_id, model=MODEL, prompt_token_ids=[5, 6, 7],
-                                  sampling=SamplingParams(max_tokens=4, ignore_eos=True),
-                                  reply_subject=subjects.token_subject("publisher", request_id),
-                                  deadline=time.time() + 30)
-        ack = await js.publish(subjects.request_subject(MODEL), request.to_bytes(), timeout=5,
-                               headers={"Nats-Msg-Id": request_id})
+        request = GenerateRequest(
+            request_id=request_id,
+            model=MODEL,
+            prompt_token_ids=[5, 6, 7],
+            sampling=SamplingParams(max_tokens=4, ignore_eos=True),
+            reply_subject=subjects.token_subject("publisher", request_id),
+            deadline=time.time() + 30,
+        )
+        ack = await js.publish(
+            subjects.request_subject(MODEL), request.to_bytes(), timeout=5, headers={"Nats-Msg-Id": request_id}
+        )
         assert ack.stream == subjects.request_stream(MODEL)
         kinds = []
         while not kinds or kinds[-1] not in ("end", "error"):
@@ -137,8 +165,9 @@ async def test_publisher_queues_a_request_and_reads_its_own_stream(served: ApiSe
         await nc.close()
 
 
-async def test_publisher_is_denied_work_queues_accounts_and_other_streams(served: ApiServer,
-                                                                          secured: NatsCluster) -> None:
+async def test_publisher_is_denied_work_queues_accounts_and_other_streams(
+    served: ApiServer, secured: NatsCluster
+) -> None:
     recorder = Recorder()
     nc = await recorder.connect(secured, "publisher")
     try:
@@ -148,25 +177,32 @@ async def test_publisher_is_denied_work_queues_accounts_and_other_streams(served
         await recorder.violation('subscription to "inf.tok.edge-x.>"')
         with pytest.raises((nats.errors.TimeoutError, TimeoutError)):  # the server drops the request
             await nc.jetstream(timeout=1).key_value(subjects.ACCOUNTS_BUCKET)
-        await recorder.violation(f"publish to \"$js.api.stream.info.kv_{subjects.ACCOUNTS_BUCKET}\"")
+        await recorder.violation(f'publish to "$js.api.stream.info.kv_{subjects.ACCOUNTS_BUCKET}"')
         await nc.publish(f"$KV.{subjects.ACCOUNTS_BUCKET}.meta.auth_enabled", b"")  # forge the auth marker
-        await recorder.violation(f"publish to \"$kv.{subjects.ACCOUNTS_BUCKET}.")
+        await recorder.violation(f'publish to "$kv.{subjects.ACCOUNTS_BUCKET}.')
     finally:
         await nc.close()
 
 
-async def test_publisher_reads_back_its_own_fire_and_forget_results_only(served: ApiServer,
-                                                                         secured: NatsCluster) -> None:
+async def test_publisher_reads_back_its_own_fire_and_forget_results_only(
+    served: ApiServer, secured: NatsCluster
+) -> None:
     recorder = Recorder()
     nc = await recorder.connect(secured, "publisher")
     try:
         js = nc.jetstream()
         request_id = f"ff{uuid.uuid4().hex}"
         reply_subject = subjects.results_subject("publisher", request_id)
-        request = GenerateRequest(request_id=request_id, model=MODEL, prompt_token_ids=[5, 6, 7],
-                                  sampling=SamplingParams(max_tokens=4, ignore_eos=True), reply_subject=reply_subject)
-        await js.publish(subjects.request_subject(MODEL), request.to_bytes(), timeout=5,
-                         headers={"Nats-Msg-Id": request_id})
+        request = GenerateRequest(
+            request_id=request_id,
+            model=MODEL,
+            prompt_token_ids=[5, 6, 7],
+            sampling=SamplingParams(max_tokens=4, ignore_eos=True),
+            reply_subject=reply_subject,
+        )
+        await js.publish(
+            subjects.request_subject(MODEL), request.to_bytes(), timeout=5, headers={"Nats-Msg-Id": request_id}
+        )
         result = await read_result(js, reply_subject, wait_s=30)  # nobody listened while it ran
         assert result.finished and result.events[-1].usage.completion_tokens == 4
         assert recorder.errors == []
@@ -182,8 +218,18 @@ async def test_the_example_client_works_as_the_publisher_user(served: ApiServer,
     import sys
 
     example = Path(__file__).resolve().parents[2] / "examples" / "nats_client.py"
-    base = [sys.executable, str(example), "--nats", secured.nodes[0].url, "--user", "publisher",
-            "--inbox-prefix", INBOX["publisher"], "--client-id", "publisher"]
+    base = [
+        sys.executable,
+        str(example),
+        "--nats",
+        secured.nodes[0].url,
+        "--user",
+        "publisher",
+        "--inbox-prefix",
+        INBOX["publisher"],
+        "--client-id",
+        "publisher",
+    ]
     env = {**os.environ, "NATS_PASSWORD": PASSWORDS["publisher"]}  # not on the command line
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -202,8 +248,11 @@ async def test_worker_user_cannot_read_accounts(served: ApiServer, secured: Nats
     nc = await recorder.connect(secured, "worker")
     try:
         js = nc.jetstream(timeout=1)
-        for call in (js.key_value(subjects.ACCOUNTS_BUCKET), js.stream_info(f"KV_{subjects.RATE_LIMIT_BUCKET}"),
-                     js.get_msg(f"KV_{subjects.ACCOUNTS_BUCKET}", subject=f"$KV.{subjects.ACCOUNTS_BUCKET}.>")):
+        for call in (
+            js.key_value(subjects.ACCOUNTS_BUCKET),
+            js.stream_info(f"KV_{subjects.RATE_LIMIT_BUCKET}"),
+            js.get_msg(f"KV_{subjects.ACCOUNTS_BUCKET}", subject=f"$KV.{subjects.ACCOUNTS_BUCKET}.>"),
+        ):
             with pytest.raises((nats.errors.TimeoutError, TimeoutError)):
                 await call
         await recorder.violation(f"kv_{subjects.ACCOUNTS_BUCKET}")
@@ -215,7 +264,8 @@ async def test_worker_user_cannot_read_accounts(served: ApiServer, secured: Nats
 
 
 async def test_a_wrong_password_stops_the_worker_and_the_api_with_a_clear_error(
-        secured: NatsCluster, tmp_path: Path) -> None:
+    secured: NatsCluster, tmp_path: Path
+) -> None:
     settings = role_settings(secured, "worker", tmp_path).model_copy(update={"nats_password": "not-the-password"})
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     try:
@@ -254,20 +304,31 @@ def nkey_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str,
 @pytest.fixture(scope="module")
 def nkey_server(tmp_path_factory: pytest.TempPathFactory, nkey_files) -> Iterator[NatsCluster]:
     users = "\n".join(f"    {{nkey: {public}}}" for public, _ in nkey_files.values())
-    with NatsCluster(tmp_path_factory.mktemp("nkey-server"), size=1,
-                     extra_config=f"authorization {{\n  users = [\n{users}\n  ]\n}}\n") as server:
+    with NatsCluster(
+        tmp_path_factory.mktemp("nkey-server"),
+        size=1,
+        extra_config=f"authorization {{\n  users = [\n{users}\n  ]\n}}\n",
+    ) as server:
         yield server
 
 
-async def test_worker_and_api_connect_with_nkey_seed_files(nkey_server: NatsCluster, nkey_files,
-                                                           tmp_path: Path) -> None:
+async def test_worker_and_api_connect_with_nkey_seed_files(
+    nkey_server: NatsCluster, nkey_files, tmp_path: Path
+) -> None:
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):  # no seed: refused
         await nats.connect(nkey_server.nodes[0].url, allow_reconnect=False, max_reconnect_attempts=0)
 
     def settings(role: str) -> Settings:
-        return Settings(nats_url=nkey_server.nodes[0].url, nats_nkey_file=nkey_files[role][1], engine="sim",
-                        served_model_name=MODEL, sim_tokens_per_s=200.0, queue_timeout_s=20.0, log_format="json",
-                        data_dir=tmp_path / role)
+        return Settings(
+            nats_url=nkey_server.nodes[0].url,
+            nats_nkey_file=nkey_files[role][1],
+            engine="sim",
+            served_model_name=MODEL,
+            sim_tokens_per_s=200.0,
+            queue_timeout_s=20.0,
+            log_format="json",
+            data_dir=tmp_path / role,
+        )
 
     worker = WorkerProcess(settings("worker"), tmp_path / "worker.log").start()
     api = ApiServer(settings("api")).start()

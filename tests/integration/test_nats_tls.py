@@ -35,13 +35,15 @@ class Pki:
 
 
 def _tls_block(ca: Path, server: CertFiles, indent: str = "") -> str:
-    return (f"{indent}tls {{\n"
-            f"{indent}  cert_file: {json.dumps(str(server.cert))}\n"
-            f"{indent}  key_file: {json.dumps(str(server.key))}\n"
-            f"{indent}  ca_file: {json.dumps(str(ca))}\n"
-            f"{indent}  verify: true\n"  # a client must present a certificate our CA signed
-            f"{indent}  timeout: 2\n"
-            f"{indent}}}\n")
+    return (
+        f"{indent}tls {{\n"
+        f"{indent}  cert_file: {json.dumps(str(server.cert))}\n"
+        f"{indent}  key_file: {json.dumps(str(server.key))}\n"
+        f"{indent}  ca_file: {json.dumps(str(ca))}\n"
+        f"{indent}  verify: true\n"  # a client must present a certificate our CA signed
+        f"{indent}  timeout: 2\n"
+        f"{indent}}}\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +51,17 @@ async def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
     root = tmp_path_factory.mktemp("nats-tls")
     ca = CertificateAuthority(root / "pki", "inferq-test")
     server = ca.issue("nats-server", server=True)
-    pki = Pki(ca, ca.issue("inferq-client", server=False),
-              CertificateAuthority(root / "rogue", "rogue").issue("rogue-client", server=False))
-    cluster = NatsCluster(root / "cluster", size=3, extra_config=_tls_block(ca.cert_file, server),
-                          route_config=_tls_block(ca.cert_file, server, indent="  "))
+    pki = Pki(
+        ca,
+        ca.issue("inferq-client", server=False),
+        CertificateAuthority(root / "rogue", "rogue").issue("rogue-client", server=False),
+    )
+    cluster = NatsCluster(
+        root / "cluster",
+        size=3,
+        extra_config=_tls_block(ca.cert_file, server),
+        route_config=_tls_block(ca.cert_file, server, indent="  "),
+    )
     with cluster:
         client = NatsAuth(tls_ca_file=ca.cert_file, tls_cert_file=pki.client.cert, tls_key_file=pki.client.key)
         await cluster.wait_for_jetstream(timeout_s=60, tls=client.tls_context())
@@ -60,10 +69,19 @@ async def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
 
 
 def _settings(cluster: NatsCluster, pki: Pki, data_dir: Path) -> Settings:
-    return Settings(nats_url=cluster.urls, nats_replicas=3, nats_tls_ca_file=pki.ca.cert_file,
-                    nats_tls_cert_file=pki.client.cert, nats_tls_key_file=pki.client.key, engine="sim",
-                    served_model_name=MODEL, sim_tokens_per_s=200.0, max_num_seqs=4, log_format="json",
-                    data_dir=data_dir)
+    return Settings(
+        nats_url=cluster.urls,
+        nats_replicas=3,
+        nats_tls_ca_file=pki.ca.cert_file,
+        nats_tls_cert_file=pki.client.cert,
+        nats_tls_key_file=pki.client.key,
+        engine="sim",
+        served_model_name=MODEL,
+        sim_tokens_per_s=200.0,
+        max_num_seqs=4,
+        log_format="json",
+        data_dir=data_dir,
+    )
 
 
 async def test_api_and_worker_serve_over_verified_tls(tls_cluster, tmp_path: Path) -> None:
@@ -74,8 +92,9 @@ async def test_api_and_worker_serve_over_verified_tls(tls_cluster, tmp_path: Pat
     try:
         await wait_healthy(api.base_url, worker, timeout=90)
         async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
-            reply = await http.post("/v1/completions", json={"model": MODEL, "prompt": "w1 w2", "max_tokens": 5,
-                                                             "ignore_eos": True})
+            reply = await http.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "w1 w2", "max_tokens": 5, "ignore_eos": True}
+            )
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 5
         # Every client connection on every node is TLS (the monitoring endpoint says so per connection).
@@ -89,8 +108,12 @@ async def test_api_and_worker_serve_over_verified_tls(tls_cluster, tmp_path: Pat
 async def _refused(cluster: NatsCluster, **options) -> BaseException:
     """The error a one-shot connection attempt ends with (it must not succeed)."""
     try:
-        nc = await asyncio.wait_for(nats.connect(cluster.nodes[0].url, allow_reconnect=False, connect_timeout=3,
-                                                 max_reconnect_attempts=0, **options), timeout=15)
+        nc = await asyncio.wait_for(
+            nats.connect(
+                cluster.nodes[0].url, allow_reconnect=False, connect_timeout=3, max_reconnect_attempts=0, **options
+            ),
+            timeout=15,
+        )
     except Exception as exc:
         return exc
     try:  # a TLS server can accept the handshake and drop us right after: the first round trip tells
@@ -126,8 +149,9 @@ async def test_a_client_without_a_certificate_is_refused(tls_cluster) -> None:
 
 async def test_a_client_with_a_certificate_from_another_ca_is_refused(tls_cluster) -> None:
     cluster, pki = tls_cluster
-    rogue = NatsAuth(tls_ca_file=pki.ca.cert_file, tls_cert_file=pki.rogue_client.cert,
-                     tls_key_file=pki.rogue_client.key)
+    rogue = NatsAuth(
+        tls_ca_file=pki.ca.cert_file, tls_cert_file=pki.rogue_client.cert, tls_key_file=pki.rogue_client.key
+    )
     error = await _refused(cluster, tls=rogue.tls_context())
     assert isinstance(error, ConnectionError | ssl.SSLError | nats.errors.Error), repr(error)
     assert any("unknown authority" in line and "rogue-client" in line for line in _handshake_errors(cluster))
@@ -151,7 +175,6 @@ async def test_a_plaintext_client_is_refused(tls_cluster) -> None:
 async def test_a_client_not_trusting_the_servers_ca_refuses_the_server(tls_cluster, tmp_path: Path) -> None:
     cluster, pki = tls_cluster
     other_ca = CertificateAuthority(tmp_path / "other", "other")
-    mismatched = NatsAuth(tls_ca_file=other_ca.cert_file, tls_cert_file=pki.client.cert,
-                          tls_key_file=pki.client.key)
+    mismatched = NatsAuth(tls_ca_file=other_ca.cert_file, tls_cert_file=pki.client.cert, tls_key_file=pki.client.key)
     error = await _refused(cluster, tls=mismatched.tls_context())
     assert isinstance(error, ssl.SSLCertVerificationError), repr(error)

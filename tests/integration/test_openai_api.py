@@ -19,9 +19,10 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> li
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
+    out = model.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,9 @@ async def test_greedy_completion_equals_transformers_generate(client, tiny_model
     prompt_ids = tokenizer.encode(prompt)
     expected = hf_greedy(tiny_model_dir, prompt_ids, 12)
 
-    completion = await client.completions.create(model=TINY_MODEL_NAME, prompt=prompt, max_tokens=12,
-                                                 temperature=0, extra_body={"ignore_eos": True})
+    completion = await client.completions.create(
+        model=TINY_MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
     choice = completion.choices[0]
     assert choice.text == tokenizer.decode(expected)
     assert choice.finish_reason == "length"
@@ -65,14 +67,20 @@ async def test_greedy_completion_equals_transformers_generate(client, tiny_model
     assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
 
     # The same request as token ids gives the same text.
-    by_ids = await client.completions.create(model=TINY_MODEL_NAME, prompt=prompt_ids, max_tokens=12,
-                                             temperature=0, extra_body={"ignore_eos": True})
+    by_ids = await client.completions.create(
+        model=TINY_MODEL_NAME, prompt=prompt_ids, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert by_ids.choices[0].text == choice.text
 
 
 async def test_streamed_completion_matches_non_streamed(client) -> None:
-    kwargs = {"model": TINY_MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0,
-                  "extra_body": {"ignore_eos": True}}
+    kwargs = {
+        "model": TINY_MODEL_NAME,
+        "prompt": "Once upon a time",
+        "max_tokens": 10,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
     full = await client.completions.create(**kwargs)
     stream = await client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
     pieces, finish, usage = [], None, None
@@ -92,18 +100,24 @@ async def test_chat_completion_uses_the_chat_template(client, tiny_model_dir: Pa
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     messages = [{"role": "user", "content": "Say hello"}]
-    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                               return_dict=False)
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     expected = tokenizer.decode(hf_greedy(tiny_model_dir, list(prompt_ids), 8), skip_special_tokens=True)
 
-    chat = await client.chat.completions.create(model=TINY_MODEL_NAME, messages=messages, max_tokens=8,
-                                                temperature=0, extra_body={"ignore_eos": True})
+    chat = await client.chat.completions.create(
+        model=TINY_MODEL_NAME, messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert chat.choices[0].message.role == "assistant"
     assert chat.choices[0].message.content == expected
     assert chat.usage.prompt_tokens == len(prompt_ids)
 
-    stream = await client.chat.completions.create(model=TINY_MODEL_NAME, messages=messages, max_tokens=8,
-                                                  temperature=0, stream=True, extra_body={"ignore_eos": True})
+    stream = await client.chat.completions.create(
+        model=TINY_MODEL_NAME,
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     roles, text, finishes = [], [], []
     async for chunk in stream:
         delta = chunk.choices[0].delta
@@ -114,20 +128,33 @@ async def test_chat_completion_uses_the_chat_template(client, tiny_model_dir: Pa
 
 
 async def test_seeded_sampling_is_reproducible(client) -> None:
-    kwargs = {"model": TINY_MODEL_NAME, "prompt": "Numbers:", "max_tokens": 8, "temperature": 1.0, "seed": 1234,
-                  "extra_body": {"ignore_eos": True}}
+    kwargs = {
+        "model": TINY_MODEL_NAME,
+        "prompt": "Numbers:",
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "seed": 1234,
+        "extra_body": {"ignore_eos": True},
+    }
     first = await client.completions.create(**kwargs)
     second = await client.completions.create(**kwargs)
     assert first.choices[0].text == second.choices[0].text
 
 
 async def test_stop_string_ends_the_completion(client) -> None:
-    free = await client.completions.create(model=TINY_MODEL_NAME, prompt="Hello", max_tokens=12, temperature=0,
-                                           extra_body={"ignore_eos": True})
+    free = await client.completions.create(
+        model=TINY_MODEL_NAME, prompt="Hello", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
     text = free.choices[0].text
-    stop = text[len(text) // 2: len(text) // 2 + 3].strip() or text[-2:]
-    stopped = await client.completions.create(model=TINY_MODEL_NAME, prompt="Hello", max_tokens=12,
-                                              temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    stop = text[len(text) // 2 : len(text) // 2 + 3].strip() or text[-2:]
+    stopped = await client.completions.create(
+        model=TINY_MODEL_NAME,
+        prompt="Hello",
+        max_tokens=12,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == text[: text.index(stop)]
 
@@ -156,16 +183,20 @@ async def test_invalid_parameters_are_400_in_openai_shape(api, body: dict, param
 
 async def test_malformed_json_is_400(api) -> None:
     async with httpx.AsyncClient(base_url=api.base_url) as http:
-        response = await http.post("/v1/chat/completions", content=b'{"model": "x", "messages": [',
-                                   headers={"content-type": "application/json"})
+        response = await http.post(
+            "/v1/chat/completions",
+            content=b'{"model": "x", "messages": [',
+            headers={"content-type": "application/json"},
+        )
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
 async def test_prompt_beyond_context_is_400_with_numbers(api) -> None:
     async with httpx.AsyncClient(base_url=api.base_url) as http:
-        response = await http.post("/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": [5] * 500,
-                                                             "max_tokens": 100})
+        response = await http.post(
+            "/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": [5] * 500, "max_tokens": 100}
+        )
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "context_length_exceeded"
@@ -191,18 +222,26 @@ async def test_known_model_without_worker_is_503(api, nats_server) -> None:
 
 
 async def test_sse_wire_format(api) -> None:
-    body = {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
-            "stream": True, "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": TINY_MODEL_NAME,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "stream": True,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     async with httpx.AsyncClient(base_url=api.base_url) as http:
         response = await http.post("/v1/chat/completions", json=body)
     assert response.headers["content-type"].startswith("text/event-stream")
     events = [event.split("\n") for event in response.text.split("\n\n") if event]
     assert events[-1] == ["data: [DONE]"]
     # Every chunk event carries an id to resume after (Last-Event-ID): <request id>/<chunk index>.
-    assert all(len(event) == 2 and event[0].startswith("id: ") and event[1].startswith("data: ")
-               for event in events[:-1])
-    chunks = [json.loads(data[len("data: "):]) for _, data in events[:-1]]
+    assert all(
+        len(event) == 2 and event[0].startswith("id: ") and event[1].startswith("data: ") for event in events[:-1]
+    )
+    chunks = [json.loads(data[len("data: ") :]) for _, data in events[:-1]]
     assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
     assert len({chunk["id"] for chunk in chunks}) == 1
-    assert [event_id for event_id, _ in events[:-1]] == [f"id: {chunks[0]['id']}/{index}"
-                                                         for index in range(len(chunks))]
+    assert [event_id for event_id, _ in events[:-1]] == [
+        f"id: {chunks[0]['id']}/{index}" for index in range(len(chunks))
+    ]

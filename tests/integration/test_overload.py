@@ -26,12 +26,20 @@ DURATION_S = 60.0
 ALLOWED_GROWTH_MB = 40.0
 
 
-async def test_ten_times_overload_for_a_minute_is_answered_honestly_in_bounded_memory(base_settings,
-                                                                                      tmp_path) -> None:
+async def test_ten_times_overload_for_a_minute_is_answered_honestly_in_bounded_memory(base_settings, tmp_path) -> None:
     with EmbeddedNatsServer(tmp_path / "nats", port=-1) as nats:
-        settings = base_settings.model_copy(update={
-            "nats_url": nats.url, "data_dir": tmp_path / "data", "engine": "sim", "served_model_name": "sim",
-            "sim_tokens_per_s": RATE, "max_num_seqs": SLOTS, "queue_max_requests": 32, "queue_timeout_s": 30.0})
+        settings = base_settings.model_copy(
+            update={
+                "nats_url": nats.url,
+                "data_dir": tmp_path / "data",
+                "engine": "sim",
+                "served_model_name": "sim",
+                "sim_tokens_per_s": RATE,
+                "max_num_seqs": SLOTS,
+                "queue_max_requests": 32,
+                "queue_timeout_s": 30.0,
+            }
+        )
         worker = WorkerProcess(settings, tmp_path / "worker.log").start()
         api = ApiProcess(settings, tmp_path / "api.log").start()
         try:
@@ -42,12 +50,16 @@ async def test_ten_times_overload_for_a_minute_is_answered_honestly_in_bounded_m
             retry_after: list[int] = []
             limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
             async with httpx.AsyncClient(base_url=api.base_url, timeout=60, limits=limits) as http:
+
                 async def one(number: int) -> None:
-                    response = await http.post("/v1/completions", json={
-                        "model": "sim", "prompt": f"w{number % 50} w1", "max_tokens": TOKENS, "ignore_eos": True})
+                    response = await http.post(
+                        "/v1/completions",
+                        json={"model": "sim", "prompt": f"w{number % 50} w1", "max_tokens": TOKENS, "ignore_eos": True},
+                    )
                     if response.status_code == 429:
-                        assert response.json()["error"]["type"] == "rate_limit_error" or \
-                            response.json()["error"]["code"] in ("queue_full", "rate_limit_exceeded"), response.text
+                        assert response.json()["error"]["type"] == "rate_limit_error" or response.json()["error"][
+                            "code"
+                        ] in ("queue_full", "rate_limit_exceeded"), response.text
                         retry_after.append(int(response.headers["retry-after"]))
                     outcomes[str(response.status_code)] += 1
 
@@ -72,8 +84,13 @@ async def test_ten_times_overload_for_a_minute_is_answered_honestly_in_bounded_m
             worker.stop()
 
     retry_after.sort()
-    log.info("overload.outcome", sent=sent, outcomes=dict(outcomes), rss_mb=samples,
-             retry_after_p50=retry_after[len(retry_after) // 2])
+    log.info(
+        "overload.outcome",
+        sent=sent,
+        outcomes=dict(outcomes),
+        rss_mb=samples,
+        retry_after_p50=retry_after[len(retry_after) // 2],
+    )
     assert after.status_code == 200
     assert set(outcomes) <= {"200", "429"}, outcomes  # honest: served or told to come back, nothing else
     # Overloaded, and still serving (at a quarter of the nominal 8/s at least, on a shared 2-core machine).

@@ -45,9 +45,16 @@ class Replicas:
 async def replicas(base_settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Replicas]:
     logs = tmp_path_factory.mktemp("reattach")
     with EmbeddedNatsServer(logs / "nats", port=-1) as nats:
-        settings = base_settings.model_copy(update={
-            "nats_url": nats.url, "data_dir": logs / "data", "engine": "sim", "served_model_name": SIM_MODEL,
-            "sim_tokens_per_s": 20.0, "batch_runner": False})
+        settings = base_settings.model_copy(
+            update={
+                "nats_url": nats.url,
+                "data_dir": logs / "data",
+                "engine": "sim",
+                "served_model_name": SIM_MODEL,
+                "sim_tokens_per_s": 20.0,
+                "batch_runner": False,
+            }
+        )
         worker = WorkerProcess(settings, logs / "worker.log").start()
         first = ApiProcess(settings, logs / "api-1.log").start()
         second = ApiProcess(settings, logs / "api-2.log").start()
@@ -78,11 +85,11 @@ async def read_stream(response: httpx.Response, into: Stream, stop_after: int | 
     event_id = None
     async for line in response.aiter_lines():
         if line.startswith("id: "):
-            event_id = line[len("id: "):]
+            event_id = line[len("id: ") :]
         elif line == "data: [DONE]":
             into.done = True
         elif line.startswith("data: "):
-            chunk = json.loads(line[len("data: "):])
+            chunk = json.loads(line[len("data: ") :])
             assert "error" not in chunk, chunk
             into.ids.append(event_id)
             choice = chunk["choices"][0]
@@ -125,13 +132,16 @@ async def test_a_stream_resumes_on_another_replica_after_its_replica_is_killed(r
     doomed = await replicas.start_another("api-doomed")
     before, after = Stream(), Stream()
     async with httpx.AsyncClient(timeout=60) as http:
-        async with http.stream("POST", f"{doomed.base_url}/v1/completions",
-                               json={**BODY, "stream": True}) as response:
+        async with http.stream("POST", f"{doomed.base_url}/v1/completions", json={**BODY, "stream": True}) as response:
             await read_stream(response, before, stop_after=8)
             doomed.stop(signal.SIGKILL)  # mid-stream: the client's connection dies with it
         last_id = before.ids[-1]
-        async with http.stream("POST", f"{replicas.second.base_url}/v1/completions", json={**BODY, "stream": True},
-                               headers={"Last-Event-ID": last_id}) as response:
+        async with http.stream(
+            "POST",
+            f"{replicas.second.base_url}/v1/completions",
+            json={**BODY, "stream": True},
+            headers={"Last-Event-ID": last_id},
+        ) as response:
             assert response.status_code == 200
             await read_stream(response, after)
     request_id, index = last_id.rsplit("/", 1)
@@ -148,8 +158,9 @@ async def test_resuming_needs_an_event_id_of_a_known_stream(replicas: Replicas) 
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
         malformed = await http.post("/v1/completions", json=body, headers={"Last-Event-ID": "nonsense"})
         assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "Last-Event-ID"
-        wrong_endpoint = await http.post("/v1/completions", json=body,
-                                         headers={"Last-Event-ID": f"chatcmpl-{'0' * 32}/3"})
+        wrong_endpoint = await http.post(
+            "/v1/completions", json=body, headers={"Last-Event-ID": f"chatcmpl-{'0' * 32}/3"}
+        )
         assert wrong_endpoint.status_code == 400
 
 
@@ -172,9 +183,12 @@ async def test_a_retried_post_with_the_same_idempotency_key_attaches(replicas: R
 async def test_chat_completions_attach_by_key_too(replicas: Replicas) -> None:
     body = {"model": SIM_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
     async with httpx.AsyncClient(timeout=60) as http:
-        answers = [(await http.post(f"{api.base_url}/v1/chat/completions", json=body,
-                                    headers={"Idempotency-Key": "chat-1"})).json()
-                   for api in (replicas.first, replicas.second)]
+        answers = [
+            (
+                await http.post(f"{api.base_url}/v1/chat/completions", json=body, headers={"Idempotency-Key": "chat-1"})
+            ).json()
+            for api in (replicas.first, replicas.second)
+        ]
     assert answers[0]["id"] == answers[1]["id"] and answers[0]["id"].startswith("chatcmpl-")
     assert answers[0]["choices"][0]["message"] == answers[1]["choices"][0]["message"]
     assert await accepted_attempts(replicas.settings.nats_url, answers[0]["id"]) == [1]
@@ -185,13 +199,15 @@ async def test_a_client_that_drops_and_retries_its_request_id_gets_the_whole_ans
     headers = {"X-Request-Id": "client-chosen-42"}
     dropped, retried = Stream(), Stream()
     async with httpx.AsyncClient(timeout=60) as http:
-        async with http.stream("POST", f"{replicas.first.base_url}/v1/completions", json={**BODY, "stream": True},
-                               headers=headers) as response:
+        async with http.stream(
+            "POST", f"{replicas.first.base_url}/v1/completions", json={**BODY, "stream": True}, headers=headers
+        ) as response:
             await read_stream(response, dropped, stop_after=5)
         # The connection closed: the first replica cancelled the generation. The retry continues it.
         await asyncio.sleep(0.5)
-        async with http.stream("POST", f"{replicas.second.base_url}/v1/completions", json={**BODY, "stream": True},
-                               headers=headers) as response:
+        async with http.stream(
+            "POST", f"{replicas.second.base_url}/v1/completions", json={**BODY, "stream": True}, headers=headers
+        ) as response:
             assert response.status_code == 200
             await read_stream(response, retried)
     assert retried.ids[0].endswith("/0")  # no Last-Event-ID: the whole answer, replayed then continued

@@ -38,8 +38,9 @@ async def _wait_finished(client: openai.AsyncOpenAI, response_id: str, timeout_s
 
 
 async def test_create_returns_a_response_the_sdk_parses_and_stores_it(client) -> None:
-    response = await client.responses.create(**_create(input="Say hello", instructions="Be brief.",
-                                                       metadata={"case": "plain"}))
+    response = await client.responses.create(
+        **_create(input="Say hello", instructions="Be brief.", metadata={"case": "plain"})
+    )
     assert isinstance(response, Response) and response.id.startswith("resp_") and response.object == "response"
     [message] = response.output
     assert message.type == "message" and message.role == "assistant" and message.content[0].type == "output_text"
@@ -58,8 +59,9 @@ async def test_create_returns_a_response_the_sdk_parses_and_stores_it(client) ->
 
 
 async def test_max_output_tokens_makes_it_incomplete(client) -> None:
-    response = await client.responses.create(**_create(input="Count to one hundred", max_output_tokens=3,
-                                                       extra_body={}))
+    response = await client.responses.create(
+        **_create(input="Count to one hundred", max_output_tokens=3, extra_body={})
+    )
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     assert response.usage.output_tokens == 3
 
@@ -74,8 +76,13 @@ async def test_stream_sends_the_named_events_in_order(client, api) -> None:
     stream = await client.responses.create(**_create(input="Say hello"), stream=True)
     events = [event async for event in stream]
     kinds = [event.type for event in events]
-    assert kinds[:5] == ["response.created", "response.in_progress", "response.output_item.added",
-                         "response.content_part.added", "response.output_text.delta"]
+    assert kinds[:5] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+    ]
     assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
     assert kinds[-1] in ("response.completed", "response.incomplete")
     assert [event.sequence_number for event in events] == list(range(len(events)))
@@ -122,12 +129,16 @@ async def test_delete_removes_it(client) -> None:
 
 
 async def test_message_items_with_text_parts(client) -> None:
-    response = await client.responses.create(**_create(input=[
-        {"role": "developer", "content": "Answer in one word."},
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]},
-        {"role": "assistant", "content": [{"type": "output_text", "text": "Hi"}]},
-        {"role": "user", "content": "Again"},
-    ]))
+    response = await client.responses.create(
+        **_create(
+            input=[
+                {"role": "developer", "content": "Answer in one word."},
+                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]},
+                {"role": "assistant", "content": [{"type": "output_text", "text": "Hi"}]},
+                {"role": "user", "content": "Again"},
+            ]
+        )
+    )
     assert response.status in ("completed", "incomplete")
     items = await client.responses.input_items.list(response.id, order="asc")
     assert [item.role for item in items.data] == ["developer", "user", "assistant", "user"]
@@ -154,8 +165,9 @@ async def test_background_stream_follows_it_live(client) -> None:
 
 
 async def test_cancel_stops_a_background_response(client) -> None:
-    response = await client.responses.create(**_create(input="Write a long story", background=True,
-                                                       max_output_tokens=400, extra_body={"top_p": 1.0}))
+    response = await client.responses.create(
+        **_create(input="Write a long story", background=True, max_output_tokens=400, extra_body={"top_p": 1.0})
+    )
     cancelled = await client.responses.cancel(response.id)
     assert cancelled.status == "cancelled"
     await asyncio.sleep(1.5)  # the runner notices within its poll interval and stops
@@ -185,8 +197,15 @@ BAD = [
     ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "not yet supported"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "not yet supported"),
     ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "not yet supported"),
-    ({"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
-                {"type": "function_call_output", "call_id": "c1", "output": "42"}]}, "not yet supported"),
+    (
+        {
+            "input": [
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "42"},
+            ]
+        },
+        "not yet supported",
+    ),
     ({"input": "hi", "previous_response_id": "resp_0123456789abcdef0123456789abcdef"}, "does not exist"),
 ]
 
@@ -202,6 +221,7 @@ async def test_bad_input_is_a_400_in_the_openai_shape(api, fields, words) -> Non
 
 
 async def test_tools_with_tool_choice_none_answer_in_text(client) -> None:
-    response = await client.responses.create(**_create(
-        input="Hello", tool_choice="none", tools=[{"type": "function", "name": "f", "parameters": {}}]))
+    response = await client.responses.create(
+        **_create(input="Hello", tool_choice="none", tools=[{"type": "function", "name": "f", "parameters": {}}])
+    )
     assert response.output[0].type == "message"

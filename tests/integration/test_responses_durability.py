@@ -27,9 +27,17 @@ TOKENS = 200  # at the sim's 10 tokens/s: twenty seconds of generation, killed a
 def cluster(base_settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, WorkerProcess]]:
     """Its own nats-server and sim worker: no other test's replica may take this test's ticket."""
     with EmbeddedNatsServer(tmp_path / "nats", port=-1) as nats:
-        settings = base_settings.model_copy(update={
-            "nats_url": nats.url, "data_dir": tmp_path / "data", "engine": "sim", "served_model_name": SIM_MODEL,
-            "sim_tokens_per_s": 10.0, "response_job_ack_wait_s": 3.0, "batch_runner": False})
+        settings = base_settings.model_copy(
+            update={
+                "nats_url": nats.url,
+                "data_dir": tmp_path / "data",
+                "engine": "sim",
+                "served_model_name": SIM_MODEL,
+                "sim_tokens_per_s": 10.0,
+                "response_job_ack_wait_s": 3.0,
+                "batch_runner": False,
+            }
+        )
         worker = WorkerProcess(settings, tmp_path / "worker.log").start()
         try:
             yield settings, worker
@@ -49,8 +57,9 @@ async def test_a_killed_replicas_background_response_completes_elsewhere(cluster
     try:
         await wait_healthy(first.base_url, worker)
         client = openai.AsyncOpenAI(base_url=f"{first.base_url}/v1", api_key="unused", max_retries=0)
-        created = await client.responses.create(model=SIM_MODEL, input="Tell me a story", background=True,
-                                                max_output_tokens=TOKENS)
+        created = await client.responses.create(
+            model=SIM_MODEL, input="Tell me a story", background=True, max_output_tokens=TOKENS
+        )
         # Follow it on the first replica until some text came, then kill that replica.
         seen: list[dict] = []
         async with httpx.AsyncClient(base_url=first.base_url, timeout=60) as http:
@@ -74,7 +83,7 @@ async def test_a_killed_replicas_background_response_completes_elsewhere(cluster
             whole = await _events(http, created.id, after=-1)
             resumed = await _events(http, created.id, after=seen[-1]["sequence_number"])
         assert [event["sequence_number"] for event in whole] == list(range(len(whole)))  # no gap, no repeat
-        assert whole[:len(seen)] == seen and whole[len(seen):] == resumed
+        assert whole[: len(seen)] == seen and whole[len(seen) :] == resumed
         text = "".join(event["delta"] for event in whole if event["type"] == "response.output_text.delta")
         assert text and text == final.output_text
         assert whole[-1]["type"] == "response.incomplete"

@@ -29,8 +29,7 @@ def text_of(result: StoredResult) -> str:
 
 
 def completion_tokens(result: StoredResult) -> int:
-    return sum(len(choice.token_ids) for event in result.events if event.kind == "tokens"
-               for choice in event.choices)
+    return sum(len(choice.token_ids) for event in result.events if event.kind == "tokens" for choice in event.choices)
 
 
 async def test_detached_request_is_stored_and_read_back_later(api, nats_server) -> None:
@@ -44,8 +43,9 @@ async def test_detached_request_is_stored_and_read_back_later(api, nats_server) 
     answer, stderr = await asyncio.to_thread(fetch.communicate, timeout=120)
     assert fetch.returncode == 0, stderr
     client = openai.AsyncOpenAI(base_url=f"{api.base_url}/v1", api_key="unused", max_retries=0)
-    chat = await client.chat.completions.create(model=TINY_MODEL_NAME, max_tokens=8, temperature=0,
-                                                messages=[{"role": "user", "content": "Hello there"}])
+    chat = await client.chat.completions.create(
+        model=TINY_MODEL_NAME, max_tokens=8, temperature=0, messages=[{"role": "user", "content": "Hello there"}]
+    )
     assert answer == chat.choices[0].message.content + "\n"
     assert "8 completion tokens" in stderr
 
@@ -77,14 +77,19 @@ async def sim_worker(api, sim_settings, tmp_path) -> AsyncIterator[WorkerProcess
     process.stop(signal.SIGKILL)
 
 
-async def test_detached_answer_survives_the_worker_being_killed(api, nats_server, sim_settings, sim_worker,
-                                                                tmp_path) -> None:
+async def test_detached_answer_survives_the_worker_being_killed(
+    api, nats_server, sim_settings, sim_worker, tmp_path
+) -> None:
     max_tokens = 80
     request_id = f"ff-{time.monotonic_ns()}"
     reply_subject = subjects.results_subject("crash-test", request_id)
-    request = GenerateRequest(request_id=request_id, model=SIM_MODEL, prompt_token_ids=[5, 6, 7],
-                              reply_subject=reply_subject,
-                              sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=7))
+    request = GenerateRequest(
+        request_id=request_id,
+        model=SIM_MODEL,
+        prompt_token_ids=[5, 6, 7],
+        reply_subject=reply_subject,
+        sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=7),
+    )
     async with connect(nats_server.url, "fire-and-forget") as nc:
         js = nc.jetstream()
         await publish_request(js, request)

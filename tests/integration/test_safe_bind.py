@@ -32,11 +32,18 @@ def _start_api(nats: EmbeddedNatsServer, tmp_path: Path, **env: str) -> tuple[su
     port = free_port()
     log_path = tmp_path / f"api-{port}.log"
     full_env = {key: value for key, value in os.environ.items() if not key.startswith("INFERQ_")}
-    full_env |= {"INFERQ_HOST": "0.0.0.0", "INFERQ_PORT": str(port), "INFERQ_NATS_URL": nats.url,
-                 "INFERQ_DATA_DIR": str(tmp_path / "data"), "INFERQ_LOG_FORMAT": "json", **env}
+    full_env |= {
+        "INFERQ_HOST": "0.0.0.0",
+        "INFERQ_PORT": str(port),
+        "INFERQ_NATS_URL": nats.url,
+        "INFERQ_DATA_DIR": str(tmp_path / "data"),
+        "INFERQ_LOG_FORMAT": "json",
+        **env,
+    }
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "api"], env=full_env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", "api"], env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
     return proc, f"http://127.0.0.1:{port}", log_path
 
 
@@ -90,10 +97,21 @@ def test_auth_off_is_the_explicit_way_out(own_nats: EmbeddedNatsServer, tmp_path
         _stop(proc)
 
 
-@pytest.mark.parametrize(("host", "loopback"), [
-    ("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("[::1]", True), ("localhost", True),
-    ("0.0.0.0", False), ("::", False), ("", False), ("192.168.1.5", False), ("api.example.com", False),
-])
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("", False),
+        ("192.168.1.5", False),
+        ("api.example.com", False),
+    ],
+)
 def test_loopback_addresses(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 

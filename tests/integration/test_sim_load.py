@@ -31,10 +31,19 @@ BODY = {"model": MODEL, "prompt": "w1 w2 w3", "max_tokens": TOKENS, "ignore_eos"
 
 async def test_a_thousand_concurrent_streams_through_one_api_process(base_settings, tmp_path) -> None:
     with EmbeddedNatsServer(tmp_path / "nats", port=-1) as nats:
-        settings = base_settings.model_copy(update={
-            "nats_url": nats.url, "data_dir": tmp_path / "data", "engine": "sim", "served_model_name": MODEL,
-            "sim_tokens_per_s": RATE, "max_num_seqs": SLOTS, "queue_max_requests": 2 * STREAMS,
-            "queue_timeout_s": 90.0, "batch_runner": False})
+        settings = base_settings.model_copy(
+            update={
+                "nats_url": nats.url,
+                "data_dir": tmp_path / "data",
+                "engine": "sim",
+                "served_model_name": MODEL,
+                "sim_tokens_per_s": RATE,
+                "max_num_seqs": SLOTS,
+                "queue_max_requests": 2 * STREAMS,
+                "queue_timeout_s": 90.0,
+                "batch_runner": False,
+            }
+        )
         worker = WorkerProcess(settings, tmp_path / "worker.log").start()
         api = ApiProcess(settings, tmp_path / "api.log").start()
         try:
@@ -49,7 +58,8 @@ async def test_a_thousand_concurrent_streams_through_one_api_process(base_settin
             async with httpx.AsyncClient(base_url=api.base_url, timeout=120, limits=limits) as http:
                 start = time.monotonic()
                 streams = await asyncio.wait_for(
-                    asyncio.gather(*(one_stream(http) for _ in range(STREAMS))), timeout=DEADLINE_S + 30)
+                    asyncio.gather(*(one_stream(http) for _ in range(STREAMS))), timeout=DEADLINE_S + 30
+                )
                 elapsed = time.monotonic() - start
             async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
                 after = await http.post("/v1/completions", json=BODY)
@@ -57,8 +67,12 @@ async def test_a_thousand_concurrent_streams_through_one_api_process(base_settin
             api.stop()
             worker.stop()
 
-    log.info("sim_load.outcome", streams=STREAMS, elapsed_s=round(elapsed, 1),
-             output_tok_per_s=round(STREAMS * TOKENS / elapsed))
+    log.info(
+        "sim_load.outcome",
+        streams=STREAMS,
+        elapsed_s=round(elapsed, 1),
+        output_tok_per_s=round(STREAMS * TOKENS / elapsed),
+    )
     assert len(expected.split()) == TOKENS, expected
     failures = [s for s in streams if s["error"] or s["status"] != 200 or s["text"] != expected or not s["done"]]
     assert not failures, (len(failures), failures[:3])
@@ -80,11 +94,11 @@ async def one_stream(http: httpx.AsyncClient) -> dict:
                 return result
             async for line in response.aiter_lines():
                 if line.startswith("id: "):
-                    event_id = line[len("id: "):]
+                    event_id = line[len("id: ") :]
                 elif line == "data: [DONE]":
                     result["done"] = True
                 elif line.startswith("data: "):
-                    chunk = json.loads(line[len("data: "):])
+                    chunk = json.loads(line[len("data: ") :])
                     if "error" in chunk:
                         result["error"] = chunk["error"]
                         continue

@@ -39,18 +39,24 @@ def client(api) -> openai.AsyncOpenAI:
 
 async def test_parse_into_a_pydantic_model_succeeds_for_every_seed(client) -> None:
     for seed in range(8):
-        completion = await client.chat.completions.parse(model=TINY_MODEL_NAME, messages=MESSAGES,
-                                                         response_format=Ticket, temperature=1.0, seed=seed,
-                                                         max_tokens=300)
+        completion = await client.chat.completions.parse(
+            model=TINY_MODEL_NAME, messages=MESSAGES, response_format=Ticket, temperature=1.0, seed=seed, max_tokens=300
+        )
         choice = completion.choices[0]
         assert choice.finish_reason == "stop", choice.message.content
         assert isinstance(choice.message.parsed, Ticket)
 
 
 async def test_streamed_json_schema_reassembles_into_a_valid_object(client) -> None:
-    stream = await client.chat.completions.create(model=TINY_MODEL_NAME, messages=MESSAGES, stream=True,
-                                                  response_format=ticket_format(), temperature=1.0, seed=11,
-                                                  max_tokens=300)
+    stream = await client.chat.completions.create(
+        model=TINY_MODEL_NAME,
+        messages=MESSAGES,
+        stream=True,
+        response_format=ticket_format(),
+        temperature=1.0,
+        seed=11,
+        max_tokens=300,
+    )
     pieces, finish = [], None
     async for chunk in stream:
         for choice in chunk.choices:
@@ -61,9 +67,14 @@ async def test_streamed_json_schema_reassembles_into_a_valid_object(client) -> N
 
 
 async def test_json_object_on_completions(client) -> None:
-    completion = await client.completions.create(model=TINY_MODEL_NAME, prompt="JSON:", max_tokens=120,
-                                                 temperature=1.0, seed=5,
-                                                 extra_body={"response_format": {"type": "json_object"}})
+    completion = await client.completions.create(
+        model=TINY_MODEL_NAME,
+        prompt="JSON:",
+        max_tokens=120,
+        temperature=1.0,
+        seed=5,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
     choice = completion.choices[0]
     assert choice.text.lstrip().startswith("{")
     if choice.finish_reason == "stop":
@@ -73,42 +84,81 @@ async def test_json_object_on_completions(client) -> None:
 
 
 async def test_vllm_structured_outputs_regex_choice_and_grammar(client) -> None:
-    regex = await client.completions.create(model=TINY_MODEL_NAME, prompt="Code:", max_tokens=30, temperature=1.0,
-                                            extra_body={"structured_outputs": {"regex": r"[A-Z]{3}-[0-9]{4}"}})
+    regex = await client.completions.create(
+        model=TINY_MODEL_NAME,
+        prompt="Code:",
+        max_tokens=30,
+        temperature=1.0,
+        extra_body={"structured_outputs": {"regex": r"[A-Z]{3}-[0-9]{4}"}},
+    )
     assert re.fullmatch(r"[A-Z]{3}-[0-9]{4}", regex.choices[0].text) and regex.choices[0].finish_reason == "stop"
     choice = await client.chat.completions.create(
-        model=TINY_MODEL_NAME, messages=MESSAGES, max_tokens=30, temperature=1.0, n=3,
-        extra_body={"structured_outputs": {"choice": ["approve", "reject", "escalate"]}})
+        model=TINY_MODEL_NAME,
+        messages=MESSAGES,
+        max_tokens=30,
+        temperature=1.0,
+        n=3,
+        extra_body={"structured_outputs": {"choice": ["approve", "reject", "escalate"]}},
+    )
     assert len(choice.choices) == 3
     assert all(c.message.content in {"approve", "reject", "escalate"} for c in choice.choices)
     grammar = await client.chat.completions.create(
-        model=TINY_MODEL_NAME, messages=MESSAGES, max_tokens=40, temperature=1.0, seed=2,
-        extra_body={"structured_outputs": {"grammar": 'root ::= "x=" [0-9] [0-9]? ("," [0-9])?'}})
+        model=TINY_MODEL_NAME,
+        messages=MESSAGES,
+        max_tokens=40,
+        temperature=1.0,
+        seed=2,
+        extra_body={"structured_outputs": {"grammar": 'root ::= "x=" [0-9] [0-9]? ("," [0-9])?'}},
+    )
     assert re.fullmatch(r"x=[0-9][0-9]?(,[0-9])?", grammar.choices[0].message.content)
 
 
 async def test_a_batch_line_with_response_format_is_enforced(client) -> None:
-    body = {"model": TINY_MODEL_NAME, "messages": MESSAGES, "max_tokens": 300, "temperature": 1.0, "seed": 4,
-            "response_format": ticket_format()}
-    batch = await start_batch(client, [{"custom_id": "t-1", "method": "POST", "url": "/v1/chat/completions",
-                                        "body": body}], endpoint="/v1/chat/completions")
+    body = {
+        "model": TINY_MODEL_NAME,
+        "messages": MESSAGES,
+        "max_tokens": 300,
+        "temperature": 1.0,
+        "seed": 4,
+        "response_format": ticket_format(),
+    }
+    batch = await start_batch(
+        client,
+        [{"custom_id": "t-1", "method": "POST", "url": "/v1/chat/completions", "body": body}],
+        endpoint="/v1/chat/completions",
+    )
     done = await wait_final(client, batch.id)
     [line] = await read_lines(client, done.output_file_id)
     Ticket.model_validate_json(line["response"]["body"]["choices"][0]["message"]["content"])
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
-     "response_format: the JSON schema is invalid"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
-        "type": "object", "unevaluatedProperties": False}}}}, "set strict to false"),
-    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs: the regex is invalid"),
-    ({"structured_outputs": {"grammar": "start: \"a\" start"}}, "can never finish"),
-    ({"guided_json": {"type": "object"}}, "use structured_outputs: {\"json\""),
-    ({"response_format": {"type": "yaml"}}, "response_format"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+            "response_format: the JSON schema is invalid",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "strict": True,
+                        "schema": {"type": "object", "unevaluatedProperties": False},
+                    },
+                }
+            },
+            "set strict to false",
+        ),
+        ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs: the regex is invalid"),
+        ({"structured_outputs": {"grammar": 'start: "a" start'}}, "can never finish"),
+        ({"guided_json": {"type": "object"}}, 'use structured_outputs: {"json"'),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+    ],
+)
 async def test_bad_constraints_are_a_400_naming_the_problem(client, extra, message) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        await client.chat.completions.create(model=TINY_MODEL_NAME, messages=MESSAGES, max_tokens=5,
-                                             extra_body=extra)
+        await client.chat.completions.create(model=TINY_MODEL_NAME, messages=MESSAGES, max_tokens=5, extra_body=extra)
     assert message in caught.value.body["message"], caught.value.body

@@ -23,8 +23,17 @@ async def test_gpu_info_on_a_cpu_worker(api) -> None:
 async def test_openapi_lists_every_surface(api) -> None:
     async with httpx.AsyncClient(base_url=api.base_url) as http:
         paths = (await http.get("/openapi.json")).json()["paths"]
-    for path in ("/tokenize", "/detokenize", "/v1/tokenize", "/v1/detokenize", "/complete", "/models_available",
-                 "/v1/gpu/info", "/version", "/health"):
+    for path in (
+        "/tokenize",
+        "/detokenize",
+        "/v1/tokenize",
+        "/v1/detokenize",
+        "/complete",
+        "/models_available",
+        "/v1/gpu/info",
+        "/version",
+        "/health",
+    ):
         assert path in paths, path
     schema = paths["/tokenize"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert len(schema["oneOf"]) == 2  # Aleph Alpha's body or vLLM's

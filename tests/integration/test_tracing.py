@@ -41,8 +41,16 @@ def exported(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
 @pytest.fixture
 async def traced_stack(exported, tmp_path) -> AsyncIterator[ApiServer]:
     with EmbeddedNatsServer(tmp_path / "nats") as nats:
-        settings = Settings(nats_url=nats.url, data_dir=tmp_path / "data", engine="sim", served_model_name=MODEL,
-                            sim_tokens_per_s=200.0, otel_exporter="console", auth="off", batch_runner=False)
+        settings = Settings(
+            nats_url=nats.url,
+            data_dir=tmp_path / "data",
+            engine="sim",
+            served_model_name=MODEL,
+            sim_tokens_per_s=200.0,
+            otel_exporter="console",
+            auth="off",
+            batch_runner=False,
+        )
         stop = asyncio.Event()
         worker = asyncio.create_task(serve(settings, stop))
         api = ApiServer(settings).start()
@@ -62,8 +70,9 @@ async def test_one_trace_from_the_edge_into_the_worker(traced_stack: ApiServer, 
     trace_id = client_span.get_span_context().trace_id
     with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         async with httpx.AsyncClient(base_url=traced_stack.base_url, timeout=60) as http:
-            response = await http.post("/v1/completions", headers=headers,
-                                       json={"model": MODEL, "prompt": "w5 w6", "max_tokens": 3})
+            response = await http.post(
+                "/v1/completions", headers=headers, json={"model": MODEL, "prompt": "w5 w6", "max_tokens": 3}
+            )
         assert response.status_code == 200, response.text
         deadline = time.monotonic() + 10  # the worker's spans end with its last event, the edge's after the body
         while not {"generate", "POST /v1/completions"} <= {span.name for span in exported.get_finished_spans()}:

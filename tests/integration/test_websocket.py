@@ -17,10 +17,19 @@ from tests.model_fixtures import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.asyncio
 
-CHAT = {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 12,
-        "temperature": 0}
-COMPLETION = {"model": TINY_MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0,
-              "ignore_eos": True}
+CHAT = {
+    "model": TINY_MODEL_NAME,
+    "messages": [{"role": "user", "content": "Tell me a story"}],
+    "max_tokens": 12,
+    "temperature": 0,
+}
+COMPLETION = {
+    "model": TINY_MODEL_NAME,
+    "prompt": "Once upon a time",
+    "max_tokens": 10,
+    "temperature": 0,
+    "ignore_eos": True,
+}
 
 
 def ws_url(api, path: str) -> str:
@@ -42,8 +51,12 @@ def sdk(api) -> openai.AsyncOpenAI:
 
 
 async def test_chat_chunks_match_the_sse_stream(api, sdk) -> None:
-    sse = [chunk.model_dump(exclude_unset=True) async for chunk in await sdk.chat.completions.create(
-        **CHAT, stream=True, stream_options={"include_usage": True})]
+    sse = [
+        chunk.model_dump(exclude_unset=True)
+        async for chunk in await sdk.chat.completions.create(
+            **CHAT, stream=True, stream_options={"include_usage": True}
+        )
+    ]
     async with connect(ws_url(api, "/v1/chat/completions")) as ws:
         frames = await exchange(ws, {**CHAT, "stream_options": {"include_usage": True}})
     assert all(frame["object"] == "chat.completion.chunk" for frame in frames)
@@ -55,15 +68,18 @@ async def test_chat_chunks_match_the_sse_stream(api, sdk) -> None:
     assert frames[0]["choices"][0]["delta"]["role"] == "assistant"
     assert frames[-1]["usage"] == sse[-1]["usage"]
     finish = [c["choices"][0]["finish_reason"] for c in frames if c["choices"] and c["choices"][0]["finish_reason"]]
-    assert finish == [c["choices"][0]["finish_reason"] for c in sse if c["choices"] and c["choices"][0].get(
-        "finish_reason")]
+    assert finish == [
+        c["choices"][0]["finish_reason"] for c in sse if c["choices"] and c["choices"][0].get("finish_reason")
+    ]
 
 
 async def test_several_completions_over_one_socket(api) -> None:
     prompts = ["Once upon a time", "The weather today", "In a galaxy far away"]
     async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
-        expected = [(await http.post("/v1/completions", json={**COMPLETION, "prompt": p})).json()["choices"][0]["text"]
-                    for p in prompts]
+        expected = [
+            (await http.post("/v1/completions", json={**COMPLETION, "prompt": p})).json()["choices"][0]["text"]
+            for p in prompts
+        ]
     async with connect(ws_url(api, "/v1/completions")) as ws:
         for prompt, text in zip(prompts, expected, strict=True):
             frames = await exchange(ws, {**COMPLETION, "prompt": prompt})

@@ -22,17 +22,28 @@ MODEL = "sim-node-faults"
 
 
 @pytest.fixture(scope="module")
-async def served(tmp_path_factory: pytest.TempPathFactory
-                 ) -> AsyncIterator[tuple[NatsCluster, ApiProcess, WorkerProcess]]:
+async def served(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[tuple[NatsCluster, ApiProcess, WorkerProcess]]:
     """A 3-node cluster; one sim worker connected to node n1 only (the node the tests freeze), the API to n2, n3."""
     data = tmp_path_factory.mktemp("node-fault-data")
     with NatsCluster(data / "cluster", name="inferq-node-faults") as cluster:
         await cluster.wait_for_jetstream()
-        settings = Settings(nats_url=cluster.urls, engine="sim", served_model_name=MODEL, sim_tokens_per_s=200.0,
-                            max_num_seqs=16, nats_replicas=3, queue_timeout_s=60.0, worker_silence_timeout_s=3.0,
-                            log_format="json", data_dir=data)
-        worker = WorkerProcess(settings.model_copy(update={"data_dir": data / "w", "nats_url": cluster.nodes[0].url}),
-                               data / "w.log").start()
+        settings = Settings(
+            nats_url=cluster.urls,
+            engine="sim",
+            served_model_name=MODEL,
+            sim_tokens_per_s=200.0,
+            max_num_seqs=16,
+            nats_replicas=3,
+            queue_timeout_s=60.0,
+            worker_silence_timeout_s=3.0,
+            log_format="json",
+            data_dir=data,
+        )
+        worker = WorkerProcess(
+            settings.model_copy(update={"data_dir": data / "w", "nats_url": cluster.nodes[0].url}), data / "w.log"
+        ).start()
         edge_urls = ",".join(node.url for node in cluster.nodes[1:])
         api = ApiProcess(settings.model_copy(update={"nats_url": edge_urls}), data / "api.log").start()
         try:
@@ -49,9 +60,17 @@ async def _stream_until(http: httpx.AsyncClient, until: float) -> None:
     while time.monotonic() < until:
         number += 1
         try:
-            async with http.stream("POST", "/v1/completions", json={
-                    "model": MODEL, "prompt": f"load {number}", "max_tokens": 200, "ignore_eos": True,
-                    "stream": True}) as response:
+            async with http.stream(
+                "POST",
+                "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": f"load {number}",
+                    "max_tokens": 200,
+                    "ignore_eos": True,
+                    "stream": True,
+                },
+            ) as response:
                 async for _ in response.aiter_bytes():
                     pass
         except httpx.HTTPError:
@@ -75,8 +94,9 @@ async def test_a_worker_serves_again_after_its_node_was_frozen(served) -> None:
         while True:  # the worker must be back in the registry and answer
             assert worker.proc.poll() is None, worker.log_tail()
             try:
-                after = await http.post("/v1/completions", json={"model": MODEL, "prompt": "after", "max_tokens": 3},
-                                        timeout=10)
+                after = await http.post(
+                    "/v1/completions", json={"model": MODEL, "prompt": "after", "max_tokens": 3}, timeout=10
+                )
                 if after.status_code == 200:
                     break
             except httpx.HTTPError:

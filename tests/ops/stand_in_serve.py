@@ -37,8 +37,7 @@ def stand_in_children(record: Path, *, worker: Sequence[str] = (), api: Sequence
 
         return [
             ChildSpec("worker", spec("worker", worker), env),
-            ChildSpec("api", spec("api", api), env, ready_check=partial(has_started, record, "api"),
-                      essential=True),
+            ChildSpec("api", spec("api", api), env, ready_check=partial(has_started, record, "api"), essential=True),
         ]
 
     return build

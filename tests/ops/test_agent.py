@@ -43,8 +43,12 @@ def test_model_problem_names_what_is_wrong(tmp_path: Path) -> None:
 
 
 def test_an_exit_is_explained_by_the_workers_last_words() -> None:
-    traceback_tail = ["Traceback (most recent call last):", "  ...",
-                      "common.models.ModelNotFound: model path '/m' does not exist", ""]
+    traceback_tail = [
+        "Traceback (most recent call last):",
+        "  ...",
+        "common.models.ModelNotFound: model path '/m' does not exist",
+        "",
+    ]
     assert explain_exit(1, traceback_tail) == (
         "the worker exited with code 1: common.models.ModelNotFound: model path '/m' does not exist"
     )
@@ -55,8 +59,17 @@ def test_an_exit_is_explained_by_the_workers_last_words() -> None:
 
 def test_worker_arguments_name_the_model_and_the_nats_url() -> None:
     torch = worker_arguments(Settings(engine="torch"), "org/model", "nats://10.0.0.1:4222")
-    assert torch == ["worker", "--model", "org/model", "--engine", "torch", "--nats", "nats://10.0.0.1:4222",
-                     "--log-format", "json"]
+    assert torch == [
+        "worker",
+        "--model",
+        "org/model",
+        "--engine",
+        "torch",
+        "--nats",
+        "nats://10.0.0.1:4222",
+        "--log-format",
+        "json",
+    ]
     # The sim engine would call every model "sim": it serves the deployment's model id.
     sim = worker_arguments(Settings(engine="sim"), "m", "nats://h:1")
     assert sim[-2:] == ["--served-model-name", "m"]
@@ -64,8 +77,9 @@ def test_worker_arguments_name_the_model_and_the_nats_url() -> None:
 
 
 def test_ssh_secrets_travel_in_the_command_but_never_show_in_its_repr() -> None:
-    command = DeployCommand(deployment_id="d1", model_id="m",
-                            ssh=SshConfig(host="h", username="u", password="hunter2-secret"))
+    command = DeployCommand(
+        deployment_id="d1", model_id="m", ssh=SshConfig(host="h", username="u", password="hunter2-secret")
+    )
     assert "hunter2-secret" not in repr(command) and "hunter2-secret" not in str(command)
     received = DeployCommand.from_bytes(command.to_bytes())
     assert received.ssh is not None and received.ssh.password.get_secret_value() == "hunter2-secret"
@@ -98,11 +112,26 @@ def test_serve_runs_an_agent_unless_told_not_to() -> None:
 
 
 def test_the_agent_command_takes_its_flags() -> None:
-    args = build_parser().parse_args(["agent", "--nats", "nats://n:4222", "--engine", "sim",
-                                      "--deploy-nats-url", "nats://public:4222", "--deploy-remote-inferq", "/opt/iq"])
+    args = build_parser().parse_args(
+        [
+            "agent",
+            "--nats",
+            "nats://n:4222",
+            "--engine",
+            "sim",
+            "--deploy-nats-url",
+            "nats://public:4222",
+            "--deploy-remote-inferq",
+            "/opt/iq",
+        ]
+    )
     settings = build_settings(args)
     assert (settings.nats_url, settings.engine, settings.deploy_nats_url, settings.deploy_remote_inferq) == (
-        "nats://n:4222", "sim", "nats://public:4222", "/opt/iq")
+        "nats://n:4222",
+        "sim",
+        "nats://public:4222",
+        "/opt/iq",
+    )
 
 
 def test_a_password_in_the_nats_url_is_masked_where_the_command_is_shown() -> None:

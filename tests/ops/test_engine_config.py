@@ -20,8 +20,13 @@ def test_settings_build_the_engine_config_with_its_defaults() -> None:
 def test_settings_and_engine_share_every_bound() -> None:
     # The engine runs with budgets as small as the oracle's 7 tokens; the settings used to demand 16.
     assert Settings(max_num_batched_tokens=7).engine_config().max_num_batched_tokens == 7
-    for name, bad in (("max_num_seqs", 0), ("max_num_batched_tokens", 0), ("speculative_max_rows", 1),
-                      ("num_speculative_tokens", -1), ("device", "tpu")):
+    for name, bad in (
+        ("max_num_seqs", 0),
+        ("max_num_batched_tokens", 0),
+        ("speculative_max_rows", 1),
+        ("num_speculative_tokens", -1),
+        ("device", "tpu"),
+    ):
         with pytest.raises(ValueError, match=name):
             Settings(**{name: bad})
         with pytest.raises(ValueError, match=name):

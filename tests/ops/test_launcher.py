@@ -386,8 +386,9 @@ def test_signal_stops_everything_and_exits_0(serve_process: StartServe, sig: int
 
 
 def test_a_crash_looping_api_makes_the_launcher_exit_nonzero(serve_process: StartServe) -> None:
-    serve = serve_process("--api", "--die-after 0.5", env={"INFERQ_RESTART_BACKOFF_INITIAL_S": "0.05",
-                                                            "INFERQ_CRASH_LOOP_CRASHES": "2"})
+    serve = serve_process(
+        "--api", "--die-after 0.5", env={"INFERQ_RESTART_BACKOFF_INITIAL_S": "0.05", "INFERQ_CRASH_LOOP_CRASHES": "2"}
+    )
     assert serve.proc.wait(timeout=30) == 1
     assert "child.gave_up" in _event_names(serve.log_path)
     assert "child.died" in _event_names(serve.log_path)
@@ -445,8 +446,9 @@ def test_serve_starts_one_worker_per_model() -> None:
     from ops.cli import build_parser, build_settings
     from ops.launcher import build_children
 
-    args = build_parser().parse_args(["serve", "--model", "SmolLM2-135M-Instruct", "--model", "all-MiniLM-L6-v2",
-                                      "--served-model-name", "ignored"])
+    args = build_parser().parse_args(
+        ["serve", "--model", "SmolLM2-135M-Instruct", "--model", "all-MiniLM-L6-v2", "--served-model-name", "ignored"]
+    )
     children = build_children(build_settings(args))
     workers = [child for child in children if child.name.startswith("worker")]
     assert [child.env["INFERQ_MODEL"] for child in workers] == ["SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"]

@@ -20,8 +20,7 @@ class MemoryLimiter:
     def __init__(self) -> None:
         self.windows = UsageWindows()
 
-    async def admit(self, owner: str, limits: RateLimits, now: float, *, requests: int = 0,
-                    tokens: int = 0) -> Verdict:
+    async def admit(self, owner: str, limits: RateLimits, now: float, *, requests: int = 0, tokens: int = 0) -> Verdict:
         verdict = admit(self.windows, limits, now, requests=requests, tokens=tokens)
         if verdict.allowed:
             self.windows = verdict.windows
@@ -33,8 +32,13 @@ class MemoryLimiter:
 
 
 def request(prompt_len: int, max_tokens: int | None, n: int = 1) -> GenerateRequest:
-    return GenerateRequest(request_id="r", model="m", prompt_token_ids=list(range(prompt_len)), reply_subject="x",
-                           sampling=SamplingParams(max_tokens=max_tokens, n=n))
+    return GenerateRequest(
+        request_id="r",
+        model="m",
+        prompt_token_ids=list(range(prompt_len)),
+        reply_subject="x",
+        sampling=SamplingParams(max_tokens=max_tokens, n=n),
+    )
 
 
 def test_a_reservation_is_the_prompt_plus_max_tokens_per_candidate() -> None:

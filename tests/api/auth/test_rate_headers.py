@@ -11,8 +11,7 @@ SEED = RateLimits(requests_per_minute=60, tokens_per_minute=150_000, requests_pe
 
 
 def test_durations_in_openai_format() -> None:
-    assert [duration(s) for s in (0.012, 0.9991, 1, 17.2, 360, 11525)] == ["12ms", "1s", "1s", "18s", "6m0s",
-                                                                          "3h12m5s"]
+    assert [duration(s) for s in (0.012, 0.9991, 1, 17.2, 360, 11525)] == ["12ms", "1s", "1s", "18s", "6m0s", "3h12m5s"]
 
 
 def test_minute_window_with_both_families() -> None:

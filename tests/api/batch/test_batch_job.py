@@ -18,20 +18,42 @@ pytestmark = pytest.mark.asyncio
 
 def context(storage: BatchStorage, runner_id: str) -> RunnerContext:
     # services stay unused: these runs only assemble stored results
-    return RunnerContext(services=None, storage=storage, runner_id=runner_id, line_concurrency=2,  # type: ignore[arg-type]
-                         max_lines=100)
+    return RunnerContext(
+        services=None,
+        storage=storage,
+        runner_id=runner_id,
+        line_concurrency=2,  # type: ignore[arg-type]
+        max_lines=100,
+    )
 
 
-async def seed_batch(storage: BatchStorage, batch_id: str, lines: list[str], done: list[str],
-                     status: BatchStatus) -> None:
+async def seed_batch(
+    storage: BatchStorage, batch_id: str, lines: list[str], done: list[str], status: BatchStatus
+) -> None:
     """A batch over `lines` that a runner left in `status` with the results of `done` stored."""
-    data = "".join(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions",
-                               "body": {"model": "m", "prompt": "p"}}) + "\n" for cid in lines).encode()
-    await storage.files.put(FileRecord(id=f"file-{batch_id}", filename="in.jsonl", purpose=FilePurpose.BATCH,
-                                       bytes=0, created_at=0, owner="o"), io.BytesIO(data))
+    data = "".join(
+        json.dumps(
+            {"custom_id": cid, "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "p"}}
+        )
+        + "\n"
+        for cid in lines
+    ).encode()
+    await storage.files.put(
+        FileRecord(
+            id=f"file-{batch_id}", filename="in.jsonl", purpose=FilePurpose.BATCH, bytes=0, created_at=0, owner="o"
+        ),
+        io.BytesIO(data),
+    )
     now = int(time.time())
-    job = BatchJob(id=batch_id, owner="o", endpoint="/v1/completions", input_file_id=f"file-{batch_id}",
-                   completion_window="24h", created_at=now, expires_at=now + 3600)
+    job = BatchJob(
+        id=batch_id,
+        owner="o",
+        endpoint="/v1/completions",
+        input_file_id=f"file-{batch_id}",
+        completion_window="24h",
+        created_at=now,
+        expires_at=now + 3600,
+    )
     await storage.jobs.create(job.transition(BatchStatus.IN_PROGRESS, now).transition(status, now))
     for cid in done:
         await storage.results.put_once(batch_id, LineResult(custom_id=cid, status_code=200, body={"id": cid}))

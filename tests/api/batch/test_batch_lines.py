@@ -26,12 +26,29 @@ def verdicts(raw_lines: list[bytes]) -> list[str]:
 
 
 def test_each_kind_of_bad_line_gets_its_own_code() -> None:
-    assert verdicts([
-        line("a"), b"{oops", b"[1]", line(None), line("a"), line("b", url="/v1/completions"),
-        line("c", model="m"), line("d", model="m", messages=[{"role": "user", "content": "x"}], stream=True),
-        line("e\n"),
-    ]) == ["ok", "invalid_json", "invalid_request", "missing_custom_id", "duplicate_custom_id", "invalid_url",
-           "invalid_request", "invalid_request", "invalid_custom_id"]
+    assert verdicts(
+        [
+            line("a"),
+            b"{oops",
+            b"[1]",
+            line(None),
+            line("a"),
+            line("b", url="/v1/completions"),
+            line("c", model="m"),
+            line("d", model="m", messages=[{"role": "user", "content": "x"}], stream=True),
+            line("e\n"),
+        ]
+    ) == [
+        "ok",
+        "invalid_json",
+        "invalid_request",
+        "missing_custom_id",
+        "duplicate_custom_id",
+        "invalid_url",
+        "invalid_request",
+        "invalid_request",
+        "invalid_custom_id",
+    ]
 
 
 def test_the_same_file_gets_the_same_verdicts_twice() -> None:
@@ -68,8 +85,17 @@ def test_judging_a_100k_line_file_holds_one_line_at_a_time(tmp_path) -> None:
     padding = " ".join(f"word{j}" for j in range(120))
     with path.open("w") as target:
         for i in range(100_000):
-            target.write(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/completions",
-                                     "body": {"model": "m", "prompt": f"{i} {padding}", "max_tokens": 2}}) + "\n")
+            target.write(
+                json.dumps(
+                    {
+                        "custom_id": f"line-{i}",
+                        "method": "POST",
+                        "url": "/v1/completions",
+                        "body": {"model": "m", "prompt": f"{i} {padding}", "max_tokens": 2},
+                    }
+                )
+                + "\n"
+            )
     assert path.stat().st_size > 80_000_000
     parser = LineParser("/v1/completions")
     tracemalloc.start()

@@ -32,9 +32,20 @@ def test_top_k_or_top_p_alone_sample_at_temperature_one() -> None:
 
 
 def test_fields_map_onto_sampling_params() -> None:
-    body = AlephCompleteRequest.model_validate(client_body(
-        maximum_tokens=9, minimum_tokens=2, presence_penalty=0.5, frequency_penalty=0.25, n=2, best_of=3,
-        logit_bias={42: -3.0}, log_probs=1, stop_sequences=["\n"], echo=True))
+    body = AlephCompleteRequest.model_validate(
+        client_body(
+            maximum_tokens=9,
+            minimum_tokens=2,
+            presence_penalty=0.5,
+            frequency_penalty=0.25,
+            n=2,
+            best_of=3,
+            logit_bias={42: -3.0},
+            log_probs=1,
+            stop_sequences=["\n"],
+            echo=True,
+        )
+    )
     sampling = body.sampling()
     assert (sampling.min_tokens, sampling.n, sampling.best_of, sampling.logit_bias) == (2, 2, 3, {42: -3.0})
     assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.stop) == (0.5, 0.25, ["\n"])
@@ -46,13 +57,16 @@ def test_penalties_that_count_nothing_are_off() -> None:
     assert AlephCompleteRequest.model_validate(body).sampling().presence_penalty == 0.0
 
 
-@pytest.mark.parametrize(("fields", "needle"), [
-    ({"sequence_penalty": 0.3}, "sequence_penalty"),
-    ({"frequency_penalty": 0.3, "use_multiplicative_frequency_penalty": True}, "multiplicative"),
-    ({"presence_penalty": 0.3, "penalty_exceptions": ["\n"]}, "penalty_exceptions"),
-    ({"completion_bias_exclusion": ["no"]}, "completion_bias"),
-    ({"steering_concepts": ["x"]}, "steering_concepts"),
-])
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"sequence_penalty": 0.3}, "sequence_penalty"),
+        ({"frequency_penalty": 0.3, "use_multiplicative_frequency_penalty": True}, "multiplicative"),
+        ({"presence_penalty": 0.3, "penalty_exceptions": ["\n"]}, "penalty_exceptions"),
+        ({"completion_bias_exclusion": ["no"]}, "completion_bias"),
+        ({"steering_concepts": ["x"]}, "steering_concepts"),
+    ],
+)
 def test_what_would_change_the_result_is_refused(fields: dict, needle: str) -> None:
     with pytest.raises(ValidationError, match=needle):
         AlephCompleteRequest.model_validate(client_body(**fields))
@@ -60,9 +74,13 @@ def test_what_would_change_the_result_is_refused(fields: dict, needle: str) -> N
 
 def test_harmless_defaults_and_unknown_fields_pass() -> None:
     # multiplicative flags without a penalty, disable_optimizations, hosting and a future field change nothing
-    AlephCompleteRequest.model_validate({**client_body(use_multiplicative_presence_penalty=True,
-                                                       disable_optimizations=True), "hosting": "aleph-alpha",
-                                         "some_future_flag": True})
+    AlephCompleteRequest.model_validate(
+        {
+            **client_body(use_multiplicative_presence_penalty=True, disable_optimizations=True),
+            "hosting": "aleph-alpha",
+            "some_future_flag": True,
+        }
+    )
 
 
 def test_prompt_items() -> None:
@@ -78,11 +96,20 @@ def test_prompt_token_ids_join_text_and_token_items(smollm2_tokenizer_dir: Path)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    body = AlephCompleteRequest(model="m", prompt=[{"type": "text", "data": "Hello"},
-                                                   {"type": "token_ids", "data": [7, 8]},
-                                                   {"type": "text", "data": " world"}])
-    assert prompt_token_ids(body.prompt, tokenizer) == [*tokenizer.encode("Hello"), 7, 8,
-                                                        *tokenizer.encode(" world", add_special_tokens=False)]
+    body = AlephCompleteRequest(
+        model="m",
+        prompt=[
+            {"type": "text", "data": "Hello"},
+            {"type": "token_ids", "data": [7, 8]},
+            {"type": "text", "data": " world"},
+        ],
+    )
+    assert prompt_token_ids(body.prompt, tokenizer) == [
+        *tokenizer.encode("Hello"),
+        7,
+        8,
+        *tokenizer.encode(" world", add_special_tokens=False),
+    ]
     assert prompt_token_ids("Hello", tokenizer) == tokenizer.encode("Hello")
 
 
@@ -93,7 +120,13 @@ def test_finish_reason_vocabulary() -> None:
 
 
 def test_log_probs_body_lists_the_chosen_token_and_alternatives() -> None:
-    entry = TokenLogprob(token_id=5, token=" a", logprob=-0.5,
-                         top=[TopLogprob(token_id=5, token=" a", logprob=-0.5),
-                              TopLogprob(token_id=6, token=" b", logprob=float("-inf"))])
+    entry = TokenLogprob(
+        token_id=5,
+        token=" a",
+        logprob=-0.5,
+        top=[
+            TopLogprob(token_id=5, token=" a", logprob=-0.5),
+            TopLogprob(token_id=6, token=" b", logprob=float("-inf")),
+        ],
+    )
     assert log_probs_body([None, entry], unscored_token="Hi") == [{"Hi": None}, {" a": -0.5, " b": -9999.0}]

@@ -7,20 +7,40 @@ from contracts import DeviceInfo, WorkerInfo
 
 
 def worker(worker_id: str, device: DeviceInfo, *, host: str = "h1", model: str = "m", updated_at: float = 1.0):
-    return WorkerInfo(worker_id=worker_id, model=model, model_source="/models/m", max_model_len=512, capacity=8,
-                      device=device, dtype="bfloat16", host=host, pid=1, started_at=0.0, updated_at=updated_at,
-                      tokenizer_object="tok")
+    return WorkerInfo(
+        worker_id=worker_id,
+        model=model,
+        model_source="/models/m",
+        max_model_len=512,
+        capacity=8,
+        device=device,
+        dtype="bfloat16",
+        host=host,
+        pid=1,
+        started_at=0.0,
+        updated_at=updated_at,
+        tokenizer_object="tok",
+    )
 
 
-GPU0 = DeviceInfo(kind="cuda", name="NVIDIA GeForce RTX 4090", index=0, total_memory_gb=24.0, free_memory_gb=20.0,
-                  compute_capability="8.9", cuda_version="12.4")
+GPU0 = DeviceInfo(
+    kind="cuda",
+    name="NVIDIA GeForce RTX 4090",
+    index=0,
+    total_memory_gb=24.0,
+    free_memory_gb=20.0,
+    compute_capability="8.9",
+    cuda_version="12.4",
+)
 
 
 def test_cpu_only_workers_list_no_gpus() -> None:
     cpu = DeviceInfo(kind="cpu", name="AMD EPYC")
     workers = [worker("w1", cpu), worker("w2", cpu)]
-    assert gpu_info(workers) == {"gpus": [], "cpu": [{"name": "AMD EPYC", "host": "h1", "models": ["m"],
-                                                      "workers": ["w1", "w2"]}]}
+    assert gpu_info(workers) == {
+        "gpus": [],
+        "cpu": [{"name": "AMD EPYC", "host": "h1", "models": ["m"], "workers": ["w1", "w2"]}],
+    }
     assert gpu_count(workers) == 0
     assert gpu_info([]) == {"gpus": [], "cpu": []}
 

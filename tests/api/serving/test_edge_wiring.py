@@ -37,7 +37,9 @@ def test_without_a_meter_the_shared_services_are_handed_over_as_they_are() -> No
 
 
 def test_the_framing_modules_import_nothing_from_serving() -> None:
-    probe = ("import sys, api.streaming, api.disconnects; "
-             "print(sorted(name for name in sys.modules if name.startswith('api.serving')))")
+    probe = (
+        "import sys, api.streaming, api.disconnects; "
+        "print(sorted(name for name in sys.modules if name.startswith('api.serving')))"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]"

@@ -60,8 +60,13 @@ class HeldTokens:
 
 
 def request(max_tokens: int = 3, n: int = 1) -> GenerateRequest:
-    return GenerateRequest(request_id="r", model="m", prompt_token_ids=[1, 2], reply_subject="inf.tok.e.r",
-                           sampling=SamplingParams(max_tokens=max_tokens, n=n))
+    return GenerateRequest(
+        request_id="r",
+        model="m",
+        prompt_token_ids=[1, 2],
+        reply_subject="inf.tok.e.r",
+        sampling=SamplingParams(max_tokens=max_tokens, n=n),
+    )
 
 
 def accepted(attempt: int = 1, resumed: int = 0) -> Accepted:
@@ -69,8 +74,12 @@ def accepted(attempt: int = 1, resumed: int = 0) -> Accepted:
 
 
 def tokens(seq: int, token: int, attempt: int = 1, finish: FinishReason | None = None) -> Tokens:
-    return Tokens(request_id="r", attempt=attempt, seq=seq,
-                  choices=[ChoiceDelta(index=0, text=f" t{token}", token_ids=[token], finish_reason=finish)])
+    return Tokens(
+        request_id="r",
+        attempt=attempt,
+        seq=seq,
+        choices=[ChoiceDelta(index=0, text=f" t{token}", token_ids=[token], finish_reason=finish)],
+    )
 
 
 def end(seq: int, completion: int, attempt: int = 1) -> End:
@@ -104,8 +113,12 @@ async def test_accepted_tokens_end_walks_queued_streaming_finished() -> None:
     events.put_nowait(tokens(1, 10))
     first = await anext(stream)
     assert token_ids([first]) == [10] and generation.state is GenerationState.STREAMING
-    for event in (Heartbeat(request_id="r", seq=2), tokens(3, 11), tokens(4, 12, finish=FinishReason.LENGTH),
-                  end(5, 3)):
+    for event in (
+        Heartbeat(request_id="r", seq=2),
+        tokens(3, 11),
+        tokens(4, 12, finish=FinishReason.LENGTH),
+        end(5, 3),
+    ):
         events.put_nowait(event)
     rest = [event async for event in stream]
     assert token_ids(rest) == [11, 12] and rest[-1].kind == "end"  # the heartbeat is not handed over
@@ -125,8 +138,13 @@ async def test_a_silent_worker_is_replaced_by_a_resubmission_from_the_delivered_
     [resubmitted] = engine.published
     assert (resubmitted.attempt, resubmitted.resume_token_ids) == (2, [10, 11])
     assert generation.state is GenerationState.QUEUED and generation.request.attempt == 2
-    for event in (tokens(3, 99), accepted(2, resumed=2), tokens(1, 12, attempt=2),
-                  tokens(2, 13, attempt=2, finish=FinishReason.LENGTH), end(3, 4, attempt=2)):
+    for event in (
+        tokens(3, 99),
+        accepted(2, resumed=2),
+        tokens(1, 12, attempt=2),
+        tokens(2, 13, attempt=2, finish=FinishReason.LENGTH),
+        end(3, 4, attempt=2),
+    ):
         events.put_nowait(event)  # the first worker's late token (99) belongs to a superseded attempt
     received.append(await next_event)
     received += [event async for event in stream]
@@ -177,8 +195,12 @@ async def test_an_attempt_another_edge_queued_that_never_shows_up_is_resubmitted
     waiting = asyncio.ensure_future(anext(stream))
     await until(lambda: len(engine.published) == 2)  # a queue timeout after the duplicate: the next attempt
     assert [r.attempt for r in engine.published] == [2, 3] and generation.state is GenerationState.QUEUED
-    for event in (accepted(3, resumed=1), tokens(1, 11, attempt=3), tokens(2, 12, attempt=3, finish="length"),
-                  end(3, 3, attempt=3)):
+    for event in (
+        accepted(3, resumed=1),
+        tokens(1, 11, attempt=3),
+        tokens(2, 12, attempt=3, finish="length"),
+        end(3, 3, attempt=3),
+    ):
         events.put_nowait(event)
     received = [await waiting] + [event async for event in stream]
     assert token_ids(received) == [11, 12]
@@ -207,8 +229,9 @@ async def test_an_error_event_raises_its_error_and_cancels_nothing() -> None:
 
 async def test_a_client_leaving_cancels_the_attempt_and_settles_what_was_spent() -> None:
     engine, held = ScriptedEngine(), HeldTokens()
-    generation = Generation(engine, request(max_tokens=8), scripted(accepted(), tokens(1, 10), tokens(2, 11)),
-                            reservation=held)
+    generation = Generation(
+        engine, request(max_tokens=8), scripted(accepted(), tokens(1, 10), tokens(2, 11)), reservation=held
+    )
     stream = aiter(generation)
     await anext(stream)
     await stream.aclose()  # the client went away after one token
@@ -243,8 +266,12 @@ async def test_a_follower_continues_a_request_abandoned_by_its_previous_client()
     events.put_nowait(end(3, 1))  # the worker ended the cancelled attempt: not this client's end
     await until(lambda: engine.published)
     assert engine.published[0].resume_token_ids == [10] and generation.state is GenerationState.QUEUED
-    for event in (accepted(2, resumed=1), tokens(1, 11, attempt=2), tokens(2, 12, attempt=2, finish="length"),
-                  end(3, 3, attempt=2)):
+    for event in (
+        accepted(2, resumed=1),
+        tokens(1, 11, attempt=2),
+        tokens(2, 12, attempt=2, finish="length"),
+        end(3, 3, attempt=2),
+    ):
         events.put_nowait(event)
     received = [await waiting] + [event async for event in stream]
     assert token_ids(received) == [11, 12] and received[-1].kind == "end"

@@ -16,8 +16,13 @@ def _histogram(counts: list[int], total: float) -> HistogramSnapshot:
 
 def _worker(worker_id: str, **fields) -> WorkerMetrics:
     defaults = {
-        "model": "m", "sent_at": 0.0, "num_requests_running": 2, "num_requests_waiting": 1, "prompt_tokens_total": 30,
-        "generation_tokens_total": 12, "request_success_total": {"length": 3},
+        "model": "m",
+        "sent_at": 0.0,
+        "num_requests_running": 2,
+        "num_requests_waiting": 1,
+        "prompt_tokens_total": 30,
+        "generation_tokens_total": 12,
+        "request_success_total": {"length": 3},
         "time_to_first_token_seconds": _histogram([1, 2, 0], 1.7),
         "inter_token_latency_seconds": _histogram([9, 0, 0], 0.2),
         "e2e_request_latency_seconds": _histogram([0, 1, 2], 9.0),
@@ -27,13 +32,24 @@ def _worker(worker_id: str, **fields) -> WorkerMetrics:
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset], float]:
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def test_fleet_exposition() -> None:
-    workers = [_worker("w1", kv_cache_usage_perc=0.5, num_preemptions_total=4,
-                       spec_decode_num_draft_tokens_total=50, spec_decode_num_accepted_tokens_total=35), _worker("w2")]
+    workers = [
+        _worker(
+            "w1",
+            kv_cache_usage_perc=0.5,
+            num_preemptions_total=4,
+            spec_decode_num_draft_tokens_total=50,
+            spec_decode_num_accepted_tokens_total=35,
+        ),
+        _worker("w2"),
+    ]
     text = render(workers, [QueueBacklog("m", Lane.INTERACTIVE, 7), QueueBacklog("m", Lane.BATCH, 0)]).decode()
     samples = _samples(text)
     w1 = {("model_name", "m"), ("worker_id", "w1")}
@@ -52,8 +68,10 @@ def test_fleet_exposition() -> None:
     assert value("inferq:spec_decode_num_accepted_tokens_total", w1) == 35
     # The sim-like worker without a KV cache has no such series.
     assert ("inferq:kv_cache_usage_perc", frozenset({("model_name", "m"), ("worker_id", "w2")})) not in samples
-    assert ("inferq:spec_decode_num_draft_tokens_total", frozenset({("model_name", "m"), ("worker_id", "w2")})) \
-        not in samples
+    assert (
+        "inferq:spec_decode_num_draft_tokens_total",
+        frozenset({("model_name", "m"), ("worker_id", "w2")}),
+    ) not in samples
     # Buckets are cumulative and end at +Inf = count.
     assert value("inferq:time_to_first_token_seconds_bucket", w1 | {("le", "0.1")}) == 1
     assert value("inferq:time_to_first_token_seconds_bucket", w1 | {("le", "1.0")}) == 3
@@ -64,8 +82,12 @@ def test_fleet_exposition() -> None:
     assert value("inferq:num_requests_waiting", {("model_name", "m"), ("lane", "interactive")}) == 7
     assert value("inferq:num_requests_waiting", {("model_name", "m"), ("lane", "batch")}) == 0
     assert value("inferq:num_requests_waiting", w1 | {("lane", "worker")}) == 1
-    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
-                 "request_queue_time_seconds"):
+    for name in (
+        "time_to_first_token_seconds",
+        "inter_token_latency_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
+    ):
         assert f"# TYPE inferq:{name} histogram" in text
     assert "# TYPE inferq:generation_tokens_total counter" in text
 

@@ -69,8 +69,13 @@ def client() -> QueuedClient:
 
 
 def request(request_id: str = "r") -> GenerateRequest:
-    return GenerateRequest(request_id=request_id, model="m", prompt_token_ids=[1, 2, 3], reply_subject="x",
-                           sampling=SamplingParams(max_tokens=7, n=2))
+    return GenerateRequest(
+        request_id=request_id,
+        model="m",
+        prompt_token_ids=[1, 2, 3],
+        reply_subject="x",
+        sampling=SamplingParams(max_tokens=7, n=2),
+    )
 
 
 async def test_the_charging_variant_reserves_from_its_meter_and_settles_on_close() -> None:

@@ -18,28 +18,41 @@ def test_a_string_is_one_user_message() -> None:
 
 
 def test_messages_keep_roles_and_parts_and_render_in_order() -> None:
-    items = normalise_input([
-        {"role": "developer", "content": "Be brief."},
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"},
-                                                       {"type": "input_text", "text": "b"}]},
-        {"role": "assistant", "content": "c", "id": "msg_given"},
-    ], [])
+    items = normalise_input(
+        [
+            {"role": "developer", "content": "Be brief."},
+            {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}],
+            },
+            {"role": "assistant", "content": "c", "id": "msg_given"},
+        ],
+        [],
+    )
     assert [item["role"] for item in items] == ["developer", "user", "assistant"]
     assert items[2]["id"] == "msg_given" and items[2]["content"][0]["type"] == "output_text"
     messages = chat_messages("Rules.", items)
-    assert [(m.role, m.text()) for m in messages] == [("system", "Rules."), ("system", "Be brief."),
-                                                      ("user", "ab"), ("assistant", "c")]
+    assert [(m.role, m.text()) for m in messages] == [
+        ("system", "Rules."),
+        ("system", "Be brief."),
+        ("user", "ab"),
+        ("assistant", "c"),
+    ]
 
 
-@pytest.mark.parametrize(("given", "words"), [
-    ([{"type": "reasoning", "id": "r"}], "unknown item type 'reasoning'"),
-    ([{"foo": 1}], "unknown item type None"),
-    ([{"role": "tool", "content": "x"}], "input[0].role"),
-    ([{"role": "user", "content": []}], "input[0].content"),
-    ([{"role": "user", "content": [{"type": "input_image"}]}], "'input_image' is not supported"),
-    ([{"type": "function_call_output", "call_id": "c9", "output": "1"}], "has no function_call before it"),
-    ([{"type": "function_call", "call_id": "c1"}], "needs a name and arguments"),
-])
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [
+        ([{"type": "reasoning", "id": "r"}], "unknown item type 'reasoning'"),
+        ([{"foo": 1}], "unknown item type None"),
+        ([{"role": "tool", "content": "x"}], "input[0].role"),
+        ([{"role": "user", "content": []}], "input[0].content"),
+        ([{"role": "user", "content": [{"type": "input_image"}]}], "'input_image' is not supported"),
+        ([{"type": "function_call_output", "call_id": "c9", "output": "1"}], "has no function_call before it"),
+        ([{"type": "function_call", "call_id": "c1"}], "needs a name and arguments"),
+    ],
+)
 def test_bad_items_are_400s_naming_the_item(given, words) -> None:
     with pytest.raises(ApiError) as caught:
         normalise_input(given, [])
@@ -54,19 +67,29 @@ def test_a_function_call_output_finds_its_call_in_earlier_turns_but_is_not_rende
         chat_messages(None, [*earlier, output])
 
 
-@pytest.mark.parametrize("fields", [
-    {"tools": [{"type": "function", "name": "f"}]},
-    {"tools": [{"type": "function", "name": "f"}], "tool_choice": "required"},
-    {"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}},
-    {"text": {"format": {"type": "json_object"}}},
-    {"background": True, "store": False},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tools": [{"type": "function", "name": "f"}]},
+        {"tools": [{"type": "function", "name": "f"}], "tool_choice": "required"},
+        {"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}},
+        {"text": {"format": {"type": "json_object"}}},
+        {"background": True, "store": False},
+    ],
+)
 def test_requests_needing_what_is_not_there_are_refused(fields) -> None:
     with pytest.raises(ValidationError):
         ResponseRequest(model="m", input="hi", **fields)
 
 
 def test_tools_with_tool_choice_none_and_a_text_format_are_fine() -> None:
-    body = ResponseRequest(model="m", input="hi", tools=[{"type": "function", "name": "f"}], tool_choice="none",
-                           text={"format": {"type": "text"}}, max_output_tokens=5, temperature=0)
+    body = ResponseRequest(
+        model="m",
+        input="hi",
+        tools=[{"type": "function", "name": "f"}],
+        tool_choice="none",
+        text={"format": {"type": "text"}},
+        max_output_tokens=5,
+        temperature=0,
+    )
     assert body.sampling().max_tokens == 5 and body.echoed()["tool_choice"] == "none"

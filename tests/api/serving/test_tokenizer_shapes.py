@@ -25,8 +25,10 @@ def tokenizer(smollm2_tokenizer_dir: Path):
 
 
 def test_the_body_picks_the_api() -> None:
-    assert isinstance(TOKENIZE.validate_python({"model": "m", "prompt": "x", "tokens": True, "token_ids": False}),
-                      AlephTokenizeRequest)
+    assert isinstance(
+        TOKENIZE.validate_python({"model": "m", "prompt": "x", "tokens": True, "token_ids": False}),
+        AlephTokenizeRequest,
+    )
     assert isinstance(TOKENIZE.validate_python({"prompt": "x", "return_token_strs": True}), TokenizeRequest)
     assert isinstance(TOKENIZE.validate_python({"text": "x"}), TokenizeRequest)
     assert isinstance(TOKENIZE.validate_python({"messages": [{"role": "user", "content": "x"}]}), TokenizeRequest)
@@ -34,9 +36,16 @@ def test_the_body_picks_the_api() -> None:
     assert isinstance(DETOKENIZE.validate_python({"tokens": [1]}), DetokenizeRequest)
 
 
-@pytest.mark.parametrize("body", [{}, {"prompt": "a", "messages": [{"role": "user", "content": "b"}]},
-                                  {"prompt": "x", "tokens": True},  # Aleph Alpha's needs a model
-                                  {"prompt": "x", "tools": [{"type": "function"}]}, [1, 2]])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"prompt": "a", "messages": [{"role": "user", "content": "b"}]},
+        {"prompt": "x", "tokens": True},  # Aleph Alpha's needs a model
+        {"prompt": "x", "tools": [{"type": "function"}]},
+        [1, 2],
+    ],
+)
 def test_bodies_that_fit_no_api_are_refused(body) -> None:
     with pytest.raises(ValidationError):
         TOKENIZE.validate_python(body)
@@ -45,7 +54,11 @@ def test_bodies_that_fit_no_api_are_refused(body) -> None:
 def test_shapers(tokenizer) -> None:
     ids = tokenizer.encode("Hello world")
     assert vllm_tokens(tokenizer, ids, max_model_len=8, return_token_strs=True) == {
-        "count": 2, "max_model_len": 8, "tokens": ids, "token_strs": ["Hello", "Ġworld"]}
+        "count": 2,
+        "max_model_len": 8,
+        "tokens": ids,
+        "token_strs": ["Hello", "Ġworld"],
+    }
     assert vllm_tokens(tokenizer, ids, max_model_len=8, return_token_strs=False)["token_strs"] is None
     assert seed_tokens(tokenizer, ids) == {"tokens": ids, "token_strings": ["Hello", " world"], "token_count": 2}
     assert aleph_tokens(tokenizer, ids, tokens=True, token_ids=False) == {"tokens": ["Hello", "Ġworld"]}
@@ -57,6 +70,9 @@ def test_render_chat_equals_the_template_tokenized(tokenizer) -> None:
     expected = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
     rendered = render_chat([ChatMessage(**m) for m in messages], tokenizer)
     assert rendered == list(expected)
-    continued = render_chat([ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hel")],
-                            tokenizer, continue_final_message=True)
+    continued = render_chat(
+        [ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hel")],
+        tokenizer,
+        continue_final_message=True,
+    )
     assert tokenizer.decode(continued).endswith("Hel")

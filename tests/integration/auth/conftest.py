@@ -30,10 +30,12 @@ def auth_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats
 
 
 @pytest.fixture(scope="package")
-def auth_settings(base_settings: Settings, auth_nats: EmbeddedNatsServer,
-                  tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return base_settings.model_copy(update={"nats_url": auth_nats.url, "auth": "on",
-                                            "data_dir": tmp_path_factory.mktemp("auth-data")})
+def auth_settings(
+    base_settings: Settings, auth_nats: EmbeddedNatsServer, tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
+    return base_settings.model_copy(
+        update={"nats_url": auth_nats.url, "auth": "on", "data_dir": tmp_path_factory.mktemp("auth-data")}
+    )
 
 
 @pytest.fixture(scope="package")
@@ -65,13 +67,18 @@ def api_on(replicas: list[ApiServer]) -> ApiServer:
 async def accounts(auth_settings: Settings, auth_nats: EmbeddedNatsServer) -> AsyncIterator[Accounts]:
     async with connect(auth_nats.url, "auth-tests") as nc:
         js = nc.jetstream()
-        yield Accounts(await AccountStore.open(js), await RateLimiter.open(js), default_limits(auth_settings),
-                       auth_settings.login_token_ttl_s)
+        yield Accounts(
+            await AccountStore.open(js),
+            await RateLimiter.open(js),
+            default_limits(auth_settings),
+            auth_settings.login_token_ttl_s,
+        )
 
 
 @pytest.fixture(scope="package")
 def make_key(accounts: Accounts):
     """`await make_key(role, limits)` → a fresh key (unlimited unless limits are given)."""
+
     async def make(role: Role = Role.CLIENT, limits: RateLimits | None = UNLIMITED, name: str = "test") -> str:
         _, key = await accounts.create_key(name, role, limits)
         return key

@@ -76,8 +76,9 @@ async def test_websocket_handshakes_are_refused_without_the_role(api_on, role_ke
                 pass
         assert refused.value.response.status_code == 403  # a close before accept fails the handshake
     async with ws_connect(url, additional_headers=headers(role_keys[Role.CLIENT])) as ws:
-        await ws.send(json.dumps({"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}],
-                                  "max_tokens": 2}))
+        await ws.send(
+            json.dumps({"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        )
         while (await ws.recv()) != "[DONE]":
             pass
 
@@ -90,8 +91,9 @@ async def test_login_token_works_until_logout_on_every_replica(replicas, account
         unknown = await first.post("/users/me/token", json={"email": "dan@example.org", "password": "nope"})
         assert wrong.status_code == unknown.status_code == 401
         assert wrong.json()["error"]["message"] == unknown.json()["error"]["message"]
-        login = await first.post("/users/me/token", json={"email": "carol@example.org",
-                                                          "password": "correct horse battery"})
+        login = await first.post(
+            "/users/me/token", json={"email": "carol@example.org", "password": "correct horse battery"}
+        )
         assert login.status_code == 200 and login.json()["role"] == "client"
         token = login.json()["token"]
         assert (await second.get("/v1/models", headers=headers(token))).status_code == 200
@@ -103,8 +105,13 @@ async def test_login_token_works_until_logout_on_every_replica(replicas, account
 async def test_expired_tokens_and_removed_users_are_refused(api_on, accounts) -> None:
     user = await accounts.add_user("erin@example.org", "correct horse battery", Role.CLIENT)
     now, secret = time.time(), new_secret()
-    expired = LoginTokenRecord(token_id=new_id(), user_id=user.user_id, secret_sha256=sha256_hex(secret),
-                               created_at=now - 120, expires_at=now - 60)
+    expired = LoginTokenRecord(
+        token_id=new_id(),
+        user_id=user.user_id,
+        secret_sha256=sha256_hex(secret),
+        created_at=now - 120,
+        expires_at=now - 60,
+    )
     await accounts.store.add_token(expired, ttl_s=60)
     token, _ = await accounts.login("erin@example.org", "correct horse battery")
     async with httpx.AsyncClient(base_url=api_on.base_url) as client:
@@ -120,8 +127,9 @@ async def test_admins_manage_keys_and_users_and_revocation_is_immediate(replicas
     admin = headers(role_keys[Role.ADMIN])
     first, second = (httpx.AsyncClient(base_url=server.base_url, headers=admin) for server in replicas)
     async with first, second:
-        created = await first.post("/admin/keys", json={"name": "ci", "role": "client",
-                                                        "limits": {"requests_per_day": None}})
+        created = await first.post(
+            "/admin/keys", json={"name": "ci", "role": "client", "limits": {"requests_per_day": None}}
+        )
         assert created.status_code == 201
         body = created.json()
         assert body["limits"] == {"requests_per_minute": 60, "tokens_per_minute": 150_000, "requests_per_day": None}
@@ -132,8 +140,9 @@ async def test_admins_manage_keys_and_users_and_revocation_is_immediate(replicas
         assert (await first.delete(f"/admin/keys/{body['id']}")).status_code == 200
         assert (await second.get("/v1/models", headers=headers(key))).status_code == 401
 
-        user = await first.post("/admin/users", json={"email": "fay@example.org", "password": "long enough pw",
-                                                      "role": "monitor"})
+        user = await first.post(
+            "/admin/users", json={"email": "fay@example.org", "password": "long enough pw", "role": "monitor"}
+        )
         assert user.status_code == 201 and user.json()["role"] == "monitor"
         again = await first.post("/admin/users", json={"email": "FAY@example.org", "password": "long enough pw"})
         assert again.status_code == 409

@@ -26,8 +26,9 @@ async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]
 
 
 async def test_keys_create_list_revoke(api_on, auth_nats, capsys) -> None:
-    code, out = await run(capsys, "keys", "create", "from-cli", "--role", "client", "--rpm", "2", "--nats",
-                          auth_nats.url)
+    code, out = await run(
+        capsys, "keys", "create", "from-cli", "--role", "client", "--rpm", "2", "--nats", auth_nats.url
+    )
     assert code == 0
     # Alone on its line (configured logging goes to stderr; unconfigured test logging also prints to stdout).
     [key] = [line for line in out.splitlines() if line.startswith("iq_")]
@@ -44,8 +45,11 @@ async def test_keys_create_list_revoke(api_on, auth_nats, capsys) -> None:
 
 async def test_users_add_list_remove(api_on, auth_nats, capsys, monkeypatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("a long cli password\n"))
-    assert (await run(capsys, "users", "add", "cli@example.org", "--password-stdin", "--role", "monitor",
-                      "--nats", auth_nats.url))[0] == 0
+    assert (
+        await run(
+            capsys, "users", "add", "cli@example.org", "--password-stdin", "--role", "monitor", "--nats", auth_nats.url
+        )
+    )[0] == 0
     code, listing = await run(capsys, "users", "list", "--nats", auth_nats.url)
     assert code == 0 and "cli@example.org" in listing and "monitor" in listing
     login = {"email": "cli@example.org", "password": "a long cli password"}
@@ -59,8 +63,13 @@ async def test_users_add_list_remove(api_on, auth_nats, capsys, monkeypatch) -> 
 
 
 async def test_the_inferq_command_forwards_to_the_accounts_cli(auth_nats) -> None:
-    result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ops", "keys", "list", "--nats",
-                                                      auth_nats.url], cwd=REPO_ROOT, capture_output=True, text=True,
-                                     timeout=120)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "ops", "keys", "list", "--nats", auth_nats.url],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ID")  # logs went to stderr

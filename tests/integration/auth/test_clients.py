@@ -26,11 +26,11 @@ async def credentials(accounts, make_key) -> dict[str, str]:
 
 @pytest.mark.parametrize("kind", ["api key", "login token"])
 async def test_openai_sdk(api_on, credentials, kind) -> None:
-    async with openai.AsyncOpenAI(base_url=f"{api_on.base_url}/v1", api_key=credentials[kind],
-                                  max_retries=0) as sdk:
+    async with openai.AsyncOpenAI(base_url=f"{api_on.base_url}/v1", api_key=credentials[kind], max_retries=0) as sdk:
         assert [model.id async for model in sdk.models.list()] == [TINY_MODEL_NAME]
-        chat = await sdk.chat.completions.create(model=TINY_MODEL_NAME, max_tokens=3,
-                                                 messages=[{"role": "user", "content": "Hi"}])
+        chat = await sdk.chat.completions.create(
+            model=TINY_MODEL_NAME, max_tokens=3, messages=[{"role": "user", "content": "Hi"}]
+        )
         assert chat.usage.completion_tokens == 3
         raw = await sdk.completions.with_raw_response.create(model=TINY_MODEL_NAME, prompt="Hi", max_tokens=2)
         assert raw.headers["x-ratelimit-limit-requests"] == "60"  # the server's defaults apply
@@ -47,11 +47,13 @@ async def test_openai_sdk_with_a_wrong_key(api_on) -> None:
 async def test_aleph_alpha_client(api_on, credentials, kind) -> None:
     async with aa.AsyncClient(token=credentials[kind], host=api_on.base_url, total_retries=0) as client:
         await client.validate_version()
-        tokens = await client.tokenize(aa.TokenizationRequest("Hello world", tokens=True, token_ids=True),
-                                       model=TINY_MODEL_NAME)
+        tokens = await client.tokenize(
+            aa.TokenizationRequest("Hello world", tokens=True, token_ids=True), model=TINY_MODEL_NAME
+        )
         assert tokens.token_ids
-        completion = await client.complete(aa.CompletionRequest(prompt=aa.Prompt.from_text("Hello"),
-                                                                maximum_tokens=2), model=TINY_MODEL_NAME)
+        completion = await client.complete(
+            aa.CompletionRequest(prompt=aa.Prompt.from_text("Hello"), maximum_tokens=2), model=TINY_MODEL_NAME
+        )
         assert completion.num_tokens_generated == 2
     sync = aa.Client(token=credentials[kind], host=api_on.base_url, total_retries=0)
     assert [model["name"] for model in await asyncio.to_thread(sync.models)] == [TINY_MODEL_NAME]
@@ -66,14 +68,18 @@ async def test_aleph_alpha_client_with_a_wrong_token(api_on) -> None:
 @pytest.mark.parametrize("kind", ["api key", "login token"])
 async def test_anthropic_sdk(api_on, credentials, kind) -> None:
     # `api_key` is sent as x-api-key (what Anthropic's SDKs use), `auth_token` as a bearer credential.
-    for sdk in (anthropic.AsyncAnthropic(base_url=api_on.base_url, api_key=credentials[kind], max_retries=0),
-                anthropic.AsyncAnthropic(base_url=api_on.base_url, auth_token=credentials[kind], max_retries=0)):
+    for sdk in (
+        anthropic.AsyncAnthropic(base_url=api_on.base_url, api_key=credentials[kind], max_retries=0),
+        anthropic.AsyncAnthropic(base_url=api_on.base_url, auth_token=credentials[kind], max_retries=0),
+    ):
         async with sdk:
-            message = await sdk.messages.create(model=TINY_MODEL_NAME, max_tokens=2,
-                                                messages=[{"role": "user", "content": "Hi"}])
+            message = await sdk.messages.create(
+                model=TINY_MODEL_NAME, max_tokens=2, messages=[{"role": "user", "content": "Hi"}]
+            )
             assert message.usage.output_tokens == 2
-            counted = await sdk.messages.count_tokens(model=TINY_MODEL_NAME,
-                                                      messages=[{"role": "user", "content": "Hi"}])
+            counted = await sdk.messages.count_tokens(
+                model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "Hi"}]
+            )
             assert counted.input_tokens == message.usage.input_tokens
 
 

@@ -56,14 +56,17 @@ async def test_two_replicas_share_one_budget_under_concurrent_load(replicas, mak
     statuses = [response.status_code for response in responses]
     assert statuses.count(200) == limit and statuses.count(429) == 16 - limit
     assert {response.url.port for response in responses if response.status_code == 200} <= {
-        server.settings.port for server in replicas}
+        server.settings.port for server in replicas
+    }
 
 
 async def test_tokens_are_reserved_then_settled_to_the_usage(replicas, make_key, now) -> None:
     key = await make_key(Role.CLIENT, RateLimits(tokens_per_minute=1_000))
     async with httpx.AsyncClient(base_url=replicas[0].base_url, headers=headers(key), timeout=60) as client:
-        response = await client.post("/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "Hello there",
-                                                              "max_tokens": 300, "ignore_eos": True})
+        response = await client.post(
+            "/v1/completions",
+            json={"model": TINY_MODEL_NAME, "prompt": "Hello there", "max_tokens": 300, "ignore_eos": True},
+        )
     assert response.status_code == 200
     used = response.json()["usage"]["total_tokens"]
     assert response.headers["x-ratelimit-remaining-tokens"] == str(1_000 - used)  # not 1000 - (prompt + 300)
@@ -71,8 +74,9 @@ async def test_tokens_are_reserved_then_settled_to_the_usage(replicas, make_key,
 
     # A stream is settled when it ends, on whichever replica served it; the other replica sees the result.
     sdk = openai.AsyncOpenAI(base_url=f"{replicas[1].base_url}/v1", api_key=key, max_retries=0)
-    stream = await sdk.completions.create(model=TINY_MODEL_NAME, prompt="Hello there", max_tokens=5, stream=True,
-                                          stream_options={"include_usage": True})
+    stream = await sdk.completions.create(
+        model=TINY_MODEL_NAME, prompt="Hello there", max_tokens=5, stream=True, stream_options={"include_usage": True}
+    )
     streamed = [chunk async for chunk in stream][-1].usage.total_tokens
     async with httpx.AsyncClient(base_url=replicas[0].base_url, headers=headers(key)) as client:
         after = await client.get("/v1/models")
@@ -82,23 +86,28 @@ async def test_tokens_are_reserved_then_settled_to_the_usage(replicas, make_key,
 async def test_a_reservation_over_the_token_budget_is_refused_before_queueing(replicas, make_key, now) -> None:
     key = await make_key(Role.CLIENT, RateLimits(tokens_per_minute=50))
     async with httpx.AsyncClient(base_url=replicas[1].base_url, headers=headers(key)) as client:
-        response = await client.post("/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "Hello",
-                                                              "max_tokens": 100})
+        response = await client.post(
+            "/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "Hello", "max_tokens": 100}
+        )
         assert response.status_code == 429
         assert response.json()["error"]["code"] == "rate_limit_exceeded"
         assert "tokens per minute" in response.json()["error"]["message"]
         assert int(response.headers["retry-after"]) >= 1
         assert response.headers["x-ratelimit-remaining-tokens"] == "50"  # nothing was held
-        small = await client.post("/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "Hello",
-                                                           "max_tokens": 2})
+        small = await client.post(
+            "/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "Hello", "max_tokens": 2}
+        )
         assert small.status_code == 200
 
 
 async def test_login_attempts_are_limited_per_email(api_on, accounts, now) -> None:
     async with httpx.AsyncClient(base_url=api_on.base_url) as client:
-        statuses = [(await client.post("/users/me/token", json={"email": "nobody@example.org",
-                                                                "password": "guess"})).status_code
-                    for _ in range(11)]
+        statuses = [
+            (
+                await client.post("/users/me/token", json={"email": "nobody@example.org", "password": "guess"})
+            ).status_code
+            for _ in range(11)
+        ]
     assert statuses == [401] * 10 + [429]
 
 
@@ -109,8 +118,16 @@ async def test_websocket_messages_reserve_and_settle_tokens(replicas, make_key, 
         assert ws.response.headers["x-ratelimit-remaining-tokens"] == "2000"  # on the handshake
         used = 0
         for _ in range(2):
-            await ws.send(json.dumps({"model": TINY_MODEL_NAME, "prompt": "Hello", "max_tokens": 3,
-                                      "stream_options": {"include_usage": True}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "model": TINY_MODEL_NAME,
+                        "prompt": "Hello",
+                        "max_tokens": 3,
+                        "stream_options": {"include_usage": True},
+                    }
+                )
+            )
             while (message := await ws.recv()) != "[DONE]":
                 used += (json.loads(message).get("usage") or {}).get("total_tokens", 0)
     async with httpx.AsyncClient(base_url=replicas[1].base_url, headers=headers(key)) as client:
@@ -118,22 +135,29 @@ async def test_websocket_messages_reserve_and_settle_tokens(replicas, make_key, 
     assert used and after.headers["x-ratelimit-remaining-tokens"] == str(2_000 - used)
 
 
-async def test_background_work_is_charged_to_its_owner_without_refusal(api_on, auth_settings, auth_nats,
-                                                                      make_key, now) -> None:
+async def test_background_work_is_charged_to_its_owner_without_refusal(
+    api_on, auth_settings, auth_nats, make_key, now
+) -> None:
     key = await make_key(Role.CLIENT, RateLimits(tokens_per_minute=100))
     owner = f"key:{parse_bearer(key).ids[0]}"
     async with connect(auth_nats.url, "batch-runner") as nc:
         gate = AuthGate(auth_settings, clock=lambda: now)
         await gate.open(nc.jetstream())
         meter = await gate.meter_for_owner(owner)
-        held = await reserve_for(GenerateRequest(request_id="line-1", model=TINY_MODEL_NAME, reply_subject="x",
-                                                 prompt_token_ids=[1] * 90, sampling=SamplingParams(max_tokens=50)),
-                                 meter)
+        held = await reserve_for(
+            GenerateRequest(
+                request_id="line-1",
+                model=TINY_MODEL_NAME,
+                reply_subject="x",
+                prompt_token_ids=[1] * 90,
+                sampling=SamplingParams(max_tokens=50),
+            ),
+            meter,
+        )
         await held.settle(130)  # over the budget, and still not refused: a batch line must not fail for it
         assert await gate.meter_for_owner("key:0000000000000000") is None  # revoked or unknown: nothing to charge
     async with httpx.AsyncClient(base_url=api_on.base_url, headers=headers(key)) as client:
-        refused = await client.post("/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "Hi",
-                                                             "max_tokens": 1})
+        refused = await client.post("/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "Hi", "max_tokens": 1})
     assert refused.status_code == 429  # interactive requests of the same owner see the spent budget
     assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
 
@@ -150,8 +174,7 @@ async def test_batch_lines_count_against_the_owners_budget_without_failing(repli
     assert used > budget
     async with httpx.AsyncClient(base_url=replicas[1].base_url, headers=headers(key)) as other:
         after = await other.get("/v1/models")
-        refused = await other.post("/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "Hi",
-                                                            "max_tokens": 1})
+        refused = await other.post("/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "Hi", "max_tokens": 1})
     assert after.headers["x-ratelimit-remaining-tokens"] == "0"  # the batch spent the owner's minute
     assert refused.status_code == 429
 

@@ -24,8 +24,16 @@ async def test_another_owners_response_is_unknown_to_them(replicas, make_key, no
     owner, other = await make_key(Role.CLIENT), await make_key(Role.CLIENT)
     first, second = replicas
     async with httpx.AsyncClient(base_url=first.base_url, timeout=60) as http:
-        created = await http.post("/v1/responses", headers=headers(owner), json={
-            "model": TINY_MODEL_NAME, "input": "the vault code is 4471", "max_output_tokens": 4, "background": True})
+        created = await http.post(
+            "/v1/responses",
+            headers=headers(owner),
+            json={
+                "model": TINY_MODEL_NAME,
+                "input": "the vault code is 4471",
+                "max_output_tokens": 4,
+                "background": True,
+            },
+        )
         assert created.status_code == 200, created.text
         response_id = created.json()["id"]
     async with httpx.AsyncClient(base_url=second.base_url, timeout=60) as http:
@@ -34,12 +42,14 @@ async def test_another_owners_response_is_unknown_to_them(replicas, make_key, no
         attempts = {
             "retrieve": lambda rid: http.get(f"/v1/responses/{rid}", headers=headers(other)),
             "input_items": lambda rid: http.get(f"/v1/responses/{rid}/input_items", headers=headers(other)),
-            "stream": lambda rid: http.get(f"/v1/responses/{rid}", params={"stream": "true"},
-                                           headers=headers(other)),
+            "stream": lambda rid: http.get(f"/v1/responses/{rid}", params={"stream": "true"}, headers=headers(other)),
             "cancel": lambda rid: http.post(f"/v1/responses/{rid}/cancel", headers=headers(other)),
             "delete": lambda rid: http.delete(f"/v1/responses/{rid}", headers=headers(other)),
-            "previous_response_id": lambda rid: http.post("/v1/responses", headers=headers(other), json={
-                "model": TINY_MODEL_NAME, "input": "and?", "previous_response_id": rid}),
+            "previous_response_id": lambda rid: http.post(
+                "/v1/responses",
+                headers=headers(other),
+                json={"model": TINY_MODEL_NAME, "input": "and?", "previous_response_id": rid},
+            ),
         }
         for name, attempt in attempts.items():
             theirs, unknown = await attempt(response_id), await attempt(UNKNOWN)

@@ -47,22 +47,28 @@ async def test_no_secret_is_ever_logged(replicas, role_keys, accounts, captured_
     query_secret, header_secret = "sk-opaque-key-in-a-query", "opaque-key-in-a-header"
     first, second = (httpx.AsyncClient(base_url=server.base_url, timeout=60) for server in replicas)
     async with first, second:
-        created = await first.post("/admin/keys", json={"name": "logged?", "role": "client"},
-                                   headers=headers(admin_key))
+        created = await first.post(
+            "/admin/keys", json={"name": "logged?", "role": "client"}, headers=headers(admin_key)
+        )
         new_key = created.json()["key"]
         assert (await second.get("/v1/models", headers=headers(new_key))).status_code == 200
-        counted = await second.post("/v1/messages/count_tokens", headers={"x-api-key": new_key},  # Anthropic's header
-                                    json={"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}]})
+        counted = await second.post(
+            "/v1/messages/count_tokens",
+            headers={"x-api-key": new_key},  # Anthropic's header
+            json={"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}]},
+        )
         assert counted.status_code == 200
         assert (await second.get("/admin/keys", headers=headers(new_key))).status_code == 403
         for wrong in wrong_keys:
             assert (await second.get("/v1/models", headers=headers(wrong))).status_code == 401
-        await first.post("/admin/users", json={"email": "log@example.org", "password": password},
-                         headers=headers(admin_key))
+        await first.post(
+            "/admin/users", json={"email": "log@example.org", "password": password}, headers=headers(admin_key)
+        )
         refused = await second.post("/users/me/token", json={"email": "log@example.org", "password": wrong_password})
         assert refused.status_code == 401
-        token = (await second.post("/users/me/token", json={"email": "log@example.org",
-                                                            "password": password})).json()["token"]
+        token = (await second.post("/users/me/token", json={"email": "log@example.org", "password": password})).json()[
+            "token"
+        ]
         url = replicas[0].base_url.replace("http://", "ws://") + "/v1/completions"
         async with ws_connect(url, additional_headers=headers(token)) as ws:
             await ws.send('{"model": "tiny-llama", "prompt": "Hi", "max_tokens": 1}')
@@ -81,8 +87,9 @@ async def test_no_secret_is_ever_logged(replicas, role_keys, accounts, captured_
     user = await accounts.store.get_user(user_id_for("log@example.org"))
     # What a careless library or handler might do; the pipeline masks it.
     logging.getLogger("some.library").debug("sending Authorization: Bearer %s", new_key)
-    structlog.get_logger("some.handler").warning("request failed", headers={"authorization": f"Bearer {token}"},
-                                                 key=admin_key)
+    structlog.get_logger("some.handler").warning(
+        "request failed", headers={"authorization": f"Bearer {token}"}, key=admin_key
+    )
     logging.getLogger("some.library").debug("sending x-api-key: %s", new_key)
 
     events = captured_logs()
@@ -90,8 +97,17 @@ async def test_no_secret_is_ever_logged(replicas, role_keys, accounts, captured_
     assert "accounts.key_created" in events and "auth.unauthenticated" in events  # the capture saw the run
     assert events.count("[redacted]") >= 2  # the two deliberate lines below, and any library's
     assert '"WebSocket /v1/completions?api_key=[redacted]' in events  # the capture saw the handshake line
-    secrets = [admin_key, new_key, password, wrong_password, token, *wrong_keys, user.password_argon2, query_secret,
-               header_secret]
+    secrets = [
+        admin_key,
+        new_key,
+        password,
+        wrong_password,
+        token,
+        *wrong_keys,
+        user.password_argon2,
+        query_secret,
+        header_secret,
+    ]
     secrets += [parse_bearer(secret).secret for secret in (admin_key, new_key, token)]  # the secret parts alone
     leaked = [secret for secret in secrets if secret in events]
     assert not leaked, [line[:300] for line in lines if any(secret in line for secret in leaked)]

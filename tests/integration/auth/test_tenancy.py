@@ -24,15 +24,31 @@ pytestmark = pytest.mark.asyncio
 
 # (path, response id prefix, body): every route that resumes or attaches a request.
 RESUMABLE = [
-    ("/v1/chat/completions", "chatcmpl",
-     {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Repeat exactly: the vault code is 4471"}],
-      "max_tokens": 6, "temperature": 0}),
-    ("/v1/completions", "cmpl", {"model": TINY_MODEL_NAME, "prompt": "the vault code is 4471", "max_tokens": 6,
-                                 "temperature": 0}),
+    (
+        "/v1/chat/completions",
+        "chatcmpl",
+        {
+            "model": TINY_MODEL_NAME,
+            "messages": [{"role": "user", "content": "Repeat exactly: the vault code is 4471"}],
+            "max_tokens": 6,
+            "temperature": 0,
+        },
+    ),
+    (
+        "/v1/completions",
+        "cmpl",
+        {"model": TINY_MODEL_NAME, "prompt": "the vault code is 4471", "max_tokens": 6, "temperature": 0},
+    ),
 ]
-UNRELATED = {"/v1/chat/completions": {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hello"}],
-                                      "max_tokens": 6, "stream": True},
-             "/v1/completions": {"model": TINY_MODEL_NAME, "prompt": "Hello", "max_tokens": 6, "stream": True}}
+UNRELATED = {
+    "/v1/chat/completions": {
+        "model": TINY_MODEL_NAME,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 6,
+        "stream": True,
+    },
+    "/v1/completions": {"model": TINY_MODEL_NAME, "prompt": "Hello", "max_tokens": 6, "stream": True},
+}
 
 
 def _without_id(response: httpx.Response, request_id: str) -> tuple[int, dict]:
@@ -53,16 +69,19 @@ async def test_another_owners_stream_cannot_be_resumed(replicas, make_key, path,
         answer = await first.post(path, json=body, headers=headers(victim))
         assert answer.status_code == 200, answer.text
         request_id = answer.json()["id"]
-        stolen = await second.post(path, json=UNRELATED[path],
-                                   headers={**headers(attacker), "Last-Event-ID": f"{request_id}/0"})
+        stolen = await second.post(
+            path, json=UNRELATED[path], headers={**headers(attacker), "Last-Event-ID": f"{request_id}/0"}
+        )
         unknown_id = f"{prefix}-{'0' * 32}"
-        unknown = await second.post(path, json=UNRELATED[path],
-                                    headers={**headers(attacker), "Last-Event-ID": f"{unknown_id}/0"})
+        unknown = await second.post(
+            path, json=UNRELATED[path], headers={**headers(attacker), "Last-Event-ID": f"{unknown_id}/0"}
+        )
         assert stolen.status_code == 404, stolen.text[:300]
         assert _without_id(stolen, request_id) == _without_id(unknown, unknown_id)  # indistinguishable
         # The owner still resumes its own stream, on either replica.
-        async with second.stream("POST", path, json={**body, "stream": True},
-                                 headers={**headers(victim), "Last-Event-ID": f"{request_id}/0"}) as resumed:
+        async with second.stream(
+            "POST", path, json={**body, "stream": True}, headers={**headers(victim), "Last-Event-ID": f"{request_id}/0"}
+        ) as resumed:
             assert resumed.status_code == 200
             ids = await _sse_ids(resumed)
         assert ids and all(event_id.startswith(f"{request_id}/") for event_id in ids)
@@ -71,8 +90,9 @@ async def test_another_owners_stream_cannot_be_resumed(replicas, make_key, path,
 
 @pytest.mark.parametrize(("path", "prefix", "body"), RESUMABLE, ids=[r[0] for r in RESUMABLE])
 @pytest.mark.parametrize("header", ["Idempotency-Key", "X-Request-Id"])
-async def test_the_same_client_key_never_attaches_to_another_owners_request(replicas, make_key, path, prefix, body,
-                                                                            header) -> None:
+async def test_the_same_client_key_never_attaches_to_another_owners_request(
+    replicas, make_key, path, prefix, body, header
+) -> None:
     victim, attacker = await make_key(Role.CLIENT), await make_key(Role.CLIENT)
     key = {header: f"order-{path}-{header}"}
     async with httpx.AsyncClient(base_url=replicas[0].base_url, timeout=60) as client:
@@ -80,8 +100,11 @@ async def test_the_same_client_key_never_attaches_to_another_owners_request(repl
         again = (await client.post(path, json=body, headers={**headers(victim), **key})).json()
         async with client.stream("POST", path, json=UNRELATED[path], headers={**headers(attacker), **key}) as theirs:
             assert theirs.status_code == 200
-            chunks = [json.loads(line.removeprefix("data: ")) async for line in theirs.aiter_lines()
-                      if line.startswith("data: {")]
+            chunks = [
+                json.loads(line.removeprefix("data: "))
+                async for line in theirs.aiter_lines()
+                if line.startswith("data: {")
+            ]
     assert again["id"] == mine["id"]  # the owner's retry attaches
     assert {chunk["id"] for chunk in chunks} != {mine["id"]}  # the other owner's same key is another request
     assert all(chunk["id"].startswith(f"{prefix}-") for chunk in chunks)
@@ -92,8 +115,10 @@ async def test_the_same_client_key_never_attaches_to_another_owners_request(repl
 
 UNBOUNDED = [  # requests that leave out their token limit, on every generating route
     ("/v1/chat/completions", {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}]}),
-    ("/v1/chat/completions", {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "n": 2,
-                              "max_tokens": 150}),  # 2 × 150 + the prompt: n multiplies
+    (
+        "/v1/chat/completions",
+        {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "n": 2, "max_tokens": 150},
+    ),  # 2 × 150 + the prompt: n multiplies
     ("/v1/completions", {"model": TINY_MODEL_NAME, "prompt": "Hi", "max_tokens": None}),
     ("/v1/completions", {"model": TINY_MODEL_NAME, "prompt": "Hi", "max_tokens": 60, "n": 1, "best_of": 5}),
     ("/complete", {"model": TINY_MODEL_NAME, "prompt": "Hi"}),  # Aleph Alpha: no maximum_tokens
@@ -128,8 +153,10 @@ async def test_aleph_routes_refuse_a_role_with_401_as_its_client_expects(api_on,
 
 async def test_a_batch_completion_window_has_an_upper_bound(api_on, role_keys) -> None:
     async with httpx.AsyncClient(base_url=api_on.base_url, headers=headers(role_keys[Role.CLIENT])) as client:
-        response = await client.post("/v1/batches", json={"input_file_id": "file-x", "endpoint": "/v1/completions",
-                                                          "completion_window": "99999999999d"})
+        response = await client.post(
+            "/v1/batches",
+            json={"input_file_id": "file-x", "endpoint": "/v1/completions", "completion_window": "99999999999d"},
+        )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "completion_window"
     assert "at most 7d" in response.json()["error"]["message"]
@@ -141,8 +168,9 @@ async def test_a_batch_completion_window_has_an_upper_bound(api_on, role_keys) -
 @pytest.fixture
 async def login_capped(auth_settings, auth_worker):
     """A replica of its own with small login caps: 3 per address, 8 in all."""
-    server = ApiServer(auth_settings.model_copy(update={"login_attempts_per_minute": 8,
-                                                        "login_attempts_per_minute_per_address": 3})).start()
+    server = ApiServer(
+        auth_settings.model_copy(update={"login_attempts_per_minute": 8, "login_attempts_per_minute_per_address": 3})
+    ).start()
     yield server
     server.stop()
 
@@ -173,8 +201,10 @@ async def test_unknown_emails_leave_no_entry_behind(login_capped, auth_nats) -> 
     assert await _login_from(login_capped, "127.0.0.9", "never-a-user@example.org") == 401
     async with connect(auth_nats.url, "login-entries") as nc:
         bucket = await nc.jetstream().key_value(subjects.RATE_LIMIT_BUCKET)
-        left = [subjects.rate_limit_key(f"login:{user_id_for('never-a-user@example.org')}"),
-                subjects.rate_limit_key("login-address:127.0.0.9")]
+        left = [
+            subjects.rate_limit_key(f"login:{user_id_for('never-a-user@example.org')}"),
+            subjects.rate_limit_key("login-address:127.0.0.9"),
+        ]
         deadline = time.monotonic() + 15
         while any([await kv.read(bucket, key) for key in left]):
             assert time.monotonic() < deadline, "login entries of an unknown email and its address are still stored"

@@ -110,7 +110,9 @@ export function render(root, { signal }) {
   /** The API's 4xx goes next to the field it is about (its `param`, else what the message names). */
   function placeError(err, body) {
     const text = `${err.param ?? ""} ${err.message}`;
-    if (body.response_format && /response_format|schema/i.test(text)) return showError(schema, err.message);
+    if (body.response_format && /response_format|schema|structured output|constraint/i.test(text)) {
+      return showError(schema, err.message);
+    }
     if (body.tools && /tool/i.test(text)) return showError(tools, err.message);
     const byParam = { model, temperature: numbers[0][1], top_p: numbers[1][1], max_tokens: numbers[2][1],
       seed: numbers[3][1], stop };

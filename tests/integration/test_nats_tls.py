@@ -97,9 +97,14 @@ async def test_api_and_worker_serve_over_verified_tls(tls_cluster, tmp_path: Pat
             )
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 5
-        # Every client connection on every node is TLS (the monitoring endpoint says so per connection).
-        connz = httpx.get(f"http://127.0.0.1:{cluster.nodes[0].http_port}/connz", timeout=5).json()
-        assert connz["connections"] and all(conn.get("tls_version") for conn in connz["connections"])
+        # Every client connection on every node is TLS (the monitoring endpoint says so per connection). The
+        # clients pick a node at random from the URL list, so look at all of them.
+        connections = [
+            conn
+            for node in cluster.nodes
+            for conn in httpx.get(f"http://127.0.0.1:{node.http_port}/connz", timeout=5).json()["connections"] or []
+        ]
+        assert connections and all(conn.get("tls_version") for conn in connections)
     finally:
         api.stop()
         worker.stop()

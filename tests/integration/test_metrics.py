@@ -164,7 +164,12 @@ async def test_running_gauge_counts_a_streaming_request(metrics_api: ApiServer, 
             async for line in response.aiter_lines():
                 if line.startswith("data: {"):
                     break  # tokens are flowing: the request is running
-            running = await answered_value(metrics_api.base_url, "inferq:num_requests_running", worker_id)
+            # The engine hands its gauges over with its outputs (every 0.1 s at most): poll until they show it.
+            deadline = time.monotonic() + 10
+            while (
+                running := await answered_value(metrics_api.base_url, "inferq:num_requests_running", worker_id)
+            ) != 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
     assert running == 1
     # Leaving the stream cancels the generation; it ends as an abort and the gauge drops back.
     deadline = time.monotonic() + 20

@@ -31,7 +31,7 @@ def test_a_key_goes_to_the_same_worker_whatever_the_order_of_the_list() -> None:
 
 def test_keys_spread_evenly_over_the_workers() -> None:
     workers = [f"w{i}" for i in range(4)]
-    counts = {worker: 0 for worker in workers}
+    counts = dict.fromkeys(workers, 0)
     for key in KEYS:
         counts[rendezvous_pick(key, workers)] += 1
     assert all(abs(count - len(KEYS) / 4) < 0.1 * len(KEYS) / 4 for count in counts.values()), counts

@@ -113,7 +113,6 @@ async def drain(intake: RequestIntake, want: int, deadline_s: float = 10.0) -> l
     return got
 
 
-@pytest.mark.asyncio
 async def test_own_subject_first_then_the_shared_queue(nc) -> None:
     js = nc.jetstream()
     model = "aff/first"
@@ -134,7 +133,6 @@ async def test_own_subject_first_then_the_shared_queue(nc) -> None:
     await other.stop()
 
 
-@pytest.mark.asyncio
 async def test_the_shared_subject_and_dedup_are_unchanged_for_direct_publishers(nc) -> None:
     """A direct publisher knows nothing of workers: its request on the shared subject is served as before, and a
     Nats-Msg-Id is deduplicated across the shared and own subjects (one stream)."""
@@ -154,7 +152,6 @@ async def test_the_shared_subject_and_dedup_are_unchanged_for_direct_publishers(
     await intake.stop()
 
 
-@pytest.mark.asyncio
 async def test_a_dead_workers_waiting_requests_are_taken_over_once(nc) -> None:
     """Worker `gone` (its consumer made, never pulled again, as after a SIGKILL) leaves three requests on its own
     subject; two live workers both take it over; each request is delivered to exactly one of them."""
@@ -183,7 +180,6 @@ async def test_a_dead_workers_waiting_requests_are_taken_over_once(nc) -> None:
         await intake.stop()
 
 
-@pytest.mark.asyncio
 async def test_a_subject_whose_consumer_is_gone_is_still_taken_over(nc) -> None:
     js = nc.jetstream()
     model = "aff/noconsumer"
@@ -196,7 +192,6 @@ async def test_a_subject_whose_consumer_is_gone_is_still_taken_over(nc) -> None:
     await intake.stop()
 
 
-@pytest.mark.asyncio
 async def test_a_queue_made_before_affinity_is_converged(nc) -> None:
     """An existing deployment's stream (shared subject only) and unfiltered shared consumer are updated in place:
     the stream gains the own subjects, the consumer a filter, and what was queued is still served."""

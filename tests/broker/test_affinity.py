@@ -12,8 +12,9 @@ from broker import subjects
 from broker.affinity import SubjectTakeover, orphaned_workers, prefix_key, rendezvous_pick, salted_key
 from broker.connection import connect
 from broker.embedded import EmbeddedNatsServer
+from broker.metrics import queue_backlogs
 from broker.topology import QueueLimits, ensure_affine_consumer, ensure_request_queue
-from broker.work_queue import RequestIntake, publish_request
+from broker.work_queue import Lane, RequestIntake, publish_request
 from contracts import GenerateRequest
 
 LIMITS = QueueLimits(100, 60, 60)
@@ -212,3 +213,16 @@ async def test_a_queue_made_before_affinity_is_converged(nc) -> None:
     await publish(js, "mine", model, "wa")
     assert await drain(intake, 2) == ["mine", "queued-before"]
     await intake.stop()
+
+
+async def test_the_interactive_backlog_counts_the_own_subjects_too(nc) -> None:
+    js = nc.jetstream()
+    model = "aff-backlog"
+    await ensure_request_queue(js, model, LIMITS)
+    await ensure_affine_consumer(js, model, "wa", LIMITS)
+    await publish(js, "shared", model)
+    await publish(js, "own-1", model, "wa")
+    await publish(js, "own-2", model, "wa")
+    backlogs = {(b.model, b.lane): b.waiting for b in await queue_backlogs(js)}
+    assert backlogs[(model, Lane.INTERACTIVE)] == 3
+    assert backlogs[(model, Lane.BATCH)] == 0

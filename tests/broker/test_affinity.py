@@ -4,7 +4,7 @@ subjects on the request stream, drained before the shared one, and taken over wh
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -81,15 +81,10 @@ def test_no_workers_no_choice() -> None:
 # --- on a real server ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNatsServer]:
-    with EmbeddedNatsServer(tmp_path_factory.mktemp("store")) as nats_server:
-        yield nats_server
-
-
 @pytest.fixture
-async def nc(server: EmbeddedNatsServer) -> AsyncIterator:
-    async with connect(server.url, "test") as client:
+async def nc(batch_nats: EmbeddedNatsServer) -> AsyncIterator:
+    """A client of the session's shared test server (tests/conftest.py); every test here uses models of its own."""
+    async with connect(batch_nats.url, "test") as client:
         yield client
 
 

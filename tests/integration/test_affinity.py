@@ -1,8 +1,9 @@
-"""Affinity routing end to end (docs/routing.md), with two sim workers of one slot each: the turns of a conversation
+"""Affinity routing end to end (docs/routing.md). With two sim workers of one slot each: the turns of a conversation
 land on one worker; SIGKILL that worker while a turn streams from it and another request of the conversation waits
 on its own subject, and everything is served by the other worker exactly once: the streaming turn resumed, the
 waiting request taken over from the dead worker's subject, and the next turn (routed to the dead worker's subject
-before the edge saw it go). Who served what is read from the token journal (`accepted` events)."""
+before the edge saw it go). With two workers of the tiny torch model: the turns land on one worker. Who served what
+is read from the token journal (`accepted` events)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import asyncio
 import json
 import signal
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,6 +25,7 @@ from broker.registry import WorkerRegistry
 from common.settings import Settings
 from contracts import Accepted, parse_event
 from tests.integration.harness import ApiServer, WorkerProcess, wait_healthy
+from tests.model_fixtures import TINY_MODEL_NAME
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
@@ -28,42 +33,74 @@ MODEL = "sim"
 SYSTEM = {"role": "system", "content": "You answer in sim tokens."}
 
 
-async def test_a_conversation_stays_on_its_worker_and_survives_its_sigkill(tmp_path) -> None:
+@asynccontextmanager
+async def two_workers(settings: Settings, tmp_path: Path) -> AsyncIterator[tuple]:
+    """NATS, two workers and the API; yields (nats client, http client, worker processes, worker id → pid)."""
     with EmbeddedNatsServer(tmp_path / "nats", port=-1) as nats:
-        settings = Settings(
-            nats_url=nats.url,
-            data_dir=tmp_path / "data",
-            engine="sim",
-            served_model_name=MODEL,
-            sim_tokens_per_s=10.0,
-            max_num_seqs=1,  # a second request of the conversation waits on the worker's own subject
-            registry_ttl_s=2.0,  # a killed worker leaves the registry (and is taken over) within ~2.5 s
-            worker_silence_timeout_s=3.0,
-            queue_timeout_s=90.0,
-            batch_runner=False,
-            log_format="json",
-        )
+        settings = settings.model_copy(update={"nats_url": nats.url, "data_dir": tmp_path / "data"})
         workers = [WorkerProcess(settings, tmp_path / f"worker{i}.log").start() for i in range(2)]
         api = ApiServer(settings).start()
         try:
             async with connect(nats.url, "test") as nc, httpx.AsyncClient(base_url=api.base_url, timeout=90) as http:
                 await wait_healthy(api.base_url, workers[0])
-                pids = await live_worker_pids(nc, want=2)
-                await run_scenario(nc, http, workers, pids)
+                yield nc, http, workers, await live_worker_pids(nc, want=2)
         finally:
             api.stop()
             for worker in workers:
                 worker.stop()
 
 
-async def run_scenario(nc, http: httpx.AsyncClient, workers: list[WorkerProcess], pids: dict[str, int]) -> None:
-    js = nc.jetstream()
+async def converse(js, http: httpx.AsyncClient, model: str, turns: int) -> tuple[list[dict], list[dict], list]:
+    """`turns` turns of one conversation, each sent when the previous answer is in: the messages so far, each
+    turn's response body and its `accepted` events."""
     messages = [SYSTEM, {"role": "user", "content": "w1 w2 w3"}]
-    served = []
-    for turn in range(4):
-        body = await chat(http, messages, max_tokens=3)
+    bodies, served = [], []
+    for turn in range(turns):
+        body = await chat(http, messages, max_tokens=3, model=model)
+        bodies.append(body)
         served.append(await accepted_by(js, body["id"]))
         messages += [body["choices"][0]["message"], {"role": "user", "content": f"w{turn} w9"}]
+    return messages, bodies, served
+
+
+async def test_a_conversation_stays_on_its_worker_and_survives_its_sigkill(tmp_path: Path) -> None:
+    settings = Settings(
+        engine="sim",
+        served_model_name=MODEL,
+        sim_tokens_per_s=10.0,
+        max_num_seqs=1,  # a second request of the conversation waits on the worker's own subject
+        registry_ttl_s=2.0,  # a killed worker leaves the registry (and is taken over) within ~2.5 s
+        worker_silence_timeout_s=3.0,
+        queue_timeout_s=90.0,
+        batch_runner=False,
+        log_format="json",
+    )
+    async with two_workers(settings, tmp_path) as (nc, http, workers, pids):
+        await run_scenario(nc, http, workers, pids)
+
+
+async def test_turns_of_a_conversation_land_on_one_worker_of_a_real_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The same routing with the torch engine (tiny model), where a prefix cache makes it pay."""
+    settings = Settings(
+        model=str(tiny_model_dir),
+        served_model_name=TINY_MODEL_NAME,
+        dtype="float32",
+        device="cpu",
+        torch_threads=1,
+        max_num_seqs=4,
+        batch_runner=False,
+        log_format="json",
+    )
+    async with two_workers(settings, tmp_path) as (nc, http, _, _):
+        _, bodies, served = await converse(nc.jetstream(), http, TINY_MODEL_NAME, turns=4)
+    owner = served[0][0].worker_id
+    assert [[(a.worker_id, a.attempt) for a in events] for events in served] == [[(owner, 1)]] * 4
+    assert all(body["usage"]["prompt_tokens"] > bodies[0]["usage"]["prompt_tokens"] for body in bodies[1:])
+
+
+async def run_scenario(nc, http: httpx.AsyncClient, workers: list[WorkerProcess], pids: dict[str, int]) -> None:
+    js = nc.jetstream()
+    messages, _, served = await converse(js, http, MODEL, turns=4)
     owner = served[0][0].worker_id
     assert [[(a.worker_id, a.attempt) for a in events] for events in served] == [[(owner, 1)]] * 4
     assert 'inferq:affinity_routed_total{model_name="sim"} 4.0' in (await http.get("/metrics")).text
@@ -94,10 +131,10 @@ async def run_scenario(nc, http: httpx.AsyncClient, workers: list[WorkerProcess]
     assert not info.state.subjects, info.state.subjects  # nothing left behind on any worker's subject
 
 
-async def chat(http: httpx.AsyncClient, messages: list[dict], max_tokens: int) -> dict:
+async def chat(http: httpx.AsyncClient, messages: list[dict], max_tokens: int, model: str = MODEL) -> dict:
     response = await http.post(
         "/v1/chat/completions",
-        json={"model": MODEL, "messages": messages, "max_tokens": max_tokens, "ignore_eos": True, "seed": 1},
+        json={"model": model, "messages": messages, "max_tokens": max_tokens, "ignore_eos": True, "seed": 1},
     )
     assert response.status_code == 200, response.text
     return response.json()

@@ -4,6 +4,7 @@ the own subject of the worker that key belongs to or to the shared queue. Counte
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 
@@ -52,11 +53,24 @@ def chat_key(body: GenerationFields, messages: Sequence[ChatMessage]) -> str:
 
 
 class AffinityRouter:
-    def __init__(self, js: JetStreamContext, catalog: ModelCatalog, max_waiting: int, prefix_tokens: int):
+    """`stale_after_s`: a worker whose registry entry was last renewed longer ago than this is not chosen (it renews
+    every registry TTL / 4, so a worker that died stops being chosen well before its entry expires)."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        catalog: ModelCatalog,
+        max_waiting: int,
+        prefix_tokens: int,
+        stale_after_s: float = 5.0,
+        clock=time.time,
+    ):
         self._js = js
         self._catalog = catalog
         self._max_waiting = max_waiting
         self._prefix_tokens = prefix_tokens
+        self._stale_after_s = stale_after_s
+        self._clock = clock
         self.counts: Counter[tuple[str, str]] = Counter()  # (model, AFFINE or a fallback reason) → requests
 
     async def subject_for(self, request: GenerateRequest, owner: str, key: str | None) -> str | None:
@@ -68,7 +82,12 @@ class AffinityRouter:
 
     async def _route(self, request: GenerateRequest, owner: str, key: str | None) -> tuple[str, str | None]:
         try:
-            workers = [worker.worker_id for worker in await self._catalog.workers() if worker.model == request.model]
+            fresh_since = self._clock() - self._stale_after_s
+            workers = [
+                worker.worker_id
+                for worker in await self._catalog.workers()
+                if worker.model == request.model and worker.updated_at >= fresh_since
+            ]
         except Exception as exc:  # the registry unreadable: the shared queue needs no choice
             log.warning("affinity.registry_failed", error=repr(exc))
             return UNAVAILABLE, None

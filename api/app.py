@@ -75,7 +75,13 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.deployments = await Deployments.open(nc, settings)  # records in KV, commands to agents
             catalog = ModelCatalog(js, registry, settings.data_dir / "tokenizers", settings.registry_ttl_s)
             affinity = (
-                AffinityRouter(js, catalog, settings.affinity_max_waiting, settings.affinity_prefix_tokens)
+                AffinityRouter(
+                    js,
+                    catalog,
+                    settings.affinity_max_waiting,
+                    settings.affinity_prefix_tokens,
+                    stale_after_s=settings.registry_ttl_s / 2,
+                )
                 if settings.affinity
                 else None
             )

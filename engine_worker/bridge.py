@@ -455,12 +455,16 @@ class WorkerBridge:
                 log.warning("registry.announce_failed", error=str(exc))
 
     async def _take_over_orphans(self, takeover: SubjectTakeover) -> None:
-        """As often as the registry entry is renewed: a dead worker's subject is taken over about one registry TTL
-        after its last heartbeat."""
+        """As often as the registry entry is renewed: a worker that missed two renewals counts as gone, so its
+        subject is taken over about half a registry TTL after its last heartbeat. One wrongly counted gone (a slow
+        renewal, a skewed clock) only gets a second puller on its subject, which hands each request to one."""
+        interval = self._config.announce_interval_s
         while True:
-            await asyncio.sleep(self._config.announce_interval_s)
+            await asyncio.sleep(interval)
             try:
-                live = [worker.worker_id for worker in await self._registry.live_workers()]
+                fresh_since = time.time() - 2 * interval
+                workers = await self._registry.live_workers()
+                live = [worker.worker_id for worker in workers if worker.updated_at >= fresh_since]
                 await takeover.scan(live)
             except Exception as exc:  # NATS failing over, the registry unreadable: the next round tries again
                 log.warning("takeover.scan_failed", error=repr(exc))

@@ -3,6 +3,7 @@ by, when it goes to a worker's own subject and when to the shared queue, and the
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 from nats.js import errors as jse
@@ -18,8 +19,9 @@ MODEL = "m"
 
 
 class Catalog:
-    def __init__(self, *worker_ids: str, model: str = MODEL):
-        self.live = [SimpleNamespace(worker_id=w, model=model) for w in worker_ids]
+    def __init__(self, *worker_ids: str, model: str = MODEL, renewed_at: float | None = None):
+        renewed_at = time.time() if renewed_at is None else renewed_at
+        self.live = [SimpleNamespace(worker_id=w, model=model, updated_at=renewed_at) for w in worker_ids]
 
     async def workers(self):
         return self.live
@@ -83,6 +85,20 @@ async def test_shared_queue_with_one_worker_or_without_an_own_consumer() -> None
     assert single.counts == {(MODEL, ONE_WORKER): 1}
     assert no_consumer.counts == {(MODEL, UNAVAILABLE): 1}
     assert other_model.counts == {(MODEL, ONE_WORKER): 1}
+
+
+async def test_a_worker_that_stopped_renewing_its_entry_is_not_chosen() -> None:
+    """A SIGKILLed worker stays in the registry until its entry expires; after missing two renewals it is no
+    longer chosen, so its keys move to the live workers at once."""
+    catalog = Catalog("w1", "w2")
+    dead = next(w for w in catalog.live if w.worker_id == rendezvous_pick(salted_key("alice", "k"), ["w1", "w2"]))
+    routing = AffinityRouter(JetStream({"w1": 0, "w2": 0}), catalog, 2, 4, stale_after_s=5.0)
+    assert await routing.subject_for(request([1]), "alice", "k") == subjects.affine_subject(MODEL, dead.worker_id)
+    dead.updated_at -= 6.0
+    assert await routing.subject_for(request([1]), "alice", "k") is None  # one fresh worker left: shared queue
+    catalog.live.append(SimpleNamespace(worker_id="w3", model=MODEL, updated_at=time.time()))
+    chosen = await routing.subject_for(request([1]), "alice", "k")
+    assert chosen is not None and chosen != subjects.affine_subject(MODEL, dead.worker_id)
 
 
 async def test_the_counters_are_on_metrics() -> None:

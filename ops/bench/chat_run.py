@@ -44,7 +44,7 @@ class _Questions:
         self._target = target
 
     async def __call__(self, request: ChatRequest) -> RequestResult:
-        result, _ = await self._target.chat(request)
+        result, _ = await self._target.send_chat(request)
         return result
 
 
@@ -58,7 +58,7 @@ class _Conversations:
     async def __call__(self, conversation: Conversation) -> list[RequestResult]:
         results = []
         for turn in range(1, conversation.turns + 1):
-            result, answer = await self._target.chat(conversation.request(turn))
+            result, answer = await self._target.send_chat(conversation.request(turn))
             results.append(result)
             if not result.ok:
                 break  # the next turn would need this answer
@@ -142,7 +142,7 @@ def _sampling(root: psutil.Process | None, cfg: BenchConfig) -> Iterator[RssSamp
 async def warm_up(target: OpenAIStreamTarget, cfg: BenchConfig) -> None:
     """Unmeasured single questions (negative indices; no system prompt, so no conversation's prefix is primed)."""
     for request in realistic_requests(cfg.seed, cfg.warmup, first_index=-cfg.warmup):
-        result, _ = await target.chat(request)
+        result, _ = await target.send_chat(request)
         if not result.ok:
             raise BenchError(f"{target.name} warm-up request failed: {result.error}", exit_code=1)
 

@@ -187,7 +187,7 @@ class OpenAIStreamTarget:
         result, _ = await self.send(self.path, self._payload(ids), chat=self.chat)
         return result
 
-    async def chat(self, request: ChatRequest) -> tuple[RequestResult, str]:
+    async def send_chat(self, request: ChatRequest) -> tuple[RequestResult, str]:
         """One natural-language chat request (the realistic and multi-turn workloads); also the answer's text."""
         payload = chat_payload(request, self.model, self._cfg.output_len, self._cfg.temperature)
         result, text = await self.send(PATHS["chat"], payload, chat=True)

@@ -207,3 +207,23 @@ def test_missing_llama_server_is_skipped_with_a_message(tmp_path: Path, capsys: 
         code, report = _run(argv, tmp_path)
     assert code == 0 and [level["target"] for level in report["levels"]] == ["inferq"]
     assert report["peer_comparison"] == {}
+
+
+@pytest.mark.slow
+def test_serve_variant_is_started_measured_against_the_peer_and_stopped(tmp_path: Path) -> None:
+    """A real `inferq serve` (sim engine) started by the bench, next to a fake peer, in one run."""
+    import psutil
+
+    peer = FakeOpenAI(first_delay=0.01, gap=0.001)
+    with serve(peer) as peer_url:
+        argv = ["--workload", "realistic", "--serve-variant", "sim:ENGINE=sim,SIM_TOKENS_PER_S=400"]
+        argv += ["--peer-url", peer_url, "--concurrency", "1,2", "--num-requests", "2", "--output-len", "8"]
+        code, report = _run(argv, tmp_path)
+    assert code == 0
+    order = [(level["target"], level["concurrency"], level["errors"]) for level in report["levels"]]
+    assert order == [("sim", 1, 0), ("peer", 1, 0), ("sim", 2, 0), ("peer", 2, 0)]
+    assert [row["concurrency"] for row in report["peer_comparison"]["sim"]] == [1, 2]
+    memory = report["run"]["memories"]["sim"]
+    roles = {process["role"] for process in memory["processes"]}
+    assert {"serve", "api", "worker"} <= roles and memory["peak_total_bytes"] > 0
+    assert not psutil.pid_exists(memory["root_pid"]) or psutil.Process(memory["root_pid"]).status() == "zombie"

@@ -122,7 +122,9 @@ def format_table(cfg: BenchConfig, info: RunInfo, levels: list[LevelResult]) -> 
             f"  {BUSY_TARGET}:   inferq again, while a /v1/batches job of {cfg.background_batch} lines "
             "(same prompt and output lengths) runs"
         )
-    columns = _COLUMNS + ([_EDGE_COLUMN] if any(level.edge_ms is not None for level in levels) else [])
+    width = max([_COLUMNS[0][1], *(len(level.target) + 2 for level in levels)])  # names like "llama-server"
+    columns = [("target", width, _COLUMNS[0][2]), *_COLUMNS[1:]]
+    columns += [_EDGE_COLUMN] if any(level.edge_ms is not None for level in levels) else []
     columns += [_DRAFTS_COLUMN] if any(level.draft_tokens for level in levels) else []
     columns += _TURN_COLUMNS if any(level.later_turn_ttft_ms is not None for level in levels) else []
     columns += [_CACHED_COLUMN] if any(level.cached_share is not None for level in levels) else []

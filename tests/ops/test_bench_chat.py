@@ -180,17 +180,19 @@ def _run(argv: list[str], tmp_path: Path) -> tuple[int, dict[str, Any]]:
 def test_realistic_against_a_peer_interleaves_levels_and_reports_ratios(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    ours, peer = FakeOpenAI(first_delay=0.01, gap=0.001), FakeOpenAI(first_delay=0.05, gap=0.004)
+    # The peer is far slower (TTFT 30x, decode 20x), so the ratios' sign survives a busy machine.
+    ours, peer = FakeOpenAI(first_delay=0.01, gap=0.001), FakeOpenAI(first_delay=0.3, gap=0.02)
     with serve(ours) as url, serve(peer) as peer_url:
         argv = ["--base-url", url, "--peer-url", peer_url, "--peer-name", "llama"]
-        code, report = _run([*argv, "--workload", "realistic", "--concurrency", "1,2", "--num-requests", "3"], tmp_path)
+        argv += ["--workload", "realistic", "--concurrency", "1,2", "--num-requests", "3", "--output-len", "16"]
+        code, report = _run(argv, tmp_path)
     assert code == 0
     order = [(level["target"], level["concurrency"]) for level in report["levels"]]
     assert order == [("inferq", 1), ("llama", 1), ("inferq", 2), ("llama", 2)]
     measured = ours.requests[1:]  # after the warm-up
     assert [body["messages"] for body in measured] == [body["messages"] for body in peer.requests[1:]]
     assert all(body["messages"][0]["content"] in questions() for body in measured)
-    assert {(body["temperature"], body["max_tokens"], body["ignore_eos"]) for body in measured} == {(0.8, 128, True)}
+    assert {(body["temperature"], body["max_tokens"], body["ignore_eos"]) for body in measured} == {(0.8, 16, True)}
     rows = report["peer_comparison"]["inferq"]
     assert [row["concurrency"] for row in rows] == [1, 2]
     for row in rows:  # the faster fake is ours: ratios above 1, computed from the levels' own figures
@@ -297,3 +299,14 @@ def test_peer_llama_server_is_started_on_the_packaged_gguf_and_stopped(tmp_path:
     assert started[started.index("--parallel") + 1] == "3"
     pid = report["run"]["memories"]["llama-server"]["root_pid"]
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+def test_variants_without_a_peer_are_compared_with_the_first() -> None:
+    from ops.bench.report import reference_comparisons
+
+    cfg = parse_args(["--workload", "multiturn", "--serve-variant", "off:A=1", "--serve-variant", "on:A=2"])
+    turns = [_result(0.9, turn=1), _result(0.8, turn=2)], [_result(0.9, turn=1), _result(0.1, turn=2)]
+    levels = [summarize("off", 1, turns[0], duration_s=1.0), summarize("on", 1, turns[1], duration_s=1.0)]
+    [row] = reference_comparisons(cfg, levels)["on"]
+    assert row["later_turn_ttft_p50_ratio_off_over_on"] == pytest.approx(8.0)
+    assert reference_comparisons(parse_args(["--workload", "multiturn"]), levels[:1]) == {}

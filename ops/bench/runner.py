@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
@@ -53,7 +54,9 @@ def main(argv: list[str]) -> int:
         return build_llama_server(cfg.build_peer)
     try:
         if cfg.chat_workload:
-            levels, info = asyncio.run(run_chat(cfg, Path(tempfile.mkdtemp(prefix="inferq-bench-servers-"))))
+            # Started servers log there (made only when one is started; kept for reading after the run).
+            log_dir = Path(tempfile.gettempdir()) / f"inferq-bench-servers-{uuid.uuid4().hex[:8]}"
+            levels, info = asyncio.run(run_chat(cfg, log_dir))
             batches: dict[int, BatchProgress] = {}
         else:
             levels, info, batches = asyncio.run(run(cfg))

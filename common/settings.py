@@ -126,14 +126,15 @@ class Settings(BaseSettings):
     prompt_lookup_max: int = engine_field("prompt_lookup_max")
     speculative_max_rows: int = engine_field("speculative_max_rows")
     model_impl: Literal["auto", "fast", "generic"] = engine_field("model_impl")
-    workers_per_model: int = Field(
-        default=1,
+    workers_per_model: int | None = Field(
+        default=None,
         ge=1,
         le=64,
         description=(
-            "Engine workers `inferq serve` starts per model, sharing its queue. On a CPU a small model runs faster as "
-            "one single-thread worker per core than as one worker using every core (docs/benchmarks.md); on a GPU "
-            "keep 1 (each worker holds its own weights and KV cache)."
+            "Engine workers `inferq serve` starts per model, sharing its queue. Unset: chosen from the machine "
+            "(ops/layout.py): on a CPU one single-thread worker per core within half the available memory, as a "
+            "small model runs faster so than as one worker using every core (docs/benchmarks.md); 1 on a GPU "
+            "(each worker holds its own weights and KV cache), for several models, or the sim engine."
         ),
     )
 

@@ -21,6 +21,7 @@ from engine_worker.kv_budget import size_kv_cache
 from engine_worker.kv_cache import KVCacheManager
 from engine_worker.output_builder import OutputBuilder
 from engine_worker.outputs import EmbedOutput, EngineStats, RequestOutput
+from engine_worker.prefix_caching import PrefixCaching
 from engine_worker.sampling_rows import TokenLogprobData, row_for, seed_key
 from engine_worker.scheduler import Scheduler, SchedulerOutput
 from engine_worker.sequence import RequestState, Sequence, SequenceStatus
@@ -53,6 +54,7 @@ class Engine:
         capacity = size_kv_cache(config, runner).tokens
         self.kv = KVCacheManager(capacity, config.max_num_seqs, self.max_model_len)
         runner.allocate_kv_cache(capacity, self.kv.slot_len)
+        self.prefix = PrefixCaching.sized_for(self.kv, runner) if config.prefix_caching else None
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.kv)
         self.outputs = OutputBuilder(tokenizer)
         if proposer is None and config.num_speculative_tokens:
@@ -112,6 +114,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         running = sum(1 for s in self._requests.values() if any(q.status is SequenceStatus.RUNNING for q in s.seqs))
+        queries, hits = self.prefix.stats if self.prefix is not None else (None, None)
         return EngineStats(
             running=running,
             waiting=len(self._requests) - running,
@@ -119,6 +122,8 @@ class Engine:
             preemptions=self.scheduler.num_preemptions,
             draft_tokens=self.num_draft_tokens_total,
             accepted_tokens=self.num_accepted_tokens_total,
+            prefix_cache_queries=queries,
+            prefix_cache_hits=hits,
         )
 
     def has_unfinished_requests(self) -> bool:
@@ -153,6 +158,7 @@ class Engine:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         context = list(request.prompt_token_ids) + list(request.resume_token_ids)
         matchers = self.structured.matchers(request, params.num_candidates)
+        cache_keys = self.prefix.keys(request) if self.prefix is not None else []
         seqs = []
         self._arrivals += 1
         for index in range(params.num_candidates):
@@ -180,6 +186,7 @@ class Engine:
                     eos_token_ids=self.eos_token_ids,
                     detokenizer=detokenizer,
                     matcher=matchers[index],
+                    cache_keys=cache_keys,
                 )
             )
         for seq in seqs[1:]:
@@ -229,9 +236,12 @@ class Engine:
         return outputs
 
     def _prepare_cache(self, batch: SchedulerOutput) -> None:
-        """Carry out the KV moves the scheduler decided: a new slot length, prompt copies for n > 1."""
+        """Carry out the KV moves the scheduler decided: a new slot length, cached prefixes into their new slots,
+        prompt copies for n > 1 (which may copy a prefix just loaded)."""
         if batch.relayout is not None:
             self.runner.relayout(batch.relayout)
+        if self.prefix is not None:
+            self.prefix.load(batch.cache_loads)
         if batch.forks:
             self.runner.copy_prefixes([(src.slot, dst.slot, n) for src, dst, n in batch.forks])
 
@@ -265,7 +275,10 @@ class Engine:
         self.scheduler.reject_drafts(seq, len(drafts) - matched)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None) -> None:
+        slot = seq.slot
         self.scheduler.finish(seq)
+        if self.prefix is not None and slot is not None:
+            self.prefix.save(seq, slot)  # after its slot is freed: the room it held may now cache its prompt
         seq.finish_reason, seq.stop_reason = reason, stop_reason
 
     def _collect_outputs(self, sample_seqs: list[Sequence]) -> list[RequestOutput]:

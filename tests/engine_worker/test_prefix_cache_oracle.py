@@ -60,7 +60,8 @@ def test_shared_prefixes_match_transformers_and_report_cached_tokens(engine_fact
         assert tokens_by_choice(outputs[name])[0] == hf_greedy(prompt, max_tokens), name
     cached = {name: outputs[name][-1].usage.cached_tokens for name in SECOND_WAVE}
     queries, hits = engine.prefix.stats
-    assert hits > 0 and hits == sum(cached.values()) + 0  # every hit is some request's cached tokens
+    # Every reported cached token was a hit (a preempted sequence that comes back may hit again).
+    assert sum(cached.values()) > 0 and hits >= sum(cached.values()) and queries > hits
     if not config:  # with room to spare, every request finds exactly the whole blocks it shares
         assert cached == {name: want for name, (_, _, want) in SECOND_WAVE.items()}
     assert engine.kv.num_running == 0 and not engine.scheduler.running

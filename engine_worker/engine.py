@@ -6,8 +6,7 @@ Not thread-safe: every method runs on the engine thread, except `validate`, whic
 
 from __future__ import annotations
 
-import secrets
-from itertools import islice
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,14 @@ import structlog
 
 from common.engine_config import EngineConfig
 from contracts import EmbedRequest, FinishReason, GenerateRequest, Usage
-from engine_worker.detokenizer import IncrementalDetokenizer
 from engine_worker.executor import ModelExecutor
+from engine_worker.intake import new_request_state
 from engine_worker.kv_budget import size_kv_cache
 from engine_worker.kv_cache import KVCacheManager
 from engine_worker.output_builder import OutputBuilder
 from engine_worker.outputs import EmbedOutput, EngineStats, RequestOutput
 from engine_worker.prefix_caching import PrefixCaching
-from engine_worker.sampling_rows import TokenLogprobData, row_for, seed_key
+from engine_worker.sampling_rows import TokenLogprobData, row_for
 from engine_worker.scheduler import Scheduler, SchedulerOutput
 from engine_worker.sequence import RequestState, Sequence, SequenceStatus
 from engine_worker.speculative import NgramProposer, Proposer, back_off, num_accepted, propose_drafts
@@ -66,7 +65,7 @@ class Engine:
         self._requests: dict[str, RequestState] = {}
         self._pending: list[RequestOutput] = []  # abort outputs, returned by the next step
         self._arrivals = 0
-        self._seq_ids = 0
+        self._seq_ids = itertools.count(1)
         log.info(
             "engine ready",
             max_model_len=self.max_model_len,
@@ -76,27 +75,9 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig) -> Engine:
-        from transformers import AutoTokenizer, GenerationConfig
+        from engine_worker.runner_factory import load_model
 
-        from engine_worker.runner_factory import load_runner
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        runner = load_runner(
-            model_dir,
-            model_impl=config.model_impl,
-            device=config.device,
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            torch_threads=config.torch_threads,
-        )
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        try:
-            generation_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-        except OSError:
-            generation_eos = None
-        if generation_eos is not None:
-            eos |= set(generation_eos) if isinstance(generation_eos, list) else {generation_eos}
-        return cls(config, tokenizer, runner, eos)
+        return cls(config, *load_model(model_dir, config))
 
     # --- introspection --------------------------------------------------------------------------------------
     @property
@@ -153,49 +134,21 @@ class Engine:
         self.limits.check_generate(request)
         if request.request_id in self._requests:
             raise InvalidRequest(f"request {request.request_id!r} is already running")
-        params = request.sampling
-        max_tokens = params.max_tokens or self.max_model_len - len(request.prompt_token_ids)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        context = list(request.prompt_token_ids) + list(request.resume_token_ids)
-        matchers = self.structured.matchers(request, params.num_candidates)
+        matchers = self.structured.matchers(request, request.sampling.num_candidates)
         cache_keys = self.prefix.keys(request) if self.prefix is not None else []
-        seqs = []
         self._arrivals += 1
-        for index in range(params.num_candidates):
-            self._seq_ids += 1
-            detokenizer = IncrementalDetokenizer(
-                self.tokenizer,
-                list(context),
-                skip_special_tokens=params.skip_special_tokens,
-                stop=tuple(params.stop),
-                include_stop_str_in_output=params.include_stop_str_in_output,
-            )
-            seqs.append(
-                Sequence(
-                    seq_id=self._seq_ids,
-                    request_id=request.request_id,
-                    index=index,
-                    token_ids=list(context),
-                    num_prompt_tokens=len(request.prompt_token_ids),
-                    num_resume_tokens=len(request.resume_token_ids),
-                    params=params,
-                    max_tokens=max_tokens,
-                    sampling_key=seed_key(seed, index),
-                    priority=request.priority,
-                    arrival=self._arrivals,
-                    eos_token_ids=self.eos_token_ids,
-                    detokenizer=detokenizer,
-                    matcher=matchers[index],
-                    cache_keys=cache_keys,
-                )
-            )
-        for seq in seqs[1:]:
-            seq.parent = seqs[0]
-        state = RequestState(request=request, seqs=seqs)
-        if params.prompt_logprobs is not None:
-            state.prompt_logprobs = [None]
+        state = new_request_state(
+            request,
+            self.tokenizer,
+            self.eos_token_ids,
+            self.max_model_len,
+            matchers,
+            cache_keys,
+            self._arrivals,
+            self._seq_ids,
+        )
         self._requests[request.request_id] = state
-        for seq in seqs:
+        for seq in state.seqs:
             self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
@@ -231,7 +184,7 @@ class Engine:
             self.outputs.add_prompt_logprobs(self._requests[seq.request_id], seq, entries)
         sampled = iter(zip(result.sampled.token_ids, result.sampled.logprobs, strict=True))
         for seq in sample_seqs:
-            self._accept(seq, list(islice(sampled, len(seq.draft_token_ids) + 1)))
+            self._accept(seq, list(itertools.islice(sampled, len(seq.draft_token_ids) + 1)))
         outputs += self._collect_outputs(sample_seqs)
         return outputs
 

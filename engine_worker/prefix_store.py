@@ -2,9 +2,9 @@
 them and the slot cache (prefix_cache.py keeps the books; docs/prefix-caching.md says why a copy).
 
 Per layer, one K and one V buffer viewed as `[blocks, kv_heads, block_size, head_dim]`, the slot layout cut
-into blocks, so a copy is one gather and one strided write per buffer. On a CPU the memory is committed as
-blocks are first written (kv_memory.py); it is not handed back when the engine idles, since keeping the
-prefixes across the gaps between a conversation's turns is the point.
+into blocks, so a copy is one strided copy per buffer (plus a gather when the blocks are not consecutive in the
+store). On a CPU the memory is committed as blocks are first written (kv_memory.py); it is not handed back when
+the engine idles, since keeping the prefixes across the gaps between a conversation's turns is the point.
 """
 
 from __future__ import annotations
@@ -12,6 +12,19 @@ from __future__ import annotations
 import torch
 
 from engine_worker.kv_memory import KVBuffers
+
+
+def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(slot block, store block) pairs as runs consecutive on both sides: (first slot block, first store block,
+    length). Blocks are taken from the free list in order, so a prompt is usually one run; copying runs as
+    slices is ~5x faster on a CPU than a gather of scattered blocks (measured, docs/prefix-caching.md)."""
+    runs: list[tuple[int, int, int]] = []
+    for index, block_id in pairs:
+        if runs and (runs[-1][0] + runs[-1][2], runs[-1][1] + runs[-1][2]) == (index, block_id):
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((index, block_id, 1))
+    return runs
 
 
 class PrefixStore:
@@ -33,27 +46,23 @@ class PrefixStore:
     def block_size(self) -> int:
         return self.shape[2]
 
+    def _slot_blocks(self, view: torch.Tensor, slot: int, first: int, count: int) -> torch.Tensor:
+        """Blocks first..first+count of a slot, as a `[count, kv_heads, block_size, head_dim]` view."""
+        size = self.block_size
+        return view[slot, :, first * size : (first + count) * size].unflatten(1, (count, size)).transpose(0, 1)
+
     @torch.inference_mode()
     def save(self, slot_views: list[torch.Tensor], slot: int, copies: list[tuple[int, int]]) -> None:
-        """Copy blocks of a slot into the store: (block index in the slot, store block id). `slot_views` are
-        the cache's `[slots, kv_heads, slot_len, head_dim]` views, in the store's buffer order."""
-        if not copies:
-            return
-        size = self.block_size
-        device = self.blocks[0].device
-        positions = torch.tensor([i * size + t for i, _ in copies for t in range(size)], device=device)
-        ids = torch.tensor([block_id for _, block_id in copies], device=device)
-        heads, dim = self.shape[1], self.shape[3]
-        for view, blocks in zip(slot_views, self.blocks, strict=True):
-            blocks[ids] = view[slot, :, positions].view(heads, len(copies), size, dim).transpose(0, 1)
+        """Copy blocks of a slot into the store: (block index in the slot, store block id). `slot_views` are the
+        cache's `[slots, kv_heads, slot_len, head_dim]` views, in the store's buffer order."""
+        for first, block_id, count in _runs(copies):
+            for view, blocks in zip(slot_views, self.blocks, strict=True):
+                blocks[block_id : block_id + count].copy_(self._slot_blocks(view, slot, first, count))
 
     @torch.inference_mode()
     def load(self, slot_views: list[torch.Tensor], loads: list[tuple[int, list[int]]]) -> None:
         """Copy each (slot, store block ids) prefix into the first tokens of its slot."""
-        device = self.blocks[0].device
-        heads, size, dim = self.shape[1], self.shape[2], self.shape[3]
-        for slot, block_ids in loads:
-            ids = torch.tensor(block_ids, device=device)
-            length = len(block_ids) * size
-            for view, blocks in zip(slot_views, self.blocks, strict=True):
-                view[slot, :, :length] = blocks[ids].transpose(0, 1).reshape(heads, length, dim)
+        for slot, ids in loads:
+            for first, block_id, count in _runs(list(enumerate(ids))):
+                for view, blocks in zip(slot_views, self.blocks, strict=True):
+                    self._slot_blocks(view, slot, first, count).copy_(blocks[block_id : block_id + count])

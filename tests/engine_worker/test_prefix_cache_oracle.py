@@ -83,6 +83,10 @@ def test_choices_resume_and_drafts_on_top_of_cached_blocks(engine_factory, tiny_
     assert outputs[-1].usage.cached_tokens == 3 * B
     assert engine.num_draft_tokens_total > 0
 
+    # best_of=2, n=1: both candidates run on the cached prefix; the one returned is the greedy answer.
+    best = _run(engine, {"best": (prompt, 14)}, best_of=2)["best"]
+    assert tokens_by_choice(best) == {0: answer} and best[-1].usage.cached_tokens == 3 * B
+
     # A resumed request: its prompt and delivered tokens are looked up, and it continues where it was.
     engine.add_request(make_request("resumed", prompt, temperature=0.0, max_tokens=14, resume_token_ids=answer[:5]))
     resumed = run_to_completion(engine)["resumed"]

@@ -18,6 +18,7 @@ holds the KV itself (`prefix_store.PrefixStoreBuffers`) and copies it in and out
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -64,7 +65,9 @@ class PrefixCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self._blocks: OrderedDict[bytes, int] = OrderedDict()  # key -> store block id; front = evicted first
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        # A heap: the lowest free id first, so a prompt's blocks tend to be consecutive in the store and are copied
+        # as one slice (prefix_store.py).
+        self._free: list[int] = list(range(num_blocks))
         self._pins: Counter[bytes] = Counter()
         self.queries_total = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
         self.hits_total = 0  # of which found cached (vLLM's prefix_cache_hits)
@@ -119,7 +122,7 @@ class PrefixCache:
         for key in [k for k in self._blocks if k not in self._pins]:
             if freed >= num_tokens:
                 break
-            self._free.append(self._blocks.pop(key))
+            heapq.heappush(self._free, self._blocks.pop(key))
             freed += self.block_size
         return freed
 
@@ -137,7 +140,7 @@ class PrefixCache:
                 spare_tokens -= self.block_size
             elif not self.evict(self.block_size):  # an older block makes way: KV use does not grow
                 break
-            block_id = self._free.pop()
+            block_id = heapq.heappop(self._free)
             self._blocks[key] = block_id
             self._pins[key] += 1
             chain.append(key)

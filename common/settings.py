@@ -91,6 +91,17 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(default=60.0, gt=0, description="Longest a request may wait to be accepted.")
     registry_ttl_s: float = Field(default=10.0, ge=1, description="A worker silent this long leaves the registry.")
 
+    # --- routing (docs/routing.md) ------------------------------------------------------------------------
+    affinity: bool = Field(
+        default=True, description="Route a conversation to the worker that served it (its own subject); off: shared."
+    )
+    affinity_max_waiting: int = Field(
+        default=2, ge=1, description="Requests waiting on a worker's own subject beyond which the shared queue is used."
+    )
+    affinity_prefix_tokens: int = Field(
+        default=256, ge=1, description="Leading prompt tokens that key a completion prompt without a better key."
+    )
+
     # --- engine -----------------------------------------------------------------------------------------
     engine: Literal["torch", "sim"] = Field(
         default="torch", description="torch: the real engine; sim: deterministic tokens without a model (load tests)."

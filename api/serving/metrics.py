@@ -15,6 +15,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from api.catalog import ModelCatalog
 from api.errors import ApiError
@@ -44,10 +45,11 @@ class FleetMetrics:
     catalog: ModelCatalog
     scrape_timeout_s: float
     supervisor_status_file: Path | None = None  # set when `inferq serve` runs us
+    routing: Collector | None = None  # this edge's affinity routing counters (api/affinity.py), when it routes
 
     async def exposition(self) -> bytes:
         workers, backlogs = await self.scrape(len(await self.catalog.workers()))
-        return render(workers, backlogs, read_supervisor_status(self.supervisor_status_file))
+        return render(workers, backlogs, read_supervisor_status(self.supervisor_status_file), self.routing)
 
     async def scrape(self, expected: int) -> tuple[list[WorkerMetrics], list[QueueBacklog]]:
         """Every live worker's snapshot and every queue's backlog; `expected`: the registry's count of live workers
@@ -61,12 +63,17 @@ class FleetMetrics:
 
 
 def render(
-    workers: list[WorkerMetrics], backlogs: list[QueueBacklog], supervisor: SupervisorStatus | None = None
+    workers: list[WorkerMetrics],
+    backlogs: list[QueueBacklog],
+    supervisor: SupervisorStatus | None = None,
+    routing: Collector | None = None,
 ) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_FleetCollector(workers, backlogs))
     if supervisor is not None:
         registry.register(SupervisorCollector(supervisor))
+    if routing is not None:
+        registry.register(routing)
     return generate_latest(registry)
 
 

@@ -126,6 +126,7 @@ class Settings(BaseSettings):
     prompt_lookup_max: int = engine_field("prompt_lookup_max")
     speculative_max_rows: int = engine_field("speculative_max_rows")
     model_impl: Literal["auto", "fast", "generic"] = engine_field("model_impl")
+    prefix_caching: bool = engine_field("prefix_caching")
     workers_per_model: int | None = Field(
         default=None,
         ge=1,

@@ -102,6 +102,12 @@ class _FleetCollector:
             "Draft tokens accepted (they matched what the model sampled).",
             labels=WORKER_LABELS,
         )
+        cache_queries = CounterMetricFamily(
+            f"{PREFIX}prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=WORKER_LABELS
+        )
+        cache_hits = CounterMetricFamily(
+            f"{PREFIX}prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=WORKER_LABELS
+        )
         prompt = CounterMetricFamily(
             f"{PREFIX}prompt_tokens", "Prompt tokens of finished requests.", labels=WORKER_LABELS
         )
@@ -126,6 +132,9 @@ class _FleetCollector:
             if worker.spec_decode_num_draft_tokens_total is not None:
                 drafts.add_metric(labels, worker.spec_decode_num_draft_tokens_total)
                 accepted.add_metric(labels, worker.spec_decode_num_accepted_tokens_total or 0)
+            if worker.prefix_cache_queries_total is not None:
+                cache_queries.add_metric(labels, worker.prefix_cache_queries_total)
+                cache_hits.add_metric(labels, worker.prefix_cache_hits_total or 0)
             prompt.add_metric(labels, worker.prompt_tokens_total)
             generation.add_metric(labels, worker.generation_tokens_total)
             for reason, count in sorted({**dict.fromkeys(FINISH_REASONS, 0), **worker.request_success_total}.items()):
@@ -139,6 +148,8 @@ class _FleetCollector:
         yield preemptions
         yield drafts
         yield accepted
+        yield cache_queries
+        yield cache_hits
         yield prompt
         yield generation
         yield success

@@ -96,6 +96,10 @@ async def test_turns_of_a_conversation_land_on_one_worker_of_a_real_model(tmp_pa
     owner = served[0][0].worker_id
     assert [[(a.worker_id, a.attempt) for a in events] for events in served] == [[(owner, 1)]] * 4
     assert all(body["usage"]["prompt_tokens"] > bodies[0]["usage"]["prompt_tokens"] for body in bodies[1:])
+    # The worker's prefix cache held the earlier turns' prompts: later turns start from their whole 32-token
+    # blocks (the first turn's short prompt fills none; the second's fills at least one).
+    cached = [body["usage"]["prompt_tokens_details"]["cached_tokens"] for body in bodies]
+    assert cached[0] == 0 and all(tokens >= 32 for tokens in cached[2:]), cached
 
 
 async def run_scenario(nc, http: httpx.AsyncClient, workers: list[WorkerProcess], pids: dict[str, int]) -> None:

@@ -9,7 +9,9 @@ Wired into the engine by engine_worker/structured_decoding.py (issue #16, docs/s
 - `ConstraintMatcher` (one per constrained sequence): fill the allowed-token bitmask into a buffer the caller owns
   (one int32 word per 32 tokens; NumPy here, a torch CPU tensor's `.numpy()` view in the sampler), consume sampled
   tokens, check and roll back speculative drafts, replay resumed tokens.
-- `MaskFiller`: the masks of a whole batch at once on llguidance's thread pool, which runs without the GIL.
+- `MaskFiller`: the masks of a whole batch at once on llguidance's thread pool, which runs without the GIL;
+  `start_with_drafts` does it on a helper thread and hands back `PendingMasks`, so the engine thread can run the
+  model's forward pass meanwhile and the sampler waits for the masks only when it needs them (`MaskRow.bits`).
 
 EOS is allowed by the mask only where the grammar accepts; once the grammar can extend no further
 (`is_stopped`), the mask allows only EOS.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,12 +242,49 @@ class GrammarCompiler:
         return len(self._cache)
 
 
+class PendingMasks:
+    """A step's bitmask buffer, being filled on the mask thread. `wait()` returns it once every row is written
+    (and re-raises what the fill raised); the matchers it reads must not be touched before then."""
+
+    def __init__(self, buffer: np.ndarray, future: Future[None] | None = None) -> None:
+        self.buffer = buffer
+        self._future = future
+
+    def wait(self) -> np.ndarray:
+        if self._future is not None:
+            self._future.result()
+        return self.buffer
+
+    def settle(self) -> None:
+        """Wait for the fill to end, successful or not (the engine's step calls this last, so no matcher is
+        advanced while the mask thread still reads it, even when the forward pass raised)."""
+        if self._future is not None:
+            self._future.exception()
+
+
+@dataclass(frozen=True, slots=True)
+class MaskRow:
+    """One sampled row's allowed tokens in a step's `PendingMasks`."""
+
+    masks: PendingMasks
+    index: int
+
+    def bits(self) -> np.ndarray:
+        """The packed int32 row (waits for the fill)."""
+        return self.masks.wait()[self.index]
+
+
 class MaskFiller:
     """Fills the masks of many sequences in parallel on llguidance's own threads (the GIL is released), so mask
     work overlaps rather than adds up. One per worker; `num_threads` None lets llguidance pick."""
 
     def __init__(self, num_threads: int | None = None) -> None:
         self._executor = llguidance.LLExecutor(num_threads)
+        # One thread: it only waits on llguidance (GIL released) while the engine thread runs the forward pass.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferq-masks")
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
 
     def fill(self, out: np.ndarray, rows: Sequence[tuple[ConstraintMatcher, int]]) -> None:
         """`out`: int32 [R, words] bitmask; each (matcher, row) writes its mask into that row."""
@@ -265,6 +305,15 @@ class MaskFiller:
             self._executor.unsafe_compute_mask_ptr_with_draft_token(
                 with_drafts, out.ctypes.data, out.shape[1] * 4, out.shape[0]
             )
+
+    def start_with_drafts(
+        self, out: np.ndarray, rows: Sequence[tuple[ConstraintMatcher, int, Sequence[int]]]
+    ) -> PendingMasks:
+        """`fill_with_drafts` on the mask thread; the caller must leave the matchers and `out` alone until the
+        returned masks are waited for (or settled). The draft lists are copied now."""
+        self._check(out)
+        rows = [(matcher, row, list(drafts)) for matcher, row, drafts in rows]
+        return PendingMasks(out, self._thread.submit(self.fill_with_drafts, out, rows))
 
     @staticmethod
     def _check(out: np.ndarray) -> None:

@@ -69,7 +69,7 @@ class Sampler:
         masked = [i for i, r in enumerate(rows) if r.allowed is not None]
         if not masked:
             return
-        allowed = unpack_bitmask(np.stack([rows[i].allowed for i in masked]), logits.shape[1])
+        allowed = unpack_bitmask(np.stack([rows[i].allowed.bits() for i in masked]), logits.shape[1])  # waits
         index = self._tensor(masked, torch.long)
         refused = ~torch.from_numpy(allowed).to(self.device)
         logits[index] = logits[index].masked_fill(refused, -float("inf"))

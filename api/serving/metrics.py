@@ -19,8 +19,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from api.catalog import ModelCatalog
 from api.errors import ApiError
 from api.serving.supervision_metrics import SupervisorCollector, read_supervisor_status
+from api.validation_metrics import ValidationMeter
 from broker.metrics import QueueBacklog, queue_backlogs, scrape_workers
 from contracts import ErrorCode, FinishReason
+from contracts.constraints import CONSTRAINT_TYPES
 from contracts.metrics import HistogramSnapshot, WorkerMetrics
 from contracts.supervision import SupervisorStatus
 
@@ -44,10 +46,13 @@ class FleetMetrics:
     catalog: ModelCatalog
     scrape_timeout_s: float
     supervisor_status_file: Path | None = None  # set when `inferq serve` runs us
+    structured_validation: ValidationMeter | None = None  # this edge's own series
 
     async def exposition(self) -> bytes:
         workers, backlogs = await self.scrape(len(await self.catalog.workers()))
-        return render(workers, backlogs, read_supervisor_status(self.supervisor_status_file))
+        return render(
+            workers, backlogs, read_supervisor_status(self.supervisor_status_file), self.structured_validation
+        )
 
     async def scrape(self, expected: int) -> tuple[list[WorkerMetrics], list[QueueBacklog]]:
         """Every live worker's snapshot and every queue's backlog; `expected`: the registry's count of live workers
@@ -61,12 +66,17 @@ class FleetMetrics:
 
 
 def render(
-    workers: list[WorkerMetrics], backlogs: list[QueueBacklog], supervisor: SupervisorStatus | None = None
+    workers: list[WorkerMetrics],
+    backlogs: list[QueueBacklog],
+    supervisor: SupervisorStatus | None = None,
+    structured_validation: ValidationMeter | None = None,
 ) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_FleetCollector(workers, backlogs))
     if supervisor is not None:
         registry.register(SupervisorCollector(supervisor))
+    if structured_validation is not None:
+        registry.register(structured_validation)
     return generate_latest(registry)
 
 
@@ -106,6 +116,11 @@ class _FleetCollector:
             "Finished requests, by finish reason.",
             labels=[*WORKER_LABELS, "finished_reason"],
         )
+        structured = CounterMetricFamily(
+            f"{PREFIX}structured_requests",
+            "Requests accepted with a structured-output constraint, by its kind.",
+            labels=[*WORKER_LABELS, "kind"],
+        )
         histograms = {
             name: HistogramMetricFamily(f"{PREFIX}{name}", text, labels=WORKER_LABELS) for name, text in _HISTOGRAMS
         }
@@ -123,6 +138,10 @@ class _FleetCollector:
             generation.add_metric(labels, worker.generation_tokens_total)
             for reason, count in sorted({**dict.fromkeys(FINISH_REASONS, 0), **worker.request_success_total}.items()):
                 success.add_metric([*labels, reason], count)
+            for kind, count in sorted(
+                {**dict.fromkeys(CONSTRAINT_TYPES, 0), **worker.structured_requests_total}.items()
+            ):
+                structured.add_metric([*labels, kind], count)
             for name, family in histograms.items():
                 snapshot: HistogramSnapshot = getattr(worker, name)
                 family.add_metric(labels, _cumulative_buckets(snapshot), sum_value=snapshot.sum)
@@ -135,6 +154,7 @@ class _FleetCollector:
         yield prompt
         yield generation
         yield success
+        yield structured
         yield from histograms.values()
 
     def _waiting(self) -> Metric:

@@ -32,6 +32,7 @@ from ops.bench.report import (
     format_table,
     write_json,
 )
+from ops.bench.structured import format_structured, measure_validation, structured_comparison, structured_target
 
 log = structlog.get_logger(__name__)
 
@@ -58,14 +59,17 @@ def main(argv: list[str]) -> int:
         log.error(str(exc))
         return exc.exit_code
     batch_rows = batch_comparison(levels, batches)
+    structured_rows = structured_comparison(levels) if cfg.structured else []
+    validation = measure_validation() if cfg.structured else {}
     sys.stdout.write(
         format_table(cfg, info, levels)
         + format_comparison(comparison(levels))
         + format_batch_comparison(batch_rows)
+        + format_structured(structured_rows, validation)
         + format_memory(info.memory)
     )
     if cfg.json_path is not None:
-        write_json(cfg.json_path, cfg, info, levels, batch_rows)
+        write_json(cfg.json_path, cfg, info, levels, batch_rows, structured_rows, validation)
     failed = sum(level.errors for level in levels)
     if failed and cfg.fail_on_error:
         log.error("requests failed", failed=failed)
@@ -117,6 +121,8 @@ async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo, dict[int, B
                 if observer is not None and target is server:
                     level.edge_ms = Stats.of_seconds(observer.added_latencies(level.requests))
                 levels.append(level)
+            if server is not None and cfg.structured:  # right after the unconstrained level: same machine state
+                levels.append(await measure(structured_target(server), prompts, concurrency))
             if server is not None and cfg.background_batch:
                 async with background_batch(server.client, cfg, server.model) as batches[concurrency]:
                     levels.append(await measure(_DuringBatch(server), prompts, concurrency))

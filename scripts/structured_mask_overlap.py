@@ -74,7 +74,7 @@ def run_once(engine: Engine, batch: int, mode: str, output_len: int, seed: int) 
             filler.fill_with_drafts = original
     total = time.perf_counter() - started_all
     return {
-        "step_ms": statistics.mean(steps[1:]) * 1000,  # the first full step may still compile/warm
+        "step_ms": statistics.mean(steps[1:] or steps) * 1000,  # the first full step may still warm up
         "tok_s": tokens / total,
         "fill_ms": statistics.mean(fill_seconds) * 1000 if fill_seconds else 0.0,
     }

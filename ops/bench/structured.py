@@ -16,6 +16,7 @@ from typing import Any
 
 from ops.bench.client import OpenAIStreamTarget
 from ops.bench.metrics import LevelResult, Stats
+from ops.bench.report import _num, _ratio  # the report's own number formats
 
 STRUCTURED_TARGET = "+json"  # the server measured again with the schema on every request
 
@@ -156,14 +157,6 @@ def structured_comparison(levels: list[LevelResult]) -> list[dict[str, Any]]:
 
 def schemas() -> str:
     return f"bench schema {len(json.dumps(BENCH_SCHEMA))} B, large schema {len(json.dumps(large_schema()))} B"
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator is not None and denominator else None
-
-
-def _num(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def format_structured(rows: list[dict[str, Any]], validation: dict[str, Stats]) -> str:

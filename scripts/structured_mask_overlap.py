@@ -65,9 +65,8 @@ def run_once(engine: Engine, batch: int, mode: str, output_len: int, seed: int) 
             started = time.perf_counter()
             outputs = engine.step()
             elapsed = time.perf_counter() - started
-            new = sum(len(choice.token_ids) for output in outputs for choice in output.choices)
-            tokens += new
-            if running_before == batch and new == batch:  # a pure decode step of the full batch
+            tokens += sum(len(choice.token_ids) for output in outputs for choice in output.choices)
+            if running_before == batch:  # every sequence admitted: decode steps (the first may end a prefill)
                 steps.append(elapsed)
     finally:
         if filler is not None:

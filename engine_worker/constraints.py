@@ -10,8 +10,9 @@ Wired into the engine by engine_worker/structured_decoding.py (issue #16, docs/s
   (one int32 word per 32 tokens; NumPy here, a torch CPU tensor's `.numpy()` view in the sampler), consume sampled
   tokens, check and roll back speculative drafts, replay resumed tokens.
 - `MaskFiller`: the masks of a whole batch at once on llguidance's thread pool, which runs without the GIL;
-  `start_with_drafts` does it on a helper thread and hands back `PendingMasks`, so the engine thread can run the
-  model's forward pass meanwhile and the sampler waits for the masks only when it needs them (`MaskRow.bits`).
+  `start_with_drafts` does it (and unpacks the result for the sampler) on a helper thread and hands back
+  `PendingMasks`, so the engine thread can run the model's forward pass meanwhile and the sampler waits for the
+  masks only when it needs them (`MaskRow.refused`).
 
 EOS is allowed by the mask only where the grammar accepts; once the grammar can extend no further
 (`is_stopped`), the mask allows only EOS.
@@ -251,17 +252,22 @@ class GrammarCompiler:
 
 
 class PendingMasks:
-    """A step's bitmask buffer, being filled on the mask thread. `wait()` returns it once every row is written
-    (and re-raises what the fill raised); the matchers it reads must not be touched before then."""
+    """A step's bitmask buffer, being filled on the mask thread, which then also unpacks it into the refused-token
+    array the sampler applies (`refused_tokens`), so that work too runs during the forward pass. The matchers the
+    fill reads must not be touched before `refused()` or `settle()` returned."""
 
-    def __init__(self, buffer: np.ndarray, future: Future[None] | None = None) -> None:
+    def __init__(self, buffer: np.ndarray, vocab_size: int, future: Future[np.ndarray] | None = None) -> None:
         self.buffer = buffer
+        self.vocab_size = vocab_size
         self._future = future
+        self._refused: np.ndarray | None = None
 
-    def wait(self) -> np.ndarray:
-        if self._future is not None:
-            self._future.result()
-        return self.buffer
+    def refused(self) -> np.ndarray:
+        """uint8 [rows, vocab_size], 1 where refused; waits for the mask thread (and re-raises what it raised)."""
+        if self._refused is None:
+            done = self._future.result() if self._future is not None else None
+            self._refused = done if done is not None else refused_tokens(self.buffer, self.vocab_size)
+        return self._refused
 
     def settle(self) -> None:
         """Wait for the fill to end, successful or not (the engine's step calls this last, so no matcher is
@@ -277,9 +283,9 @@ class MaskRow:
     masks: PendingMasks
     index: int
 
-    def bits(self) -> np.ndarray:
-        """The packed int32 row (waits for the fill)."""
-        return self.masks.wait()[self.index]
+    def refused(self) -> np.ndarray:
+        """uint8 [vocab_size], 1 where the token is refused (waits for the mask thread)."""
+        return self.masks.refused()[self.index]
 
 
 class MaskFiller:
@@ -312,13 +318,19 @@ class MaskFiller:
             )
 
     def start_with_drafts(
-        self, out: np.ndarray, rows: Sequence[tuple[ConstraintMatcher, int, Sequence[int]]]
+        self, out: np.ndarray, rows: Sequence[tuple[ConstraintMatcher, int, Sequence[int]]], vocab_size: int
     ) -> PendingMasks:
-        """`fill_with_drafts` on the mask thread; the caller must leave the matchers and `out` alone until the
-        returned masks are waited for (or settled). The draft lists are copied now."""
+        """`fill_with_drafts` then `refused_tokens` on the mask thread; the caller must leave the matchers and `out`
+        alone until the returned masks are used (`refused()`) or settled. The draft lists are copied now."""
         self._check(out)
         rows = [(matcher, row, list(drafts)) for matcher, row, drafts in rows]
-        return PendingMasks(out, self._thread.submit(self.fill_with_drafts, out, rows))
+        return PendingMasks(out, vocab_size, self._thread.submit(self._fill_and_unpack, out, rows, vocab_size))
+
+    def _fill_and_unpack(
+        self, out: np.ndarray, rows: Sequence[tuple[ConstraintMatcher, int, Sequence[int]]], vocab_size: int
+    ) -> np.ndarray:
+        self.fill_with_drafts(out, rows)
+        return refused_tokens(out, vocab_size)  # NumPy releases the GIL for most of this
 
     @staticmethod
     def _check(out: np.ndarray) -> None:

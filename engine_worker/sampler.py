@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from contracts import LOGPROB_FLOOR
-from engine_worker.constraints import refused_tokens
 from engine_worker.sampling_rows import SamplingRow, TokenLogprobData, row_uniform
 
 NUCLEUS_CANDIDATES = (256, 4096)  # top-k sizes tried before sorting the whole vocabulary
@@ -69,8 +68,9 @@ class Sampler:
         masked = [i for i, r in enumerate(rows) if r.allowed is not None]
         if not masked:
             return
-        packed = np.stack([rows[i].allowed.bits() for i in masked])  # waits for the mask thread
-        refused = torch.from_numpy(refused_tokens(packed, logits.shape[1])).to(self.device).view(torch.bool)
+        # Unpacked on the mask thread during the forward pass; this waits for it if it is not done yet.
+        refused = torch.from_numpy(np.stack([rows[i].allowed.refused() for i in masked])).to(self.device)
+        refused = refused.view(torch.bool)
         if len(masked) == len(rows):  # a fully constrained batch: in place, no gather and scatter
             logits.masked_fill_(refused, -float("inf"))
             return

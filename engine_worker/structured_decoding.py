@@ -102,10 +102,10 @@ class StructuredDecoding:
         masks = allocate_bitmask(len(rows), compiler.vocab_size)
         work = [(seq.matcher, first, seq.draft_token_ids) for seq, first in constrained if seq.matcher is not None]
         if self.overlap:
-            pending = self._filler.start_with_drafts(masks, work)
+            pending = self._filler.start_with_drafts(masks, work, compiler.vocab_size)
         else:
             self._filler.fill_with_drafts(masks, work)
-            pending = PendingMasks(masks)
+            pending = PendingMasks(masks, compiler.vocab_size)
         for seq, first in constrained:
             for row in range(first, first + len(seq.draft_token_ids) + 1):
                 rows[row].allowed = MaskRow(pending, row)

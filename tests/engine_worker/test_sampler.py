@@ -180,7 +180,7 @@ def test_token_masks_leave_only_allowed_tokens(sampler, masked_rows) -> None:
     allowed = np.zeros((3, 96), dtype=bool)  # 3 words of 32 bits per row
     for r in range(3):
         allowed[r, [3, 40 + r]] = True
-    masks = PendingMasks(np.packbits(allowed, axis=-1, bitorder="little").view(np.int32))
+    masks = PendingMasks(np.packbits(allowed, axis=-1, bitorder="little").view(np.int32), vocab)
     greedy = [SamplingRow(allowed=MaskRow(masks, r) if r in masked_rows else None) for r in range(3)]
     assert sampler(logits.clone(), greedy).token_ids == [40 + r if r in masked_rows else 69 for r in range(3)]
     hot = [

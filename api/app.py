@@ -40,6 +40,7 @@ from api.serving.deployments import Deployments
 from api.serving.files import FILES_PATH, MULTIPART_OVERHEAD, size_limit_message
 from api.serving.metrics import FleetMetrics
 from api.serving.response_runner import ResponseRunner
+from api.validation_metrics import ValidationMeter
 from broker.batch_store import BatchStorage
 from broker.connection import NatsAuth, connect
 from broker.events import EventRouter
@@ -96,6 +97,7 @@ def create_app(settings: Settings) -> FastAPI:
                 ),
                 batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s, settings.nats_replicas),
                 responses=await ResponseStore.open(js, settings.response_job_ack_wait_s, settings.nats_replicas),
+                structured_validation=ValidationMeter(edge_id),
             )
             runner = (
                 BatchRunner(services, services.batches, nc, meter_for_owner=auth_gate.meter_for_owner)
@@ -107,7 +109,12 @@ def create_app(settings: Settings) -> FastAPI:
             response_runner = ResponseRunner(services, services.responses, meter_for_owner=auth_gate.meter_for_owner)
             await response_runner.start()
             app.state.fleet_metrics = FleetMetrics(
-                nc, js, services.catalog, settings.metrics_scrape_timeout_s, settings.supervisor_status_file, affinity
+                nc,
+                js,
+                services.catalog,
+                settings.metrics_scrape_timeout_s,
+                settings.supervisor_status_file,
+                tuple(c for c in (affinity, services.structured_validation) if c is not None),
             )
             log.info("api.ready", edge_id=edge_id)
             yield

@@ -60,6 +60,11 @@ class WorkerMetrics(Contract):
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     request_success_total: dict[str, int] = Field(default_factory=dict, description="By finish reason.")
+    structured_requests_total: dict[str, int] = Field(
+        default_factory=dict,
+        description="Accepted requests with a structured-output constraint, by its type (json_schema, json_object, "
+        "regex, choice, grammar); a resumed request counts once per attempt.",
+    )
     # histograms (seconds)
     time_to_first_token_seconds: HistogramSnapshot
     inter_token_latency_seconds: HistogramSnapshot

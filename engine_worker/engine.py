@@ -177,8 +177,12 @@ class Engine:
             if seq.matcher is not None:
                 constrained.append((seq, len(rows)))
             rows += [row_for(seq, seq.draft_token_ids[:j]) for j in range(len(seq.draft_token_ids) + 1)]
-        self.structured.mask_rows(rows, constrained)
-        result = self.runner.run(batch.scheduled, sample_seqs, rows, self._prompt_logprobs_wanted(batch))
+        masks = self.structured.mask_rows(rows, constrained)  # filled while the forward pass runs
+        try:
+            result = self.runner.run(batch.scheduled, sample_seqs, rows, self._prompt_logprobs_wanted(batch))
+        finally:
+            if masks is not None:
+                masks.settle()  # the mask thread is done with the matchers before _accept advances them
         self.scheduler.postprocess(batch)
         for seq, entries in result.prompt_logprobs.items():
             self.outputs.add_prompt_logprobs(self._requests[seq.request_id], seq, entries)

@@ -154,9 +154,12 @@ class WorkerMeters:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.successes: Counter[str] = Counter()
+        self.structured: Counter[str] = Counter()  # accepted constrained requests, by constraint type
 
-    def accepted(self, timeline: RequestTimeline) -> None:
+    def accepted(self, timeline: RequestTimeline, constraint_type: str | None = None) -> None:
         self.queue_time.observe(timeline.queue_time)
+        if constraint_type is not None:
+            self.structured[constraint_type] += 1
 
     def tokens(self, timeline: RequestTimeline, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -189,6 +192,7 @@ class WorkerMeters:
             prompt_tokens_total=self.prompt_tokens,
             generation_tokens_total=self.generation_tokens,
             request_success_total=dict(self.successes),
+            structured_requests_total=dict(self.structured),
             time_to_first_token_seconds=self.ttft.snapshot(),
             inter_token_latency_seconds=self.itl.snapshot(),
             e2e_request_latency_seconds=self.e2e.snapshot(),
@@ -273,7 +277,8 @@ class WorkerTelemetry:
         telemetry = RequestTelemetry(
             RequestTimeline(published_at), self.log_fields(request, headers), extract_context(headers)
         )
-        self.meters.accepted(telemetry.timeline)
+        constraint = getattr(request, "constraint", None)  # generate requests only
+        self.meters.accepted(telemetry.timeline, None if constraint is None else constraint.type)
         return telemetry
 
     def output(self, telemetry: RequestTelemetry, output: RequestOutput) -> None:

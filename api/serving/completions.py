@@ -80,7 +80,7 @@ async def _submit(body: CompletionRequest, services: Services, reattach: Reattac
         sampling = sampling.model_copy(update={"prompt_logprobs": max(sampling.prompt_logprobs or 0, body.logprobs)})
     if body.stream and sampling.num_candidates > sampling.n:
         raise ApiError(ErrorCode.INVALID_REQUEST, "best_of > n cannot be streamed", param="best_of")
-    await check_before_queueing(body.constraint, body.constraint_param)
+    await check_before_queueing(body.constraint, body.constraint_param, services.structured_validation)
     response_id = reattach.response_id("cmpl")
     requests = build_requests(services, model, prompts, sampling, response_id, constraint=body.constraint)
     generations = await start(services.engine.routed_by(explicit_key(body)), requests, reattach)

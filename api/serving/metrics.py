@@ -22,6 +22,7 @@ from api.errors import ApiError
 from api.serving.supervision_metrics import SupervisorCollector, read_supervisor_status
 from broker.metrics import QueueBacklog, queue_backlogs, scrape_workers
 from contracts import ErrorCode, FinishReason
+from contracts.constraints import CONSTRAINT_TYPES
 from contracts.metrics import HistogramSnapshot, WorkerMetrics
 from contracts.supervision import SupervisorStatus
 
@@ -45,11 +46,11 @@ class FleetMetrics:
     catalog: ModelCatalog
     scrape_timeout_s: float
     supervisor_status_file: Path | None = None  # set when `inferq serve` runs us
-    routing: Collector | None = None  # this edge's affinity routing counters (api/affinity.py), when it routes
+    edge_collectors: tuple[Collector, ...] = ()  # this edge's own series: affinity routing, constraint validation
 
     async def exposition(self) -> bytes:
         workers, backlogs = await self.scrape(len(await self.catalog.workers()))
-        return render(workers, backlogs, read_supervisor_status(self.supervisor_status_file), self.routing)
+        return render(workers, backlogs, read_supervisor_status(self.supervisor_status_file), *self.edge_collectors)
 
     async def scrape(self, expected: int) -> tuple[list[WorkerMetrics], list[QueueBacklog]]:
         """Every live worker's snapshot and every queue's backlog; `expected`: the registry's count of live workers
@@ -66,14 +67,14 @@ def render(
     workers: list[WorkerMetrics],
     backlogs: list[QueueBacklog],
     supervisor: SupervisorStatus | None = None,
-    routing: Collector | None = None,
+    *edge_collectors: Collector,
 ) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_FleetCollector(workers, backlogs))
     if supervisor is not None:
         registry.register(SupervisorCollector(supervisor))
-    if routing is not None:
-        registry.register(routing)
+    for collector in edge_collectors:
+        registry.register(collector)
     return generate_latest(registry)
 
 
@@ -119,6 +120,11 @@ class _FleetCollector:
             "Finished requests, by finish reason.",
             labels=[*WORKER_LABELS, "finished_reason"],
         )
+        structured = CounterMetricFamily(
+            f"{PREFIX}structured_requests",
+            "Requests accepted with a structured-output constraint, by its kind.",
+            labels=[*WORKER_LABELS, "kind"],
+        )
         histograms = {
             name: HistogramMetricFamily(f"{PREFIX}{name}", text, labels=WORKER_LABELS) for name, text in _HISTOGRAMS
         }
@@ -139,6 +145,10 @@ class _FleetCollector:
             generation.add_metric(labels, worker.generation_tokens_total)
             for reason, count in sorted({**dict.fromkeys(FINISH_REASONS, 0), **worker.request_success_total}.items()):
                 success.add_metric([*labels, reason], count)
+            for kind, count in sorted(
+                {**dict.fromkeys(CONSTRAINT_TYPES, 0), **worker.structured_requests_total}.items()
+            ):
+                structured.add_metric([*labels, kind], count)
             for name, family in histograms.items():
                 snapshot: HistogramSnapshot = getattr(worker, name)
                 family.add_metric(labels, _cumulative_buckets(snapshot), sum_value=snapshot.sum)
@@ -153,6 +163,7 @@ class _FleetCollector:
         yield prompt
         yield generation
         yield success
+        yield structured
         yield from histograms.values()
 
     def _waiting(self) -> Metric:

@@ -3,6 +3,7 @@ per-chunk model parsing would show up in the client's share of the measured late
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import AsyncIterator
@@ -121,6 +122,7 @@ class OpenAIStreamTarget:
         self._cfg = cfg
         self.client = client
         self._texts: dict[tuple[int, ...], str] = {}
+        self.extra_body: dict[str, Any] = {}  # fields added to every request (--structured: response_format)
 
     @classmethod
     @asynccontextmanager
@@ -145,6 +147,12 @@ class OpenAIStreamTarget:
         ) as client:
             chosen = cfg.model if base_url is None else model
             yield cls(cfg, client, await discover_model(client, url, chosen), name=name)
+
+    def with_body(self, name: str, extra_body: dict[str, Any]) -> OpenAIStreamTarget:
+        """The same server (client, model, rendered prompts) as another target whose requests carry more fields."""
+        target = copy.copy(self)
+        target.name, target.extra_body = name, {**self.extra_body, **extra_body}
+        return target
 
     async def speculation_counters(self) -> tuple[int, int] | None:
         """(draft tokens, accepted draft tokens) so far, summed over the server's workers, from its /metrics;
@@ -223,7 +231,7 @@ class OpenAIStreamTarget:
             payload["messages"] = [{"role": "user", "content": self._texts[tuple(ids)]}]
         else:
             payload["prompt"] = ids  # OpenAI accepts token ids: the prompt length is exact
-        return payload
+        return payload | self.extra_body
 
 
 async def _consume(response: httpx.Response, stream: _Stream) -> None:

@@ -53,6 +53,7 @@ class BenchConfig:
     temperature: float = 0.0
     server_pid: int | None = None
     rss_settle_s: float = 3.0
+    structured: Literal["json"] | None = None
     workload: Workload = "tokens"
     turns: int = 4
     peer_url: str | None = None
@@ -199,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure each level again while a batch job of LINES lines runs (/v1/batches), and compare",
     )
 
+    load.add_argument(
+        "--structured",
+        choices=["json"],
+        help="json: measure each level again with one fixed JSON schema on every request (response_format "
+        "json_schema, strict) and compare with the unconstrained level; also times the edge's schema validation",
+    )
     load.add_argument(
         "--observe-nats",
         metavar="URL",

@@ -12,7 +12,7 @@ from typing import Any
 from ops.bench.background import BatchProgress
 from ops.bench.config import BenchConfig
 from ops.bench.memory import MemoryReport
-from ops.bench.metrics import LevelResult
+from ops.bench.metrics import LevelResult, Stats
 
 BUSY_TARGET = "+batch"  # the server measured again while a background batch runs
 
@@ -267,6 +267,8 @@ def write_json(
     info: RunInfo,
     levels: list[LevelResult],
     batch_rows: list[dict[str, Any]] | None = None,
+    structured_rows: list[dict[str, Any]] | None = None,
+    validation: dict[str, Stats] | None = None,
 ) -> None:
     # Results get shared: no keys in them.
     config = dataclasses.asdict(cfg) | {
@@ -280,6 +282,8 @@ def write_json(
         "comparison": comparison(levels),
         "peer_comparison": reference_comparisons(cfg, levels),
         "background_batch": batch_rows or [],
+        "structured": structured_rows or [],
+        "edge_validation_ms": {name: dataclasses.asdict(stats) for name, stats in (validation or {}).items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")

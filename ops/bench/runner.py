@@ -38,6 +38,7 @@ from ops.bench.report import (
     write_json,
 )
 from ops.bench.servers import build_llama_server
+from ops.bench.structured import format_structured, measure_validation, structured_comparison, structured_target
 
 log = structlog.get_logger(__name__)
 
@@ -65,16 +66,19 @@ def main(argv: list[str]) -> int:
         return exc.exit_code
     batch_rows = batch_comparison(levels, batches)
     peers, reference = reference_comparisons(cfg, levels), reference_target(cfg, levels)
+    structured_rows = structured_comparison(levels) if cfg.structured else []
+    validation = measure_validation() if cfg.structured else {}
     sys.stdout.write(
         format_table(cfg, info, levels)
         + format_comparison(comparison(levels))
         + "".join(format_comparison(rows, name, reference or "") for name, rows in peers.items())
         + format_batch_comparison(batch_rows)
+        + format_structured(structured_rows, validation)
         + format_memory(info.memory)
         + "".join(format_memory(report, f"{name} memory") for name, report in info.memories.items())
     )
     if cfg.json_path is not None:
-        write_json(cfg.json_path, cfg, info, levels, batch_rows)
+        write_json(cfg.json_path, cfg, info, levels, batch_rows, structured_rows, validation)
     failed = sum(level.errors for level in levels)
     if failed and cfg.fail_on_error:
         log.error("requests failed", failed=failed)
@@ -126,6 +130,8 @@ async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo, dict[int, B
                 if observer is not None and target is server:
                     level.edge_ms = Stats.of_seconds(observer.added_latencies(level.requests))
                 levels.append(level)
+            if server is not None and cfg.structured:  # right after the unconstrained level: same machine state
+                levels.append(await measure(structured_target(server), prompts, concurrency))
             if server is not None and cfg.background_batch:
                 async with background_batch(server.client, cfg, server.model) as batches[concurrency]:
                     levels.append(await measure(_DuringBatch(server), prompts, concurrency))

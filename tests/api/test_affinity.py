@@ -108,7 +108,7 @@ async def test_the_counters_are_on_metrics() -> None:
     pending.update(w1=0, w2=0)
     await routing.subject_for(request([1]), "alice", "k")
     await routing.subject_for(request([1]), "bob", "k")
-    text = render([], [], routing=routing).decode()
+    text = render([], [], None, routing).decode()
     assert 'inferq:affinity_fallback_total{model_name="m",reason="busy"} 1.0' in text
     assert 'inferq:affinity_routed_total{model_name="m"} 2.0' in text
 

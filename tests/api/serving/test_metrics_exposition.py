@@ -49,6 +49,7 @@ def test_fleet_exposition() -> None:
             spec_decode_num_accepted_tokens_total=35,
             prefix_cache_queries_total=900,
             prefix_cache_hits_total=640,
+            structured_requests_total={"json_schema": 5, "regex": 1},
         ),
         _worker("w2"),
     ]
@@ -63,6 +64,9 @@ def test_fleet_exposition() -> None:
     assert value("inferq:prompt_tokens_total", w1) == 30
     assert value("inferq:request_success_total", w1 | {("finished_reason", "length")}) == 3
     assert value("inferq:request_success_total", w1 | {("finished_reason", "stop")}) == 0  # present from the start
+    assert value("inferq:structured_requests_total", w1 | {("kind", "json_schema")}) == 5
+    assert value("inferq:structured_requests_total", w1 | {("kind", "regex")}) == 1
+    assert value("inferq:structured_requests_total", w1 | {("kind", "grammar")}) == 0  # present from the start
     assert value("inferq:num_requests_running", w1) == 2
     assert value("inferq:kv_cache_usage_perc", w1) == 0.5
     assert value("inferq:num_preemptions_total", w1) == 4

@@ -12,7 +12,7 @@ import pytest
 from common.settings import Settings
 from tests.integration.harness import ApiServer, WorkerProcess, wait_for_model
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(900)]  # the first start converts the GGUF
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 WEATHER = {

@@ -151,16 +151,20 @@ async def _streamed(client, **request) -> tuple[str, list[dict], str | None, lis
     return content, calls, finish, entries
 
 
+# One greedy forced call, short enough to finish (the envelope's whitespace is bounded per gap).
+GREEDY_CALL = {
+    "model": TINY_MODEL_NAME,
+    "messages": ASK,
+    "tools": TOOLS,
+    "tool_choice": "required",
+    "parallel_tool_calls": False,
+    "temperature": 0.0,
+    "max_tokens": 300,
+}
+
+
 async def test_streamed_call_deltas_reassemble_to_the_non_streamed_calls(client) -> None:
-    request = {
-        "model": TINY_MODEL_NAME,
-        "messages": ASK,
-        "tools": TOOLS,
-        "tool_choice": "required",
-        "parallel_tool_calls": False,
-        "temperature": 0.0,
-        "max_tokens": 300,
-    }
+    request = GREEDY_CALL
     whole = (await client.chat.completions.create(**request)).choices[0]
     content, calls, finish, entries = await _streamed(client, **request)
     assert finish == whole.finish_reason == "tool_calls" and content == "", whole.message
@@ -343,16 +347,7 @@ async def _sse_events(http, body: dict, headers: dict) -> list[tuple[str, dict]]
 
 
 async def test_a_resumed_stream_repeats_the_call_deltas_and_ids(api) -> None:
-    body = {
-        "model": TINY_MODEL_NAME,
-        "messages": ASK,
-        "tools": TOOLS,
-        "tool_choice": "required",
-        "parallel_tool_calls": False,
-        "temperature": 0.0,
-        "max_tokens": 300,
-        "stream": True,
-    }
+    body = {**GREEDY_CALL, "stream": True}
     async with httpx.AsyncClient(base_url=api.base_url, timeout=120) as http:
         first = await _sse_events(http, body, {})
         assert any(chunk["choices"] and chunk["choices"][0]["delta"].get("tool_calls") for _, chunk in first)

@@ -68,8 +68,9 @@ async def test_a_round_trip_with_the_default_model(smollm2) -> None:
         messages=ASK,
         tools=[WEATHER],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
         temperature=0,
-        max_tokens=60,
+        max_tokens=100,
     )
     message = first.choices[0].message
     [call] = message.tool_calls

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from common.settings import Settings
 from tests.integration.harness import ApiServer, WorkerProcess, wait_for_model
+from tests.integration.test_batches import read_lines, start_batch, wait_final
 from tests.model_fixtures import TINY_MODEL_NAME
 from tests.tool_templates import HERMES_TEMPLATE
 
@@ -358,3 +359,17 @@ async def test_a_resumed_stream_repeats_the_call_deltas_and_ids(api) -> None:
     assert [(event_id, chunk["choices"]) for event_id, chunk in resumed] == [
         (event_id, chunk["choices"]) for event_id, chunk in first[resume_after + 1 :]
     ]
+
+
+async def test_a_batch_line_with_tools_gets_its_calls(client) -> None:
+    body = {**GREEDY_CALL, "tools": [TIME]}
+    batch = await start_batch(
+        client,
+        [{"custom_id": "tool-1", "method": "POST", "url": "/v1/chat/completions", "body": body}],
+        endpoint="/v1/chat/completions",
+    )
+    done = await wait_final(client, batch.id)
+    [line] = await read_lines(client, done.output_file_id)
+    choice = line["response"]["body"]["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert [call["function"]["name"] for call in choice["message"]["tool_calls"]] == ["get_time"]

@@ -1,26 +1,40 @@
 """The Responses API request (`POST /v1/responses`). Items of `input` are checked one by one in
-api/serving/response_items.py (clear messages per item); here only the envelope. What needs engine-enforced
-structured output (tool calls, `text.format` json_schema / json_object) is refused, never ignored."""
+api/serving/response_items.py (clear messages per item); here only the envelope, and `text.format` read into the
+same wire constraint as chat's `response_format` (its shape here; whether it compiles: api/structured.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from api.schemas.structured import ResponseFormat
 from contracts import SamplingParams
+from contracts.constraints import Constraint, parse_constraint
 
 NOT_YET = "is not yet supported (it needs engine-enforced structured outputs)"
 
 
-class TextFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str = "text"
-
-
 class TextConfig(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    format: TextFormat | None = None
+    model_config = ConfigDict(extra="allow")  # verbosity: accepted, no effect
+    format: dict[str, Any] | None = None
+
+
+def text_format_constraint(text_format: dict[str, Any]) -> Constraint | None:
+    """The Responses `text.format` (flat: `{"type": "json_schema", "name", "schema", "strict", "description"}`)
+    as a wire constraint, read as chat's nested `response_format` so that both fields mean the same."""
+    kind = text_format.get("type", "text")
+    rest = {key: value for key, value in text_format.items() if key != "type"}
+    nested = {"type": kind, "json_schema": rest} if kind == "json_schema" else {"type": kind, **rest}
+    try:
+        wanted = ResponseFormat.model_validate(nested).constraint()
+        return parse_constraint(wanted) if wanted is not None else None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        # Locations are in the nested terms (json_schema.schema, or the constraint's json_schema): name the flat
+        # field the client sent.
+        field = ".".join(["text.format", *(str(part) for part in error["loc"] if part != "json_schema")])
+        raise ValueError(f"{field}: {error['msg'].removeprefix('Value error, ')}") from None
 
 
 class ResponseRequest(BaseModel):
@@ -43,20 +57,37 @@ class ResponseRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     user: str | None = None
+    _constraint: Constraint | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _refuse_what_needs_structured_output(self):
         if self.tools and self.tool_choice != "none":
             raise ValueError(f"tools: tool calling {NOT_YET}; send tool_choice 'none' to answer in text")
-        if self.text and self.text.format and self.text.format.type != "text":
-            raise ValueError(f"text.format: {self.text.format.type!r} {NOT_YET}")
+        if self.text and self.text.format:
+            self._constraint = text_format_constraint(self.text.format)
         if self.background and not self.store:
             raise ValueError("background: a background response must be stored (store=true)")
         return self
 
+    @property
+    def constraint(self) -> Constraint | None:
+        """What the output text must match (`text.format`); None: free text."""
+        return self._constraint
+
     def sampling(self) -> SamplingParams:
         given = {"max_tokens": self.max_output_tokens, "temperature": self.temperature, "top_p": self.top_p}
         return SamplingParams(**{key: value for key, value in given.items() if value is not None})
+
+    def _echoed_format(self) -> dict[str, Any]:
+        given = self.text.format if self.text and self.text.format else {"type": "text"}
+        if given.get("type") == "json_schema":
+            return {
+                "type": "json_schema",
+                "description": None,
+                "strict": False,
+                **given,
+            }  # OpenAI echoes both, with these defaults
+        return given
 
     def echoed(self) -> dict[str, Any]:
         """The request fields a Response object repeats."""
@@ -70,7 +101,7 @@ class ResponseRequest(BaseModel):
             "top_p": self.top_p if self.top_p is not None else 1.0,
             "tool_choice": self.tool_choice or "auto",
             "tools": self.tools or [],
-            "text": {"format": {"type": "text"}},
+            "text": {**(self.text.model_dump() if self.text else {}), "format": self._echoed_format()},
             "truncation": "disabled",
             "store": self.store,
             "background": self.background,

@@ -22,6 +22,7 @@ from api.serving.generation import build_requests, new_id, until_disconnected
 from api.serving.reattach import NEW, start
 from api.serving.response_events import TERMINAL, Event, ResponseEvents, new_response
 from api.serving.response_items import chat_messages, item_id, normalise_input
+from api.structured import check_before_queueing
 from broker.response_store import ResponseStore
 from contracts import ErrorCode, GenerateRequest
 from contracts.responses import StoredResponse
@@ -59,12 +60,13 @@ async def create_response(body: ResponseRequest, services: Services, http: Reque
     model = await services.catalog.get(body.model)
     tokenizer = await services.catalog.tokenizer(model)
     prompt = render_chat(chat_messages(body.instructions, [*history, *items]), tokenizer)
+    await check_before_queueing(body.constraint, "text.format")
     response_id = item_id("resp")
     sampling = body.sampling()
     if body.background and sampling.seed is None:
         # A runner that takes over may have to generate again: the same seed gives the same tokens.
         sampling = sampling.model_copy(update={"seed": int(response_id[-8:], 16)})
-    [request] = build_requests(services, model, [prompt], sampling, new_id("resp"))
+    [request] = build_requests(services, model, [prompt], sampling, new_id("resp"), constraint=body.constraint)
     record = StoredResponse(
         id=response_id,
         owner=caller.owner,

@@ -195,8 +195,6 @@ BAD = [
     ({}, "input"),
     ({"input": []}, "input"),
     ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "not yet supported"),
-    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "not yet supported"),
-    ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "not yet supported"),
     (
         {
             "input": [

@@ -79,7 +79,9 @@ def create_app(settings: Settings) -> FastAPI:
                     nc, router, Timeouts(queue_s=settings.queue_timeout_s, silence_s=settings.worker_silence_timeout_s)
                 ),
                 batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s, settings.nats_replicas),
-                responses=await ResponseStore.open(js, settings.response_job_ack_wait_s, settings.nats_replicas),
+                responses=await ResponseStore.open(
+                    js, settings.response_job_ack_wait_s, settings.response_ttl_s, settings.nats_replicas
+                ),
             )
             runner = (
                 BatchRunner(services, services.batches, nc, meter_for_owner=auth_gate.meter_for_owner)

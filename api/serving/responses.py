@@ -37,9 +37,11 @@ def _store(services: Services) -> ResponseStore:
 
 
 async def owned_response(services: Services, caller: Caller, response_id: str) -> StoredResponse:
-    """The stored response, if `caller` may see it; otherwise the not-found error (unknown or not theirs)."""
-    found = await _store(services).get(response_id) if RESPONSE_ID.fullmatch(response_id) else None
-    if found is None or not caller.can_see(found.record.owner):
+    """The stored response, if `caller` may see it; otherwise the not-found error (unknown, expired or not
+    theirs)."""
+    store = _store(services)
+    found = await store.get(response_id) if RESPONSE_ID.fullmatch(response_id) else None
+    if found is None or store.expired(found.record) or not caller.can_see(found.record.owner):
         raise ApiError(ErrorCode.NOT_FOUND, f"response {response_id} does not exist", param="response_id")
     return found.record
 

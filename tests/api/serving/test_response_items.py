@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from api.errors import ApiError
 from api.schemas.responses import ResponseRequest
 from api.serving.response_items import chat_messages, normalise_input
+from contracts.constraints import JsonSchemaConstraint
 
 
 def test_a_string_is_one_user_message() -> None:
@@ -72,14 +73,27 @@ def test_a_function_call_output_finds_its_call_in_earlier_turns_but_is_not_rende
     [
         {"tools": [{"type": "function", "name": "f"}]},
         {"tools": [{"type": "function", "name": "f"}], "tool_choice": "required"},
-        {"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}},
-        {"text": {"format": {"type": "json_object"}}},
         {"background": True, "store": False},
+        {"text": {"format": {"type": "json_schema", "name": "x"}}},
+        {"text": {"format": {"type": "yaml"}}},
     ],
 )
 def test_requests_needing_what_is_not_there_are_refused(fields) -> None:
     with pytest.raises(ValidationError):
         ResponseRequest(model="m", input="hi", **fields)
+
+
+def test_text_format_is_read_into_the_same_constraint_as_chat_response_format() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    flat = ResponseRequest(
+        model="m", input="hi", text={"format": {"type": "json_schema", "name": "x", "schema": schema, "strict": True}}
+    )
+    assert flat.constraint == JsonSchemaConstraint(json_schema=schema, strict=True)
+    assert flat.echoed()["text"]["format"]["schema"] == schema and flat.echoed()["text"]["format"]["name"] == "x"
+    assert ResponseRequest(model="m", input="hi", text={"format": {"type": "json_object"}}).constraint.type == (
+        "json_object"
+    )
+    assert ResponseRequest(model="m", input="hi", text={"format": {"type": "text"}}).constraint is None
 
 
 def test_tools_with_tool_choice_none_and_a_text_format_are_fine() -> None:

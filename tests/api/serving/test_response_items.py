@@ -60,19 +60,39 @@ def test_bad_items_are_400s_naming_the_item(given, words) -> None:
     assert caught.value.status == 400 and words in caught.value.info.message
 
 
-def test_a_function_call_output_finds_its_call_in_earlier_turns_but_is_not_rendered_yet() -> None:
-    earlier = [{"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": "{}"}]
-    [output] = normalise_input([{"type": "function_call_output", "call_id": "c1", "output": "42"}], earlier)
-    assert output["type"] == "function_call_output" and output["output"] == "42"
-    with pytest.raises(ApiError, match="not yet supported"):
-        chat_messages(None, [*earlier, output])
+def test_a_function_call_output_finds_its_call_in_earlier_turns_and_becomes_a_tool_message() -> None:
+    earlier = [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me look."}]},
+        {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": '{"x": 1}'},
+        {"type": "function_call", "id": "fc_2", "call_id": "c2", "name": "g", "arguments": "{}"},
+    ]
+    outputs = normalise_input(
+        [
+            {"type": "function_call_output", "call_id": "c1", "output": "42"},
+            {"type": "function_call_output", "call_id": "c2", "output": "43"},
+        ],
+        earlier,
+    )
+    assert [output["output"] for output in outputs] == ["42", "43"]
+    messages = chat_messages(None, [*earlier, *outputs])
+    # The assistant's text and both calls are one turn; each output answers its call.
+    assert [message.role for message in messages] == ["user", "assistant", "tool", "tool"]
+    assert messages[1].text() == "Let me look."
+    assert [(call.id, call.function.name, call.function.arguments) for call in messages[1].tool_calls] == [
+        ("c1", "f", '{"x": 1}'),
+        ("c2", "g", "{}"),
+    ]
+    assert [(message.tool_call_id, message.text()) for message in messages[2:]] == [("c1", "42"), ("c2", "43")]
 
 
 @pytest.mark.parametrize(
     "fields",
     [
-        {"tools": [{"type": "function", "name": "f"}]},
-        {"tools": [{"type": "function", "name": "f"}], "tool_choice": "required"},
+        {"tools": [{"type": "web_search_preview"}]},
+        {"tools": [{"type": "function", "name": "f", "parameters": {}, "bogus": 1}]},
+        {"tools": [{"type": "function", "name": "f"}], "tool_choice": "sometimes"},
+        {"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "web_search_preview"}},
         {"background": True, "store": False},
         {"text": {"format": {"type": "json_schema", "name": "x"}}},
         {"text": {"format": {"type": "yaml"}}},

@@ -107,8 +107,8 @@ async def wait_healthy(base_url: str, worker: WorkerProcess | None = None, timeo
     raise TimeoutError(f"no healthy worker within {timeout} s" + (f":\n{worker.log_tail()}" if worker else ""))
 
 
-async def wait_for_model(base_url: str, model: str, worker: WorkerProcess) -> None:
-    deadline = time.monotonic() + 120
+async def wait_for_model(base_url: str, model: str, worker: WorkerProcess, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(base_url=base_url) as http:
         while model not in (await http.get("/health")).json()["models"]:
             assert worker.proc.poll() is None, worker.log_tail()

@@ -243,7 +243,9 @@ class MessagesInput(BaseModel):
 
     @property
     def function_tool_choice(self) -> FunctionToolChoice | None:
-        return self.tool_choice.function_choice() if self.tool_choice is not None else None
+        if self.tool_choice is None or (self.tool_choice.type == "auto" and not self._function_tools):
+            return None  # auto without tools asks for nothing
+        return self.tool_choice.function_choice()
 
     @property
     def parallel_tool_calls(self) -> bool:

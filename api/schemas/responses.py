@@ -112,7 +112,8 @@ class ResponseRequest(BaseModel):
 
     @property
     def function_tool_choice(self) -> ToolChoice | None:
-        return self._tool_choice
+        # `auto` without tools asks for nothing (agent frameworks send it with an empty tool list).
+        return None if self._tool_choice == "auto" and not self._function_tools else self._tool_choice
 
     @property
     def constraint(self) -> Constraint | None:

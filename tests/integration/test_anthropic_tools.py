@@ -12,18 +12,14 @@ import httpx
 import pytest
 
 from tests.integration.test_anthropic_api import assert_anthropic_error
+from tests.integration.test_responses_tools import WEATHER as RESPONSES_WEATHER
 from tests.model_fixtures import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.asyncio
 WEATHER = {
     "name": "get_weather",
     "description": "The weather in a city.",
-    "input_schema": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
+    "input_schema": RESPONSES_WEATHER["parameters"],
 }
 TIME = {
     "name": "get_time",

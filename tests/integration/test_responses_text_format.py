@@ -24,6 +24,17 @@ def ticket_format() -> dict:
     return {"type": "json_schema", "name": "ticket", "schema": schema, "strict": True}
 
 
+def _ticket(**fields) -> dict:
+    return {
+        "model": TINY_MODEL_NAME,
+        "input": PROMPT,
+        "text": {"format": ticket_format()},
+        "temperature": 1.0,
+        "max_output_tokens": 300,
+        **fields,
+    }
+
+
 @pytest.fixture(scope="module")
 def client(api) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{api.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -44,14 +55,7 @@ async def test_responses_parse_into_a_pydantic_model_for_every_seed(client) -> N
 
 
 async def test_json_schema_streamed_reassembles_into_a_valid_object(client) -> None:
-    stream = await client.responses.create(
-        model=TINY_MODEL_NAME,
-        input=PROMPT,
-        text={"format": ticket_format()},
-        temperature=1.0,
-        max_output_tokens=300,
-        stream=True,
-    )
+    stream = await client.responses.create(**_ticket(stream=True))
     events = [event async for event in stream]
     deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
     assert events[-1].type == "response.completed" and len(deltas) > 3  # streamed in pieces
@@ -74,14 +78,7 @@ async def test_json_object_answers_an_object(client) -> None:
 
 async def test_a_background_response_keeps_its_format(client) -> None:
     """The constraint travels with the stored request, so whichever replica's runner runs it enforces it."""
-    created = await client.responses.create(
-        model=TINY_MODEL_NAME,
-        input=PROMPT,
-        text={"format": ticket_format()},
-        temperature=1.0,
-        max_output_tokens=300,
-        background=True,
-    )
+    created = await client.responses.create(**_ticket(background=True))
     finished = await _wait_finished(client, created.id)
     assert finished.status == "completed", finished.output_text
     Ticket.model_validate_json(finished.output_text)

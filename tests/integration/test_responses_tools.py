@@ -12,21 +12,17 @@ import openai
 import pytest
 from openai.types.responses import ResponseFunctionToolCall
 
+from tests.api.test_tools import WEATHER as CHAT_WEATHER
 from tests.integration.test_responses_api import _wait_finished
 from tests.model_fixtures import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.asyncio
 
-WEATHER = {
+WEATHER = {  # chat's weather tool (a bounded city, so even random text ends) in the Responses flat shape
     "type": "function",
     "name": "get_weather",
     "description": "The weather in a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
+    "parameters": CHAT_WEATHER.function.parameters,
     "strict": True,
 }
 TIME = {"type": "function", "name": "get_time", "description": "The time now.", "parameters": None, "strict": False}

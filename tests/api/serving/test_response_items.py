@@ -116,6 +116,24 @@ def test_text_format_is_read_into_the_same_constraint_as_chat_response_format() 
     assert ResponseRequest(model="m", input="hi", text={"format": {"type": "text"}}).constraint is None
 
 
+def test_flat_function_tools_and_choices_are_read_as_chats() -> None:
+    body = ResponseRequest(
+        model="m",
+        input="hi",
+        tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": True}],
+        tool_choice={"type": "function", "name": "f"},
+        parallel_tool_calls=False,
+    )
+    [tool] = body.function_tools
+    assert tool.function.name == "f" and tool.function.parameters == {"type": "object"} and tool.function.strict
+    assert body.function_tool_choice.function.name == "f"
+    assert (
+        body.echoed()["tool_choice"] == {"type": "function", "name": "f"} and not body.echoed()["parallel_tool_calls"]
+    )
+    # auto with an empty tool list (as agent frameworks send it) asks for nothing.
+    assert ResponseRequest(model="m", input="hi", tools=[], tool_choice="auto").function_tool_choice is None
+
+
 def test_tools_with_tool_choice_none_and_a_text_format_are_fine() -> None:
     body = ResponseRequest(
         model="m",

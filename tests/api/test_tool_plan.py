@@ -14,24 +14,9 @@ from api.tools.formats import ToolFormat
 from api.tools.plan import check_tool_messages, plan_tools
 from api.tools.streaming import tool_call_id
 from contracts.constraints import MAX_SCHEMA_BYTES, JsonSchemaConstraint, RegexConstraint
+from tests.api.test_tools import TIME, WEATHER
 from tests.tool_templates import HERMES_TEMPLATE
 
-WEATHER = FunctionTool.model_validate(
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-                "additionalProperties": False,
-            },
-        },
-    }
-)
-TIME = FunctionTool.model_validate({"type": "function", "function": {"name": "get_time"}})
 TOOLS = [WEATHER, TIME]
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
 ROUND_TRIP = [

@@ -96,7 +96,9 @@ def create_app(settings: Settings) -> FastAPI:
                     affinity=affinity,
                 ),
                 batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s, settings.nats_replicas),
-                responses=await ResponseStore.open(js, settings.response_job_ack_wait_s, settings.nats_replicas),
+                responses=await ResponseStore.open(
+                    js, settings.response_job_ack_wait_s, settings.response_ttl_s, settings.nats_replicas
+                ),
                 structured_validation=ValidationMeter(edge_id),
             )
             runner = (

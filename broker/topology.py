@@ -33,6 +33,7 @@ _REQUEST_ACK_WAIT_S = 30.0
 _REQUEST_MAX_DELIVER = 3
 _AFFINE_INACTIVE_S = 600.0  # a dead worker's consumer outlives it this long (its subject is re-adopted anyway)
 _TWO_DAYS_S = 2 * 86_400.0
+_DEFAULT_DUPLICATE_WINDOW_S = 120.0  # the server's default
 _ENSURE_RETRY_S = 30.0
 _LEADER_WAIT_S = 10.0
 
@@ -240,12 +241,18 @@ async def ensure_batch_storage(js: JetStreamContext, replicas: int = 1):
     return files, file_data, batches, results
 
 
-async def ensure_response_storage(js: JetStreamContext, replicas: int = 1):
+async def ensure_response_storage(js: JetStreamContext, ttl_s: float, replicas: int = 1):
     """The KV bucket of stored responses (file-backed, compare-and-swap updates) and the stream of background
-    responses' events (kept until the response is deleted). Returns the bucket."""
+    responses' events, both expiring `ttl_s` after each write (the server deletes them; an existing bucket is
+    moved to this TTL, so a changed setting applies to what is stored already). Returns the bucket."""
+    duplicate_window = min(_DEFAULT_DUPLICATE_WINDOW_S, ttl_s)  # the server refuses a window longer than max_age
     responses = await _key_value(
-        js, KeyValueConfig(bucket=subjects.RESPONSES_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas)
+        js,
+        KeyValueConfig(
+            bucket=subjects.RESPONSES_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE, replicas=replicas
+        ),
     )
+    await _converge_max_age(js, f"KV_{subjects.RESPONSES_BUCKET}", ttl_s, duplicate_window)
     await _stream(
         js,
         StreamConfig(
@@ -253,10 +260,23 @@ async def ensure_response_storage(js: JetStreamContext, replicas: int = 1):
             subjects=[subjects.RESPONSE_EVENTS_WILDCARD],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
+            max_age=ttl_s,
+            duplicate_window=duplicate_window,
             num_replicas=replicas,
         ),
     )
     return responses
+
+
+@_retrying_while_electing
+async def _converge_max_age(js: JetStreamContext, stream_name: str, max_age_s: float, duplicate_window_s: float):
+    """Give an existing stream (a KV bucket's) this max_age, keeping the rest of its configuration."""
+    config = (await js.stream_info(stream_name)).config
+    if config.max_age == max_age_s and config.duplicate_window == duplicate_window_s:
+        return
+    config.max_age, config.duplicate_window = max_age_s, duplicate_window_s
+    await js.update_stream(config)
+    log.info("topology.max_age_changed", stream=stream_name, max_age_s=max_age_s)
 
 
 async def ensure_batch_jobs(js: JetStreamContext, ack_wait_s: float, replicas: int = 1) -> None:

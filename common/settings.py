@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     response_job_ack_wait_s: float = Field(
         default=10.0, ge=1, description="A silent replica loses the background responses it runs after this."
     )
+    response_ttl_s: float = Field(
+        default=30 * 86_400.0,
+        ge=1,
+        description="Stored /v1/responses responses and their event logs expire this long after creation (30 days).",
+    )
     batch_orphan_sweep_s: float = Field(
         default=30.0, gt=0, description="How often runners re-queue batches that never got a ticket."
     )

@@ -49,7 +49,7 @@ async def _prompt(body: MessagesInput, services: Services, model: ServedModel) -
 async def create_message(body: MessagesRequest, services: Services, http: Request):
     model = await services.catalog.get(body.model)
     prompt, tools = await _prompt(body, services, model)
-    await tools.check()  # the tools' input schemas (and the call envelope) compile
+    await tools.check(services.structured_validation)  # the tools' input schemas (and the call envelope) compile
     # Idempotency-Key / X-Request-Id attach to the caller's own earlier request, exactly as on chat completions.
     reattach = reattach_from(http.headers, ID_PREFIX, get_caller(http).owner)
     request_id = reattach.response_id(ID_PREFIX)
@@ -104,6 +104,7 @@ class _Reply:
         self.id = message_id
         self.model = model
         self.input_tokens = input_tokens
+        self.cached_tokens = 0  # of the prompt, read from the worker's prefix cache (known at the end)
         self.tools = tools
         self.request_id = request_id
 
@@ -115,14 +116,22 @@ class _Reply:
             "model": self.model,
             "content": content,
             **stop,
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": output_tokens},
+            "usage": {**self._input_usage(), "output_tokens": output_tokens},
+        }
+
+    def _input_usage(self) -> dict[str, int]:
+        """Anthropic counts cache reads apart: `input_tokens` are the prompt tokens computed afresh."""
+        return {
+            "input_tokens": self.input_tokens - self.cached_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": self.cached_tokens,
         }
 
     async def collect(self, generation: Generation) -> dict:
         collected = await collect([generation], 1)
         state = collected.choices.get(0) or ChoiceState(0)
         usage = collected.usages[0]
-        self.input_tokens = usage.prompt_tokens
+        self.input_tokens, self.cached_tokens = usage.prompt_tokens, usage.cached_tokens
         reply = self.tools.reply("".join(state.text), self.request_id, 0, state.finish_reason)
         content = [{"type": "text", "text": reply.content or ""}] if reply.content or not reply.tool_calls else []
         content += [
@@ -159,6 +168,7 @@ class _Reply:
                 yield {"type": "ping"}
             if event.kind == "end":
                 output_tokens = event.usage.completion_tokens
+                self.input_tokens, self.cached_tokens = event.usage.prompt_tokens, event.usage.cached_tokens
                 continue
             for delta in event.choices:
                 text += delta.text
@@ -175,7 +185,7 @@ class _Reply:
         yield {
             "type": "message_delta",
             "delta": stop_fields(finish_reason, stop_reason),
-            "usage": {"output_tokens": output_tokens},
+            "usage": {**self._input_usage(), "output_tokens": output_tokens},  # cumulative, as Anthropic's are
         }
         yield {"type": "message_stop"}
 

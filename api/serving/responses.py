@@ -71,7 +71,8 @@ async def create_response(body: ResponseRequest, services: Services, http: Reque
         response_param="text.format",
     )
     prompt = render_chat(chat_messages(body.instructions, [*history, *items]), tokenizer, tools=tools)
-    await tools.check()  # the tools' schemas and the constraint (the tools' own or text.format) compile
+    # The tools' schemas and the constraint (the tools' own or text.format) compile:
+    await tools.check(services.structured_validation)
     response_id = item_id("resp")
     sampling = body.sampling()
     if body.background and sampling.seed is None:

@@ -1,12 +1,14 @@
 """Prefix caching through the real stack and the `openai` SDK (issue #18): a second request with the same long
 prompt reports `usage.prompt_tokens_details.cached_tokens`, on completions and on streamed chat; another owner's
-identical prompt reports none (the edge salts the cache with the key's owner); `/metrics` counts the lookups."""
+identical prompt reports none (the edge salts the cache with the key's owner); the Responses and Messages APIs report
+cache reads in their own shapes; `/metrics` counts the lookups."""
 
 from __future__ import annotations
 
 import re
 import uuid
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -62,6 +64,29 @@ async def test_cached_tokens_follow_the_owner(api_on, make_key, role_keys) -> No
             max_tokens=2,
         )
         assert non_streamed.usage.prompt_tokens_details.cached_tokens > 0
+
+        async def response_cached(sdk: openai.AsyncOpenAI) -> int:
+            done = await sdk.responses.create(
+                model=TINY_MODEL_NAME, instructions=prompt, input="go on", max_output_tokens=2, store=False
+            )
+            return done.usage.input_tokens_details.cached_tokens
+
+        assert await response_cached(owner_a) == 0  # a new rendering of the prompt
+        assert await response_cached(owner_a) > 0
+
+    key_c = await make_key(name="cache owner c")  # whose cache holds nothing of this prompt yet
+    async with anthropic.AsyncAnthropic(base_url=api_on.base_url, api_key=key_c, max_retries=0) as claude:
+
+        async def message_usage() -> anthropic.types.Usage:
+            reply = await claude.messages.create(
+                model=TINY_MODEL_NAME, system=prompt, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+            return reply.usage
+
+        first, second = await message_usage(), await message_usage()
+        assert first.cache_read_input_tokens == 0
+        assert second.cache_read_input_tokens > 0  # Anthropic's shape: cache reads apart from fresh input
+        assert second.input_tokens + second.cache_read_input_tokens == first.input_tokens
 
     async with httpx.AsyncClient(base_url=api_on.base_url, timeout=30) as client:
         metrics = (await client.get("/metrics", headers=headers(role_keys[Role.ADMIN]))).text

@@ -98,7 +98,7 @@ def rate_limited(verdict: Verdict, tokens: int | None = None) -> ApiError:
 
 def reservation_size(request: GenerateRequest | EmbedRequest) -> int:
     """The prompt plus `max_tokens` per candidate (n, or best_of). The edge resolves an unset `max_tokens` to the
-    rest of the context before it gets here (api/serving/generation.with_max_tokens); one still unset is a bug
+    rest of the context before it gets here (api/serving/completion_parts.with_max_tokens); one still unset is a bug
     that would reserve too little, so it is refused rather than guessed."""
     if isinstance(request, EmbedRequest):
         return sum(len(tokens) for tokens in request.inputs)  # embeddings generate nothing

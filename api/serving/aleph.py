@@ -14,7 +14,7 @@ from api.engine_client import Generation, merge
 from api.errors import ApiError, api_error_body
 from api.schemas.aleph import AlephCompleteRequest, PromptItem, TextItem
 from api.services import Services
-from api.serving.generation import (
+from api.serving.completion_parts import (
     build_requests,
     check_token_ids,
     collect,

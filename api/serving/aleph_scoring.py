@@ -12,8 +12,8 @@ from api.errors import ApiError
 from api.schemas.aleph import AlephEmbedRequest, AlephEvaluateRequest
 from api.services import Services
 from api.serving.aleph import prompt_token_ids
+from api.serving.completion_parts import build_requests, check_token_ids, collect, new_id, until_disconnected
 from api.serving.embeddings import collect_embeddings
-from api.serving.generation import build_requests, check_token_ids, collect, new_id, until_disconnected
 from contracts import EmbedRequest, ErrorCode, Pooling, SamplingParams
 
 

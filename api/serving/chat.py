@@ -14,7 +14,7 @@ from api.engine_client import Generation, merge
 from api.errors import ApiError
 from api.schemas.openai import ChatCompletionRequest, ChatMessage
 from api.services import Services
-from api.serving.generation import (
+from api.serving.completion_parts import (
     build_requests,
     chat_logprobs,
     collect,

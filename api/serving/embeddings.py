@@ -15,8 +15,8 @@ from api.engine_client import Generation
 from api.errors import ApiError
 from api.schemas.openai import EmbeddingRequest
 from api.services import Services
+from api.serving.completion_parts import check_token_ids, new_id, until_disconnected, usage_body
 from api.serving.completions import tokenize_prompts
-from api.serving.generation import check_token_ids, new_id, until_disconnected, usage_body
 from contracts import EmbeddingVector, EmbedRequest, ErrorCode, Usage
 
 

@@ -19,7 +19,7 @@ from api.errors import ApiError, anthropic_error_body, status_for
 from api.schemas.anthropic import MessagesInput, MessagesRequest
 from api.services import Services
 from api.serving.chat import render_chat
-from api.serving.generation import ChoiceState, build_requests, collect, until_disconnected
+from api.serving.completion_parts import ChoiceState, build_requests, collect, until_disconnected
 from api.serving.reattach import reattach_from, start
 from api.streaming import primed
 from api.tools.plan import ToolPlan, plan_tools, tool_finish_reason

@@ -18,7 +18,7 @@ from api.errors import ApiError
 from api.schemas.responses import ResponseRequest
 from api.services import Services
 from api.serving.chat import render_chat
-from api.serving.generation import build_requests, new_id, until_disconnected
+from api.serving.completion_parts import build_requests, new_id, until_disconnected
 from api.serving.reattach import NEW, start
 from api.serving.response_events import TERMINAL, Event, ResponseEvents, answer_reader, new_response
 from api.serving.response_items import chat_messages, item_id, normalise_input

@@ -13,7 +13,7 @@ from api.schemas.aleph import AlephDetokenizeRequest, AlephTokenizeRequest
 from api.schemas.tokenizer import DetokenizeRequest, TokenizeRequest
 from api.services import Services
 from api.serving.chat import render_chat
-from api.serving.generation import check_token_ids
+from api.serving.completion_parts import check_token_ids
 from contracts import ErrorCode
 
 

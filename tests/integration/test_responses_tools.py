@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai.types.responses import ResponseFunctionToolCall
 
-from tests.api.test_tools import WEATHER as CHAT_WEATHER
+from tests.api.tools.test_tools import WEATHER as CHAT_WEATHER
 from tests.integration.test_responses_api import _wait_finished
 from tests.model_fixtures import TINY_MODEL_NAME
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from api.routes.ui import STATIC_DIR
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_every_console_file_is_package_data() -> None:

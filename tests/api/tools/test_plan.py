@@ -14,7 +14,7 @@ from api.tools.formats import ToolFormat
 from api.tools.plan import check_tool_messages, plan_tools
 from api.tools.streaming import tool_call_id
 from contracts.constraints import MAX_SCHEMA_BYTES, JsonSchemaConstraint, RegexConstraint
-from tests.api.test_tools import TIME, WEATHER
+from tests.api.tools.test_tools import TIME, WEATHER
 from tests.tool_templates import HERMES_TEMPLATE
 
 TOOLS = [WEATHER, TIME]

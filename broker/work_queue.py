@@ -35,6 +35,10 @@ _MAX_RETRY_AFTER_S = 60.0
 # interactive queue only, so a batch line waits at most one fetch timeout to be noticed.
 _LANE_PROBE_S = 0.01
 _BATCH_ACTIVE_S = 1.0
+# Free slots left after a pull of interactive work go to the batch lane at least this often, even while
+# interactive requests keep arriving (each one ends the interactive long-poll, so "wait until the interactive
+# lane is idle for a whole fetch" starved batch work for as long as interactive traffic flowed: chaos seed 22).
+_BATCH_PROBE_EVERY_S = 0.5
 # A consumer election answers 503 for seconds; a pull that fails for longer than this re-binds its subscription
 # (a new inbox and pull request path) instead of repeating the same failing pull forever.
 _REBIND_AFTER_S = 10.0
@@ -191,6 +195,7 @@ class RequestIntake:
         self._subs: dict[Lane, JetStreamContext.PullSubscription] = {}
         self._failing_since: dict[Lane, float] = {}  # lane → when its pulls began to fail
         self._batch_active_until = 0.0
+        self._batch_due_at = 0.0  # when free slots must next be offered to the batch lane
 
     async def start(self) -> None:
         for lane in Lane:
@@ -200,14 +205,18 @@ class RequestIntake:
         return await self._js.pull_subscribe_bind(subjects.REQUEST_CONSUMER, stream=lane.stream(self._model_id))
 
     async def fetch(self, max_requests: int, timeout: float = 1.0) -> list[Delivery]:
-        """Up to `max_requests`; returns as soon as any arrive, or empty after about `timeout`."""
+        """Up to `max_requests`; returns as soon as any arrive, or empty after about `timeout`. Interactive
+        requests first; the slots they leave go to batch work when the interactive pull found nothing, and at
+        least every _BATCH_PROBE_EVERY_S while it keeps finding some."""
         assert self._subs, "start() first"
         batch_active = time.monotonic() < self._batch_active_until
         msgs = await self._pull(Lane.INTERACTIVE, max_requests, _LANE_PROBE_S if batch_active else timeout)
-        if not msgs:
-            msgs = await self._pull(Lane.BATCH, max_requests, _LANE_PROBE_S)
-            if msgs:
+        if len(msgs) < max_requests and (not msgs or time.monotonic() >= self._batch_due_at):
+            self._batch_due_at = time.monotonic() + _BATCH_PROBE_EVERY_S
+            batch = await self._pull(Lane.BATCH, max_requests - len(msgs), _LANE_PROBE_S)
+            if batch:
                 self._batch_active_until = time.monotonic() + _BATCH_ACTIVE_S
+            msgs = [*msgs, *batch]
         deliveries = []
         for msg in msgs:
             try:

@@ -64,6 +64,15 @@ def message_id(request: GenerateRequest | EmbedRequest, idempotency_key: str | N
     return base if request.attempt == 1 else f"{base}.r{request.attempt}"
 
 
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """Where a published request sits in its work queue (for a duplicate: where the first copy went)."""
+
+    stream: str
+    seq: int
+    duplicate: bool
+
+
 async def publish_request(
     js: JetStreamContext,
     request: GenerateRequest | EmbedRequest,
@@ -74,8 +83,32 @@ async def publish_request(
     headers: Mapping[str, str] | None = None,
     retry_for_s: float = PUBLISH_RETRY_S,
 ) -> bool:
-    """Queue the request durably. Returns False when it was a duplicate of one already queued. `headers` go
-    along with the message (the trace context, see broker/tracing.py).
+    """Queue the request durably (see enqueue_request). Returns False when it was a duplicate of one already
+    queued."""
+    queued = await enqueue_request(
+        js,
+        request,
+        idempotency_key=idempotency_key,
+        timeout=timeout,
+        lane=lane,
+        headers=headers,
+        retry_for_s=retry_for_s,
+    )
+    return not queued.duplicate
+
+
+async def enqueue_request(
+    js: JetStreamContext,
+    request: GenerateRequest | EmbedRequest,
+    *,
+    idempotency_key: str | None = None,
+    timeout: float = 2.0,
+    lane: Lane = Lane.INTERACTIVE,
+    headers: Mapping[str, str] | None = None,
+    retry_for_s: float = PUBLISH_RETRY_S,
+) -> Queued:
+    """Queue the request durably; where it went. `headers` go along with the message (the trace context, see
+    broker/tracing.py).
 
     A publish that fails for a passing reason (no answer in time, the stream's leader being re-elected, NATS
     reconnecting) is retried for up to `retry_for_s` with the same `Nats-Msg-Id`: if the lost attempt was in
@@ -86,7 +119,7 @@ async def publish_request(
     while True:
         try:
             ack = await js.publish(lane.subject(request.model), request.to_bytes(), timeout=timeout, headers=headers)
-            return not ack.duplicate
+            return Queued(ack.stream, ack.seq, bool(ack.duplicate))
         except Exception as exc:
             error = _publish_error(exc, request.model)
             if not isinstance(error, _Passing) or time.monotonic() + delay > deadline:
@@ -95,6 +128,20 @@ async def publish_request(
             log.warning("publish.retrying", request_id=request.request_id, error=str(exc), delay_s=delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, _MAX_RETRY_DELAY_S)
+
+
+async def still_queued(js: JetStreamContext, queued: Queued) -> bool | None:
+    """Whether the request is still in its work queue (waiting, or handed to a worker that has not taken it on
+    yet); False once it left (a worker accepted it, or it was dropped); None when NATS cannot say right now.
+    Asks the stream's leader, never a replica that may lag."""
+    try:
+        await js.get_msg(queued.stream, queued.seq, direct=False)
+    except jse.NotFoundError:
+        return False
+    except Exception as exc:  # a node down or an election: no answer is not an answer
+        log.debug("queue.probe_failed", stream=queued.stream, error=repr(exc))
+        return None
+    return True
 
 
 class _Passing(Exception):

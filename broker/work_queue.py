@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import nats.errors
 import structlog
@@ -73,28 +74,10 @@ class Queued:
     duplicate: bool
 
 
-async def publish_request(
-    js: JetStreamContext,
-    request: GenerateRequest | EmbedRequest,
-    *,
-    idempotency_key: str | None = None,
-    timeout: float = 2.0,
-    lane: Lane = Lane.INTERACTIVE,
-    headers: Mapping[str, str] | None = None,
-    retry_for_s: float = PUBLISH_RETRY_S,
-) -> bool:
-    """Queue the request durably (see enqueue_request). Returns False when it was a duplicate of one already
-    queued."""
-    queued = await enqueue_request(
-        js,
-        request,
-        idempotency_key=idempotency_key,
-        timeout=timeout,
-        lane=lane,
-        headers=headers,
-        retry_for_s=retry_for_s,
-    )
-    return not queued.duplicate
+async def publish_request(js: JetStreamContext, request: GenerateRequest | EmbedRequest, **options: Any) -> bool:
+    """Queue the request durably, with enqueue_request's options. Returns False when it was a duplicate of one
+    already queued."""
+    return not (await enqueue_request(js, request, **options)).duplicate
 
 
 async def enqueue_request(

@@ -9,34 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from api.generation import Timeouts
 from api.nats_engine_client import NatsEngineClient
-from broker.connection import connect
-from broker.embedded import EmbeddedNatsServer
 from broker.events import EventRouter, publish_event
 from broker.topology import QueueLimits, ensure_request_queue
 from broker.work_queue import Lane, RequestIntake
 from contracts import Accepted, ChoiceDelta, End, FinishReason, GenerateRequest, SamplingParams, Tokens, Usage
+from tests.broker.test_work_queue import nc, server
+
+__all__ = ["nc", "server"]  # fixtures: a nats-server of this module's own and a connection to it
 
 pytestmark = pytest.mark.asyncio
 MODEL = "lost-acceptance"
 SILENCE_S = 0.5
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNatsServer]:
-    with EmbeddedNatsServer(tmp_path_factory.mktemp("store")) as nats_server:
-        yield nats_server
-
-
-@pytest.fixture
-async def nc(server: EmbeddedNatsServer) -> AsyncIterator:
-    async with connect(server.url, "lost-acceptance") as client:
-        yield client
 
 
 async def take(intake: RequestIntake, deadline_s: float) -> GenerateRequest:

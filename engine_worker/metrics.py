@@ -184,6 +184,8 @@ class WorkerMeters:
             num_preemptions_total=stats.preemptions,
             spec_decode_num_draft_tokens_total=stats.draft_tokens,
             spec_decode_num_accepted_tokens_total=stats.accepted_tokens,
+            prefix_cache_queries_total=stats.prefix_cache_queries,
+            prefix_cache_hits_total=stats.prefix_cache_hits,
             prompt_tokens_total=self.prompt_tokens,
             generation_tokens_total=self.generation_tokens,
             request_success_total=dict(self.successes),

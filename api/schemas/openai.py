@@ -66,6 +66,8 @@ class GenerationFields(OpenAIRequest):
     frequency_penalty: float | None = None
     logit_bias: dict[int, float] | None = None  # JSON keys are strings: token ids as text
     user: str | None = None
+    # OpenAI's cache-routing hint: requests with the same key (of the same caller) go to the same worker.
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
     # vLLM extras
     top_k: int | None = None
     min_p: float | None = None

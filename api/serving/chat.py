@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from starlette.requests import Request
 
+from api.affinity import chat_key
 from api.auth.caller import get_caller
 from api.engine_client import Generation, merge
 from api.errors import ApiError
@@ -96,7 +97,7 @@ async def _submit(
     await check_before_queueing(body.constraint, body.constraint_param)
     response_id = reattach.response_id("chatcmpl")
     [request] = build_requests(services, model, [prompt], sampling, response_id, constraint=body.constraint)
-    [generation] = await start(services.engine, [request], reattach)
+    [generation] = await start(services.engine.routed_by(chat_key(body, body.messages)), [request], reattach)
     return model.id, response_id, generation
 
 

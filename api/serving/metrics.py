@@ -15,6 +15,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from api.catalog import ModelCatalog
 from api.errors import ApiError
@@ -44,10 +45,11 @@ class FleetMetrics:
     catalog: ModelCatalog
     scrape_timeout_s: float
     supervisor_status_file: Path | None = None  # set when `inferq serve` runs us
+    routing: Collector | None = None  # this edge's affinity routing counters (api/affinity.py), when it routes
 
     async def exposition(self) -> bytes:
         workers, backlogs = await self.scrape(len(await self.catalog.workers()))
-        return render(workers, backlogs, read_supervisor_status(self.supervisor_status_file))
+        return render(workers, backlogs, read_supervisor_status(self.supervisor_status_file), self.routing)
 
     async def scrape(self, expected: int) -> tuple[list[WorkerMetrics], list[QueueBacklog]]:
         """Every live worker's snapshot and every queue's backlog; `expected`: the registry's count of live workers
@@ -61,12 +63,17 @@ class FleetMetrics:
 
 
 def render(
-    workers: list[WorkerMetrics], backlogs: list[QueueBacklog], supervisor: SupervisorStatus | None = None
+    workers: list[WorkerMetrics],
+    backlogs: list[QueueBacklog],
+    supervisor: SupervisorStatus | None = None,
+    routing: Collector | None = None,
 ) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_FleetCollector(workers, backlogs))
     if supervisor is not None:
         registry.register(SupervisorCollector(supervisor))
+    if routing is not None:
+        registry.register(routing)
     return generate_latest(registry)
 
 
@@ -95,6 +102,12 @@ class _FleetCollector:
             "Draft tokens accepted (they matched what the model sampled).",
             labels=WORKER_LABELS,
         )
+        cache_queries = CounterMetricFamily(
+            f"{PREFIX}prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=WORKER_LABELS
+        )
+        cache_hits = CounterMetricFamily(
+            f"{PREFIX}prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=WORKER_LABELS
+        )
         prompt = CounterMetricFamily(
             f"{PREFIX}prompt_tokens", "Prompt tokens of finished requests.", labels=WORKER_LABELS
         )
@@ -119,6 +132,9 @@ class _FleetCollector:
             if worker.spec_decode_num_draft_tokens_total is not None:
                 drafts.add_metric(labels, worker.spec_decode_num_draft_tokens_total)
                 accepted.add_metric(labels, worker.spec_decode_num_accepted_tokens_total or 0)
+            if worker.prefix_cache_queries_total is not None:
+                cache_queries.add_metric(labels, worker.prefix_cache_queries_total)
+                cache_hits.add_metric(labels, worker.prefix_cache_hits_total or 0)
             prompt.add_metric(labels, worker.prompt_tokens_total)
             generation.add_metric(labels, worker.generation_tokens_total)
             for reason, count in sorted({**dict.fromkeys(FINISH_REASONS, 0), **worker.request_success_total}.items()):
@@ -132,6 +148,8 @@ class _FleetCollector:
         yield preemptions
         yield drafts
         yield accepted
+        yield cache_queries
+        yield cache_hits
         yield prompt
         yield generation
         yield success

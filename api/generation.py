@@ -4,7 +4,8 @@
       ▲                    │   └─abort seen by a follower─▶ ABANDONED ──end──┐
       └──── resubmitted ◀──┴── worker silent, or events lost (a gap) ◀───────┘
     (QUEUED_ELSEWHERE: a resubmission another edge had queued already; if it shows nothing for a queue timeout,
-    resubmitted again rather than failed)
+    resubmitted again rather than failed. QUEUED and silent: once the request has left the queue and nothing was
+    heard of it for a silence timeout, its events were lost: resubmitted, as after a silent worker)
     any state but FINISHED ──close()──▶ cancelled on the worker
 
 A generation talks to the engine client that started it only through `GenerationPort` (publish a resubmission,
@@ -57,6 +58,9 @@ class GenerationPort(Protocol):
     async def publish(self, request: GenerateRequest | EmbedRequest) -> bool:
         """Queue a (re)submission of the request; False if the queue already had it (another edge's)."""
 
+    async def still_queued(self, request: GenerateRequest | EmbedRequest) -> bool | None:
+        """Whether this attempt (published through this port) is still in the queue; None when unknown."""
+
     async def cancel(self, request_id: str, attempt: int | None = None) -> None:
         """Stop the request on its worker (best effort)."""
 
@@ -101,6 +105,8 @@ class Generation:
         self._position = len(self._delivered)  # where the current attempt's next token goes (followers)
         self._reservation = reservation  # the caller's tokens held for this generation, settled in close()
         self._usage: Usage | None = None
+        self._queue_deadline = time.monotonic() + port.timeouts.queue_s  # while QUEUED: when to give up waiting
+        self._left_queue_at: float | None = None  # while QUEUED: when the queue was first seen without it
         # Its lines carry request_id and model, worker_id once accepted (trace_id comes from the HTTP request's
         # log context, api/request_context.py).
         self._log = log.bind(request_id=request.request_id, model=request.model)
@@ -116,9 +122,16 @@ class Generation:
     async def _advance(self) -> Sequence[Tokens | End]:
         """Take the next event (or notice the worker is gone) and move the state; what to hand the client."""
         accepted = self.state in (GenerationState.STREAMING, GenerationState.ABANDONED)
+        timeouts = self._port.timeouts
+        if self.state is GenerationState.QUEUED:  # look at the queue every silence timeout while waiting
+            wait = min(timeouts.silence_s, max(0.0, self._queue_deadline - time.monotonic()))
+        else:
+            wait = timeouts.silence_s if accepted else timeouts.queue_s
         try:
-            event = await self._next_event(self._port.timeouts.silence_s if accepted else self._port.timeouts.queue_s)
+            event = await self._next_event(wait)
         except TimeoutError:
+            if self.state is GenerationState.QUEUED and time.monotonic() < self._queue_deadline:
+                return await self._check_queue()
             if not ((accepted or self.state is GenerationState.QUEUED_ELSEWHERE) and self._resumable):
                 raise timeout_error(self._port.timeouts, accepted) from None
             # The worker went silent: continue elsewhere. Or the attempt another edge queued showed nothing here
@@ -129,6 +142,7 @@ class Generation:
             if self._follower is None or event.attempt < self.request.attempt:
                 return ()  # from a superseded attempt (a worker that was presumed dead)
             self._adopt(event.attempt)
+        self._left_queue_at = None  # the current attempt spoke
         if self._lost_before(event):
             return await self._worker_lost()
         if event.kind == "error":
@@ -157,6 +171,23 @@ class Generation:
         self._delivered.extend(t for c in event.choices if c.index == 0 for t in c.token_ids)
         return (event,)
 
+    async def _check_queue(self) -> Sequence[Tokens | End]:
+        """Queued and silent. A request that left the queue (a worker took it: it acks before it announces) and
+        still showed nothing a silence timeout later had its events lost (the edge's NATS node died with them,
+        or the worker died right after taking it): continue on a new attempt rather than wait out the whole
+        queue timeout (600 s for batch lines)."""
+        if await self._port.still_queued(self.request) is not False:
+            self._left_queue_at = None
+            return ()
+        now = time.monotonic()
+        if self._left_queue_at is None or now - self._left_queue_at < self._port.timeouts.silence_s:
+            self._left_queue_at = self._left_queue_at or now  # its `accepted` event may be on the way
+            return ()
+        self._log.warning("request.lost_after_leaving_the_queue", attempt=self.request.attempt)
+        if not self._resumable:
+            raise timeout_error(self._port.timeouts, accepted=True)
+        return await self._worker_lost()
+
     async def _worker_lost(self) -> Sequence[Tokens | End]:
         """The worker went silent or events were lost: finish here if everything arrived, else continue on a new
         attempt."""
@@ -170,7 +201,7 @@ class Generation:
         """Follow a newer attempt seen in the journal (another edge resubmitted the request)."""
         self.request = self.request.model_copy(update={"attempt": attempt})
         if self.state is not GenerationState.QUEUED_ELSEWHERE:
-            self.state = GenerationState.QUEUED
+            self._enter_queued()
         self._expected_seq = 0
 
     def _unseen(self, event: Tokens) -> Tokens | None:
@@ -249,7 +280,15 @@ class Generation:
         self._log.warning("request.resubmitted", attempt=self.request.attempt, delivered=len(self._delivered))
         # False: another edge queued this attempt already (both saw the worker fall silent); follow it.
         queued = await self._port.publish(self.request)
-        self.state = GenerationState.QUEUED if queued else GenerationState.QUEUED_ELSEWHERE
+        if queued:
+            self._enter_queued()
+        else:
+            self.state = GenerationState.QUEUED_ELSEWHERE
+
+    def _enter_queued(self) -> None:
+        self.state = GenerationState.QUEUED
+        self._queue_deadline = time.monotonic() + self._port.timeouts.queue_s
+        self._left_queue_at = None
 
     async def close(self) -> None:
         """Stop listening; if the generation has not finished, cancel it on the worker."""

@@ -20,7 +20,7 @@ from broker.errors import BrokerError, QueueFull
 from broker.events import EventRouter, publish_cancel
 from broker.journal import JournalFollower, journal_has
 from broker.tracing import trace_headers
-from broker.work_queue import DrainGauge, Lane, publish_request
+from broker.work_queue import DrainGauge, Lane, Queued, enqueue_request, still_queued
 from contracts import GenerateRequest
 from contracts.requests import BATCH_PRIORITY
 
@@ -51,6 +51,7 @@ class NatsEngineClient:
         self._meter: Meter | None = None  # whose token budget submissions reserve from (None: nobody's)
         self._idempotency_key: str | None = None
         self._message_keys: dict[str, str] = {}  # request id -> its dedup key (several requests share a client)
+        self._queued: dict[str, tuple[int, Queued]] = {}  # request id -> (attempt, where that publish went)
 
     def charging(self, meter: Meter | None) -> NatsEngineClient:
         """A client whose submissions reserve their tokens from `meter` (the caller's budget)."""
@@ -74,6 +75,7 @@ class NatsEngineClient:
         for name, value in changes.items():
             setattr(variant, name, value)
         variant._message_keys = {}
+        variant._queued = {}
         return variant
 
     def _message_key(self, request: GenerateRequest) -> str | None:
@@ -142,7 +144,7 @@ class NatsEngineClient:
         """Queue the request; False if the queue already had it (a duplicate of the same submission)."""
         try:
             # The current span (the HTTP request's) travels in the headers: the worker's spans join its trace.
-            return await publish_request(
+            queued = await enqueue_request(
                 self._js,
                 request,
                 idempotency_key=self._message_key(request),
@@ -154,6 +156,15 @@ class NatsEngineClient:
             raise broker_error(exc, retry_after=await self._drain_time(request.model)) from exc
         except BrokerError as exc:
             raise broker_error(exc) from exc
+        self._queued[request.request_id] = (request.attempt, queued)
+        return not queued.duplicate
+
+    async def still_queued(self, request: GenerateRequest) -> bool | None:
+        """Whether this attempt's message is still in the queue; None when unknown (not published here)."""
+        published = self._queued.get(request.request_id)
+        if published is None or published[0] != request.attempt:
+            return None
+        return await still_queued(self._js, published[1])
 
     async def _affine_subject(self, request: GenerateRequest) -> str | None:
         """A first attempt of an interactive generation may go to a worker's own subject. A resubmission goes to
@@ -195,3 +206,4 @@ class NatsEngineClient:
 
     def release(self, request_id: str) -> None:
         self._router.close(request_id)
+        self._queued.pop(request_id, None)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import nats.errors
 import structlog
@@ -35,6 +36,10 @@ _MAX_RETRY_AFTER_S = 60.0
 # interactive queue only, so a batch line waits at most one fetch timeout to be noticed.
 _LANE_PROBE_S = 0.01
 _BATCH_ACTIVE_S = 1.0
+# Free slots left after a pull of interactive work go to the batch lane at least this often, even while
+# interactive requests keep arriving (each one ends the interactive long-poll, so "wait until the interactive
+# lane is idle for a whole fetch" starved batch work for as long as interactive traffic flowed: chaos seed 22).
+_BATCH_PROBE_EVERY_S = 0.5
 # With affinity the worker's own subject is probed first, and the shared queue is long-polled in slices this short,
 # so a request published to the worker's own subject while it idles waits at most about this long (a pending pull
 # cannot be taken back, so two queues cannot both be long-polled within one slot budget).
@@ -64,7 +69,22 @@ def message_id(request: GenerateRequest | EmbedRequest, idempotency_key: str | N
     return base if request.attempt == 1 else f"{base}.r{request.attempt}"
 
 
-async def publish_request(
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """Where a published request sits in its work queue (for a duplicate: where the first copy went)."""
+
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+async def publish_request(js: JetStreamContext, request: GenerateRequest | EmbedRequest, **options: Any) -> bool:
+    """Queue the request durably, with enqueue_request's options. Returns False when it was a duplicate of one
+    already queued."""
+    return not (await enqueue_request(js, request, **options)).duplicate
+
+
+async def enqueue_request(
     js: JetStreamContext,
     request: GenerateRequest | EmbedRequest,
     *,
@@ -74,11 +94,10 @@ async def publish_request(
     headers: Mapping[str, str] | None = None,
     retry_for_s: float = PUBLISH_RETRY_S,
     subject: str | None = None,
-) -> bool:
-    """Queue the request durably. Returns False when it was a duplicate of one already queued. `headers` go
-    along with the message (the trace context, see broker/tracing.py). `subject`: a worker's own subject
-    (subjects.affine_subject) instead of the lane's shared one; the same stream holds both, so the queue cap and
-    the deduplication are the same.
+) -> Queued:
+    """Queue the request durably; where it went. `headers` go along with the message (the trace context, see
+    broker/tracing.py). `subject`: a worker's own subject (subjects.affine_subject) instead of the lane's shared
+    one; the same stream holds both, so the queue cap and the deduplication are the same.
 
     A publish that fails for a passing reason (no answer in time, the stream's leader being re-elected, NATS
     reconnecting) is retried for up to `retry_for_s` with the same `Nats-Msg-Id`: if the lost attempt was in
@@ -91,7 +110,7 @@ async def publish_request(
             ack = await js.publish(
                 subject or lane.subject(request.model), request.to_bytes(), timeout=timeout, headers=headers
             )
-            return not ack.duplicate
+            return Queued(ack.stream, ack.seq, bool(ack.duplicate))
         except Exception as exc:
             error = _publish_error(exc, request.model)
             if not isinstance(error, _Passing) or time.monotonic() + delay > deadline:
@@ -100,6 +119,20 @@ async def publish_request(
             log.warning("publish.retrying", request_id=request.request_id, error=str(exc), delay_s=delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, _MAX_RETRY_DELAY_S)
+
+
+async def still_queued(js: JetStreamContext, queued: Queued) -> bool | None:
+    """Whether the request is still in its work queue (waiting, or handed to a worker that has not taken it on
+    yet); False once it left (a worker accepted it, or it was dropped); None when NATS cannot say right now.
+    Asks the stream's leader, never a replica that may lag."""
+    try:
+        await js.get_msg(queued.stream, queued.seq, direct=False)
+    except jse.NotFoundError:
+        return False
+    except Exception as exc:  # a node down or an election: no answer is not an answer
+        log.debug("queue.probe_failed", stream=queued.stream, error=repr(exc))
+        return None
+    return True
 
 
 class _Passing(Exception):
@@ -204,6 +237,7 @@ class RequestIntake:
         self._affine: dict[str, JetStreamContext.PullSubscription] = {}  # consumer → subscription: own, adopted
         self._failing_since: dict[Lane, float] = {}  # lane → when its pulls began to fail
         self._batch_active_until = 0.0
+        self._batch_due_at = 0.0  # when free slots must next be offered to the batch lane
 
     async def start(self) -> None:
         for lane in Lane:
@@ -236,18 +270,21 @@ class RequestIntake:
         return await self._js.pull_subscribe_bind(subjects.REQUEST_CONSUMER, stream=lane.stream(self._model_id))
 
     async def fetch(self, max_requests: int, timeout: float = 1.0) -> list[Delivery]:
-        """Up to `max_requests`; returns as soon as any arrive, or empty after about `timeout`."""
+        """Up to `max_requests`; returns as soon as any arrive, or empty after about `timeout`. Interactive
+        requests first; the slots they leave go to batch work when the interactive pull found nothing, and at
+        least every _BATCH_PROBE_EVERY_S while it keeps finding some."""
         assert self._subs, "start() first"
         msgs = await self._pull_affine(max_requests)
-        if msgs:
-            return await self._parsed(msgs)
-        batch_active = time.monotonic() < self._batch_active_until
-        long_poll = min(timeout, _AFFINE_SLICE_S) if self._affine else timeout
-        msgs = await self._pull(Lane.INTERACTIVE, max_requests, _LANE_PROBE_S if batch_active else long_poll)
         if not msgs:
-            msgs = await self._pull(Lane.BATCH, max_requests, _LANE_PROBE_S)
-            if msgs:
+            batch_active = time.monotonic() < self._batch_active_until
+            long_poll = min(timeout, _AFFINE_SLICE_S) if self._affine else timeout
+            msgs = await self._pull(Lane.INTERACTIVE, max_requests, _LANE_PROBE_S if batch_active else long_poll)
+        if len(msgs) < max_requests and (not msgs or time.monotonic() >= self._batch_due_at):
+            self._batch_due_at = time.monotonic() + _BATCH_PROBE_EVERY_S
+            batch = await self._pull(Lane.BATCH, max_requests - len(msgs), _LANE_PROBE_S)
+            if batch:
                 self._batch_active_until = time.monotonic() + _BATCH_ACTIVE_S
+            msgs = [*msgs, *batch]
         return await self._parsed(msgs)
 
     async def _parsed(self, msgs: list[Msg]) -> list[Delivery]:

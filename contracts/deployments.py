@@ -24,10 +24,13 @@ class DeploymentStatus(StrEnum):
         return self in (DeploymentStatus.FAILED, DeploymentStatus.STOPPED)
 
 
+# starting → starting and active → starting: an agent restarted after a crash starts the deployment's worker again.
 TRANSITIONS: dict[DeploymentStatus, frozenset[DeploymentStatus]] = {
     DeploymentStatus.QUEUED: frozenset({DeploymentStatus.STARTING, DeploymentStatus.FAILED, DeploymentStatus.STOPPED}),
-    DeploymentStatus.STARTING: frozenset({DeploymentStatus.ACTIVE, DeploymentStatus.FAILED, DeploymentStatus.STOPPED}),
-    DeploymentStatus.ACTIVE: frozenset({DeploymentStatus.FAILED, DeploymentStatus.STOPPED}),
+    DeploymentStatus.STARTING: frozenset(
+        {DeploymentStatus.STARTING, DeploymentStatus.ACTIVE, DeploymentStatus.FAILED, DeploymentStatus.STOPPED}
+    ),
+    DeploymentStatus.ACTIVE: frozenset({DeploymentStatus.STARTING, DeploymentStatus.FAILED, DeploymentStatus.STOPPED}),
 }
 
 

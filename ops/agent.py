@@ -3,7 +3,9 @@ one agent), and for each deployment it takes: starts `inferq worker` here or ove
 ops/ssh_launch.py), publishes the worker's output lines, moves the record queued → starting → active once the
 worker is in the registry AND has answered a probe generation, and to failed (with the reason) when the worker
 exits or does not come up, or stopped on a stop command. The worker dies with the agent (process group + parent
-death signal locally, the pty's hang-up over SSH)."""
+death signal locally, the pty's hang-up over SSH). An agent that crashed and is started again on the same data dir
+has the same id (ops/agent_identity.py): it finds the deployments it held still starting or active in KV and starts
+their workers again (an SSH deployment fails instead: its credentials were never stored)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from contracts.deployments import (
     InvalidDeploymentTransition,
     LogLine,
 )
+from ops.agent_identity import claim_identity
 from ops.deploy_launch import LaunchFailed, LocalWorker, WorkerLaunch, model_problem
 
 log = structlog.get_logger(__name__)
@@ -59,9 +62,10 @@ class StoppedElsewhere(Exception):
 class Supervision:
     """One deployment on this agent, from the deploy command until its worker is gone."""
 
-    def __init__(self, agent: Agent, command: DeployCommand):
+    def __init__(self, agent: Agent, command: DeployCommand, *, restored: bool = False):
         self.agent = agent
         self.command = command
+        self.restored = restored  # taken over from this agent's previous life: its worker died with it
         self.deployment_id = command.deployment_id
         self.launch: WorkerLaunch = agent.make_launch(command)
         self.task: asyncio.Task[None] | None = None
@@ -100,6 +104,8 @@ class Supervision:
     async def _bring_up(self) -> None:
         if self.command.ssh is None and (problem := model_problem(self.command.model_id)):
             raise DeploymentFailed(f"invalid model {self.command.model_id!r}: {problem}")
+        if self.restored:
+            await self._note("the agent restarted: starting the worker again")
         await self._note(f"starting: {self.launch.command}")
         try:
             await self.launch.start()
@@ -110,7 +116,11 @@ class Supervision:
         self._exited = asyncio.ensure_future(self.launch.wait())
         self._pump = asyncio.create_task(self._publish_output())
         await self._update(
-            DeploymentStatus.STARTING, host=self.launch.host, pid=self.launch.pid, started_at=time.time()
+            DeploymentStatus.STARTING,
+            host=self.launch.host,
+            pid=self.launch.pid,
+            started_at=time.time(),
+            worker_id=None,  # a restored deployment's previous worker is gone
         )
         settings = self.agent.settings
         worker = await self._unless_exited(self._registered(), settings.deploy_start_timeout_s, "did not register")
@@ -260,16 +270,42 @@ class Agent:
         self._subscription: Any = None
 
     @classmethod
-    async def open(cls, nc: NatsClient, settings: Settings) -> Agent:
+    async def open(cls, nc: NatsClient, settings: Settings, agent_id: str | None = None) -> Agent:
         js = nc.jetstream()
         store = await DeploymentStore.open(js, settings.deploy_log_history, settings.nats_replicas)
         registry = await WorkerRegistry.open(js, settings.registry_ttl_s, settings.nats_replicas)
-        return cls(nc, settings, store, registry)
+        return cls(nc, settings, store, registry, agent_id)
 
     async def start(self) -> None:
+        await self._restore()
         self._subscription = await self.bus.serve_starts(self._on_deploy)
         await self.nc.flush()
         log.info("agent.ready", agent_id=self.agent_id, host=self.host)
+
+    async def _restore(self) -> None:
+        """Deployments this agent id still holds (its previous process died without ending them): start their
+        workers again, from the record."""
+        for deployment in await self.store.list():
+            if deployment.agent_id != self.agent_id or deployment.status.terminal:
+                continue
+            if deployment.ssh_host is not None:
+                await self._fail_unrestorable(deployment)
+                continue
+            log.warning("agent.restoring_deployment", deployment_id=deployment.id, status=deployment.status)
+            command = DeployCommand(deployment_id=deployment.id, model_id=deployment.model_id)
+            await self._supervise(command, restored=True)
+
+    async def _fail_unrestorable(self, deployment: Deployment) -> None:
+        reason = "the agent restarted, and an SSH deployment cannot be started again (its credentials are never stored)"
+        now = time.time()
+
+        def fail(current: Deployment) -> Deployment | None:
+            if current.status.terminal:
+                return None
+            return current.transition(DeploymentStatus.FAILED, now, error=reason)
+
+        await self.store.change(deployment.id, fail)
+        log.warning("agent.deployment_not_restorable", deployment_id=deployment.id, reason=reason)
 
     async def stop(self) -> None:
         """Stop taking deployments, then end every worker this agent runs (they would die with it anyway)."""
@@ -313,10 +349,7 @@ class Agent:
             return AgentReply(agent_id=self.agent_id, ok=False, error=str(exc))
         if claimed is None:
             return AgentReply(agent_id=self.agent_id, ok=False, error=f"no deployment {command.deployment_id}")
-        supervision = Supervision(self, command)
-        await supervision.listen()
-        self._supervisions[command.deployment_id] = supervision
-        supervision.task = asyncio.create_task(supervision.run(), name=f"deployment-{command.deployment_id}")
+        await self._supervise(command)
         log.info(
             "agent.took_deployment",
             deployment_id=command.deployment_id,
@@ -324,6 +357,13 @@ class Agent:
             ssh_host=command.ssh.host if command.ssh else None,
         )
         return AgentReply(agent_id=self.agent_id)
+
+    async def _supervise(self, command: DeployCommand, restored: bool = False) -> None:
+        """Listen for stop/stats, then run the deployment in a task of its own."""
+        supervision = Supervision(self, command, restored=restored)
+        await supervision.listen()
+        self._supervisions[command.deployment_id] = supervision
+        supervision.task = asyncio.create_task(supervision.run(), name=f"deployment-{command.deployment_id}")
 
     async def probe(self, model: str) -> str:
         """Send a one-token generation to `model`'s queue; the id of the worker that answered it. Raises
@@ -358,13 +398,17 @@ class Agent:
 async def serve_agent(settings: Settings, stop: asyncio.Event) -> None:
     if not settings.nats_url:
         raise SystemExit("inferq agent needs a NATS server: set INFERQ_NATS_URL or pass --nats")
-    async with connect(settings.nats_url, name="inferq-agent", auth=NatsAuth.from_settings(settings)) as nc:
-        agent = await Agent.open(nc, settings)
-        await agent.start()
-        try:
-            await stop.wait()
-        finally:
-            await agent.stop()
+    identity = claim_identity(settings.data_dir)  # the same id as before a crash: its deployments come back
+    try:
+        async with connect(settings.nats_url, name="inferq-agent", auth=NatsAuth.from_settings(settings)) as nc:
+            agent = await Agent.open(nc, settings, identity.agent_id)
+            await agent.start()
+            try:
+                await stop.wait()
+            finally:
+                await agent.stop()
+    finally:
+        identity.release()
 
 
 def run_agent(settings: Settings) -> None:

@@ -27,6 +27,9 @@ class RecordingClient:
         self.published.append(request)
         return request.attempt not in self.already_queued
 
+    async def still_queued(self, request: GenerateRequest) -> bool | None:
+        return None
+
     async def cancel(self, request_id: str, attempt: int | None = None) -> None:
         pass
 

@@ -32,9 +32,18 @@ QUIET_S = 0.05  # how long "silent" is in these tests: the timeouts of the scrip
 class ScriptedEngine:
     """A fake engine client: records what the generation asks of it; the test scripts the events."""
 
-    def __init__(self, max_attempts: int = 3, quiet_s: float = QUIET_S, already_queued: frozenset[int] = frozenset()):
-        self.timeouts = Timeouts(queue_s=quiet_s, silence_s=quiet_s, max_attempts=max_attempts)
+    def __init__(
+        self,
+        max_attempts: int = 3,
+        quiet_s: float = QUIET_S,
+        already_queued: frozenset[int] = frozenset(),
+        queue_s: float | None = None,
+        in_queue: bool | None = None,
+    ):
+        self.timeouts = Timeouts(queue_s=queue_s or quiet_s, silence_s=quiet_s, max_attempts=max_attempts)
         self.already_queued = already_queued  # attempts the queue reports as another edge's duplicate
+        self.in_queue = in_queue  # what a look at the queue says of the current attempt (None: cannot tell)
+        self.queue_looks = 0
         self.published: list[GenerateRequest] = []
         self.cancelled: list[tuple[str, int | None]] = []
         self.released: list[str] = []
@@ -42,6 +51,10 @@ class ScriptedEngine:
     async def publish(self, request: GenerateRequest) -> bool:
         self.published.append(request)
         return request.attempt not in self.already_queued
+
+    async def still_queued(self, request: GenerateRequest) -> bool | None:
+        self.queue_looks += 1
+        return self.in_queue
 
     async def cancel(self, request_id: str, attempt: int | None = None) -> None:
         self.cancelled.append((request_id, attempt))
@@ -174,6 +187,33 @@ async def test_no_acceptance_within_the_queue_timeout_is_no_worker_and_cancels()
             pass
     assert failure.value.info.code is ErrorCode.NO_WORKER and failure.value.status == 503
     assert engine.published == [] and engine.cancelled == [("r", 1)]  # the queued request must not run later
+
+
+async def test_a_request_that_left_the_queue_unheard_of_is_resubmitted_long_before_the_queue_timeout() -> None:
+    """A worker took it (it is gone from the queue) but no event of it arrived, not even `accepted`: lost with a
+    NATS node, or its worker died right after taking it. Waiting out the queue timeout (600 s for a batch line)
+    is what kept batches stuck; it is resubmitted once a silence timeout passed after it was seen gone."""
+    engine = ScriptedEngine(queue_s=60.0, in_queue=False)
+    events: asyncio.Queue = asyncio.Queue()
+    generation = Generation(engine, request(max_tokens=2), events)
+    consumer = asyncio.ensure_future(anext(aiter(generation)))
+    await until(lambda: engine.published, deadline_s=5.0)  # not 60 s
+    [resubmitted] = engine.published
+    assert resubmitted.attempt == 2 and resubmitted.resume_token_ids == []
+    assert engine.queue_looks >= 2  # seen gone, then still silent a silence timeout later
+    for event in (accepted(2), tokens(1, 10, attempt=2)):
+        events.put_nowait(event)
+    first = await asyncio.wait_for(consumer, 5.0)
+    assert token_ids([first]) == [10]
+
+
+async def test_a_request_still_in_the_queue_waits_its_whole_queue_timeout() -> None:
+    engine = ScriptedEngine(queue_s=0.5, in_queue=True)
+    with pytest.raises(ApiError) as raised:
+        async for _ in Generation(engine, request(), scripted()):
+            pass
+    assert raised.value.info.code is ErrorCode.NO_WORKER
+    assert engine.published == [] and engine.queue_looks >= 3  # looked, found it waiting, went on waiting
 
 
 async def test_the_last_attempt_going_silent_is_worker_lost() -> None:

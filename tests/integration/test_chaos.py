@@ -15,14 +15,7 @@ from ops.chaos.run import ChaosConfig, run_chaos
 
 # The run bounds its own waits (a request 150 s, a batch 300 s) and reports a hang as a failure with the seed;
 # this is only the guard above them: about 5 minutes when all is well.
-# Not strict while a finding of this schedule is open (docs/reliability.md, "A randomized fault schedule": batch
-# jobs stuck after a NATS fault): the run still goes in every CI, and a pass is reported as XPASS.
-pytestmark = [
-    pytest.mark.asyncio,
-    pytest.mark.slow,
-    pytest.mark.timeout(900),
-    pytest.mark.xfail(reason="open chaos finding: batches stuck after a NATS fault", strict=False),
-]
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(900)]
 SEED = int(os.environ.get("INFERQ_CHAOS_SEED", "22"))  # fixed in CI: a failure is reproducible as it is
 
 

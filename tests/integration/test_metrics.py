@@ -156,20 +156,36 @@ async def test_counters_and_histograms_match_the_completions(
     assert ("inferq:num_requests_running", frozenset({"model_name": MODEL, "worker_id": worker_id}.items())) in after
 
 
+async def read_stream(response: httpx.Response, flowing: asyncio.Event) -> None:
+    """Read SSE lines to the end, setting `flowing` at the first data chunk."""
+    async for line in response.aiter_lines():
+        if line.startswith("data: {"):
+            flowing.set()
+
+
 async def test_running_gauge_counts_a_streaming_request(metrics_api: ApiServer, sim_settings: Settings) -> None:
     [worker_id] = await live_worker_ids(sim_settings.nats_url, MODEL)
     body = {"model": MODEL, "prompt": "w5", "max_tokens": 2000, "stream": True}  # 10 s at 200 tokens/s
     async with httpx.AsyncClient(base_url=metrics_api.base_url, timeout=60) as client:
         async with client.stream("POST", "/v1/completions", json=body) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data: {"):
-                    break  # tokens are flowing: the request is running
-            # The engine hands its gauges over with its outputs (every 0.1 s at most): poll until they show it.
-            deadline = time.monotonic() + 10
-            while (
-                running := await answered_value(metrics_api.base_url, "inferq:num_requests_running", worker_id)
-            ) != 1 and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
+            # Keep reading the stream while scraping. (Breaking out of `aiter_lines()` instead drops the iterator,
+            # and its clean-up closes the connection: the edge then cancels the request as "client disconnected"
+            # within a few milliseconds, and the gauge rightly reads 0.)
+            flowing = asyncio.Event()
+            reader = asyncio.create_task(read_stream(response, flowing))
+            try:
+                await asyncio.wait_for(flowing.wait(), timeout=30)  # tokens are flowing: the request is running
+                # A scrape right after the first chunk may still see the request before its first token was
+                # counted (or a torch engine's stats before their next hand-over, every 0.1 s): poll a little.
+                deadline = time.monotonic() + 5
+                while (
+                    running := await answered_value(metrics_api.base_url, "inferq:num_requests_running", worker_id)
+                ) != 1 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                assert not reader.done(), "the stream ended before the scrape: it should run for 10 s"
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
     assert running == 1
     # Leaving the stream cancels the generation; it ends as an abort and the gauge drops back.
     deadline = time.monotonic() + 20

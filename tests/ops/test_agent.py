@@ -99,6 +99,8 @@ def test_the_deployment_lifecycle() -> None:
             stopped.transition(later, 5.0)  # final: a late agent cannot revive it
     with pytest.raises(InvalidDeploymentTransition):
         queued.transition(DeploymentStatus.ACTIVE, 2.0)  # never active without starting
+    # An agent restarted after a crash starts the worker of a deployment it held again.
+    assert active.transition(DeploymentStatus.STARTING, 5.0).status is DeploymentStatus.STARTING
 
 
 def test_serve_runs_an_agent_unless_told_not_to() -> None:

@@ -132,17 +132,23 @@ class Settings(BaseSettings):
     speculative_max_rows: int = engine_field("speculative_max_rows")
     model_impl: Literal["auto", "fast", "generic"] = engine_field("model_impl")
     prefix_caching: bool = engine_field("prefix_caching")
-    workers_per_model: int | None = Field(
-        default=None,
-        ge=1,
-        le=64,
+    workers_per_model: int | Literal["auto"] = Field(
+        default=1,
         description=(
-            "Engine workers `inferq serve` starts per model, sharing its queue. Unset: chosen from the machine "
+            "Engine workers `inferq serve` starts per model, sharing its queue. `auto`: chosen from the machine "
             "(ops/layout.py): on a CPU one single-thread worker per core within half the available memory, as a "
-            "small model runs faster so than as one worker using every core (docs/benchmarks.md); 1 on a GPU "
-            "(each worker holds its own weights and KV cache), for several models, or the sim engine."
+            "small model runs faster so at high concurrency (docs/benchmarks.md); 1 on a GPU, for several models "
+            "or the sim engine. The default stays 1: each worker holds its own weights and KV cache, and one "
+            "keeps the default start within its memory target (docs/benchmarks.md)."
         ),
     )
+
+    @field_validator("workers_per_model")
+    @classmethod
+    def _workers_in_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("workers_per_model must be 1-64 or 'auto'")
+        return value
 
     # --- cluster ----------------------------------------------------------------------------------------
     nats_replicas: int = Field(

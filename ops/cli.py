@@ -53,8 +53,12 @@ _AGENT: list[_FlagDef] = [
     ("--deploy-nats-url", "deploy_nats_url", {"metavar": "URL"}),
     ("--deploy-remote-inferq", "deploy_remote_inferq", {"metavar": "PATH"}),
 ]
+def _count_or_auto(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
 _SERVE: list[_FlagDef] = [
-    ("--workers-per-model", "workers_per_model", {"type": int}),
+    ("--workers-per-model", "workers_per_model", {"type": _count_or_auto}),
 ]
 _QUEUE: list[_FlagDef] = [
     ("--queue-max-requests", "queue_max_requests", {"type": int}),

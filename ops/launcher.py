@@ -100,7 +100,7 @@ def build_children(settings: Settings) -> list[ChildSpec]:
     models = settings.models
     if len(models) > 1:
         env.pop(f"{ENV_PREFIX}SERVED_MODEL_NAME", None)  # one name cannot serve several models
-    per_model = settings.workers_per_model or default_workers_per_model(settings)
+    per_model = auto_workers_per_model(settings) if settings.workers_per_model == "auto" else settings.workers_per_model
     worker_models = [model for model in models for _ in range(per_model)]
     if settings.torch_threads is None:
         env[f"{ENV_PREFIX}TORCH_THREADS"] = str(colocated_torch_threads(len(worker_models)))
@@ -123,8 +123,8 @@ def colocated_torch_threads(num_workers: int) -> int:
     return threads_per_worker(usable_cores(), num_workers)
 
 
-def default_workers_per_model(settings: Settings) -> int:
-    """Workers per model when INFERQ_WORKERS_PER_MODEL is unset: the measured CPU layout (ops/layout.py) for
+def auto_workers_per_model(settings: Settings) -> int:
+    """Workers per model for INFERQ_WORKERS_PER_MODEL=auto: the measured CPU layout (ops/layout.py) for
     one torch model, within a memory bound; 1 for several models, the sim engine, or a GPU."""
     if settings.engine != "torch" or len(settings.models) != 1:
         return 1

@@ -1,5 +1,5 @@
 """The default layout of `inferq serve` on one machine: how many engine workers per model and how many torch
-threads each, when the user set neither `INFERQ_WORKERS_PER_MODEL` nor `INFERQ_TORCH_THREADS`.
+threads each, for `INFERQ_WORKERS_PER_MODEL=auto` (the default is one worker: see docs/benchmarks.md).
 
 The rule, from the measurements in docs/benchmarks.md ("The default layout"): on a CPU, one single-thread worker
 per core beats one worker using every core (2 cores, SmolLM2-135M: 2 workers x 1 thread gave 351 tok/s at 32

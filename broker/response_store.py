@@ -1,10 +1,12 @@
 """Stored responses of the Responses API (`/v1/responses`): one KV record per response, updated only by
 compare-and-swap (a cancel racing the runner of a background response never loses), and the event log of
-background responses on a stream, one subject per response, so any replica can replay and follow it."""
+background responses on a stream, one subject per response, so any replica can replay and follow it. Both expire
+after the TTL (Settings.response_ttl_s, 30 days as at OpenAI): the server deletes them."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,16 +30,24 @@ RESPONSE_QUEUE = QueueNames(
 class ResponseStore(CasRecords[StoredResponse]):
     """The records, the event logs, and `queue`: tickets of background responses to run."""
 
-    def __init__(self, kv: KeyValue, js: JetStreamContext, queue: JobQueue):
+    def __init__(self, kv: KeyValue, js: JetStreamContext, queue: JobQueue, ttl_s: float):
         super().__init__(kv, StoredResponse, "resp", subjects.response_key)
         self._js = js
         self.queue = queue
+        self.ttl_s = ttl_s
 
     @classmethod
-    async def open(cls, js: JetStreamContext, ack_wait_s: float, replicas: int = 1) -> ResponseStore:
-        kv = await ensure_response_storage(js, replicas)
+    async def open(cls, js: JetStreamContext, ack_wait_s: float, ttl_s: float, replicas: int = 1) -> ResponseStore:
+        kv = await ensure_response_storage(js, ttl_s, replicas)
         await ensure_response_jobs(js, ack_wait_s, replicas)
-        return cls(kv, js, JobQueue(js, ack_wait_s, RESPONSE_QUEUE))
+        return cls(kv, js, JobQueue(js, ack_wait_s, RESPONSE_QUEUE), ttl_s)
+
+    def expired(self, record: StoredResponse, now: float | None = None) -> bool:
+        """Past its TTL from creation. The server deletes the record `ttl_s` after its last write (and each event
+        `ttl_s` after it was logged), which is later for a response written again as it ran: readers ask this,
+        so a response expires whole, at one moment, and never shows a log whose first events are already gone."""
+        created_at = record.response.get("created_at")
+        return isinstance(created_at, int | float) and created_at + self.ttl_s <= (now or time.time())
 
     async def put(self, record: StoredResponse) -> None:
         """Store a finished response (foreground responses are written once, when they are done)."""

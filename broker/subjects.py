@@ -35,6 +35,29 @@ def request_stream(model_id: str) -> str:
     return f"REQ_{model_token(model_id)}"
 
 
+# Affinity (docs/routing.md): each worker also drains a subject of its own, captured by the same work-queue stream
+# as the shared subject (one queue cap, one duplicate window), through a durable consumer of its own. The edge
+# publishes a request there when the worker likely holds its prompt's cache; the shared subject stays as it was.
+AFFINE_CONSUMER_PREFIX = "affine_"
+
+
+def affine_subject(model_id: str, worker_id: str) -> str:
+    return f"{request_subject(model_id)}.w.{worker_id}"
+
+
+def affine_wildcard(model_id: str) -> str:
+    return f"{request_subject(model_id)}.w.*"
+
+
+def affine_consumer(worker_id: str) -> str:
+    return f"{AFFINE_CONSUMER_PREFIX}{worker_id}"
+
+
+def affine_worker(subject: str) -> str:
+    """`inf.req.<model>.w.<worker_id>` → `<worker_id>`."""
+    return subject.rsplit(".", 1)[1]
+
+
 # Token events of interactive requests (inf.tok.<edge_id>.<request_id>) go out on core NATS and are also kept a
 # few minutes by the JOURNAL stream, so another edge can replay them: a client whose edge died resumes its stream
 # there (SSE Last-Event-ID), and a retried POST with the same Idempotency-Key attaches to its request. Batch

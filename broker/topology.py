@@ -31,7 +31,9 @@ log = structlog.get_logger(__name__)
 # Interactive requests are acked when the scheduler admits them, so ack_wait only covers fetch → admit.
 _REQUEST_ACK_WAIT_S = 30.0
 _REQUEST_MAX_DELIVER = 3
+_AFFINE_INACTIVE_S = 600.0  # a dead worker's consumer outlives it this long (its subject is re-adopted anyway)
 _TWO_DAYS_S = 2 * 86_400.0
+_DEFAULT_DUPLICATE_WINDOW_S = 120.0  # the server's default
 _ENSURE_RETRY_S = 30.0
 _LEADER_WAIT_S = 10.0
 
@@ -48,19 +50,61 @@ class QueueLimits:
 async def ensure_request_queue(js: JetStreamContext, model_id: str, limits: QueueLimits) -> None:
     """The model's work queues, each with one durable pull consumer shared by every worker of the model: the
     interactive queue and the batch lane (pulled only when the interactive queue is empty). The lane has its own
-    cap, so a large batch never makes interactive requests see a full queue."""
-    for stream_name, subject in (
-        (subjects.request_stream(model_id), subjects.request_subject(model_id)),
-        (subjects.batch_stream(model_id), subjects.batch_subject(model_id)),
-    ):
-        await _ensure_work_queue(js, stream_name, subject, model_id, limits)
+    cap, so a large batch never makes interactive requests see a full queue. The interactive stream also captures
+    the workers' own subjects (subjects.affine_wildcard), so the shared consumer is filtered to the shared subject:
+    on a work queue, consumers' filters must not overlap."""
+    await _ensure_work_queue(
+        js,
+        subjects.request_stream(model_id),
+        subjects.request_subject(model_id),
+        model_id,
+        limits,
+        extra_subjects=[subjects.affine_wildcard(model_id)],
+    )
+    await _ensure_work_queue(js, subjects.batch_stream(model_id), subjects.batch_subject(model_id), model_id, limits)
     log.debug("topology.request_queue_ready", model=model_id)
 
 
-async def _ensure_work_queue(js: JetStreamContext, name: str, subject: str, model_id: str, limits: QueueLimits) -> None:
+async def ensure_affine_consumer(js: JetStreamContext, model_id: str, worker_id: str, limits: QueueLimits) -> str:
+    """The durable consumer of one worker's own subject (created or updated; any worker may call it for any
+    worker id, which is how a dead worker's subject is taken over). Returns its name. A consumer nobody pulls for
+    `_AFFINE_INACTIVE_S` is removed by the server; what it left in the stream is found again by its subject
+    (broker/affinity.py)."""
+    name = subjects.affine_consumer(worker_id)
+    # `name` as well as `durable_name`: nats-py then puts the filter into the API subject, which lets the worker
+    # role's permissions allow creating consumers of affine subjects only (ops/nats/auth.conf).
+    await js.add_consumer(
+        subjects.request_stream(model_id),
+        _request_consumer(
+            name, limits, subjects.affine_subject(model_id, worker_id), name=name, inactive_threshold=_AFFINE_INACTIVE_S
+        ),
+    )
+    return name
+
+
+def _request_consumer(durable: str, limits: QueueLimits, filter_subject: str, **extra) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=_REQUEST_ACK_WAIT_S,
+        max_deliver=_REQUEST_MAX_DELIVER,
+        max_ack_pending=limits.max_ack_pending,
+        filter_subject=filter_subject,
+        **extra,
+    )
+
+
+async def _ensure_work_queue(
+    js: JetStreamContext,
+    name: str,
+    subject: str,
+    model_id: str,
+    limits: QueueLimits,
+    extra_subjects: list[str] | None = None,
+) -> None:
     stream = StreamConfig(
         name=name,
-        subjects=[subject],
+        subjects=[subject, *(extra_subjects or [])],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         max_msgs=limits.max_requests,
@@ -71,15 +115,9 @@ async def _ensure_work_queue(js: JetStreamContext, name: str, subject: str, mode
         metadata={"inferq_model": model_id},
     )
     await _stream(js, stream)
-    consumer = ConsumerConfig(
-        durable_name=subjects.REQUEST_CONSUMER,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=_REQUEST_ACK_WAIT_S,
-        max_deliver=_REQUEST_MAX_DELIVER,
-        max_ack_pending=limits.max_ack_pending,
-    )
     # add_consumer is create-or-update for a durable; pull_subscribe(config=) would silently keep an old config.
-    await js.add_consumer(stream.name, consumer)
+    # The filter is the shared subject only (a consumer made before affinity existed had none: this updates it).
+    await js.add_consumer(stream.name, _request_consumer(subjects.REQUEST_CONSUMER, limits, subject))
 
 
 def _retrying_while_electing(ensure):
@@ -203,12 +241,18 @@ async def ensure_batch_storage(js: JetStreamContext, replicas: int = 1):
     return files, file_data, batches, results
 
 
-async def ensure_response_storage(js: JetStreamContext, replicas: int = 1):
+async def ensure_response_storage(js: JetStreamContext, ttl_s: float, replicas: int = 1):
     """The KV bucket of stored responses (file-backed, compare-and-swap updates) and the stream of background
-    responses' events (kept until the response is deleted). Returns the bucket."""
+    responses' events, both expiring `ttl_s` after each write (the server deletes them; an existing bucket is
+    moved to this TTL, so a changed setting applies to what is stored already). Returns the bucket."""
+    duplicate_window = min(_DEFAULT_DUPLICATE_WINDOW_S, ttl_s)  # the server refuses a window longer than max_age
     responses = await _key_value(
-        js, KeyValueConfig(bucket=subjects.RESPONSES_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas)
+        js,
+        KeyValueConfig(
+            bucket=subjects.RESPONSES_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE, replicas=replicas
+        ),
     )
+    await _converge_max_age(js, f"KV_{subjects.RESPONSES_BUCKET}", ttl_s, duplicate_window)
     await _stream(
         js,
         StreamConfig(
@@ -216,10 +260,23 @@ async def ensure_response_storage(js: JetStreamContext, replicas: int = 1):
             subjects=[subjects.RESPONSE_EVENTS_WILDCARD],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
+            max_age=ttl_s,
+            duplicate_window=duplicate_window,
             num_replicas=replicas,
         ),
     )
     return responses
+
+
+@_retrying_while_electing
+async def _converge_max_age(js: JetStreamContext, stream_name: str, max_age_s: float, duplicate_window_s: float):
+    """Give an existing stream (a KV bucket's) this max_age, keeping the rest of its configuration."""
+    config = (await js.stream_info(stream_name)).config
+    if config.max_age == max_age_s and config.duplicate_window == duplicate_window_s:
+        return
+    config.max_age, config.duplicate_window = max_age_s, duplicate_window_s
+    await js.update_stream(config)
+    log.info("topology.max_age_changed", stream=stream_name, max_age_s=max_age_s)
 
 
 async def ensure_batch_jobs(js: JetStreamContext, ack_wait_s: float, replicas: int = 1) -> None:

@@ -35,6 +35,10 @@ _MAX_RETRY_AFTER_S = 60.0
 # interactive queue only, so a batch line waits at most one fetch timeout to be noticed.
 _LANE_PROBE_S = 0.01
 _BATCH_ACTIVE_S = 1.0
+# With affinity the worker's own subject is probed first, and the shared queue is long-polled in slices this short,
+# so a request published to the worker's own subject while it idles waits at most about this long (a pending pull
+# cannot be taken back, so two queues cannot both be long-polled within one slot budget).
+_AFFINE_SLICE_S = 0.1
 # A consumer election answers 503 for seconds; a pull that fails for longer than this re-binds its subscription
 # (a new inbox and pull request path) instead of repeating the same failing pull forever.
 _REBIND_AFTER_S = 10.0
@@ -69,9 +73,12 @@ async def publish_request(
     lane: Lane = Lane.INTERACTIVE,
     headers: Mapping[str, str] | None = None,
     retry_for_s: float = PUBLISH_RETRY_S,
+    subject: str | None = None,
 ) -> bool:
     """Queue the request durably. Returns False when it was a duplicate of one already queued. `headers` go
-    along with the message (the trace context, see broker/tracing.py).
+    along with the message (the trace context, see broker/tracing.py). `subject`: a worker's own subject
+    (subjects.affine_subject) instead of the lane's shared one; the same stream holds both, so the queue cap and
+    the deduplication are the same.
 
     A publish that fails for a passing reason (no answer in time, the stream's leader being re-elected, NATS
     reconnecting) is retried for up to `retry_for_s` with the same `Nats-Msg-Id`: if the lost attempt was in
@@ -81,7 +88,9 @@ async def publish_request(
     delay = _FIRST_RETRY_DELAY_S
     while True:
         try:
-            ack = await js.publish(lane.subject(request.model), request.to_bytes(), timeout=timeout, headers=headers)
+            ack = await js.publish(
+                subject or lane.subject(request.model), request.to_bytes(), timeout=timeout, headers=headers
+            )
             return not ack.duplicate
         except Exception as exc:
             error = _publish_error(exc, request.model)
@@ -183,18 +192,45 @@ class Delivery:
 
 class RequestIntake:
     """The worker's side of the queues: pull only as many requests as there are free slots, interactive ones
-    first; the batch lane only when the interactive queue has nothing waiting."""
+    first; the batch lane only when the interactive queue has nothing waiting. With affinity (`own_consumer`, see
+    topology.ensure_affine_consumer), requests on the worker's own subject come before the shared queue, and so do
+    those left on the subjects of dead workers this worker took over (`adopt`)."""
 
-    def __init__(self, js: JetStreamContext, model_id: str):
+    def __init__(self, js: JetStreamContext, model_id: str, own_consumer: str | None = None):
         self._js = js
         self._model_id = model_id
+        self._own_consumer = own_consumer
         self._subs: dict[Lane, JetStreamContext.PullSubscription] = {}
+        self._affine: dict[str, JetStreamContext.PullSubscription] = {}  # consumer → subscription: own, adopted
         self._failing_since: dict[Lane, float] = {}  # lane → when its pulls began to fail
         self._batch_active_until = 0.0
 
     async def start(self) -> None:
         for lane in Lane:
             self._subs[lane] = await self._bind(lane)
+        if self._own_consumer is not None:
+            self._affine[self._own_consumer] = await self._bind_affine(self._own_consumer)
+
+    async def _bind_affine(self, consumer: str) -> JetStreamContext.PullSubscription:
+        return await self._js.pull_subscribe_bind(consumer, stream=subjects.request_stream(self._model_id))
+
+    @property
+    def adopted(self) -> set[str]:
+        return set(self._affine) - {self._own_consumer}
+
+    async def adopt(self, consumers: set[str]) -> None:
+        """Pull these consumers too (the own subjects of dead workers that still hold requests), and no longer
+        those that are not listed (drained). Several workers may pull one at once: each request goes to one."""
+        for consumer in consumers - set(self._affine):
+            self._affine[consumer] = await self._bind_affine(consumer)
+            log.info("intake.adopted", consumer=consumer)
+        for consumer in self.adopted - consumers:
+            sub = self._affine.pop(consumer)
+            log.info("intake.released", consumer=consumer)
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:
+                log.warning("intake.unsubscribe_failed", consumer=consumer, error=repr(exc))
 
     async def _bind(self, lane: Lane) -> JetStreamContext.PullSubscription:
         return await self._js.pull_subscribe_bind(subjects.REQUEST_CONSUMER, stream=lane.stream(self._model_id))
@@ -202,12 +238,19 @@ class RequestIntake:
     async def fetch(self, max_requests: int, timeout: float = 1.0) -> list[Delivery]:
         """Up to `max_requests`; returns as soon as any arrive, or empty after about `timeout`."""
         assert self._subs, "start() first"
+        msgs = await self._pull_affine(max_requests)
+        if msgs:
+            return await self._parsed(msgs)
         batch_active = time.monotonic() < self._batch_active_until
-        msgs = await self._pull(Lane.INTERACTIVE, max_requests, _LANE_PROBE_S if batch_active else timeout)
+        long_poll = min(timeout, _AFFINE_SLICE_S) if self._affine else timeout
+        msgs = await self._pull(Lane.INTERACTIVE, max_requests, _LANE_PROBE_S if batch_active else long_poll)
         if not msgs:
             msgs = await self._pull(Lane.BATCH, max_requests, _LANE_PROBE_S)
             if msgs:
                 self._batch_active_until = time.monotonic() + _BATCH_ACTIVE_S
+        return await self._parsed(msgs)
+
+    async def _parsed(self, msgs: list[Msg]) -> list[Delivery]:
         deliveries = []
         for msg in msgs:
             try:
@@ -217,6 +260,20 @@ class RequestIntake:
                 log.warning("intake.invalid_request", error=exc.errors(include_url=False)[:3])
                 await msg.term()
         return deliveries
+
+    async def _pull_affine(self, max_requests: int) -> list[Msg]:
+        """What waits on this worker's own subject, then on the subjects it took over, up to `max_requests`."""
+        msgs: list[Msg] = []
+        for consumer, sub in list(self._affine.items()):
+            if len(msgs) >= max_requests:
+                break
+            try:
+                msgs += await sub.fetch(batch=max_requests - len(msgs), timeout=_LANE_PROBE_S)
+            except TimeoutError:
+                continue
+            except jse.APIError as exc:  # an election, or a taken-over consumer the server removed meanwhile
+                log.warning("intake.fetch_failed", consumer=consumer, error=str(exc))
+        return msgs
 
     async def _pull(self, lane: Lane, max_requests: int, timeout: float) -> list[Msg]:
         try:
@@ -252,6 +309,7 @@ class RequestIntake:
             log.warning("intake.unsubscribe_failed", lane=lane.value, error=repr(exc))
 
     async def stop(self) -> None:
-        for sub in self._subs.values():
+        for sub in [*self._subs.values(), *self._affine.values()]:
             await sub.unsubscribe()
         self._subs.clear()
+        self._affine.clear()

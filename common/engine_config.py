@@ -85,6 +85,13 @@ class EngineConfig:
             "batch the GEMMs are compute-bound and a rejected draft costs a full row)."
         ),
     )
+    prefix_caching: bool = Field(
+        default=True,
+        description=(
+            "Automatic prefix caching: prompt KV is kept after a request and reused by later requests of the same "
+            "owner whose prompts start with the same 32-token blocks (docs/prefix-caching.md)."
+        ),
+    )
     model_impl: Literal["auto", "fast", "generic"] = Field(
         default="auto",
         description=(

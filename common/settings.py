@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     response_job_ack_wait_s: float = Field(
         default=10.0, ge=1, description="A silent replica loses the background responses it runs after this."
     )
+    response_ttl_s: float = Field(
+        default=30 * 86_400.0,
+        ge=1,
+        description="Stored /v1/responses responses and their event logs expire this long after creation (30 days).",
+    )
     batch_orphan_sweep_s: float = Field(
         default=30.0, gt=0, description="How often runners re-queue batches that never got a ticket."
     )
@@ -90,6 +95,17 @@ class Settings(BaseSettings):
     worker_silence_timeout_s: float = Field(default=3.0, gt=0, description="Edge gives up on a silent worker.")
     queue_timeout_s: float = Field(default=60.0, gt=0, description="Longest a request may wait to be accepted.")
     registry_ttl_s: float = Field(default=10.0, ge=1, description="A worker silent this long leaves the registry.")
+
+    # --- routing (docs/routing.md) ------------------------------------------------------------------------
+    affinity: bool = Field(
+        default=True, description="Route a conversation to the worker that served it (its own subject); off: shared."
+    )
+    affinity_max_waiting: int = Field(
+        default=2, ge=1, description="Requests waiting on a worker's own subject beyond which the shared queue is used."
+    )
+    affinity_prefix_tokens: int = Field(
+        default=256, ge=1, description="Leading prompt tokens that key a completion prompt without a better key."
+    )
 
     # --- engine -----------------------------------------------------------------------------------------
     engine: Literal["torch", "sim"] = Field(
@@ -119,14 +135,16 @@ class Settings(BaseSettings):
     weight_quant_max_rows: int = engine_field("weight_quant_max_rows")
     small_step_threads: int | None = engine_field("small_step_threads")
     small_step_rows: int = engine_field("small_step_rows")
-    workers_per_model: int = Field(
-        default=1,
+    prefix_caching: bool = engine_field("prefix_caching")
+    workers_per_model: int | None = Field(
+        default=None,
         ge=1,
         le=64,
         description=(
-            "Engine workers `inferq serve` starts per model, sharing its queue. On a CPU a small model runs faster as "
-            "one single-thread worker per core than as one worker using every core (docs/benchmarks.md); on a GPU "
-            "keep 1 (each worker holds its own weights and KV cache)."
+            "Engine workers `inferq serve` starts per model, sharing its queue. Unset: chosen from the machine "
+            "(ops/layout.py): on a CPU one single-thread worker per core within half the available memory, as a "
+            "small model runs faster so than as one worker using every core (docs/benchmarks.md); 1 on a GPU "
+            "(each worker holds its own weights and KV cache), for several models, or the sim engine."
         ),
     )
 

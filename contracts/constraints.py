@@ -79,6 +79,10 @@ Constraint = Annotated[
     Field(discriminator="type"),
 ]
 _constraint_adapter: TypeAdapter[Constraint] = TypeAdapter(Constraint)
+CONSTRAINT_TYPES: tuple[str, ...] = tuple(
+    model.model_fields["type"].default
+    for model in (JsonSchemaConstraint, JsonObjectConstraint, RegexConstraint, ChoiceConstraint, GrammarConstraint)
+)
 
 
 def parse_constraint(data: bytes | str | dict[str, Any]) -> Constraint:

@@ -49,6 +49,11 @@ class ChoiceDelta(Contract):
 class Usage(Contract):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Prompt tokens whose KV came from the worker's prefix cache (OpenAI's prompt_tokens_details).",
+    )
 
     @property
     def total_tokens(self) -> int:

@@ -51,9 +51,20 @@ class WorkerMetrics(Contract):
     spec_decode_num_accepted_tokens_total: int | None = Field(
         default=None, description="Draft tokens that matched what the model sampled (kept in the output)."
     )
+    prefix_cache_queries_total: int | None = Field(
+        default=None, description="Prompt tokens looked up in the prefix cache; None: no prefix cache."
+    )
+    prefix_cache_hits_total: int | None = Field(
+        default=None, description="Prompt tokens found in the prefix cache (their KV was reused)."
+    )
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     request_success_total: dict[str, int] = Field(default_factory=dict, description="By finish reason.")
+    structured_requests_total: dict[str, int] = Field(
+        default_factory=dict,
+        description="Accepted requests with a structured-output constraint, by its type (json_schema, json_object, "
+        "regex, choice, grammar); a resumed request counts once per attempt.",
+    )
     # histograms (seconds)
     time_to_first_token_seconds: HistogramSnapshot
     inter_token_latency_seconds: HistogramSnapshot

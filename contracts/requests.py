@@ -39,6 +39,14 @@ class GenerateRequest(Contract):
             "grammar). A worker that cannot compile it answers invalid_request."
         ),
     )
+    cache_salt: str | None = Field(
+        default=None,
+        max_length=128,
+        description=(
+            "Prefix-cache partition: a worker reuses prompt KV only between requests with the same salt. The edge "
+            "sets a digest of the API key owner (never the key); requests without one share only among themselves."
+        ),
+    )
 
 
 class Pooling(StrEnum):

@@ -18,6 +18,9 @@ class StoredResponse(Contract):
     history: list[dict[str, Any]] = Field(default_factory=list)  # earlier turns (previous responses' in+out)
     request: dict[str, Any] | None = None  # a background response's request, for whoever runs it
     cancel_requested: bool = False  # a background response asked to stop (any replica may hold it)
+    # How the answer is read for function calls (a tool format name, api/tools/formats.py); None: plain text. Kept
+    # so whichever replica runs a background response reads its answer as the accepting one planned.
+    tool_answer_format: str | None = None
 
     @property
     def status(self) -> str:

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from opentelemetry.trace import Tracer
 
 from broker import subjects
+from broker.affinity import SubjectTakeover
 from broker.events import publish_event, subscribe_cancels
 from broker.metrics import serve_metrics
 from broker.registry import WorkerRegistry
@@ -102,6 +103,7 @@ class WorkerBridge:
         config: BridgeConfig,
         validate: Callable[[GenerateRequest | EmbedRequest], None],
         tracer: Tracer | None = None,
+        takeover: SubjectTakeover | None = None,
     ):
         self._nc = nc
         self._telemetry = WorkerTelemetry(info.worker_id, info.model, tracer)
@@ -110,6 +112,7 @@ class WorkerBridge:
         self._info = info
         self._config = config
         self._validate = validate
+        self._takeover = takeover  # with affinity: pull what dead workers left on their own subjects
         self._in_flight: dict[str, _InFlight] = {}  # by engine key (request id + attempt)
         self._current: dict[str, str] = {}  # request id -> engine key of its newest attempt here
         self._cancelled: OrderedDict[str, CancelRequest] = OrderedDict()  # cancels of requests not (yet) here
@@ -165,6 +168,8 @@ class WorkerBridge:
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._keep_announced(), name="announce"),
         ]
+        if self._takeover is not None:
+            tasks.append(asyncio.create_task(self._take_over_orphans(self._takeover), name="takeover"))
         log.info("worker.ready", worker_id=self.worker_id, model=self._info.model, capacity=self._config.capacity)
         stop_waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([stop_waiter, asyncio.create_task(self._stop.wait())], return_when="FIRST_COMPLETED")
@@ -448,3 +453,18 @@ class WorkerBridge:
                 await asyncio.wait_for(self._announce(), _ANNOUNCE_TIMEOUT_S)
             except Exception as exc:  # NATS reconnecting: the next beat retries
                 log.warning("registry.announce_failed", error=str(exc))
+
+    async def _take_over_orphans(self, takeover: SubjectTakeover) -> None:
+        """As often as the registry entry is renewed: a worker that missed two renewals counts as gone, so its
+        subject is taken over about half a registry TTL after its last heartbeat. One wrongly counted gone (a slow
+        renewal, a skewed clock) only gets a second puller on its subject, which hands each request to one."""
+        interval = self._config.announce_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                fresh_since = time.time() - 2 * interval
+                workers = await self._registry.live_workers()
+                live = [worker.worker_id for worker in workers if worker.updated_at >= fresh_since]
+                await takeover.scan(live)
+            except Exception as exc:  # NATS failing over, the registry unreadable: the next round tries again
+                log.warning("takeover.scan_failed", error=repr(exc))

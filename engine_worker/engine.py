@@ -6,8 +6,7 @@ Not thread-safe: every method runs on the engine thread, except `validate`, whic
 
 from __future__ import annotations
 
-import secrets
-from itertools import islice
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,14 @@ import structlog
 
 from common.engine_config import EngineConfig
 from contracts import EmbedRequest, FinishReason, GenerateRequest, Usage
-from engine_worker.detokenizer import IncrementalDetokenizer
 from engine_worker.executor import ModelExecutor
+from engine_worker.intake import new_request_state
 from engine_worker.kv_budget import size_kv_cache
 from engine_worker.kv_cache import KVCacheManager
 from engine_worker.output_builder import OutputBuilder
 from engine_worker.outputs import EmbedOutput, EngineStats, RequestOutput
-from engine_worker.sampling_rows import TokenLogprobData, row_for, seed_key
+from engine_worker.prefix_caching import PrefixCaching
+from engine_worker.sampling_rows import TokenLogprobData, row_for
 from engine_worker.scheduler import Scheduler, SchedulerOutput
 from engine_worker.sequence import RequestState, Sequence, SequenceStatus
 from engine_worker.speculative import NgramProposer, Proposer, back_off, num_accepted, propose_drafts
@@ -53,6 +53,7 @@ class Engine:
         capacity = size_kv_cache(config, runner).tokens
         self.kv = KVCacheManager(capacity, config.max_num_seqs, self.max_model_len)
         runner.allocate_kv_cache(capacity, self.kv.slot_len)
+        self.prefix = PrefixCaching.sized_for(self.kv, runner) if config.prefix_caching else None
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.kv)
         self.outputs = OutputBuilder(tokenizer)
         if proposer is None and config.num_speculative_tokens:
@@ -64,7 +65,7 @@ class Engine:
         self._requests: dict[str, RequestState] = {}
         self._pending: list[RequestOutput] = []  # abort outputs, returned by the next step
         self._arrivals = 0
-        self._seq_ids = 0
+        self._seq_ids = itertools.count(1)
         log.info(
             "engine ready",
             max_model_len=self.max_model_len,
@@ -74,31 +75,9 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig) -> Engine:
-        from transformers import AutoTokenizer, GenerationConfig
+        from engine_worker.runner_factory import load_model
 
-        from engine_worker.runner_factory import load_runner
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        runner = load_runner(
-            model_dir,
-            model_impl=config.model_impl,
-            device=config.device,
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            torch_threads=config.torch_threads,
-            weight_quant=config.weight_quant,
-            weight_quant_max_rows=config.weight_quant_max_rows,
-            small_step_threads=config.small_step_threads,
-            small_step_rows=config.small_step_rows,
-        )
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        try:
-            generation_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-        except OSError:
-            generation_eos = None
-        if generation_eos is not None:
-            eos |= set(generation_eos) if isinstance(generation_eos, list) else {generation_eos}
-        return cls(config, tokenizer, runner, eos)
+        return cls(config, *load_model(model_dir, config))
 
     # --- introspection --------------------------------------------------------------------------------------
     @property
@@ -116,6 +95,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         running = sum(1 for s in self._requests.values() if any(q.status is SequenceStatus.RUNNING for q in s.seqs))
+        queries, hits = self.prefix.stats if self.prefix is not None else (None, None)
         return EngineStats(
             running=running,
             waiting=len(self._requests) - running,
@@ -123,6 +103,8 @@ class Engine:
             preemptions=self.scheduler.num_preemptions,
             draft_tokens=self.num_draft_tokens_total,
             accepted_tokens=self.num_accepted_tokens_total,
+            prefix_cache_queries=queries,
+            prefix_cache_hits=hits,
         )
 
     def has_unfinished_requests(self) -> bool:
@@ -152,47 +134,21 @@ class Engine:
         self.limits.check_generate(request)
         if request.request_id in self._requests:
             raise InvalidRequest(f"request {request.request_id!r} is already running")
-        params = request.sampling
-        max_tokens = params.max_tokens or self.max_model_len - len(request.prompt_token_ids)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        context = list(request.prompt_token_ids) + list(request.resume_token_ids)
-        matchers = self.structured.matchers(request, params.num_candidates)
-        seqs = []
+        matchers = self.structured.matchers(request, request.sampling.num_candidates)
+        cache_keys = self.prefix.keys(request) if self.prefix is not None else []
         self._arrivals += 1
-        for index in range(params.num_candidates):
-            self._seq_ids += 1
-            detokenizer = IncrementalDetokenizer(
-                self.tokenizer,
-                list(context),
-                skip_special_tokens=params.skip_special_tokens,
-                stop=tuple(params.stop),
-                include_stop_str_in_output=params.include_stop_str_in_output,
-            )
-            seqs.append(
-                Sequence(
-                    seq_id=self._seq_ids,
-                    request_id=request.request_id,
-                    index=index,
-                    token_ids=list(context),
-                    num_prompt_tokens=len(request.prompt_token_ids),
-                    num_resume_tokens=len(request.resume_token_ids),
-                    params=params,
-                    max_tokens=max_tokens,
-                    sampling_key=seed_key(seed, index),
-                    priority=request.priority,
-                    arrival=self._arrivals,
-                    eos_token_ids=self.eos_token_ids,
-                    detokenizer=detokenizer,
-                    matcher=matchers[index],
-                )
-            )
-        for seq in seqs[1:]:
-            seq.parent = seqs[0]
-        state = RequestState(request=request, seqs=seqs)
-        if params.prompt_logprobs is not None:
-            state.prompt_logprobs = [None]
+        state = new_request_state(
+            request,
+            self.tokenizer,
+            self.eos_token_ids,
+            self.max_model_len,
+            matchers,
+            cache_keys,
+            self._arrivals,
+            self._seq_ids,
+        )
         self._requests[request.request_id] = state
-        for seq in seqs:
+        for seq in state.seqs:
             self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
@@ -221,21 +177,28 @@ class Engine:
             if seq.matcher is not None:
                 constrained.append((seq, len(rows)))
             rows += [row_for(seq, seq.draft_token_ids[:j]) for j in range(len(seq.draft_token_ids) + 1)]
-        self.structured.mask_rows(rows, constrained)
-        result = self.runner.run(batch.scheduled, sample_seqs, rows, self._prompt_logprobs_wanted(batch))
+        masks = self.structured.mask_rows(rows, constrained)  # filled while the forward pass runs
+        try:
+            result = self.runner.run(batch.scheduled, sample_seqs, rows, self._prompt_logprobs_wanted(batch))
+        finally:
+            if masks is not None:
+                masks.settle()  # the mask thread is done with the matchers before _accept advances them
         self.scheduler.postprocess(batch)
         for seq, entries in result.prompt_logprobs.items():
             self.outputs.add_prompt_logprobs(self._requests[seq.request_id], seq, entries)
         sampled = iter(zip(result.sampled.token_ids, result.sampled.logprobs, strict=True))
         for seq in sample_seqs:
-            self._accept(seq, list(islice(sampled, len(seq.draft_token_ids) + 1)))
+            self._accept(seq, list(itertools.islice(sampled, len(seq.draft_token_ids) + 1)))
         outputs += self._collect_outputs(sample_seqs)
         return outputs
 
     def _prepare_cache(self, batch: SchedulerOutput) -> None:
-        """Carry out the KV moves the scheduler decided: a new slot length, prompt copies for n > 1."""
+        """Carry out the KV moves the scheduler decided: a new slot length, cached prefixes into their new slots,
+        prompt copies for n > 1 (which may copy a prefix just loaded)."""
         if batch.relayout is not None:
             self.runner.relayout(batch.relayout)
+        if self.prefix is not None:
+            self.prefix.load(batch.cache_loads)
         if batch.forks:
             self.runner.copy_prefixes([(src.slot, dst.slot, n) for src, dst, n in batch.forks])
 
@@ -269,7 +232,10 @@ class Engine:
         self.scheduler.reject_drafts(seq, len(drafts) - matched)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None) -> None:
+        slot = seq.slot
         self.scheduler.finish(seq)
+        if self.prefix is not None and slot is not None:
+            self.prefix.save(seq, slot)  # after its slot is freed: the room it held may now cache its prompt
         seq.finish_reason, seq.stop_reason = reason, stop_reason
 
     def _collect_outputs(self, sample_seqs: list[Sequence]) -> list[RequestOutput]:

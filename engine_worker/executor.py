@@ -36,6 +36,16 @@ class ModelExecutor(Protocol):
 
     def copy_prefixes(self, copies: list[tuple[int, int, int]]) -> None: ...
 
+    def allocate_prefix_store(self, num_blocks: int, block_size: int) -> None: ...
+
+    def save_prefix(self, slot: int, copies: list[tuple[int, int]]) -> None:
+        """Copy (block index in the slot, store block id) blocks of KV from a slot into the prefix store."""
+        ...
+
+    def load_prefixes(self, loads: list[tuple[int, list[int]]]) -> None:
+        """Copy (slot, store block ids) cached prefixes into the start of their slots."""
+        ...
+
     def run(
         self,
         scheduled: list[tuple[Sequence, int]],

@@ -18,8 +18,9 @@ CPU, docs/benchmarks.md), at the price of a few more relayouts.
 
 Accounting follows the layout: a set of running sequences fits when `len(running) * slot_len <= capacity`,
 where slot_len covers the longest of them. This is the same B x L_max that batched decode attention computes
-over, so memory and attention work are bounded by the same number. Nothing here imports torch; the runner
-applies relayouts to its tensors.
+over, so memory and attention work are bounded by the same number. Cached prefix blocks (prefix_cache.py) count
+against the same capacity: running work that needs their room evicts them (least recently used first) before
+anything is preempted. Nothing here imports torch; the runner applies relayouts to its tensors.
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine_worker.sequence import Sequence
+
+if TYPE_CHECKING:
+    from engine_worker.prefix_cache import PrefixCache
 
 SLOT_ALIGN = 64  # attention windows and slot lengths are multiples of this
 
@@ -57,7 +62,9 @@ def _slot_ladder(max_slot_len: int) -> tuple[int, ...]:
 
 
 class KVCacheManager:
-    def __init__(self, capacity: int, max_num_seqs: int, max_model_len: int) -> None:
+    def __init__(
+        self, capacity: int, max_num_seqs: int, max_model_len: int, prefix_cache: PrefixCache | None = None
+    ) -> None:
         self.max_slot_len = round_up(max_model_len)
         self._ladder = _slot_ladder(self.max_slot_len)
         if capacity < self.max_slot_len:
@@ -68,6 +75,7 @@ class KVCacheManager:
         self._reserved: dict[Sequence, int] = {}  # running sequence -> KV tokens it may hold after this step
         self._free_slots: list[int] = list(range(self.num_slots))
         self._new: list[Sequence] = []  # allocated this step, slot assigned in `commit`
+        self.prefix_cache = prefix_cache  # its blocks share the capacity and give way to running sequences
 
     # --- layout ---------------------------------------------------------------------------------------------
     def _level(self, num_tokens: int) -> int:
@@ -93,8 +101,28 @@ class KVCacheManager:
     def num_reserved_tokens(self) -> int:
         return sum(self._reserved.values())
 
+    @property
+    def num_cached_tokens(self) -> int:
+        return 0 if self.prefix_cache is None else self.prefix_cache.num_tokens
+
+    @property
+    def spare_tokens(self) -> int:
+        """Capacity that neither the running sequences' slots nor cached blocks take: room to cache more."""
+        footprint = self.num_running * self._level(self._longest()) if self._reserved else 0
+        return max(0, self.capacity - footprint - self.num_cached_tokens)
+
     def _fits(self, num_seqs: int, longest: int) -> bool:
-        return num_seqs <= self.slots_for(self._level(longest))
+        """Whether `num_seqs` slots of the length `longest` needs fit, evicting cached prefix blocks for room
+        (never the other way round: cached blocks do not displace running work)."""
+        level = self._level(longest)
+        if num_seqs > self.slots_for(level):
+            return False
+        over = num_seqs * level + self.num_cached_tokens - self.capacity
+        cache = self.prefix_cache
+        if cache is not None and 0 < over <= cache.evictable_tokens:
+            cache.evict(over)
+            over = num_seqs * level + self.num_cached_tokens - self.capacity
+        return over <= 0
 
     def _longest(self) -> int:
         return max(self._reserved.values(), default=0)

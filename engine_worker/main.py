@@ -14,10 +14,11 @@ from pathlib import Path
 
 import structlog
 
+from broker.affinity import SubjectTakeover
 from broker.artifacts import publish_tokenizer
 from broker.connection import NatsAuth, connect
 from broker.registry import WorkerRegistry
-from broker.topology import QueueLimits, ensure_request_queue, ensure_results_stream
+from broker.topology import QueueLimits, ensure_affine_consumer, ensure_request_queue, ensure_results_stream
 from broker.work_queue import RequestIntake
 from common.settings import Settings
 from common.telemetry import open_tracing
@@ -98,16 +99,19 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     nats_auth = NatsAuth.from_settings(settings)
     async with connect(settings.nats_url, name=f"inferq-worker-{worker_id}", auth=nats_auth) as nc:
         js = nc.jetstream()
-        await ensure_request_queue(
-            js,
-            loaded.served_name,
-            QueueLimits(
-                max_requests=settings.queue_max_requests,
-                max_age_s=settings.queue_max_age_s,
-                duplicate_window_s=settings.duplicate_window_s,
-                replicas=settings.nats_replicas,
-            ),
+        limits = QueueLimits(
+            max_requests=settings.queue_max_requests,
+            max_age_s=settings.queue_max_age_s,
+            duplicate_window_s=settings.duplicate_window_s,
+            replicas=settings.nats_replicas,
         )
+        await ensure_request_queue(js, loaded.served_name, limits)
+        # With affinity, a consumer of this worker's own subject exists before the registry lists the worker, so
+        # an edge never routes to a subject nobody drains (docs/routing.md).
+        own_consumer = (
+            await ensure_affine_consumer(js, loaded.served_name, worker_id, limits) if settings.affinity else None
+        )
+        intake = RequestIntake(js, loaded.served_name, own_consumer)
         await ensure_results_stream(js, settings.results_max_age_s, settings.results_max_bytes, settings.nats_replicas)
         tokenizer_object = await publish_tokenizer(js, loaded.served_name, loaded.tokenizer_dir, settings.nats_replicas)
         registry = await WorkerRegistry.open(js, settings.registry_ttl_s, settings.nats_replicas)
@@ -130,7 +134,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         bridge = WorkerBridge(
             nc,
             loaded.engine,
-            RequestIntake(js, loaded.served_name),
+            intake,
             registry,
             info,
             BridgeConfig(
@@ -140,6 +144,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             ),
             validate=loaded.engine.validate,
             tracer=tracing.tracer,
+            takeover=SubjectTakeover(js, intake, loaded.served_name, worker_id, limits) if settings.affinity else None,
         )
         try:
             await bridge.run(stop)

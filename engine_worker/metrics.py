@@ -154,9 +154,12 @@ class WorkerMeters:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.successes: Counter[str] = Counter()
+        self.structured: Counter[str] = Counter()  # accepted constrained requests, by constraint type
 
-    def accepted(self, timeline: RequestTimeline) -> None:
+    def accepted(self, timeline: RequestTimeline, constraint_type: str | None = None) -> None:
         self.queue_time.observe(timeline.queue_time)
+        if constraint_type is not None:
+            self.structured[constraint_type] += 1
 
     def tokens(self, timeline: RequestTimeline, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -184,9 +187,12 @@ class WorkerMeters:
             num_preemptions_total=stats.preemptions,
             spec_decode_num_draft_tokens_total=stats.draft_tokens,
             spec_decode_num_accepted_tokens_total=stats.accepted_tokens,
+            prefix_cache_queries_total=stats.prefix_cache_queries,
+            prefix_cache_hits_total=stats.prefix_cache_hits,
             prompt_tokens_total=self.prompt_tokens,
             generation_tokens_total=self.generation_tokens,
             request_success_total=dict(self.successes),
+            structured_requests_total=dict(self.structured),
             time_to_first_token_seconds=self.ttft.snapshot(),
             inter_token_latency_seconds=self.itl.snapshot(),
             e2e_request_latency_seconds=self.e2e.snapshot(),
@@ -271,7 +277,8 @@ class WorkerTelemetry:
         telemetry = RequestTelemetry(
             RequestTimeline(published_at), self.log_fields(request, headers), extract_context(headers)
         )
-        self.meters.accepted(telemetry.timeline)
+        constraint = getattr(request, "constraint", None)  # generate requests only
+        self.meters.accepted(telemetry.timeline, None if constraint is None else constraint.type)
         return telemetry
 
     def output(self, telemetry: RequestTelemetry, output: RequestOutput) -> None:

@@ -29,6 +29,7 @@ from contracts import EmbeddingVector, EmbedRequest
 from engine_worker.kv_cache import Relayout, round_up
 from engine_worker.kv_memory import KVBuffers, release_freed_memory
 from engine_worker.pooling import vectors_for
+from engine_worker.prefix_store import PrefixStore
 from engine_worker.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
 from engine_worker.sampling_rows import SamplingRow, TokenLogprobData
 from engine_worker.sequence import Sequence
@@ -229,6 +230,21 @@ class SlotKVCache:
             saved = self._view(flat, plan.old_slot_len)[old_slots, :, : plan.copy_len].clone()
             self._view(flat, plan.slot_len)[new_slots, :, : plan.copy_len] = saved
         self.slot_len = plan.slot_len
+
+    def allocate_prefix_store(self, num_blocks: int, block_size: int) -> None:
+        """Buffers for cached prefix blocks (prefix_store.py), beside the slot cache."""
+        self.prefix_store = PrefixStore(
+            2 * self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim, self.dtype, self.device
+        )
+
+    def save_prefix(self, slot: int, copies: list[tuple[int, int]]) -> None:
+        self.prefix_store.save(self._slot_views(), slot, copies)
+
+    def load_prefixes(self, loads: list[tuple[int, list[int]]]) -> None:
+        self.prefix_store.load(self._slot_views(), loads)
+
+    def _slot_views(self) -> list[torch.Tensor]:
+        return [self._view(flat, self.slot_len) for flat in (*self.k_cache, *self.v_cache)]
 
     @torch.inference_mode()
     def copy_prefixes(self, copies: list[tuple[int, int, int]]) -> None:

@@ -13,9 +13,11 @@ from engine_worker.sequence import RequestState, Sequence
 
 
 def usage(state: RequestState, seqs: list[Sequence]) -> Usage:
+    prompt_tokens = len(state.request.prompt_token_ids)
     return Usage(
-        prompt_tokens=len(state.request.prompt_token_ids),
+        prompt_tokens=prompt_tokens,
         completion_tokens=sum(seq.num_output_tokens for seq in seqs),
+        cached_tokens=min(prompt_tokens, state.seqs[0].num_cached_tokens),
     )
 
 

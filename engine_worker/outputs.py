@@ -37,3 +37,5 @@ class EngineStats:
     preemptions: int | None = None
     draft_tokens: int | None = None
     accepted_tokens: int | None = None
+    prefix_cache_queries: int | None = None  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int | None = None  # of which found there

@@ -9,11 +9,14 @@ context at the window); `fast` and `generic` force one (`fast` still refuses oth
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
 from engine_worker.model_runner import SUPPORTED_ARCHITECTURES
+
+if TYPE_CHECKING:
+    from common.engine_config import EngineConfig
 
 log = structlog.get_logger(__name__)
 
@@ -68,3 +71,31 @@ def load_runner(
     from engine_worker.generic_runner import GenericRunner
 
     return GenericRunner(model_dir, **options)
+
+
+def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Any, Any, set[int]]:
+    """What an engine is built from: the tokenizer, the runner `config.model_impl` picks, and the EOS ids (the
+    tokenizer's and the generation config's)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    runner = load_runner(
+        model_dir,
+        model_impl=config.model_impl,
+        device=config.device,
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        torch_threads=config.torch_threads,
+        weight_quant=config.weight_quant,
+        weight_quant_max_rows=config.weight_quant_max_rows,
+        small_step_threads=config.small_step_threads,
+        small_step_rows=config.small_step_rows,
+    )
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    try:
+        generation_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        generation_eos = None
+    if generation_eos is not None:
+        eos |= set(generation_eos) if isinstance(generation_eos, list) else {generation_eos}
+    return tokenizer, runner, eos

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from contracts import LOGPROB_FLOOR
-from engine_worker.constraints import unpack_bitmask
 from engine_worker.sampling_rows import SamplingRow, TokenLogprobData, row_uniform
 
 NUCLEUS_CANDIDATES = (256, 4096)  # top-k sizes tried before sorting the whole vocabulary
@@ -69,9 +68,13 @@ class Sampler:
         masked = [i for i, r in enumerate(rows) if r.allowed is not None]
         if not masked:
             return
-        allowed = unpack_bitmask(np.stack([rows[i].allowed for i in masked]), logits.shape[1])
+        # Unpacked on the mask thread during the forward pass; this waits for it if it is not done yet.
+        refused = torch.from_numpy(np.stack([rows[i].allowed.refused() for i in masked])).to(self.device)
+        refused = refused.view(torch.bool)
+        if len(masked) == len(rows):  # a fully constrained batch: in place, no gather and scatter
+            logits.masked_fill_(refused, -float("inf"))
+            return
         index = self._tensor(masked, torch.long)
-        refused = ~torch.from_numpy(allowed).to(self.device)
         logits[index] = logits[index].masked_fill(refused, -float("inf"))
 
     def _apply_bias_and_suppression(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:

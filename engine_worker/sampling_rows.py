@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 if TYPE_CHECKING:
+    from engine_worker.constraints import MaskRow
     from engine_worker.sequence import Sequence
 
 _MASK64 = (1 << 64) - 1
@@ -52,7 +51,7 @@ class SamplingRow:
     context_ids: list[int] = field(default_factory=list)  # prompt + output, for repetition
     num_logprobs: int | None = None  # None: no logprobs; 0: only the sampled token's
     need_logprob: bool = False  # the sampled token's logprob is needed (best_of ranking)
-    allowed: np.ndarray | None = None  # structured output: packed int32 bitmask of the allowed tokens
+    allowed: MaskRow | None = None  # structured output: the allowed tokens (a packed bitmask, maybe still filling)
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,9 @@ class (it keeps its arrival number) to be recomputed later. Nothing is ever fail
 Choices 1..n-1 of a request wait until choice 0 has computed the prompt, then copy its KV (`forks`) and compute
 only the last prompt token themselves. A decode may also carry draft tokens (speculative.py) in budget and KV
 that nothing else needs; the ones the sampler rejects are rolled back after the step (`reject_drafts`).
+A sequence admitted without a fork looks its prompt up in the prefix cache (prefix_cache.py): the cached blocks
+are copied into its slot before the step's forward (`cache_loads`) and it computes only from the first uncached
+token. A sequence that wants prompt logprobs computes its whole prompt (the cache holds KV, not logits).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine_worker.kv_cache import KVCacheManager, Relayout
+from engine_worker.prefix_cache import CacheHit
 from engine_worker.sequence import Sequence, SequenceStatus
 
 
@@ -28,6 +32,7 @@ class SchedulerOutput:
     relayout: Relayout | None = None
     preempted: list[Sequence] = field(default_factory=list)
     forks: list[tuple[Sequence, Sequence, int]] = field(default_factory=list)  # copy KV (from, to, tokens)
+    cache_loads: list[CacheHit] = field(default_factory=list)  # cached prefix blocks to copy into new slots
 
     @property
     def is_empty(self) -> bool:
@@ -105,12 +110,20 @@ class Scheduler:
         """Start waiting sequences while budget, slots and KV allow; returns the budget left."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            # Admit only when the whole known length fits, so admission does not lead straight to preemption.
-            if not self.kv.can_allocate(seq.num_tokens + 1):
-                break
             shared = self._shared_prefix(seq)
             if shared is None:
                 break  # its parent is still computing the prompt it will copy
+            hit = self._cache_hit(seq) if not shared else None
+            # Admit only when the whole known length fits, so admission does not lead straight to preemption.
+            if not self._can_allocate(seq, hit):
+                break
+            if hit is not None:
+                self.kv.prefix_cache.count(hit)
+            if hit is not None and hit.block_ids:
+                out.cache_loads.append(hit)
+                shared = hit.num_tokens
+                if not seq.num_preemptions:
+                    seq.num_cached_tokens = shared
             self.waiting.popleft()
             seq.num_computed_tokens = shared
             num_tokens = min(seq.num_uncomputed_tokens, budget)
@@ -118,10 +131,27 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             _insort(self.running, seq)
             out.scheduled.append((seq, num_tokens))
-            if shared:
+            if shared and hit is None:
                 out.forks.append((seq.parent, seq, shared))
             budget -= num_tokens
         return budget
+
+    def _cache_hit(self, seq: Sequence) -> CacheHit | None:
+        cache = self.kv.prefix_cache
+        if cache is None or seq.needs_prompt_logprobs:
+            return None
+        return cache.lookup(seq)
+
+    def _can_allocate(self, seq: Sequence, hit: CacheHit | None) -> bool:
+        """Room for `seq`; its pinned hit may be what blocks it (a long prompt whose cached prefix fills the room
+        it needs): then it is admitted without the hit, which `hit` no longer holds."""
+        if self.kv.can_allocate(seq.num_tokens + 1):
+            return True
+        cache = self.kv.prefix_cache
+        if hit is None or cache is None:
+            return False
+        cache.release(hit)
+        return self.kv.can_allocate(seq.num_tokens + 1)
 
     @staticmethod
     def _shared_prefix(seq: Sequence) -> int | None:

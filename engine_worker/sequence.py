@@ -55,6 +55,8 @@ class Sequence:
     draft_backoff: int = 0  # after drafts that were all wrong, skip this many tokens before guessing again...
     next_draft_at: int = 0  # ...that is, until the sequence has this many tokens
     matcher: ConstraintMatcher | None = None  # structured output: the grammar state after this choice's tokens
+    cache_keys: list[bytes] = field(default_factory=list)  # prefix cache keys of the prompt's whole blocks
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its first admission
 
     @property
     def key(self) -> tuple[int, int]:

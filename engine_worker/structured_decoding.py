@@ -9,6 +9,8 @@ the sampling rows; only the sampler turns them into a logits mask.
 - Drafts (n-gram speculation): trimmed to the prefix the grammar allows before the forward pass, and masked per
   position (row j gets the mask after the first j drafts). Drafts are never consumed by the matcher here; only the
   tokens a step keeps are, so rejected drafts need no rollback.
+- Masks: filled on a helper thread (llguidance releases the GIL) while the engine thread runs the forward pass;
+  the sampler waits for them just before it applies them, and the step settles them before any matcher advances.
 - Preemption / recompute: the matcher tracks tokens, not KV; a recomputed sequence keeps its tokens and its
   matcher, and nothing is consumed twice (only newly sampled tokens reach `advance`).
 
@@ -29,6 +31,8 @@ from engine_worker.constraints import (
     ConstraintViolation,
     GrammarCompiler,
     MaskFiller,
+    MaskRow,
+    PendingMasks,
     allocate_bitmask,
 )
 from engine_worker.validation import InvalidRequest
@@ -49,6 +53,8 @@ class StructuredDecoding:
         self._eos = eos_token_ids
         self._compiler: GrammarCompiler | None = None
         self._filler: MaskFiller | None = None
+        # Fill masks on the mask thread, overlapping the forward pass (off: before it, as a baseline to measure).
+        self.overlap = True
 
     @property
     def compiler(self) -> GrammarCompiler:
@@ -82,20 +88,28 @@ class StructuredDecoding:
             if seq.matcher is not None and seq.draft_token_ids:
                 del seq.draft_token_ids[seq.matcher.validate_draft(seq.draft_token_ids) :]
 
-    def mask_rows(self, rows: list[SamplingRow], constrained: list[tuple[Sequence, int]]) -> None:
+    def mask_rows(self, rows: list[SamplingRow], constrained: list[tuple[Sequence, int]]) -> PendingMasks | None:
         """Attach the allowed-token bitmask to each row of a constrained sequence. `constrained`: (sequence, its
-        first row); its rows are first_row .. first_row + len(drafts)."""
+        first row); its rows are first_row .. first_row + len(drafts).
+
+        The masks are filled on the mask thread while the caller runs the forward pass (the sampler waits for
+        them, `MaskRow.bits`); the caller must `settle()` what this returns before it touches a matcher again.
+        With `overlap` off they are filled here, before returning."""
         if not constrained:
-            return
+            return None
         compiler = self.compiler
         assert self._filler is not None
         masks = allocate_bitmask(len(rows), compiler.vocab_size)
-        self._filler.fill_with_drafts(
-            masks, [(seq.matcher, first, seq.draft_token_ids) for seq, first in constrained if seq.matcher is not None]
-        )
+        work = [(seq.matcher, first, seq.draft_token_ids) for seq, first in constrained if seq.matcher is not None]
+        if self.overlap:
+            pending = self._filler.start_with_drafts(masks, work, compiler.vocab_size)
+        else:
+            self._filler.fill_with_drafts(masks, work)
+            pending = PendingMasks(masks, compiler.vocab_size)
         for seq, first in constrained:
             for row in range(first, first + len(seq.draft_token_ids) + 1):
-                rows[row].allowed = masks[row]
+                rows[row].allowed = MaskRow(pending, row)
+        return pending
 
     @staticmethod
     def advance(seq: Sequence, token_id: int) -> bool:

@@ -171,7 +171,8 @@ def _command(
     sub = commands.add_parser(name, help=help_text, description=help_text)
     for group in groups:
         for flag, field, kwargs in group:
-            kwargs = {"help": Settings.model_fields[field].description, **kwargs}
+            # argparse formats help with %-interpolation: a description's own "%" must be escaped.
+            kwargs = {"help": (Settings.model_fields[field].description or "").replace("%", "%%"), **kwargs}
             sub.add_argument(flag, dest=field, default=argparse.SUPPRESS, **kwargs)
     sub.set_defaults(handler=handler)
 

@@ -20,14 +20,18 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import structlog
 from pydantic_settings import NoDecode
 
+from common.models import PACKAGED_MODELS, ModelNotFound, packaged_model
 from common.process import spawn, stop_on_signals, terminate
 from common.settings import Settings
 from contracts.supervision import ProcessState, SupervisedProcess, SupervisorStatus
+from ops.layout import choose_layout, estimate_worker_bytes, has_gpu, threads_per_worker, usable_cores, weight_files
 from ops.restart_policy import CrashHistory, GiveUp, RestartPolicy
 
 if TYPE_CHECKING:
@@ -96,7 +100,8 @@ def build_children(settings: Settings) -> list[ChildSpec]:
     models = settings.models
     if len(models) > 1:
         env.pop(f"{ENV_PREFIX}SERVED_MODEL_NAME", None)  # one name cannot serve several models
-    worker_models = [model for model in models for _ in range(settings.workers_per_model)]
+    per_model = settings.workers_per_model or default_workers_per_model(settings)
+    worker_models = [model for model in models for _ in range(per_model)]
     if settings.torch_threads is None:
         env[f"{ENV_PREFIX}TORCH_THREADS"] = str(colocated_torch_threads(len(worker_models)))
     workers = [
@@ -113,12 +118,35 @@ def build_children(settings: Settings) -> list[ChildSpec]:
 
 
 def colocated_torch_threads(num_workers: int) -> int:
-    """torch threads per worker when the api and NATS share the machine: the cores this process may use, one
-    left for them, split between the workers. An engine using every core runs one OpenMP thread per core, and
-    each parallel region waits for the slowest thread; whenever the api, NATS or a client wakes, one thread is
-    preempted and the whole step waits. On 2 cores that made decode steps 1.5-2x slower than with one thread
-    (docs/benchmarks.md). `INFERQ_TORCH_THREADS` overrides this."""
-    return max(1, (len(os.sched_getaffinity(0)) - 1) // max(1, num_workers))
+    """torch threads per worker on the cores this process may use (ops/layout.py `threads_per_worker`).
+    `INFERQ_TORCH_THREADS` overrides this."""
+    return threads_per_worker(usable_cores(), num_workers)
+
+
+def default_workers_per_model(settings: Settings) -> int:
+    """Workers per model when INFERQ_WORKERS_PER_MODEL is unset: the measured CPU layout (ops/layout.py) for
+    one torch model, within a memory bound; 1 for several models, the sim engine, or a GPU."""
+    if settings.engine != "torch" or len(settings.models) != 1:
+        return 1
+    files = model_weight_files(settings.models[0])
+    layout = choose_layout(
+        usable_cores(),
+        psutil.virtual_memory().available,
+        estimate_worker_bytes(files, settings.kv_cache_gib),
+        gpu=has_gpu(settings.device),
+    )
+    log.info("serve.layout", workers=layout.workers, torch_threads=layout.threads, reason=layout.reason)
+    return layout.workers
+
+
+def model_weight_files(spec: str) -> list[Path]:
+    """The weight files of a packaged model or a local path (not a hub id: nothing is downloaded to size it)."""
+    if spec in PACKAGED_MODELS:
+        try:
+            return weight_files(packaged_model(PACKAGED_MODELS[spec]))
+        except ModelNotFound:
+            return []
+    return weight_files(Path(spec).expanduser())
 
 
 def api_base_url(settings: Settings) -> str:

@@ -5,6 +5,7 @@ does not exist (never a 403 that would confirm it does)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
@@ -34,6 +35,13 @@ class Caller:
 
 # With authentication off there is one principal, allowed everything (the single-user, loopback start).
 ANONYMOUS = Caller(owner="anonymous", role=Role.ADMIN, name="anonymous")
+
+
+def cache_salt(owner: str) -> str:
+    """The prefix-cache partition of `owner`'s requests (`GenerateRequest.cache_salt`): requests of one owner
+    reuse each other's prompt KV on a worker, another owner's never (so nobody can time someone else's cache hits,
+    vLLM CVE-2025-46570). A digest, so the wire does not name the owner."""
+    return hashlib.sha256(f"inferq-prefix-cache\0{owner}".encode()).hexdigest()[:32]
 
 
 def get_caller(connection: HTTPConnection) -> Caller:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import structlog
 
+from api.auth.caller import cache_salt
 from api.auth.metering import Meter
 from api.batch.assemble import Tally, assemble, discard
 from api.batch.lines import BatchLine, InvalidLine, LineParser, RetryLater, read_lines, run_line
@@ -250,7 +251,8 @@ class JobRun:
         for attempt in itertools.count(1):
             engine = self._ctx.services.engine.keyed(self._message_key(line, attempt)).charging(self._meter)
             try:
-                return await run_line(line, self.job.endpoint, replace(self._ctx.services, engine=engine))
+                services = replace(self._ctx.services, engine=engine, cache_salt=cache_salt(self.job.owner))
+                return await run_line(line, self.job.endpoint, services)
             except RetryLater as exc:  # no worker right now, queue full: wait it out
                 await asyncio.sleep(min(_MAX_BACKOFF_S, exc.retry_after))
             except Exception as exc:  # unexpected (a bug, NATS gone): a few more tries, then the line fails

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from api.schemas.structured import DEPRECATED_GUIDED, requested_constraint
+from api.tools.definitions import FunctionTool, MessageToolCall, ToolChoice
 from contracts import SamplingParams
 from contracts.constraints import Constraint
 
@@ -21,8 +22,9 @@ class OpenAIRequest(BaseModel):
 
     # field -> why it is refused; a null/false/empty value is fine.
     unsupported: ClassVar[dict[str, str]] = {
-        "tools": "tool calling is not supported",
-        "functions": "function calling is not supported",
+        "tools": "tools are taken by /v1/chat/completions (and /v1/responses, /v1/messages), not here",
+        "functions": "the legacy functions field is not supported; send tools",
+        "function_call": "the legacy function_call field is not supported; send tool_choice",
         "use_beam_search": "beam search is not supported",
         **{name: f"removed in vLLM; use {instead}" for name, instead in DEPRECATED_GUIDED.items()},
         "logits_processors": "custom logits processors are not supported",
@@ -66,6 +68,8 @@ class GenerationFields(OpenAIRequest):
     frequency_penalty: float | None = None
     logit_bias: dict[int, float] | None = None  # JSON keys are strings: token ids as text
     user: str | None = None
+    # OpenAI's cache-routing hint: requests with the same key (of the same caller) go to the same worker.
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
     # vLLM extras
     top_k: int | None = None
     min_p: float | None = None
@@ -161,11 +165,22 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message in the OpenAI shape the tool plan renders (api/tools/plan.py): text content, calls."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(GenerationFields):
@@ -176,6 +191,10 @@ class ChatCompletionRequest(GenerationFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # Tools (docs/api.md, "Tool calling"; planned per model by api/tools/plan.py)
+    tools: list[FunctionTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _logprobs_consistent(self):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from api.affinity import explicit_key
 from api.auth.caller import get_caller
 from api.engine_client import Generation, merge
 from api.errors import ApiError
@@ -79,10 +80,10 @@ async def _submit(body: CompletionRequest, services: Services, reattach: Reattac
         sampling = sampling.model_copy(update={"prompt_logprobs": max(sampling.prompt_logprobs or 0, body.logprobs)})
     if body.stream and sampling.num_candidates > sampling.n:
         raise ApiError(ErrorCode.INVALID_REQUEST, "best_of > n cannot be streamed", param="best_of")
-    await check_before_queueing(body.constraint, body.constraint_param)
+    await check_before_queueing(body.constraint, body.constraint_param, services.structured_validation)
     response_id = reattach.response_id("cmpl")
     requests = build_requests(services, model, prompts, sampling, response_id, constraint=body.constraint)
-    generations = await start(services.engine, requests, reattach)
+    generations = await start(services.engine.routed_by(explicit_key(body)), requests, reattach)
     echoes = [tokenizer.decode(ids) if body.echo else "" for ids in prompts]
     first_tokens = [tokenizer.decode(ids[:1]) for ids in prompts]
     return _Submitted(model.id, response_id, generations, echoes, first_tokens)

@@ -77,6 +77,7 @@ def build_requests(
                 deadline=deadline,
                 priority=priority,
                 constraint=constraint,
+                cache_salt=services.cache_salt,
             )
         )
     return requests
@@ -152,9 +153,16 @@ async def collect(generations: Sequence[Generation], n: int) -> Collected:
 
 
 def usage_body(usages: Sequence[Usage]) -> dict:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: prompt tokens the worker's prefix cache held."""
     prompt = sum(usage.prompt_tokens for usage in usages)
     completion = sum(usage.completion_tokens for usage in usages)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(usage.cached_tokens for usage in usages)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def completion_logprobs(entries: Sequence[TokenLogprob | None], unscored_token: str = "") -> dict:

@@ -15,12 +15,14 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from api.catalog import ModelCatalog
 from api.errors import ApiError
 from api.serving.supervision_metrics import SupervisorCollector, read_supervisor_status
 from broker.metrics import QueueBacklog, queue_backlogs, scrape_workers
 from contracts import ErrorCode, FinishReason
+from contracts.constraints import CONSTRAINT_TYPES
 from contracts.metrics import HistogramSnapshot, WorkerMetrics
 from contracts.supervision import SupervisorStatus
 
@@ -44,10 +46,11 @@ class FleetMetrics:
     catalog: ModelCatalog
     scrape_timeout_s: float
     supervisor_status_file: Path | None = None  # set when `inferq serve` runs us
+    edge_collectors: tuple[Collector, ...] = ()  # this edge's own series: affinity routing, constraint validation
 
     async def exposition(self) -> bytes:
         workers, backlogs = await self.scrape(len(await self.catalog.workers()))
-        return render(workers, backlogs, read_supervisor_status(self.supervisor_status_file))
+        return render(workers, backlogs, read_supervisor_status(self.supervisor_status_file), *self.edge_collectors)
 
     async def scrape(self, expected: int) -> tuple[list[WorkerMetrics], list[QueueBacklog]]:
         """Every live worker's snapshot and every queue's backlog; `expected`: the registry's count of live workers
@@ -61,12 +64,17 @@ class FleetMetrics:
 
 
 def render(
-    workers: list[WorkerMetrics], backlogs: list[QueueBacklog], supervisor: SupervisorStatus | None = None
+    workers: list[WorkerMetrics],
+    backlogs: list[QueueBacklog],
+    supervisor: SupervisorStatus | None = None,
+    *edge_collectors: Collector,
 ) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_FleetCollector(workers, backlogs))
     if supervisor is not None:
         registry.register(SupervisorCollector(supervisor))
+    for collector in edge_collectors:
+        registry.register(collector)
     return generate_latest(registry)
 
 
@@ -95,6 +103,12 @@ class _FleetCollector:
             "Draft tokens accepted (they matched what the model sampled).",
             labels=WORKER_LABELS,
         )
+        cache_queries = CounterMetricFamily(
+            f"{PREFIX}prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=WORKER_LABELS
+        )
+        cache_hits = CounterMetricFamily(
+            f"{PREFIX}prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=WORKER_LABELS
+        )
         prompt = CounterMetricFamily(
             f"{PREFIX}prompt_tokens", "Prompt tokens of finished requests.", labels=WORKER_LABELS
         )
@@ -105,6 +119,11 @@ class _FleetCollector:
             f"{PREFIX}request_success",
             "Finished requests, by finish reason.",
             labels=[*WORKER_LABELS, "finished_reason"],
+        )
+        structured = CounterMetricFamily(
+            f"{PREFIX}structured_requests",
+            "Requests accepted with a structured-output constraint, by its kind.",
+            labels=[*WORKER_LABELS, "kind"],
         )
         histograms = {
             name: HistogramMetricFamily(f"{PREFIX}{name}", text, labels=WORKER_LABELS) for name, text in _HISTOGRAMS
@@ -119,10 +138,17 @@ class _FleetCollector:
             if worker.spec_decode_num_draft_tokens_total is not None:
                 drafts.add_metric(labels, worker.spec_decode_num_draft_tokens_total)
                 accepted.add_metric(labels, worker.spec_decode_num_accepted_tokens_total or 0)
+            if worker.prefix_cache_queries_total is not None:
+                cache_queries.add_metric(labels, worker.prefix_cache_queries_total)
+                cache_hits.add_metric(labels, worker.prefix_cache_hits_total or 0)
             prompt.add_metric(labels, worker.prompt_tokens_total)
             generation.add_metric(labels, worker.generation_tokens_total)
             for reason, count in sorted({**dict.fromkeys(FINISH_REASONS, 0), **worker.request_success_total}.items()):
                 success.add_metric([*labels, reason], count)
+            for kind, count in sorted(
+                {**dict.fromkeys(CONSTRAINT_TYPES, 0), **worker.structured_requests_total}.items()
+            ):
+                structured.add_metric([*labels, kind], count)
             for name, family in histograms.items():
                 snapshot: HistogramSnapshot = getattr(worker, name)
                 family.add_metric(labels, _cumulative_buckets(snapshot), sum_value=snapshot.sum)
@@ -132,9 +158,12 @@ class _FleetCollector:
         yield preemptions
         yield drafts
         yield accepted
+        yield cache_queries
+        yield cache_hits
         yield prompt
         yield generation
         yield success
+        yield structured
         yield from histograms.values()
 
     def _waiting(self) -> Metric:

@@ -1,8 +1,10 @@
 """Items of the Responses API: the client's `input` checked and normalised into stored items, and a
 conversation of items turned into chat messages for the model's template.
 
-An item is a dict in the Responses shape: `message` (role + text parts), and, once tool calling is wired into
-the engine, `function_call` / `function_call_output` (validated already: an output needs its call)."""
+An item is a dict in the Responses shape: `message` (role + text parts), `function_call` (a call the model made)
+and `function_call_output` (its result; an output needs its call). For the template they become chat messages:
+an assistant message with `tool_calls` (consecutive calls, and the assistant text before them, are one turn) and
+`tool` messages, which the tool plan (api/tools/plan.py) renders in the model's own terms."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 from api.errors import ApiError
 from api.schemas.openai import ChatMessage
+from api.tools.definitions import CalledFunction, MessageToolCall
 from contracts import ErrorCode
 
 Item = dict[str, Any]
@@ -115,16 +118,22 @@ def _tool_item(raw: Item, kind: str, param: str, before: Sequence[Item]) -> Item
 
 
 def chat_messages(instructions: str | None, conversation: Sequence[Item]) -> list[ChatMessage]:
-    """What the chat template renders: the instructions as the system message, then each message item (a
-    developer message is a system message to the template)."""
+    """What the chat template renders: the instructions as the system message, then each item (a developer
+    message is a system message to the template; function calls join the assistant turn they belong to)."""
     messages = [ChatMessage(role="system", content=instructions)] if instructions else []
     for item in conversation:
-        if item["type"] in TOOL_ITEMS:
-            # Rendering tool turns waits for tool calling in the engine (engine-enforced structured outputs).
-            raise _invalid(
-                f"{item['type']} items are not yet supported (tool calling needs engine-enforced structured outputs)",
-                "input",
+        if item["type"] == "function_call":
+            call = MessageToolCall(
+                id=item["call_id"], function=CalledFunction(name=item["name"], arguments=item["arguments"])
             )
-        role = "system" if item["role"] == "developer" else item["role"]
-        messages.append(ChatMessage(role=role, content="".join(part["text"] for part in item["content"])))
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant":
+                last.tool_calls = [*(last.tool_calls or []), call]
+            else:
+                messages.append(ChatMessage(role="assistant", content="", tool_calls=[call]))
+        elif item["type"] == "function_call_output":
+            messages.append(ChatMessage(role="tool", tool_call_id=item["call_id"], content=item["output"]))
+        else:
+            role = "system" if item["role"] == "developer" else item["role"]
+            messages.append(ChatMessage(role=role, content="".join(part["text"] for part in item["content"])))
     return messages

@@ -21,7 +21,7 @@ from api.errors import as_api_error
 from api.job_tickets import heartbeat_interval, keep_alive, pull_tickets
 from api.services import Services
 from api.serving.reattach import Reattach, start
-from api.serving.response_events import TERMINAL, Event, ResponseEvents
+from api.serving.response_events import TERMINAL, Event, ResponseEvents, answer_reader
 from broker.errors import BrokerError
 from broker.response_store import ResponseStore
 from contracts import GenerateRequest
@@ -119,7 +119,7 @@ async def run_background(
         meter = await meter_for_owner(found.record.owner) if meter_for_owner else None
         # Attach to the generation if the journal has it (a runner before this one started it), else submit.
         [generation] = await start(services.engine.charging(meter), [request], Reattach(request_id=request.request_id))
-        events = builder.run(generation)
+        events = builder.run(generation, answer_reader(found.record, request.request_id))
     except Exception as exc:  # queueing failed: the response fails (nobody waits on an HTTP status)
         events = _one(builder.failed(as_api_error(exc)))
     watcher = asyncio.create_task(_cancel_requested(store, response_id))

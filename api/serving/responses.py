@@ -20,8 +20,10 @@ from api.services import Services
 from api.serving.chat import render_chat
 from api.serving.generation import build_requests, new_id, until_disconnected
 from api.serving.reattach import NEW, start
-from api.serving.response_events import TERMINAL, Event, ResponseEvents, new_response
+from api.serving.response_events import TERMINAL, Event, ResponseEvents, answer_reader, new_response
 from api.serving.response_items import chat_messages, item_id, normalise_input
+from api.tools.plan import plan_tools
+from api.tools.streaming import ToolCallStream
 from broker.response_store import ResponseStore
 from contracts import ErrorCode, GenerateRequest
 from contracts.responses import StoredResponse
@@ -36,9 +38,11 @@ def _store(services: Services) -> ResponseStore:
 
 
 async def owned_response(services: Services, caller: Caller, response_id: str) -> StoredResponse:
-    """The stored response, if `caller` may see it; otherwise the not-found error (unknown or not theirs)."""
-    found = await _store(services).get(response_id) if RESPONSE_ID.fullmatch(response_id) else None
-    if found is None or not caller.can_see(found.record.owner):
+    """The stored response, if `caller` may see it; otherwise the not-found error (unknown, expired or not
+    theirs)."""
+    store = _store(services)
+    found = await store.get(response_id) if RESPONSE_ID.fullmatch(response_id) else None
+    if found is None or store.expired(found.record) or not caller.can_see(found.record.owner):
         raise ApiError(ErrorCode.NOT_FOUND, f"response {response_id} does not exist", param="response_id")
     return found.record
 
@@ -58,36 +62,47 @@ async def create_response(body: ResponseRequest, services: Services, http: Reque
     items = normalise_input(body.input, history)
     model = await services.catalog.get(body.model)
     tokenizer = await services.catalog.tokenizer(model)
-    prompt = render_chat(chat_messages(body.instructions, [*history, *items]), tokenizer)
+    tools = plan_tools(
+        body.function_tools,
+        body.function_tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls,
+        chat_template=getattr(tokenizer, "chat_template", None),
+        response_constraint=body.constraint,
+        response_param="text.format",
+    )
+    prompt = render_chat(chat_messages(body.instructions, [*history, *items]), tokenizer, tools=tools)
+    # The tools' schemas and the constraint (the tools' own or text.format) compile:
+    await tools.check(services.structured_validation)
     response_id = item_id("resp")
     sampling = body.sampling()
     if body.background and sampling.seed is None:
         # A runner that takes over may have to generate again: the same seed gives the same tokens.
         sampling = sampling.model_copy(update={"seed": int(response_id[-8:], 16)})
-    [request] = build_requests(services, model, [prompt], sampling, new_id("resp"))
+    [request] = build_requests(services, model, [prompt], sampling, new_id("resp"), constraint=tools.constraint)
     record = StoredResponse(
         id=response_id,
         owner=caller.owner,
         input_items=items,
         history=history,
         response=new_response(response_id, model.id, body.echoed(), status="queued"),
+        tool_answer_format=tools.answer_format.value if tools.answer_format else None,
     )
     if body.background:
         return await _start_background(services, record, request, stream=body.stream)
     [generation] = await start(services.engine, [request], NEW)
-    events = _foreground(services, record, generation, store=body.store)
+    events = _foreground(services, record, generation, answer_reader(record, request.request_id), store=body.store)
     if body.stream:
         return sse_events(events)
     return await until_disconnected(http, _last_response(events))
 
 
 async def _foreground(
-    services: Services, record: StoredResponse, generation: Generation, *, store: bool
+    services: Services, record: StoredResponse, generation: Generation, reader: ToolCallStream | None, *, store: bool
 ) -> AsyncIterator[Event]:
     builder = ResponseEvents(record.response)
     builder.response["status"] = "in_progress"
     yield builder.lifecycle("response.created")
-    async with aclosing(builder.run(generation)) as events:
+    async with aclosing(builder.run(generation, reader)) as events:
         async for event in events:
             yield event
     if store:

@@ -38,6 +38,19 @@ class FunctionTool(BaseModel):
     function: FunctionDefinition
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class MessageToolCall(BaseModel):
+    """A call in an assistant message of the conversation (OpenAI `messages[].tool_calls[]`)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class NamedFunction(BaseModel):
     name: str
 

@@ -6,10 +6,16 @@ sliced from the text by the callers, so a tool call's arguments are the model's 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 _WS = " \t\r\n"
 _SCALAR_END = _WS + ",}]"
+# Scanning runs on the whole text after every token of a stream, so it is left to the regex engine rather than a
+# Python loop per character: the rest of a string after its opening quote (possessive, so an unclosed string fails
+# without backtracking), and the next character that matters inside a container.
+_STRING_REST = re.compile(r'(?:[^"\\]++|\\.)*+"', re.DOTALL)
+_STRUCTURAL = re.compile(r'[{}\[\]"]')
 
 
 class Malformed(ValueError):
@@ -24,16 +30,8 @@ def skip_ws(text: str, i: int) -> int:
 
 def string_end(text: str, i: int) -> int | None:
     """`text[i]` is the opening quote; the index after the closing quote, None if the string is not closed yet."""
-    j = i + 1
-    while j < len(text):
-        char = text[j]
-        if char == "\\":
-            j += 2
-            continue
-        if char == '"':
-            return j + 1
-        j += 1
-    return None
+    match = _STRING_REST.match(text, i + 1)
+    return match.end() if match else None
 
 
 def value_end(text: str, i: int) -> int | None:
@@ -46,20 +44,17 @@ def value_end(text: str, i: int) -> int | None:
         return string_end(text, i)
     if char in "{[":
         depth, j = 0, i
-        while j < len(text):
-            char = text[j]
+        while (found := _STRUCTURAL.search(text, j)) is not None:
+            j, char = found.start(), found.group()
             if char == '"':
                 end = string_end(text, j)
                 if end is None:
                     return None
                 j = end
                 continue
-            if char in "{[":
-                depth += 1
-            elif char in "}]":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
+            depth += 1 if char in "{[" else -1
+            if depth == 0:
+                return j + 1
             j += 1
         return None
     j = i

@@ -168,14 +168,14 @@ class RssSampler:
         self.report.last_total_bytes = total
 
 
-def format_memory(report: MemoryReport | None) -> str:
+def format_memory(report: MemoryReport | None, title: str = "server memory") -> str:
     if report is None:
         return ""
     if not report.samples:
-        return f"\nserver memory: not sampled ({report.note or 'no local server process found'})\n"
+        return f"\n{title}: not sampled ({report.note or 'no local server process found'})\n"
     lines = [
         "",
-        f"server memory (RSS, {report.samples} samples of the process tree under pid {report.root_pid}; "
+        f"{title} (RSS, {report.samples} samples of the process tree under pid {report.root_pid}; "
         f"MiB; 'after' = the last sample, {report.settle_s:g} s after the traffic)",
         f"{'process':<14}{'pid':>8}{'peak':>9}{'after':>9}",
     ]

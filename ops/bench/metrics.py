@@ -19,6 +19,8 @@ class RequestResult:
     error: str | None = None
     response_id: str | None = None  # the chunks' `id`: the request id on the token subjects
     token_times: list[float] = field(default_factory=list)  # perf_counter() of each chunk with text
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when the server reports it
+    turn: int | None = None  # --workload multiturn: the turn of its conversation (1 = the first)
 
     @property
     def ok(self) -> bool:
@@ -62,6 +64,11 @@ class LevelResult:
     edge_ms: Stats | None = None  # token event on NATS -> SSE chunk at the client (--observe-nats)
     draft_tokens: int | None = None  # speculative decoding during the level, from the server's /metrics
     accepted_draft_tokens: int | None = None
+    # --workload multiturn: TTFT of conversations' first turns and of the later ones (which may hit a cache)
+    first_turn_ttft_ms: Stats | None = None
+    later_turn_ttft_ms: Stats | None = None
+    cached_share: float | None = None  # cached / prompt tokens over the requests whose usage reports cached ones
+    prefix_cache_hit_rate: float | None = None  # hits / queries of the server's prefix cache during the level
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -117,4 +124,25 @@ def summarize(target: str, concurrency: int, results: list[RequestResult], durat
         tpot_ms=Stats.of_seconds(tpot),
         e2e_ms=Stats.of_seconds([r.e2e_s for r in ok]),
         requests=results,
+        cached_share=cached_share(ok),
+        **turn_ttfts(ok),
     )
+
+
+def cached_share(results: list[RequestResult]) -> float | None:
+    """Share of prompt tokens the server reported as served from its cache (None: it reports nothing)."""
+    reported = [r for r in results if r.cached_tokens is not None and r.prompt_tokens]
+    prompt = sum(r.prompt_tokens or 0 for r in reported)
+    return sum(r.cached_tokens or 0 for r in reported) / prompt if prompt else None
+
+
+def turn_ttfts(results: list[RequestResult]) -> dict[str, Stats]:
+    """TTFT of first turns and of later turns, when the requests belong to conversations."""
+    if all(r.turn is None for r in results):
+        return {}
+    return {
+        "first_turn_ttft_ms": Stats.of_seconds([r.ttft_s for r in results if r.turn == 1 and r.ttft_s is not None]),
+        "later_turn_ttft_ms": Stats.of_seconds(
+            [r.ttft_s for r in results if r.turn is not None and r.turn > 1 and r.ttft_s is not None]
+        ),
+    }

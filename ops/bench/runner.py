@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sys
-import time
+import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
-from typing import Protocol
+from pathlib import Path
 
 import psutil
 import structlog
@@ -16,11 +17,13 @@ import structlog
 from common.logging import configure_logging
 from ops.bench.background import BatchProgress, background_batch
 from ops.bench.baseline import BaselineTarget
+from ops.bench.chat_run import run_chat
 from ops.bench.client import OpenAIStreamTarget
 from ops.bench.config import BenchConfig, BenchError, parse_args
 from ops.bench.edge_latency import TokenObserver
+from ops.bench.levels import Target, measure
 from ops.bench.memory import RssSampler, format_memory, server_root
-from ops.bench.metrics import LevelResult, RequestResult, Stats, summarize
+from ops.bench.metrics import LevelResult, RequestResult, Stats
 from ops.bench.prompts import prompt_set
 from ops.bench.report import (
     BUSY_TARGET,
@@ -30,18 +33,14 @@ from ops.bench.report import (
     format_batch_comparison,
     format_comparison,
     format_table,
+    reference_comparisons,
+    reference_target,
     write_json,
 )
+from ops.bench.servers import build_llama_server
+from ops.bench.structured import format_structured, measure_validation, structured_comparison, structured_target
 
 log = structlog.get_logger(__name__)
-
-
-class Target(Protocol):
-    name: str
-
-    async def prepare(self, prompts: list[list[int]]) -> None: ...
-
-    async def __call__(self, ids: list[int]) -> RequestResult: ...
 
 
 def main(argv: list[str]) -> int:
@@ -52,20 +51,34 @@ def main(argv: list[str]) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     if not structlog.is_configured():  # the inferq CLI configures logging itself; direct callers get ours
         configure_logging(cfg.log_level)
+    if cfg.build_peer is not None:
+        return build_llama_server(cfg.build_peer)
     try:
-        levels, info, batches = asyncio.run(run(cfg))
+        if cfg.chat_workload:
+            # Started servers log there (made only when one is started; kept for reading after the run).
+            log_dir = Path(tempfile.gettempdir()) / f"inferq-bench-servers-{uuid.uuid4().hex[:8]}"
+            levels, info = asyncio.run(run_chat(cfg, log_dir))
+            batches: dict[int, BatchProgress] = {}
+        else:
+            levels, info, batches = asyncio.run(run(cfg))
     except BenchError as exc:
         log.error(str(exc))
         return exc.exit_code
     batch_rows = batch_comparison(levels, batches)
+    peers, reference = reference_comparisons(cfg, levels), reference_target(cfg, levels)
+    structured_rows = structured_comparison(levels) if cfg.structured else []
+    validation = measure_validation() if cfg.structured else {}
     sys.stdout.write(
         format_table(cfg, info, levels)
         + format_comparison(comparison(levels))
+        + "".join(format_comparison(rows, name, reference or "") for name, rows in peers.items())
         + format_batch_comparison(batch_rows)
+        + format_structured(structured_rows, validation)
         + format_memory(info.memory)
+        + "".join(format_memory(report, f"{name} memory") for name, report in info.memories.items())
     )
     if cfg.json_path is not None:
-        write_json(cfg.json_path, cfg, info, levels, batch_rows)
+        write_json(cfg.json_path, cfg, info, levels, batch_rows, structured_rows, validation)
     failed = sum(level.errors for level in levels)
     if failed and cfg.fail_on_error:
         log.error("requests failed", failed=failed)
@@ -117,6 +130,8 @@ async def run(cfg: BenchConfig) -> tuple[list[LevelResult], RunInfo, dict[int, B
                 if observer is not None and target is server:
                     level.edge_ms = Stats.of_seconds(observer.added_latencies(level.requests))
                 levels.append(level)
+            if server is not None and cfg.structured:  # right after the unconstrained level: same machine state
+                levels.append(await measure(structured_target(server), prompts, concurrency))
             if server is not None and cfg.background_batch:
                 async with background_batch(server.client, cfg, server.model) as batches[concurrency]:
                     levels.append(await measure(_DuringBatch(server), prompts, concurrency))
@@ -156,23 +171,6 @@ async def warm_up(target: Target, cfg: BenchConfig) -> None:
             raise BenchError(f"{target.name} warm-up request failed: {result.error}", exit_code=1)
 
 
-async def measure(target: Target, prompts: list[list[int]], concurrency: int) -> LevelResult:
-    log.info("level started", target=target.name, concurrency=concurrency, requests=len(prompts))
-    results, duration = await run_level(target, prompts, concurrency)
-    level = summarize(target.name, concurrency, results, duration)
-    first_error = next((r.error for r in results if r.error is not None), None)
-    log.info(
-        "level done",
-        target=target.name,
-        concurrency=concurrency,
-        output_tok_s=round(level.output_throughput, 1),
-        ttft_p50_ms=None if level.ttft_ms.p50 is None else round(level.ttft_ms.p50, 1),
-        errors=level.errors,
-        first_error=first_error,
-    )
-    return level
-
-
 async def measure_server(server: OpenAIStreamTarget, prompts: list[list[int]], concurrency: int) -> LevelResult:
     """`measure`, plus the speculative decoding the server did meanwhile (when its /metrics tells)."""
     before = await server.speculation_counters()
@@ -182,25 +180,3 @@ async def measure_server(server: OpenAIStreamTarget, prompts: list[list[int]], c
         level.draft_tokens = after[0] - before[0]
         level.accepted_draft_tokens = after[1] - before[1]
     return level
-
-
-async def run_level(target: Target, prompts: list[list[int]], concurrency: int) -> tuple[list[RequestResult], float]:
-    """`concurrency` closed-loop streams over all prompts; returns results in prompt order and the wall time.
-
-    Every stream sends its next prompt as soon as its previous response is complete, so at most
-    `concurrency` requests are in flight, and the first `concurrency` of them are sent at once.
-    """
-    pending = iter(enumerate(prompts))  # shared: each free stream takes the next prompt
-    results: list[RequestResult | None] = [None] * len(prompts)
-
-    async def stream() -> None:
-        for index, ids in pending:
-            results[index] = await target(ids)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(stream() for _ in range(min(concurrency, len(prompts)))))
-    duration = time.perf_counter() - start
-    done = [result for result in results if result is not None]
-    for result in done:
-        result.start_s -= start  # targets stamp perf_counter(); reports want time since the level began
-    return done, duration

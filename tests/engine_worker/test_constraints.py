@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from contracts.constraints import (
     ChoiceConstraint,
@@ -27,6 +28,7 @@ from engine_worker.constraints import (
     GrammarCompiler,
     MaskFiller,
     allocate_bitmask,
+    refused_tokens,
     unpack_bitmask,
 )
 
@@ -370,3 +372,15 @@ def test_bitmask_bits_are_tokens_least_significant_first() -> None:
     assert allowed.shape == (2, 40)
     assert np.flatnonzero(allowed[0]).tolist() == [35] and np.flatnonzero(allowed[1]).tolist() == [31]
     assert allocate_bitmask(3, 40).shape == (3, 2) and unpack_bitmask(allocate_bitmask(1, 40), 40).all()
+
+
+@pytest.mark.parametrize("vocab_size", [64, 49152, 49157])
+def test_refused_tokens_is_the_complement_of_the_allowed_bits(vocab_size: int) -> None:
+    rng = np.random.default_rng(vocab_size)
+    bitmask = rng.integers(-(2**31), 2**31, size=(3, (vocab_size + 31) // 32), dtype=np.int64).astype(np.int32)
+    refused = refused_tokens(bitmask, vocab_size)
+    assert refused.shape == (3, vocab_size) and refused.dtype == np.uint8
+    assert np.array_equal(refused.astype(bool), ~unpack_bitmask(bitmask, vocab_size))
+    logits = torch.zeros(3, vocab_size)
+    logits.masked_fill_(torch.from_numpy(refused).view(torch.bool), -float("inf"))  # as the sampler applies it
+    assert torch.equal(torch.isinf(logits), torch.from_numpy(~unpack_bitmask(bitmask, vocab_size)))

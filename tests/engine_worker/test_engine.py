@@ -218,7 +218,9 @@ def test_stats_count_requests_and_kv_usage(engine_factory) -> None:
     stats = engine.stats()
     assert (stats.running, stats.waiting) == (1, 0) and 0 < stats.kv_cache_usage <= 1
     run_to_completion(engine)
-    assert engine.stats() == EngineStats(0, 0, 0.0, 0, engine.num_draft_tokens_total, engine.num_accepted_tokens_total)
+    drafts, accepted = engine.num_draft_tokens_total, engine.num_accepted_tokens_total
+    # The prefix cache was asked for choice 0's 5 prompt tokens (the others copy them) and had none.
+    assert engine.stats() == EngineStats(0, 0, 0.0, 0, drafts, accepted, prefix_cache_queries=5, prefix_cache_hits=0)
 
 
 def test_embeddings_equal_hf_hidden_states(engine_factory, hf_model) -> None:

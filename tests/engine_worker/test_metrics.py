@@ -9,7 +9,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from broker.tracing import extract_context, trace_headers
-from contracts import ChoiceDelta, FinishReason, GenerateRequest, Usage
+from contracts import ChoiceDelta, EmbedRequest, FinishReason, GenerateRequest, Usage
+from contracts.constraints import JsonSchemaConstraint, RegexConstraint
 from engine_worker.metrics import (
     ITL_BUCKETS,
     TTFT_BUCKETS,
@@ -121,3 +122,22 @@ def test_finish_reason_is_choice_zeros(spans) -> None:
     assert snapshot.request_success_total == {"length": 1}
     assert snapshot.time_to_first_token_seconds.count == 1
     assert [span.name for span in spans[1].get_finished_spans()][-1] == "generate"
+
+
+def test_constrained_requests_are_counted_by_kind() -> None:
+    telemetry = WorkerTelemetry("w1", "m")
+    requests = [
+        GenerateRequest(request_id=f"r{i}", model="m", prompt_token_ids=[1], reply_subject="x", constraint=constraint)
+        for i, constraint in enumerate(
+            [
+                None,
+                JsonSchemaConstraint(json_schema={"type": "object"}),
+                JsonSchemaConstraint(json_schema={"type": "string"}),
+                RegexConstraint(pattern="[a-z]+"),
+            ]
+        )
+    ]
+    for request in requests:
+        telemetry.accepted(request, published_at=0.0, headers=None)
+    telemetry.accepted(EmbedRequest(request_id="e", model="m", inputs=[[1]], reply_subject="x"), 0.0, None)
+    assert telemetry.snapshot(EngineStats(0, 0)).structured_requests_total == {"json_schema": 2, "regex": 1}

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
 from contracts import LOGPROB_FLOOR
+from engine_worker.constraints import MaskRow, PendingMasks
 from engine_worker.sampler import Sampler
 from engine_worker.sampling_rows import SamplingRow, row_uniform, seed_key
 
@@ -167,3 +169,21 @@ def test_top_p_on_a_large_vocabulary_matches_the_sorted_definition(sampler, flat
     seen = set(sampler(logits.expand(3000, -1).clone(), rows).token_ids)
     assert seen <= nucleus
     assert len(seen) > (256 if flat else 0.8 * len(nucleus))
+
+
+@pytest.mark.parametrize("masked_rows", [(0, 1, 2), (1,)], ids=["all rows", "one row"])
+def test_token_masks_leave_only_allowed_tokens(sampler, masked_rows) -> None:
+    """Row r allows only tokens 3 and 40 + r; the best logit is elsewhere, so greedy takes the best allowed one and
+    sampling never leaves the allowed pair. Unmasked rows are untouched."""
+    vocab = 70
+    logits = torch.arange(vocab, dtype=torch.float32).repeat(3, 1)  # token 69 is everyone's favourite
+    allowed = np.zeros((3, 96), dtype=bool)  # 3 words of 32 bits per row
+    for r in range(3):
+        allowed[r, [3, 40 + r]] = True
+    masks = PendingMasks(np.packbits(allowed, axis=-1, bitorder="little").view(np.int32), vocab)
+    greedy = [SamplingRow(allowed=MaskRow(masks, r) if r in masked_rows else None) for r in range(3)]
+    assert sampler(logits.clone(), greedy).token_ids == [40 + r if r in masked_rows else 69 for r in range(3)]
+    hot = [
+        SamplingRow(temperature=100.0, key=7, position=p, allowed=MaskRow(masks, r)) for p, r in enumerate([0, 1, 2])
+    ]
+    assert all(token in (3, 40 + r) for r, token in enumerate(sampler(logits.clone(), hot).token_ids))

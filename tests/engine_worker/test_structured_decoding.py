@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from typing import Annotated
 
 import numpy as np
@@ -170,3 +172,55 @@ def test_a_tokenizer_llguidance_cannot_read_refuses_the_request_not_the_engine(e
         engine.add_request(constrained("x", prompt_of(5), LONG_REGEX, max_tokens=5))
     engine.add_request(make_request("free", prompt_of(5), temperature=0.0, max_tokens=3, ignore_eos=True))
     assert len(tokens_by_choice(run_to_completion(engine)["free"])[0]) == 3
+
+
+def test_masks_are_filled_while_the_forward_pass_runs(engine_factory) -> None:
+    """The mask fill waits until the forward pass has begun: were masks still computed before `runner.run`, it
+    would time out and record that the two did not overlap. The output must still obey the grammar."""
+    engine = engine_factory()
+    engine.add_request(constrained("long", prompt_of(9, 4), LONG_REGEX, temperature=0.0, max_tokens=20))
+    engine.add_request(make_request("free", prompt_of(9, 5), temperature=0.0, max_tokens=20, ignore_eos=True))
+    filler = engine.structured._filler
+    assert filler is not None  # built with the compiler, on admission of the constrained request
+    forward_started = threading.Event()
+    overlapped: list[bool] = []
+    fill, run = filler.fill_with_drafts, engine.runner.run
+
+    def fill_once_the_forward_began(*args, **kwargs) -> None:
+        overlapped.append(forward_started.wait(timeout=5))
+        forward_started.clear()
+        fill(*args, **kwargs)
+
+    def run_signalling(*args, **kwargs):
+        forward_started.set()
+        return run(*args, **kwargs)
+
+    filler.fill_with_drafts = fill_once_the_forward_began
+    engine.runner.run = run_signalling
+    outputs = run_to_completion(engine)
+    assert overlapped and all(overlapped), overlapped
+    assert re.fullmatch(r"[a-z]{60}( [0-9]{3})*( [0-9]{0,2})?", text_by_choice(outputs["long"])[0])  # LONG_REGEX cut
+    assert len(tokens_by_choice(outputs["free"])[0]) == 20
+
+
+def test_a_failed_forward_pass_still_waits_for_the_mask_fill(engine_factory) -> None:
+    """No matcher may be touched while the mask thread reads it: the step settles the fill even when it raises."""
+    engine = engine_factory()
+    engine.add_request(constrained("long", prompt_of(9, 6), LONG_REGEX, temperature=0.0, max_tokens=20))
+    filler = engine.structured._filler
+    assert filler is not None
+    fill, finished = filler.fill_with_drafts, threading.Event()
+
+    def slow_fill(*args, **kwargs) -> None:
+        time.sleep(0.3)
+        fill(*args, **kwargs)
+        finished.set()
+
+    def failing_run(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    filler.fill_with_drafts = slow_fill
+    engine.runner.run = failing_run
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    assert finished.is_set()

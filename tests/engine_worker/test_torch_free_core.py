@@ -13,6 +13,9 @@ CORE = (
     "engine_worker.output_builder",
     "engine_worker.validation",
     "engine_worker.speculative",
+    "engine_worker.intake",
+    "engine_worker.prefix_cache",
+    "engine_worker.prefix_caching",
 )
 
 

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import httpx
 import uvicorn
 
 from api.app import create_app
+from broker.embedded import EmbeddedNatsServer
 from common.settings import Settings
 from ops.chaos.processes import free_port, settings_env
 
@@ -107,8 +109,8 @@ async def wait_healthy(base_url: str, worker: WorkerProcess | None = None, timeo
     raise TimeoutError(f"no healthy worker within {timeout} s" + (f":\n{worker.log_tail()}" if worker else ""))
 
 
-async def wait_for_model(base_url: str, model: str, worker: WorkerProcess) -> None:
-    deadline = time.monotonic() + 120
+async def wait_for_model(base_url: str, model: str, worker: WorkerProcess, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(base_url=base_url) as http:
         while model not in (await http.get("/health")).json()["models"]:
             assert worker.proc.poll() is None, worker.log_tail()
@@ -143,3 +145,40 @@ class ApiProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def own_sim_stack(
+    base_settings: Settings, tmp_path: Path, **overrides: object
+) -> AsyncIterator[tuple[Settings, WorkerProcess, ApiProcess]]:
+    """A nats-server, a sim worker and an api process of this test's own (nothing shared can disturb a load or
+    fault test, and its kills disturb nothing else); `overrides` are Settings fields."""
+    with EmbeddedNatsServer(tmp_path / "nats", port=-1) as nats:
+        settings = base_settings.model_copy(
+            update={"nats_url": nats.url, "data_dir": tmp_path / "data", "engine": "sim", **overrides}
+        )
+        worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+        api = ApiProcess(settings, tmp_path / "api.log").start()
+        try:
+            await wait_healthy(api.base_url, worker)
+            yield settings, worker, api
+        finally:
+            api.stop()
+            worker.stop()
+
+
+def sim_cluster_settings(urls: str, data_dir: Path, model: str, **overrides: object) -> Settings:
+    """Settings for sim workers and apis over a 3-node cluster (streams replicated on every node), with the
+    silence and queue timeouts the fault tests rely on; `overrides` are Settings fields."""
+    return Settings(
+        nats_url=urls,
+        engine="sim",
+        served_model_name=model,
+        max_num_seqs=16,
+        nats_replicas=3,
+        queue_timeout_s=60.0,
+        worker_silence_timeout_s=3.0,
+        log_format="json",
+        data_dir=data_dir,
+        **overrides,
+    )

@@ -11,9 +11,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from broker.embedded import EmbeddedNatsServer
-from tests.integration.harness import WorkerProcess, wait_healthy
-from tests.integration.test_batches import ApiProcess, read_lines
+from tests.integration.harness import own_sim_stack
+from tests.integration.test_batches import read_lines
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 LINES = 100_000
@@ -37,44 +36,33 @@ def write_input(path: Path) -> None:
 
 
 async def test_a_100k_line_batch_shows_progress_cancels_and_accounts_for_every_line(base_settings, tmp_path) -> None:
-    with EmbeddedNatsServer(tmp_path / "nats", port=-1) as nats:
-        settings = base_settings.model_copy(
-            update={
-                "nats_url": nats.url,
-                "data_dir": tmp_path / "data",
-                "engine": "sim",
-                "served_model_name": "sim",
-                "sim_tokens_per_s": 1000.0,
-                "max_num_seqs": 64,
-                "batch_max_lines": LINES,
-            }
+    async with own_sim_stack(
+        base_settings,
+        tmp_path,
+        served_model_name="sim",
+        sim_tokens_per_s=1000.0,
+        max_num_seqs=64,
+        batch_max_lines=LINES,
+    ) as (settings, worker, api):
+        client = openai.AsyncOpenAI(base_url=f"{api.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        write_input(tmp_path / "input.jsonl")
+        with (tmp_path / "input.jsonl").open("rb") as source:
+            upload = await client.files.create(file=source, purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
         )
-        worker = WorkerProcess(settings, tmp_path / "worker.log").start()
-        api = ApiProcess(settings, tmp_path / "api.log").start()
-        try:
-            await wait_healthy(api.base_url, worker)
-            client = openai.AsyncOpenAI(base_url=f"{api.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-            write_input(tmp_path / "input.jsonl")
-            with (tmp_path / "input.jsonl").open("rb") as source:
-                upload = await client.files.create(file=source, purpose="batch")
-            batch = await client.batches.create(
-                input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
-            )
-            progress = []
-            deadline = time.monotonic() + 600  # a hang guard
-            while batch.status not in ("cancelled", "completed", "failed"):
-                assert time.monotonic() < deadline, batch
-                await asyncio.sleep(0.5)
-                batch = await client.batches.retrieve(batch.id)
-                if batch.status == "in_progress":
-                    progress.append(batch.request_counts.completed)
-                    if progress[-1] >= RUN_BEFORE_CANCEL and batch.status == "in_progress":
-                        await client.batches.cancel(batch.id)
-            output = await read_lines(client, batch.output_file_id)
-            errors = await read_lines(client, batch.error_file_id)
-        finally:
-            api.stop()
-            worker.stop()
+        progress = []
+        deadline = time.monotonic() + 600  # a hang guard
+        while batch.status not in ("cancelled", "completed", "failed"):
+            assert time.monotonic() < deadline, batch
+            await asyncio.sleep(0.5)
+            batch = await client.batches.retrieve(batch.id)
+            if batch.status == "in_progress":
+                progress.append(batch.request_counts.completed)
+                if progress[-1] >= RUN_BEFORE_CANCEL and batch.status == "in_progress":
+                    await client.batches.cancel(batch.id)
+        output = await read_lines(client, batch.output_file_id)
+        errors = await read_lines(client, batch.error_file_id)
 
     assert batch.status == "cancelled"
     assert len(set(progress)) >= 2, progress  # counts moved while it ran

@@ -20,9 +20,8 @@ from broker import subjects
 from broker.registry import WorkerRegistry
 from common.settings import Settings
 from contracts import parse_event
-from tests.integration.harness import WorkerProcess
+from tests.integration.harness import ApiProcess, WorkerProcess
 from tests.integration.nats_cluster import NatsCluster
-from tests.integration.test_batches import ApiProcess
 
 MODEL = "sim-cluster"
 EDGES = ("edge-a", "edge-b")

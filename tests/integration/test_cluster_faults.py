@@ -15,11 +15,9 @@ import pytest
 import structlog
 
 from broker import subjects
-from common.settings import Settings
 from contracts import parse_event
-from tests.integration.harness import WorkerProcess
+from tests.integration.harness import ApiProcess, WorkerProcess, sim_cluster_settings
 from tests.integration.nats_cluster import NatsCluster
-from tests.integration.test_batches import ApiProcess
 from tests.integration.test_cluster import wait_for_workers
 
 pytestmark = pytest.mark.asyncio
@@ -40,18 +38,7 @@ async def served(
     """Two sim workers and one API, each given every node's URL (as a real deployment would be)."""
     await cluster.wait_for_jetstream()
     data = tmp_path_factory.mktemp("fault-data")
-    settings = Settings(
-        nats_url=cluster.urls,
-        engine="sim",
-        served_model_name=MODEL,
-        sim_tokens_per_s=50.0,
-        max_num_seqs=16,
-        nats_replicas=3,
-        queue_timeout_s=60.0,
-        worker_silence_timeout_s=3.0,
-        log_format="json",
-        data_dir=data,
-    )
+    settings = sim_cluster_settings(cluster.urls, data, MODEL, sim_tokens_per_s=50.0)
     workers = [
         WorkerProcess(settings.model_copy(update={"data_dir": data / f"w{i}"}), data / f"w{i}.log").start()
         for i in range(2)

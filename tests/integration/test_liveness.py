@@ -94,8 +94,35 @@ CONSTRAINED_BODY = {
 }
 
 
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+JSON_BODY = {
+    "model": SPARE_MODEL,
+    "prompt": "Resume me",
+    "max_tokens": 300,
+    "temperature": 0,
+    "response_format": {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True},
+    },
+}
+
+
 @pytest.mark.parametrize(
-    "body", [pytest.param(STREAM_BODY, id="free"), pytest.param(CONSTRAINED_BODY, id="constrained")]
+    "body",
+    [
+        pytest.param(STREAM_BODY, id="free"),
+        pytest.param(CONSTRAINED_BODY, id="constrained"),
+        pytest.param(JSON_BODY, id="json_schema"),
+    ],
 )
 async def test_killed_worker_stream_continues_on_a_restarted_worker(
     api, spare_worker, spare_settings, tmp_path, body
@@ -117,6 +144,9 @@ async def test_killed_worker_stream_continues_on_a_restarted_worker(
     assert text == expected
     if body is CONSTRAINED_BODY:
         assert re.fullmatch(CONSTRAINED_PATTERN, text), text
+    if body is JSON_BODY:
+        person = json.loads(text)  # complete, not cut: the grammar ended it, and the resumed matcher agreed
+        assert set(person) == {"name", "age", "tags"} and 0 <= person["age"] <= 120, person
 
 
 async def test_killed_worker_non_streaming_request_completes_on_a_restarted_worker(

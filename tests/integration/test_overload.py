@@ -13,9 +13,7 @@ import psutil
 import pytest
 import structlog
 
-from broker.embedded import EmbeddedNatsServer
-from tests.integration.harness import WorkerProcess, wait_healthy
-from tests.integration.test_batches import ApiProcess
+from tests.integration.harness import own_sim_stack
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 log = structlog.get_logger(__name__)
@@ -27,61 +25,50 @@ ALLOWED_GROWTH_MB = 40.0
 
 
 async def test_ten_times_overload_for_a_minute_is_answered_honestly_in_bounded_memory(base_settings, tmp_path) -> None:
-    with EmbeddedNatsServer(tmp_path / "nats", port=-1) as nats:
-        settings = base_settings.model_copy(
-            update={
-                "nats_url": nats.url,
-                "data_dir": tmp_path / "data",
-                "engine": "sim",
-                "served_model_name": "sim",
-                "sim_tokens_per_s": RATE,
-                "max_num_seqs": SLOTS,
-                "queue_max_requests": 32,
-                "queue_timeout_s": 30.0,
-            }
-        )
-        worker = WorkerProcess(settings, tmp_path / "worker.log").start()
-        api = ApiProcess(settings, tmp_path / "api.log").start()
-        try:
-            await wait_healthy(api.base_url, worker)
-            processes = {"api": psutil.Process(api.proc.pid), "worker": psutil.Process(worker.proc.pid)}
-            samples: dict[str, list[tuple[float, float]]] = {name: [] for name in processes}
-            outcomes: Counter[str] = Counter()
-            retry_after: list[int] = []
-            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-            async with httpx.AsyncClient(base_url=api.base_url, timeout=60, limits=limits) as http:
+    async with own_sim_stack(
+        base_settings,
+        tmp_path,
+        served_model_name="sim",
+        sim_tokens_per_s=RATE,
+        max_num_seqs=SLOTS,
+        queue_max_requests=32,
+        queue_timeout_s=30.0,
+    ) as (settings, worker, api):
+        processes = {"api": psutil.Process(api.proc.pid), "worker": psutil.Process(worker.proc.pid)}
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in processes}
+        outcomes: Counter[str] = Counter()
+        retry_after: list[int] = []
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=60, limits=limits) as http:
 
-                async def one(number: int) -> None:
-                    response = await http.post(
-                        "/v1/completions",
-                        json={"model": "sim", "prompt": f"w{number % 50} w1", "max_tokens": TOKENS, "ignore_eos": True},
-                    )
-                    if response.status_code == 429:
-                        assert response.json()["error"]["type"] == "rate_limit_error" or response.json()["error"][
-                            "code"
-                        ] in ("queue_full", "rate_limit_exceeded"), response.text
-                        retry_after.append(int(response.headers["retry-after"]))
-                    outcomes[str(response.status_code)] += 1
+            async def one(number: int) -> None:
+                response = await http.post(
+                    "/v1/completions",
+                    json={"model": "sim", "prompt": f"w{number % 50} w1", "max_tokens": TOKENS, "ignore_eos": True},
+                )
+                if response.status_code == 429:
+                    assert response.json()["error"]["type"] == "rate_limit_error" or response.json()["error"][
+                        "code"
+                    ] in ("queue_full", "rate_limit_exceeded"), response.text
+                    retry_after.append(int(response.headers["retry-after"]))
+                outcomes[str(response.status_code)] += 1
 
-                start = time.monotonic()
-                pending: set[asyncio.Task] = set()
-                sent, next_sample = 0, 0.0
-                while (elapsed := time.monotonic() - start) < DURATION_S:
-                    while sent < elapsed * OFFERED_PER_S:  # open loop: the offered rate does not wait for answers
-                        task = asyncio.create_task(one(sent))
-                        pending.add(task)
-                        task.add_done_callback(pending.discard)
-                        sent += 1
-                    if elapsed >= next_sample:
-                        next_sample += 5.0
-                        for name, process in processes.items():
-                            samples[name].append((elapsed, process.memory_info().rss / 1e6))
-                    await asyncio.sleep(0.1)
-                await asyncio.wait_for(asyncio.gather(*pending), timeout=90)  # nothing hangs
-                after = await http.post("/v1/completions", json={"model": "sim", "prompt": "w1", "max_tokens": 3})
-        finally:
-            api.stop()
-            worker.stop()
+            start = time.monotonic()
+            pending: set[asyncio.Task] = set()
+            sent, next_sample = 0, 0.0
+            while (elapsed := time.monotonic() - start) < DURATION_S:
+                while sent < elapsed * OFFERED_PER_S:  # open loop: the offered rate does not wait for answers
+                    task = asyncio.create_task(one(sent))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    sent += 1
+                if elapsed >= next_sample:
+                    next_sample += 5.0
+                    for name, process in processes.items():
+                        samples[name].append((elapsed, process.memory_info().rss / 1e6))
+                await asyncio.sleep(0.1)
+            await asyncio.wait_for(asyncio.gather(*pending), timeout=90)  # nothing hangs
+            after = await http.post("/v1/completions", json={"model": "sim", "prompt": "w1", "max_tokens": 3})
 
     retry_after.sort()
     log.info(

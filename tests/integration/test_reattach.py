@@ -19,8 +19,7 @@ from broker.connection import connect
 from broker.embedded import EmbeddedNatsServer
 from broker.journal import JournalFollower
 from common.settings import Settings
-from tests.integration.harness import WorkerProcess, wait_healthy
-from tests.integration.test_batches import ApiProcess
+from tests.integration.harness import ApiProcess, WorkerProcess, wait_healthy
 
 pytestmark = pytest.mark.asyncio
 SIM_MODEL = "sim-reattach"

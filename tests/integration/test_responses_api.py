@@ -194,18 +194,12 @@ BAD = [
     ({"input": [{"role": "tool", "content": "x"}]}, "role"),
     ({}, "input"),
     ({"input": []}, "input"),
-    ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "not yet supported"),
-    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "not yet supported"),
-    ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "not yet supported"),
     (
-        {
-            "input": [
-                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
-                {"type": "function_call_output", "call_id": "c1", "output": "42"},
-            ]
-        },
-        "not yet supported",
+        {"input": "hi", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}},
+        "'g', which is not among the tools",
     ),
+    ({"input": "hi", "tool_choice": "required"}, "tool_choice needs tools"),
+    ({"input": "hi", "tools": [{"type": "file_search", "vector_store_ids": []}]}, "only function tools"),
     ({"input": "hi", "previous_response_id": "resp_0123456789abcdef0123456789abcdef"}, "does not exist"),
 ]
 

@@ -13,9 +13,7 @@ import httpx
 import pytest
 import structlog
 
-from broker.embedded import EmbeddedNatsServer
-from tests.integration.harness import WorkerProcess, wait_healthy
-from tests.integration.test_batches import ApiProcess
+from tests.integration.harness import own_sim_stack
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 log = structlog.get_logger(__name__)
@@ -30,42 +28,31 @@ BODY = {"model": MODEL, "prompt": "w1 w2 w3", "max_tokens": TOKENS, "ignore_eos"
 
 
 async def test_a_thousand_concurrent_streams_through_one_api_process(base_settings, tmp_path) -> None:
-    with EmbeddedNatsServer(tmp_path / "nats", port=-1) as nats:
-        settings = base_settings.model_copy(
-            update={
-                "nats_url": nats.url,
-                "data_dir": tmp_path / "data",
-                "engine": "sim",
-                "served_model_name": MODEL,
-                "sim_tokens_per_s": RATE,
-                "max_num_seqs": SLOTS,
-                "queue_max_requests": 2 * STREAMS,
-                "queue_timeout_s": 90.0,
-                "batch_runner": False,
-            }
-        )
-        worker = WorkerProcess(settings, tmp_path / "worker.log").start()
-        api = ApiProcess(settings, tmp_path / "api.log").start()
-        try:
-            await wait_healthy(api.base_url, worker)
-            async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
-                single = await http.post("/v1/completions", json=BODY)  # the same body, not streamed
-            assert single.status_code == 200, single.text
-            expected = single.json()["choices"][0]["text"]
-            # A client of their own: 1,000 new connections (a kept-alive one could be closed by the server's
-            # keep-alive timeout just as a stream reuses it, which says nothing about the edge under load).
-            limits = httpx.Limits(max_connections=1100, max_keepalive_connections=1100)
-            async with httpx.AsyncClient(base_url=api.base_url, timeout=120, limits=limits) as http:
-                start = time.monotonic()
-                streams = await asyncio.wait_for(
-                    asyncio.gather(*(one_stream(http) for _ in range(STREAMS))), timeout=DEADLINE_S + 30
-                )
-                elapsed = time.monotonic() - start
-            async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
-                after = await http.post("/v1/completions", json=BODY)
-        finally:
-            api.stop()
-            worker.stop()
+    async with own_sim_stack(
+        base_settings,
+        tmp_path,
+        served_model_name=MODEL,
+        sim_tokens_per_s=RATE,
+        max_num_seqs=SLOTS,
+        queue_max_requests=2 * STREAMS,
+        queue_timeout_s=90.0,
+        batch_runner=False,
+    ) as (settings, worker, api):
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
+            single = await http.post("/v1/completions", json=BODY)  # the same body, not streamed
+        assert single.status_code == 200, single.text
+        expected = single.json()["choices"][0]["text"]
+        # A client of their own: 1,000 new connections (a kept-alive one could be closed by the server's
+        # keep-alive timeout just as a stream reuses it, which says nothing about the edge under load).
+        limits = httpx.Limits(max_connections=1100, max_keepalive_connections=1100)
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=120, limits=limits) as http:
+            start = time.monotonic()
+            streams = await asyncio.wait_for(
+                asyncio.gather(*(one_stream(http) for _ in range(STREAMS))), timeout=DEADLINE_S + 30
+            )
+            elapsed = time.monotonic() - start
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
+            after = await http.post("/v1/completions", json=BODY)
 
     log.info(
         "sim_load.outcome",

@@ -154,6 +154,16 @@ async def test_a_batch_line_with_response_format_is_enforced(client) -> None:
         ),
         ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs: the regex is invalid"),
         ({"structured_outputs": {"grammar": 'start: "a" start'}}, "can never finish"),
+        ({"structured_outputs": {"grammar": 'root ::= "(" root ")"'}}, "can never finish"),  # GBNF
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "big", "schema": {"type": "object", "description": "y" * 70_000}},
+                }
+            },
+            "over the limit of 65536",
+        ),
         ({"guided_json": {"type": "object"}}, 'use structured_outputs: {"json"'),
         ({"response_format": {"type": "yaml"}}, "response_format"),
     ],
@@ -161,4 +171,7 @@ async def test_a_batch_line_with_response_format_is_enforced(client) -> None:
 async def test_bad_constraints_are_a_400_naming_the_problem(client, extra, message) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         await client.chat.completions.create(model=TINY_MODEL_NAME, messages=MESSAGES, max_tokens=5, extra_body=extra)
+    assert message in caught.value.body["message"], caught.value.body
+    with pytest.raises(openai.BadRequestError) as caught:  # completions reads the same fields the same way
+        await client.completions.create(model=TINY_MODEL_NAME, prompt="x", max_tokens=5, extra_body=extra)
     assert message in caught.value.body["message"], caught.value.body

@@ -11,10 +11,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from common.settings import Settings
-from tests.integration.harness import WorkerProcess
+from tests.integration.harness import ApiProcess, WorkerProcess, sim_cluster_settings
 from tests.integration.nats_cluster import NatsCluster
-from tests.integration.test_batches import ApiProcess
 from tests.integration.test_cluster import wait_for_workers
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
@@ -29,18 +27,7 @@ async def served(
     data = tmp_path_factory.mktemp("node-fault-data")
     with NatsCluster(data / "cluster", name="inferq-node-faults") as cluster:
         await cluster.wait_for_jetstream()
-        settings = Settings(
-            nats_url=cluster.urls,
-            engine="sim",
-            served_model_name=MODEL,
-            sim_tokens_per_s=200.0,
-            max_num_seqs=16,
-            nats_replicas=3,
-            queue_timeout_s=60.0,
-            worker_silence_timeout_s=3.0,
-            log_format="json",
-            data_dir=data,
-        )
+        settings = sim_cluster_settings(cluster.urls, data, MODEL, sim_tokens_per_s=200.0)
         worker = WorkerProcess(
             settings.model_copy(update={"data_dir": data / "w", "nats_url": cluster.nodes[0].url}), data / "w.log"
         ).start()

@@ -166,6 +166,7 @@ class FakeOpenAI:
     fail_every: int = 0  # every n-th completion request answers HTTP 500
     has_detokenize: bool = True
     drafts_per_request: tuple[int, int] | None = None  # (drafted, accepted): serve /metrics counting them
+    cached_tokens: int | None = None  # reported as usage.prompt_tokens_details.cached_tokens
     requests: list[dict[str, Any]] = field(default_factory=list)
     auth: list[str | None] = field(default_factory=list)
 
@@ -220,7 +221,9 @@ class FakeOpenAI:
             text = "tok " * self.tokens_per_chunk
             choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
             yield _sse({"choices": [choice | {"finish_reason": None}]})
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": body["max_tokens"]}
+        usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": body["max_tokens"]}
+        if self.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
         yield _sse({"choices": [], "usage": usage | {"total_tokens": prompt_tokens + body["max_tokens"]}})
         yield "data: [DONE]\n\n"
 

@@ -115,3 +115,15 @@ def test_python_m_ops_is_the_cli_and_imports_no_service_package() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("inferq ")
+
+
+@pytest.mark.parametrize("command", ["serve", "nats", "worker", "api", "agent", "bench", "users", "keys", "chaos"])
+def test_every_command_help_renders(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Help text comes from Settings descriptions; argparse %-formats it, so a stray "%" once crashed `serve --help`.
+    # (bench hands its arguments to its own parser and returns the exit code instead of raising it.)
+    try:
+        code = main([command, "--help"])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 0
+    assert "--" in capsys.readouterr().out

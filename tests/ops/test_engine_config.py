@@ -15,6 +15,8 @@ def test_settings_build_the_engine_config_with_its_defaults() -> None:
     assert asdict(Settings().engine_config()) == asdict(EngineConfig())
     config = Settings(max_num_seqs=3, num_speculative_tokens=0).engine_config()
     assert (config.max_num_seqs, config.num_speculative_tokens) == (3, 0)
+    assert Settings().engine_config().prefix_caching is True
+    assert Settings(prefix_caching=False).engine_config().prefix_caching is False
 
 
 def test_settings_and_engine_share_every_bound() -> None:

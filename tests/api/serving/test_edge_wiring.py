@@ -9,7 +9,9 @@ from types import SimpleNamespace
 
 from starlette.requests import Request
 
+from api.auth.caller import ANONYMOUS, Caller, cache_salt
 from api.services import Services, get_services
+from contracts.accounts import Role
 
 
 class Engine:
@@ -31,9 +33,18 @@ def test_a_route_gets_the_engine_client_charging_its_callers_meter() -> None:
     assert get_services(connection({"meter": meter})).engine.meter is meter
 
 
-def test_without_a_meter_the_shared_services_are_handed_over_as_they_are() -> None:
+def test_without_a_meter_the_shared_engine_client_is_handed_over_as_it_is() -> None:
     request = connection({})
-    assert get_services(request) is request.app.state.services
+    assert get_services(request).engine is request.app.state.services.engine
+
+
+def test_a_route_gets_its_callers_prefix_cache_salt() -> None:
+    """Generations are salted with a digest of the caller's owner (issue #18): same owner, same salt; another
+    owner, another; the owner itself is not on the wire."""
+    owners = [Caller(owner=owner, role=Role.CLIENT, name="n") for owner in ("key:a", "key:a", "key:b")]
+    salts = [get_services(connection({"caller": caller})).cache_salt for caller in owners]
+    assert salts[0] == salts[1] != salts[2] and all(salt and "key:" not in salt for salt in salts)
+    assert get_services(connection({})).cache_salt == cache_salt(ANONYMOUS.owner)  # auth off: one principal
 
 
 def test_the_framing_modules_import_nothing_from_serving() -> None:

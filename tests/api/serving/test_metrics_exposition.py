@@ -47,6 +47,9 @@ def test_fleet_exposition() -> None:
             num_preemptions_total=4,
             spec_decode_num_draft_tokens_total=50,
             spec_decode_num_accepted_tokens_total=35,
+            prefix_cache_queries_total=900,
+            prefix_cache_hits_total=640,
+            structured_requests_total={"json_schema": 5, "regex": 1},
         ),
         _worker("w2"),
     ]
@@ -61,17 +64,23 @@ def test_fleet_exposition() -> None:
     assert value("inferq:prompt_tokens_total", w1) == 30
     assert value("inferq:request_success_total", w1 | {("finished_reason", "length")}) == 3
     assert value("inferq:request_success_total", w1 | {("finished_reason", "stop")}) == 0  # present from the start
+    assert value("inferq:structured_requests_total", w1 | {("kind", "json_schema")}) == 5
+    assert value("inferq:structured_requests_total", w1 | {("kind", "regex")}) == 1
+    assert value("inferq:structured_requests_total", w1 | {("kind", "grammar")}) == 0  # present from the start
     assert value("inferq:num_requests_running", w1) == 2
     assert value("inferq:kv_cache_usage_perc", w1) == 0.5
     assert value("inferq:num_preemptions_total", w1) == 4
     assert value("inferq:spec_decode_num_draft_tokens_total", w1) == 50
     assert value("inferq:spec_decode_num_accepted_tokens_total", w1) == 35
+    assert value("inferq:prefix_cache_queries_total", w1) == 900
+    assert value("inferq:prefix_cache_hits_total", w1) == 640
     # The sim-like worker without a KV cache has no such series.
     assert ("inferq:kv_cache_usage_perc", frozenset({("model_name", "m"), ("worker_id", "w2")})) not in samples
     assert (
         "inferq:spec_decode_num_draft_tokens_total",
         frozenset({("model_name", "m"), ("worker_id", "w2")}),
     ) not in samples
+    assert ("inferq:prefix_cache_hits_total", frozenset({("model_name", "m"), ("worker_id", "w2")})) not in samples
     # Buckets are cumulative and end at +Inf = count.
     assert value("inferq:time_to_first_token_seconds_bucket", w1 | {("le", "0.1")}) == 1
     assert value("inferq:time_to_first_token_seconds_bucket", w1 | {("le", "1.0")}) == 3

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from api.errors import ApiError
 from api.schemas.responses import ResponseRequest
 from api.serving.response_items import chat_messages, normalise_input
+from contracts.constraints import JsonSchemaConstraint
 
 
 def test_a_string_is_one_user_message() -> None:
@@ -59,27 +60,78 @@ def test_bad_items_are_400s_naming_the_item(given, words) -> None:
     assert caught.value.status == 400 and words in caught.value.info.message
 
 
-def test_a_function_call_output_finds_its_call_in_earlier_turns_but_is_not_rendered_yet() -> None:
-    earlier = [{"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": "{}"}]
-    [output] = normalise_input([{"type": "function_call_output", "call_id": "c1", "output": "42"}], earlier)
-    assert output["type"] == "function_call_output" and output["output"] == "42"
-    with pytest.raises(ApiError, match="not yet supported"):
-        chat_messages(None, [*earlier, output])
+def test_a_function_call_output_finds_its_call_in_earlier_turns_and_becomes_a_tool_message() -> None:
+    earlier = [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me look."}]},
+        {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": '{"x": 1}'},
+        {"type": "function_call", "id": "fc_2", "call_id": "c2", "name": "g", "arguments": "{}"},
+    ]
+    outputs = normalise_input(
+        [
+            {"type": "function_call_output", "call_id": "c1", "output": "42"},
+            {"type": "function_call_output", "call_id": "c2", "output": "43"},
+        ],
+        earlier,
+    )
+    assert [output["output"] for output in outputs] == ["42", "43"]
+    messages = chat_messages(None, [*earlier, *outputs])
+    # The assistant's text and both calls are one turn; each output answers its call.
+    assert [message.role for message in messages] == ["user", "assistant", "tool", "tool"]
+    assert messages[1].text() == "Let me look."
+    assert [(call.id, call.function.name, call.function.arguments) for call in messages[1].tool_calls] == [
+        ("c1", "f", '{"x": 1}'),
+        ("c2", "g", "{}"),
+    ]
+    assert [(message.tool_call_id, message.text()) for message in messages[2:]] == [("c1", "42"), ("c2", "43")]
 
 
 @pytest.mark.parametrize(
     "fields",
     [
-        {"tools": [{"type": "function", "name": "f"}]},
-        {"tools": [{"type": "function", "name": "f"}], "tool_choice": "required"},
-        {"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}},
-        {"text": {"format": {"type": "json_object"}}},
+        {"tools": [{"type": "web_search_preview"}]},
+        {"tools": [{"type": "function", "name": "f", "parameters": {}, "bogus": 1}]},
+        {"tools": [{"type": "function", "name": "f"}], "tool_choice": "sometimes"},
+        {"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "web_search_preview"}},
         {"background": True, "store": False},
+        {"text": {"format": {"type": "json_schema", "name": "x"}}},
+        {"text": {"format": {"type": "yaml"}}},
     ],
 )
 def test_requests_needing_what_is_not_there_are_refused(fields) -> None:
     with pytest.raises(ValidationError):
         ResponseRequest(model="m", input="hi", **fields)
+
+
+def test_text_format_is_read_into_the_same_constraint_as_chat_response_format() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    flat = ResponseRequest(
+        model="m", input="hi", text={"format": {"type": "json_schema", "name": "x", "schema": schema, "strict": True}}
+    )
+    assert flat.constraint == JsonSchemaConstraint(json_schema=schema, strict=True)
+    assert flat.echoed()["text"]["format"]["schema"] == schema and flat.echoed()["text"]["format"]["name"] == "x"
+    assert ResponseRequest(model="m", input="hi", text={"format": {"type": "json_object"}}).constraint.type == (
+        "json_object"
+    )
+    assert ResponseRequest(model="m", input="hi", text={"format": {"type": "text"}}).constraint is None
+
+
+def test_flat_function_tools_and_choices_are_read_as_chats() -> None:
+    body = ResponseRequest(
+        model="m",
+        input="hi",
+        tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": True}],
+        tool_choice={"type": "function", "name": "f"},
+        parallel_tool_calls=False,
+    )
+    [tool] = body.function_tools
+    assert tool.function.name == "f" and tool.function.parameters == {"type": "object"} and tool.function.strict
+    assert body.function_tool_choice.function.name == "f"
+    assert (
+        body.echoed()["tool_choice"] == {"type": "function", "name": "f"} and not body.echoed()["parallel_tool_calls"]
+    )
+    # auto with an empty tool list (as agent frameworks send it) asks for nothing.
+    assert ResponseRequest(model="m", input="hi", tools=[], tool_choice="auto").function_tool_choice is None
 
 
 def test_tools_with_tool_choice_none_and_a_text_format_are_fine() -> None:

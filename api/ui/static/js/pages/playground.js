@@ -113,7 +113,8 @@ export function render(root, { signal }) {
     if (body.response_format && /response_format|schema|structured output|constraint/i.test(text)) {
       return showError(schema, err.message);
     }
-    if (body.tools && /tool/i.test(text)) return showError(tools, err.message);
+    // Tools are forced by a constraint too (a worker that cannot enforce one refuses it in those words).
+    if (body.tools && /tool|constraint/i.test(text)) return showError(tools, err.message);
     const byParam = { model, temperature: numbers[0][1], top_p: numbers[1][1], max_tokens: numbers[2][1],
       seed: numbers[3][1], stop };
     const target = Object.entries(byParam).find(([key]) => text.includes(key));

@@ -1,0 +1,32 @@
+"""`inferq:structured_validation_seconds`: how long this edge took to validate a structured-output constraint
+before queueing it (api/structured.py; issue #16 targets p99 < 20 ms), from the request's side: the hop to the
+worker thread included. One meter per app, built in the lifespan; `GET /metrics` renders it next to the fleet's
+series, labelled with this replica's edge id (each replica reports its own)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import Histogram
+from prometheus_client.core import Metric
+
+VALIDATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class ValidationMeter:
+    def __init__(self, edge_id: str) -> None:
+        # registry=None: not in prometheus_client's process-global registry; each scrape registers it in its own.
+        self._histogram = Histogram(
+            "inferq:structured_validation_seconds",
+            "Time this edge took to validate a structured-output constraint before queueing, in seconds.",
+            labelnames=("edge_id",),
+            buckets=VALIDATION_BUCKETS,
+            registry=None,
+        )
+        self._child = self._histogram.labels(edge_id)
+
+    def observe(self, seconds: float) -> None:
+        self._child.observe(seconds)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._histogram.collect()

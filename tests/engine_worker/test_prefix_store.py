@@ -1,0 +1,33 @@
+"""The prefix store's copies (engine_worker/prefix_store.py): blocks saved from one slot and loaded into another
+arrive intact, whether the store ids are consecutive (one slice) or scattered (run by run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_worker.prefix_store import PrefixStore
+
+LAYERS, HEADS, DIM, BLOCK, SLOT_LEN = 2, 3, 8, 4, 32
+
+
+@pytest.mark.parametrize(
+    "store_ids",
+    [pytest.param([0, 1, 2, 3], id="consecutive"), pytest.param([5, 2, 3, 0], id="scattered")],
+)
+def test_saved_blocks_load_back_into_another_slot(store_ids: list[int]) -> None:
+    store = PrefixStore(2 * LAYERS, 8, BLOCK, HEADS, DIM, torch.float32, torch.device("cpu"))
+    views = [torch.randn(3, HEADS, SLOT_LEN, DIM) for _ in range(2 * LAYERS)]
+    store.save(views, 0, list(enumerate(store_ids)))
+    store.load(views, [(2, store_ids[:3])])  # the first three blocks into slot 2
+    for view in views:
+        assert torch.equal(view[2, :, : 3 * BLOCK], view[0, :, : 3 * BLOCK])
+        assert not torch.equal(view[2, :, 3 * BLOCK :], view[0, :, 3 * BLOCK :])  # nothing past them
+
+
+def test_a_later_block_of_a_slot_is_saved_from_its_own_position() -> None:
+    store = PrefixStore(2, 4, BLOCK, HEADS, DIM, torch.float32, torch.device("cpu"))
+    views = [torch.randn(2, HEADS, SLOT_LEN, DIM) for _ in range(2)]
+    store.save(views, 1, [(2, 3)])  # slot 1's third block into store block 3
+    for view, blocks in zip(views, store.blocks, strict=True):
+        assert torch.equal(blocks[3], view[1, :, 2 * BLOCK : 3 * BLOCK])

@@ -100,6 +100,34 @@ class EngineConfig:
         ),
     )
 
+    weight_quant: Literal["auto", "none", "fp16", "int8", "int4"] = Field(
+        default="auto",
+        description=(
+            "Quantized weight copies for memory-bound steps (fast path; docs/quantization.md): fp16 (fp32 models on "
+            "a CPU), int8, int4 (AVX-512 CPUs; int8 elsewhere), none, or auto (fp16 for models with at least 64 MiB "
+            "of weights)."
+        ),
+    )
+    weight_quant_max_rows: int = Field(
+        default=16,
+        ge=0,
+        description=(
+            "A step with at most this many rows (decoded tokens, drafts included) runs the quantized weights; "
+            "larger steps are compute-bound and run the dense ones."
+        ),
+    )
+    small_step_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "torch threads for a step of at most small_step_rows rows (one or a few sequences decoding, when the "
+            "api and NATS are mostly idle); larger steps use torch_threads. Unset: torch_threads for every step."
+        ),
+    )
+    small_step_rows: int = Field(
+        default=2, ge=0, description="The largest step (rows, drafts included) that runs on small_step_threads."
+    )
+
     def __post_init__(self) -> None:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(

@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     prompt_lookup_max: int = engine_field("prompt_lookup_max")
     speculative_max_rows: int = engine_field("speculative_max_rows")
     model_impl: Literal["auto", "fast", "generic"] = engine_field("model_impl")
+    weight_quant: Literal["auto", "none", "fp16", "int8", "int4"] = engine_field("weight_quant")
+    weight_quant_max_rows: int = engine_field("weight_quant_max_rows")
+    small_step_threads: int | None = engine_field("small_step_threads")
+    small_step_rows: int = engine_field("small_step_rows")
     prefix_caching: bool = engine_field("prefix_caching")
     workers_per_model: int | Literal["auto"] = Field(
         default=1,

@@ -33,7 +33,9 @@ from engine_worker.prefix_store import PrefixStore
 from engine_worker.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
 from engine_worker.sampling_rows import SamplingRow, TokenLogprobData
 from engine_worker.sequence import Sequence
+from engine_worker.step_threads import StepThreadRule, StepThreads
 from engine_worker.validation import resolve_layer
+from engine_worker.weight_quant import QuantizedLinear, quantize_linear, resolve_weight_quant
 
 log = structlog.get_logger(__name__)
 
@@ -66,12 +68,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else torch.float32
 
 
+@dataclass(frozen=True, slots=True)
+class WeightQuantPlan:
+    """Which quantized twin every linear gets (weight_quant.py) and up to how many rows a step uses it."""
+
+    mode: str = "none"
+    max_rows: int = 0
+
+
 class _Linear:
     """`y = x @ W.T + b`. On CPU the weight is pre-packed once for oneDNN, which runs these GEMMs 1.2-2x
-    faster than `F.linear` (bf16 and fp32, measured on this repo's CPU); elsewhere it is plain `F.linear`."""
+    faster than `F.linear` (bf16 and fp32, measured on this repo's CPU); elsewhere it is plain `F.linear`.
+    With a quantized twin (`quant`), calls of at most `quant.max_rows` rows (memory-bound decode steps) use it."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: WeightQuantPlan = WeightQuantPlan()
+    ) -> None:
         self.weight, self.bias, self.packed = _owned(weight), None if bias is None else _owned(bias), False
+        self.quant: QuantizedLinear | None = quantize_linear(weight, bias, quant.mode, quant.max_rows)
         if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _can_pack():
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight)
@@ -83,6 +97,8 @@ class _Linear:
                 pass
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None and x.shape[0] <= self.quant.max_rows:
+            return self.quant(x)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -95,13 +111,13 @@ def _owned(weight: torch.Tensor) -> torch.Tensor:
     return weight.clone() if weight.device.type == "cpu" else weight
 
 
-def _fused_linear(*projections: torch.nn.Linear) -> _Linear:
+def _fused_linear(*projections: torch.nn.Linear, quant: WeightQuantPlan) -> _Linear:
     """One GEMM for projections that read the same input (q/k/v, gate/up); biases as the model has them."""
     biases = [p.bias for p in projections]
     bias = torch.cat(biases) if all(b is not None for b in biases) else None
     if bias is None and any(b is not None for b in biases):
         raise ValueError("models with biases on only some of q/k/v or gate/up are not supported")
-    return _Linear(torch.cat([p.weight for p in projections]), bias)
+    return _Linear(torch.cat([p.weight for p in projections]), bias, quant)
 
 
 def _can_pack() -> bool:
@@ -255,10 +271,18 @@ class ModelRunner(SlotKVCache):
         dtype: str,
         max_model_len: int | None,
         torch_threads: int | None,
+        weight_quant: str = "none",
+        weight_quant_max_rows: int = 0,
+        small_step_threads: int | None = None,
+        small_step_rows: int = 0,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
         config = self._start_loading(model_dir, device, dtype, torch_threads)
+        base_threads = torch.get_num_threads()
+        self.step_threads = StepThreads(
+            StepThreadRule(base_threads, small_step_threads or base_threads, small_step_rows), torch.set_num_threads
+        )
         archs = set(getattr(config, "architectures", None) or [])
         if not archs & SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -272,13 +296,20 @@ class ModelRunner(SlotKVCache):
             log.warning("capping max_model_len at the sliding window", sliding_window=sliding)
             self.max_model_len = sliding
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
-        self._load_weights(model, config)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2)
+        quant = WeightQuantPlan(resolve_weight_quant(weight_quant, weight_bytes), weight_quant_max_rows)
+        self._load_weights(model, config, quant)
         del model  # the runner keeps its own copies of the weights: the HF module and the file mapping can go
         release_freed_memory()
-        self._log_loaded(model_dir, model_impl="fast")
+        self._log_loaded(
+            model_dir,
+            model_impl="fast",
+            weight_quant=self.lm_head.quant and self.lm_head.quant.name,
+            weight_quant_max_rows=quant.max_rows,
+        )
 
     @torch.inference_mode()
-    def _load_weights(self, model: torch.nn.Module, config: object) -> None:
+    def _load_weights(self, model: torch.nn.Module, config: object, quant: WeightQuantPlan) -> None:
         self.vocab_size = model.config.vocab_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -288,18 +319,18 @@ class ModelRunner(SlotKVCache):
         inner = model.model
         self.embed = _owned(inner.embed_tokens.weight)
         self.norm = _owned(inner.norm.weight)
-        self.lm_head = _Linear(model.lm_head.weight)  # the embedding's weight when tied
+        self.lm_head = _Linear(model.lm_head.weight, None, quant)  # the embedding's weight when tied
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 _Layer(
                     ln1=_owned(layer.input_layernorm.weight),
-                    qkv=_fused_linear(attn.q_proj, attn.k_proj, attn.v_proj),
-                    o=_Linear(attn.o_proj.weight, attn.o_proj.bias),
+                    qkv=_fused_linear(attn.q_proj, attn.k_proj, attn.v_proj, quant=quant),
+                    o=_Linear(attn.o_proj.weight, attn.o_proj.bias, quant),
                     ln2=_owned(layer.post_attention_layernorm.weight),
-                    gate_up=_fused_linear(mlp.gate_proj, mlp.up_proj),
-                    down=_Linear(mlp.down_proj.weight, mlp.down_proj.bias),
+                    gate_up=_fused_linear(mlp.gate_proj, mlp.up_proj, quant=quant),
+                    down=_Linear(mlp.down_proj.weight, mlp.down_proj.bias, quant),
                 )
             )
         self.num_layers = len(self.layers)
@@ -333,6 +364,7 @@ class ModelRunner(SlotKVCache):
         (whose last known token is in this step), and one after each of its draft tokens; `sample_rows` has an
         entry per sampled row, in that order. Prompt logprobs for `prompt_logprob_seqs`
         (seq -> (top-k, first position still needed))."""
+        self.step_threads.before_step(sum(n for _, n in scheduled))
         batch = StepBatch.build(scheduled, sample_seqs, prompt_logprob_seqs, self.device)
         hidden = self._forward(batch)
         prompt_lps: dict[Sequence, list[TokenLogprobData]] = {}

@@ -45,8 +45,13 @@ def load_runner(
     dtype: str,
     max_model_len: int | None,
     torch_threads: int | None,
+    weight_quant: str = "none",
+    weight_quant_max_rows: int = 0,
+    small_step_threads: int | None = None,
+    small_step_rows: int = 0,
 ) -> Any:
-    """A ModelRunner or GenericRunner for `model_dir` (same interface)."""
+    """A ModelRunner or GenericRunner for `model_dir` (same interface). Weight quantization and threads by load
+    apply to the fast path only; the generic path runs the model's own dense modules on `torch_threads`."""
     from transformers import AutoConfig
 
     impl = choose_model_impl(AutoConfig.from_pretrained(model_dir), model_impl, max_model_len)
@@ -55,7 +60,14 @@ def load_runner(
     if impl == "fast":
         from engine_worker.model_runner import ModelRunner
 
-        return ModelRunner(model_dir, **options)
+        return ModelRunner(
+            model_dir,
+            **options,
+            weight_quant=weight_quant,
+            weight_quant_max_rows=weight_quant_max_rows,
+            small_step_threads=small_step_threads,
+            small_step_rows=small_step_rows,
+        )
     from engine_worker.generic_runner import GenericRunner
 
     return GenericRunner(model_dir, **options)
@@ -74,6 +86,10 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Any, Any, s
         dtype=config.dtype,
         max_model_len=config.max_model_len,
         torch_threads=config.torch_threads,
+        weight_quant=config.weight_quant,
+        weight_quant_max_rows=config.weight_quant_max_rows,
+        small_step_threads=config.small_step_threads,
+        small_step_rows=config.small_step_rows,
     )
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     try:

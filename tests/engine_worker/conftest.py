@@ -100,7 +100,9 @@ def greedy_reference(hf_model: Any) -> Callable[..., list[int]]:
 def engine_factory(tiny_model_dir: Path) -> Callable[..., Engine]:
     def make(**overrides: Any) -> Engine:
         # One thread: tests share two cores with other work, and oversubscribed torch threads crawl.
-        config = {"dtype": "float32", "device": "cpu", "max_num_seqs": 8, "torch_threads": 1, **overrides}
+        # The oracle runs dense weights: quantized copies have their own tolerance tests (test_weight_quant.py).
+        config = {"dtype": "float32", "device": "cpu", "max_num_seqs": 8, "torch_threads": 1, "weight_quant": "none"}
+        config.update(overrides)
         return Engine.from_pretrained(tiny_model_dir, EngineConfig(**config))
 
     return make

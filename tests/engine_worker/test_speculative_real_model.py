@@ -21,9 +21,9 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _generate(model_dir: Path, prompts: list[list[int]], **config) -> tuple[list[list[int]], int, Engine]:
-    engine = Engine.from_pretrained(
-        model_dir, EngineConfig(dtype="float32", device="cpu", max_num_seqs=4, torch_threads=1, **config)
-    )
+    # Dense weights: quantized copies serve only small steps, so drafted (larger) steps would run other weights.
+    exact = {"dtype": "float32", "device": "cpu", "max_num_seqs": 4, "torch_threads": 1, "weight_quant": "none"}
+    engine = Engine.from_pretrained(model_dir, EngineConfig(**exact, **config))
     for i, prompt in enumerate(prompts):
         engine.add_request(make_request(f"r{i}", prompt, temperature=0.0, max_tokens=96, ignore_eos=True))
     tokens: dict[str, list[int]] = {}

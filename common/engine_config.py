@@ -101,11 +101,12 @@ class EngineConfig:
     )
 
     weight_quant: Literal["auto", "none", "fp16", "int8", "int4"] = Field(
-        default="auto",
+        default="none",
         description=(
             "Quantized weight copies for memory-bound steps (fast path; docs/quantization.md): fp16 (fp32 models on "
             "a CPU), int8, int4 (AVX-512 CPUs; int8 elsewhere), none, or auto (fp16 for models with at least 64 MiB "
-            "of weights)."
+            "of weights). Default none: a copy makes output depend on the batch a step shares, so a request "
+            "resumed on another worker could continue differently (docs/quantization.md)."
         ),
     )
     weight_quant_max_rows: int = Field(

@@ -53,6 +53,8 @@ _AGENT: list[_FlagDef] = [
     ("--deploy-nats-url", "deploy_nats_url", {"metavar": "URL"}),
     ("--deploy-remote-inferq", "deploy_remote_inferq", {"metavar": "PATH"}),
 ]
+
+
 def _count_or_auto(value: str) -> int | str:
     return value if value == "auto" else int(value)
 

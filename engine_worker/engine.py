@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from common.engine_config import EngineConfig
 from contracts import EmbedRequest, FinishReason, GenerateRequest, Usage
+from engine_worker.acceptance import accept_tokens
 from engine_worker.executor import ModelExecutor
 from engine_worker.intake import new_request_state
 from engine_worker.kv_budget import size_kv_cache
@@ -24,10 +25,12 @@ from engine_worker.prefix_caching import PrefixCaching
 from engine_worker.sampling_rows import TokenLogprobData, row_for
 from engine_worker.scheduler import Scheduler, SchedulerOutput
 from engine_worker.sequence import RequestState, Sequence, SequenceStatus
-from engine_worker.speculative import NgramProposer, Proposer, back_off, num_accepted, propose_drafts
-from engine_worker.stopping import append_token
+from engine_worker.speculative import NgramProposer, Proposer, back_off, propose_drafts
 from engine_worker.structured_decoding import StructuredDecoding
 from engine_worker.validation import InvalidRequest, RequestLimits
+
+if TYPE_CHECKING:
+    from engine_worker.model_runner import RunOutput  # the runner's, which imports torch
 
 __all__ = ["Engine", "EngineConfig"]
 
@@ -88,10 +91,6 @@ class Engine:
     @property
     def dtype_name(self) -> str:
         return self.runner.dtype_name
-
-    @property
-    def num_preemptions_total(self) -> int:
-        return self.scheduler.num_preemptions
 
     def stats(self) -> EngineStats:
         running = sum(1 for s in self._requests.values() if any(q.status is SequenceStatus.RUNNING for q in s.seqs))
@@ -164,33 +163,42 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule → run → postprocess. Returns what each request has new (and pending aborts)."""
         outputs, self._pending = self._pending, []
-        if self.proposer is not None:
-            propose_drafts(self.proposer, self.scheduler.running, self.config.speculative_max_rows, self.max_model_len)
-            self.structured.trim_drafts(self.scheduler.running)
-        batch = self.scheduler.schedule()
-        self._prepare_cache(batch)
+        batch = self._schedule()
         if batch.is_empty:
             return outputs
         sample_seqs = [seq for seq, n in batch.scheduled if seq.num_computed_tokens + n >= seq.num_tokens]
-        rows, constrained = [], []
-        for seq in sample_seqs:
-            if seq.matcher is not None:
-                constrained.append((seq, len(rows)))
-            rows += [row_for(seq, seq.draft_token_ids[:j]) for j in range(len(seq.draft_token_ids) + 1)]
-        masks = self.structured.mask_rows(rows, constrained)  # filled while the forward pass runs
-        try:
-            result = self.runner.run(batch.scheduled, sample_seqs, rows, self._prompt_logprobs_wanted(batch))
-        finally:
-            if masks is not None:
-                masks.settle()  # the mask thread is done with the matchers before _accept advances them
+        result = self._run(batch, sample_seqs)
         self.scheduler.postprocess(batch)
         for seq, entries in result.prompt_logprobs.items():
             self.outputs.add_prompt_logprobs(self._requests[seq.request_id], seq, entries)
         sampled = iter(zip(result.sampled.token_ids, result.sampled.logprobs, strict=True))
         for seq in sample_seqs:
             self._accept(seq, list(itertools.islice(sampled, len(seq.draft_token_ids) + 1)))
-        outputs += self._collect_outputs(sample_seqs)
-        return outputs
+        return outputs + self._collect_outputs(sample_seqs)
+
+    def _schedule(self) -> SchedulerOutput:
+        """Drafts for the running decodes (trimmed to what their grammars allow), then the batch and its KV moves."""
+        if self.proposer is not None:
+            propose_drafts(self.proposer, self.scheduler.running, self.config.speculative_max_rows, self.max_model_len)
+            self.structured.trim_drafts(self.scheduler.running)
+        batch = self.scheduler.schedule()
+        self._prepare_cache(batch)
+        return batch
+
+    def _run(self, batch: SchedulerOutput, sample_seqs: list[Sequence]) -> RunOutput:
+        """The forward pass and sampling: one row per draft position and one after the drafts, per sequence;
+        grammar masks are filled while the forward pass runs."""
+        rows, constrained = [], []
+        for seq in sample_seqs:
+            if seq.matcher is not None:
+                constrained.append((seq, len(rows)))
+            rows += [row_for(seq, seq.draft_token_ids[:j]) for j in range(len(seq.draft_token_ids) + 1)]
+        masks = self.structured.mask_rows(rows, constrained)
+        try:
+            return self.runner.run(batch.scheduled, sample_seqs, rows, self._prompt_logprobs_wanted(batch))
+        finally:
+            if masks is not None:
+                masks.settle()  # the mask thread is done with the matchers before _accept advances them
 
     def _prepare_cache(self, batch: SchedulerOutput) -> None:
         """Carry out the KV moves the scheduler decided: a new slot length, cached prefixes into their new slots,
@@ -212,24 +220,14 @@ class Engine:
         return wanted
 
     def _accept(self, seq: Sequence, sampled: list[tuple[int, TokenLogprobData | None]]) -> None:
-        """Keep the accepted drafts and the sampler's token after them, stopping at the sequence's end."""
-        drafts = seq.draft_token_ids
-        matched = num_accepted(drafts, sampled)
-        for token_id, lp in sampled[: matched + 1]:
-            entry = (
-                self.outputs.token_logprob(token_id, lp) if lp is not None and seq.params.logprobs is not None else None
-            )
-            finish = append_token(seq, token_id, None if lp is None else lp.logprob, entry, self.max_model_len)
-            if finish is None and seq.matcher is not None and self.structured.advance(seq, token_id):
-                finish = FinishReason.STOP, None  # the output is complete: only EOS could follow
-            if finish is not None:
-                self._finish(seq, *finish)
-                break
-        if drafts:
-            self.num_draft_tokens_total += len(drafts)
-            self.num_accepted_tokens_total += matched
-            back_off(seq, matched)
-        self.scheduler.reject_drafts(seq, len(drafts) - matched)
+        accepted = accept_tokens(seq, sampled, self.outputs, self.structured, self.max_model_len)
+        if accepted.finish is not None:
+            self._finish(seq, *accepted.finish)
+        if accepted.drafts:
+            self.num_draft_tokens_total += accepted.drafts
+            self.num_accepted_tokens_total += accepted.matched
+            back_off(seq, accepted.matched)
+        self.scheduler.reject_drafts(seq, accepted.drafts - accepted.matched)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None) -> None:
         slot = seq.slot

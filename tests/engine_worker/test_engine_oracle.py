@@ -47,7 +47,7 @@ def test_greedy_matches_transformers_for_a_concurrent_mix(engine_factory, hf_gre
         mixed = [out for out in steps if any(n == 1 for _, n in out.scheduled) and any(n > 1 for _, n in out.scheduled)]
         assert mixed, "no step mixed a prefill chunk with decodes"
     if "kv_cache_tokens" in config:
-        assert engine.num_preemptions_total > 0
+        assert engine.stats().preemptions > 0
     assert engine.kv.num_running == 0 and not engine.scheduler.running
 
 
@@ -89,7 +89,7 @@ def test_greedy_with_draft_tokens_matches_transformers(engine_factory, tiny_mode
     assert all(out.num_tokens <= engine.config.max_num_batched_tokens for out in steps)
     assert len(steps) < sum(max_tokens for _, max_tokens, _ in WORKLOAD) // 2  # fewer steps than tokens
     if "kv_cache_tokens" in config:
-        assert engine.num_preemptions_total > 0
+        assert engine.stats().preemptions > 0
     assert engine.kv.num_running == 0 and not engine.scheduler.running
 
 

@@ -69,7 +69,8 @@ async def test_a_conversation_stays_on_its_worker_and_survives_its_sigkill(tmp_p
         served_model_name=MODEL,
         sim_tokens_per_s=10.0,
         max_num_seqs=1,  # a second request of the conversation waits on the worker's own subject
-        registry_ttl_s=4.0,  # a killed worker counts as gone (and is taken over) after ~2-3 s
+        registry_ttl_s=8.0,  # a killed worker counts as gone (and is taken over) after ~4-5 s; a busy CI box once
+        # delayed a live worker's 1 s renewals past a 4 s TTL's 2 s staleness bound, and a turn went elsewhere
         worker_silence_timeout_s=3.0,
         queue_timeout_s=90.0,
         batch_runner=False,

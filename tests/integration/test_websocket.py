@@ -66,7 +66,12 @@ async def test_chat_chunks_match_the_sse_stream(api, sdk) -> None:
 
     assert content(frames) == content(sse) and content(frames)
     assert frames[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert frames[-1]["usage"] == sse[-1]["usage"]
+
+    # The same counts; the second of the two identical requests may find its prompt in the prefix cache.
+    def counts(usage: dict) -> dict:
+        return {key: value for key, value in usage.items() if key != "prompt_tokens_details"}
+
+    assert counts(frames[-1]["usage"]) == counts(sse[-1]["usage"])
     finish = [c["choices"][0]["finish_reason"] for c in frames if c["choices"] and c["choices"][0]["finish_reason"]]
     assert finish == [
         c["choices"][0]["finish_reason"] for c in sse if c["choices"] and c["choices"][0].get("finish_reason")

@@ -57,13 +57,13 @@ async def test_tool_choice_any_answers_with_a_tool_use_block(client) -> None:
 
 
 async def test_a_named_tool_choice_calls_that_tool(client) -> None:
-    message = await _forced(client, tool_choice={"type": "tool", "name": "get_time"})
-    assert message.stop_reason == "tool_use"
-    # Parallel use is allowed here: one call or more, each of the named tool, with unique ids.
-    assert message.content and {(block.type, block.name, str(block.input)) for block in message.content} == {
-        ("tool_use", "get_time", "{}")
-    }
-    assert len({block.id for block in message.content}) == len(message.content)
+    # One call: with parallel use allowed, a sampled random model may go on adding calls until max_tokens (a CI
+    # run once did); the forced choice of the named tool is what this test is about.
+    message = await _forced(client, tool_choice={"type": "tool", "name": "get_time", "disable_parallel_tool_use": True})
+    assert message.stop_reason == "tool_use", message
+    [block] = message.content
+    assert (block.type, block.name, block.input) == ("tool_use", "get_time", {}), block
+    assert block.id.startswith("toolu_")
 
 
 async def test_stream_reassembles_input_json_deltas_into_the_input(client) -> None:

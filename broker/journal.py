@@ -32,6 +32,24 @@ async def journal_has(js: JetStreamContext, request_id: str) -> bool:
     return bool(info.state.subjects)
 
 
+async def latest_journaled_attempt(js: JetStreamContext, reply_subject: str) -> int | None:
+    """The attempt of the newest event the journal holds on `reply_subject` (0: none); None when it cannot say
+    (the subject is not journaled, or the journal cannot be read right now). One lookup, no consumer."""
+    if not subjects.is_journaled_reply(reply_subject):
+        return None
+    try:
+        last = await js.get_last_msg(subjects.JOURNAL_STREAM, reply_subject)
+    except jse.NotFoundError:
+        return 0
+    except Exception as exc:  # a node down, an election, no journal on this server
+        log.debug("journal.lookup_failed", subject=reply_subject, error=repr(exc))
+        return None
+    try:
+        return parse_event(last.data).attempt
+    except ValidationError:
+        return None
+
+
 class JournalFollower:
     """An ordered consumer over one request's journaled events, every attempt's and every edge's, in the order
     they were published; `events` fills as they arrive. Close it when done."""

@@ -9,13 +9,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import structlog
 from nats.js import JetStreamContext
+from nats.js import errors as jse
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from broker import subjects
 from broker.events import Event
 from contracts import parse_event
 from contracts.events import End, Failed
+
+log = structlog.get_logger(__name__)
 
 _CATCH_UP_S = 1.0  # how long a reader waits for the next stored event before deciding there is none
 _BATCH = 256
@@ -75,3 +79,19 @@ async def read_result(js: JetStreamContext, reply_subject: str, wait_s: float = 
         with contextlib.suppress(Exception):  # left behind, the server drops it after _ABANDONED_S anyway
             await js.delete_consumer(subjects.RESULTS_STREAM, name)
     return result
+
+
+async def result_finished(js: JetStreamContext, reply_subject: str) -> bool | None:
+    """Whether the newest attempt stored on `reply_subject` has finished; None when NATS cannot say now. Cheap
+    when it has not (one lookup of the last stored event); reads the stored events only when that one ends an
+    attempt, which may be a superseded attempt's while a newer one runs."""
+    try:
+        last = await js.get_last_msg(subjects.RESULTS_STREAM, reply_subject)
+        if not isinstance(parse_event(last.data), End | Failed):
+            return False
+        return (await read_result(js, reply_subject)).finished
+    except jse.NotFoundError:
+        return False
+    except Exception as exc:  # a node down, an election
+        log.debug("results.lookup_failed", subject=reply_subject, error=repr(exc))
+        return None

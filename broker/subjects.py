@@ -74,6 +74,10 @@ def token_wildcard(edge_id: str, *, journaled: bool = True) -> str:
     return f"inf.{'tok' if journaled else 'live'}.{edge_id}.*"
 
 
+def is_journaled_reply(reply_subject: str) -> bool:
+    return reply_subject.startswith("inf.tok.")
+
+
 def journal_filter(request_id: str) -> str:
     """Every journaled event of one request, whichever edge's reply subject it went to."""
     return f"inf.tok.*.{request_id}"

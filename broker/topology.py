@@ -29,8 +29,10 @@ from broker.errors import BrokerUnavailable
 log = structlog.get_logger(__name__)
 
 # Interactive requests are acked when the scheduler admits them, so ack_wait only covers fetch → admit.
-_REQUEST_ACK_WAIT_S = 30.0
-_REQUEST_MAX_DELIVER = 3
+REQUEST_ACK_WAIT_S = 30.0
+# A request is handed to workers at most this often (a request that kills every worker it reaches is not retried
+# forever); a worker that gives a held fire-and-forget request back queues it anew (engine_worker/bridge.py).
+REQUEST_MAX_DELIVER = 3
 _AFFINE_INACTIVE_S = 600.0  # a dead worker's consumer outlives it this long (its subject is re-adopted anyway)
 _TWO_DAYS_S = 2 * 86_400.0
 _DEFAULT_DUPLICATE_WINDOW_S = 120.0  # the server's default
@@ -86,8 +88,8 @@ def _request_consumer(durable: str, limits: QueueLimits, filter_subject: str, **
     return ConsumerConfig(
         durable_name=durable,
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=_REQUEST_ACK_WAIT_S,
-        max_deliver=_REQUEST_MAX_DELIVER,
+        ack_wait=REQUEST_ACK_WAIT_S,
+        max_deliver=REQUEST_MAX_DELIVER,
         max_ack_pending=limits.max_ack_pending,
         filter_subject=filter_subject,
         **extra,

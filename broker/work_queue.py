@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ from nats.js import errors as jse
 from pydantic import ValidationError
 
 from broker import subjects
+from broker.acks import confirmed_ack
 from broker.errors import BrokerUnavailable, MessageTooLarge, QueueFull, QueueMissing
+from broker.topology import REQUEST_MAX_DELIVER
 from contracts import EmbedRequest, GenerateRequest, parse_work_request
 
 log = structlog.get_logger(__name__)
@@ -47,6 +50,9 @@ _AFFINE_SLICE_S = 0.1
 # A consumer election answers 503 for seconds; a pull that fails for longer than this re-binds its subscription
 # (a new inbox and pull request path) instead of repeating the same failing pull forever.
 _REBIND_AFTER_S = 10.0
+# A held request given back is queued again within this long, or else nak'ed (NATS failing: a frozen node).
+_GIVE_BACK_RETRY_S = 5.0
+_GIVE_BACK_NAK_DELAY_S = 1.0
 
 
 class Lane(StrEnum):
@@ -210,8 +216,15 @@ class Delivery:
     msg: Msg
 
     @property
-    def attempt(self) -> int:
+    def num_delivered(self) -> int:
+        """1 for the first delivery; more when a worker took it before and did not ack it (or its ack was lost)."""
         return self.msg.metadata.num_delivered
+
+    @property
+    def held_attempt(self) -> int:
+        """The attempt a held (fire-and-forget) request runs as: each delivery starts over, so its events must not
+        mix with an earlier delivery's (readers keep the newest attempt, broker/results.py)."""
+        return self.request.attempt + self.num_delivered - 1
 
     @property
     def headers(self) -> dict[str, str]:
@@ -221,6 +234,35 @@ class Delivery:
     def published_at(self) -> float:
         """Unix time the request entered the queue (the stream's timestamp, on the NATS server's clock)."""
         return self.msg.metadata.timestamp.timestamp()
+
+
+def requeued(request: GenerateRequest | EmbedRequest) -> GenerateRequest | EmbedRequest:
+    """A held request as it is queued again when a worker gives it back: numbered past every attempt its message
+    can still run as (REQUEST_MAX_DELIVER deliveries), so their events never mix; and the same copy whichever
+    delivery of the message gives it back, so JetStream's deduplication (`Nats-Msg-Id`) queues it once."""
+    return request.model_copy(update={"attempt": request.attempt + REQUEST_MAX_DELIVER})
+
+
+async def give_back(js: JetStreamContext, delivery: Delivery) -> None:
+    """Queue a held request again for another worker, at once and with a fresh delivery budget, then ack the
+    message it came in. A nak would spend one of the message's REQUEST_MAX_DELIVER deliveries on every NATS hiccup
+    the request ran into, and after the last one it is never delivered again, nor answered (the chaos run's
+    direct publishes without a result). When NATS takes no copy: a delayed nak; when not even that, the ack wait
+    redelivers it."""
+    try:
+        await enqueue_request(
+            js,
+            requeued(delivery.request),
+            subject=delivery.msg.subject,
+            headers={name: value for name, value in delivery.headers.items() if not name.startswith("Nats-")},
+            retry_for_s=_GIVE_BACK_RETRY_S,
+        )
+    except Exception as exc:
+        log.warning("queue.give_back_failed", request_id=delivery.request.request_id, error=repr(exc))
+        with contextlib.suppress(Exception):
+            await delivery.msg.nak(delay=_GIVE_BACK_NAK_DELAY_S)
+        return
+    await confirmed_ack(delivery.msg)
 
 
 class RequestIntake:

@@ -12,15 +12,17 @@ from dataclasses import dataclass, field
 
 import structlog
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from opentelemetry.trace import Tracer
 
 from broker import subjects
+from broker.acks import confirmed_ack
 from broker.affinity import SubjectTakeover
 from broker.events import publish_event, subscribe_cancels
+from broker.journal import latest_journaled_attempt
 from broker.metrics import serve_metrics
 from broker.registry import WorkerRegistry
-from broker.work_queue import Delivery, RequestIntake
+from broker.results import result_finished
+from broker.work_queue import Delivery, RequestIntake, give_back
 from contracts import (
     Accepted,
     CancelRequest,
@@ -51,14 +53,16 @@ _HELD_PROGRESS_S = 10.0  # well inside the request queue's ack wait (30 s)
 # long and go on: one failure must never end a loop, or the worker stays up but serves nothing again.
 _NATS_RETRY_S = 0.5
 _ANNOUNCE_TIMEOUT_S = 5.0
+_REDELIVERY_CHECK_TIMEOUT_S = 3.0
+_CHORES_AT_EXIT_S = 5.0  # acks and give-backs still running when the worker stops get this long to finish
 
 
 @dataclass(slots=True)
 class _InFlight:
     request: GenerateRequest | EmbedRequest
-    # A fire-and-forget request's queue message, acked only once its result is stored: nobody else would
+    # A fire-and-forget request's queue delivery, acked only once its result is stored: nobody else would
     # resume it, so if this worker dies first the queue hands it to another worker.
-    held: Msg | None = None
+    held: Delivery | None = None
     seq: int = 0
     last_sent: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
@@ -119,6 +123,7 @@ class WorkerBridge:
         self._outputs: asyncio.Queue[list[RequestOutput | EmbedOutput]] = asyncio.Queue()
         self._engine_stats: EngineStats | None = None  # the latest the engine thread handed over
         self._slot_freed = asyncio.Event()
+        self._chores: set[asyncio.Task] = set()  # confirmed acks and give-backs, off the feeder's and pump's path
         self._dead: BaseException | None = None
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -185,16 +190,30 @@ class WorkerBridge:
         await asyncio.gather(*tasks, return_exceptions=True)
         await cancels.unsubscribe()
         await scrapes.unsubscribe()
+        await self._finish_chores()
         await self._intake.stop()
         self._engine_loop.stop()
         if self._dead is not None:
             raise RuntimeError("engine died") from self._dead
 
+    def _chore(self, coro) -> None:
+        """Run `coro` (an ack to confirm, a request to give back) beside the loops: NATS may take seconds to
+        answer it in a node fault, and the feeder and the output pump must not wait for that."""
+        task = asyncio.create_task(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    async def _finish_chores(self) -> None:
+        if self._chores:
+            _, late = await asyncio.wait(set(self._chores), timeout=_CHORES_AT_EXIT_S)
+            for task in late:
+                task.cancel()
+
     async def _drain(self) -> None:
         if self._dead is not None:
             for key, flight in list(self._in_flight.items()):
                 if flight.held is not None:
-                    await self._hand_back(flight)  # another worker's engine may well manage it
+                    self._hand_back(flight)  # another worker's engine may well manage it
                 else:
                     await self._fail(key, ErrorCode.INTERNAL, f"the engine failed: {self._dead}")
             return
@@ -207,7 +226,7 @@ class WorkerBridge:
                 pass
         for key, flight in list(self._in_flight.items()):
             if flight.held is not None:
-                await self._hand_back(flight)
+                self._hand_back(flight)
             self._engine_loop.abort(key)  # what is left ends as "abort"; the edge resumes it elsewhere
 
     # --- intake -----------------------------------------------------------------------------------------
@@ -238,7 +257,12 @@ class WorkerBridge:
 
     async def _refuse_unadmitted(self, delivery: Delivery, exc: Exception) -> None:
         """Tell the edge a request could not be admitted; NATS may be failing too (often why admitting failed),
-        and that must not end the intake: an unanswered request is resubmitted by its edge or redelivered."""
+        and that must not end the intake: an unanswered request is resubmitted by its edge or redelivered. A held
+        request goes back to the queue instead: nobody would ever resubmit it (its publisher does not listen, and
+        the refusal would most likely not be stored either), so terminating it lost it for good."""
+        if subjects.is_durable_reply(delivery.request.reply_subject):
+            self._chore(give_back(self._nc.jetstream(), delivery))
+            return
         try:
             await delivery.msg.term()
             await self._reject(delivery.request, ErrorCode.INTERNAL, f"the worker could not admit it: {exc}")
@@ -249,32 +273,40 @@ class WorkerBridge:
         request = delivery.request
         durable = subjects.is_durable_reply(request.reply_subject)
         if durable:  # a redelivery starts over: its events must not mix with the dead attempt's
-            request = request.model_copy(update={"attempt": max(request.attempt, delivery.attempt)})
+            request = request.model_copy(update={"attempt": delivery.held_attempt})
         cancelled = self._cancelled.get(request.request_id)
         if cancelled is not None and cancelled.covers(request.attempt):
             await delivery.msg.term()  # cancelled while queued: nobody wants the result
             return
+        # A refusal is published before the message is removed: a held request's refusal that was not stored
+        # must reach the queue again (_refuse_unadmitted), or its publisher never learns anything.
         if request.deadline is not None and time.time() > request.deadline:
-            await delivery.msg.term()  # expired in the queue: drop it unprocessed
             await self._reject(request, ErrorCode.DEADLINE_EXCEEDED, "the deadline passed while it was queued")
+            await delivery.msg.term()  # expired in the queue: drop it unprocessed
+            return
+        if delivery.num_delivered > 1 and await self._ran_already(request, durable):
+            log.warning("request.redelivery_dropped", attempt=request.attempt, delivered=delivery.num_delivered)
+            self._chore(confirmed_ack(delivery.msg))
             return
         engine_request = request.model_copy(update={"request_id": engine_key(request)})
         try:
             self._validate(engine_request)
         except ValueError as exc:  # validation.InvalidRequest, or a bad value the engine's checks ran into
-            await delivery.msg.term()  # bad input never succeeds on any worker
             await self._reject(request, error_code(exc), str(exc))
+            await delivery.msg.term()  # bad input never succeeds on any worker
             return
         # Requests with a live reply are acked on accept: the edge owns recovery, so a redelivery after a crash
-        # would only replay tokens the client already has.
+        # would only replay tokens the client already has. The ack is confirmed (and repeated until it is): a
+        # lost plain ack had JetStream hand the request out again after its ack wait, and it ran twice.
         if not durable:
-            await delivery.msg.ack()
+            self._chore(confirmed_ack(delivery.msg))
         superseded = self._current.get(request.request_id)
         if superseded is not None and superseded in self._in_flight:
             self._engine_loop.abort(superseded)  # an older attempt of the same request; the edge ignores it
+            self._in_flight[superseded].held = None  # the queue message is this delivery's now: never ack it there
         flight = _InFlight(
             request,
-            held=delivery.msg if durable else None,
+            held=delivery if durable else None,
             telemetry=self._telemetry.accepted(request, delivery.published_at, delivery.headers),
         )
         self._in_flight[flight.engine_key] = flight
@@ -299,6 +331,28 @@ class WorkerBridge:
             self._engine_loop.embed(engine_request)
         else:
             self._engine_loop.submit(engine_request)
+
+    async def _ran_already(self, request: GenerateRequest | EmbedRequest, durable: bool) -> bool:
+        """Whether a redelivered request was in fact taken by a worker that then lost its ack (or whose ack was
+        not confirmed within the ack wait), so running it again would generate it twice. A held request: its
+        stored result is finished. A live one: the attempt runs here, or the journal holds events of it or of a
+        newer attempt. When NATS cannot say, it runs (a worker that died before acking left it to this delivery:
+        for a direct publisher, the only recovery there is)."""
+        if engine_key(request) in self._in_flight:
+            return True
+        js = self._nc.jetstream()
+        try:
+            if durable:
+                finished = await asyncio.wait_for(
+                    result_finished(js, request.reply_subject), _REDELIVERY_CHECK_TIMEOUT_S
+                )
+                return finished is True
+            latest = await asyncio.wait_for(
+                latest_journaled_attempt(js, request.reply_subject), _REDELIVERY_CHECK_TIMEOUT_S
+            )
+        except TimeoutError:
+            return False
+        return latest is not None and latest >= request.attempt
 
     async def _reject(self, request: GenerateRequest | EmbedRequest, code: ErrorCode, message: str) -> None:
         error = ErrorInfo(code=code, message=message)
@@ -325,10 +379,10 @@ class WorkerBridge:
         log.warning("request.publish_failed", error=repr(exc))
         flight = self._in_flight.get(key)
         if flight is None:
-            return  # its last event failed: a held message never acked is redelivered after the ack wait
+            return  # its last events failed: _finish gave a held request back
         self._engine_loop.abort(key)
         if flight.held is not None:
-            await self._hand_back(flight)
+            self._hand_back(flight)
         else:
             self._forget(flight)
 
@@ -343,12 +397,11 @@ class WorkerBridge:
             return
         reply = flight.request.reply_subject
         if isinstance(output, EmbedOutput):
-            self._forget(flight)
-            await publish_event(self._nc, reply, flight.event(Embeddings, vectors=output.vectors))
-            await publish_event(self._nc, reply, flight.event(End, usage=output.usage))
+            await self._finish(
+                flight, flight.event(Embeddings, vectors=output.vectors), flight.event(End, usage=output.usage)
+            )
             if flight.telemetry:
                 self._telemetry.finished(flight.telemetry, output.usage)
-            await self._release(flight)
             return
         if output.choices or output.prompt_logprobs:
             await publish_event(
@@ -357,11 +410,22 @@ class WorkerBridge:
         if flight.telemetry:
             self._telemetry.output(flight.telemetry, output)
         if output.finished:
-            self._forget(flight)
-            await publish_event(self._nc, reply, flight.event(End, usage=output.usage or Usage()))
+            await self._finish(flight, flight.event(End, usage=output.usage or Usage()))
             if flight.telemetry:
                 self._telemetry.finished(flight.telemetry, output.usage or Usage())
-            await self._release(flight)
+
+    async def _finish(self, flight: _InFlight, *events: Embeddings | End) -> None:
+        """A request's last events; its slot is free from here on. A held request's message is acked once they
+        are stored, or given back when NATS did not take them (it then runs again, as a newer attempt)."""
+        self._forget(flight)
+        try:
+            for event in events:
+                await publish_event(self._nc, flight.request.reply_subject, event)
+        except Exception:
+            if flight.held is not None:
+                self._chore(give_back(self._nc.jetstream(), flight.held))
+            raise
+        self._release(flight)
 
     def _forget(self, flight: _InFlight) -> None:
         del self._in_flight[flight.engine_key]
@@ -380,20 +444,18 @@ class WorkerBridge:
         if flight.telemetry:
             with flight.telemetry.log_context():
                 self._telemetry.failed(flight.telemetry, message)
-        await self._release(flight)
+        self._release(flight)
 
-    async def _release(self, flight: _InFlight) -> None:
-        """The result is stored: the held queue message is done."""
+    def _release(self, flight: _InFlight) -> None:
+        """The result is stored: the held queue message is done. Confirmed: a lost ack would have the request
+        redelivered and generated again."""
         if flight.held is not None:
-            await flight.held.ack()
+            self._chore(confirmed_ack(flight.held.msg))
 
-    async def _hand_back(self, flight: _InFlight) -> None:
+    def _hand_back(self, flight: _InFlight) -> None:
         """Give an unfinished fire-and-forget request back to the queue for another worker, at once."""
         self._forget(flight)
-        try:
-            await flight.held.nak()
-        except Exception as exc:  # NATS gone too: the ack wait redelivers it anyway
-            log.warning("request.hand_back_failed", request_id=flight.request.request_id, error=str(exc))
+        self._chore(give_back(self._nc.jetstream(), flight.held))
 
     # --- cancels, heartbeats, registry ------------------------------------------------------------------
     async def _on_cancel(self, cancel: CancelRequest) -> None:
@@ -423,7 +485,7 @@ class WorkerBridge:
         if flight.held is not None:  # nobody listens live; the queue must not think this worker dead
             if now - flight.last_progress >= _HELD_PROGRESS_S:
                 flight.last_progress = now
-                await flight.held.in_progress()
+                await flight.held.msg.in_progress()
         elif now - flight.last_sent >= interval:
             await publish_event(self._nc, flight.request.reply_subject, flight.event(Heartbeat))
 

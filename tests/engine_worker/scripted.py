@@ -5,8 +5,9 @@ so tests can prove that only `validate` runs anywhere but on the engine thread."
 from __future__ import annotations
 
 import threading
+import time
 
-from contracts import ChoiceDelta, EmbedRequest, FinishReason, GenerateRequest, Usage
+from contracts import ChoiceDelta, DeviceInfo, EmbedRequest, FinishReason, GenerateRequest, Usage, WorkerInfo
 from engine_worker.outputs import EmbedOutput, EngineStats, RequestOutput
 from engine_worker.validation import ContextLengthExceeded, InvalidRequest
 
@@ -86,3 +87,21 @@ class ScriptedEngine:
     def stats(self) -> EngineStats:
         self._touch()
         return EngineStats(running=len(self.requests), waiting=0, kv_cache_usage=0.0, preemptions=self.steps)
+
+
+def scripted_worker_info(model: str, capacity: int = 4) -> WorkerInfo:
+    """The registry entry of a bridge over a ScriptedEngine."""
+    return WorkerInfo(
+        worker_id="w1",
+        model=model,
+        model_source="scripted",
+        max_model_len=MAX_MODEL_LEN,
+        capacity=capacity,
+        device=DeviceInfo(kind="cpu", name="cpu"),
+        dtype="none",
+        host="h",
+        pid=1,
+        started_at=time.time(),
+        updated_at=time.time(),
+        tokenizer_object="t",
+    )

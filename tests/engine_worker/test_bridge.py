@@ -19,7 +19,6 @@ from broker.topology import QueueLimits, ensure_request_queue
 from broker.work_queue import RequestIntake, publish_request
 from contracts import (
     Accepted,
-    DeviceInfo,
     End,
     ErrorCode,
     Failed,
@@ -27,11 +26,10 @@ from contracts import (
     GenerateRequest,
     SamplingParams,
     Tokens,
-    WorkerInfo,
     parse_event,
 )
 from engine_worker.bridge import BridgeConfig, WorkerBridge
-from tests.engine_worker.scripted import ScriptedEngine
+from tests.engine_worker.scripted import ScriptedEngine, scripted_worker_info
 
 pytestmark = pytest.mark.asyncio
 MODEL = "scripted"
@@ -51,20 +49,7 @@ async def worker(server: EmbeddedNatsServer) -> AsyncIterator[tuple]:
     async with connect(server.url, "worker") as nc, connect(server.url, "client") as client:
         js = nc.jetstream()
         await ensure_request_queue(js, MODEL, QueueLimits(100, 60, 60))
-        info = WorkerInfo(
-            worker_id="w1",
-            model=MODEL,
-            model_source="scripted",
-            max_model_len=32,
-            capacity=4,
-            device=DeviceInfo(kind="cpu", name="cpu"),
-            dtype="none",
-            host="h",
-            pid=1,
-            started_at=time.time(),
-            updated_at=time.time(),
-            tokenizer_object="t",
-        )
+        info = scripted_worker_info(MODEL)
         bridge = WorkerBridge(
             nc,
             engine,

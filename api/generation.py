@@ -8,6 +8,12 @@
     heard of it for a silence timeout, its events were lost: resubmitted, as after a silent worker)
     any state but FINISHED ──close()──▶ cancelled on the worker
 
+How many attempts a generation may start: a request survives `Timeouts.max_attempts - 1` resubmissions. A
+client's retried POST (same Idempotency-Key) that attaches to the request counts the attempts it starts itself,
+so a key whose last attempt broke (a hole in its events, a silent worker) is started again by the next retry
+instead of failing every retry until the journal forgets it; a Last-Event-ID resume (its client holds text)
+counts every attempt of the request.
+
 A generation talks to the engine client that started it only through `GenerationPort` (publish a resubmission,
 cancel, stop routing its events, the timeouts), so it can be driven by a scripted fake in tests.
 
@@ -94,6 +100,7 @@ class Generation:
         events: asyncio.Queue[Event],
         reservation: Reservation | None = None,
         follower: JournalFollower | None = None,
+        own_attempts: bool = False,
     ):
         self._port = port
         self.request = request
@@ -107,6 +114,10 @@ class Generation:
         self._usage: Usage | None = None
         self._queue_deadline = time.monotonic() + port.timeouts.queue_s  # while QUEUED: when to give up waiting
         self._left_queue_at: float | None = None  # while QUEUED: when the queue was first seen without it
+        # True (a retried POST following the journal): the attempt limit counts the attempts this generation
+        # queued, not the request's attempt number (see the module's docstring).
+        self._own_attempts = own_attempts
+        self._started = 0  # attempts this generation queued (a duplicate of another edge's queued nothing)
         # Its lines carry request_id and model, worker_id once accepted (trace_id comes from the HTTP request's
         # log context, api/request_context.py).
         self._log = log.bind(request_id=request.request_id, model=request.model)
@@ -252,7 +263,8 @@ class Generation:
 
     @property
     def _resumable(self) -> bool:
-        if self.request.attempt >= self._port.timeouts.max_attempts:
+        spent = self._started if self._own_attempts else self.request.attempt - 1
+        if spent >= self._port.timeouts.max_attempts - 1:
             return False
         return isinstance(self.request, EmbedRequest) or self.request.sampling.num_candidates == 1
 
@@ -281,6 +293,7 @@ class Generation:
         # False: another edge queued this attempt already (both saw the worker fall silent); follow it.
         queued = await self._port.publish(self.request)
         if queued:
+            self._started += 1
             self._enter_queued()
         else:
             self.state = GenerationState.QUEUED_ELSEWHERE

@@ -110,13 +110,13 @@ class NatsEngineClient:
             return Generation(self, request, events, reservation)
         self.release(request.request_id)  # the first submission's events go to its own edge
         await reservation.settle(0)
-        return await self.attach(request)
+        return await self.attach(request, retried=True)
 
     async def submit_or_attach(self, request: GenerateRequest) -> Generation:
         """Submit a request whose id the client chose (Idempotency-Key, X-Request-Id); if that request was
         already submitted (its events are in the journal, or the queue holds it), follow it instead."""
         if await self._journal_has(request.request_id):
-            return await self.attach(request)
+            return await self.attach(request, retried=True)
         return await self.submit(request, attach_duplicate=True)
 
     async def resume(self, request: GenerateRequest) -> Generation:
@@ -126,13 +126,16 @@ class NatsEngineClient:
             raise unknown_request(request.request_id)
         return await self.attach(request)
 
-    async def attach(self, request: GenerateRequest) -> Generation:
+    async def attach(self, request: GenerateRequest, *, retried: bool = False) -> Generation:
+        """Follow the request from the journal. `retried`: a new POST of it (the client holds none of its text),
+        which may start attempts of its own where the journal's last attempt cannot be continued (lost events, a
+        silent worker), even past the attempts the request already used; a Last-Event-ID resume may not."""
         try:
             follower = await JournalFollower(self._js, request.request_id).start()
         except BrokerError as exc:
             raise broker_error(exc) from exc
         log.info("request.attached", request_id=request.request_id)
-        return Generation(self, request, follower.events, follower=follower)
+        return Generation(self, request, follower.events, follower=follower, own_attempts=retried)
 
     async def _journal_has(self, request_id: str) -> bool:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -59,13 +60,21 @@ class Assembled:
         return [file_id for file_id in (self.output_file_id, self.error_file_id) if file_id]
 
 
-async def assemble(job: BatchJob, input_path: Path, storage: BatchStorage, unfinished: LineError) -> Assembled:
-    """Write and store the files; `unfinished` is the error of a valid line that has no stored result."""
+async def assemble(
+    job: BatchJob,
+    input_path: Path,
+    storage: BatchStorage,
+    unfinished: LineError,
+    on_line: Callable[[], None] = lambda: None,
+) -> Assembled:
+    """Write and store the files; `unfinished` is the error of a valid line that has no stored result; `on_line`
+    is called as each line is written (the run shows it is moving)."""
     parser = LineParser(job.endpoint)
     tally = Tally()
     total = 0
     with tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as errors:
         for number, raw in read_lines(input_path):
+            on_line()
             total += 1
             parsed = parser.parse(number, raw)
             if isinstance(parsed, InvalidLine):

@@ -4,7 +4,11 @@ revision this run last saw: a write that fails because another runner claimed th
 this run stops without writing anything more, so a runner presumed dead can never overwrite its successor.
 
 Lines run through the batch lane with bounded concurrency; each result is stored once under its custom_id
-before it counts, so a restarted run skips what is done and no line is ever run into the output twice."""
+before it counts, so a restarted run skips what is done and no line is ever run into the output twice.
+
+Outside its lines (one line may rightly wait long in the batch lane), a run keeps moving: `stalled_for` says how
+long it has not, so its runner can give the batch up to another runner instead of holding it in a hang (a
+finished batch once stayed `in_progress` for 5 minutes: chaos run, seed 22)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 
@@ -32,6 +37,8 @@ from contracts.batch import BatchErrorItem, InvalidTransition, LineError, Reques
 log = structlog.get_logger(__name__)
 
 PROGRESS_INTERVAL_S = 1.0  # how often counts are published and cancels, expiry and takeovers are noticed
+STALL_S = 60.0  # a run that did nothing for this long outside its lines is given up (a dozen NATS timeouts)
+_WATCHER_STOP_S = 10.0  # the watcher's NATS call in flight when the lines end (nats-py's timeout is 5 s)
 _MAX_BACKOFF_S = 5.0
 _MAX_UNEXPECTED_FAILURES = 5
 
@@ -59,6 +66,7 @@ class RunnerContext:
     max_lines: int
     # The owner's charge-only meter (api/auth): lines count against the owner's token budget, never refused.
     meter_for_owner: Callable[[str], Awaitable[Meter | None]] | None = None
+    stall_s: float = STALL_S  # the runner gives up a run that did nothing for this long outside its lines
 
 
 def _now() -> int:
@@ -75,6 +83,16 @@ class JobRun:
         self._stop_reason: str | None = None
         self._in_flight: set[asyncio.Task] = set()
         self._meter: Meter | None = None  # the owner's charge-only meter, once the run has claimed the batch
+        self._moved_at = time.monotonic()  # when the run last did something (a write, an input chunk, a file line)
+        self._lines_running = False
+
+    def stalled_for(self) -> float:
+        """Seconds since the run last did something; 0 while its lines run (a line may wait in the batch lane for
+        as long as its queue timeout, and its generation has timeouts of its own)."""
+        return 0.0 if self._lines_running else time.monotonic() - self._moved_at
+
+    def _moved(self) -> None:
+        self._moved_at = time.monotonic()
 
     @property
     def job(self) -> BatchJob:
@@ -91,13 +109,14 @@ class JobRun:
             log.warning("batch.ticket_without_job", batch_id=self._id)
             return
         self._held = claimed
+        self._moved()
         if not self.job.status.terminal:
             log.info("batch.claimed", batch_id=self._id, status=self.job.status.value, epoch=self.job.epoch)
             with tempfile.TemporaryDirectory(prefix="inferq-batch-") as scratch:
                 path = Path(scratch) / "input.jsonl"
                 try:
                     with path.open("wb") as target:
-                        await storage.files.read_into(self.job.input_file_id, target)
+                        await storage.files.read_into(self.job.input_file_id, _Moving(target, self._moved))
                 except FileMissing:
                     await self._fail("input_file_missing", f"the input file {self.job.input_file_id} was deleted")
                 else:
@@ -146,6 +165,7 @@ class JobRun:
         while True:
             try:
                 self._held = await self._ctx.storage.jobs.write(edit(held.record), held.revision)
+                self._moved()
                 return self.job
             except StaleRevision:
                 held = await self._fresh()
@@ -171,12 +191,15 @@ class JobRun:
     async def _execute(self, path: Path) -> None:
         self._tally, self._stop_reason = Tally(), None
         self._stopped.clear()
-        watcher = asyncio.create_task(self._watch())
+        lines_done = asyncio.Event()
+        watcher = asyncio.create_task(self._watch(lines_done))
+        self._lines_running = True
         try:
             await self._run_lines(path)
         finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            self._lines_running = False
+            self._moved()
+            await self._stop_watching(watcher, lines_done)
         if self._stop_reason == "fenced":
             raise Fenced(self._id)
         if self._stop_reason == "expired":
@@ -189,7 +212,7 @@ class JobRun:
         )
 
     async def _finish(self, final: BatchStatus, path: Path) -> None:
-        assembled = await assemble(self.job, path, self._ctx.storage, _UNFINISHED[final])
+        assembled = await assemble(self.job, path, self._ctx.storage, _UNFINISHED[final], on_line=self._moved)
         try:
             await self._save(
                 lambda job: job.transition(
@@ -272,9 +295,11 @@ class JobRun:
         return base if (self.job.epoch, attempt) == (1, 1) else f"{base}:{self.job.epoch}.{attempt}"
 
     # --- watching: progress, cancels, expiry, takeovers -------------------------------------------------------
-    async def _watch(self) -> None:
-        while True:
+    async def _watch(self, lines_done: asyncio.Event) -> None:
+        while not lines_done.is_set():
             await asyncio.sleep(PROGRESS_INTERVAL_S)
+            if lines_done.is_set():
+                return
             try:
                 job = await self._progress()
             except Fenced:
@@ -296,6 +321,18 @@ class JobRun:
             lambda job: job.model_copy(update={"request_counts": job.request_counts.at_least(self._tally.counts)})
         )
 
+    async def _stop_watching(self, watcher: asyncio.Task, lines_done: asyncio.Event) -> None:
+        """Stop the watcher. A cancel alone may be lost: under every nats-py request is Python 3.11's
+        `asyncio.wait_for`, which returns a reply that arrived in the same loop step as the cancel instead of
+        raising, and the watch loop would then go on for good with this run waiting for it (the likely cause of a
+        finished batch left `in_progress` with no log line). The flag ends the loop at its next turn whatever
+        happens to the cancel, and the wait for it is bounded."""
+        lines_done.set()
+        watcher.cancel()
+        done, _ = await asyncio.wait({watcher}, timeout=_WATCHER_STOP_S)
+        if not done:  # it ends after its NATS call; a write it makes meanwhile is a compare-and-swap like ours
+            log.warning("batch.watcher_slow_to_stop", batch_id=self._id)
+
     def _stop(self, reason: str) -> None:
         """Stop starting lines and cancel the running ones (their generations are cancelled on the workers);
         finished results stay stored."""
@@ -303,3 +340,16 @@ class JobRun:
         self._stopped.set()
         for task in list(self._in_flight):
             task.cancel()
+
+
+class _Moving:
+    """A file being written that tells the run each chunk arrived (nats-py writes the object store's chunks with
+    `write`, on an executor thread)."""
+
+    def __init__(self, target: BinaryIO, moved: Callable[[], None]):
+        self._target = target
+        self._moved = moved
+
+    def write(self, chunk: bytes) -> int:
+        self._moved()
+        return self._target.write(chunk)

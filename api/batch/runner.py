@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from api.auth.metering import Meter
-from api.batch.job import Fenced, JobRun, RunnerContext
+from api.batch.job import STALL_S, Fenced, JobRun, RunnerContext
 from api.generation import Timeouts
 from api.job_tickets import heartbeat_interval, keep_alive, pull_tickets
 from api.services import Services
@@ -31,6 +31,7 @@ from contracts import BatchStatus, BatchTicket
 log = structlog.get_logger(__name__)
 
 _RETRY_DELAY_S = 5.0  # a batch whose run failed unexpectedly is retried (by any runner) after this
+_GIVE_UP_WAIT_S = 5.0  # how long a run given up (stalled, or the runner stopping) is waited for
 
 
 class BatchRunner:
@@ -40,6 +41,7 @@ class BatchRunner:
         storage: BatchStorage,
         nc: NatsClient,
         meter_for_owner: Callable[[str], Awaitable[Meter | None]] | None = None,
+        stall_s: float = STALL_S,
     ):
         settings = services.settings
         lines = services.engine.in_lane(
@@ -55,6 +57,7 @@ class BatchRunner:
             line_concurrency=settings.batch_line_concurrency,
             max_lines=settings.batch_max_lines,
             meter_for_owner=meter_for_owner,
+            stall_s=stall_s,
         )
         self._storage = storage
         self._max_jobs = settings.batch_jobs_per_runner
@@ -86,13 +89,26 @@ class BatchRunner:
         except ValidationError:
             await msg.term()  # can never name a batch
             return
+        run = JobRun(self._context, ticket.batch_id)
+        work = asyncio.create_task(run.run(), name=f"batch-{ticket.batch_id}")
         heartbeat = asyncio.create_task(keep_alive(msg, self._heartbeat_s, "batch"))
         try:
-            await JobRun(self._context, ticket.batch_id).run()
+            if not await self._finished(work, run):
+                log.error(
+                    "batch.stalled",
+                    batch_id=ticket.batch_id,
+                    runner_id=self.runner_id,
+                    stalled_s=round(run.stalled_for(), 1),
+                )
+                await _give_up(work)
+                await _quietly(msg.nak())  # another runner claims it at once, which fences this run for good
+                return
+            await work
         except Fenced:
             log.warning("batch.fenced", batch_id=ticket.batch_id, runner_id=self.runner_id)
             return  # the ticket belongs to the runner that took over: no ack, no nak
         except asyncio.CancelledError:
+            await asyncio.shield(_give_up(work))
             await asyncio.shield(_quietly(msg.nak()))  # shutting down: someone else takes it now
             raise
         except Exception:
@@ -102,6 +118,15 @@ class BatchRunner:
         finally:
             heartbeat.cancel()
         await _quietly(msg.ack())  # only now: the batch's final state is stored
+
+    async def _finished(self, work: asyncio.Task, run: JobRun) -> bool:
+        """Wait for the run; False if it stalls (did nothing for `stall_s` outside its lines) first: holding the
+        ticket then only keeps every other runner from finishing the batch, which a new claim does in moments."""
+        while not work.done():
+            await asyncio.wait({work}, timeout=self._heartbeat_s)
+            if not work.done() and run.stalled_for() > self._context.stall_s:
+                return False
+        return True
 
     async def _sweep_orphans(self) -> None:
         """Queue a ticket again for every batch nobody ever claimed (an api replica died between storing the job
@@ -118,6 +143,20 @@ class BatchRunner:
                             log.warning("batch.orphan_requeued", batch_id=job.id)
             except BrokerError as exc:  # NATS reconnecting: the next sweep retries
                 log.warning("batch.sweep_failed", error=str(exc))
+
+
+async def _give_up(work: asyncio.Task) -> None:
+    """Cancel a run and wait a little for it. A stalled run may not end at once (a cancel can be lost in nats-py,
+    see JobRun._stop_watching); left behind, it writes nothing more once a new claim fences it."""
+    work.cancel()
+    await asyncio.wait({work}, timeout=_GIVE_UP_WAIT_S)
+    if not work.done():
+        work.add_done_callback(_forget)
+
+
+def _forget(work: asyncio.Task) -> None:
+    if not work.cancelled() and work.exception() is not None:
+        log.info("batch.abandoned_run_ended", error=repr(work.exception()))
 
 
 async def _quietly(action) -> None:

@@ -9,7 +9,8 @@ import asyncio
 import pytest
 
 from api.engine_client import Generation, Timeouts
-from contracts import Accepted, ChoiceDelta, End, GenerateRequest, SamplingParams, Tokens, Usage
+from api.errors import ApiError
+from contracts import Accepted, ChoiceDelta, End, ErrorCode, GenerateRequest, SamplingParams, Tokens, Usage
 from tests.api.test_generation_gaps import RecordingClient, tokens
 
 pytestmark = pytest.mark.asyncio
@@ -150,3 +151,74 @@ async def test_a_resubmission_another_edge_queued_and_runs_is_followed_not_super
     await asyncio.wait_for(task, 5)
     assert [r.attempt for r in client.published] == [2]
     assert delivered(received) == [10, 11, 12, 13]
+
+
+def last_attempt_with_a_hole() -> asyncio.Queue:
+    """A journal whose request used every attempt (Timeouts.max_attempts, 3): attempts 1 and 2 went silent, and
+    attempt 3 lost its second token event in transit (a NATS node failure), then finished."""
+    journal: asyncio.Queue = asyncio.Queue()
+    for event in (
+        accepted(1),
+        tokens(1, 1, 10),
+        accepted(2, resumed=1),
+        accepted(3, resumed=1),
+        tokens(3, 1, 11),
+        tokens(3, 3, 13, "length"),  # seq 2 (token 12) was lost
+        end(3, 4, 4),
+    ):
+        journal.put_nowait(event)
+    return journal
+
+
+async def test_a_retried_post_starts_a_new_attempt_where_the_last_one_has_a_hole() -> None:
+    """Found by the chaos run (seed 2026, 10 minutes): two keyed chats whose last attempt had a hole in its
+    events answered every retry with the same key (77 and 83 of them) 503 `worker_lost`, until the client gave
+    up: the key was stuck until the journal forgot it. A retried POST holds none of the text yet: it continues
+    the request on a new attempt from the tokens before the hole."""
+    client, journal = RecordingClient(), last_attempt_with_a_hole()
+    received: list = []
+
+    async def consume() -> None:
+        async for event in Generation(client, request(), journal, follower=Follower(), own_attempts=True):
+            received.append(event)
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(published(client, 1), 5)  # before: WORKER_LOST at the hole
+    [attempt] = client.published
+    assert (attempt.attempt, attempt.resume_token_ids, attempt.sampling) == (4, [10, 11], request().sampling)
+    for event in (accepted(4, resumed=2), tokens(4, 1, 12), tokens(4, 2, 13, "length"), end(4, 3, 4)):
+        journal.put_nowait(event)
+    await asyncio.wait_for(task, 5)
+    assert delivered(received) == [10, 11, 12, 13]
+    assert received[-1].kind == "end" and received[-2].choices[0].finish_reason == "length"
+
+
+async def test_a_last_event_id_resume_of_a_last_attempt_with_a_hole_is_still_a_clear_error() -> None:
+    """Its client holds text from the stream it lost; the request has used its attempts: a clear error."""
+    client = RecordingClient()
+    received: list = []
+    with pytest.raises(ApiError) as raised:
+        async for event in Generation(client, request(), last_attempt_with_a_hole(), follower=Follower()):
+            received.append(event)
+    assert raised.value.info.code is ErrorCode.WORKER_LOST
+    assert delivered(received) == [10, 11] and client.published == []
+
+
+async def test_a_retried_post_starts_a_bounded_number_of_attempts_of_its_own() -> None:
+    """Workers that take the retried request and go silent: it starts max_attempts - 1 attempts of its own, then
+    answers the clear error (a next retry of the client may start more)."""
+    journal = last_attempt_with_a_hole()
+
+    class SilentWorkers(RecordingClient):
+        async def publish(self, request: GenerateRequest) -> bool:
+            journal.put_nowait(accepted(request.attempt, resumed=len(request.resume_token_ids)))
+            return await super().publish(request)
+
+    client = SilentWorkers()
+    client.timeouts = Timeouts(queue_s=1.0, silence_s=0.1)
+    generation = Generation(client, request(), journal, follower=Follower(), own_attempts=True)
+    with pytest.raises(ApiError) as raised:
+        async for _ in generation:
+            pass
+    assert raised.value.info.code is ErrorCode.WORKER_LOST
+    assert [r.attempt for r in client.published] == [4, 5]

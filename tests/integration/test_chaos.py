@@ -19,11 +19,6 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(900)]
 SEED = int(os.environ.get("INFERQ_CHAOS_SEED", "22"))  # fixed in CI: a failure is reproducible as it is
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open findings in docs/reliability.md: after the batch-lane fixes, seed 22 once left a finished batch "
-    "in_progress until its runner's api stopped; a lost ack can redeliver a live request (generated twice)",
-)
 async def test_a_seeded_fault_schedule_loses_and_doubles_nothing(tmp_path: Path) -> None:
     report = await run_chaos(ChaosConfig(minutes=1.5, seed=SEED, root=tmp_path, steady_s=20.0))
     assert report.faults, report.render()  # the schedule did strike

@@ -3,15 +3,18 @@ nothing it writes afterwards lands, and its successor finishes the batch from th
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
+from pathlib import Path
 
 import pytest
 
 from api.batch.job import Fenced, JobRun, RunnerContext
 from broker.batch_store import BatchStorage
 from contracts import BatchJob, BatchStatus, FilePurpose, FileRecord, LineResult
+from contracts.batch import RequestCounts
 
 pytestmark = pytest.mark.asyncio
 
@@ -54,7 +57,10 @@ async def seed_batch(
         created_at=now,
         expires_at=now + 3600,
     )
-    await storage.jobs.create(job.transition(BatchStatus.IN_PROGRESS, now).transition(status, now))
+    job = job.transition(
+        BatchStatus.IN_PROGRESS, now, request_counts=RequestCounts(total=len(lines), completed=len(done))
+    )
+    await storage.jobs.create(job if status is BatchStatus.IN_PROGRESS else job.transition(status, now))
     for cid in done:
         await storage.results.put_once(batch_id, LineResult(custom_id=cid, status_code=200, body={"id": cid}))
 
@@ -84,3 +90,34 @@ async def test_a_cancelled_batch_keeps_finished_lines_and_reports_the_rest(batch
     [line] = [json.loads(raw) for raw in errors.getvalue().splitlines()]
     assert line["custom_id"] == "queued" and line["error"]["code"] == "batch_cancelled"
     assert await batch_storage.results.get("batch_cx", "done") is None  # purged: the files hold the results now
+
+
+async def test_a_watcher_whose_cancel_was_lost_does_not_keep_a_finished_batch_running(
+    batch_storage: BatchStorage,
+) -> None:
+    """Chaos run, seed 22: a batch whose 16 lines were all done stayed `in_progress` for 5 minutes, its runner
+    silent. The run cancelled its progress watcher after the lines and waited for it; a cancel that meets the
+    reply of the watcher's NATS call in the same loop step is lost (Python 3.11's asyncio.wait_for, under every
+    nats-py request, returns the reply instead of raising), and the watch loop went on for good. Here the
+    watcher's look at the job loses the cancel the same way."""
+    await seed_batch(batch_storage, "batch_watch", ["a", "b"], done=["a", "b"], status=BatchStatus.IN_PROGRESS)
+    looking = asyncio.Event()
+
+    class LostCancel(JobRun):
+        async def _run_lines(self, path: Path) -> None:
+            await super()._run_lines(path)
+            await looking.wait()  # the lines end while the watcher waits for NATS
+
+        async def _fresh(self):  # only the watcher calls it here (its job shows no new counts)
+            fresh = await super()._fresh()
+            looking.set()
+            try:
+                await asyncio.sleep(0.2)  # the reply is in when the cancel comes
+            except asyncio.CancelledError:
+                pass  # what wait_for does with a cancel that meets a reply
+            return fresh
+
+    # Before: never returned (the run waited for a watcher that kept watching).
+    await asyncio.wait_for(LostCancel(context(batch_storage, "r"), "batch_watch").run(), 15)
+    done = (await batch_storage.jobs.get("batch_watch")).record
+    assert done.status is BatchStatus.COMPLETED and done.request_counts.completed == 2

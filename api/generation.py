@@ -184,9 +184,9 @@ class Generation:
 
     async def _check_queue(self) -> Sequence[Tokens | End]:
         """Queued and silent. A request that left the queue (a worker took it and acked it; the ack and its
-        `accepted` event go out side by side, in either order) and still showed nothing a silence timeout later had its events lost (the edge's NATS node died with them,
-        or the worker died right after taking it): continue on a new attempt rather than wait out the whole
-        queue timeout (600 s for batch lines)."""
+        `accepted` event go out side by side, in either order) and still showed nothing a silence timeout later
+        had its events lost (the edge's NATS node died with them, or the worker died right after taking it):
+        continue on a new attempt rather than wait out the whole queue timeout (600 s for batch lines)."""
         if await self._port.still_queued(self.request) is not False:
             self._left_queue_at = None
             return ()

@@ -10,8 +10,9 @@ Each round sends `--concurrency` requests at once, all with the same schema (wha
 mode, the modes in a shuffled order per round so a machine busier for a while skews both alike. Reported per
 mode: the wall time of each request's check from its side (what `inferq:structured_validation_seconds`
 measures) over the rounds after the first (p50, p99, max), the first round's slowest, the process CPU per
-request, and the event loop's worst lag (a 1 ms ticker's overshoot while the checks run: it stays at the
-machine's scheduling noise when nothing blocks the loop). On a shared machine read the ratios.
+request, the event loop's worst lag (a 1 ms ticker's overshoot while the checks run: it stays at the machine's
+scheduling noise when nothing blocks the loop), and how many checks refused the (valid) schema. On a shared
+machine read the ratios.
 
     PYTHONPATH=$PWD python scripts/structured_edge_validation.py --rounds 20 --concurrency 1,32
 """
@@ -26,6 +27,7 @@ import sys
 import time
 from typing import Any
 
+from api.errors import ApiError
 from api.structured import StructuredValidation, check_before_queueing
 from contracts.constraints import JsonSchemaConstraint
 from ops.bench.structured import BENCH_SCHEMA, large_schema
@@ -47,9 +49,15 @@ async def _loop_lag(stop: asyncio.Event) -> float:
 async def one_round(
     constraint: JsonSchemaConstraint, concurrency: int, validation: StructuredValidation | None
 ) -> dict[str, Any]:
+    refused = 0
+
     async def timed() -> float:
+        nonlocal refused
         started = time.perf_counter()
-        await check_before_queueing(constraint, "response_format", validation)
+        try:
+            await check_before_queueing(constraint, "response_format", validation)
+        except ApiError:  # a valid schema refused: the compile-time backstop (wall time before 2026-12-07)
+            refused += 1
         return time.perf_counter() - started
 
     stop = asyncio.Event()
@@ -59,7 +67,7 @@ async def one_round(
     walls = await asyncio.gather(*(timed() for _ in range(concurrency)))
     cpu = time.process_time() - cpu
     stop.set()
-    return {"walls": list(walls), "cpu_per_request": cpu / concurrency, "loop_lag": await ticker}
+    return {"walls": list(walls), "cpu_per_request": cpu / concurrency, "loop_lag": await ticker, "refused": refused}
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -85,6 +93,7 @@ async def measure(schema: str, concurrency: int, rounds: int, rng: random.Random
             "first_round_max_ms": max(results[0]["walls"]) * 1e3,
             "cpu_ms_per_request": statistics.median(r["cpu_per_request"] for r in results[1:]) * 1e3,
             "loop_lag_max_ms": max(r["loop_lag"] for r in results) * 1e3,
+            "refused": sum(r["refused"] for r in results),
         }
     return summary
 
@@ -97,7 +106,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    columns = ("p50_ms", "p99_ms", "max_ms", "first_round_max_ms", "cpu_ms_per_request", "loop_lag_max_ms")
+    columns = ("p50_ms", "p99_ms", "max_ms", "first_round_max_ms", "cpu_ms_per_request", "loop_lag_max_ms", "refused")
     sys.stdout.write(f"{'schema':<7}{'conc':>5} {'mode':<8}" + "".join(f"{c:>20}" for c in columns) + "\n")
     for schema in args.schema.split(","):
         for concurrency in (int(part) for part in args.concurrency.split(",")):

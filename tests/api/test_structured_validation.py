@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -128,3 +129,17 @@ async def test_an_agent_sending_the_same_tools_every_turn_pays_once(compiles: Co
     for _turn in range(3):
         await plan_tools([WEATHER, TIME], "required", chat_template=None).check(validation)
     assert compiles.count == 3  # two tool schemas and the forced call envelope, on the first turn only
+
+
+def test_time_spent_waiting_for_a_core_is_not_compile_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 0.5 s backstop counts the validating thread's CPU: on a loaded machine 32 concurrent validations of a
+    valid 12 KiB schema each took over 0.5 s of wall time, waiting; that must not make the schema a 400. The
+    seam: the grammar translation sleeps (wall time passes, no CPU is spent)."""
+    translate = structured.grammar_for
+
+    def waiting_for_a_core(constraint):
+        time.sleep(structured.MAX_COMPILE_SECONDS + 0.1)
+        return translate(constraint)
+
+    monkeypatch.setattr(structured, "grammar_for", waiting_for_a_core)
+    structured.validate_constraint(LARGE, param="response_format")

@@ -40,6 +40,7 @@ from api.serving.deployments import Deployments
 from api.serving.files import FILES_PATH, MULTIPART_OVERHEAD, size_limit_message
 from api.serving.metrics import FleetMetrics
 from api.serving.response_runner import ResponseRunner
+from api.structured import StructuredValidation
 from api.validation_metrics import ValidationMeter
 from broker.batch_store import BatchStorage
 from broker.connection import NatsAuth, connect
@@ -86,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
                 if settings.affinity
                 else None
             )
+            validation_meter = ValidationMeter(edge_id)
             app.state.services = services = Services(
                 settings=settings,
                 catalog=catalog,
@@ -99,7 +101,7 @@ def create_app(settings: Settings) -> FastAPI:
                 responses=await ResponseStore.open(
                     js, settings.response_job_ack_wait_s, settings.response_ttl_s, settings.nats_replicas
                 ),
-                structured_validation=ValidationMeter(edge_id),
+                structured_validation=StructuredValidation(validation_meter),
             )
             runner = (
                 BatchRunner(services, services.batches, nc, meter_for_owner=auth_gate.meter_for_owner)
@@ -116,7 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
                 services.catalog,
                 settings.metrics_scrape_timeout_s,
                 settings.supervisor_status_file,
-                tuple(c for c in (affinity, services.structured_validation) if c is not None),
+                tuple(c for c in (affinity, validation_meter) if c is not None),
             )
             log.info("api.ready", edge_id=edge_id)
             yield

@@ -5,7 +5,7 @@ reservation travels with the client the route passes down, not in ambient state.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends
 from starlette.requests import HTTPConnection
@@ -13,10 +13,12 @@ from starlette.requests import HTTPConnection
 from api.auth.caller import cache_salt, get_caller
 from api.catalog import ModelCatalog
 from api.engine_client import EngineClient
-from api.validation_metrics import ValidationMeter
 from broker.batch_store import BatchStorage
 from broker.response_store import ResponseStore
 from common.settings import Settings
+
+if TYPE_CHECKING:
+    from api.structured import StructuredValidation  # llguidance: imported where constraints are validated
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +29,7 @@ class Services:
     batches: BatchStorage | None = None  # files, batch jobs and their results (the /v1/files and /v1/batches APIs)
     responses: ResponseStore | None = None  # stored responses of /v1/responses
     cache_salt: str | None = None  # the caller's prefix-cache partition, set on the generations it queues
-    structured_validation: ValidationMeter | None = None  # time spent validating constraints (GET /metrics)
+    structured_validation: StructuredValidation | None = None  # constraints validated here, and its meter
 
 
 def get_services(connection: HTTPConnection) -> Services:

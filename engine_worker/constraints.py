@@ -4,8 +4,9 @@ matcher that says which tokens may come next, as a bitmask the sampler applies t
 Wired into the engine by engine_worker/structured_decoding.py (issue #16, docs/structured-outputs.md).
 
 - `GrammarCompiler` (one per worker): the llguidance tokenizer built once from the HF tokenizer (~0.5 s for
-  SmolLM2), and a bounded LRU of compiled grammars keyed by `constraint_key`. A cached entry is a pristine matcher;
-  each sequence gets a `deep_copy()` of it (~10 us, against 0.5-5 ms to build the parser again).
+  SmolLM2), `compile` (any thread: llguidance drops the GIL while it builds a parser), and a bounded LRU of
+  compiled grammars keyed by `constraint_key`. A cached entry is a pristine matcher; each sequence gets a
+  `deep_copy()` of it (~10 us, against 0.5-5 ms to build the parser again).
 - `ConstraintMatcher` (one per constrained sequence): fill the allowed-token bitmask into a buffer the caller owns
   (one int32 word per 32 tokens; NumPy here, a torch CPU tensor's `.numpy()` view in the sampler), consume sampled
   tokens, check and roll back speculative drafts, replay resumed tokens.
@@ -174,13 +175,10 @@ class ConstraintMatcher:
         self.num_consumed -= num_tokens
 
 
-@dataclass(slots=True)
-class _Compiled:
-    pristine: llguidance.LLMatcher  # never advanced: sequences get copies
-
-
 class GrammarCompiler:
-    """Compiles constraints for one tokenizer and vocabulary. Not thread-safe (the engine thread owns it)."""
+    """Compiles constraints for one tokenizer and vocabulary. `compile` may run on any thread (it reads only the
+    tokenizer and limits, both immutable, and llguidance drops the GIL while it builds the parser); the cache and
+    the matchers belong to one thread (the engine thread)."""
 
     def __init__(
         self,
@@ -196,10 +194,10 @@ class GrammarCompiler:
         self.words = bitmask_words(self.vocab_size)
         self.eos_token_ids = frozenset(tokenizer.eos_tokens)
         self._limits = limits or parser_limits()
-        self._cache: OrderedDict[str, _Compiled] = OrderedDict()
+        self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()  # key -> pristine (never advanced)
         self._cache_size = cache_size
         self.cache_hits = 0
-        self.cache_misses = 0
+        self.cache_misses = 0  # grammars compiled into the cache
 
     @classmethod
     def from_hf_tokenizer(
@@ -219,14 +217,9 @@ class GrammarCompiler:
         tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=eos)
         return cls(tokenizer, cache_size=cache_size)
 
-    def _compiled(self, constraint: Constraint) -> _Compiled:
-        key = constraint_key(constraint)
-        entry = self._cache.get(key)
-        if entry is not None:
-            self._cache.move_to_end(key)
-            self.cache_hits += 1
-            return entry
-        self.cache_misses += 1
+    def compile(self, constraint: Constraint) -> llguidance.LLMatcher:
+        """A pristine matcher for `constraint` (0.5-5 ms, up to the limits' worth for a large schema); raises
+        ConstraintError. Touches no cache, so any thread may call it."""
         try:
             grammar = grammar_for(constraint)
         except ValueError as exc:
@@ -234,15 +227,37 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self._limits)
         if matcher.is_error():
             raise ConstraintError(matcher.get_error())
-        entry = self._cache[key] = _Compiled(matcher)
+        return matcher
+
+    def cached(self, key: str) -> llguidance.LLMatcher | None:
+        """The pristine matcher compiled for `key` (`constraint_key`), now the most recently used; None on a miss."""
+        pristine = self._cache.get(key)
+        if pristine is not None:
+            self._cache.move_to_end(key)
+            self.cache_hits += 1
+        return pristine
+
+    def store(self, key: str, pristine: llguidance.LLMatcher) -> None:
+        """Keep a compiled grammar, evicting the least recently used beyond the cache size."""
+        self.cache_misses += 1
+        self._cache[key] = pristine
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return entry
 
     def matcher(self, constraint: Constraint, replay: Sequence[int] = ()) -> ConstraintMatcher:
-        """A fresh matcher for one sequence, advanced over `replay` (tokens already generated under this
-        constraint: resumed tokens from an earlier attempt, or a preempted sequence's output on recompute)."""
-        matcher = ConstraintMatcher(self._compiled(constraint).pristine.deep_copy(), self.words, self.eos_token_ids)
+        """A fresh matcher for one sequence, compiling here on a cache miss (the engine compiles on its compile
+        thread instead: structured_decoding.py)."""
+        key = constraint_key(constraint)
+        pristine = self.cached(key)
+        if pristine is None:
+            pristine = self.compile(constraint)
+            self.store(key, pristine)
+        return self.matcher_from(pristine, replay)
+
+    def matcher_from(self, pristine: llguidance.LLMatcher, replay: Sequence[int] = ()) -> ConstraintMatcher:
+        """A copy of a compiled grammar (~10 us) advanced over `replay`: tokens already generated under this
+        constraint (resumed tokens from an earlier attempt). Raises ConstraintViolation if they do not fit."""
+        matcher = ConstraintMatcher(pristine.deep_copy(), self.words, self.eos_token_ids)
         matcher.consume(replay)
         return matcher
 

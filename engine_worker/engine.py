@@ -36,6 +36,10 @@ __all__ = ["Engine", "EngineConfig"]
 
 log = structlog.get_logger(__name__)
 
+# An engine with nothing to run but grammars compiling waits this long at most per step for one to finish: short
+# enough that aborts and new requests still get in promptly, long enough not to spin.
+COMPILE_WAIT_S = 0.01
+
 
 class Engine:
     def __init__(
@@ -67,6 +71,7 @@ class Engine:
         self.num_accepted_tokens_total = 0
         self._requests: dict[str, RequestState] = {}
         self._pending: list[RequestOutput] = []  # abort outputs, returned by the next step
+        self._rejected: list[tuple[str, InvalidRequest]] = []  # failed after admission (`take_rejected`)
         self._arrivals = 0
         self._seq_ids = itertools.count(1)
         log.info(
@@ -133,7 +138,8 @@ class Engine:
         self.limits.check_generate(request)
         if request.request_id in self._requests:
             raise InvalidRequest(f"request {request.request_id!r} is already running")
-        matchers = self.structured.matchers(request, request.sampling.num_candidates)
+        count = request.sampling.num_candidates
+        matchers = self.structured.matchers_now(request, count)
         cache_keys = self.prefix.keys(request) if self.prefix is not None else []
         self._arrivals += 1
         state = new_request_state(
@@ -141,14 +147,23 @@ class Engine:
             self.tokenizer,
             self.eos_token_ids,
             self.max_model_len,
-            matchers,
+            matchers or [None] * count,
             cache_keys,
             self._arrivals,
             self._seq_ids,
         )
         self._requests[request.request_id] = state
-        for seq in state.seqs:
-            self.scheduler.add(seq)
+        if matchers is None:
+            self.structured.wait_for_grammar(state)  # `_admit_compiled` schedules it once compiled
+        else:
+            for seq in state.seqs:
+                self.scheduler.add(seq)
+
+    def take_rejected(self) -> list[tuple[str, InvalidRequest]]:
+        """Requests failed after `add_request` returned (their grammar did not compile, or their resumed tokens do
+        not fit it), with the reason; each is handed out once, and nothing else is ever reported for it."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
 
     def abort_request(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)
@@ -163,8 +178,11 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule → run → postprocess. Returns what each request has new (and pending aborts)."""
         outputs, self._pending = self._pending, []
+        self._admit_compiled()
         batch = self._schedule()
         if batch.is_empty:
+            if not outputs:  # nothing to run but grammars compiling: wait for one rather than spin
+                self.structured.wait_for_compiles(COMPILE_WAIT_S)
             return outputs
         sample_seqs = [seq for seq, n in batch.scheduled if seq.num_computed_tokens + n >= seq.num_tokens]
         result = self._run(batch, sample_seqs)
@@ -175,6 +193,22 @@ class Engine:
         for seq in sample_seqs:
             self._accept(seq, list(itertools.islice(sampled, len(seq.draft_token_ids) + 1)))
         return outputs + self._collect_outputs(sample_seqs)
+
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar compiled since the last step join the scheduler (in their arrival order, which
+        they keep); those it failed are rejected. A request aborted meanwhile is gone already."""
+        for state, matchers in self.structured.compiled():
+            if self._requests.get(state.request_id) is not state:
+                continue  # aborted while its grammar compiled (its id may even be in use again)
+            if isinstance(matchers, InvalidRequest):
+                del self._requests[state.request_id]
+                for seq in state.seqs:
+                    self.scheduler.finish(seq)  # never scheduled: this only marks it finished
+                self._rejected.append((state.request_id, matchers))
+                continue
+            for seq, matcher in zip(state.seqs, matchers, strict=True):
+                seq.matcher = matcher
+                self.scheduler.add(seq)
 
     def _schedule(self) -> SchedulerOutput:
         """Drafts for the running decodes (trimmed to what their grammars allow), then the batch and its KV moves."""

@@ -119,6 +119,13 @@ class EngineLoop:
         if outputs or stats is not None:
             self._on_outputs(outputs, stats)
 
+    def _report_rejected(self) -> None:
+        """Requests an engine failed after accepting them (a grammar that did not compile on its compile
+        thread); engines that never do so have no `take_rejected`."""
+        take = getattr(self._engine, "take_rejected", None)
+        for request_id, exc in take() if take is not None else ():
+            self._on_rejected(request_id, exc)
+
     def _run(self) -> None:
         release = getattr(self._engine, "release_idle_memory", None)
         idle_since: float | None = None  # None: busy (the idle clock starts at the next idle pass)
@@ -129,6 +136,7 @@ class EngineLoop:
                 if self._engine.has_unfinished_requests():
                     idle_since = None
                     self._hand_over(self._engine.step())
+                    self._report_rejected()
                 elif release is not None:
                     # Once per idle spell, after a pause, so back-to-back requests keep their warm pages.
                     now = time.monotonic()

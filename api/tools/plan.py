@@ -32,9 +32,7 @@ Decisions (docs/api.md, "Tool calling"):
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +40,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from api.errors import ApiError
-from api.structured import validate_constraint
+from api.structured import StructuredValidation
 from api.tools.definitions import (
     EMPTY_PARAMETERS,
     FunctionTool,
@@ -55,7 +53,6 @@ from api.tools.definitions import (
 from api.tools.formats import ToolFormat
 from api.tools.streaming import ToolCallStream
 from api.tools.templates import detect_format
-from api.validation_metrics import ValidationMeter
 from contracts import ErrorCode
 from contracts.constraints import Constraint, JsonSchemaConstraint
 
@@ -94,24 +91,15 @@ class ToolPlan:
     tool_schemas: tuple[JsonSchemaConstraint, ...] = ()  # each tool's parameters, checked by `check`
 
     # --- before queueing ----------------------------------------------------------------------------------------
-    async def check(self, meter: ValidationMeter | None = None) -> None:
+    async def check(self, validation: StructuredValidation | None = None) -> None:
         """Compile every tool's parameter schema and the constraint as a worker will; ApiError 400 naming the
-        first that does not (llguidance releases the GIL, so this runs in a thread). `meter`: where the time it
-        took goes (refusals included), as for `check_before_queueing`."""
-        if not self.tool_schemas and self.constraint is None:
-            return
-        started = time.perf_counter()
-        try:
-            await asyncio.to_thread(self._check)
-        finally:
-            if meter is not None:
-                meter.observe(time.perf_counter() - started)
-
-    def _check(self) -> None:
-        for index, schema in enumerate(self.tool_schemas):
-            validate_constraint(schema, param=f"tools[{index}].function.parameters")
+        first that does not (in a thread: llguidance releases the GIL). `validation`: the app's, which skips what
+        it validated before (an agent sends the same tools every turn) and times the check, as for
+        `check_before_queueing`."""
+        checks = [(schema, f"tools[{index}].function.parameters") for index, schema in enumerate(self.tool_schemas)]
         if self.constraint is not None:
-            validate_constraint(self.constraint, param=self.constraint_param)
+            checks.append((self.constraint, self.constraint_param))
+        await (validation or StructuredValidation()).check(checks)
 
     # --- the prompt ---------------------------------------------------------------------------------------------
     def template_kwargs(self) -> dict[str, Any]:

@@ -38,6 +38,20 @@ def constrained(request_id: str, prompt: list[int], constraint, **sampling):
     return make_request(request_id, prompt, **sampling).model_copy(update={"constraint": constraint})
 
 
+def run_collecting_rejections(engine, deadline_s: float = 120.0) -> tuple[dict[str, list], dict[str, InvalidRequest]]:
+    """Step until nothing is left, as the engine loop does: outputs by request, and the requests failed after
+    admission (`take_rejected`) with their reason."""
+    outputs: dict[str, list] = {}
+    rejected: dict[str, InvalidRequest] = {}
+    deadline = time.monotonic() + deadline_s
+    while engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "engine did not finish"
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).append(output)
+        rejected.update(engine.take_rejected())
+    return outputs, rejected
+
+
 def masked_greedy(hf_model, engine, prompt: list[int], constraint, max_tokens: int) -> list[int]:
     """The reference: one HF forward per token, refused tokens set to -inf, argmax, until EOS or the grammar
     stops."""
@@ -99,15 +113,21 @@ def test_greedy_constrained_output_equals_the_masked_reference(engine_factory, h
     assert re.fullmatch(LONG_REGEX.pattern, text_by_choice(outputs["long"])[0])
 
 
-def test_a_resumed_constrained_request_continues_like_the_undisturbed_run(engine_factory) -> None:
+@pytest.mark.parametrize("where", ["same-worker", "fresh-worker"])
+def test_a_resumed_constrained_request_continues_like_the_undisturbed_run(engine_factory, where) -> None:
+    """Same worker: the grammar is cached and copied at admission; fresh worker (as after a crash): it is compiled
+    while the request waits, then the resumed tokens are replayed into the new matcher."""
     engine = engine_factory()
     prompt = prompt_of(9, 3)
     engine.add_request(constrained("whole", prompt, LONG_REGEX, temperature=0.0, max_tokens=160))
     whole = tokens_by_choice(run_to_completion(engine)["whole"])[0]
     assert len(whole) > 12
+    if where == "fresh-worker":
+        engine = engine_factory()
     engine.add_request(
         constrained("rest", prompt, LONG_REGEX, temperature=0.0, max_tokens=160, resume_token_ids=whole[:10])
     )
+    assert (engine.structured.compiling == 1) == (where == "fresh-worker")
     rest = tokens_by_choice(run_to_completion(engine)["rest"])[0]
     assert whole[:10] + rest == whole
 
@@ -155,33 +175,46 @@ def test_choice_and_json_object_and_max_tokens_cut(engine_factory) -> None:
     assert len(tokens_by_choice(outputs["cut"])[0]) == 5 and re.fullmatch(r"[a-z]*", text) and text
 
 
-def test_a_constraint_that_does_not_compile_or_fit_the_resume_is_refused(engine_factory) -> None:
+def test_a_constraint_that_does_not_compile_or_fit_the_resume_fails_only_its_request(engine_factory) -> None:
+    """Compiled off the engine thread, a bad constraint fails its request after admission (`take_rejected`, which
+    the engine loop reports like an admission refusal) while the batch goes on; a resume that does not fit a grammar
+    already cached is refused at admission."""
     engine = engine_factory()
-    with pytest.raises(InvalidRequest, match="constraint"):
-        engine.add_request(constrained("bad", prompt_of(5), RegexConstraint(pattern="(unclosed")))
+    digits = engine.tokenizer.encode("123", add_special_tokens=False)
+    engine.add_request(make_request("free", prompt_of(5), temperature=0.0, max_tokens=6, ignore_eos=True))
+    engine.add_request(constrained("bad", prompt_of(5, 1), RegexConstraint(pattern="(unclosed")))
+    engine.add_request(constrained("resume", prompt_of(5, 2), LONG_REGEX, max_tokens=50, resume_token_ids=digits))
+    outputs, rejected = run_collecting_rejections(engine)
+    assert set(rejected) == {"bad", "resume"} and set(outputs) == {"free"}
+    assert str(rejected["bad"]).startswith("constraint:")
+    assert "resume_token_ids do not fit the constraint" in str(rejected["resume"])
+    assert len(tokens_by_choice(outputs["free"])[0]) == 6
+    assert engine.structured.compiler.cache_len == 1  # LONG_REGEX compiled (only the resume did not fit)
     with pytest.raises(InvalidRequest, match="resume_token_ids"):
-        digits = engine.tokenizer.encode("123", add_special_tokens=False)
-        engine.add_request(constrained("resume", prompt_of(5), LONG_REGEX, max_tokens=50, resume_token_ids=digits))
-    assert not engine.has_unfinished_requests()
+        engine.add_request(constrained("again", prompt_of(5, 3), LONG_REGEX, max_tokens=50, resume_token_ids=digits))
+    assert not engine.has_unfinished_requests() and not engine.take_rejected()
 
 
 def test_a_tokenizer_llguidance_cannot_read_refuses_the_request_not_the_engine(engine_factory) -> None:
     engine = engine_factory()
     engine.structured._tokenizer = object()  # not a HF tokenizer
-    with pytest.raises(InvalidRequest, match="cannot be used for structured outputs"):
-        engine.add_request(constrained("x", prompt_of(5), LONG_REGEX, max_tokens=5))
+    engine.add_request(constrained("x", prompt_of(5), LONG_REGEX, max_tokens=5))
     engine.add_request(make_request("free", prompt_of(5), temperature=0.0, max_tokens=3, ignore_eos=True))
-    assert len(tokens_by_choice(run_to_completion(engine)["free"])[0]) == 3
+    outputs = run_to_completion(engine)
+    assert len(tokens_by_choice(outputs["free"])[0]) == 3 and "x" not in outputs
+    [(request_id, exc)] = engine.take_rejected()
+    assert request_id == "x" and "cannot be used for structured outputs" in str(exc)
 
 
 def test_masks_are_filled_while_the_forward_pass_runs(engine_factory) -> None:
     """The mask fill waits until the forward pass has begun: were masks still computed before `runner.run`, it
     would time out and record that the two did not overlap. The output must still obey the grammar."""
     engine = engine_factory()
+    engine.structured.compiler.matcher(LONG_REGEX)  # compiled ahead: every step runs the constrained request
     engine.add_request(constrained("long", prompt_of(9, 4), LONG_REGEX, temperature=0.0, max_tokens=20))
     engine.add_request(make_request("free", prompt_of(9, 5), temperature=0.0, max_tokens=20, ignore_eos=True))
     filler = engine.structured._filler
-    assert filler is not None  # built with the compiler, on admission of the constrained request
+    assert filler is not None  # built with the compiler
     forward_started = threading.Event()
     overlapped: list[bool] = []
     fill, run = filler.fill_with_drafts, engine.runner.run
@@ -206,6 +239,7 @@ def test_masks_are_filled_while_the_forward_pass_runs(engine_factory) -> None:
 def test_a_failed_forward_pass_still_waits_for_the_mask_fill(engine_factory) -> None:
     """No matcher may be touched while the mask thread reads it: the step settles the fill even when it raises."""
     engine = engine_factory()
+    engine.structured.compiler.matcher(LONG_REGEX)  # compiled ahead: the first step runs the constrained request
     engine.add_request(constrained("long", prompt_of(9, 6), LONG_REGEX, temperature=0.0, max_tokens=20))
     filler = engine.structured._filler
     assert filler is not None

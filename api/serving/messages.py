@@ -25,8 +25,21 @@ from api.serving.reattach import reattach_from, start
 from api.streaming import primed
 from api.tools.plan import ToolPlan, plan_tools, tool_finish_reason
 from api.tools.streaming import StreamDelta
+from contracts import ErrorCode
 
 ID_PREFIX = "msg"
+
+
+# Anthropic's SDK (its tool runner, `client.beta.messages.thread()`) asks the server to hold the conversation
+# (`thread`); this answer, with its machine-readable details, makes it go on without a thread, sending the whole
+# conversation each turn.
+def threads_unsupported() -> ApiError:
+    return ApiError(
+        ErrorCode.INVALID_REQUEST,
+        "thread: server-held conversation threads are not supported by this server; send the whole conversation",
+        param="thread",
+        details={"error_code": "thread_unsupported_request", "unsupported": ["thread"]},
+    )
 
 
 async def count_tokens(body: MessagesInput, services: Services) -> dict:
@@ -48,6 +61,8 @@ async def _prompt(body: MessagesInput, services: Services, model: ServedModel) -
 
 
 async def create_message(body: MessagesRequest, services: Services, http: Request):
+    if body.thread is not None:
+        raise threads_unsupported()
     model = await services.catalog.get(body.model)
     prompt, tools = await _prompt(body, services, model)
     await tools.check(services.structured_validation)  # the tools' input schemas (and the call envelope) compile

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import structlog
 from nats.js import JetStreamContext
@@ -27,21 +27,27 @@ BUSY = "busy"  # the chosen worker's own subject already holds `max_waiting` req
 UNAVAILABLE = "unavailable"  # the chosen worker has no own consumer (affinity off there) or NATS did not answer
 
 
-def explicit_key(body: GenerationFields) -> str | None:
-    """The client's own routing key: `prompt_cache_key` (OpenAI's), else `user`."""
-    if body.prompt_cache_key:
-        return "cache_key:" + body.prompt_cache_key
-    if body.user:
-        return "user:" + body.user
+def client_key(cache_key: str | None = None, user: str | None = None) -> str | None:
+    """The client's own routing key: its cache key (OpenAI's `prompt_cache_key`), else the id of its end user
+    (`user`, OpenAI's `safety_identifier`, Anthropic's `metadata.user_id`); None if it gave neither."""
+    if cache_key:
+        return "cache_key:" + cache_key
+    if user:
+        return "user:" + user
     return None
 
 
-def chat_key(body: GenerationFields, messages: Sequence[ChatMessage]) -> str:
-    """A conversation's key: the client's, else its opening, the messages up to and including the first user
-    message (characters, not tokens: no second template render). Every later turn of the conversation starts with
-    the same messages, and two conversations under one shared system prompt still differ by their first question,
-    which keying on the first prompt tokens alone would not tell apart."""
-    explicit = explicit_key(body)
+def explicit_key(body: GenerationFields) -> str | None:
+    """The routing key a chat or completions body gives: `prompt_cache_key`, else `user`."""
+    return client_key(body.prompt_cache_key, body.user)
+
+
+def conversation_key(messages: Iterable[ChatMessage], explicit: str | None = None) -> str:
+    """A conversation's key: the client's (`explicit`), else its opening, the messages up to and including the first
+    user message (characters, not tokens: no second template render). Every later turn of the conversation starts
+    with the same messages, and two conversations under one shared system prompt still differ by their first
+    question, which keying on the first prompt tokens alone would not tell apart. Every surface that renders a
+    conversation (chat, Responses, Messages) keys it here, from the chat messages it renders."""
     if explicit is not None:
         return explicit
     opening = []

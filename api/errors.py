@@ -63,10 +63,19 @@ _TYPE_BY_STATUS = {
 class ApiError(Exception):
     """Anything the edge refuses or cannot do, with a machine code; the status follows from the code."""
 
-    def __init__(self, code: ErrorCode, message: str, *, param: str | None = None, retry_after: float | None = None):
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+        details: dict | None = None,
+    ):
         super().__init__(message)
         self.info = ErrorInfo(code=code, message=message, param=param)
         self.retry_after = retry_after
+        self.details = details  # Anthropic's machine-readable `error.details`, which its SDK acts on
 
     @classmethod
     def from_info(cls, info: ErrorInfo) -> ApiError:
@@ -109,8 +118,9 @@ _ANTHROPIC_TYPE_BY_STATUS = _TYPE_BY_STATUS | {
 }
 
 
-def anthropic_error_body(status: int, message: str) -> dict:
-    return {"type": "error", "error": {"type": _ANTHROPIC_TYPE_BY_STATUS.get(status, "api_error"), "message": message}}
+def anthropic_error_body(status: int, message: str, details: dict | None = None) -> dict:
+    error = {"type": _ANTHROPIC_TYPE_BY_STATUS.get(status, "api_error"), "message": message}
+    return {"type": "error", "error": {**error, "details": details} if details else error}
 
 
 def _is_anthropic(connection: HTTPConnection | None) -> bool:
@@ -119,11 +129,17 @@ def _is_anthropic(connection: HTTPConnection | None) -> bool:
 
 
 def _error_json(
-    connection: HTTPConnection | None, status: int, message: str, *, code: str | None, param: str | None = None
+    connection: HTTPConnection | None,
+    status: int,
+    message: str,
+    *,
+    code: str | None,
+    param: str | None = None,
+    details: dict | None = None,
 ) -> dict:
     """The error body in the shape of the API the request was made to."""
     if _is_anthropic(connection):
-        return anthropic_error_body(status, message)
+        return anthropic_error_body(status, message, details)
     return error_body(status, message, code=code, param=param)
 
 
@@ -174,7 +190,9 @@ def validation_message(exc: ValidationError | RequestValidationError) -> tuple[s
 def _render(exc: ApiError, request: HTTPConnection | None = None) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
     status = status_for(exc, request)
-    body = _error_json(request, status, exc.info.message, code=exc.info.code.value, param=exc.info.param)
+    body = _error_json(
+        request, status, exc.info.message, code=exc.info.code.value, param=exc.info.param, details=exc.details
+    )
     return JSONResponse(body, status_code=status, headers=headers)
 
 

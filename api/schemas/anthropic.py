@@ -284,6 +284,9 @@ class MessagesRequest(MessagesInput):
     metadata: Metadata | None = None
     stream: bool = False
     service_tier: Literal["auto", "standard_only"] | None = None  # one tier here: accepted, no effect
+    # Server-held conversation state (the SDK's message threads): read only to refuse it in the way the SDK understands
+    # (api/serving/messages.py), after which it sends the whole conversation each turn.
+    thread: dict[str, Any] | None = None
 
     @field_validator("stop_sequences")
     @classmethod

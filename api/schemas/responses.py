@@ -92,6 +92,9 @@ class ResponseRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     user: str | None = None
+    # Routing hints (docs/routing.md): requests with the same key (of the same caller) go to the same worker.
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    safety_identifier: str | None = Field(default=None, max_length=1024)
     _constraint: Constraint | None = PrivateAttr(default=None)
     _function_tools: list[FunctionTool] = PrivateAttr(default_factory=list)
     _tool_choice: ToolChoice | None = PrivateAttr(default=None)
@@ -152,4 +155,6 @@ class ResponseRequest(BaseModel):
             "store": self.store,
             "background": self.background,
             "user": self.user,
+            "prompt_cache_key": self.prompt_cache_key,
+            "safety_identifier": self.safety_identifier,
         }

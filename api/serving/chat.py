@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from api.affinity import chat_key
+from api.affinity import conversation_key, explicit_key
 from api.auth.caller import get_caller
 from api.engine_client import Generation, merge
 from api.errors import ApiError
@@ -119,7 +119,8 @@ async def _submit(body: ChatCompletionRequest, services: Services, reattach: Rea
     await tools.check(services.structured_validation)
     response_id = reattach.response_id("chatcmpl")
     [request] = build_requests(services, model, [prompt], sampling, response_id, constraint=tools.constraint)
-    [generation] = await start(services.engine.routed_by(chat_key(body, body.messages)), [request], reattach)
+    engine = services.engine.routed_by(conversation_key(body.messages, explicit_key(body)))
+    [generation] = await start(engine, [request], reattach)
     return _Submitted(model.id, response_id, generation, tools)
 
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 
+from api.affinity import client_key, conversation_key
 from api.auth.caller import get_caller
 from api.catalog import ServedModel
 from api.engine_client import Generation, merge
@@ -24,8 +25,21 @@ from api.serving.reattach import reattach_from, start
 from api.streaming import primed
 from api.tools.plan import ToolPlan, plan_tools, tool_finish_reason
 from api.tools.streaming import StreamDelta
+from contracts import ErrorCode
 
 ID_PREFIX = "msg"
+
+
+# Anthropic's SDK (its tool runner, `client.beta.messages.thread()`) asks the server to hold the conversation
+# (`thread`); this answer, with its machine-readable details, makes it go on without a thread, sending the whole
+# conversation each turn.
+def threads_unsupported() -> ApiError:
+    return ApiError(
+        ErrorCode.INVALID_REQUEST,
+        "thread: server-held conversation threads are not supported by this server; send the whole conversation",
+        param="thread",
+        details={"error_code": "thread_unsupported_request", "unsupported": ["thread"]},
+    )
 
 
 async def count_tokens(body: MessagesInput, services: Services) -> dict:
@@ -47,6 +61,8 @@ async def _prompt(body: MessagesInput, services: Services, model: ServedModel) -
 
 
 async def create_message(body: MessagesRequest, services: Services, http: Request):
+    if body.thread is not None:
+        raise threads_unsupported()
     model = await services.catalog.get(body.model)
     prompt, tools = await _prompt(body, services, model)
     await tools.check(services.structured_validation)  # the tools' input schemas (and the call envelope) compile
@@ -54,7 +70,8 @@ async def create_message(body: MessagesRequest, services: Services, http: Reques
     reattach = reattach_from(http.headers, ID_PREFIX, get_caller(http).owner)
     request_id = reattach.response_id(ID_PREFIX)
     [request] = build_requests(services, model, [prompt], body.sampling(), request_id, constraint=tools.constraint)
-    [generation] = await start(services.engine, [request], reattach)  # reserves the caller's token budget
+    engine = services.engine.routed_by(routing_key(body))
+    [generation] = await start(engine, [request], reattach)  # reserves the caller's token budget
     reply = _Reply(message_id(request_id), model.id, len(prompt), tools, request_id)
     if body.stream:
         # The first event waits for the first output, so a failure before any (no worker, queue timeout) is a
@@ -66,6 +83,14 @@ async def create_message(body: MessagesRequest, services: Services, http: Reques
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     return await until_disconnected(http, reply.collect(generation))
+
+
+def routing_key(body: MessagesRequest) -> str:
+    """What the message's generation is routed by (api/affinity.py): `metadata.user_id` (Anthropic's end-user
+    id), else the conversation's opening (the system prompt and the first user message), which every later turn
+    of the conversation repeats."""
+    user = body.metadata.user_id if body.metadata else None
+    return conversation_key(body.chat_messages(), client_key(user=user))
 
 
 def message_id(request_id: str) -> str:

@@ -22,6 +22,7 @@ from api.job_tickets import heartbeat_interval, keep_alive, pull_tickets
 from api.services import Services
 from api.serving.reattach import Reattach, start
 from api.serving.response_events import TERMINAL, Event, ResponseEvents, answer_reader
+from api.serving.responses import routing_key
 from broker.errors import BrokerError
 from broker.response_store import ResponseStore
 from contracts import GenerateRequest
@@ -118,7 +119,8 @@ async def run_background(
     try:
         meter = await meter_for_owner(found.record.owner) if meter_for_owner else None
         # Attach to the generation if the journal has it (a runner before this one started it), else submit.
-        [generation] = await start(services.engine.charging(meter), [request], Reattach(request_id=request.request_id))
+        engine = services.engine.charging(meter).routed_by(routing_key(found.record))
+        [generation] = await start(engine, [request], Reattach(request_id=request.request_id))
         events = builder.run(generation, answer_reader(found.record, request.request_id))
     except Exception as exc:  # queueing failed: the response fails (nobody waits on an HTTP status)
         events = _one(builder.failed(as_api_error(exc)))

@@ -12,6 +12,7 @@ from contextlib import aclosing
 from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 
+from api.affinity import client_key, conversation_key
 from api.auth.caller import Caller, get_caller
 from api.engine_client import Generation
 from api.errors import ApiError
@@ -89,11 +90,23 @@ async def create_response(body: ResponseRequest, services: Services, http: Reque
     )
     if body.background:
         return await _start_background(services, record, request, stream=body.stream)
-    [generation] = await start(services.engine, [request], NEW)
+    [generation] = await start(services.engine.routed_by(routing_key(record)), [request], NEW)
     events = _foreground(services, record, generation, answer_reader(record, request.request_id), store=body.store)
     if body.stream:
         return sse_events(events)
     return await until_disconnected(http, _last_response(events))
+
+
+def routing_key(record: StoredResponse) -> str:
+    """What the response's generation is routed by (api/affinity.py): the client's key (`prompt_cache_key`, else
+    `user` or `safety_identifier`), else the opening of the conversation it continues. For a previous_response_id
+    chain that is the rebuilt conversation, so every turn of the chain (and a client that sends the whole
+    conversation each turn instead) keys the same. Read from the record alone, so that whichever replica runs a
+    background response routes it as the accepting one would."""
+    response = record.response
+    explicit = client_key(response.get("prompt_cache_key"), response.get("user") or response.get("safety_identifier"))
+    conversation = chat_messages(response.get("instructions"), [*record.history, *record.input_items])
+    return conversation_key(conversation, explicit)
 
 
 async def _foreground(

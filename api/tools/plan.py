@@ -206,11 +206,13 @@ def plan_tools(
             constraint=response_constraint,
             constraint_param=response_param,
         )
-    if envelope is not None and response_constraint is not None:
+    # A forced call has no text for a client constraint to shape, so the envelope alone constrains the answer (as
+    # OpenAI accepts both; agent SDKs send their output schema with every turn, the forced one included).
+    if envelope is not None and response_constraint is not None and not _is_forced(choice):
         raise _invalid(
             f"{response_param} cannot be combined with tool_choice {_choice_name(choice)} here: the tools already "
-            "constrain the answer (a client constraint joins tools only with tool_choice none, or auto on a model "
-            "whose chat template has its own tool format)",
+            "constrain the answer (a client constraint joins tools with tool_choice none, required or a named "
+            "function, or auto on a model whose chat template has its own tool format)",
             response_param,
         )
     return ToolPlan(

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from nats.js import errors as jse
 
-from api.affinity import AFFINE, BUSY, ONE_WORKER, UNAVAILABLE, AffinityRouter, chat_key, explicit_key
+from api.affinity import AFFINE, BUSY, ONE_WORKER, UNAVAILABLE, AffinityRouter, conversation_key, explicit_key
 from api.schemas.openai import ChatCompletionRequest, CompletionRequest
 from api.serving.metrics import render
 from broker import subjects
@@ -117,7 +117,7 @@ def test_keys_the_client_gives_come_first() -> None:
     body = ChatCompletionRequest(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], prompt_cache_key="conv-1", user="u"
     )
-    assert chat_key(body, body.messages) == "cache_key:conv-1"
+    assert conversation_key(body.messages, explicit_key(body)) == "cache_key:conv-1"
     assert explicit_key(CompletionRequest(model=MODEL, prompt="x", user="u")) == "user:u"
     assert explicit_key(CompletionRequest(model=MODEL, prompt="x")) is None
 
@@ -131,7 +131,7 @@ def test_a_conversation_is_keyed_by_its_opening() -> None:
 
     def key(messages):
         body = ChatCompletionRequest(model=MODEL, messages=messages)
-        return chat_key(body, body.messages)
+        return conversation_key(body.messages, explicit_key(body))
 
     assert key(turn1) == key(turn2)
     assert key(turn1) != key(other)

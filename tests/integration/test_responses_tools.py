@@ -157,8 +157,8 @@ BAD = [
     ({"input": [{"type": "function_call_output", "call_id": "call_x", "output": "1"}]}, "has no function_call"),
     ({"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]}, "unknown item type 'reasoning'"),
     (
-        {"input": "hi", "tools": [WEATHER], "tool_choice": "required", "text": {"format": {"type": "json_object"}}},
-        "text.format cannot be combined with tool_choice required",
+        {"input": "hi", "tools": [WEATHER], "tool_choice": "auto", "text": {"format": {"type": "json_object"}}},
+        "text.format cannot be combined with tool_choice auto",
     ),
     ({"input": "hi", "tools": [WEATHER, WEATHER]}, "used twice"),
     (

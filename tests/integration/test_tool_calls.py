@@ -314,9 +314,9 @@ BAD = {
         },
         "over the limit",
     ),
-    "a forced call and response_format": (
-        {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
-        "response_format cannot be combined with tool_choice required",
+    "auto in the generic envelope and response_format": (
+        {"tools": TOOLS, "tool_choice": "auto", "response_format": {"type": "json_object"}},
+        "response_format cannot be combined with tool_choice auto",
     ),
 }
 

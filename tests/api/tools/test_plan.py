@@ -84,8 +84,12 @@ def test_a_client_constraint_joins_only_plans_without_their_own(smollm2) -> None
     native = plan_tools(TOOLS, "auto", chat_template=HERMES_TEMPLATE, response_constraint=regex)
     assert native.constraint == regex and native.answer_format is ToolFormat.HERMES
     assert plan_tools(TOOLS, "none", chat_template=smollm2.chat_template, response_constraint=regex).constraint == regex
-    with pytest.raises(ApiError, match="response_format cannot be combined with tool_choice required"):
-        plan_tools(TOOLS, "required", chat_template=HERMES_TEMPLATE, response_constraint=regex)
+    # A forced call has no text to shape: the call's envelope is the constraint (agent SDKs send their output schema
+    # with every turn).
+    for forced in ("required", named("get_time")):
+        plan = plan_tools(TOOLS, forced, chat_template=HERMES_TEMPLATE, response_constraint=regex)
+        assert plan.constraint == plan_tools(TOOLS, forced, chat_template=HERMES_TEMPLATE).constraint != regex
+        assert plan.answer_format is ToolFormat.GENERIC
     with pytest.raises(ApiError, match="structured_outputs cannot be combined with tool_choice auto") as caught:
         plan_tools(
             TOOLS,

@@ -143,11 +143,12 @@ async def stream(nc, args: argparse.Namespace) -> int:
     request = build_request(
         args, request_id, prompt, subjects.token_subject(client_id, request_id), deadline=time.time() + 60
     )
-    if not await submit(js, request):
-        return 2
     try:
+        if not await submit(js, request):
+            return 2
         return await print_stream(events)
     except asyncio.CancelledError:  # Ctrl-C: stop the generation on the worker, not just our reading
+        # (also when it lands during the publish: the worker keeps the cancel of a request it has not pulled yet)
         await nc.publish(
             subjects.cancel_subject(request_id), CancelRequest(request_id=request_id, reason="ctrl-c").to_bytes()
         )
@@ -158,7 +159,12 @@ async def stream(nc, args: argparse.Namespace) -> int:
 
 async def print_stream(events: asyncio.Queue) -> int:
     while True:
-        event = parse_event(await asyncio.wait_for(events.get(), timeout=30))  # workers heartbeat every second
+        # Not asyncio.wait_for: on Python 3.11 a Ctrl-C (a cancel of this task) that lands once the next event is
+        # already taken but before wait_for returns is swallowed, and the whole answer streams on (exit 0). That
+        # window is wide when events pile up on a busy machine.
+        async with asyncio.timeout(30):  # workers heartbeat every second
+            data = await events.get()
+        event = parse_event(data)
         if event.kind == "tokens":
             sys.stdout.write("".join(choice.text for choice in event.choices if choice.index == 0))
             sys.stdout.flush()

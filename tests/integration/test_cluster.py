@@ -1,6 +1,7 @@
 """The multi-machine shape on one host: a 3-node JetStream cluster, two workers and two API processes, each on a
-different node. Requests through either API are served by either worker, from streams and buckets replicated
-to all three nodes, and keep being served after a node that no API uses goes down.
+different node, with the default settings (affinity on, docs/routing.md). Requests through either API are served
+by either worker, from streams and buckets replicated to all three nodes, and keep being served after a node that
+no API uses goes down; both APIs route one key to the same worker.
 
 Which worker served a request is read from the `accepted` event on its token subject (an observer on a third
 connection subscribes to `inf.tok.>`): nothing in the HTTP response names the worker."""
@@ -64,10 +65,9 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         served_model_name=MODEL,
         sim_tokens_per_s=40.0,
         max_num_seqs=2,
-        # The shared queue across the cluster is what this module proves (any edge, any worker); with affinity
-        # a prompt goes to the worker its key hashes to, and under a loaded CI box one (edge, worker) pair went
-        # unserved for six rounds. Affinity over NATS is tests/integration/test_affinity.py's.
-        affinity=False,
+        # A worker that misses two renewals is left out of routing (half a TTL): twice the default, as a loaded CI
+        # box has delayed renewals by seconds.
+        registry_ttl_s=20.0,
         nats_replicas=3,
         queue_timeout_s=20.0,
         worker_silence_timeout_s=3.0,
@@ -135,8 +135,15 @@ async def wait_for_workers(api: ApiProcess, workers: list[WorkerProcess], count:
             await asyncio.sleep(0.2)
 
 
-async def complete(api: ApiProcess, prompt: str) -> str:
-    """One completion through `api`; returns its text."""
+def sim_prompt(*numbers: int) -> str:
+    """A prompt of sim words. The sim tokenizer knows only `w<N>` (N >= 3): any other word is `<unk>`, so prompts
+    like "round 1 request 3" all tokenize alike, and with affinity every one of them went to one worker's subject
+    (the other worker got only what overflowed to the shared queue)."""
+    return " ".join(f"w{100 + number}" for number in numbers)
+
+
+async def complete(api: ApiProcess, prompt: str) -> dict:
+    """One completion through `api`; returns its body."""
     async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as http:
         response = await http.post(
             "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0}
@@ -144,7 +151,16 @@ async def complete(api: ApiProcess, prompt: str) -> str:
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["usage"]["completion_tokens"] == 6
-    return body["choices"][0]["text"]
+    assert body["choices"][0]["text"]
+    return body
+
+
+async def routed_to_own_subjects(api: ApiProcess) -> float:
+    """How many requests this API sent to a worker's own subject (its `/metrics`)."""
+    async with httpx.AsyncClient(base_url=api.base_url) as http:
+        text = (await http.get("/metrics")).text
+    prefix = f'inferq:affinity_routed_total{{model_name="{MODEL}"}} '
+    return sum(float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix))
 
 
 async def worker_ids_by_pid(cluster: NatsCluster, pids: set[int]) -> dict[int, str]:
@@ -165,17 +181,27 @@ async def serve_rounds(
     apis: list[ApiProcess], observer: dict[str, Served], expected: set[Served], rounds: int = 6
 ) -> set[Served]:
     """Concurrent completions through both APIs, round after round, until every (edge, worker) pair in
-    `expected` has served one. Each worker holds two sequences, so eight at once cannot all go to one."""
+    `expected` has served one. Every request has a prompt (so a routing key) of its own: rendezvous hashing sends
+    each to one of the two workers, and whatever finds its worker's subject full goes to the shared queue."""
     seen: set[Served] = set()
     for round_number in range(rounds):
-        before = set(observer)
-        texts = await asyncio.gather(*(complete(apis[i % 2], f"round {round_number} request {i}") for i in range(8)))
-        assert all(texts)
-        await asyncio.sleep(0)  # let the observer's callbacks for this round run
-        seen |= {observer[rid] for rid in set(observer) - before}
+        bodies = await asyncio.gather(
+            *(complete(apis[i % 2], sim_prompt(round_number, i, 8 * round_number + i)) for i in range(8))
+        )
+        ids = {body["id"] for body in bodies}
+        await until_observed(observer, ids)
+        seen |= {observer[rid] for rid in ids}
         if expected <= seen:
             break
     return seen
+
+
+async def until_observed(observer: dict[str, Served], request_ids: set[str], timeout: float = 10.0) -> None:
+    """Until the observer has seen an `accepted` event of each request (it subscribes on another node)."""
+    deadline = time.monotonic() + timeout
+    while not request_ids <= set(observer):
+        assert time.monotonic() < deadline, request_ids - set(observer)
+        await asyncio.sleep(0.05)
 
 
 async def test_requests_through_either_api_are_served_by_either_worker(
@@ -189,6 +215,8 @@ async def test_requests_through_either_api_are_served_by_either_worker(
     seen = await serve_rounds(apis, observer, expected)
 
     assert seen == expected  # every API got answers from every worker, and nothing else served
+    for api in apis:  # and with affinity: some requests went to a worker's own subject through each API
+        assert await routed_to_own_subjects(api) > 0, api.base_url
     js_nc = await nats.connect(cluster.nodes[1].url)
     try:
         js = js_nc.jetstream()
@@ -203,6 +231,19 @@ async def test_requests_through_either_api_are_served_by_either_worker(
             assert info.cluster is not None and len(info.cluster.replicas or []) == 2, stream  # leader + 2 peers
     finally:
         await js_nc.close()
+
+
+async def test_both_apis_route_one_key_to_the_same_worker(
+    apis: list[ApiProcess], workers: list[WorkerProcess], observer: dict[str, Served]
+) -> None:
+    """Rendezvous hashing needs no coordination between edges: one prompt, sent again and again through either
+    API (one at a time, so the worker's own subject never holds a backlog), is served by one worker every time."""
+    bodies = [await complete(apis[turn % 2], sim_prompt(7, 7, 7)) for turn in range(6)]
+    ids = [body["id"] for body in bodies]
+    await until_observed(observer, set(ids))
+    served = [observer[rid] for rid in ids]
+    assert {entry.edge for entry in served} == set(EDGES)
+    assert len({entry.worker_id for entry in served}) == 1, served
 
 
 async def test_requests_still_succeed_after_a_node_without_an_api_dies(

@@ -79,14 +79,17 @@ def _call_schema(tool: FunctionTool) -> dict[str, Any]:
     }
 
 
-def _envelope(calls: dict[str, Any], *, parallel: bool, allow_response: bool) -> dict[str, Any]:
+def _envelope(
+    calls: dict[str, Any], *, parallel: bool, allow_response: bool, response_schema: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`response_schema`: what a direct answer must be (the client's output schema); a string when None."""
     key, value = ("tool_calls", {"type": "array", "items": calls, "minItems": 1}) if parallel else ("tool_call", calls)
     options = [{"type": "object", "properties": {key: value}, "required": [key], "additionalProperties": False}]
     if allow_response:
         options.append(
             {
                 "type": "object",
-                "properties": {"response": {"type": "string"}},
+                "properties": {"response": response_schema if response_schema is not None else {"type": "string"}},
                 "required": ["response"],
                 "additionalProperties": False,
             }
@@ -113,9 +116,11 @@ def call_constraint(
     *,
     parallel_tool_calls: bool = True,
     tool_format: ToolFormat = ToolFormat.GENERIC,
+    response_schema: dict[str, Any] | None = None,
 ) -> JsonSchemaConstraint | None:
     """The constraint for a request with tools, or None when the model answers freely (`none`, or `auto` with a
-    template that has its own tool format, parsed at the edge)."""
+    template that has its own tool format, parsed at the edge). `response_schema`: the JSON schema a direct answer
+    (`auto` in the generic envelope) must match, from the client's output format."""
     if tool_choice == "none":
         return None
     if not tools:
@@ -125,8 +130,14 @@ def call_constraint(
         return None
     chosen = selected_tools(tools, tool_choice)
     calls = _call_schema(chosen[0]) if len(chosen) == 1 else {"anyOf": [_call_schema(tool) for tool in chosen]}
-    schema = _envelope(calls, parallel=parallel_tool_calls, allow_response=not forced)
-    return JsonSchemaConstraint(json_schema=schema, strict=any(tool.function.strict for tool in chosen))
+    definitions: dict[str, Any] = {}
+    if response_schema is not None:  # its references point at the document's root: move its `$defs` there
+        response_schema = dict(response_schema)
+        definitions = {key: response_schema.pop(key) for key in ("$defs", "definitions") if key in response_schema}
+    schema = _envelope(calls, parallel=parallel_tool_calls, allow_response=not forced, response_schema=response_schema)
+    return JsonSchemaConstraint(
+        json_schema={**schema, **definitions}, strict=any(tool.function.strict for tool in chosen)
+    )
 
 
 def generic_tools_prompt(
@@ -134,9 +145,11 @@ def generic_tools_prompt(
     tool_choice: ToolChoice,
     *,
     parallel_tool_calls: bool = True,
+    json_answer: bool = False,
 ) -> str:
     """A system-prompt text that tells a model without native tool support about the tools and the JSON it must
-    answer with (the grammar enforces the shape; this helps it choose well and fill the arguments)."""
+    answer with (the grammar enforces the shape; this helps it choose well and fill the arguments).
+    `json_answer`: a direct answer is JSON in the client's output format, not a string."""
     chosen = selected_tools(tools, tool_choice)
     listing = json.dumps([tool.function.model_dump(exclude_none=True) for tool in chosen], indent=2)
     call = '{"name": "<function name>", "arguments": {...}}'
@@ -148,6 +161,10 @@ def generic_tools_prompt(
         f"Respond with a JSON object that calls a tool: {calls}."
         if forced
         else f"Respond with a JSON object, either calling a tool: {calls}, or answering directly: "
-        f'{{"response": "<your answer>"}}.'
+        + (
+            '{"response": <your answer as JSON in the requested format>}.'
+            if json_answer
+            else '{"response": "<your answer>"}.'
+        )
     )
     return f"You can call these tools:\n{listing}\n{answer}"

@@ -11,7 +11,8 @@ Formats (pick one per model with api/tools/templates.py):
   `<|python_tag|>` (Llama 3.1/3.2/3.3 with JSON-based tool calling).
 - mistral: content, then `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (Mistral 7B v0.3, Nemo, Small).
 - generic: for templates without tool support (like llama.cpp's generic format), the answer is JSON forced by a
-  grammar (api/tools/definitions.py): `{"tool_calls": [...]}`, `{"tool_call": {...}}` or `{"response": "..."}`.
+  grammar (api/tools/definitions.py): `{"tool_calls": [...]}`, `{"tool_call": {...}}` or `{"response": "..."}`
+  (a JSON value instead of the string when the client asked for JSON output).
 
 To add a format: write a reader here (text -> Snapshot, using partial_json), add it to READERS, and teach
 templates.detect_format to recognise the templates that use it.
@@ -192,9 +193,12 @@ def read_generic(text: str) -> Snapshot:
     if member.start >= len(text):
         return Snapshot("", complete=False)
     if member.key == "response":
-        if text[member.start] != '"':
-            raise Malformed("response must be a string")
-        return Snapshot(partial_string(text, member.start, member.end), complete=end is not None)
+        if text[member.start] == '"':
+            return Snapshot(partial_string(text, member.start, member.end), complete=end is not None)
+        # A JSON answer (the client's output schema, definitions.py): its own text is the content. Trailing
+        # whitespace waits until more of the value follows, so what was streamed stays a prefix of the answer.
+        value = text[member.start : member.end] if member.end is not None else text[member.start :].rstrip()
+        return Snapshot(value, complete=end is not None)
     if member.key == "tool_call":
         call, _ = read_call(text, member.start)
         return Snapshot("", (call,), complete=end is not None and call.complete)

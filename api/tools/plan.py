@@ -54,7 +54,7 @@ from api.tools.formats import ToolFormat
 from api.tools.streaming import ToolCallStream
 from api.tools.templates import detect_format
 from contracts import ErrorCode
-from contracts.constraints import Constraint, JsonSchemaConstraint
+from contracts.constraints import Constraint, JsonObjectConstraint, JsonSchemaConstraint
 
 
 def _invalid(message: str, param: str) -> ApiError:
@@ -89,6 +89,10 @@ class ToolPlan:
     constraint: Constraint | None = None  # for the worker: the tools' envelope or the client's own
     constraint_param: str = "tools"  # the request field a constraint that does not compile is blamed on
     tool_schemas: tuple[JsonSchemaConstraint, ...] = ()  # each tool's parameters, checked by `check`
+    # The client's JSON output format when it shapes the envelope's direct answer (`auto`, generic format), and the
+    # field it came from: checked on its own, so a schema that does not compile is blamed on that field.
+    answer_constraint: Constraint | None = None
+    answer_param: str = "response_format"
 
     # --- before queueing ----------------------------------------------------------------------------------------
     async def check(self, validation: StructuredValidation | None = None) -> None:
@@ -97,6 +101,8 @@ class ToolPlan:
         it validated before (an agent sends the same tools every turn) and times the check, as for
         `check_before_queueing`."""
         checks = [(schema, f"tools[{index}].function.parameters") for index, schema in enumerate(self.tool_schemas)]
+        if self.answer_constraint is not None:
+            checks.append((self.answer_constraint, self.answer_param))
         if self.constraint is not None:
             checks.append((self.constraint, self.constraint_param))
         await (validation or StructuredValidation()).check(checks)
@@ -131,7 +137,10 @@ class ToolPlan:
             message.pop("_tool_results", None)
         if self.tools and self.answer_format is ToolFormat.GENERIC:
             instructions = generic_tools_prompt(
-                list(self.tools), self.tool_choice, parallel_tool_calls=self.parallel_tool_calls
+                list(self.tools),
+                self.tool_choice,
+                parallel_tool_calls=self.parallel_tool_calls,
+                json_answer=self.answer_constraint is not None,
             )
             if rendered and rendered[0]["role"] in ("system", "developer"):
                 rendered[0] = {**rendered[0], "content": f"{rendered[0]['content']}\n\n{instructions}".lstrip()}
@@ -191,8 +200,13 @@ def plan_tools(
     names = [tool.function.name for tool in tools]
     if duplicate := next((name for name in names if names.count(name) > 1), None):
         raise _invalid(f"tools: the function name {duplicate!r} is used twice", "tools")
+    # A direct answer of `auto` in the generic envelope follows the client's JSON output format, as its
+    # `response` value (agent SDKs send tools, `auto` and their output schema together).
+    response_schema = _response_schema(response_constraint) if not _is_forced(choice) else None
     try:
-        envelope = call_constraint(tools, choice, parallel_tool_calls=parallel, tool_format=template_format)
+        envelope = call_constraint(
+            tools, choice, parallel_tool_calls=parallel, tool_format=template_format, response_schema=response_schema
+        )
     except ToolChoiceError as exc:
         raise _invalid(str(exc), "tool_choice") from exc
     except ValidationError as exc:  # the envelope of all the tools is over the schema size limit
@@ -208,11 +222,12 @@ def plan_tools(
         )
     # A forced call has no text for a client constraint to shape, so the envelope alone constrains the answer (as
     # OpenAI accepts both; agent SDKs send their output schema with every turn, the forced one included).
-    if envelope is not None and response_constraint is not None and not _is_forced(choice):
+    if envelope is not None and response_constraint is not None and response_schema is None and not _is_forced(choice):
         raise _invalid(
             f"{response_param} cannot be combined with tool_choice {_choice_name(choice)} here: the tools already "
-            "constrain the answer (a client constraint joins tools with tool_choice none, required or a named "
-            "function, or auto on a model whose chat template has its own tool format)",
+            "constrain the answer to a JSON document, which can hold a JSON schema or json_object answer but not a "
+            "regex, choice or grammar (those join tool_choice none, required or a named function, or auto on a "
+            "model whose chat template has its own tool format)",
             response_param,
         )
     return ToolPlan(
@@ -224,7 +239,19 @@ def plan_tools(
         constraint=envelope if envelope is not None else response_constraint,
         constraint_param="tools" if envelope is not None else response_param,
         tool_schemas=schemas,
+        answer_constraint=response_constraint if envelope is not None and response_schema is not None else None,
+        answer_param=response_param,
     )
+
+
+def _response_schema(constraint: Constraint | None) -> dict[str, Any] | None:
+    """The JSON schema of a client's JSON output format, for the `response` of the generic envelope; None for no
+    format or one that is not JSON (a regex or grammar cannot sit inside a JSON document)."""
+    if isinstance(constraint, JsonSchemaConstraint):
+        return constraint.json_schema
+    if isinstance(constraint, JsonObjectConstraint):
+        return {"type": "object"}
+    return None
 
 
 def check_tool_messages(messages: Sequence[Mapping[str, Any]], param: str = "messages") -> dict[str, str]:

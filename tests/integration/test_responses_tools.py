@@ -156,10 +156,6 @@ BAD = [
     ),
     ({"input": [{"type": "function_call_output", "call_id": "call_x", "output": "1"}]}, "has no function_call"),
     ({"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]}, "unknown item type 'reasoning'"),
-    (
-        {"input": "hi", "tools": [WEATHER], "tool_choice": "auto", "text": {"format": {"type": "json_object"}}},
-        "text.format cannot be combined with tool_choice auto",
-    ),
     ({"input": "hi", "tools": [WEATHER, WEATHER]}, "used twice"),
     (
         {
@@ -178,3 +174,38 @@ async def test_bad_tool_input_is_a_400_in_the_openai_shape(api, fields, words) -
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert words in error["message"] and error["type"] == "invalid_request_error", error
+
+
+ANSWER = {  # an Agents SDK `output_type`: what a direct answer must be, sent with the tools on every turn
+    "type": "json_schema",
+    "name": "final_output",
+    "schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+async def test_auto_with_an_output_schema_either_calls_or_answers_in_that_schema(client) -> None:
+    """The default model's template has no tool support, so `auto` runs in the generic envelope; its direct
+    answer is the client's schema. Sampled: whichever the model picks, it is a valid call or a valid answer."""
+    for _ in range(4):
+        response = await client.responses.create(
+            **_create(
+                input="Weather in Oslo?",
+                tools=[WEATHER],
+                tool_choice="auto",
+                parallel_tool_calls=False,
+                text={"format": ANSWER},
+            )
+        )
+        assert response.status == "completed", response.output
+        if calls := _calls(response):
+            [call] = calls
+            _check_weather(call)
+        else:
+            answer = json.loads(response.output_text)
+            assert set(answer) == {"city"} and isinstance(answer["city"], str) and len(answer["city"]) <= 12, answer

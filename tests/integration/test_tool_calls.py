@@ -314,9 +314,9 @@ BAD = {
         },
         "over the limit",
     ),
-    "auto in the generic envelope and response_format": (
-        {"tools": TOOLS, "tool_choice": "auto", "response_format": {"type": "json_object"}},
-        "response_format cannot be combined with tool_choice auto",
+    "auto in the generic envelope and a regex": (
+        {"tools": TOOLS, "tool_choice": "auto", "extra_body": {"structured_outputs": {"regex": "a+"}}},
+        "structured_outputs cannot be combined with tool_choice auto",
     ),
 }
 

@@ -14,6 +14,7 @@ from api.tools.formats import ToolFormat
 from api.tools.plan import check_tool_messages, plan_tools
 from api.tools.streaming import tool_call_id
 from contracts.constraints import MAX_SCHEMA_BYTES, JsonSchemaConstraint, RegexConstraint
+from contracts.grammar import grammar_for
 from tests.api.tools.test_tools import TIME, WEATHER
 from tests.tool_templates import HERMES_TEMPLATE
 
@@ -99,6 +100,47 @@ def test_a_client_constraint_joins_only_plans_without_their_own(smollm2) -> None
             response_param="structured_outputs",
         )
     assert caught.value.info.param == "structured_outputs"
+
+
+def test_auto_in_the_generic_envelope_answers_directly_in_the_clients_json_format(smollm2) -> None:
+    """Agent SDKs send tools, `auto` and their output schema together: the envelope's direct answer is that
+    schema (its `$defs` moved to the root, where its references point), checked under the client's field."""
+    output = {
+        "type": "object",
+        "properties": {"answer": {"$ref": "#/$defs/Answer"}},
+        "required": ["answer"],
+        "$defs": {"Answer": {"type": "string", "maxLength": 20}},
+    }
+    client = JsonSchemaConstraint(json_schema=output)
+    plan = plan_tools(TOOLS, "auto", chat_template=smollm2.chat_template, response_constraint=client)
+    schema = plan.constraint.json_schema
+    [direct] = [option for option in schema["anyOf"] if "response" in option["properties"]]
+    assert direct["properties"]["response"] == {key: output[key] for key in ("type", "properties", "required")}
+    assert schema["$defs"] == output["$defs"]
+    assert (plan.answer_constraint, plan.answer_param) == (client, "response_format")
+    assert (
+        "as JSON in the requested format" in plan.template_messages([{"role": "user", "content": "hi"}])[0]["content"]
+    )
+    # The envelope is one grammar: a direct answer that breaks the client's schema cannot be generated.
+    assert _generates(plan.constraint, '{"response": {"answer": "Oslo"}}', smollm2)
+    assert not _generates(plan.constraint, '{"response": {"answer": 3}}', smollm2)
+    assert not _generates(plan.constraint, '{"response": "Oslo"}', smollm2)
+
+
+def _generates(constraint, text: str, tokenizer) -> bool:
+    """Whether a worker's matcher for `constraint` lets the model write exactly `text`."""
+    import llguidance.hf
+
+    matcher = llguidance.LLMatcher(llguidance.hf.from_tokenizer(tokenizer), grammar_for(constraint), log_level=0)
+    return matcher.consume_tokens(tokenizer.encode(text, add_special_tokens=False)) and matcher.is_accepting()
+
+
+async def test_a_client_schema_that_does_not_compile_is_blamed_on_its_field(smollm2) -> None:
+    broken = JsonSchemaConstraint(json_schema={"type": "object", "properties": {"a": {"type": "strin"}}})
+    plan = plan_tools(TOOLS, "auto", chat_template=smollm2.chat_template, response_constraint=broken)
+    with pytest.raises(ApiError) as caught:
+        await plan.check()
+    assert caught.value.info.param == "response_format"
 
 
 # --- conversation history -----------------------------------------------------------------------------------------

@@ -201,6 +201,13 @@ OUTPUTS = {
         ParsedOutput(None, (ToolCall("a", "{}"), ToolCall("b", "{}"))),
     ),
     "generic_response": (ToolFormat.GENERIC, '{"response": "Hi \\"there\\"\\n\\u00e9"}', ParsedOutput('Hi "there"\né')),
+    # A direct answer in the client's JSON output format is the value's own text (pretty-printing kept).
+    "generic_json_response": (
+        ToolFormat.GENERIC,
+        '{"response": {"city": "Oslo",\n  "temps": [1, 2.5]} \n}',
+        ParsedOutput('{"city": "Oslo",\n  "temps": [1, 2.5]}'),
+    ),
+    "generic_number_response": (ToolFormat.GENERIC, '{"response": 12 }', ParsedOutput("12")),
 }
 MALFORMED = {
     "hermes_cut_by_max_tokens": (ToolFormat.HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa'),

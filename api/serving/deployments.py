@@ -239,8 +239,9 @@ async def log_stream(
     try:
         next_metadata = time.monotonic() + metadata_every_s
         while True:
-            try:
-                line = await asyncio.wait_for(lines.get(), max(0.0, next_metadata - time.monotonic()))
+            try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancel of a client that left
+                async with asyncio.timeout(max(0.0, next_metadata - time.monotonic())):
+                    line = await lines.get()
             except TimeoutError:
                 next_metadata = time.monotonic() + metadata_every_s
                 yield sse_event("metadata", await _metadata(deployment, deployments))

@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js import errors as jse
 
 from broker import subjects
-from broker.topology import ensure_artifacts
+from broker.topology import ensure_artifacts, retrying_while_electing
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -47,6 +47,7 @@ def _tokenizer_archive(model_dir: Path) -> tuple[bytes, str]:
     return buffer.getvalue(), digest.hexdigest()
 
 
+@retrying_while_electing  # idempotent: a worker's startup should not die of one slow answer on a busy box
 async def publish_tokenizer(js: JetStreamContext, model_id: str, model_dir: Path, replicas: int = 1) -> str:
     """Upload the tokenizer of `model_dir` once per content; returns the object name."""
     data, digest = _tokenizer_archive(model_dir)

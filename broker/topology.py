@@ -122,7 +122,7 @@ async def _ensure_work_queue(
     await js.add_consumer(stream.name, _request_consumer(subjects.REQUEST_CONSUMER, limits, subject))
 
 
-def _retrying_while_electing(ensure):
+def retrying_while_electing(ensure):
     """Streams and buckets are ensured by every process at startup. On a fresh cluster several processes create
     replicated ones at once, and the JetStream API may time out or answer 503 while their groups elect leaders:
     that passes within seconds, so try again rather than fail the process's startup."""
@@ -142,7 +142,7 @@ def _retrying_while_electing(ensure):
     return ensured
 
 
-@_retrying_while_electing
+@retrying_while_electing
 async def _stream(js: JetStreamContext, stream: StreamConfig) -> None:
     try:
         await js.add_stream(stream)
@@ -152,7 +152,7 @@ async def _stream(js: JetStreamContext, stream: StreamConfig) -> None:
     await _await_leader(js, stream.name)
 
 
-@_retrying_while_electing
+@retrying_while_electing
 async def _key_value(js: JetStreamContext, config: KeyValueConfig):
     """The bucket if it exists (whatever its config), else created with `config`."""
     try:
@@ -163,7 +163,7 @@ async def _key_value(js: JetStreamContext, config: KeyValueConfig):
     return bucket
 
 
-@_retrying_while_electing
+@retrying_while_electing
 async def _object_store(js: JetStreamContext, name: str, replicas: int):
     """The object store if it exists (whatever its config), else created file-backed with `replicas`."""
     try:
@@ -270,7 +270,7 @@ async def ensure_response_storage(js: JetStreamContext, ttl_s: float, replicas: 
     return responses
 
 
-@_retrying_while_electing
+@retrying_while_electing
 async def _converge_max_age(js: JetStreamContext, stream_name: str, max_age_s: float, duplicate_window_s: float):
     """Give an existing stream (a KV bucket's) this max_age, keeping the rest of its configuration."""
     config = (await js.stream_info(stream_name)).config

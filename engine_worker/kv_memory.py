@@ -8,7 +8,8 @@ hot path never allocates (a page faults in once, the first time a slot reaches i
 maps the shared zero page and commits nothing, so decode attention over a whole slot stays cheap.
 On other devices the buffers are allocated (and zeroed) up front.
 
-And `release_freed_memory`, for after the model load.
+And `release_freed_memory` (after the model load) and `trim_heap` (when the engine idles): glibc keeps freed heap
+pages mapped, in every thread's arena, until asked to give them back.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def release_freed_memory() -> None:
     """Collect garbage and hand glibc's freed heap back to the kernel. Loading a model frees hundreds of MB
     (the HF module, conversion buffers) that glibc otherwise keeps mapped, resident in the worker for its life."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Give the free pages of every malloc arena back to the kernel (`malloc_trim(0)`). A step's activations are
+    freed when it ends, but glibc keeps the pages of freed chunks below the top of an arena, so after a burst the
+    engine thread's arena stays as large as the burst made it. A few milliseconds; never on the hot path."""
     libc_name = ctypes.util.find_library("c")
     if libc_name is None:
         return

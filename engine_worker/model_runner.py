@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from contracts import EmbeddingVector, EmbedRequest
 from engine_worker.kv_cache import Relayout, round_up
-from engine_worker.kv_memory import KVBuffers, release_freed_memory
+from engine_worker.kv_memory import KVBuffers, release_freed_memory, trim_heap
 from engine_worker.pooling import vectors_for
 from engine_worker.prefix_store import PrefixStore
 from engine_worker.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
@@ -211,8 +211,10 @@ class SlotKVCache:
         self.slot_len = slot_len
 
     def release_kv_memory(self) -> None:
-        """Give the cache's pages back (CPU); the caller guarantees no sequence holds KV."""
+        """Give the cache's pages back (CPU), and the heap pages the steps' activations left free in malloc's
+        arenas; the caller guarantees no sequence holds KV."""
         self._kv_buffers.release()
+        trim_heap()
 
     def _view(self, flat: torch.Tensor, slot_len: int) -> torch.Tensor:
         slots = self.capacity // slot_len

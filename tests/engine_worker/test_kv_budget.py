@@ -11,7 +11,7 @@ import torch
 from structlog.testing import capture_logs
 
 from engine_worker.kv_budget import GIB, _cgroup_remaining, choose_kv_budget
-from engine_worker.kv_memory import KVBuffers
+from engine_worker.kv_memory import KVBuffers, trim_heap
 from engine_worker.outputs import EngineStats
 from tests.engine_worker.conftest import make_request, prompt_of, run_to_completion, tokens_by_choice
 
@@ -130,6 +130,41 @@ def test_an_engine_that_released_its_kv_generates_the_same(engine_factory) -> No
     engine.release_idle_memory()
     assert all(float(buffer.abs().sum()) == 0.0 for buffer in engine.runner.k_cache)
     assert generate("b") == first and len(first[0]) == 12
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def test_trim_heap_gives_back_what_a_thread_freed_below_its_arena_top() -> None:
+    """A step's activations are freed when it ends, but glibc keeps freed chunks below the top of the engine
+    thread's arena resident: only `malloc_trim` returns them."""
+    import threading
+
+    kept: list[bytearray] = []
+
+    def burst() -> None:  # ~190 MiB in chunks under the mmap threshold, then all freed but the last one
+        chunks = [bytearray(b"x" * 60_000) for _ in range(3200)]
+        kept.append(chunks[-1])  # pins the arena's top, so glibc cannot shrink it by itself
+        del chunks
+
+    worker = threading.Thread(target=burst)
+    worker.start()
+    worker.join()
+    before = _rss()
+    trim_heap()
+    assert before - _rss() >= 100 * 2**20
+    assert kept[0][:1] == b"x"
+
+
+def test_an_idle_release_trims_the_heap(engine_factory, monkeypatch) -> None:
+    from engine_worker import model_runner
+
+    engine = engine_factory(max_num_seqs=2)
+    trims: list[bool] = []
+    monkeypatch.setattr(model_runner, "trim_heap", lambda: trims.append(True))
+    engine.release_idle_memory()
+    assert trims == [True]
 
 
 class _IdleEngine:

@@ -483,3 +483,20 @@ def test_serve_leaves_a_core_to_the_api_and_nats_unless_threads_are_set(monkeypa
     assert _worker_threads("--model", "m", "--torch-threads", "2") == {"2"}
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     assert _worker_threads("--model", "m") == {"1"}
+
+
+def test_serve_caps_malloc_arenas_in_its_children_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each thread's own glibc arena kept freed memory resident in the worker and the api (docs/benchmarks.md)."""
+    from ops.cli import build_parser, build_settings
+    from ops.launcher import build_children
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    children = build_children(build_settings(build_parser().parse_args(["serve", "--model", "m"])))
+    assert {child.name: child.env.get("MALLOC_ARENA_MAX") for child in children} == {
+        "worker": "2",
+        "agent": "2",
+        "api": "2",
+    }
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    children = build_children(build_settings(build_parser().parse_args(["serve", "--model", "m"])))
+    assert {child.env["MALLOC_ARENA_MAX"] for child in children} == {"8"}

@@ -93,9 +93,10 @@ def test_batch_of_one_decodes_as_the_eager_path_does_across_slot_lengths(
     assert len(slot_lens) >= 3, slot_lens  # 64 → 128 → 192: the window changed under the graph
 
 
-# (prompt length, max_tokens, step at which it is added): arrivals while others decode, one prompt longer than the
-# step budget (chunked, so chunks share steps with decodes), steps above and below the largest bucket's 8 rows.
-MIXED = [(5, 40, 0), (20, 30, 0), (12, 36, 1), (70, 12, 3), (9, 20, 5), (33, 25, 9)]
+# (prompt length, max_tokens, step at which it is added): arrivals while others decode, and one prompt longer than
+# the step budget, whose 16-token chunks share steps with decodes (eager); with one draft each, up to four
+# sequences decode in one compiled 8-row step.
+MIXED = [(5, 40, 0), (20, 30, 0), (70, 12, 3), (9, 30, 8)]
 
 
 @pytest.mark.slow
@@ -108,7 +109,7 @@ def test_a_mixed_batch_with_drafts_decodes_as_the_eager_path_does(compiled_engin
 
     def engine_on(base: Engine) -> Engine:
         # Scripted drafts (every 4th guessed wrong): steps with draft rows, accepted and rejected.
-        proposer = ScriptedProposer(answers, max_tokens=3)
+        proposer = ScriptedProposer(answers, max_tokens=1)
         return Engine(config, base.tokenizer, base.runner, base.eos_token_ids, proposer=proposer)
 
     compiled = compiled_engine.runner.compiled_decode

@@ -12,11 +12,11 @@ Shapes, so that nothing recompiles per request or per sequence length:
   copies (docs/quantization.md) apply inside it as in the eager path.
 - **Rows are bucketed** (1, 2, 4, 8 by default) and padded: a step of 3 decodes runs the 4-row graph. One graph
   per bucket, compiled the first time that bucket runs (`dynamic=False`: every other shape is static).
-- **The attention window is the one symbolic size.** Decode attention reads whole slots of the slot cache
-  (kv_cache.py), whose slot length follows the longest running sequence up a ladder of lengths. The cache views
-  are passed with their slot count and slot length marked dynamic (`mark_dynamic`), so the graph is compiled
-  once for any window; what each row may see is a mask built in the graph from its position (no slicing by a
-  host-side length, no `.item()`, no host sync anywhere in the graph).
+- **The slot layout is the one symbolic size.** Decode attention reads whole slots of the slot cache
+  (kv_cache.py), whose slot length follows the longest running sequence up a ladder of lengths. The graph takes
+  the flat per-layer K/V buffers (fixed shapes) and an empty `[slots, slot_len, 0]` tensor with both sizes marked
+  dynamic, and views the buffers itself, so it is compiled once for any slot length; what each row may see is a
+  mask built in the graph from its position (no slicing by a host-side length, no `.item()`, no host sync).
 - **Padding rows copy row 0** (token, position, slot), and the KV write takes row 0's K/V for them, so a padding
   row writes exactly the value row 0 writes to the same place: no scratch slot, and the duplicate write is
   deterministic. Their logits are dropped.
@@ -107,7 +107,7 @@ class CompiledDecode:
         self._backend = torch._dynamo.lookup_backend(backend)
         self._step = torch.compile(self._forward, backend=self._counting_backend, dynamic=False, fullgraph=True)
         self._pad_index: dict[tuple[int, int], torch.Tensor] = {}
-        self._views: tuple[int, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._layout: torch.Tensor | None = None
 
     def _counting_backend(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         self.num_compiles += 1
@@ -134,9 +134,8 @@ class CompiledDecode:
             return None
         self.steps_by_bucket[bucket] += 1
         index = self._padding(rows, bucket)
-        k_views, v_views = self._cache_views()
         logits = self._step(
-            batch.input_ids[index], batch.positions[index], batch.token_slots[index], index, k_views, v_views
+            batch.input_ids[index], batch.positions[index], batch.token_slots[index], index, *self._cache_views()
         )
         return logits[batch.sample_index]
 
@@ -149,18 +148,18 @@ class CompiledDecode:
             )
         return self._pad_index[key]
 
-    def _cache_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The slot views of every layer's K and V buffer for the current slot length, with the slot count and
-        the slot length marked dynamic (so a relayout to another length reuses the graph). Rebuilt only when
-        the slot length or the cache itself (a new engine on the same runner) changes."""
+    def _cache_views(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """What the graph needs to view the KV cache: every layer's flat K and V buffer (fixed shapes) and an empty
+        `[slots, slot_len, 0]` tensor whose two sizes are marked dynamic, so the slot layout reaches the graph
+        as two symbols (a relayout to another length reuses the graph; marking the 2 x layers views themselves
+        dynamic gave inductor hundreds of symbols to reason about). Rebuilt when the slot length changes."""
         runner = self.runner
-        if self._views is None or self._views[0] != runner.slot_len or self._views[1] is not runner.k_cache:
-            views = [runner._view(flat, runner.slot_len) for flat in (*runner.k_cache, *runner.v_cache)]
-            for view in views:
-                torch._dynamo.mark_dynamic(view, 0)
-                torch._dynamo.mark_dynamic(view, 2)
-            self._views = (runner.slot_len, runner.k_cache, views[: runner.num_layers], views[runner.num_layers :])
-        return self._views[2], self._views[3]
+        if self._layout is None or self._layout.shape[1] != runner.slot_len:
+            layout = torch.empty((runner.capacity // runner.slot_len, runner.slot_len, 0), device=runner.device)
+            torch._dynamo.mark_dynamic(layout, 0)
+            torch._dynamo.mark_dynamic(layout, 1)
+            self._layout = layout
+        return self._layout, runner.k_cache, runner.v_cache
 
     def _forward(
         self,
@@ -168,20 +167,27 @@ class CompiledDecode:
         positions: torch.Tensor,
         slots: torch.Tensor,
         kv_rows: torch.Tensor,
-        k_views: list[torch.Tensor],
-        v_views: list[torch.Tensor],
+        layout: torch.Tensor,
+        k_flats: list[torch.Tensor],
+        v_flats: list[torch.Tensor],
     ) -> torch.Tensor:
         """The traced step: [B] rows in, [B, vocab] logits out."""
         runner = self.runner
         x = runner.embed[input_ids]
         cos = runner.cos[positions].unsqueeze(1)
         sin = runner.sin[positions].unsqueeze(1)
-        window = k_views[0].shape[2]
+        num_slots, window = layout.shape[0], layout.shape[1]
+        shape = (num_slots, runner.num_kv_heads, window, runner.head_dim)
+
+        def view(flat: torch.Tensor) -> torch.Tensor:  # the runner's slot view (SlotKVCache._view), traced
+            return flat[: num_slots * runner.num_kv_heads * window * runner.head_dim].view(shape)
+
         # Row i sees positions 0..positions[i] of its slot (its own token's K/V is written before attending).
         visible = torch.arange(window, device=positions.device) <= positions.unsqueeze(1)
         mask = torch.zeros(visible.shape, dtype=torch.float32, device=positions.device)
         mask = mask.masked_fill(~visible, float("-inf"))[:, None, None, :]  # [B, 1, 1, window]
-        for layer, k_cache, v_cache in zip(self.layers, k_views, v_views, strict=True):
+        for layer, k_flat, v_flat in zip(self.layers, k_flats, v_flats, strict=True):
+            k_cache, v_cache = view(k_flat), view(v_flat)
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache=k_cache, v_cache=v_cache):
                 k_cache[slots, :, positions] = k[kv_rows]

@@ -132,8 +132,8 @@ class EngineConfig:
         default=False,
         description=(
             "torch.compile steps of at most 8 rows (decodes of 1-8 sequences with their drafts; fast path only): "
-            "rows padded to buckets 1, 2, 4, 8, one graph per bucket, compiled the first time it runs. Larger "
-            "steps and prompt logprobs stay eager (docs/compiled-decode.md)."
+            "rows padded to buckets 1, 2, 4, 8, one graph per bucket, all compiled at start (minutes on a busy "
+            "2-core box). Larger steps and prompt logprobs stay eager (docs/compiled-decode.md)."
         ),
     )
 

@@ -128,6 +128,14 @@ class EngineConfig:
     small_step_rows: int = Field(
         default=2, ge=0, description="The largest step (rows, drafts included) that runs on small_step_threads."
     )
+    compile_decode: bool = Field(
+        default=False,
+        description=(
+            "torch.compile steps of at most 8 rows (decodes of 1-8 sequences with their drafts; fast path only): "
+            "rows padded to buckets 1, 2, 4, 8, one graph per bucket, all compiled at start (minutes on a busy "
+            "2-core box). Larger steps and prompt logprobs stay eager (docs/compiled-decode.md)."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.prompt_lookup_min > self.prompt_lookup_max:

@@ -135,6 +135,7 @@ class Settings(BaseSettings):
     weight_quant_max_rows: int = engine_field("weight_quant_max_rows")
     small_step_threads: int | None = engine_field("small_step_threads")
     small_step_rows: int = engine_field("small_step_rows")
+    compile_decode: bool = engine_field("compile_decode")
     prefix_caching: bool = engine_field("prefix_caching")
     workers_per_model: int | Literal["auto"] = Field(
         default=1,

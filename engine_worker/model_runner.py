@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from contracts import EmbeddingVector, EmbedRequest
+from engine_worker.compiled_decode import CompiledDecode
 from engine_worker.kv_cache import Relayout, round_up
 from engine_worker.kv_memory import KVBuffers, release_freed_memory, trim_heap
 from engine_worker.pooling import vectors_for
@@ -277,6 +278,7 @@ class ModelRunner(SlotKVCache):
         weight_quant_max_rows: int = 0,
         small_step_threads: int | None = None,
         small_step_rows: int = 0,
+        compile_decode: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -303,11 +305,13 @@ class ModelRunner(SlotKVCache):
         self._load_weights(model, config, quant)
         del model  # the runner keeps its own copies of the weights: the HF module and the file mapping can go
         release_freed_memory()
+        self.compiled_decode: CompiledDecode | None = CompiledDecode(self) if compile_decode else None
         self._log_loaded(
             model_dir,
             model_impl="fast",
             weight_quant=self.lm_head.quant and self.lm_head.quant.name,
             weight_quant_max_rows=quant.max_rows,
+            compile_decode=compile_decode,
         )
 
     @torch.inference_mode()
@@ -342,6 +346,12 @@ class ModelRunner(SlotKVCache):
         cos, sin = inner.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
 
+    def allocate_kv_cache(self, capacity: int, slot_len: int) -> None:
+        super().allocate_kv_cache(capacity, slot_len)
+        if self.compiled_decode is not None:
+            with torch.inference_mode():
+                self.compiled_decode.warm_up()  # compile before serving, not in the first request's steps
+
     # --- forward --------------------------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # HF LlamaRMSNorm exactly (normalise in fp32, cast, scale), with torch's fused kernel for the fp32 part:
@@ -368,6 +378,10 @@ class ModelRunner(SlotKVCache):
         (seq -> (top-k, first position still needed))."""
         self.step_threads.before_step(sum(n for _, n in scheduled))
         batch = StepBatch.build(scheduled, sample_seqs, prompt_logprob_seqs, self.device)
+        if self.compiled_decode is not None and sample_seqs:
+            logits = self.compiled_decode.run(batch)  # None: too many rows or prompt logprobs: eager
+            if logits is not None:
+                return RunOutput(sampled=self.sampler(logits, sample_rows), prompt_logprobs={})
         hidden = self._forward(batch)
         prompt_lps: dict[Sequence, list[TokenLogprobData]] = {}
         for seq, (rows, targets, num_top) in batch.prompt_rows.items():

@@ -49,9 +49,11 @@ def load_runner(
     weight_quant_max_rows: int = 0,
     small_step_threads: int | None = None,
     small_step_rows: int = 0,
+    compile_decode: bool = False,
 ) -> Any:
-    """A ModelRunner or GenericRunner for `model_dir` (same interface). Weight quantization and threads by load
-    apply to the fast path only; the generic path runs the model's own dense modules on `torch_threads`."""
+    """A ModelRunner or GenericRunner for `model_dir` (same interface). Weight quantization, threads by load and
+    the compiled decode step apply to the fast path only; the generic path runs the model's own dense modules on
+    `torch_threads`."""
     from transformers import AutoConfig
 
     impl = choose_model_impl(AutoConfig.from_pretrained(model_dir), model_impl, max_model_len)
@@ -67,6 +69,7 @@ def load_runner(
             weight_quant_max_rows=weight_quant_max_rows,
             small_step_threads=small_step_threads,
             small_step_rows=small_step_rows,
+            compile_decode=compile_decode,
         )
     from engine_worker.generic_runner import GenericRunner
 
@@ -90,6 +93,7 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Any, Any, s
         weight_quant_max_rows=config.weight_quant_max_rows,
         small_step_threads=config.small_step_threads,
         small_step_rows=config.small_step_rows,
+        compile_decode=config.compile_decode,
     )
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     try:

@@ -1,0 +1,207 @@
+"""A compiled decode step for small batches (issue #19, opt-in: `compile_decode`).
+
+At batch 1 a step is a chain of ~5,000 small eager ops: the GEMVs that read the weights, and between them norms,
+rotary, SiLU, residual adds, KV writes and the few ops of decode attention, each paying the dispatcher and the
+interpreter. `torch.compile` turns one whole decode step (embedding → 30 layers → final norm → `lm_head`) into
+one graph with those elementwise ops fused; the GEMMs stay the runner's own calls.
+
+Shapes, so that nothing recompiles per request or per sequence length:
+- **The GEMMs run as opaque ops** (`inferq::runner_linear`): the runner's weights are oneDNN pre-packed tensors,
+  which inductor accepts only as constants it packed itself (freezing, which would keep a second copy of every
+  weight), so the graph calls each `_Linear` through a custom op that dynamo does not look into. The quantized
+  copies (docs/quantization.md) apply inside it as in the eager path.
+- **Rows are bucketed** (1, 2, 4, 8 by default) and padded: a step of 3 decodes runs the 4-row graph. One graph
+  per bucket, compiled the first time that bucket runs (`dynamic=False`: every other shape is static).
+- **The slot layout is the one symbolic size.** Decode attention reads whole slots of the slot cache
+  (kv_cache.py), whose slot length follows the longest running sequence up a ladder of lengths. The graph takes
+  the flat per-layer K/V buffers (fixed shapes) and an empty `[slots, slot_len, 0]` tensor with both sizes marked
+  dynamic, and views the buffers itself, so it is compiled once for any slot length; what each row may see is a
+  mask built in the graph from its position (no slicing by a host-side length, no `.item()`, no host sync).
+- **Padding rows copy row 0** (token, position, slot), and the KV write takes row 0's K/V for them, so a padding
+  row writes exactly the value row 0 writes to the same place: no scratch slot, and the duplicate write is
+  deterministic. Their logits are dropped.
+
+Every row is treated alike: it writes its K/V at (its slot, its position) and attends to its slot up to its own
+position. That is a decode, a decode's draft tokens (speculative decoding), and a short prefill chunk all at once,
+so any step of at most the largest bucket's rows runs compiled, drafts and mixed steps included. Steps that asked
+for prompt logprobs, and larger steps (compute-bound, where dispatch overhead is a small share), run the eager
+forward.
+
+On CUDA the same structure is what CUDA graphs need (static shapes per bucket, no host syncs, inputs in place):
+see docs/compiled-decode.md for what to change there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import torch
+
+if TYPE_CHECKING:
+    from engine_worker.model_runner import ModelRunner, StepBatch
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8)
+
+# The runner linears the compiled graphs call, by handle (the op takes an int, not the packed weight). Filled when
+# a CompiledDecode is built; an entry lives as long as the process (a worker has one runner).
+_LINEARS: dict[int, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {}
+
+
+@functools.cache
+def _linear_op() -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """`inferq::runner_linear(x, handle)`, registered the first time a compiled step is built."""
+
+    @torch.library.custom_op("inferq::runner_linear", mutates_args=())
+    def runner_linear(x: torch.Tensor, handle: int) -> torch.Tensor:
+        return _LINEARS[handle][0](x)
+
+    @runner_linear.register_fake
+    def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], _LINEARS[handle][1])
+
+    return runner_linear
+
+
+class _OpaqueLinear:
+    """Calls a runner `_Linear` through `inferq::runner_linear`, so the traced graph holds a handle, not its
+    weights."""
+
+    def __init__(self, linear: Any) -> None:
+        self.handle = id(linear)
+        _LINEARS[self.handle] = (linear, linear.weight.shape[0])
+        self.op = _linear_op()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, self.handle)
+
+
+def bucket_for(rows: int, buckets: Sequence[int]) -> int | None:
+    """The smallest bucket holding `rows`, or None when the step is larger than every bucket."""
+    return next((b for b in sorted(buckets) if rows <= b), None)
+
+
+class CompiledDecode:
+    """The compiled small step of one `ModelRunner`. `run(batch)` returns the logits of the sampled rows, or None
+    when the step is too large or asked for prompt logprobs (the caller then runs the eager forward)."""
+
+    def __init__(self, runner: ModelRunner, buckets: Sequence[int] = DEFAULT_BUCKETS, backend: str = "inductor"):
+        self.runner = runner
+        self.layers = [
+            dataclasses.replace(
+                layer, **{name: _OpaqueLinear(getattr(layer, name)) for name in ("qkv", "o", "gate_up", "down")}
+            )
+            for layer in runner.layers
+        ]
+        self.lm_head = _OpaqueLinear(runner.lm_head)
+        self.buckets = tuple(sorted(set(buckets)))
+        self.num_compiles = 0  # graphs built (one per bucket; more means a recompile, which tests assert against)
+        self.steps_by_bucket: Counter[int] = Counter()  # steps run compiled
+        self._backend = torch._dynamo.lookup_backend(backend)
+        self._step = torch.compile(self._forward, backend=self._counting_backend, dynamic=False, fullgraph=True)
+        self._pad_index: dict[tuple[int, int], torch.Tensor] = {}
+        self._layout: torch.Tensor | None = None
+
+    def _counting_backend(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        self.num_compiles += 1
+        log.info("compiled decode: compiling a graph", compiles=self.num_compiles, inputs=len(example_inputs))
+        return self._backend(graph, example_inputs)
+
+    def warm_up(self) -> None:
+        """Compile every bucket now (at start-up, once the KV cache exists) rather than in the first request that
+        reaches it, which would stall every running stream for the compile. Each warm-up row writes K/V at
+        position 0 of slot 0, which any sequence given that slot writes before it reads. Inductor keeps the
+        compiled code in its on-disk cache, so a restart with the same model and torch compiles much faster."""
+        device = self.runner.device
+        for bucket in self.buckets:
+            started = time.perf_counter()
+            # Four separate tensors, as a real step passes: dynamo guards on which inputs alias each other.
+            ids, positions, slots, rows = (torch.zeros(bucket, dtype=torch.long, device=device) for _ in range(4))
+            self._step(ids, positions, slots, rows, *self._cache_views())
+            log.info("compiled decode: bucket ready", rows=bucket, seconds=round(time.perf_counter() - started, 1))
+
+    def run(self, batch: StepBatch) -> torch.Tensor | None:
+        rows = batch.input_ids.shape[0]
+        bucket = None if batch.prompt_rows else bucket_for(rows, self.buckets)
+        if bucket is None:
+            return None
+        self.steps_by_bucket[bucket] += 1
+        index = self._padding(rows, bucket)
+        logits = self._step(
+            batch.input_ids[index], batch.positions[index], batch.token_slots[index], index, *self._cache_views()
+        )
+        return logits[batch.sample_index]
+
+    def _padding(self, rows: int, bucket: int) -> torch.Tensor:
+        """Row i of the padded step reads row `index[i]`: itself for real rows, row 0 for padding rows."""
+        key = (rows, bucket)
+        if key not in self._pad_index:
+            self._pad_index[key] = torch.tensor(
+                list(range(rows)) + [0] * (bucket - rows), dtype=torch.long, device=self.runner.device
+            )
+        return self._pad_index[key]
+
+    def _cache_views(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """What the graph needs to view the KV cache: every layer's flat K and V buffer (fixed shapes) and an empty
+        `[slots, slot_len, 0]` tensor whose two sizes are marked dynamic, so the slot layout reaches the graph
+        as two symbols (a relayout to another length reuses the graph; marking the 2 x layers views themselves
+        dynamic gave inductor hundreds of symbols to reason about). Rebuilt when the slot length changes."""
+        runner = self.runner
+        if self._layout is None or self._layout.shape[1] != runner.slot_len:
+            layout = torch.empty((runner.capacity // runner.slot_len, runner.slot_len, 0), device=runner.device)
+            torch._dynamo.mark_dynamic(layout, 0)
+            torch._dynamo.mark_dynamic(layout, 1)
+            self._layout = layout
+        return self._layout, runner.k_cache, runner.v_cache
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        kv_rows: torch.Tensor,
+        layout: torch.Tensor,
+        k_flats: list[torch.Tensor],
+        v_flats: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The traced step: [B] rows in, [B, vocab] logits out."""
+        runner = self.runner
+        x = runner.embed[input_ids]
+        cos = runner.cos[positions].unsqueeze(1)
+        sin = runner.sin[positions].unsqueeze(1)
+        num_slots, window = layout.shape[0], layout.shape[1]
+        shape = (num_slots, runner.num_kv_heads, window, runner.head_dim)
+
+        def view(flat: torch.Tensor) -> torch.Tensor:  # the runner's slot view (SlotKVCache._view), traced
+            return flat[: num_slots * runner.num_kv_heads * window * runner.head_dim].view(shape)
+
+        # Row i sees positions 0..positions[i] of its slot (its own token's K/V is written before attending).
+        visible = torch.arange(window, device=positions.device) <= positions.unsqueeze(1)
+        mask = torch.zeros(visible.shape, dtype=torch.float32, device=positions.device)
+        mask = mask.masked_fill(~visible, float("-inf"))[:, None, None, :]  # [B, 1, 1, window]
+        for layer, k_flat, v_flat in zip(self.layers, k_flats, v_flats, strict=True):
+            k_cache, v_cache = view(k_flat), view(v_flat)
+
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache=k_cache, v_cache=v_cache):
+                k_cache[slots, :, positions] = k[kv_rows]
+                v_cache[slots, :, positions] = v[kv_rows]
+                return self._attention(q, k_cache[slots], v_cache[slots], mask)
+
+            x = runner._block(x, layer, cos, sin, attend)
+        return self.lm_head(runner._rms_norm(x, runner.norm))
+
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+        """q [B, heads, dim] against each row's own slot, keys/values [B, kv_heads, window, dim]."""
+        runner = self.runner
+        rows, kv_heads = q.shape[0], runner.num_kv_heads
+        q = q.reshape(rows, kv_heads, runner.num_heads // kv_heads, runner.head_dim)
+        scores = torch.matmul(q, keys.transpose(2, 3)).float() * runner.scale + mask  # [B, kv, group, window]
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, values).view(rows, runner.num_heads, runner.head_dim)

@@ -1,0 +1,127 @@
+"""The compiled small-step path (engine_worker/compiled_decode.py) against the eager forward: greedy output is
+the same token for token (tiny fp32 model), and each row bucket is compiled once, whatever the requests and
+their lengths (the slot length changes under it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from engine_worker.compiled_decode import DEFAULT_BUCKETS, CompiledDecode, bucket_for
+from engine_worker.engine import Engine, EngineConfig
+from tests.engine_worker.conftest import (
+    ScriptedProposer,
+    make_request,
+    prompt_of,
+    record_steps,
+    run_workload,
+)
+
+
+def test_rows_go_to_the_smallest_bucket_that_holds_them() -> None:
+    assert [bucket_for(rows, (1, 2, 4, 8)) for rows in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, None]
+
+
+def test_the_setting_gives_the_fast_runner_a_compiled_step(tiny_model_dir) -> None:
+    from engine_worker.runner_factory import load_runner
+
+    options = {"device": "cpu", "dtype": "float32", "max_model_len": None, "torch_threads": 1}
+    runner = load_runner(tiny_model_dir, compile_decode=True, **options)
+    assert runner.compiled_decode.buckets == DEFAULT_BUCKETS
+    assert runner.compiled_decode.num_compiles == 0  # compiled at warm-up, once the engine allocates the KV cache
+    assert load_runner(tiny_model_dir, **options).compiled_decode is None  # off by default
+
+
+# Two buckets instead of the default four keep the module's compile time down (each bucket is a C++ compile);
+# rows 2-8 all run the 8-row graph, so both padding and several sequences per graph are exercised.
+TEST_BUCKETS = (1, 8)
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(engine_factory) -> Engine:
+    """One engine for the module with its buckets compiled once, as a warm-up at start does."""
+    import torch
+
+    engine = engine_factory()
+    runner = engine.runner
+    runner.compiled_decode = CompiledDecode(runner, buckets=TEST_BUCKETS)
+    with torch.inference_mode():
+        runner.compiled_decode.warm_up()
+    assert runner.compiled_decode.num_compiles == len(TEST_BUCKETS)
+    return engine
+
+
+@contextmanager
+def no_new_graphs(engine: Engine) -> Iterator[None]:
+    """Nothing compiles inside the block: neither our backend (one call per graph) nor dynamo's own count."""
+    from torch._dynamo.utils import counters
+
+    compiled = engine.runner.compiled_decode
+    ours, dynamos = compiled.num_compiles, counters["stats"]["unique_graphs"]
+    yield
+    assert compiled.num_compiles == ours, f"{compiled.num_compiles - ours} graphs compiled during the requests"
+    assert counters["stats"]["unique_graphs"] == dynamos
+
+
+def _greedy_alone(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[list[int], set[int]]:
+    """One request to completion; its tokens and the slot lengths the cache went through."""
+    engine.add_request(make_request("alone", prompt, temperature=0.0, max_tokens=max_tokens))
+    tokens: list[int] = []
+    slot_lens: set[int] = set()
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            for choice in output.choices:
+                tokens += choice.token_ids
+        slot_lens.add(engine.runner.slot_len)
+    return tokens, slot_lens
+
+
+@pytest.mark.slow  # compiles graphs with inductor (a C++ compiler): tens of seconds on two shared cores
+def test_batch_of_one_decodes_as_the_eager_path_does_across_slot_lengths(
+    compiled_engine, engine_factory, hf_greedy
+) -> None:
+    prompt, max_tokens = prompt_of(40, 3), 150
+    with no_new_graphs(compiled_engine):
+        got, slot_lens = _greedy_alone(compiled_engine, prompt, max_tokens)
+    eager, _ = _greedy_alone(engine_factory(), prompt, max_tokens)
+    assert got == eager
+    assert got == hf_greedy(prompt, max_tokens)
+    compiled = compiled_engine.runner.compiled_decode
+    assert compiled.steps_by_bucket[1] >= 50, dict(compiled.steps_by_bucket)  # the decode steps ran compiled
+    assert len(slot_lens) >= 3, slot_lens  # 64 → 128 → 192: the window changed under the graph
+
+
+# (prompt length, max_tokens, step at which it is added): arrivals while others decode, and one prompt longer than
+# the step budget, whose 16-token chunks share steps with decodes (eager); with one draft each, up to four
+# sequences decode in one compiled 8-row step.
+MIXED = [(5, 40, 0), (20, 30, 0), (70, 12, 3), (9, 30, 8)]
+
+
+@pytest.mark.slow
+def test_a_mixed_batch_with_drafts_decodes_as_the_eager_path_does(compiled_engine, engine_factory, hf_greedy) -> None:
+    answers = {
+        (tuple(prompt_of(length, i)), 0): hf_greedy(prompt_of(length, i), max_tokens)
+        for i, (length, max_tokens, _) in enumerate(MIXED)
+    }
+    config = EngineConfig(dtype="float32", device="cpu", max_num_seqs=8, max_num_batched_tokens=16, torch_threads=1)
+
+    def engine_on(base: Engine) -> Engine:
+        # Scripted drafts (every 4th guessed wrong): steps with draft rows, accepted and rejected.
+        proposer = ScriptedProposer(answers, max_tokens=1)
+        return Engine(config, base.tokenizer, base.runner, base.eos_token_ids, proposer=proposer)
+
+    compiled = compiled_engine.runner.compiled_decode
+    before = sum(compiled.steps_by_bucket.values())
+    with no_new_graphs(compiled_engine):  # a new engine on the runner: a new KV cache, the same graphs
+        engine = engine_on(compiled_engine)
+        steps = record_steps(engine)
+        got = run_workload(engine, MIXED)
+    assert got == run_workload(engine_on(engine_factory()), MIXED)
+    for i, (length, _, _) in enumerate(MIXED):
+        assert got[f"r{i}"] == answers[(tuple(prompt_of(length, i)), 0)], f"request r{i} diverged from transformers"
+    compiled_steps = sum(compiled.steps_by_bucket.values()) - before
+    eager_steps = sum(1 for out in steps if out.num_tokens > 8)
+    assert compiled_steps > 10 and eager_steps > 0, (compiled_steps, eager_steps)
+    assert any(len(out.scheduled) > 1 and out.num_tokens <= 8 for out in steps)  # several sequences in one graph

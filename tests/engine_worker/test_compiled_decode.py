@@ -34,9 +34,10 @@ def test_the_setting_gives_the_fast_runner_a_compiled_step(tiny_model_dir) -> No
     assert load_runner(tiny_model_dir, **options).compiled_decode is None  # off by default
 
 
-# Two buckets instead of the default four keep the module's compile time down (each bucket is a C++ compile);
-# rows 2-8 all run the 8-row graph, so both padding and several sequences per graph are exercised.
-TEST_BUCKETS = (1, 8)
+# One bucket instead of the default four keeps the module's compile time down (each bucket is a C++ compile, about
+# a minute here): every step of up to 8 rows runs the 8-row graph, so a lone sequence is padded 1 → 8 and several
+# sequences share the graph.
+TEST_BUCKETS = (8,)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_batch_of_one_decodes_as_the_eager_path_does_across_slot_lengths(
     assert got == eager
     assert got == hf_greedy(prompt, max_tokens)
     compiled = compiled_engine.runner.compiled_decode
-    assert compiled.steps_by_bucket[1] >= 50, dict(compiled.steps_by_bucket)  # the decode steps ran compiled
+    assert compiled.steps_by_bucket[8] >= 50, dict(compiled.steps_by_bucket)  # the decode steps ran compiled
     assert len(slot_lens) >= 3, slot_lens  # 64 → 128 → 192: the window changed under the graph
 
 

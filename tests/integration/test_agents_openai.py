@@ -11,7 +11,6 @@ from typing import Literal
 
 import openai
 import pytest
-from pydantic import BaseModel
 from agents import (
     Agent,
     AgentHooks,
@@ -22,6 +21,7 @@ from agents import (
     function_tool,
 )
 from agents.items import MessageOutputItem, ToolCallItem, ToolCallOutputItem
+from pydantic import BaseModel
 
 from tests.model_fixtures import TINY_MODEL_NAME
 

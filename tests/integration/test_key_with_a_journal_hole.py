@@ -75,13 +75,20 @@ async def write_broken_journal(nats_url: str, request_id: str, undisturbed: list
             await js.publish(f"inf.tok.lost-edge.{request_id}", event.to_bytes())
 
 
+async def key_with_a_hole(http: httpx.AsyncClient, nats_url: str, key: str) -> tuple[dict, list, str]:
+    """An undisturbed answer to BODY, its journal, and the request id of `key`, whose journal now holds three
+    attempts of that answer with a hole in the last (written as a lost worker would have left it)."""
+    reference = (await http.post("/v1/chat/completions", json=BODY)).json()
+    undisturbed = await journal(nats_url, reference["id"])
+    broken = keyed_request_id("chatcmpl", key, ANONYMOUS.owner)
+    await write_broken_journal(nats_url, broken, undisturbed)
+    return reference, undisturbed, broken
+
+
 async def test_a_retried_post_continues_a_key_whose_last_attempt_has_a_hole(stack: tuple) -> None:
     settings, api = stack
     async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
-        reference = (await http.post("/v1/chat/completions", json=BODY)).json()
-        undisturbed = await journal(settings.nats_url, reference["id"])
-        broken = keyed_request_id("chatcmpl", "stuck-key", ANONYMOUS.owner)
-        await write_broken_journal(settings.nats_url, broken, undisturbed)
+        reference, undisturbed, broken = await key_with_a_hole(http, settings.nats_url, "stuck-key")
 
         retried = await http.post("/v1/chat/completions", json=BODY, headers={"Idempotency-Key": "stuck-key"})
         assert retried.status_code == 200, retried.text  # before: 503 worker_lost, on every retry
@@ -104,10 +111,7 @@ async def test_a_retried_post_continues_a_key_whose_last_attempt_has_a_hole(stac
 async def test_a_last_event_id_resume_of_that_key_still_gets_the_clear_error(stack: tuple) -> None:
     settings, api = stack
     async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
-        reference = (await http.post("/v1/chat/completions", json=BODY)).json()
-        undisturbed = await journal(settings.nats_url, reference["id"])
-        broken = keyed_request_id("chatcmpl", "resumed-key", ANONYMOUS.owner)
-        await write_broken_journal(settings.nats_url, broken, undisturbed)
+        _, _, broken = await key_with_a_hole(http, settings.nats_url, "resumed-key")
         chunks = []
         async with http.stream(
             "POST", "/v1/chat/completions", json={**BODY, "stream": True}, headers={"Last-Event-ID": f"{broken}/1"}

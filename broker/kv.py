@@ -86,9 +86,16 @@ _STRAGGLER_WAIT_S = 2.0
 
 
 async def _stored_keys(kv: KeyValue, prefix: str) -> set[str]:
-    """The keys under `prefix.>` the bucket's stream holds now (with a value or a delete marker). nats-py's
-    KeyValue has no call for this, so it asks the stream behind it."""
-    info = await kv._js.stream_info(kv._stream, subjects_filter=f"{kv._pre}{prefix}.>")
+    return await stored_keys(kv, f"{prefix}.>")
+
+
+async def stored_keys(kv: KeyValue, pattern: str = ">") -> set[str]:
+    """The keys matching `pattern` the bucket's stream holds now (with a value or a delete marker), from the
+    stream's subject counts. nats-py's `keys()` creates a consumer for every listing; a listing polled twice a
+    second by every edge left consumers behind across node faults until the cluster refused new ones ("maximum
+    consumers limit reached"), and an edge restarted then could not read the registry at all. This asks the
+    stream instead and creates nothing."""
+    info = await kv._js.stream_info(kv._stream, subjects_filter=f"{kv._pre}{pattern}")
     return {subject.removeprefix(kv._pre) for subject in info.state.subjects or {}}
 
 

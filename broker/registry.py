@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from broker import subjects
 from broker.errors import BrokerUnavailable
+from broker.kv import stored_keys
 from broker.topology import ensure_registry
 from contracts import WorkerInfo
 
@@ -42,16 +43,12 @@ class WorkerRegistry:
             raise BrokerUnavailable(f"the worker registry is unavailable: {exc or type(exc).__name__}") from exc
 
     async def _read_all(self) -> list[WorkerInfo]:
-        try:
-            keys = await self._kv.keys()
-        except jse.NoKeysError:  # nats-py raises instead of returning [] for an empty bucket
-            return []
         workers = []
-        for key in keys:
+        for key in await stored_keys(self._kv):
             try:
                 entry = await self._kv.get(key)
             except (jse.KeyNotFoundError, jse.KeyDeletedError):
-                continue  # expired between keys() and get()
+                continue  # expired between the listing and get()
             if entry.value:
                 try:
                     workers.append(WorkerInfo.from_bytes(entry.value))

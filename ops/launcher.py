@@ -109,6 +109,11 @@ def build_children(settings: Settings) -> list[ChildSpec]:
     worker_models = [model for model in models for _ in range(per_model)]
     if settings.torch_threads is None:
         env[f"{ENV_PREFIX}TORCH_THREADS"] = str(colocated_torch_threads(len(worker_models)))
+    if settings.small_step_threads is None and len(worker_models) == 1 and usable_cores() > 1:
+        # One or two sequences decoding leave the api and NATS nearly idle, so such a step may use every core:
+        # 1.19x at concurrency 1 on 2 quiet cores (docs/benchmarks.md, "Threads by load"). Bigger steps keep a
+        # core free for them. Several workers would contend for the cores, so they keep torch_threads.
+        env[f"{ENV_PREFIX}SMALL_STEP_THREADS"] = str(usable_cores())
     workers = [
         ChildSpec(
             "worker" if len(worker_models) == 1 else f"worker-{index}",

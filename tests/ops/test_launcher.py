@@ -485,6 +485,26 @@ def test_serve_leaves_a_core_to_the_api_and_nats_unless_threads_are_set(monkeypa
     assert _worker_threads("--model", "m") == {"1"}
 
 
+def _small_step_threads(*argv: str) -> set[str | None]:
+    from ops.cli import build_parser, build_settings
+    from ops.launcher import build_children
+
+    children = build_children(build_settings(build_parser().parse_args(["serve", *argv])))
+    return {child.env.get("INFERQ_SMALL_STEP_THREADS") for child in children if child.name.startswith("worker")}
+
+
+def test_a_lone_worker_decodes_a_few_sequences_on_every_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("INFERQ_SMALL_STEP_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)))
+    assert _small_step_threads("--model", "m") == {"2"}
+    assert _small_step_threads("--model", "m", "--workers-per-model", "2") == {None}  # they would contend
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert _small_step_threads("--model", "m") == {None}
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)))
+    monkeypatch.setenv("INFERQ_SMALL_STEP_THREADS", "1")
+    assert _small_step_threads("--model", "m") == {"1"}  # what the operator set
+
+
 def test_serve_caps_malloc_arenas_in_its_children_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each thread's own glibc arena kept freed memory resident in the worker and the api (docs/benchmarks.md)."""
     from ops.cli import build_parser, build_settings

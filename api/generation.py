@@ -1,8 +1,8 @@
 """One submitted request as the edge sees it: a small state machine over the request's events.
 
     QUEUED ──accepted──▶ STREAMING ──end──▶ FINISHED          (error: FINISHED, raised as ApiError)
-      ▲                    │   └─abort seen by a follower─▶ ABANDONED ──end──┐
-      └──── resubmitted ◀──┴── worker silent, or events lost (a gap) ◀───────┘
+      ▲                    │   └─abort not asked for, or (followers) a gap─▶ ABANDONED ──end or silent──┐
+      └──── resubmitted ◀──┴── worker silent, or events lost (a gap) ◀──────────────────────────────────┘
     (QUEUED_ELSEWHERE: a resubmission another edge had queued already; if it shows nothing for a queue timeout,
     resubmitted again rather than failed. QUEUED and silent: once the request has left the queue and nothing was
     heard of it for a silence timeout, its events were lost: resubmitted, as after a silent worker)
@@ -51,7 +51,11 @@ class GenerationState(Enum):
     QUEUED = "queued"  # this attempt's `accepted` event not seen yet: wait at most queue_s for each event
     QUEUED_ELSEWHERE = "queued_elsewhere"  # as QUEUED, but our resubmission was a duplicate of another edge's
     STREAMING = "streaming"  # a worker accepted this attempt: each event must follow within silence_s
-    ABANDONED = "abandoned"  # (followers) the previous client's cancel reached the worker: its end is not ours
+    # The attempt will not finish this client's answer (an abort this edge did not ask for: another client of the
+    # request left, a newer attempt superseded it, its worker stopped; or, following the journal, events of an
+    # attempt another edge's client may still be reading were lost): wait for its end (or its silence), then
+    # continue on a new attempt. Its other events are ignored.
+    ABANDONED = "abandoned"
     FINISHED = "finished"  # ended or failed on the worker: nothing left to cancel
 
 
@@ -117,7 +121,7 @@ class Generation:
         # True (a retried POST following the journal): the attempt limit counts the attempts this generation
         # queued, not the request's attempt number (see the module's docstring).
         self._own_attempts = own_attempts
-        self._started = 0  # attempts this generation queued (a duplicate of another edge's queued nothing)
+        self._queued_here: set[int] = set()  # attempts this generation queued (not another edge's duplicate)
         # Its lines carry request_id and model, worker_id once accepted (trace_id comes from the HTTP request's
         # log context, api/request_context.py).
         self._log = log.bind(request_id=request.request_id, model=request.model)
@@ -154,8 +158,10 @@ class Generation:
                 return ()  # from a superseded attempt (a worker that was presumed dead)
             self._adopt(event.attempt)
         self._left_queue_at = None  # the current attempt spoke
+        if self.state is GenerationState.ABANDONED:
+            return await self._wait_out(event)
         if self._lost_before(event):
-            return await self._worker_lost()
+            return await self._after_gap(event)
         if event.kind == "error":
             self.state = GenerationState.FINISHED
             raise ApiError.from_info(event.error)
@@ -164,12 +170,14 @@ class Generation:
             self.state = GenerationState.STREAMING
             self._position = event.resumed_tokens
             self._log = self._log.bind(worker_id=event.worker_id)
+            if self._follower is not None and event.resumed_tokens > len(self._delivered):
+                # Resumed by another edge from tokens this client never got (the journal lost them): its tokens
+                # cannot be placed, and superseding it would abort that edge's client.
+                self._wait_for_end("another edge resumed it past the tokens delivered here")
         elif event.kind == "tokens":
             return self._deliver(event)
         elif event.kind == "embeddings":
             return (event,)
-        elif event.kind == "end" and self.state is GenerationState.ABANDONED:
-            await self._resubmit()  # its previous client left; this one wants the rest
         elif event.kind == "end":
             self.state = GenerationState.FINISHED
             self._usage = event.usage
@@ -178,6 +186,8 @@ class Generation:
 
     def _deliver(self, event: Tokens) -> Sequence[Tokens]:
         if self._follower is not None and (event := self._unseen(event)) is None:
+            return ()
+        if (event := self._without_abort(event)) is None:
             return ()
         self._delivered.extend(t for c in event.choices if c.index == 0 for t in c.token_ids)
         return (event,)
@@ -217,8 +227,7 @@ class Generation:
 
     def _unseen(self, event: Tokens) -> Tokens | None:
         """A replayed event without what was already delivered: an attempt that resumed from fewer tokens than
-        its predecessor streamed repeats those (identically, for greedy or seeded sampling). An abort from the
-        previous client leaving is kept back: this client still wants the rest."""
+        its predecessor streamed repeats those (identically, for greedy or seeded sampling)."""
         if self.request.sampling.num_candidates != 1:
             return event  # never resumed, so one attempt: nothing repeats
         choices = []
@@ -226,8 +235,22 @@ class Generation:
             self._position += len(delta.token_ids)
             if delta.token_ids and self._position <= len(self._delivered):
                 continue
-            if delta.finish_reason is FinishReason.ABORT and self._resumable:
-                self.state = GenerationState.ABANDONED
+            choices.append(delta)
+        if not choices and event.prompt_logprobs is None:
+            return None
+        return event.model_copy(update={"choices": choices})
+
+    def _without_abort(self, event: Tokens) -> Tokens | None:
+        """An abort is never this client's answer: an edge cancels only when its client left, and then reads no
+        more. So the worker stopped the attempt for someone else (another client of the same request left, a
+        newer attempt superseded it, the worker shut down). Kept back: the request continues on a new attempt
+        once this one ended; one that cannot be resumed is a clear error, never a silently truncated answer."""
+        if not any(delta.finish_reason is FinishReason.ABORT for delta in event.choices):
+            return event
+        self._wait_for_end("aborted on its worker")
+        choices = []
+        for delta in event.choices:
+            if delta.finish_reason is FinishReason.ABORT:
                 delta = delta.model_copy(update={"finish_reason": None, "stop_reason": None})
                 if not delta.token_ids and not delta.text:
                     continue
@@ -235,6 +258,37 @@ class Generation:
         if not choices and event.prompt_logprobs is None:
             return None
         return event.model_copy(update={"choices": choices})
+
+    def _wait_for_end(self, why: str) -> None:
+        """Leave the current attempt (ABANDONED); without an attempt left, a clear error instead."""
+        self._log.warning("request.attempt_abandoned", attempt=self.request.attempt, why=why, resumed=self._resumable)
+        if not self._resumable:
+            self.state = GenerationState.FINISHED
+            raise ApiError(
+                ErrorCode.WORKER_LOST,
+                f"this request cannot be completed: {why}, and it cannot be resumed again",
+                retry_after=1.0,
+            )
+        self.state = GenerationState.ABANDONED
+
+    async def _wait_out(self, event: Event) -> Sequence[Tokens | End]:
+        """ABANDONED: of the attempt only its end matters (its silence is noticed in _advance)."""
+        if event.kind == "error":
+            self.state = GenerationState.FINISHED
+            raise ApiError.from_info(event.error)
+        if event.kind == "end":
+            return await self._worker_lost()  # this client wants the rest
+        return ()
+
+    async def _after_gap(self, event: Event) -> Sequence[Tokens | End]:
+        """Events of the current attempt were lost. Continue on a new attempt at once if it has ended or is this
+        generation's own; a follower waits out another edge's attempt first: that edge's client may still be
+        reading it (its own events reach it directly, not through the journal), and a new attempt would supersede
+        it on the worker and hand that client an "abort" (chaos seed 2026, 30 minutes)."""
+        if self._follower is None or event.kind == "end" or self.request.attempt in self._queued_here:
+            return await self._worker_lost()
+        self._wait_for_end(f"events lost ({self._expected_seq} to {event.seq - 1})")
+        return ()
 
     def _lost_before(self, event: Event) -> bool:
         """Whether events were lost ahead of `event` (core NATS drops what arrives while a connection is being
@@ -263,7 +317,7 @@ class Generation:
 
     @property
     def _resumable(self) -> bool:
-        spent = self._started if self._own_attempts else self.request.attempt - 1
+        spent = len(self._queued_here) if self._own_attempts else self.request.attempt - 1
         if spent >= self._port.timeouts.max_attempts - 1:
             return False
         return isinstance(self.request, EmbedRequest) or self.request.sampling.num_candidates == 1
@@ -293,7 +347,7 @@ class Generation:
         # False: another edge queued this attempt already (both saw the worker fall silent); follow it.
         queued = await self._port.publish(self.request)
         if queued:
-            self._started += 1
+            self._queued_here.add(self.request.attempt)
             self._enter_queued()
         else:
             self.state = GenerationState.QUEUED_ELSEWHERE
@@ -304,12 +358,13 @@ class Generation:
         self._left_queue_at = None
 
     async def close(self) -> None:
-        """Stop listening; if the generation has not finished, cancel it on the worker."""
+        """Stop listening; if the generation has not finished, cancel its attempt on the worker."""
         if self._follower is not None:
             await asyncio.shield(self._follower.close())
         self._port.release(self.request.request_id)
-        if self.state is not GenerationState.FINISHED:
-            self.state = GenerationState.FINISHED
+        left, self.state = self.state, GenerationState.FINISHED
+        # An abandoned attempt is not this client's to stop: aborted already, or another edge's client reads it.
+        if left not in (GenerationState.FINISHED, GenerationState.ABANDONED):
             await asyncio.shield(self._port.cancel(self.request.request_id, self.request.attempt))
         if self._reservation is not None:
             # What the worker reported, else what we know it spent (the prompt and the tokens delivered).

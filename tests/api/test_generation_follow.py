@@ -170,19 +170,25 @@ def last_attempt_with_a_hole() -> asyncio.Queue:
     return journal
 
 
+def retried_post(client: RecordingClient, journal: asyncio.Queue, max_tokens: int = 4) -> tuple[asyncio.Task, list]:
+    """A retried POST (same Idempotency-Key) following the journal, run in a task; what it hands its client."""
+    received: list = []
+
+    async def consume() -> None:
+        generation = Generation(client, request(max_tokens), journal, follower=Follower(), own_attempts=True)
+        async for event in generation:
+            received.append(event)
+
+    return asyncio.create_task(consume()), received
+
+
 async def test_a_retried_post_starts_a_new_attempt_where_the_last_one_has_a_hole() -> None:
     """Found by the chaos run (seed 2026, 10 minutes): two keyed chats whose last attempt had a hole in its
     events answered every retry with the same key (77 and 83 of them) 503 `worker_lost`, until the client gave
     up: the key was stuck until the journal forgot it. A retried POST holds none of the text yet: it continues
     the request on a new attempt from the tokens before the hole."""
     client, journal = RecordingClient(), last_attempt_with_a_hole()
-    received: list = []
-
-    async def consume() -> None:
-        async for event in Generation(client, request(), journal, follower=Follower(), own_attempts=True):
-            received.append(event)
-
-    task = asyncio.create_task(consume())
+    task, received = retried_post(client, journal)
     await asyncio.wait_for(published(client, 1), 5)  # before: WORKER_LOST at the hole
     [attempt] = client.published
     assert (attempt.attempt, attempt.resume_token_ids, attempt.sampling) == (4, [10, 11], request().sampling)
@@ -222,3 +228,114 @@ async def test_a_retried_post_starts_a_bounded_number_of_attempts_of_its_own() -
             pass
     assert raised.value.info.code is ErrorCode.WORKER_LOST
     assert [r.attempt for r in client.published] == [4, 5]
+
+
+def the_rest_of_six_from_two(journal: asyncio.Queue, attempt: int) -> None:
+    """An attempt resumed from the first two tokens (10, 11) streams 12-15 and ends (max_tokens 6)."""
+    for seq in range(1, 5):
+        journal.put_nowait(tokens(attempt, seq, 11 + seq, "length" if seq == 4 else None))
+    journal.put_nowait(end(attempt, 5, 6))
+
+
+async def test_a_hole_in_another_edges_running_attempt_is_waited_out_not_superseded() -> None:
+    """Chaos seed 2026, 30 minutes: a retried POST of a keyed chat followed the journal, which had lost four token
+    events of attempt 1 while that attempt still streamed to the first POST's edge (on its own reply subject).
+    The follower resubmitted at the hole; its attempt 2 superseded attempt 1 on the worker, and the first client
+    got finish_reason "abort" after 23 of 24 tokens. Now the follower ignores the rest of attempt 1 and continues
+    from the tokens before the hole only once attempt 1 has ended."""
+    client, journal = RecordingClient(), asyncio.Queue()
+    client.timeouts = Timeouts(queue_s=5.0, silence_s=1.0)
+    for event in (accepted(1), tokens(1, 1, 10), tokens(1, 2, 11), tokens(1, 5, 14)):  # seq 3 and 4 were lost
+        journal.put_nowait(event)
+    task, received = retried_post(client, journal, 6)
+    await asyncio.sleep(0.3)
+    journal.put_nowait(tokens(1, 6, 15, "length"))  # attempt 1 still streams for its own client: not used here
+    await asyncio.sleep(0.3)
+    assert client.published == []  # before: attempt 2 at the hole, superseding attempt 1 under its client
+    journal.put_nowait(end(1, 7, 6))
+    await asyncio.wait_for(published(client, 1), 5)
+    [attempt] = client.published
+    assert (attempt.attempt, attempt.resume_token_ids) == (2, [10, 11])
+    journal.put_nowait(accepted(2, resumed=2))
+    the_rest_of_six_from_two(journal, attempt=2)
+    await asyncio.wait_for(task, 5)
+    assert delivered(received) == [10, 11, 12, 13, 14, 15]
+    finishes = [c.finish_reason for event in received if event.kind == "tokens" for c in event.choices]
+    assert [f for f in finishes if f] == ["length"]
+    assert len(client.published) == 1
+
+
+async def test_a_hole_in_another_edges_attempt_that_falls_silent_is_resumed_after_the_silence() -> None:
+    client = RecordingClient()
+    client.timeouts = Timeouts(queue_s=5.0, silence_s=0.3)
+    journal: asyncio.Queue = asyncio.Queue()
+    for event in (accepted(1), tokens(1, 1, 10), tokens(1, 3, 12)):  # seq 2 lost, then its worker died
+        journal.put_nowait(event)
+    task, received = retried_post(client, journal)
+    await asyncio.wait_for(published(client, 1), 5)
+    assert [(r.attempt, r.resume_token_ids) for r in client.published] == [(2, [10])]
+    for event in (accepted(2, resumed=1), tokens(2, 1, 11), tokens(2, 2, 12), tokens(2, 3, 13, "length")):
+        journal.put_nowait(event)
+    journal.put_nowait(end(2, 4, 4))
+    await asyncio.wait_for(task, 5)
+    assert delivered(received) == [10, 11, 12, 13]
+
+
+async def test_a_hole_in_an_attempt_the_follower_queued_itself_is_resumed_at_once() -> None:
+    """Nobody else reads an attempt a follower queued (its events reach only the journal): no need to wait."""
+    client = RecordingClient()
+    client.timeouts = Timeouts(queue_s=5.0, silence_s=0.3)
+    journal, task, received = await follow_two_tokens_then_silence(client)
+    await asyncio.wait_for(published(client, 1), 5)  # attempt 1 fell silent: attempt 2 is this generation's
+    client.timeouts = Timeouts(queue_s=30.0, silence_s=30.0)  # from here on, only the hole can move it on
+    for event in (accepted(2, resumed=2), tokens(2, 2, 13)):  # seq 1 (token 12) lost
+        journal.put_nowait(event)
+    await asyncio.wait_for(published(client, 2), 5)
+    assert [(r.attempt, r.resume_token_ids) for r in client.published] == [(2, [10, 11]), (3, [10, 11])]
+    for event in (accepted(3, resumed=2), tokens(3, 1, 12), tokens(3, 2, 13, "length"), end(3, 3, 4)):
+        journal.put_nowait(event)
+    await asyncio.wait_for(task, 5)
+    assert delivered(received) == [10, 11, 12, 13]
+
+
+async def test_an_attempt_resumed_past_the_tokens_the_follower_has_is_not_spliced_in() -> None:
+    """The journal lost tokens 12 and 13 of attempt 1 (and its end); the first edge, which had them, resumed the
+    request from four tokens as attempt 2. Its tokens would follow 11 with 14: a hole. The follower waits that
+    attempt out and continues from its own two tokens."""
+    client, journal = RecordingClient(), asyncio.Queue()
+    for event in (
+        accepted(1),
+        tokens(1, 1, 10),
+        tokens(1, 2, 11),
+        accepted(2, resumed=4),
+        tokens(2, 1, 14),
+        tokens(2, 2, 15, "length"),
+    ):
+        journal.put_nowait(event)
+    task, received = retried_post(client, journal, 6)
+    await asyncio.sleep(0.3)
+    assert delivered(received) == [10, 11]  # before: [10, 11, 14, 15], finished
+    journal.put_nowait(end(2, 3, 6))
+    await asyncio.wait_for(published(client, 1), 5)
+    assert [(r.attempt, r.resume_token_ids) for r in client.published] == [(3, [10, 11])]
+    journal.put_nowait(accepted(3, resumed=2))
+    the_rest_of_six_from_two(journal, attempt=3)
+    await asyncio.wait_for(task, 5)
+    assert delivered(received) == [10, 11, 12, 13, 14, 15]
+
+
+async def test_a_follower_whose_client_leaves_while_it_waits_out_another_edges_attempt_does_not_cancel_it() -> None:
+    """That attempt is another client's answer: cancelling it would hand that client an abort."""
+    client, journal = RecordingClient(), asyncio.Queue()
+    for event in (accepted(1), tokens(1, 1, 10), tokens(1, 3, 12)):  # seq 2 lost; attempt 1 still runs
+        journal.put_nowait(event)
+    generation = Generation(client, request(), journal, follower=Follower(), own_attempts=True)
+    stream = aiter(generation)
+    assert delivered([await anext(stream)]) == [10]
+    waiting = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.3)
+    waiting.cancel()  # the client left
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await generation.close()
+    assert client.cancelled == [] and client.published == []

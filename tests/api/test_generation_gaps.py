@@ -22,6 +22,7 @@ class RecordingClient:
         self.published: list[GenerateRequest] = []
         self.timeouts = Timeouts(queue_s=5.0, silence_s=5.0)
         self.already_queued = already_queued  # attempts whose publish the queue reports as a duplicate
+        self.cancelled: list[tuple[str, int | None]] = []
 
     async def publish(self, request: GenerateRequest) -> bool:
         self.published.append(request)
@@ -31,7 +32,7 @@ class RecordingClient:
         return None
 
     async def cancel(self, request_id: str, attempt: int | None = None) -> None:
-        pass
+        self.cancelled.append((request_id, attempt))
 
     def release(self, request_id: str) -> None:
         pass

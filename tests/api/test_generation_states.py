@@ -315,3 +315,41 @@ async def test_a_follower_continues_a_request_abandoned_by_its_previous_client()
         events.put_nowait(event)
     received = [await waiting] + [event async for event in stream]
     assert token_ids(received) == [11, 12] and received[-1].kind == "end"
+
+
+async def test_an_abort_the_submitting_edge_did_not_ask_for_is_continued_not_handed_to_its_client() -> None:
+    """The worker stopped the attempt for someone else (another client of the request left, a newer attempt
+    superseded it, the worker shut down): the answer is not complete. Before, the client got finish "abort"."""
+    engine = ScriptedEngine(quiet_s=30.0)
+    aborted = Tokens(request_id="r", seq=2, choices=[ChoiceDelta(index=0, finish_reason=FinishReason.ABORT)])
+    events = scripted(accepted(), tokens(1, 10), aborted, end(3, 1))
+    generation = Generation(engine, request(), events)
+    stream = aiter(generation)
+    assert token_ids([await anext(stream)]) == [10]
+    waiting = asyncio.ensure_future(anext(stream))
+    await until(lambda: engine.published)
+    assert [(r.attempt, r.resume_token_ids) for r in engine.published] == [(2, [10])]
+    for event in (
+        accepted(2, resumed=1),
+        tokens(1, 11, attempt=2),
+        tokens(2, 12, attempt=2, finish=FinishReason.LENGTH),
+        end(3, 3, attempt=2),
+    ):
+        events.put_nowait(event)
+    received = [await waiting] + [event async for event in stream]
+    assert token_ids(received) == [11, 12] and received[-1].kind == "end"
+    finishes = [c.finish_reason for event in received if event.kind == "tokens" for c in event.choices]
+    assert FinishReason.ABORT not in finishes and engine.cancelled == []
+
+
+async def test_an_abort_on_the_last_attempt_is_a_clear_error_not_a_truncated_answer() -> None:
+    engine = ScriptedEngine(quiet_s=30.0)
+    aborted = Tokens(request_id="r", attempt=3, seq=2, choices=[ChoiceDelta(index=0, finish_reason=FinishReason.ABORT)])
+    last = request().model_copy(update={"attempt": 3})  # Timeouts.max_attempts
+    events = scripted(accepted(3), tokens(1, 10, attempt=3), aborted, end(3, 1, attempt=3))
+    received = []
+    with pytest.raises(ApiError) as failure:
+        async for event in Generation(engine, last, events):
+            received.append(event)
+    assert failure.value.info.code is ErrorCode.WORKER_LOST
+    assert token_ids(received) == [10] and engine.published == []

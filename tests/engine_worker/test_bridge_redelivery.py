@@ -59,9 +59,9 @@ class Rig:
     task: asyncio.Task | None = None
     stop: asyncio.Event | None = None
 
-    async def start(self) -> WorkerBridge:
+    async def start(self, engine: ScriptedEngine | None = None) -> WorkerBridge:
         js = self.nc.jetstream()
-        engine = ScriptedEngine()
+        engine = engine or ScriptedEngine()
         self.bridge = WorkerBridge(
             self.nc,
             engine,
@@ -75,10 +75,12 @@ class Rig:
         self.task = asyncio.create_task(self.bridge.run(self.stop))
         return self.bridge
 
-    async def send(self, request_id: str, reply_subject: str, max_tokens: int = 3) -> asyncio.Queue:
-        """Publish a request; for a live reply subject, the queue its events arrive on."""
+    async def send(
+        self, request_id: str, reply_subject: str, max_tokens: int = 3, attempt: int = 1, listen: bool = True
+    ) -> asyncio.Queue:
+        """Publish a request; for a live reply subject (and `listen`), the queue its events arrive on."""
         events: asyncio.Queue = asyncio.Queue()
-        if not subjects.is_durable_reply(reply_subject):
+        if listen and not subjects.is_durable_reply(reply_subject):
 
             async def on_event(msg) -> None:
                 await events.put(parse_event(msg.data))
@@ -91,6 +93,7 @@ class Rig:
             prompt_token_ids=[1, 2],
             reply_subject=reply_subject,
             sampling=SamplingParams(max_tokens=max_tokens),
+            attempt=attempt,
         )
         await publish_request(self.client.jetstream(), request)
         return events
@@ -267,3 +270,72 @@ async def test_a_direct_publish_that_fails_more_often_than_the_queue_redelivers_
     tokens = [t for e in result.events if isinstance(e, Tokens) for c in e.choices for t in c.token_ids]
     assert tokens == [100, 101, 102]
     await _eventually(rig.queue_is_empty)
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "journaled"])
+async def test_an_older_attempt_arriving_while_a_newer_one_runs_is_dropped_not_run(rig, durable) -> None:
+    # Chaos seed 2026, 30 minutes: a worker gave a direct publish back (a copy queued as attempt 4) but NATS
+    # reported the give-back failed, so the old message was nak'd too; its redelivery (attempt 2) reached the
+    # worker running attempt 4, which aborted the newer attempt to run the older one. Readers keep the newest
+    # attempt: the publisher got attempt 4's "abort" after 18 tokens. Live: an edge's resubmission (attempt 2)
+    # running when the first attempt's message arrives late.
+    newer, older = (1 + topology.REQUEST_MAX_DELIVER, 2) if durable else (2, 1)
+    reply = subjects.results_subject("test", "older") if durable else subjects.token_subject("edge", "older")
+    engine = ScriptedEngine()
+    engine.proceed.clear()  # the newer attempt stays in flight until the older delivery was handled
+    await rig.start(engine)
+    events = await rig.send("older", reply, attempt=newer)
+    await _eventually(lambda: _running(rig.bridge, newer))
+    await rig.send("older", reply, attempt=older, listen=False)
+    await _eventually(_taken_from_queue(rig))
+    await asyncio.sleep(1.0)  # admitted (or dropped) right after it was pulled
+    engine.proceed.set()
+    if durable:
+        result = await read_result(rig.client.jetstream(), reply, wait_s=WAIT_S)
+        assert result.attempt == newer and isinstance(result.events[-1], End)
+        seen = result.events
+    else:
+        seen = await _until_last(events)
+        await asyncio.sleep(1.0)
+        seen += await _drained(events)
+    tokens = [t for e in seen if isinstance(e, Tokens) and e.attempt == newer for c in e.choices for t in c.token_ids]
+    finishes = [c.finish_reason for e in seen if isinstance(e, Tokens) and e.attempt == newer for c in e.choices]
+    assert tokens == [100, 101, 102] and finishes[-1] == "length"  # before: [], "abort"
+    assert [e.attempt for e in seen if isinstance(e, Accepted)] == [newer]
+    await _eventually(rig.queue_is_empty)  # the older message acked, the newer one done
+    if durable:
+        assert await rig.stored_count(reply) == len(result.events)  # nothing of the older attempt stored
+
+
+async def _running(bridge: WorkerBridge, attempt: int) -> bool:
+    return any(flight.request.attempt == attempt for flight in bridge._in_flight.values())
+
+
+def _taken_from_queue(rig: Rig) -> Callable:
+    async def taken() -> bool:
+        info = await rig.client.jetstream().consumer_info(subjects.request_stream(rig.model), subjects.REQUEST_CONSUMER)
+        return info.num_pending == 0
+
+    return taken
+
+
+async def test_a_newer_attempt_in_another_message_acks_the_message_of_the_attempt_it_supersedes(rig) -> None:
+    # A direct publish runs as attempt 1 when its given-back copy (attempt 4, a message of its own) arrives. The
+    # copy runs; the original message is done. Before, it was never acked: redelivered after the ack wait.
+    reply = subjects.results_subject("test", "copied")
+    engine = ScriptedEngine()
+    engine.proceed.clear()
+    await rig.start(engine)
+    await rig.send("copied", reply)
+    await _eventually(lambda: _running(rig.bridge, 1))
+    await rig.send("copied", reply, attempt=1 + topology.REQUEST_MAX_DELIVER)
+    await _eventually(lambda: _running(rig.bridge, 1 + topology.REQUEST_MAX_DELIVER))
+    engine.proceed.set()
+    result = await read_result(rig.client.jetstream(), reply, wait_s=WAIT_S)
+    assert result.attempt == 1 + topology.REQUEST_MAX_DELIVER and isinstance(result.events[-1], End)
+    tokens = [t for e in result.events if isinstance(e, Tokens) for c in e.choices for t in c.token_ids]
+    assert tokens == [100, 101, 102]
+    await asyncio.sleep(ACK_WAIT_S + 2.0)  # an unacked original would have been redelivered by now
+    info = await rig.client.jetstream().consumer_info(subjects.request_stream(rig.model), subjects.REQUEST_CONSUMER)
+    assert info.num_pending == 0 and info.num_ack_pending == 0
+    assert info.delivered.consumer_seq == 2  # the original and the copy, once each (before: 3)

@@ -44,6 +44,7 @@ _BATCH = 16
 _FETCH_TIMEOUT_S = 1.0
 _RETRY_S = 1.0  # after a NATS failure: pause, then pull (or settle) again
 _ACK_CONFIRM_S = 5.0  # an ack left unconfirmed only has the advisory settled again, which changes nothing
+_NO_MESSAGE_FOUND = 10057  # what deleting a message that is gone already answers (a 500, not a 404)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +123,16 @@ async def _delete(js: JetStreamContext, advisory: MaxDeliveries) -> None:
     """Out of the work queue: it would otherwise hold a place under the queue's cap until its max age."""
     try:
         await js.delete_msg(advisory.stream, advisory.stream_seq)
-    except jse.NotFoundError:
-        pass  # deleted by another watcher meanwhile
+    except jse.APIError as exc:
+        if not isinstance(exc, jse.NotFoundError) and exc.err_code != _NO_MESSAGE_FOUND:
+            raise
+        # deleted by another watcher meanwhile
+
+
+async def _unsubscribed(sub) -> None:
+    if sub is not None:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
 
 class MaxDeliveriesWatcher:
@@ -148,25 +157,25 @@ class MaxDeliveriesWatcher:
     async def _watch(self) -> None:
         js = self._nc.jetstream()
         sub = None
-        while True:
-            try:
-                if sub is None:
-                    sub = await js.pull_subscribe_bind(
-                        subjects.MAX_DELIVERIES_CONSUMER, stream=subjects.MAX_DELIVERIES_STREAM
-                    )
-                msgs = await sub.fetch(batch=_BATCH, timeout=_FETCH_TIMEOUT_S)
-            except TimeoutError:  # nothing to settle (nats' FetchTimeoutError is one too)
-                continue
-            except Exception as exc:  # an election, NATS reconnecting: bind afresh and pull again
-                log.warning("max_deliveries.fetch_failed", error=repr(exc))
-                if sub is not None:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
-                sub = None
-                await asyncio.sleep(_RETRY_S)
-                continue
-            for msg in msgs:
-                await self._handle(msg)
+        try:
+            while True:
+                try:
+                    if sub is None:
+                        sub = await js.pull_subscribe_bind(
+                            subjects.MAX_DELIVERIES_CONSUMER, stream=subjects.MAX_DELIVERIES_STREAM
+                        )
+                    msgs = await sub.fetch(batch=_BATCH, timeout=_FETCH_TIMEOUT_S)
+                except TimeoutError:  # nothing to settle (nats' FetchTimeoutError is one too)
+                    continue
+                except Exception as exc:  # an election, NATS reconnecting: bind afresh and pull again
+                    log.warning("max_deliveries.fetch_failed", error=repr(exc))
+                    sub = await _unsubscribed(sub)
+                    await asyncio.sleep(_RETRY_S)
+                    continue
+                for msg in msgs:
+                    await self._handle(msg)
+        finally:  # a subscription left behind would hold up the connection's drain for its whole timeout
+            await _unsubscribed(sub)
 
     async def _handle(self, msg: Msg) -> None:
         advisory = MaxDeliveries.from_bytes(msg.data)

@@ -130,18 +130,13 @@ async def ensure_max_deliveries_stream(js: JetStreamContext, replicas: int = 1) 
     """The stream that keeps JetStream's max-deliveries advisories (subjects.MAX_DELIVERIES_WILDCARD): they are core
     NATS messages, which a watcher that is down when one is published would miss. Kept a day: longer than a
     request stays in its queue (Settings.queue_max_age_s), after which there is nothing left to answer."""
-    await _stream(
+    await _kept_stream(
         js,
-        StreamConfig(
-            name=subjects.MAX_DELIVERIES_STREAM,
-            subjects=[subjects.MAX_DELIVERIES_WILDCARD],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=_MAX_DELIVERIES_KEPT_S,
-            max_msgs=_MAX_DELIVERIES_KEPT,
-            discard=DiscardPolicy.OLD,
-            num_replicas=replicas,
-        ),
+        subjects.MAX_DELIVERIES_STREAM,
+        subjects.MAX_DELIVERIES_WILDCARD,
+        _MAX_DELIVERIES_KEPT_S,
+        replicas,
+        max_msgs=_MAX_DELIVERIES_KEPT,
     )
 
 
@@ -370,17 +365,25 @@ async def _job_queue(
 async def ensure_results_stream(js: JetStreamContext, max_age_s: float, max_bytes: int, replicas: int = 1) -> None:
     """Durable replies of fire-and-forget publishers (subjects.RESULTS_WILDCARD), kept `max_age_s`; when full
     the oldest results go first, so a publisher that never reads cannot block anyone else's."""
+    await _kept_stream(js, subjects.RESULTS_STREAM, subjects.RESULTS_WILDCARD, max_age_s, replicas, max_bytes=max_bytes)
+
+
+async def _kept_stream(
+    js: JetStreamContext, name: str, wildcard: str, max_age_s: float, replicas: int, **caps: int
+) -> None:
+    """A file-backed stream that keeps what is published on `wildcard` for `max_age_s`; past its `caps`
+    (max_bytes, max_msgs) the oldest messages go first."""
     await _stream(
         js,
         StreamConfig(
-            name=subjects.RESULTS_STREAM,
-            subjects=[subjects.RESULTS_WILDCARD],
+            name=name,
+            subjects=[wildcard],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=max_age_s,
-            max_bytes=max_bytes,
             discard=DiscardPolicy.OLD,
             num_replicas=replicas,
+            **caps,
         ),
     )
 

@@ -16,6 +16,7 @@ from api.auth.middleware import AuthMiddleware
 from api.batch.runner import BatchRunner
 from api.body_limit import BodySizeLimit, LimitFor
 from api.catalog import ModelCatalog
+from api.crash_metrics import WorkerCrashMeter
 from api.errors import install_error_handlers
 from api.generation import Timeouts
 from api.nats_engine_client import NatsEngineClient
@@ -45,9 +46,10 @@ from api.validation_metrics import ValidationMeter
 from broker.batch_store import BatchStorage
 from broker.connection import NatsAuth, connect
 from broker.events import EventRouter
+from broker.max_deliveries import MaxDeliveriesWatcher
 from broker.registry import WorkerRegistry
 from broker.response_store import ResponseStore
-from broker.topology import ensure_journal_stream
+from broker.topology import ensure_journal_stream, ensure_max_deliveries_queue
 from common.settings import Settings
 from common.telemetry import open_tracing
 
@@ -112,16 +114,24 @@ def create_app(settings: Settings) -> FastAPI:
                 await runner.start()
             response_runner = ResponseRunner(services, services.responses, meter_for_owner=auth_gate.meter_for_owner)
             await response_runner.start()
+            # Requests whose workers died max_deliver times get their error from here (any replica settles each
+            # once): the api's NATS role may read and delete queued requests, a worker's may not (ops/nats/).
+            await ensure_max_deliveries_queue(js, settings.nats_replicas)
+            crash_watcher = MaxDeliveriesWatcher(nc)
+            await crash_watcher.start()
             app.state.fleet_metrics = FleetMetrics(
                 nc,
                 js,
                 services.catalog,
                 settings.metrics_scrape_timeout_s,
                 settings.supervisor_status_file,
-                tuple(c for c in (affinity, validation_meter) if c is not None),
+                tuple(
+                    c for c in (affinity, validation_meter, WorkerCrashMeter(edge_id, crash_watcher)) if c is not None
+                ),
             )
             log.info("api.ready", edge_id=edge_id)
             yield
+            await crash_watcher.stop()
             await response_runner.stop()
             if runner is not None:
                 await runner.stop()  # before the router: its lines' cancels still go out

@@ -26,6 +26,7 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.QUEUE_FULL: 429,
     ErrorCode.NO_WORKER: 503,
     ErrorCode.WORKER_LOST: 503,
+    ErrorCode.WORKER_CRASHED: 500,  # retrying would only kill more workers
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.CANCELLED: 499,

@@ -20,13 +20,15 @@ log = structlog.get_logger(__name__)
 Event = Accepted | Tokens | Heartbeat | End | Failed
 
 
-async def publish_event(nc: NatsClient, reply_subject: str, event: Event) -> None:
+async def publish_event(nc: NatsClient, reply_subject: str, event: Event, msg_id: str | None = None) -> None:
     """Live inboxes get a core publish (a lost event is recovered by the edge's resume); a durable results
-    subject gets a JetStream publish that returns only once the event is stored (and raises if it was not)."""
+    subject gets a JetStream publish that returns only once the event is stored (and raises if it was not).
+    `msg_id`: a `Nats-Msg-Id`, so that stores of the same event by several processes keep one."""
+    headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
     if subjects.is_durable_reply(reply_subject):
-        await nc.jetstream().publish(reply_subject, event.to_bytes())
+        await nc.jetstream().publish(reply_subject, event.to_bytes(), headers=headers)
     else:
-        await nc.publish(reply_subject, event.to_bytes())
+        await nc.publish(reply_subject, event.to_bytes(), headers=headers)
 
 
 async def publish_cancel(

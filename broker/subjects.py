@@ -99,6 +99,20 @@ def is_durable_reply(reply_subject: str) -> bool:
     return reply_subject.startswith(RESULTS_PREFIX)
 
 
+# Requests whose workers died max_deliver times: JetStream never delivers such a message again and publishes a core
+# NATS advisory naming its stream and sequence. A stream of ours keeps those advisories (a watcher that was down
+# when one was published still sees it), and one durable consumer shared by every api replica works them off
+# (broker/max_deliveries.py).
+MAX_DELIVERIES_STREAM = "INFERQ_MAX_DELIVERIES"
+MAX_DELIVERIES_WILDCARD = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>"
+MAX_DELIVERIES_CONSUMER = "max_deliveries"
+
+
+def is_request_stream(stream: str) -> bool:
+    """A model's work queue (request_stream, batch_stream)."""
+    return stream.startswith(("REQ_", "BATCH_"))
+
+
 def cancel_subject(request_id: str) -> str:
     return f"inf.cancel.{request_id}"
 

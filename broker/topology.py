@@ -38,6 +38,8 @@ _TWO_DAYS_S = 2 * 86_400.0
 _DEFAULT_DUPLICATE_WINDOW_S = 120.0  # the server's default
 _ENSURE_RETRY_S = 30.0
 _LEADER_WAIT_S = 10.0
+_MAX_DELIVERIES_KEPT_S = 86_400.0
+_MAX_DELIVERIES_KEPT = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,8 @@ async def ensure_request_queue(js: JetStreamContext, model_id: str, limits: Queu
         extra_subjects=[subjects.affine_wildcard(model_id)],
     )
     await _ensure_work_queue(js, subjects.batch_stream(model_id), subjects.batch_subject(model_id), model_id, limits)
+    # Whoever creates work queues keeps their max-deliveries advisories from then on, api up or not.
+    await ensure_max_deliveries_stream(js, limits.replicas)
     log.debug("topology.request_queue_ready", model=model_id)
 
 
@@ -120,6 +124,36 @@ async def _ensure_work_queue(
     # add_consumer is create-or-update for a durable; pull_subscribe(config=) would silently keep an old config.
     # The filter is the shared subject only (a consumer made before affinity existed had none: this updates it).
     await js.add_consumer(stream.name, _request_consumer(subjects.REQUEST_CONSUMER, limits, subject))
+
+
+async def ensure_max_deliveries_stream(js: JetStreamContext, replicas: int = 1) -> None:
+    """The stream that keeps JetStream's max-deliveries advisories (subjects.MAX_DELIVERIES_WILDCARD): they are core
+    NATS messages, which a watcher that is down when one is published would miss. Kept a day: longer than a
+    request stays in its queue (Settings.queue_max_age_s), after which there is nothing left to answer."""
+    await _kept_stream(
+        js,
+        subjects.MAX_DELIVERIES_STREAM,
+        subjects.MAX_DELIVERIES_WILDCARD,
+        _MAX_DELIVERIES_KEPT_S,
+        replicas,
+        max_msgs=_MAX_DELIVERIES_KEPT,
+    )
+
+
+async def ensure_max_deliveries_queue(js: JetStreamContext, replicas: int = 1) -> None:
+    """The advisory stream and the one durable consumer every watcher shares (broker/max_deliveries.py): each
+    advisory goes to one watcher at a time, and to another after the ack wait if that one died meanwhile."""
+    await ensure_max_deliveries_stream(js, replicas)
+    await js.add_consumer(
+        subjects.MAX_DELIVERIES_STREAM,
+        ConsumerConfig(
+            durable_name=subjects.MAX_DELIVERIES_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=REQUEST_ACK_WAIT_S,
+            max_deliver=-1,  # settling fails only while NATS does: try again until it works
+            max_ack_pending=1000,
+        ),
+    )
 
 
 def retrying_while_electing(ensure):
@@ -331,17 +365,25 @@ async def _job_queue(
 async def ensure_results_stream(js: JetStreamContext, max_age_s: float, max_bytes: int, replicas: int = 1) -> None:
     """Durable replies of fire-and-forget publishers (subjects.RESULTS_WILDCARD), kept `max_age_s`; when full
     the oldest results go first, so a publisher that never reads cannot block anyone else's."""
+    await _kept_stream(js, subjects.RESULTS_STREAM, subjects.RESULTS_WILDCARD, max_age_s, replicas, max_bytes=max_bytes)
+
+
+async def _kept_stream(
+    js: JetStreamContext, name: str, wildcard: str, max_age_s: float, replicas: int, **caps: int
+) -> None:
+    """A file-backed stream that keeps what is published on `wildcard` for `max_age_s`; past its `caps`
+    (max_bytes, max_msgs) the oldest messages go first."""
     await _stream(
         js,
         StreamConfig(
-            name=subjects.RESULTS_STREAM,
-            subjects=[subjects.RESULTS_WILDCARD],
+            name=name,
+            subjects=[wildcard],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=max_age_s,
-            max_bytes=max_bytes,
             discard=DiscardPolicy.OLD,
             num_replicas=replicas,
+            **caps,
         ),
     )
 

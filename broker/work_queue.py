@@ -222,9 +222,7 @@ class Delivery:
 
     @property
     def held_attempt(self) -> int:
-        """The attempt a held (fire-and-forget) request runs as: each delivery starts over, so its events must not
-        mix with an earlier delivery's (readers keep the newest attempt, broker/results.py)."""
-        return self.request.attempt + self.num_delivered - 1
+        return held_attempt(self.request, self.num_delivered)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -234,6 +232,12 @@ class Delivery:
     def published_at(self) -> float:
         """Unix time the request entered the queue (the stream's timestamp, on the NATS server's clock)."""
         return self.msg.metadata.timestamp.timestamp()
+
+
+def held_attempt(request: GenerateRequest | EmbedRequest, num_delivered: int) -> int:
+    """The attempt a held (fire-and-forget) request runs as on its `num_delivered`-th delivery: each delivery starts
+    over, so its events must not mix with an earlier delivery's (readers keep the newest attempt, broker/results.py)."""
+    return request.attempt + num_delivered - 1
 
 
 def requeued(request: GenerateRequest | EmbedRequest) -> GenerateRequest | EmbedRequest:

@@ -16,6 +16,7 @@ class ErrorCode(StrEnum):
     QUEUE_FULL = "queue_full"
     NO_WORKER = "no_worker"
     WORKER_LOST = "worker_lost"
+    WORKER_CRASHED = "worker_crashed"  # its workers died max_deliver times running it: given up, not retried
     DEADLINE_EXCEEDED = "deadline_exceeded"
     UNAVAILABLE = "unavailable"
     CANCELLED = "cancelled"

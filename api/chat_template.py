@@ -1,5 +1,5 @@
 """Chat templates rendered with jinja2 as transformers' `apply_chat_template(..., tokenize=False)` renders them,
-without importing transformers (its tokenizer stack costs the api process ~35 MiB it never needs).
+without importing transformers (its tokenizer stack costs the api process ~40-46 MiB it never needs).
 
 A chat template is Jinja written against the environment transformers sets up
 (transformers/utils/chat_template_utils.py, `_cached_compile_jinja_template` and `render_jinja_template`), so the

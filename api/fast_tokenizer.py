@@ -5,7 +5,7 @@ special tokens and its chat templates, behind the part of transformers' tokenize
 
 transformers builds the same tokenizer from the same files (its generic `TokenizersBackend` /
 `PreTrainedTokenizerFast`: tokenizer.json as the pipeline, special tokens from tokenizer_config.json); importing
-its tokenizer stack costs the api process ~35 MiB it never needs. What it does on top of tokenizer.json is
+its tokenizer stack costs the api process ~40-46 MiB it never needs. What it does on top of tokenizer.json is
 reproduced here (and pinned by tests/api/test_fast_tokenizer.py and test_chat_template_equivalence.py):
 - truncation and padding baked into tokenizer.json are switched off (the edge encodes whole prompts);
 - named special tokens and `extra_special_tokens` that tokenizer.json does not list as added tokens are added as

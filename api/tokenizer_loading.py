@@ -3,7 +3,7 @@
 The edge needs a tokenizer and a chat template, nothing of transformers' model code: a directory with
 `tokenizer.json` (every directory transformers saves, GGUF conversions included) loads on the `tokenizers`
 library and renders chat templates with jinja2 (api/fast_tokenizer.py, api/chat_template.py). transformers is not
-imported at all: its tokenizer stack alone costs the api process ~35 MiB. Only a directory without
+imported at all: its tokenizer stack alone costs the api process ~40-46 MiB. Only a directory without
 `tokenizer.json` (a SentencePiece `tokenizer.model` or `vocab.json` + `merges.txt` that transformers converts)
 falls back to transformers' own loading, logged because it costs; a directory naming its tokenizer class loads
 that class only (never `AutoTokenizer`'s model config, which imports torch), and `AutoTokenizer` is the last resort.

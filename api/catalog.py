@@ -97,10 +97,10 @@ class ModelCatalog:
         raise ApiError(ErrorCode.NO_WORKER, f"no worker for model {model_id!r} is running", retry_after=5.0)
 
     async def tokenizer(self, model: ServedModel):
-        """The HF tokenizer the model's worker published (cached per content digest)."""
+        """The tokenizer the model's worker published (api/tokenizer_loading.py; cached per content digest)."""
         name = model.workers[0].tokenizer_object
         if name not in self._tokenizers:
-            async with self._tokenizer_lock:  # one load at a time: concurrent first imports of transformers fail
+            async with self._tokenizer_lock:  # one load at a time (concurrent first loads race)
                 if name not in self._tokenizers:
                     self._tokenizers[name] = await self._load(model, name)
         return self._tokenizers[name]

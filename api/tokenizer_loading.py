@@ -1,10 +1,12 @@
-"""Load a model's tokenizer in the edge without transformers' model code.
+"""Load a model's tokenizer in the edge without transformers.
 
-`AutoTokenizer` reads the model's config first (`AutoConfig`), and that imports torch and the rope utilities:
-some 220 MB resident in every api process, which never runs a model. The tokenizer directory a worker publishes
-names its class in tokenizer_config.json, and transformers resolves a tokenizer class by importing only that
-class's module (the `tokenizers` backend, tokenization_llama, ...), without torch. Only a directory that names no
-tokenizer class, or one this transformers does not have, falls back to `AutoTokenizer` (logged, since it costs).
+The edge needs a tokenizer and a chat template, nothing of transformers' model code: a directory with
+`tokenizer.json` (every directory transformers saves, GGUF conversions included) loads on the `tokenizers`
+library and renders chat templates with jinja2 (api/fast_tokenizer.py, api/chat_template.py). transformers is not
+imported at all: its tokenizer stack alone costs the api process ~40-46 MiB. Only a directory without
+`tokenizer.json` (a SentencePiece `tokenizer.model` or `vocab.json` + `merges.txt` that transformers converts)
+falls back to transformers' own loading, logged because it costs; a directory naming its tokenizer class loads
+that class only (never `AutoTokenizer`'s model config, which imports torch), and `AutoTokenizer` is the last resort.
 """
 
 from __future__ import annotations
@@ -14,12 +16,25 @@ from pathlib import Path
 
 import structlog
 
+from api.fast_tokenizer import FastTokenizer
+
 log = structlog.get_logger(__name__)
 
 _CLASS_SUFFIXES = ("Tokenizer", "TokenizerFast", "TokenizersBackend")
 
 
 def load_tokenizer(directory: Path):
+    if (directory / "tokenizer.json").is_file():
+        return FastTokenizer.from_directory(directory)
+    return _load_with_transformers(directory)
+
+
+def _load_with_transformers(directory: Path):
+    log.warning(
+        "tokenizer.transformers_fallback",
+        directory=str(directory),
+        detail="no tokenizer.json: transformers converts the tokenizer, and its import stays in the api process",
+    )
     import transformers
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 

@@ -1,10 +1,13 @@
-"""The edge loads a model's tokenizer without torch or transformers' model code, and gets the tokenizer
-AutoTokenizer would have given it."""
+"""The edge loads a model's tokenizer without transformers (api/tokenizer_loading.py): a directory with
+tokenizer.json loads on `tokenizers` and the process never imports transformers (let alone torch); only a
+directory without one falls back to transformers, logged. That the tokenizer behaves as transformers' does is
+tests/api/test_fast_tokenizer.py and test_chat_template_equivalence.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,14 +16,15 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from api.fast_tokenizer import FastTokenizer
 from api.tokenizer_loading import load_tokenizer
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Grüße, wie geht's? 👋"}]
 TEXT = "Hello world, 1234 tokens\nand émojis 🎉"
 
 
-def test_the_api_process_stays_free_of_torch_and_model_code(smollm2_tokenizer_dir: Path) -> None:
-    """A fresh interpreter builds the app, loads the tokenizer and renders a chat, as an api process does."""
+def test_the_api_process_never_imports_transformers(smollm2_tokenizer_dir: Path) -> None:
+    """A fresh interpreter builds the app, loads the tokenizer, renders a chat and decodes, as an api process does."""
     script = textwrap.dedent(f"""
         import json, sys, psutil
         from api.app import create_app
@@ -32,66 +36,58 @@ def test_the_api_process_stays_free_of_torch_and_model_code(smollm2_tokenizer_di
 
         create_app(Settings(nats_url="nats://127.0.0.1:1"))
         tokenizer = load_tokenizer(Path({str(smollm2_tokenizer_dir)!r}))
-        ids = render_chat([ChatMessage(role="user", content="hi")], tokenizer)
-        heavy = [name for name in ("torch", "transformers.models.llama.modeling_llama",
-                                   "transformers.modeling_utils", "transformers.configuration_utils")
-                 if name in sys.modules]
-        print(json.dumps({{"heavy": heavy, "ids": len(ids), "rss": psutil.Process().memory_info().rss}}))
+        ids = render_chat([ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="hi")],
+                          tokenizer)
+        text = tokenizer.decode(ids)
+        heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("transformers", "torch"))
+        print(json.dumps({{"heavy": heavy, "text": text, "rss": psutil.Process().memory_info().rss}}))
     """)
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
-    assert result["ids"] > 5
-    assert result["rss"] < 250 * 2**20  # with torch imported it is ~330 MB
+    assert result["text"].endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert result["rss"] < 140 * 2**20  # 110 MiB here (2026-12-07); transformers' tokenizer made it 156
 
 
-def _auto(directory: Path):
-    from transformers import AutoTokenizer
+def _vocab_and_merges_dir(smollm2: Path, target: Path, tokenizer_class: str) -> Path:
+    """SmolLM2's BPE as vocab.json + merges.txt, without tokenizer.json: only transformers can build it."""
+    target.mkdir()
+    model = json.loads((smollm2 / "tokenizer.json").read_text())["model"]
+    (target / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    (target / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = json.loads((smollm2 / "tokenizer_config.json").read_text())
+    (target / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": tokenizer_class}))
+    return target
 
-    return AutoTokenizer.from_pretrained(directory)
 
-
-def _sim_tokenizer(tmp_path: Path) -> Path:
-    from engine_worker.sim import write_sim_tokenizer
-
-    return write_sim_tokenizer(tmp_path / "sim", 300)
-
-
-@pytest.mark.parametrize("which", ["smollm2", "sim"])
-def test_same_tokenizer_as_auto_tokenizer(which: str, smollm2_tokenizer_dir: Path, tmp_path: Path) -> None:
-    directory = smollm2_tokenizer_dir if which == "smollm2" else _sim_tokenizer(tmp_path)
-    ours, auto = load_tokenizer(directory), _auto(directory)
-    assert type(ours) is type(auto)
-    text = TEXT if which == "smollm2" else "w10 w11 w250"
-    ids = auto.encode(text)
-    assert ours.encode(text) == ids and ours.decode(ids) == auto.decode(ids)
-    assert ours.convert_ids_to_tokens(ids) == auto.convert_ids_to_tokens(ids)
-    assert (len(ours), ours.eos_token_id, ours.bos_token_id) == (len(auto), auto.eos_token_id, auto.bos_token_id)
-    messages = MESSAGES if which == "smollm2" else [{"role": "user", "content": "w12 w13"}]
-    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == auto.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
+def test_a_directory_with_tokenizer_json_loads_without_transformers(smollm2_tokenizer_dir: Path, tmp_path) -> None:
+    """Whatever class the config names (here not even a tokenizer): tokenizer.json is the whole pipeline."""
+    shutil.copytree(smollm2_tokenizer_dir, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())
+    (tmp_path / "model" / "tokenizer_config.json").write_text(
+        json.dumps({**config, "tokenizer_class": "LlamaForCausalLM"})
     )
+    with capture_logs() as logs:
+        tokenizer = load_tokenizer(tmp_path / "model")
+    assert isinstance(tokenizer, FastTokenizer) and logs == []
+    assert tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True).endswith("<|im_start|>assistant\n")
 
 
-def test_a_directory_naming_no_tokenizer_class_falls_back_to_auto_tokenizer(
-    smollm2_tokenizer_dir: Path, tmp_path: Path
-) -> None:
-    for name in ("tokenizer.json", "chat_template.jinja"):
-        (tmp_path / name).write_bytes((smollm2_tokenizer_dir / name).read_bytes())
-    config = json.loads((smollm2_tokenizer_dir / "tokenizer_config.json").read_text())
-    config["tokenizer_class"] = "LlamaForCausalLM"  # not a tokenizer: must not be resolved on `transformers`
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+def test_a_directory_without_tokenizer_json_falls_back_to_transformers(smollm2_tokenizer_dir: Path, tmp_path) -> None:
+    reference = load_tokenizer(smollm2_tokenizer_dir)
+    directory = _vocab_and_merges_dir(smollm2_tokenizer_dir, tmp_path / "named", "GPT2Tokenizer")
+    with capture_logs() as logs:
+        tokenizer = load_tokenizer(directory)
+    assert [entry["event"] for entry in logs] == ["tokenizer.transformers_fallback"]
+    assert tokenizer.encode(TEXT, add_special_tokens=False) == reference.encode(TEXT, add_special_tokens=False)
+    # A class name that is not a tokenizer is never looked up on `transformers`: AutoTokenizer, logged.
+    directory = _vocab_and_merges_dir(smollm2_tokenizer_dir, tmp_path / "not-a-tokenizer", "LlamaForCausalLM")
     with capture_logs() as logs:
         with pytest.raises((OSError, ValueError)):  # AutoTokenizer fails on it too, after the logged fallback
-            load_tokenizer(tmp_path)
-    assert [entry["tokenizer_class"] for entry in logs if entry["event"] == "tokenizer.auto_fallback"] == [
+            load_tokenizer(directory)
+    assert [entry.get("tokenizer_class") for entry in logs if entry["event"] == "tokenizer.auto_fallback"] == [
         "LlamaForCausalLM"
     ]
-    del config["tokenizer_class"]
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    with capture_logs() as logs:
-        tokenizer = load_tokenizer(tmp_path)
-    assert tokenizer.encode(TEXT) == load_tokenizer(smollm2_tokenizer_dir).encode(TEXT)
-    assert any(entry["event"] == "tokenizer.auto_fallback" for entry in logs)

@@ -93,9 +93,9 @@ def test_prompt_items() -> None:
 
 
 def test_prompt_token_ids_join_text_and_token_items(smollm2_tokenizer_dir: Path) -> None:
-    from transformers import AutoTokenizer
+    from api.tokenizer_loading import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    tokenizer = load_tokenizer(smollm2_tokenizer_dir)
     body = AlephCompleteRequest(
         model="m",
         prompt=[

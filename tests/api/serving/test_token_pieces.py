@@ -12,9 +12,9 @@ from api.serving.token_pieces import split_into_tokens
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_tokenizer_dir: Path):
-    from transformers import AutoTokenizer
+    from api.tokenizer_loading import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    return load_tokenizer(smollm2_tokenizer_dir)  # the api's own (api/fast_tokenizer.py)
 
 
 def test_pieces_are_decoded_text_one_per_token(tokenizer) -> None:

@@ -19,9 +19,9 @@ DETOKENIZE = TypeAdapter(AnyDetokenizeRequest)
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_tokenizer_dir: Path):
-    from transformers import AutoTokenizer
+    from api.tokenizer_loading import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    return load_tokenizer(smollm2_tokenizer_dir)  # the api's own (api/fast_tokenizer.py)
 
 
 def test_the_body_picks_the_api() -> None:
@@ -65,9 +65,12 @@ def test_shapers(tokenizer) -> None:
     assert aleph_tokens(tokenizer, ids, tokens=False, token_ids=True) == {"token_ids": ids}
 
 
-def test_render_chat_equals_the_template_tokenized(tokenizer) -> None:
+def test_render_chat_equals_the_template_tokenized(tokenizer, smollm2_tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer  # the reference (the api's own tokenizer does not use it)
+
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    expected = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    reference = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    expected = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
     rendered = render_chat([ChatMessage(**m) for m in messages], tokenizer)
     assert rendered == list(expected)
     continued = render_chat(

@@ -98,6 +98,7 @@ def test_fp16_weights_give_a_row_the_same_bits_alone_and_in_any_batch(out_featur
     x = torch.randn(most_rows + 1, in_features, generator=generator)
     with torch.inference_mode():
         linear = _Linear(weight, bias, WeightQuantPlan("fp16", max_rows=16))  # max_rows: only for int8/int4 twins
+        assert linear.quant is not None and not linear.keeps_dense  # the fp16 GEMM runs every call
         alone = torch.cat([linear(x[i : i + 1]) for i in range(x.shape[0])])
         for rows in sorted({2, 3, 4, 7, 16, 33, 64, 128, most_rows} & set(range(most_rows + 1))):
             for start in (0, 1):  # the same rows at another position inside the call

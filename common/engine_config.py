@@ -101,20 +101,22 @@ class EngineConfig:
     )
 
     weight_quant: Literal["auto", "none", "fp16", "int8", "int4"] = Field(
-        default="none",
+        default="auto",
         description=(
-            "Quantized weight copies for memory-bound steps (fast path; docs/quantization.md): fp16 (fp32 models on "
-            "a CPU), int8, int4 (AVX-512 CPUs; int8 elsewhere), none, or auto (fp16 for models with at least 64 MiB "
-            "of weights). Default none: a copy makes output depend on the batch a step shares, so a request "
-            "resumed on another worker could continue differently (docs/quantization.md)."
+            "Lower-precision weights (fast path; docs/quantization.md). fp16: fp32 models on a CPU keep only fp16 "
+            "weights (embedding and lm_head included) and run every call on them: half the weight memory, faster "
+            "small steps, and each row's result independent of the batch; a no-op for 16-bit models and on GPUs. "
+            "int8, int4 (AVX-512 CPUs; int8 elsewhere): copies beside the dense weights for steps of at most "
+            "weight_quant_max_rows rows. auto (default): fp16 for models with at least 64 MiB of weights. none: the "
+            "model's own weights."
         ),
     )
     weight_quant_max_rows: int = Field(
         default=16,
         ge=0,
         description=(
-            "A step with at most this many rows (decoded tokens, drafts included) runs the quantized weights; "
-            "larger steps are compute-bound and run the dense ones."
+            "int8/int4 only: a step with at most this many rows (decoded tokens, drafts included) runs the quantized "
+            "copy; larger steps are compute-bound and run the dense weights. fp16 weights run every step."
         ),
     )
     small_step_threads: int | None = Field(

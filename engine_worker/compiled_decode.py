@@ -76,7 +76,7 @@ class _OpaqueLinear:
 
     def __init__(self, linear: Any) -> None:
         self.handle = id(linear)
-        _LINEARS[self.handle] = (linear, linear.weight.shape[0])
+        _LINEARS[self.handle] = (linear, linear.out_features)
         self.op = _linear_op()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +173,7 @@ class CompiledDecode:
     ) -> torch.Tensor:
         """The traced step: [B] rows in, [B, vocab] logits out."""
         runner = self.runner
-        x = runner.embed[input_ids]
+        x = runner.embed_tokens(input_ids)
         cos = runner.cos[positions].unsqueeze(1)
         sin = runner.sin[positions].unsqueeze(1)
         num_slots, window = layout.shape[0], layout.shape[1]

@@ -80,13 +80,21 @@ class WeightQuantPlan:
 class _Linear:
     """`y = x @ W.T + b`. On CPU the weight is pre-packed once for oneDNN, which runs these GEMMs 1.2-2x
     faster than `F.linear` (bf16 and fp32, measured on this repo's CPU); elsewhere it is plain `F.linear`.
-    With a quantized twin (`quant`), calls of at most `quant.max_rows` rows (memory-bound decode steps) use it."""
+    With quantized weights (`quant`) that replace the dense ones (fp16), every call runs them and no dense weight is
+    kept; with a quantized twin (int8/int4), calls of at most `quant.max_rows` rows (memory-bound decode steps)
+    use it and larger ones the dense weight."""
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: WeightQuantPlan = WeightQuantPlan()
     ) -> None:
-        self.weight, self.bias, self.packed = _owned(weight), None if bias is None else _owned(bias), False
+        self.out_features = weight.shape[0]
         self.quant: QuantizedLinear | None = quantize_linear(weight, bias, quant.mode, quant.max_rows)
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self.packed = False
+        if self.quant is not None and self.quant.replaces_dense:
+            return  # the quantized weights hold the bias too
+        self.weight, self.bias = _owned(weight), None if bias is None else _owned(bias)
         if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _can_pack():
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight)
@@ -97,8 +105,12 @@ class _Linear:
             except (RuntimeError, AttributeError):  # an older or mkldnn-less torch: stay on F.linear
                 pass
 
+    @property
+    def keeps_dense(self) -> bool:
+        return self.weight is not None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant is not None and x.shape[0] <= self.quant.max_rows:
+        if self.quant is not None and self.quant.applies_to(x.shape[0]):
             return self.quant(x)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -119,6 +131,13 @@ def _fused_linear(*projections: torch.nn.Linear, quant: WeightQuantPlan) -> _Lin
     if bias is None and any(b is not None for b in biases):
         raise ValueError("models with biases on only some of q/k/v or gate/up are not supported")
     return _Linear(torch.cat([p.weight for p in projections]), bias, quant)
+
+
+def _lookup_table(weight: torch.Tensor, half: bool) -> torch.Tensor:
+    """The embedding table. Beside fp16 linear weights it is kept in fp16 too (rows upcast as they are gathered):
+    a tied embedding is then held as this table and fbgemm's packed `lm_head`, 2 x 54 MiB for SmolLM2, instead of
+    2 x 108 MiB in fp32 (fbgemm's packed layout cannot be gathered from, so the two cannot share storage)."""
+    return weight.to(torch.float16) if half else _owned(weight)
 
 
 def _can_pack() -> bool:
@@ -310,7 +329,8 @@ class ModelRunner(SlotKVCache):
             model_dir,
             model_impl="fast",
             weight_quant=self.lm_head.quant and self.lm_head.quant.name,
-            weight_quant_max_rows=quant.max_rows,
+            weight_quant_rows=self.lm_head.quant and (self.lm_head.quant.max_rows or "all"),
+            dense_weights=self.lm_head.keeps_dense,
             compile_decode=compile_decode,
         )
 
@@ -323,9 +343,9 @@ class ModelRunner(SlotKVCache):
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim**-0.5
         inner = model.model
-        self.embed = _owned(inner.embed_tokens.weight)
         self.norm = _owned(inner.norm.weight)
         self.lm_head = _Linear(model.lm_head.weight, None, quant)  # the embedding's weight when tied
+        self.embed = _lookup_table(inner.embed_tokens.weight, half=not self.lm_head.keeps_dense)
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -392,8 +412,12 @@ class ModelRunner(SlotKVCache):
         logits = self.lm_head(self._rms_norm(hidden[batch.sample_index], self.norm))
         return RunOutput(sampled=self.sampler(logits, sample_rows), prompt_logprobs=prompt_lps)
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the embedding table in the step dtype (the table may be fp16, `_lookup_table`)."""
+        return self.embed[ids].to(self.dtype)
+
     def _forward(self, batch: StepBatch) -> torch.Tensor:
-        x = self.embed[batch.input_ids]  # [N, hidden]
+        x = self.embed_tokens(batch.input_ids)  # [N, hidden]
         cos = self.cos[batch.positions].unsqueeze(1)  # [N, 1, head_dim]
         sin = self.sin[batch.positions].unsqueeze(1)
         decode_mask = batch.decode_mask(self.slot_len) if batch.decode_rows else None
@@ -424,7 +448,7 @@ class ModelRunner(SlotKVCache):
         """Hidden states of one input, outside the KV cache (embeddings): layer 0 is the token embeddings,
         layer k the output of block k, the last one after the final norm (as HF `output_hidden_states`)."""
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        x = self.embed[ids]
+        x = self.embed_tokens(ids)
         cos, sin = self.cos[: len(token_ids)].unsqueeze(1), self.sin[: len(token_ids)].unsqueeze(1)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

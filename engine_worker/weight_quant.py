@@ -1,19 +1,26 @@
-"""Quantized copies of linear weights for the memory-bound steps (docs/quantization.md).
+"""Lower-precision linear weights for the memory-bound steps (docs/quantization.md).
 
 A decode step of a few sequences reads every weight once and does little arithmetic with it, so its time is the
-weight bytes over the memory bandwidth; an int8 copy reads half of bf16 and a quarter of fp32. A step with many
-rows (a large batch, a prefill chunk) is compute-bound and runs the dense weight, so the model runner keeps both
-and picks per call by the number of rows (`QuantizedLinear.max_rows`).
+weight bytes over the memory bandwidth; fp16 or int8 weights read half of bf16 or fp32 (int8: a quarter of fp32).
 
 Modes and kernels (all maintained torch ops; measurements in docs/quantization.md):
-- fp16: fbgemm's GEMM over fp16 weights with fp32 activations (`quantized::linear_dynamic_fp16`), for fp32 models
-  on a CPU (a CPU without native bf16 runs fp32): half the bytes, no measurable quality loss. No-op elsewhere.
+- fp16: fbgemm's GEMM over fp16 weights with fp32 activations and arithmetic (`quantized::linear_dynamic_fp16`), for
+  fp32 models on a CPU (a CPU without native bf16 runs fp32). The fp16 weights are the **only** weights: every
+  call, of any number of rows, runs them, and no dense copy is kept (half the weight memory). A row's result must
+  not depend on the batch it shares a step with (a resumed request recomputes its tokens in one big prefill):
+  fbgemm splits a call's rows over micro-kernels of 1-6 rows (AVX2), and its 1- and 2-row kernels accumulate in
+  another order than the 3-6-row ones (measured: up to 1e-5 apart). So every call is padded to a multiple of
+  `FP16_ROW_TILE` rows, which fbgemm runs with its 6-row kernel only; a row then gets the same bits alone and in
+  any batch. That is probed once per process (`fp16_rows_invariant`); where it fails (another CPU family, another
+  fbgemm) fp16 is not applied and the dense weights run. No-op elsewhere (already 16-bit weights, GPUs).
 - int8: `torch._weight_int8pack_mm` (int8 weights, per-output-channel scales, activations in the model dtype):
   CUDA, MPS, and CPUs with AVX-512. On an AVX2 CPU its kernel is a scalar loop 3-15x slower than the dense GEMM
   (measured), so it warns. fbgemm's dynamic int8 (activations quantized per tensor with 7 bits) was measured and
   rejected: +17% perplexity and greedy output diverging within a few tokens.
 - int4: `torch._weight_int4pack_mm_for_cpu` (groups of 32, scale and zero per group) on AVX-512 CPUs; elsewhere
   int8 with a warning (the CUDA tinygemm layout is not wired up yet).
+int8 and int4 are copies beside the dense weights, used for calls of at most `max_rows` rows (a step with many
+rows is compute-bound and runs the dense weights), so with them a row's result depends on the batch size.
 """
 
 from __future__ import annotations
@@ -34,11 +41,13 @@ INT4_GROUP = 32
 AUTO_MIN_WEIGHT_BYTES = 64 * 2**20
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
+# fbgemm's largest AVX2 fp16 micro-kernel: calls padded to a multiple of it run that kernel only.
+FP16_ROW_TILE = 6
 
 
 def resolve_weight_quant(requested: str, weight_bytes: int) -> str:
     """The mode to apply. `auto` is fp16 for a model big enough to be memory-bound (it applies to fp32 weights on
-    a CPU, the only case measured lossless and faster), else none."""
+    a CPU, the only case measured lossless and faster; 16-bit models and GPUs keep their weights), else none."""
     if requested == "auto":
         return "fp16" if weight_bytes >= AUTO_MIN_WEIGHT_BYTES else "none"
     if requested not in ("none", "fp16", "int8", "int4"):
@@ -51,10 +60,18 @@ def _cpu_has_avx512() -> bool:
 
 
 class QuantizedLinear:
-    """`y = x @ W.T + b` through a quantized copy of W; `max_rows` is how many rows it is used for."""
+    """`y = x @ W.T + b` through quantized weights. `max_rows` is the largest call they are used for next to the
+    dense weights; None: they are the only weights, used for every call."""
 
-    def __init__(self, kernel: Kernel, name: str, max_rows: int) -> None:
+    def __init__(self, kernel: Kernel, name: str, max_rows: int | None) -> None:
         self.kernel, self.name, self.max_rows = kernel, name, max_rows
+
+    @property
+    def replaces_dense(self) -> bool:
+        return self.max_rows is None
+
+    def applies_to(self, rows: int) -> bool:
+        return self.max_rows is None or rows <= self.max_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x)
@@ -63,14 +80,15 @@ class QuantizedLinear:
 def quantize_linear(
     weight: torch.Tensor, bias: torch.Tensor | None, mode: str, max_rows: int
 ) -> QuantizedLinear | None:
-    """A quantized twin of a dense linear, or None when `mode` is none or no kernel fits (the dense one runs)."""
+    """Quantized weights for a dense linear (fp16: to replace it; int8/int4: a twin for calls of at most `max_rows`
+    rows), or None when `mode` is none or no kernel fits (the dense weights run)."""
     if mode == "none":
         return None
     if mode == "fp16":
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             return None  # already 16-bit (or a GPU): nothing to gain
         kernel = _fp16_fbgemm(weight, bias)
-        return None if kernel is None else QuantizedLinear(kernel, "fbgemm-fp16", max_rows)
+        return None if kernel is None else QuantizedLinear(kernel, "fbgemm-fp16", None)
     if mode == "int4" and weight.shape[1] % INT4_GROUP == 0 and weight.device.type == "cpu" and _cpu_has_avx512():
         return QuantizedLinear(_int4_cpu(weight, bias), "int4pack", max_rows)
     if mode == "int4":
@@ -114,11 +132,38 @@ def _fp16_fbgemm(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | No
     except (RuntimeError, AttributeError) as exc:
         log.warning("weight_quant.fbgemm_unavailable", error=str(exc))
         return None
+    if not fp16_rows_invariant():
+        log.warning("weight_quant.fp16_batch_dependent", hint="fbgemm's rows differ by batch here: dense weights")
+        return None
+    return functools.partial(_fp16_tiled, packed)
 
-    def kernel(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic_fp16(x, packed)
 
-    return kernel
+def _fp16_tiled(packed: object, x: torch.Tensor) -> torch.Tensor:
+    """`linear_dynamic_fp16` on rows padded to a multiple of `FP16_ROW_TILE` (zeros; each row's result depends on
+    its own inputs only), so fbgemm runs its 6-row kernel on every row."""
+    rows = x.shape[0]
+    pad = -rows % FP16_ROW_TILE
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+    y = torch.ops.quantized.linear_dynamic_fp16(x, packed)
+    return y[:rows] if pad else y
+
+
+@functools.cache  # once per process: a property of the CPU and the fbgemm build
+def fp16_rows_invariant() -> bool:
+    """Whether a row gets the same bits from `_fp16_tiled` in calls of every size: rows of calls of up to 1,032 rows
+    (several of fbgemm's 120-row blocks) against the same rows computed one tile at a time."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 576, generator=generator)  # 24 columns: one full column block and a fringe
+    packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
+    x = torch.randn(1032, 576, generator=generator)
+    with torch.inference_mode():
+        tiles = torch.cat([_fp16_tiled(packed, x[i : i + FP16_ROW_TILE]) for i in range(0, len(x), FP16_ROW_TILE)])
+        alone = [_fp16_tiled(packed, x[i : i + 1]) for i in range(8)]
+        sizes = [*range(1, 130), 240, 246, 253, 511, 512, 1032]
+        return all(torch.equal(alone[i], tiles[i : i + 1]) for i in range(8)) and all(
+            torch.equal(_fp16_tiled(packed, x[:rows]), tiles[:rows]) for rows in sizes
+        )
 
 
 def _int4_cpu(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:

@@ -1,8 +1,11 @@
-"""Quantized weight copies (engine_worker/weight_quant.py): each kernel close to the dense GEMM, the per-call choice
-by rows, the `auto` rule, and greedy decoding of the tiny model unchanged by fp16 weights. The oracle tests run with
-quantization off (conftest.py `engine_factory`), so they stay exact."""
+"""Quantized weights (engine_worker/weight_quant.py): each kernel close to the dense GEMM; fp16 weights as the only
+weights (no dense copy kept, each row's result the same bits in any batch); the per-call choice by rows of the
+int8/int4 twins; the `auto` rule; and greedy decoding of the tiny model unchanged by fp16 weights. The oracle tests
+run with quantization off (conftest.py `engine_factory`), so they stay exact."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,21 +73,90 @@ def test_int4_reproduces_a_weight_on_a_4_bit_grid_of_groups_of_32() -> None:
     assert _relative_error(_int4_cpu(weight, None)(x), x @ weight.T) < 1e-5
 
 
-def test_a_linear_uses_its_quantized_twin_only_up_to_max_rows(weight_and_input) -> None:
+def test_a_linear_uses_its_int8_twin_only_up_to_max_rows(weight_and_input) -> None:
     weight, bias, _ = weight_and_input
-    linear = _Linear(weight, bias, WeightQuantPlan("fp16", max_rows=2))
-    assert linear.quant is not None
+    linear = _Linear(weight, bias, WeightQuantPlan("int8", max_rows=2))
+    assert linear.quant is not None and linear.keeps_dense
     x = torch.randn(3, 128)
     assert torch.equal(linear(x[:2]), linear.quant(x[:2]))  # few rows: the quantized weights
-    dense = linear(x)  # more rows: the dense weights, which fp16 does not reproduce bit for bit
+    dense = linear(x)  # more rows: the dense weights, which int8 does not reproduce bit for bit
     assert not torch.equal(dense, linear.quant(x))
     assert _relative_error(dense, x @ weight.T + bias) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "most_rows"),
+    [(3072, 576, 512), (576, 1536, 512), (49152, 576, 33)],  # SmolLM2's gate/up, down, and lm_head (sampled rows)
+    ids=["gate_up", "down", "lm_head"],
+)
+def test_fp16_weights_give_a_row_the_same_bits_alone_and_in_any_batch(out_features, in_features, most_rows) -> None:
+    # A request resumed after a crash recomputes its tokens in one big prefill where the first worker decoded them
+    # one row at a time, next to batches of every size: the same text needs the same bits for a row in any call.
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.05
+    bias = torch.randn(out_features, generator=generator) * 0.1
+    x = torch.randn(most_rows + 1, in_features, generator=generator)
+    with torch.inference_mode():
+        linear = _Linear(weight, bias, WeightQuantPlan("fp16", max_rows=16))  # max_rows: only for int8/int4 twins
+        assert linear.quant is not None and not linear.keeps_dense  # the fp16 GEMM runs every call
+        alone = torch.cat([linear(x[i : i + 1]) for i in range(x.shape[0])])
+        for rows in sorted({2, 3, 4, 7, 16, 33, 64, 128, most_rows} & set(range(most_rows + 1))):
+            for start in (0, 1):  # the same rows at another position inside the call
+                assert torch.equal(linear(x[start : start + rows]), alone[start : start + rows]), (rows, start)
+    assert _relative_error(alone, x @ weight.T + bias) < 1e-3
+
+
+def _resident_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_fp16_weights_are_the_only_copy_held() -> None:
+    weight = torch.randn(2048, 8192) * 0.05  # 64 MiB in fp32
+    size = weight.numel() * weight.element_size()
+    with torch.inference_mode():
+        before = _resident_bytes()
+        dense = _Linear(weight)
+        with_dense = _resident_bytes()
+        fp16 = _Linear(weight, None, WeightQuantPlan("fp16"))
+        with_fp16 = _resident_bytes()
+    assert dense.keeps_dense and not fp16.keeps_dense and fp16.weight is None
+    assert with_dense - before > 0.9 * size  # the measure sees a dense copy (the packed fp32 weight)
+    assert with_fp16 - with_dense < 0.6 * size  # fp16 alone: half of it, no fp32 copy beside it
+    x = torch.randn(4, 8192)
+    assert _relative_error(fp16(x), dense(x)) < 1e-3
 
 
 def test_auto_leaves_the_tiny_oracle_model_dense(engine_factory) -> None:
     # Integration tests serve the tiny model with default settings and compare with transformers exactly.
     runner = engine_factory(weight_quant="auto").runner
     assert runner.lm_head.quant is None and all(layer.qkv.quant is None for layer in runner.layers)
+
+
+def test_fp16_runner_holds_no_dense_weights_and_the_embedding_once_in_fp16(engine_factory) -> None:
+    fp16, dense = engine_factory(weight_quant="fp16").runner, engine_factory(weight_quant="none").runner
+    names = ("qkv", "o", "gate_up", "down")
+    linears = [fp16.lm_head, *(getattr(layer, name) for layer in fp16.layers for name in names)]
+    assert all(linear.quant is not None and not linear.keeps_dense for linear in linears)
+    assert fp16.embed.dtype == torch.float16 and dense.embed.dtype == torch.float32
+    ids = torch.tensor([5, 1000, 5])
+    assert fp16.embed_tokens(ids).dtype == torch.float32
+    assert torch.equal(fp16.embed_tokens(ids), dense.embed_tokens(ids).half().float())
+
+
+def test_a_sequence_gets_the_same_logprobs_alone_and_in_a_batch_with_fp16_weights(engine_factory) -> None:
+    # 40 sequences make steps of 40 rows: beyond the 16 rows that used to switch from an fp16 copy to dense weights.
+    def logprobs(batch: int) -> list[float]:
+        engine = engine_factory(weight_quant="fp16", max_num_seqs=batch, num_speculative_tokens=0)
+        for i in range(batch):
+            engine.add_request(make_request(f"r{i}", prompt_of(12, i), temperature=0.0, max_tokens=10, logprobs=0))
+        outputs = run_to_completion(engine)["r0"]
+        return [lp.logprob for out in outputs for choice in out.choices for lp in choice.logprobs or []]
+
+    alone = logprobs(1)
+    assert len(alone) == 10 and logprobs(40) == alone
 
 
 def test_greedy_decoding_of_the_tiny_model_is_unchanged_by_fp16_weights(engine_factory) -> None:
@@ -94,6 +166,6 @@ def test_greedy_decoding_of_the_tiny_model_is_unchanged_by_fp16_weights(engine_f
             engine.add_request(make_request(f"r{i}", prompt_of(8 + i, i), temperature=0.0, max_tokens=24))
         return {rid: tokens_by_choice(outs)[0] for rid, outs in run_to_completion(engine).items()}
 
-    quantized = engine_factory(weight_quant="fp16", weight_quant_max_rows=64)
+    quantized = engine_factory(weight_quant="fp16")
     assert quantized.runner.lm_head.quant is not None
-    assert greedy(weight_quant="fp16", weight_quant_max_rows=64) == greedy(weight_quant="none")
+    assert greedy(weight_quant="fp16") == greedy(weight_quant="none")

@@ -14,7 +14,7 @@ from pydantic.fields import FieldInfo
 
 DEFAULT_KV_CACHE_GIB = 2.0
 # Sized on the #18 multi-turn workload within the default start's 1.5 GiB (docs/prefix-caching.md, benchmarks.md).
-DEFAULT_PREFIX_CACHE_MAX_MIB = 128.0
+DEFAULT_PREFIX_CACHE_MAX_MIB = 64.0
 
 
 @dataclass(slots=True)
@@ -100,8 +100,8 @@ class EngineConfig:
         description=(
             "Memory bound of the prefix cache's store, in MiB of KV, and at most a quarter of the KV capacity "
             "(logged as prefix_cache.sized). Least recently used blocks make way beyond it; on a CPU the pages of "
-            "evicted blocks go back to the OS. 128 MiB: 91 blocks of SmolLM2-135M in fp32 (2,912 tokens: a "
-            "~1,200-token system prompt and a few conversations), twice that in bf16 (docs/prefix-caching.md)."
+            "evicted blocks go back to the OS. 64 MiB: 45 blocks of SmolLM2-135M in fp32 (1,440 tokens: a "
+            "~1,200-token system prompt and the latest turns), twice that in bf16 (docs/prefix-caching.md)."
         ),
     )
     model_impl: Literal["auto", "fast", "generic"] = Field(

@@ -13,6 +13,8 @@ from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 
 DEFAULT_KV_CACHE_GIB = 2.0
+# Sized on the #18 multi-turn workload within the default start's 1.5 GiB (docs/prefix-caching.md, benchmarks.md).
+DEFAULT_PREFIX_CACHE_MAX_MIB = 64.0
 
 
 @dataclass(slots=True)
@@ -90,6 +92,16 @@ class EngineConfig:
         description=(
             "Automatic prefix caching: prompt KV is kept after a request and reused by later requests of the same "
             "owner whose prompts start with the same 32-token blocks (docs/prefix-caching.md)."
+        ),
+    )
+    prefix_cache_max_mib: float = Field(
+        default=DEFAULT_PREFIX_CACHE_MAX_MIB,
+        gt=0,
+        description=(
+            "Memory bound of the prefix cache's store, in MiB of KV, and at most a quarter of the KV capacity "
+            "(logged as prefix_cache.sized). Least recently used blocks make way beyond it; on a CPU the pages of "
+            "evicted blocks go back to the OS. 64 MiB: 45 blocks of SmolLM2-135M in fp32 (1,440 tokens: a "
+            "~1,200-token system prompt and the latest turns), twice that in bf16 (docs/prefix-caching.md)."
         ),
     )
     model_impl: Literal["auto", "fast", "generic"] = Field(

@@ -137,6 +137,7 @@ class Settings(BaseSettings):
     small_step_rows: int = engine_field("small_step_rows")
     compile_decode: bool = engine_field("compile_decode")
     prefix_caching: bool = engine_field("prefix_caching")
+    prefix_cache_max_mib: float = engine_field("prefix_cache_max_mib")
     workers_per_model: int | Literal["auto"] = Field(
         default=1,
         description=(

@@ -60,7 +60,9 @@ class Engine:
         capacity = size_kv_cache(config, runner).tokens
         self.kv = KVCacheManager(capacity, config.max_num_seqs, self.max_model_len)
         runner.allocate_kv_cache(capacity, self.kv.slot_len)
-        self.prefix = PrefixCaching.sized_for(self.kv, runner) if config.prefix_caching else None
+        self.prefix = (
+            PrefixCaching.sized_for(self.kv, runner, config.prefix_cache_max_mib) if config.prefix_caching else None
+        )
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.kv)
         self.outputs = OutputBuilder(tokenizer)
         if proposer is None and config.num_speculative_tokens:

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from contracts import EmbeddingVector, EmbedRequest
     from engine_worker.kv_cache import Relayout
     from engine_worker.model_runner import RunOutput
+    from engine_worker.prefix_store import PrefixStore
     from engine_worker.sampling_rows import SamplingRow
     from engine_worker.sequence import Sequence
 
@@ -36,7 +37,11 @@ class ModelExecutor(Protocol):
 
     def copy_prefixes(self, copies: list[tuple[int, int, int]]) -> None: ...
 
-    def allocate_prefix_store(self, num_blocks: int, block_size: int) -> None: ...
+    def allocate_prefix_store(self, num_blocks: int, block_size: int) -> None:
+        """Buffers for `num_blocks` cached blocks, as `prefix_store`."""
+        ...
+
+    prefix_store: PrefixStore  # set by allocate_prefix_store; `release(block_ids)` hands evicted blocks' memory back
 
     def save_prefix(self, slot: int, copies: list[tuple[int, int]]) -> None:
         """Copy (block index in the slot, store block id) blocks of KV from a slot into the prefix store."""

@@ -1,6 +1,6 @@
 """Automatic prefix caching (issue #18), the bookkeeping half: which token blocks' KV the worker keeps after a
 request ends, found again by a later request whose prompt starts with the same tokens. Torch-free; the runner
-holds the KV itself (`prefix_store.PrefixStoreBuffers`) and copies it in and out of slots (docs/prefix-caching.md).
+holds the KV itself (`prefix_store.PrefixStore`) and copies it in and out of slots (docs/prefix-caching.md).
 
 - **Blocks and keys.** A prompt is cut into blocks of `BLOCK_SIZE` tokens; only whole blocks are cached. Block
   i's key is a SHA-256 over block i-1's key and block i's tokens, so a key names the whole prefix up to the end
@@ -11,6 +11,9 @@ holds the KV itself (`prefix_store.PrefixStoreBuffers`) and copies it in and out
 - **Budget.** Cached blocks count against the KV capacity (`KVCacheManager`): running sequences plus cached
   tokens fit in it. A sequence that needs room evicts cached blocks before anyone is preempted, and a finished
   sequence's blocks are cached only into room nothing running needs.
+- **Bound.** The store has `num_blocks` blocks (prefix_caching.py sizes it from `prefix_cache_max_mib`): a new
+  block beyond it takes the place of the least recently used one. Blocks evicted and not reused at once are
+  handed to `take_freed`, so the store's memory behind them goes back to the OS.
 - **Pins.** Between a hit (scheduling) and its copy into the sequence's slot (the same step, before the forward),
   the blocks are pinned so that a later admission in the same pass cannot evict them.
 """
@@ -69,6 +72,7 @@ class PrefixCache:
         # as one slice (prefix_store.py).
         self._free: list[int] = list(range(num_blocks))
         self._pins: Counter[bytes] = Counter()
+        self._freed: set[int] = set()  # evicted since the last `take_freed` and not taken again
         self.queries_total = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
         self.hits_total = 0  # of which found cached (vLLM's prefix_cache_hits)
 
@@ -122,8 +126,16 @@ class PrefixCache:
         for key in [k for k in self._blocks if k not in self._pins]:
             if freed >= num_tokens:
                 break
-            heapq.heappush(self._free, self._blocks.pop(key))
+            block_id = self._blocks.pop(key)
+            heapq.heappush(self._free, block_id)
+            self._freed.add(block_id)
             freed += self.block_size
+        return freed
+
+    def take_freed(self) -> list[int]:
+        """Store ids evicted since the last call that are still free: their memory can go back to the OS (an id
+        reused at once, a full store recycling its oldest block, is not among them)."""
+        freed, self._freed = sorted(self._freed), set()
         return freed
 
     def insert(self, keys: Seq[bytes], spare_tokens: int) -> list[tuple[int, int]]:
@@ -141,6 +153,7 @@ class PrefixCache:
             elif not self.evict(self.block_size):  # an older block makes way: KV use does not grow
                 break
             block_id = heapq.heappop(self._free)
+            self._freed.discard(block_id)
             self._blocks[key] = block_id
             self._pins[key] += 1
             chain.append(key)

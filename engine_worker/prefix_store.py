@@ -2,16 +2,19 @@
 them and the slot cache (prefix_cache.py keeps the books; docs/prefix-caching.md says why a copy).
 
 Per layer, one K and one V buffer viewed as `[blocks, kv_heads, block_size, head_dim]`, the slot layout cut
-into blocks, so a copy is one strided copy per buffer (plus a gather when the blocks are not consecutive in the
-store). On a CPU the memory is committed as blocks are first written (kv_memory.py); it is not handed back when
-the engine idles, since keeping the prefixes across the gaps between a conversation's turns is the point.
+into blocks, so a copy is one strided copy per buffer per run of consecutive store blocks. The memory is
+block-major (kv_memory.py `BlockBuffers`): a block's K and V of every layer are one page-aligned range. On a CPU
+that range is committed when the block is first written and handed back when the block is evicted and not
+reused at once (`release`), so the store holds at most its bound and shrinks when running work takes its room.
+It is not handed back merely because the engine idles: keeping prefixes across the gaps between a
+conversation's turns is the point (docs/prefix-caching.md).
 """
 
 from __future__ import annotations
 
 import torch
 
-from engine_worker.kv_memory import KVBuffers
+from engine_worker.kv_memory import BlockBuffers
 
 
 def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -39,12 +42,22 @@ class PrefixStore:
         device: torch.device,
     ) -> None:
         self.shape = (num_blocks, num_kv_heads, block_size, head_dim)
-        self._buffers = KVBuffers(num_buffers, num_blocks * num_kv_heads * block_size * head_dim, dtype, device)
-        self.blocks = [flat.view(self.shape) for flat in self._buffers.buffers]
+        self._buffers = BlockBuffers(num_buffers, num_blocks, num_kv_heads * block_size * head_dim, dtype, device)
+        self.blocks = [flat.view(self.shape) for flat in self._buffers.buffers]  # a view: rows stay a block apart
 
     @property
     def block_size(self) -> int:
         return self.shape[2]
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Memory one block takes (all buffers, padded to whole pages on a CPU)."""
+        return self._buffers.block_bytes
+
+    def release(self, block_ids: list[int]) -> None:
+        """Give the pages of evicted blocks back to the OS (CPU): one `madvise` per run of consecutive ids."""
+        for first, _, count in _runs([(block_id, block_id) for block_id in sorted(block_ids)]):
+            self._buffers.release_blocks(first, count)
 
     def _slot_blocks(self, view: torch.Tensor, slot: int, first: int, count: int) -> torch.Tensor:
         """Blocks first..first+count of a slot, as a `[count, kv_heads, block_size, head_dim]` view."""

@@ -162,3 +162,17 @@ def test_cached_blocks_never_push_out_running_work_and_wait_for_room() -> None:
     scheduler.finish(seqs[1])
     assert scheduler.kv.spare_tokens == 128
     assert len(cache.insert(seqs[1].cache_keys, scheduler.kv.spare_tokens)) == 3  # its 3 whole blocks
+
+
+def test_evicted_blocks_are_handed_back_unless_reused_at_once() -> None:
+    cache = PrefixCache(num_blocks=4)
+    cache_with(cache, tokens(2 * B, offset=1))  # store ids 0, 1
+    cache_with(cache, tokens(2 * B, offset=2))  # store ids 2, 3
+    assert cache.take_freed() == []
+    # A full store recycles its least recently used block (offset 1's tail) for a new one: nothing to give back.
+    assert cache.insert(block_keys(tokens(B, offset=3), None), spare_tokens=10**9) == [(0, 1)]
+    assert cache.take_freed() == []
+    # Running work that needs room evicts two more; their memory can go, once.
+    assert cache.evict(2 * B) == 2 * B
+    assert cache.take_freed() == [0, 3]
+    assert cache.take_freed() == []

@@ -17,6 +17,7 @@ def test_settings_build_the_engine_config_with_its_defaults() -> None:
     assert (config.max_num_seqs, config.num_speculative_tokens) == (3, 0)
     assert Settings().engine_config().prefix_caching is True
     assert Settings(prefix_caching=False).engine_config().prefix_caching is False
+    assert Settings(prefix_cache_max_mib=48).engine_config().prefix_cache_max_mib == 48
 
 
 def test_settings_and_engine_share_every_bound() -> None:
@@ -28,6 +29,7 @@ def test_settings_and_engine_share_every_bound() -> None:
         ("speculative_max_rows", 1),
         ("num_speculative_tokens", -1),
         ("device", "tpu"),
+        ("prefix_cache_max_mib", 0),
     ):
         with pytest.raises(ValueError, match=name):
             Settings(**{name: bad})

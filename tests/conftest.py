@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.model_fixtures import build_tiny_llama, save_smollm2_tokenizer
+from tests.model_fixtures import build_tiny_llama, convert_packaged_smollm2, save_smollm2_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +17,13 @@ def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packaged SmolLM2 (the default model) dequantized once for the whole session: every test that runs it
+    loads this copy (tests/model_fixtures.seed_model_cache puts it into a data dir's model cache)."""
+    return convert_packaged_smollm2(tmp_path_factory.mktemp("smollm2"))
 
 
 @pytest.fixture(scope="session")

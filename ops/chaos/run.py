@@ -99,23 +99,32 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
 
 
 async def _references(system: ChaosSystem, js: JetStreamContext) -> References:
-    """The undisturbed greedy answers (nothing is failing yet), each taken twice to be sure they are stable."""
+    """The undisturbed greedy answers (nothing is failing yet), each chat answer taken twice (once through each
+    api) to be sure they are stable. All asked at once: the workers run them side by side (the sim's tokens are a
+    function of the sequence alone), in the time of the longest instead of the sum."""
     refs = References()
     async with httpx.AsyncClient(timeout=60) as http:
-        for index in range(len(PROMPTS)):
-            texts = set()
-            for api in system.apis:
-                response = await http.post(f"{api.base_url}/v1/chat/completions", json=chat_body(MODEL, index))
-                response.raise_for_status()
-                texts.add(response.json()["choices"][0]["message"]["content"])
-            if len(texts) != 1:
-                raise RuntimeError(f"undisturbed runs of prompt {index} differ: {texts}")
-            refs.chat.append(texts.pop())
+
+        async def chat(index: int, base_url: str) -> str:
+            response = await http.post(f"{base_url}/v1/chat/completions", json=chat_body(MODEL, index))
+            response.raise_for_status()
+            return response.json()["choices"][0]["message"]["content"]
+
+        answers = await asyncio.gather(
+            *(asyncio.gather(*(chat(index, api.base_url) for api in system.apis)) for index in range(len(PROMPTS)))
+        )
+    for index, texts in enumerate(map(set, answers)):
+        if len(texts) != 1:
+            raise RuntimeError(f"undisturbed runs of prompt {index} differ: {texts}")
+        refs.chat.append(texts.pop())
     probe = Workload(MODEL, [], js, refs, Ledger(0))
-    for index in range(len(DIRECT_PROMPT_LENGTHS)):
+
+    async def direct(index: int) -> tuple[str | None, str | None]:
         request_id = f"chaosref{index}{int(time.time() * 1000)}"
         request = direct_request(MODEL, index, request_id, subjects.results_subject("chaosref", request_id))
-        text, finish = await probe.direct_answer(f"reference {index}", request, time.monotonic())
+        return await probe.direct_answer(f"reference {index}", request, time.monotonic())
+
+    for index, (text, finish) in enumerate(await asyncio.gather(*map(direct, range(len(DIRECT_PROMPT_LENGTHS))))):
         if text is None or finish != "length":
             raise RuntimeError(f"undisturbed direct publish {index} failed: {probe.ledger.problems}")
         refs.direct.append(text)

@@ -62,8 +62,12 @@ async def test_full_queue_raises_queue_full(nc) -> None:
 
 
 async def test_publish_without_queue_raises_queue_missing(nc) -> None:
+    # No stream answers: retried as a passing failure (a leader election looks the same) until the retry budget
+    # is spent, then QueueMissing. A budget of 1 s instead of the default 15 s: the same retries, then the same end.
+    started = time.monotonic()
     with pytest.raises(QueueMissing):
-        await publish_request(nc.jetstream(), make_request("x", "never-served"))
+        await publish_request(nc.jetstream(), make_request("x", "never-served"), retry_for_s=1.0)
+    assert time.monotonic() - started >= 0.5  # it did retry (0.1 + 0.2 + 0.4 s of back-off) before giving up
 
 
 async def test_intake_pulls_at_most_the_free_slots(nc) -> None:

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.e2e.serve import start_serve, wait_healthy
+from tests.model_fixtures import seed_model_cache
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -35,11 +36,16 @@ def _descendants(pid: int) -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen, set[int]]]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path
+) -> Iterator[tuple[str, subprocess.Popen, set[int]]]:
     data_dir = tmp_path_factory.mktemp("serve-data")
     log_path = data_dir / "serve.log"
+    # The session's dequantized copy in the data dir's model cache (Settings.model_cache_dir): the worker finds
+    # it where its own first start would have written it, instead of spending ~25 s converting the GGUF again.
+    seed_model_cache(data_dir / "models", smollm2_dir)
     proc, base = start_serve({"INFERQ_DATA_DIR": str(data_dir), "INFERQ_LOG_FORMAT": "json"}, log_path)
-    wait_healthy(proc, base, log_path, timeout=300)  # first start dequantizes the GGUF
+    wait_healthy(proc, base, log_path, timeout=300)
     children = _descendants(proc.pid)
     yield base, proc, children
     if proc.poll() is None:

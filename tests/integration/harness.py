@@ -26,19 +26,28 @@ WORKER_BOOT = "from engine_worker.main import run_worker; from common.settings i
 
 
 class WorkerProcess:
-    """`engine_worker.main.run_worker` in its own process, as `inferq worker` runs it."""
+    """`engine_worker.main.run_worker` in its own process, as `inferq worker` runs it. `constants`: module
+    constants set before it starts, {"package.module.NAME": value}, for the few waits no setting reaches (a
+    test that waits out the request queue's 30 s ack wait on purpose can wait out a shorter one)."""
 
-    def __init__(self, settings: Settings, log_path: Path, extra_env: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        extra_env: Mapping[str, str] | None = None,
+        constants: Mapping[str, float] | None = None,
+    ):
         self.settings = settings
         self.log_path = log_path
         self.extra_env = dict(extra_env or {})
+        self.constants = dict(constants or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         env = {**os.environ, **settings_env(self.settings), **self.extra_env}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER_BOOT],
+            [sys.executable, "-c", _with_constants(WORKER_BOOT, self.constants)],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -61,6 +70,15 @@ class WorkerProcess:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _with_constants(boot: str, constants: Mapping[str, float]) -> str:
+    """`boot` preceded by `import package.module; package.module.NAME = value` for each of `constants`."""
+    lines = []
+    for name, value in constants.items():
+        module = name.rpartition(".")[0]
+        lines.append(f"import {module}; {name} = {value!r}")
+    return "\n".join([*lines, boot])
 
 
 class ApiServer:

@@ -332,15 +332,24 @@ async def test_killed_runner_and_worker_still_give_one_line_per_input_line(crash
         assert await read_lines(client, done.error_file_id) == []
         outputs = await read_lines(client, done.output_file_id)
         assert sorted(line["custom_id"] for line in outputs) == sorted(prompts)  # exactly one line each
-        for line in outputs:
-            direct = await client.completions.create(
-                model=TINY_MODEL_NAME,
-                prompt=prompts[line["custom_id"]],
-                max_tokens=LONG,
-                temperature=0,
-                extra_body={"ignore_eos": True},
-            )
-            assert line["response"]["body"]["choices"][0]["text"] == direct.choices[0].text
+        # Each line's undisturbed answer, two running and two waiting at a time (the worker has two slots, as the
+        # batch's lines had; more would wait in the queue towards its timeout), rather than one after another.
+        in_flight = asyncio.Semaphore(4)
+
+        async def direct(prompt: str) -> str:
+            async with in_flight:
+                answer = await client.completions.create(
+                    model=TINY_MODEL_NAME,
+                    prompt=prompt,
+                    max_tokens=LONG,
+                    temperature=0,
+                    extra_body={"ignore_eos": True},
+                )
+            return answer.choices[0].text
+
+        texts = await asyncio.gather(*(direct(prompts[line["custom_id"]]) for line in outputs))
+        for line, text in zip(outputs, texts, strict=True):
+            assert line["response"]["body"]["choices"][0]["text"] == text
     finally:
         for process in processes:
             process.stop(signal.SIGKILL)

@@ -69,9 +69,16 @@ async def sim_settings(base_settings):
     return base_settings.model_copy(update={"engine": "sim", "served_model_name": SIM_MODEL, "sim_tokens_per_s": 20.0})
 
 
+# The kill test waits out the request queue's ack wait on purpose: the killed worker never acked, so the queue
+# hands the request to the next worker only after it. Its workers run the queue with 5 s instead of 30 s (no setting
+# reaches it) and, as the real values do, report progress on a held request well inside it: 1 s instead of 10 s.
+# The sim model's queue is this module's alone, made by these workers with that ack wait.
+SHORT_ACK_WAIT = {"broker.topology.REQUEST_ACK_WAIT_S": 5.0, "engine_worker.bridge._HELD_PROGRESS_S": 1.0}
+
+
 @pytest.fixture
 async def sim_worker(api, sim_settings, tmp_path) -> AsyncIterator[WorkerProcess]:
-    process = WorkerProcess(sim_settings, tmp_path / "sim-1.log").start()
+    process = WorkerProcess(sim_settings, tmp_path / "sim-1.log", constants=SHORT_ACK_WAIT).start()
     await wait_for_model(api.base_url, SIM_MODEL, process)
     yield process
     process.stop(signal.SIGKILL)
@@ -99,9 +106,9 @@ async def test_detached_answer_survives_the_worker_being_killed(
         assert not partial.finished and partial.attempt == 1
         sim_worker.stop(signal.SIGKILL)
 
-        replacement = WorkerProcess(sim_settings, tmp_path / "sim-2.log").start()
+        replacement = WorkerProcess(sim_settings, tmp_path / "sim-2.log", constants=SHORT_ACK_WAIT).start()
         try:
-            # The killed worker never acked: the queue redelivers it after the ack wait (30 s).
+            # The killed worker never acked: the queue redelivers it after the ack wait (5 s here).
             final = await read_result(js, reply_subject, wait_s=90)
         finally:
             replacement.stop(signal.SIGKILL)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import openai
 import pytest
 
 from common.settings import Settings
 from tests.integration.harness import ApiServer, WorkerProcess, wait_for_model
+from tests.model_fixtures import seed_model_cache
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(900)]  # the first start converts the GGUF
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 WEATHER = {
@@ -34,11 +36,12 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris?"}]
 
 @pytest.fixture(scope="session")
 async def smollm2(
-    api: ApiServer, base_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+    api: ApiServer, base_settings: Settings, smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[openai.AsyncOpenAI]:
     settings = base_settings.model_copy(update={"model": SMOLLM2, "served_model_name": None})
+    seed_model_cache(settings.model_cache_dir, smollm2_dir)  # the session's dequantized copy, not one of its own
     process = WorkerProcess(settings, tmp_path_factory.mktemp("smollm2") / "worker.log").start()
-    await wait_for_model(api.base_url, SMOLLM2, process, timeout=600)  # the first start dequantizes the GGUF
+    await wait_for_model(api.base_url, SMOLLM2, process, timeout=300)
     yield openai.AsyncOpenAI(base_url=f"{api.base_url}/v1", api_key="unused", max_retries=0, timeout=180)
     process.stop()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -11,12 +11,6 @@ from broker.accounts import AccountExists, AccountStore
 from broker.connection import connect
 from broker.embedded import EmbeddedNatsServer
 from contracts.accounts import ApiKeyRecord, LoginTokenRecord, Role, UserRecord
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNatsServer]:
-    with EmbeddedNatsServer(tmp_path_factory.mktemp("store")) as nats_server:
-        yield nats_server
 
 
 @pytest.fixture

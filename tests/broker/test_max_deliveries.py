@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from nats.js import errors as jse
 
 from broker import subjects, topology
 from broker.connection import connect
-from broker.embedded import EmbeddedNatsServer
 from broker.events import publish_event
 from broker.max_deliveries import MaxDeliveries, MaxDeliveriesWatcher, Settled, settle
 from broker.results import read_result
@@ -33,18 +32,6 @@ pytestmark = pytest.mark.asyncio
 
 ACK_WAIT_S = 1.0  # instead of 30 s: a dead worker's request is handed out again after a second
 DEADLINE_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNatsServer]:
-    with EmbeddedNatsServer(tmp_path_factory.mktemp("store")) as nats_server:
-        yield nats_server
-
-
-@pytest.fixture
-async def nc(server: EmbeddedNatsServer) -> AsyncIterator:
-    async with connect(server.url, "test") as client:
-        yield client
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ with many concurrent admissions from separate connections (as separate API repli
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -55,12 +55,6 @@ def test_current_resets_finished_windows() -> None:
     stale = UsageWindows(minute=1, minute_requests=9, minute_tokens=9, day=0, day_requests=9)
     fresh = current(stale, T0)
     assert (fresh.minute_requests, fresh.minute_tokens, fresh.day_requests) == (0, 0, 0)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNatsServer]:
-    with EmbeddedNatsServer(tmp_path_factory.mktemp("store")) as nats_server:
-        yield nats_server
 
 
 @pytest.fixture

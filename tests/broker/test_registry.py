@@ -4,34 +4,19 @@ the cluster refused new ones and a restarted edge could not read the registry at
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from broker import subjects
 from broker.connection import connect
 from broker.registry import WorkerRegistry
-from contracts import DeviceInfo, WorkerInfo
+from contracts import WorkerInfo
+from tests.engine_worker.scripted import scripted_worker_info
 
 pytestmark = pytest.mark.asyncio
 
 
 def worker(worker_id: str) -> WorkerInfo:
-    now = time.time()
-    return WorkerInfo(
-        worker_id=worker_id,
-        model="tiny",
-        model_source="/models/tiny",
-        max_model_len=256,
-        capacity=4,
-        device=DeviceInfo(kind="cpu", name="cpu"),
-        dtype="float32",
-        host="localhost",
-        pid=1,
-        started_at=now,
-        updated_at=now,
-        tokenizer_object="tokenizer.tiny.0.tar",
-    )
+    return scripted_worker_info("tiny").model_copy(update={"worker_id": worker_id})
 
 
 async def test_listing_the_registry_creates_no_consumer_and_sees_puts_and_withdrawals(batch_nats) -> None:

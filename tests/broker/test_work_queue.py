@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from broker.connection import connect
-from broker.embedded import EmbeddedNatsServer
 from broker.errors import QueueFull, QueueMissing
 from broker.events import EventRouter, publish_event
 from broker.registry import WorkerRegistry
@@ -19,18 +16,6 @@ from broker.work_queue import DrainGauge, Lane, RequestIntake, publish_request, 
 from contracts import Accepted, DeviceInfo, GenerateRequest, WorkerInfo
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNatsServer]:
-    with EmbeddedNatsServer(tmp_path_factory.mktemp("store")) as nats_server:
-        yield nats_server
-
-
-@pytest.fixture
-async def nc(server: EmbeddedNatsServer) -> AsyncIterator:
-    async with connect(server.url, "test") as client:
-        yield client
 
 
 def make_request(request_id: str, model: str, attempt: int = 1) -> GenerateRequest:

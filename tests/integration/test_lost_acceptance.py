@@ -18,7 +18,7 @@ from broker.events import EventRouter, publish_event
 from broker.topology import QueueLimits, ensure_request_queue
 from broker.work_queue import Lane, RequestIntake
 from contracts import Accepted, ChoiceDelta, End, FinishReason, GenerateRequest, SamplingParams, Tokens, Usage
-from tests.broker.test_work_queue import nc, server
+from tests.broker.conftest import nc, server
 
 __all__ = ["nc", "server"]  # fixtures: a nats-server of this module's own and a connection to it
 

@@ -53,7 +53,7 @@ async def records(kv: KeyValue, prefix: str, kind: type[R]) -> list[R]:
     saved). So the listing also reads until it has seen every key the stream held when it began (a deleted
     key's marker counts), waiting at most `_STRAGGLER_WAIT_S` past the marker. A key updated while the watch
     replays can arrive twice: the newest value wins."""
-    expected = await _stored_keys(kv, prefix)
+    expected = await stored_keys(kv, f"{prefix}.>")
     watcher = await kv.watch(f"{prefix}.>")
     found: dict[str, R] = {}
     seen: set[str] = set()
@@ -83,10 +83,6 @@ async def records(kv: KeyValue, prefix: str, kind: type[R]) -> list[R]:
 
 _REPLAY_TIMEOUT_S = 5.0
 _STRAGGLER_WAIT_S = 2.0
-
-
-async def _stored_keys(kv: KeyValue, prefix: str) -> set[str]:
-    return await stored_keys(kv, f"{prefix}.>")
 
 
 async def stored_keys(kv: KeyValue, pattern: str = ">") -> set[str]:

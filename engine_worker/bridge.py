@@ -310,9 +310,9 @@ class WorkerBridge:
         # lost plain ack had JetStream hand the request out again after its ack wait, and it ran twice.
         if not durable:
             self._chore(confirmed_ack(delivery.msg))
-        superseded = self._current.get(request.request_id)
-        if superseded is not None and superseded in self._in_flight:
-            self._supersede(self._in_flight[superseded], delivery)
+        superseded = self._running(request.request_id)
+        if superseded is not None:
+            self._supersede(superseded, delivery)
         flight = _InFlight(
             request,
             held=delivery if durable else None,
@@ -341,10 +341,14 @@ class WorkerBridge:
         else:
             self._engine_loop.submit(engine_request)
 
+    def _running(self, request_id: str) -> _InFlight | None:
+        """The newest attempt of this request running here, if any."""
+        key = self._current.get(request_id)
+        return self._in_flight.get(key) if key is not None else None
+
     def _newer_attempt_here(self, request: GenerateRequest | EmbedRequest) -> int | None:
         """The attempt of this request running here, if it is newer than `request`'s."""
-        key = self._current.get(request.request_id)
-        flight = self._in_flight.get(key) if key is not None else None
+        flight = self._running(request.request_id)
         if flight is not None and flight.request.attempt > request.attempt:
             return flight.request.attempt
         return None
@@ -486,11 +490,10 @@ class WorkerBridge:
 
     # --- cancels, heartbeats, registry ------------------------------------------------------------------
     async def _on_cancel(self, cancel: CancelRequest) -> None:
-        key = self._current.get(cancel.request_id)
-        flight = self._in_flight.get(key) if key is not None else None
+        flight = self._running(cancel.request_id)
         if flight is not None and cancel.covers(flight.request.attempt):
-            self._engine_loop.abort(key)
-            with self._request_context(key):
+            self._engine_loop.abort(flight.engine_key)
+            with self._request_context(flight.engine_key):
                 log.info("request.cancelled", request_id=cancel.request_id, reason=cancel.reason)
         elif flight is None:
             self._cancelled[cancel.request_id] = cancel

@@ -10,7 +10,6 @@ if TYPE_CHECKING:
     from contracts import EmbeddingVector, EmbedRequest
     from engine_worker.kv_cache import Relayout
     from engine_worker.model_runner import RunOutput
-    from engine_worker.prefix_store import PrefixStore
     from engine_worker.sampling_rows import SamplingRow
     from engine_worker.sequence import Sequence
 
@@ -37,11 +36,11 @@ class ModelExecutor(Protocol):
 
     def copy_prefixes(self, copies: list[tuple[int, int, int]]) -> None: ...
 
-    def allocate_prefix_store(self, num_blocks: int, block_size: int) -> None:
-        """Buffers for `num_blocks` cached blocks, as `prefix_store`."""
-        ...
+    def allocate_prefix_store(self, num_blocks: int, block_size: int) -> None: ...
 
-    prefix_store: PrefixStore  # set by allocate_prefix_store; `release(block_ids)` hands evicted blocks' memory back
+    def release_prefix_blocks(self, block_ids: list[int]) -> None:
+        """Hand the memory of evicted store blocks back (CPU); they read as zeros until saved into again."""
+        ...
 
     def save_prefix(self, slot: int, copies: list[tuple[int, int]]) -> None:
         """Copy (block index in the slot, store block id) blocks of KV from a slot into the prefix store."""

@@ -262,6 +262,9 @@ class SlotKVCache:
     def save_prefix(self, slot: int, copies: list[tuple[int, int]]) -> None:
         self.prefix_store.save(self._slot_views(), slot, copies)
 
+    def release_prefix_blocks(self, block_ids: list[int]) -> None:
+        self.prefix_store.release(block_ids)
+
     def load_prefixes(self, loads: list[tuple[int, list[int]]]) -> None:
         self.prefix_store.load(self._slot_views(), loads)
 

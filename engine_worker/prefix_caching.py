@@ -97,7 +97,7 @@ class PrefixCaching:
         """The pages of blocks evicted and not reused go back to the OS (a few syscalls; none when nothing was)."""
         freed = self.cache.take_freed()
         if freed:
-            self.runner.prefix_store.release(freed)
+            self.runner.release_prefix_blocks(freed)
 
     @property
     def stats(self) -> tuple[int, int]:

@@ -8,8 +8,8 @@ one graph with those elementwise ops fused; the GEMMs stay the runner's own call
 Shapes, so that nothing recompiles per request or per sequence length:
 - **The GEMMs run as opaque ops** (`inferq::runner_linear`): the runner's weights are oneDNN pre-packed tensors,
   which inductor accepts only as constants it packed itself (freezing, which would keep a second copy of every
-  weight), so the graph calls each `_Linear` through a custom op that dynamo does not look into. The quantized
-  copies (docs/quantization.md) apply inside it as in the eager path.
+  weight), so the graph calls each `Linear` (linear.py) through a custom op that dynamo does not look into. The
+  quantized weights (docs/quantization.md) apply inside it as in the eager path.
 - **Rows are bucketed** (1, 2, 4, 8 by default) and padded: a step of 3 decodes runs the 4-row graph. One graph
   per bucket, compiled the first time that bucket runs (`dynamic=False`: every other shape is static).
 - **The slot layout is the one symbolic size.** Decode attention reads whole slots of the slot cache
@@ -71,7 +71,7 @@ def _linear_op() -> Callable[[torch.Tensor, int], torch.Tensor]:
 
 
 class _OpaqueLinear:
-    """Calls a runner `_Linear` through `inferq::runner_linear`, so the traced graph holds a handle, not its
+    """Calls a runner `Linear` (linear.py) through `inferq::runner_linear`, so the traced graph holds a handle, not its
     weights."""
 
     def __init__(self, linear: Any) -> None:

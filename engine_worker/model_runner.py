@@ -29,6 +29,7 @@ from contracts import EmbeddingVector, EmbedRequest
 from engine_worker.compiled_decode import CompiledDecode
 from engine_worker.kv_cache import Relayout, round_up
 from engine_worker.kv_memory import KVBuffers, release_freed_memory, trim_heap
+from engine_worker.linear import Linear, WeightQuantPlan, fused_linear, lookup_table, owned
 from engine_worker.pooling import vectors_for
 from engine_worker.prefix_store import PrefixStore
 from engine_worker.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
@@ -36,7 +37,7 @@ from engine_worker.sampling_rows import SamplingRow, TokenLogprobData
 from engine_worker.sequence import Sequence
 from engine_worker.step_threads import StepThreadRule, StepThreads
 from engine_worker.validation import resolve_layer
-from engine_worker.weight_quant import QuantizedLinear, quantize_linear, resolve_weight_quant
+from engine_worker.weight_quant import resolve_weight_quant
 
 log = structlog.get_logger(__name__)
 
@@ -69,89 +70,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else torch.float32
 
 
-@dataclass(frozen=True, slots=True)
-class WeightQuantPlan:
-    """Which quantized twin every linear gets (weight_quant.py) and up to how many rows a step uses it."""
-
-    mode: str = "none"
-    max_rows: int = 0
-
-
-class _Linear:
-    """`y = x @ W.T + b`. On CPU the weight is pre-packed once for oneDNN, which runs these GEMMs 1.2-2x
-    faster than `F.linear` (bf16 and fp32, measured on this repo's CPU); elsewhere it is plain `F.linear`.
-    With quantized weights (`quant`) that replace the dense ones (fp16), every call runs them and no dense weight is
-    kept; with a quantized twin (int8/int4), calls of at most `quant.max_rows` rows (memory-bound decode steps)
-    use it and larger ones the dense weight."""
-
-    def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: WeightQuantPlan = WeightQuantPlan()
-    ) -> None:
-        self.out_features = weight.shape[0]
-        self.quant: QuantizedLinear | None = quantize_linear(weight, bias, quant.mode, quant.max_rows)
-        self.weight: torch.Tensor | None = None
-        self.bias: torch.Tensor | None = None
-        self.packed = False
-        if self.quant is not None and self.quant.replaces_dense:
-            return  # the quantized weights hold the bias too
-        self.weight, self.bias = _owned(weight), None if bias is None else _owned(bias)
-        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _can_pack():
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-                probe = torch.ones(2, weight.shape[1], dtype=weight.dtype)
-                got = torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
-                if torch.allclose(got.float(), F.linear(probe, weight, bias).float(), rtol=1e-2, atol=1e-2):
-                    self.weight, self.packed = packed, True
-            except (RuntimeError, AttributeError):  # an older or mkldnn-less torch: stay on F.linear
-                pass
-
-    @property
-    def keeps_dense(self) -> bool:
-        return self.weight is not None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant is not None and self.quant.applies_to(x.shape[0]):
-            return self.quant(x)
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-
-def _owned(weight: torch.Tensor) -> torch.Tensor:
-    """A CPU weight in the process's own memory. The loader maps the checkpoint file and its tensors are views of
-    one mapping, so keeping any of them (the embedding, a norm) would keep every page of the file resident next
-    to the packed copies the runner uses (513 MB of SmolLM2 in fp32). Elsewhere `.to(device)` already copied."""
-    return weight.clone() if weight.device.type == "cpu" else weight
-
-
-def _fused_linear(*projections: torch.nn.Linear, quant: WeightQuantPlan) -> _Linear:
-    """One GEMM for projections that read the same input (q/k/v, gate/up); biases as the model has them."""
-    biases = [p.bias for p in projections]
-    bias = torch.cat(biases) if all(b is not None for b in biases) else None
-    if bias is None and any(b is not None for b in biases):
-        raise ValueError("models with biases on only some of q/k/v or gate/up are not supported")
-    return _Linear(torch.cat([p.weight for p in projections]), bias, quant)
-
-
-def _lookup_table(weight: torch.Tensor, half: bool) -> torch.Tensor:
-    """The embedding table. Beside fp16 linear weights it is kept in fp16 too (rows upcast as they are gathered):
-    a tied embedding is then held as this table and fbgemm's packed `lm_head`, 2 x 54 MiB for SmolLM2, instead of
-    2 x 108 MiB in fp32 (fbgemm's packed layout cannot be gathered from, so the two cannot share storage)."""
-    return weight.to(torch.float16) if half else _owned(weight)
-
-
-def _can_pack() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
 @dataclass
 class _Layer:
     ln1: torch.Tensor
-    qkv: _Linear
-    o: _Linear
+    qkv: Linear
+    o: Linear
     ln2: torch.Tensor
-    gate_up: _Linear
-    down: _Linear
+    gate_up: Linear
+    down: Linear
 
 
 @dataclass
@@ -346,20 +272,20 @@ class ModelRunner(SlotKVCache):
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim**-0.5
         inner = model.model
-        self.norm = _owned(inner.norm.weight)
-        self.lm_head = _Linear(model.lm_head.weight, None, quant)  # the embedding's weight when tied
-        self.embed = _lookup_table(inner.embed_tokens.weight, half=not self.lm_head.keeps_dense)
+        self.norm = owned(inner.norm.weight)
+        self.lm_head = Linear(model.lm_head.weight, None, quant)  # the embedding's weight when tied
+        self.embed = lookup_table(inner.embed_tokens.weight, half=not self.lm_head.keeps_dense)
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 _Layer(
-                    ln1=_owned(layer.input_layernorm.weight),
-                    qkv=_fused_linear(attn.q_proj, attn.k_proj, attn.v_proj, quant=quant),
-                    o=_Linear(attn.o_proj.weight, attn.o_proj.bias, quant),
-                    ln2=_owned(layer.post_attention_layernorm.weight),
-                    gate_up=_fused_linear(mlp.gate_proj, mlp.up_proj, quant=quant),
-                    down=_Linear(mlp.down_proj.weight, mlp.down_proj.bias, quant),
+                    ln1=owned(layer.input_layernorm.weight),
+                    qkv=fused_linear(attn.q_proj, attn.k_proj, attn.v_proj, quant=quant),
+                    o=Linear(attn.o_proj.weight, attn.o_proj.bias, quant),
+                    ln2=owned(layer.post_attention_layernorm.weight),
+                    gate_up=fused_linear(mlp.gate_proj, mlp.up_proj, quant=quant),
+                    down=Linear(mlp.down_proj.weight, mlp.down_proj.bias, quant),
                 )
             )
         self.num_layers = len(self.layers)
@@ -416,7 +342,7 @@ class ModelRunner(SlotKVCache):
         return RunOutput(sampled=self.sampler(logits, sample_rows), prompt_logprobs=prompt_lps)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of the embedding table in the step dtype (the table may be fp16, `_lookup_table`)."""
+        """Rows of the embedding table in the step dtype (the table may be fp16, `lookup_table`)."""
         return self.embed[ids].to(self.dtype)
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:

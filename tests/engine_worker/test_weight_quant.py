@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_worker.model_runner import WeightQuantPlan, _Linear
+from engine_worker.linear import Linear, WeightQuantPlan
 from engine_worker.weight_quant import (
     AUTO_MIN_WEIGHT_BYTES,
     _int4_cpu,
@@ -75,7 +75,7 @@ def test_int4_reproduces_a_weight_on_a_4_bit_grid_of_groups_of_32() -> None:
 
 def test_a_linear_uses_its_int8_twin_only_up_to_max_rows(weight_and_input) -> None:
     weight, bias, _ = weight_and_input
-    linear = _Linear(weight, bias, WeightQuantPlan("int8", max_rows=2))
+    linear = Linear(weight, bias, WeightQuantPlan("int8", max_rows=2))
     assert linear.quant is not None and linear.keeps_dense
     x = torch.randn(3, 128)
     assert torch.equal(linear(x[:2]), linear.quant(x[:2]))  # few rows: the quantized weights
@@ -97,7 +97,7 @@ def test_fp16_weights_give_a_row_the_same_bits_alone_and_in_any_batch(out_featur
     bias = torch.randn(out_features, generator=generator) * 0.1
     x = torch.randn(most_rows + 1, in_features, generator=generator)
     with torch.inference_mode():
-        linear = _Linear(weight, bias, WeightQuantPlan("fp16", max_rows=16))  # max_rows: only for int8/int4 twins
+        linear = Linear(weight, bias, WeightQuantPlan("fp16", max_rows=16))  # max_rows: only for int8/int4 twins
         assert linear.quant is not None and not linear.keeps_dense  # the fp16 GEMM runs every call
         alone = torch.cat([linear(x[i : i + 1]) for i in range(x.shape[0])])
         for rows in sorted({2, 3, 4, 7, 16, 33, 64, 128, most_rows} & set(range(most_rows + 1))):
@@ -118,9 +118,9 @@ def test_fp16_weights_are_the_only_copy_held() -> None:
     size = weight.numel() * weight.element_size()
     with torch.inference_mode():
         before = _resident_bytes()
-        dense = _Linear(weight)
+        dense = Linear(weight)
         with_dense = _resident_bytes()
-        fp16 = _Linear(weight, None, WeightQuantPlan("fp16"))
+        fp16 = Linear(weight, None, WeightQuantPlan("fp16"))
         with_fp16 = _resident_bytes()
     assert dense.keeps_dense and not fp16.keeps_dense and fp16.weight is None
     assert with_dense - before > 0.9 * size  # the measure sees a dense copy (the packed fp32 weight)

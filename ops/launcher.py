@@ -142,7 +142,9 @@ def auto_workers_per_model(settings: Settings) -> int:
     layout = choose_layout(
         usable_cores(),
         psutil.virtual_memory().available,
-        estimate_worker_bytes(files, settings.kv_cache_gib),
+        estimate_worker_bytes(
+            files, settings.kv_cache_gib, settings.prefix_cache_max_mib if settings.prefix_caching else 0.0
+        ),
         gpu=has_gpu(settings.device),
     )
     log.info("serve.layout", workers=layout.workers, torch_threads=layout.threads, reason=layout.reason)

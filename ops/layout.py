@@ -54,9 +54,11 @@ def threads_per_worker(cores: int, workers: int) -> int:
     return max(1, (cores - 1) // max(1, workers))
 
 
-def estimate_worker_bytes(model_files: list[Path], kv_cache_gib: float) -> int | None:
-    """A worker's peak: its weights as loaded, the KV capacity (committed as used, bounded by kv_cache_gib) and
-    the runtime; None when the model's files are not on this machine (a hub id not downloaded yet)."""
+def estimate_worker_bytes(model_files: list[Path], kv_cache_gib: float, prefix_store_mib: float = 0.0) -> int | None:
+    """A worker's peak: its weights as loaded, the KV capacity (committed as used, bounded by kv_cache_gib), the
+    prefix store's bound (its blocks are committed as conversations fill it) and the runtime; None when the
+    model's files are not on this machine (a hub id not downloaded yet). The weights are counted as fp32, the
+    worst case: a CPU with native bf16 or fp16 weights (weight_quant) holds half of that."""
     weights = 0
     for path in model_files:
         if path.suffix == ".gguf":
@@ -65,7 +67,7 @@ def estimate_worker_bytes(model_files: list[Path], kv_cache_gib: float) -> int |
             weights += path.stat().st_size * SAFETENSORS_EXPANSION
     if not weights:
         return None
-    return weights + int(kv_cache_gib * GIB) + RUNTIME_BYTES
+    return weights + int(kv_cache_gib * GIB) + int(prefix_store_mib * 2**20) + RUNTIME_BYTES
 
 
 def weight_files(spec: Path) -> list[Path]:

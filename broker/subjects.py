@@ -185,6 +185,11 @@ def batch_result_prefix(batch_id: str) -> str:
     return f"res.{batch_id}"
 
 
+def batch_line_losses_key(batch_id: str, custom_id: str) -> str:
+    """How often a line's workers stopped under it: beside its result, so purging the batch's results drops it."""
+    return f"{batch_result_key(batch_id, custom_id)}.lost"
+
+
 # --- Responses API ----------------------------------------------------------------------------------------------
 # Stored responses (/v1/responses) in KV, one record per response; the events of background responses on a
 # stream, one subject per response, so any replica replays and follows them.

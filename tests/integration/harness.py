@@ -168,6 +168,14 @@ class ApiProcess:
             self.proc.wait()
 
 
+def own_sim_settings(base_settings: Settings, nats_url: str, tmp_path: Path, **overrides: object) -> Settings:
+    """Settings of sim workers and apis on a nats-server and data dir of the test's own; `overrides` are Settings
+    fields."""
+    return base_settings.model_copy(
+        update={"nats_url": nats_url, "data_dir": tmp_path / "data", "engine": "sim", **overrides}
+    )
+
+
 @contextlib.asynccontextmanager
 async def own_sim_stack(
     base_settings: Settings, tmp_path: Path, **overrides: object
@@ -175,9 +183,7 @@ async def own_sim_stack(
     """A nats-server, a sim worker and an api process of this test's own (nothing shared can disturb a load or
     fault test, and its kills disturb nothing else); `overrides` are Settings fields."""
     with EmbeddedNatsServer(tmp_path / "nats", port=-1) as nats:
-        settings = base_settings.model_copy(
-            update={"nats_url": nats.url, "data_dir": tmp_path / "data", "engine": "sim", **overrides}
-        )
+        settings = own_sim_settings(base_settings, nats.url, tmp_path, **overrides)
         worker = WorkerProcess(settings, tmp_path / "worker.log").start()
         api = ApiProcess(settings, tmp_path / "api.log").start()
         try:

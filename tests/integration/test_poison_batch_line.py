@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from broker.embedded import EmbeddedNatsServer
-from tests.integration.harness import ApiServer, WorkerProcess, wait_healthy
+from tests.integration.harness import ApiServer, WorkerProcess, own_sim_settings, wait_healthy
 from tests.integration.test_batches import read_lines, start_batch, wait_final
 
 pytestmark = pytest.mark.asyncio
@@ -53,17 +53,15 @@ async def test_a_line_that_kills_every_worker_fails_once_and_the_batch_completes
     deaths = tmp_path / "deaths"
     deaths.mkdir()
     with EmbeddedNatsServer(tmp_path / "nats", port=-1) as nats:
-        settings = base_settings.model_copy(
-            update={
-                "nats_url": nats.url,
-                "data_dir": tmp_path / "data",
-                "engine": "sim",
-                "served_model_name": MODEL,
-                "sim_tokens_per_s": 50.0,
-                "worker_silence_timeout_s": 2.0,
-                "batch_line_max_attempts": 2,
-                "batch_line_concurrency": 1,  # one line at a time: each death is the line's own
-            }
+        settings = own_sim_settings(
+            base_settings,
+            nats.url,
+            tmp_path,
+            served_model_name=MODEL,
+            sim_tokens_per_s=50.0,
+            worker_silence_timeout_s=2.0,
+            batch_line_max_attempts=2,
+            batch_line_concurrency=1,  # one line at a time: each death is the line's own
         )
         workers = Respawning(
             settings, tmp_path, f"import tests.integration.poison_sim as p; p.install({str(deaths)!r})"

@@ -4,7 +4,8 @@ revision this run last saw: a write that fails because another runner claimed th
 this run stops without writing anything more, so a runner presumed dead can never overwrite its successor.
 
 Lines run through the batch lane with bounded concurrency; each result is stored once under its custom_id
-before it counts, so a restarted run skips what is done and no line is ever run into the output twice.
+before it counts, so a restarted run skips what is done and no line is ever run into the output twice. A line
+whose workers keep dying under it fails after a budget of runs (api/batch/losses.py).
 
 Outside its lines (one line may rightly wait long in the batch lane), a run keeps moving: `stalled_for` says how
 long it has not, so its runner can give the batch up to another runner instead of holding it in a hang (a
@@ -280,8 +281,10 @@ class JobRun:
                 services = replace(self._ctx.services, engine=engine, cache_salt=cache_salt(self.job.owner))
                 return await run_line(line, self.job.endpoint, services)
             except RetryLater as exc:  # no worker right now, queue full, workers lost: wait it out
-                if exc.code is ErrorCode.WORKER_LOST and (crashed := await self._losses.lost(line.custom_id)):
-                    return crashed  # its workers died under every run it had: a poison line, not a passing fault
+                if exc.code is ErrorCode.WORKER_LOST:
+                    crashed = await self._losses.lost(line.custom_id)
+                    if crashed is not None:  # its workers died under every run it had: a poison line
+                        return crashed
                 await asyncio.sleep(min(_MAX_BACKOFF_S, exc.retry_after))
             except Exception as exc:  # unexpected (a bug, NATS gone): a few more tries, then the line fails
                 log.exception("batch.line_error", batch_id=self._id, custom_id=line.custom_id)

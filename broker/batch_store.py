@@ -101,8 +101,26 @@ class ResultStore:
         found = await _get(self._kv, subjects.batch_result_key(batch_id, custom_id))
         return None if found is None else LineResult.from_bytes(found[0])
 
+    async def count_loss(self, batch_id: str, custom_id: str) -> int:
+        """Add one to the line's count of runs its workers stopped under, and return the count. A compare-and-swap
+        (create, then update on the revision read), so two runners of the batch (one presumed dead) never lose a
+        count; the count outlives any runner, so the runner that resumes the batch goes on from it."""
+        key = subjects.batch_line_losses_key(batch_id, custom_id)
+        while True:
+            found = await _get(self._kv, key)
+            count = 1 if found is None else int(found[0]) + 1
+            with as_broker_errors():
+                try:
+                    if found is None:
+                        await self._kv.create(key, str(count).encode())
+                    else:
+                        await self._kv.update(key, str(count).encode(), last=found[1])
+                except jse.KeyWrongLastSequenceError:
+                    continue  # another runner counted meanwhile: count on top of it
+            return count
+
     async def purge(self, batch_id: str) -> None:
-        """Drop a finished batch's results (its output and error files hold them now)."""
+        """Drop a finished batch's results (its output and error files hold them now) and loss counts."""
         subject = f"$KV.{subjects.BATCH_RESULTS_BUCKET}.{subjects.batch_result_prefix(batch_id)}.>"
         await self._js.purge_stream(f"KV_{subjects.BATCH_RESULTS_BUCKET}", subject=subject)
 

@@ -9,7 +9,8 @@ batch line would then run again, on three more workers).
 
 A stream of ours keeps those advisories (topology.ensure_max_deliveries_stream), so none is missed while no watcher
 runs, and every api replica runs a `MaxDeliveriesWatcher` on one shared durable consumer. Settling an advisory:
-read the request from its queue (by sequence, from the stream's leader), publish a terminal `error` event
+read the request from its queue (by sequence, from the stream's leader; once the queue dropped it at its max age,
+from the copy a fire-and-forget request's last delivery left, broker/last_delivery.py), publish a terminal `error` event
 (`worker_crashed`) on its reply subject as a worker would have, delete the message, ack the advisory. Settling is
 idempotent, so two watchers (or one trying again after a NATS failure) answer a request once: the event carries a
 `Nats-Msg-Id` derived from the stream and sequence (a results subject stores one copy within the results stream's
@@ -34,6 +35,7 @@ from pydantic import ValidationError
 from broker import subjects
 from broker.acks import confirmed_ack
 from broker.events import publish_event
+from broker.last_delivery import noted_request
 from broker.results import result_finished
 from broker.work_queue import held_attempt
 from contracts import ErrorCode, ErrorInfo, Failed, parse_work_request
@@ -73,7 +75,8 @@ class MaxDeliveries:
 class Settled(StrEnum):
     ANSWERED = "answered"  # an error event went to the request's reply subject
     FINISHED = "finished"  # its durable result had finished already (a worker's ack was lost): nothing to add
-    GONE = "gone"  # no longer in its queue: acked after all, aged out, or settled by another watcher
+    # No longer in its queue (acked after all, aged out, or settled by another watcher) and no copy of it left.
+    GONE = "gone"
     NOT_A_REQUEST = "not_a_request"  # not a model's work queue, or a message that is no request
 
 
@@ -84,11 +87,15 @@ async def settle(nc: NatsClient, advisory: MaxDeliveries) -> Settled:
         return Settled.NOT_A_REQUEST
     js = nc.jetstream()
     try:
-        stored = await js.get_msg(advisory.stream, advisory.stream_seq, direct=False)
+        data = (await js.get_msg(advisory.stream, advisory.stream_seq, direct=False)).data
+        queued = True
     except jse.NotFoundError:
-        return Settled.GONE
+        # Aged out of its queue while no watcher ran: a fire-and-forget request's last delivery left a copy.
+        data, queued = await noted_request(js, advisory.stream, advisory.stream_seq), False
+        if data is None:
+            return Settled.GONE
     try:
-        request = parse_work_request(stored.data)
+        request = parse_work_request(data)
     except ValidationError:
         await _delete(js, advisory)
         return Settled.NOT_A_REQUEST
@@ -114,6 +121,7 @@ async def settle(nc: NatsClient, advisory: MaxDeliveries) -> Settled:
         stream=advisory.stream,
         seq=advisory.stream_seq,
         deliveries=advisory.deliveries,
+        still_queued=queued,
     )
     await _delete(js, advisory)
     return Settled.ANSWERED

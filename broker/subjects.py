@@ -99,6 +99,13 @@ def is_durable_reply(reply_subject: str) -> bool:
     return reply_subject.startswith(RESULTS_PREFIX)
 
 
+def last_delivery_subject(stream: str, seq: int) -> str:
+    """Where a worker that takes a fire-and-forget request's last delivery stores a copy of it, so a max-deliveries
+    watcher can answer it after its queue dropped the message (broker/max_deliveries.py). Inside the results
+    namespace, which the worker role may publish to; `_inferq` is reserved there (no publisher's client name)."""
+    return f"{RESULTS_PREFIX}_inferq.last_delivery.{stream}.{seq}"
+
+
 # Requests whose workers died max_deliver times: JetStream never delivers such a message again and publishes a core
 # NATS advisory naming its stream and sequence. A stream of ours keeps those advisories (a watcher that was down
 # when one was published still sees it), and one durable consumer shared by every api replica works them off
@@ -183,6 +190,11 @@ def batch_result_key(batch_id: str, custom_id: str) -> str:
 
 def batch_result_prefix(batch_id: str) -> str:
     return f"res.{batch_id}"
+
+
+def batch_line_losses_key(batch_id: str, custom_id: str) -> str:
+    """How often a line's workers stopped under it: beside its result, so purging the batch's results drops it."""
+    return f"{batch_result_key(batch_id, custom_id)}.lost"
 
 
 # --- Responses API ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from broker import subjects
 from broker.acks import confirmed_ack
 from broker.errors import BrokerUnavailable, MessageTooLarge, QueueFull, QueueMissing
+from broker.last_delivery import note_last_delivery
 from broker.topology import REQUEST_MAX_DELIVER
 from contracts import EmbedRequest, GenerateRequest, parse_work_request
 
@@ -337,11 +338,14 @@ class RequestIntake:
         deliveries = []
         for msg in msgs:
             try:
-                deliveries.append(Delivery(parse_work_request(msg.data), msg))
+                request = parse_work_request(msg.data)
             except ValidationError as exc:
                 # A malformed message can never succeed: remove it rather than redeliver it forever.
                 log.warning("intake.invalid_request", error=exc.errors(include_url=False)[:3])
                 await msg.term()
+                continue
+            await note_last_delivery(self._js, request, msg)
+            deliveries.append(Delivery(request, msg))
         return deliveries
 
     async def _pull_affine(self, max_requests: int) -> list[Msg]:

@@ -89,6 +89,15 @@ class Settings(BaseSettings):
     batch_line_timeout_s: float = Field(
         default=600.0, gt=0, description="Longest a batch line may wait in the batch lane for a worker."
     )
+    batch_line_max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description=(
+            "Runs of a batch line whose workers stopped under it (each run already resumed on up to 3 workers) "
+            "before the line fails with worker_crashed: as many tries as the OpenAI SDKs give a request that "
+            "answered 503 (1 + max_retries 2)."
+        ),
+    )
 
     # --- liveness ---------------------------------------------------------------------------------------
     heartbeat_interval_s: float = Field(default=1.0, gt=0, description="Worker heartbeat when otherwise silent.")

@@ -4,7 +4,8 @@ revision this run last saw: a write that fails because another runner claimed th
 this run stops without writing anything more, so a runner presumed dead can never overwrite its successor.
 
 Lines run through the batch lane with bounded concurrency; each result is stored once under its custom_id
-before it counts, so a restarted run skips what is done and no line is ever run into the output twice.
+before it counts, so a restarted run skips what is done and no line is ever run into the output twice. A line
+whose workers keep dying under it fails after a budget of runs (api/batch/losses.py).
 
 Outside its lines (one line may rightly wait long in the batch lane), a run keeps moving: `stalled_for` says how
 long it has not, so its runner can give the batch up to another runner instead of holding it in a hang (a
@@ -27,11 +28,12 @@ from api.auth.caller import cache_salt
 from api.auth.metering import Meter
 from api.batch.assemble import Tally, assemble, discard
 from api.batch.lines import BatchLine, InvalidLine, LineParser, RetryLater, read_lines, run_line
+from api.batch.losses import LossBudget
 from api.services import Services
 from broker.batch_store import BatchStorage, FileMissing
 from broker.errors import BrokerError
 from broker.kv import StaleRevision, Versioned
-from contracts import BatchJob, BatchStatus, LineResult
+from contracts import BatchJob, BatchStatus, ErrorCode, LineResult
 from contracts.batch import BatchErrorItem, InvalidTransition, LineError, RequestCounts
 
 log = structlog.get_logger(__name__)
@@ -67,6 +69,7 @@ class RunnerContext:
     # The owner's charge-only meter (api/auth): lines count against the owner's token budget, never refused.
     meter_for_owner: Callable[[str], Awaitable[Meter | None]] | None = None
     stall_s: float = STALL_S  # the runner gives up a run that did nothing for this long outside its lines
+    line_max_attempts: int = 3  # runs of a line that lost its workers before it fails (api/batch/losses.py)
 
 
 def _now() -> int:
@@ -85,6 +88,7 @@ class JobRun:
         self._meter: Meter | None = None  # the owner's charge-only meter, once the run has claimed the batch
         self._moved_at = time.monotonic()  # when the run last did something (a write, an input chunk, a file line)
         self._lines_running = False
+        self._losses = LossBudget(context.storage.results, batch_id, context.line_max_attempts)
 
     def stalled_for(self) -> float:
         """Seconds since the run last did something; 0 while its lines run (a line may wait in the batch lane for
@@ -276,7 +280,11 @@ class JobRun:
             try:
                 services = replace(self._ctx.services, engine=engine, cache_salt=cache_salt(self.job.owner))
                 return await run_line(line, self.job.endpoint, services)
-            except RetryLater as exc:  # no worker right now, queue full: wait it out
+            except RetryLater as exc:  # no worker right now, queue full, workers lost: wait it out
+                if exc.code is ErrorCode.WORKER_LOST:
+                    crashed = await self._losses.lost(line.custom_id)
+                    if crashed is not None:  # its workers died under every run it had: a poison line
+                        return crashed
                 await asyncio.sleep(min(_MAX_BACKOFF_S, exc.retry_after))
             except Exception as exc:  # unexpected (a bug, NATS gone): a few more tries, then the line fails
                 log.exception("batch.line_error", batch_id=self._id, custom_id=line.custom_id)

@@ -139,6 +139,7 @@ class RetryLater(Exception):
 
     def __init__(self, error: ApiError):
         super().__init__(error.info.message)
+        self.code = error.info.code
         self.retry_after = error.retry_after or 1.0
 
 
@@ -150,12 +151,7 @@ async def run_line(line: BatchLine, endpoint: str, services: Services) -> LineRe
         error = as_api_error(exc)
         if error.info.code in RETRYABLE:
             raise RetryLater(error) from exc
-        return LineResult(
-            custom_id=line.custom_id,
-            status_code=error.status,
-            body=api_error_body(error),
-            error=LineError(code=error.info.code.value, message=error.info.message),
-        )
+        return failed_result(line.custom_id, error)
     usage = body.get("usage") or {}
     return LineResult(
         custom_id=line.custom_id,
@@ -163,6 +159,16 @@ async def run_line(line: BatchLine, endpoint: str, services: Services) -> LineRe
         request_id=body.get("id"),
         body=body,
         usage=TokenTotals(input_tokens=usage.get("prompt_tokens", 0), output_tokens=usage.get("completion_tokens", 0)),
+    )
+
+
+def failed_result(custom_id: str, error: ApiError) -> LineResult:
+    """A line the endpoint answered with an error: the status and body it would have sent, and the error."""
+    return LineResult(
+        custom_id=custom_id,
+        status_code=error.status,
+        body=api_error_body(error),
+        error=LineError(code=error.info.code.value, message=error.info.message),
     )
 
 

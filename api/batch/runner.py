@@ -58,6 +58,7 @@ class BatchRunner:
             max_lines=settings.batch_max_lines,
             meter_for_owner=meter_for_owner,
             stall_s=stall_s,
+            line_max_attempts=settings.batch_line_max_attempts,
         )
         self._storage = storage
         self._max_jobs = settings.batch_jobs_per_runner

@@ -70,6 +70,20 @@ async def test_results_are_stored_once_and_purged_per_batch(batch_storage: Batch
     assert await batch_storage.results.get("batch_other", "x/1 ü") is not None
 
 
+async def test_lost_runs_are_counted_per_line_by_every_runner_and_purged_with_the_results(
+    batch_storage: BatchStorage,
+) -> None:
+    results = batch_storage.results
+    assert await results.count_loss("batch_l", "x/1 ü") == 1
+    # Two runners of the batch (one presumed dead) counting at once: compare-and-swap loses neither count.
+    assert sorted(await asyncio.gather(*(results.count_loss("batch_l", "x/1 ü") for _ in range(4)))) == [2, 3, 4, 5]
+    assert await results.count_loss("batch_l", "other") == 1
+    assert await results.count_loss("batch_other", "x/1 ü") == 1
+    await results.purge("batch_l")
+    assert await results.count_loss("batch_l", "x/1 ü") == 1  # a new count
+    assert await results.count_loss("batch_other", "x/1 ü") == 2
+
+
 async def test_one_ticket_per_batch(batch_storage: BatchStorage) -> None:
     await batch_storage.queue.publish("batch_t")
     await batch_storage.queue.publish("batch_t")  # a retried create

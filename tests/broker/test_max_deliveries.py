@@ -185,7 +185,8 @@ async def test_two_watchers_store_the_error_once(server, nc, model) -> None:
         outcomes = await asyncio.gather(settle(nc, advisory), settle(other, advisory))
         # The later one may find the error stored already (FINISHED) or the message deleted (GONE).
         assert Settled.ANSWERED in outcomes and set(outcomes) <= {Settled.ANSWERED, Settled.FINISHED, Settled.GONE}
-        assert await settle(nc, advisory) is Settled.GONE  # and again later: nothing left to settle
+        # And again later: nothing left to settle (the copy its last delivery left names a finished result).
+        assert await settle(nc, advisory) is Settled.FINISHED
         assert await stored_errors(js, reply) == 1
 
         # Two watchers on the shared consumer: the advisory above (already settled) and a new one, each once.
@@ -207,8 +208,8 @@ async def test_two_watchers_store_the_error_once(server, nc, model) -> None:
 
 
 async def test_an_advisory_of_a_message_no_longer_queued_stores_nothing(nc, model) -> None:
-    """A worker that was only slow (its late ack removed the request) or a request that aged out of its queue:
-    nothing to answer, and nothing is published."""
+    """A worker that was only slow (its late ack removed the request) or a request that aged out of its queue
+    before a last delivery left a copy of it: nothing to answer, and nothing is published."""
     js = nc.jetstream()
     request_id = f"gone-{uuid.uuid4().hex[:8]}"
     reply = subjects.results_subject("gone", request_id)
@@ -218,3 +219,32 @@ async def test_an_advisory_of_a_message_no_longer_queued_stores_nothing(nc, mode
     assert await settle(nc, advisory) is Settled.GONE
     assert await settle(nc, MaxDeliveries("KV_other", "c", 1, 3)) is Settled.NOT_A_REQUEST
     assert await stored_errors(js, reply) == 0
+
+
+async def test_a_direct_publish_whose_workers_all_died_is_answered_after_it_aged_out_of_its_queue(
+    nc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No api ran from the last delivery until the queue dropped the request at its max age: the watcher that
+    starts afterwards answers it from the copy the last delivery left (broker/last_delivery.py). Before: the
+    advisory named a message that was gone, and the publisher waited for ever."""
+    monkeypatch.setattr(topology, "REQUEST_ACK_WAIT_S", ACK_WAIT_S)
+    js = nc.jetstream()
+    model = f"aging-{uuid.uuid4().hex[:8]}"
+    await ensure_request_queue(js, model, QueueLimits(100, 8, 2))  # max age 8 s: past the third delivery
+    await ensure_results_stream(js, 600, 64 * 1024 * 1024)
+    await ensure_max_deliveries_queue(js)
+    request_id = f"aged-{uuid.uuid4().hex[:8]}"
+    reply = subjects.results_subject("aged", request_id)
+    queued = await enqueue_request(js, generate(model, reply, request_id))
+    async with DyingWorkers(nc, model) as workers:
+        await workers.die_running_it()
+        await kept_advisory(js, queued, workers)
+    async with asyncio.timeout(DEADLINE_S):
+        while await still_queued(js, queued) is not False:
+            await asyncio.sleep(0.5)
+
+    async with watching(nc) as [watcher]:
+        result = await read_result(js, reply, wait_s=DEADLINE_S)
+    assert result.finished and result.attempt == 3
+    assert result.events[-1].error.code is ErrorCode.WORKER_CRASHED
+    assert watcher.answered == 1 and await stored_errors(js, reply) == 1

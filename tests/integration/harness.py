@@ -28,7 +28,8 @@ WORKER_BOOT = "from engine_worker.main import run_worker; from common.settings i
 class WorkerProcess:
     """`engine_worker.main.run_worker` in its own process, as `inferq worker` runs it. `constants`: module
     constants set before it starts, {"package.module.NAME": value}, for the few waits no setting reaches (a
-    test that waits out the request queue's 30 s ack wait on purpose can wait out a shorter one)."""
+    test that waits out the request queue's 30 s ack wait on purpose can wait out a shorter one). `preamble`:
+    Python run before it starts, for faults no setting causes (tests/integration/poison_sim.py)."""
 
     def __init__(
         self,
@@ -36,18 +37,20 @@ class WorkerProcess:
         log_path: Path,
         extra_env: Mapping[str, str] | None = None,
         constants: Mapping[str, float] | None = None,
+        preamble: str = "",
     ):
         self.settings = settings
         self.log_path = log_path
         self.extra_env = dict(extra_env or {})
         self.constants = dict(constants or {})
+        self.preamble = preamble
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         env = {**os.environ, **settings_env(self.settings), **self.extra_env}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _with_constants(WORKER_BOOT, self.constants)],
+            [sys.executable, "-c", "\n".join([self.preamble, _with_constants(WORKER_BOOT, self.constants)])],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -165,6 +168,14 @@ class ApiProcess:
             self.proc.wait()
 
 
+def own_sim_settings(base_settings: Settings, nats_url: str, tmp_path: Path, **overrides: object) -> Settings:
+    """Settings of sim workers and apis on a nats-server and data dir of the test's own; `overrides` are Settings
+    fields."""
+    return base_settings.model_copy(
+        update={"nats_url": nats_url, "data_dir": tmp_path / "data", "engine": "sim", **overrides}
+    )
+
+
 @contextlib.asynccontextmanager
 async def own_sim_stack(
     base_settings: Settings, tmp_path: Path, **overrides: object
@@ -172,9 +183,7 @@ async def own_sim_stack(
     """A nats-server, a sim worker and an api process of this test's own (nothing shared can disturb a load or
     fault test, and its kills disturb nothing else); `overrides` are Settings fields."""
     with EmbeddedNatsServer(tmp_path / "nats", port=-1) as nats:
-        settings = base_settings.model_copy(
-            update={"nats_url": nats.url, "data_dir": tmp_path / "data", "engine": "sim", **overrides}
-        )
+        settings = own_sim_settings(base_settings, nats.url, tmp_path, **overrides)
         worker = WorkerProcess(settings, tmp_path / "worker.log").start()
         api = ApiProcess(settings, tmp_path / "api.log").start()
         try:

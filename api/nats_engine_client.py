@@ -132,9 +132,10 @@ class NatsEngineClient:
         silent worker), even past the attempts the request already used; a Last-Event-ID resume may not.
         `stored`: the journal holds events of it (else it may still wait in the queue, unheard of)."""
         try:
-            # Its reader reads the journal directly whenever it has been quiet for a third of a silence timeout,
-            # so that a consumer delivering nothing is read around long before the request is taken for silent.
-            reader = JournalFollower(self._js, request.request_id, catch_up_after_s=self.timeouts.silence_s / 3)
+            # Its reader reads the journal directly whenever it has been quiet for half a silence timeout (longer
+            # than a running request's heartbeat interval), so that a consumer delivering nothing is read around
+            # before the request is taken for silent.
+            reader = JournalFollower(self._js, request.request_id, catch_up_after_s=self.timeouts.silence_s / 2)
             follower = await reader.start()
         except BrokerError as exc:
             raise broker_error(exc) from exc

@@ -51,9 +51,10 @@ async def latest_journaled_attempt(js: JetStreamContext, reply_subject: str) -> 
         return None
 
 
-# Workers send a heartbeat every second while they run a request, so a reader that hears nothing for longer follows
-# a request that is queued or finished, or a consumer that stopped delivering: then read the journal directly.
-CATCH_UP_AFTER_S = 1.0
+# Workers send a heartbeat after a second of silence while they run a request, so a reader that hears nothing for
+# longer follows a request that is queued or finished, or a consumer that stopped delivering: then read the journal
+# directly. (The edge passes half its silence timeout.)
+CATCH_UP_AFTER_S = 1.5
 
 
 class JournalFollower:

@@ -5,7 +5,9 @@
       └──── resubmitted ◀──┴── worker silent, or events lost (a gap) ◀──────────────────────────────────┘
     (QUEUED_ELSEWHERE: a resubmission another edge had queued already; if it shows nothing for a queue timeout,
     resubmitted again rather than failed. QUEUED and silent: once the request has left the queue and nothing was
-    heard of it for a silence timeout, its events were lost: resubmitted, as after a silent worker)
+    heard of it for a silence timeout, its events were lost: resubmitted, as after a silent worker. Following a
+    request the journal holds and hearing none of it for a silence timeout: the journal cannot be read back; a
+    retried POST starts it again on an attempt of its own, a Last-Event-ID resume is a clear error)
     any state but FINISHED ──close()──▶ cancelled on the worker
 
 How many attempts a generation may start: a request survives `Timeouts.max_attempts - 1` resubmissions. A
@@ -105,6 +107,7 @@ class Generation:
         reservation: Reservation | None = None,
         follower: JournalFollower | None = None,
         own_attempts: bool = False,
+        stored: bool = False,
     ):
         self._port = port
         self.request = request
@@ -114,6 +117,7 @@ class Generation:
         self._expected_seq = 0  # the current attempt's next event
         self._delivered: list[int] = list(getattr(request, "resume_token_ids", ()))
         self._position = len(self._delivered)  # where the current attempt's next token goes (followers)
+        self._finish_delivered = False  # the answer's finish_reason went out (an abort never does: _without_abort)
         self._reservation = reservation  # the caller's tokens held for this generation, settled in close()
         self._usage: Usage | None = None
         self._queue_deadline = time.monotonic() + port.timeouts.queue_s  # while QUEUED: when to give up waiting
@@ -122,6 +126,9 @@ class Generation:
         # queued, not the request's attempt number (see the module's docstring).
         self._own_attempts = own_attempts
         self._queued_here: set[int] = set()  # attempts this generation queued (not another edge's duplicate)
+        # True: following a request whose events the journal held when it attached, so its replay comes at once;
+        # cleared by the first event. Still set a silence timeout later: the journal cannot be read back.
+        self._unheard_replay = stored
         # Its lines carry request_id and model, worker_id once accepted (trace_id comes from the HTTP request's
         # log context, api/request_context.py).
         self._log = log.bind(request_id=request.request_id, model=request.model)
@@ -158,6 +165,7 @@ class Generation:
                 return ()  # from a superseded attempt (a worker that was presumed dead)
             self._adopt(event.attempt)
         self._left_queue_at = None  # the current attempt spoke
+        self._unheard_replay = False
         if self.state is GenerationState.ABANDONED:
             return await self._wait_out(event)
         if self._lost_before(event):
@@ -190,6 +198,7 @@ class Generation:
         if (event := self._without_abort(event)) is None:
             return ()
         self._delivered.extend(t for c in event.choices if c.index == 0 for t in c.token_ids)
+        self._finish_delivered |= any(c.finish_reason is not None for c in event.choices if c.index == 0)
         return (event,)
 
     async def _check_queue(self) -> Sequence[Tokens | End]:
@@ -197,6 +206,8 @@ class Generation:
         `accepted` event go out side by side, in either order) and still showed nothing a silence timeout later
         had its events lost (the edge's NATS node died with them, or the worker died right after taking it):
         continue on a new attempt rather than wait out the whole queue timeout (600 s for batch lines)."""
+        if self._unheard_replay:
+            return await self._replay_lost()
         if await self._port.still_queued(self.request) is not False:
             self._left_queue_at = None
             return ()
@@ -209,10 +220,27 @@ class Generation:
             raise timeout_error(self._port.timeouts, accepted=True)
         return await self._worker_lost()
 
+    async def _replay_lost(self) -> Sequence[Tokens | End]:
+        """Following a request the journal held events of, and none came back within a silence timeout (its
+        reader delivered nothing even from the stream's leader: broker/journal.py): continue on an attempt of its
+        own from what was delivered (nothing), rather than wait out the queue timeout for events that will not come
+        (chaos run, seed 2026, `keyed2.404.dup`): a retried POST, whose client holds none of the text. A
+        Last-Event-ID resume holds text this edge never saw (an unseeded answer started again would not match it):
+        a clear error."""
+        self._unheard_replay = False  # once: the attempt it starts is watched like any other
+        restart = self._own_attempts and self._resumable
+        self._log.warning("request.journal_silent", attempt=self.request.attempt, restarted=restart)
+        if not restart:
+            self.state = GenerationState.FINISHED  # nothing of it runs for this client: nothing to cancel
+            raise ApiError(
+                ErrorCode.WORKER_LOST, "none of this request's token events could be read back", retry_after=1.0
+            )
+        return await self._worker_lost()
+
     async def _worker_lost(self) -> Sequence[Tokens | End]:
         """The worker went silent or events were lost: finish here if everything arrived, else continue on a new
         attempt."""
-        if self._all_delivered:
+        if self._all_delivered or self._finish_delivered:
             self.state = GenerationState.FINISHED
             return self._synthetic_end()
         await self._resubmit()
@@ -328,13 +356,15 @@ class Generation:
         return limit is not None and len(self._delivered) >= limit
 
     def _synthetic_end(self) -> list[Tokens | End]:
-        """Every token arrived but the worker died before saying so: finish the stream here."""
+        """Every token arrived but the worker died before saying so (or its `end` was lost: from the journal, a
+        finished request whose `end` a node fault dropped): finish the stream here. Resuming after a stop would
+        have a worker generate past it."""
         usage = Usage(prompt_tokens=prompt_tokens(self.request), completion_tokens=len(self._delivered))
         common = {"request_id": self.request.request_id, "attempt": self.request.attempt}
-        return [
-            Tokens(**common, seq=0, choices=[ChoiceDelta(index=0, finish_reason=FinishReason.LENGTH)]),
-            End(**common, seq=1, usage=usage),
-        ]
+        end = End(**common, seq=1, usage=usage)
+        if self._finish_delivered:
+            return [end]
+        return [Tokens(**common, seq=0, choices=[ChoiceDelta(index=0, finish_reason=FinishReason.LENGTH)]), end]
 
     async def _resubmit(self) -> None:
         previous = self.request

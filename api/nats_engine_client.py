@@ -116,7 +116,7 @@ class NatsEngineClient:
         """Submit a request whose id the client chose (Idempotency-Key, X-Request-Id); if that request was
         already submitted (its events are in the journal, or the queue holds it), follow it instead."""
         if await self._journal_has(request.request_id):
-            return await self.attach(request, retried=True)
+            return await self.attach(request, retried=True, stored=True)
         return await self.submit(request, attach_duplicate=True)
 
     async def resume(self, request: GenerateRequest) -> Generation:
@@ -124,18 +124,23 @@ class NatsEngineClient:
         no longer has it. Whether the caller may follow it is decided before (api/auth/request_ids.owns)."""
         if not await self._journal_has(request.request_id):
             raise unknown_request(request.request_id)
-        return await self.attach(request)
+        return await self.attach(request, stored=True)
 
-    async def attach(self, request: GenerateRequest, *, retried: bool = False) -> Generation:
+    async def attach(self, request: GenerateRequest, *, retried: bool = False, stored: bool = False) -> Generation:
         """Follow the request from the journal. `retried`: a new POST of it (the client holds none of its text),
         which may start attempts of its own where the journal's last attempt cannot be continued (lost events, a
-        silent worker), even past the attempts the request already used; a Last-Event-ID resume may not."""
+        silent worker), even past the attempts the request already used; a Last-Event-ID resume may not.
+        `stored`: the journal holds events of it (else it may still wait in the queue, unheard of)."""
         try:
-            follower = await JournalFollower(self._js, request.request_id).start()
+            # Its reader reads the journal directly whenever it has been quiet for half a silence timeout (longer
+            # than a running request's heartbeat interval), so that a consumer delivering nothing is read around
+            # before the request is taken for silent.
+            reader = JournalFollower(self._js, request.request_id, catch_up_after_s=self.timeouts.silence_s / 2)
+            follower = await reader.start()
         except BrokerError as exc:
             raise broker_error(exc) from exc
         log.info("request.attached", request_id=request.request_id)
-        return Generation(self, request, follower.events, follower=follower, own_attempts=retried)
+        return Generation(self, request, follower.events, follower=follower, own_attempts=retried, stored=stored)
 
     async def _journal_has(self, request_id: str) -> bool:
         try:

@@ -339,3 +339,71 @@ async def test_a_follower_whose_client_leaves_while_it_waits_out_another_edges_a
         await waiting
     await generation.close()
     assert client.cancelled == [] and client.published == []
+
+
+async def test_a_retried_post_that_hears_nothing_from_the_journal_starts_an_attempt_of_its_own() -> None:
+    """Chaos seed 2026, 30 minutes (`keyed2.404.dup`): three retried POSTs of a finished keyed chat found it in the
+    journal, attached, heard none of its events and answered 503 `no_worker` a queue timeout (60 s) later. A
+    retried POST (its client holds none of the text) that hears nothing within a silence timeout of attaching to
+    a request the journal holds continues it on an attempt of its own, from the start."""
+    client, journal = RecordingClient(), asyncio.Queue()
+    client.timeouts = Timeouts(queue_s=30.0, silence_s=0.2)
+    received: list = []
+
+    async def consume() -> None:
+        generation = Generation(client, request(), journal, follower=Follower(), own_attempts=True, stored=True)
+        async for event in generation:
+            received.append(event)
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(published(client, 1), 5)  # before: nothing until the queue timeout, then no_worker
+    [attempt] = client.published
+    assert (attempt.attempt, attempt.resume_token_ids, attempt.sampling) == (2, [], request().sampling)
+    for event in (accepted(2), tokens(2, 1, 10), tokens(2, 2, 11), tokens(2, 3, 12), tokens(2, 4, 13, "length")):
+        journal.put_nowait(event)
+    journal.put_nowait(end(2, 5, 4))
+    await asyncio.wait_for(task, 5)
+    assert delivered(received) == [10, 11, 12, 13]
+    assert len(client.published) == 1 and client.cancelled == []
+
+
+async def test_a_last_event_id_resume_that_hears_nothing_from_the_journal_is_a_clear_error_at_once() -> None:
+    """Its client holds text this edge never saw: no attempt from the start (unseeded, it would not match)."""
+    client = RecordingClient()
+    client.timeouts = Timeouts(queue_s=30.0, silence_s=0.2)
+    generation = Generation(client, request(), asyncio.Queue(), follower=Follower(), stored=True)
+    with pytest.raises(ApiError) as raised:
+        await asyncio.wait_for(anext(aiter(generation)), 5)  # before: no_worker after the 30 s queue timeout
+    assert raised.value.info.code is ErrorCode.WORKER_LOST
+    assert client.published == [] and client.cancelled == []  # whatever runs is another client's
+
+
+async def test_a_follower_of_a_request_not_yet_in_the_journal_waits_for_it() -> None:
+    """Guard: a retried POST whose request another edge queued (a duplicate in the queue, nothing journaled yet)
+    waits for that attempt: one of its own would supersede it on the worker under the other client."""
+    client, journal = RecordingClient(), asyncio.Queue()
+    client.timeouts = Timeouts(queue_s=30.0, silence_s=0.1)
+    task, received = retried_post(client, journal)
+    await asyncio.sleep(0.5)
+    assert client.published == []
+    for event in (accepted(1), tokens(1, 1, 10), tokens(1, 2, 11), tokens(1, 3, 12), tokens(1, 4, 13, "length")):
+        journal.put_nowait(event)
+    journal.put_nowait(end(1, 5, 4))
+    await asyncio.wait_for(task, 5)
+    assert delivered(received) == [10, 11, 12, 13] and client.published == []
+
+
+async def test_a_stored_answer_whose_end_was_lost_is_finished_not_generated_past_its_stop() -> None:
+    """The journal holds a finished request's every token, its stop included, but a node fault dropped its `end`.
+    A retried POST hands over that answer and finishes it after the silence; before, it resubmitted the request
+    from the tokens after the stop, and a worker generated past it."""
+    client, journal = RecordingClient(), asyncio.Queue()
+    client.timeouts = Timeouts(queue_s=30.0, silence_s=0.2)
+    for event in (accepted(1), tokens(1, 1, 10), tokens(1, 2, 11, "stop")):  # max_tokens 4; end(1, 3, 2) lost
+        journal.put_nowait(event)
+    task, received = retried_post(client, journal)
+    await asyncio.wait_for(task, 5)
+    assert client.published == []
+    assert delivered(received) == [10, 11] and received[-1].kind == "end"
+    finishes = [c.finish_reason for event in received if event.kind == "tokens" for c in event.choices]
+    assert [f for f in finishes if f] == ["stop"]

@@ -216,7 +216,9 @@ class JobRun:
         )
 
     async def _finish(self, final: BatchStatus, path: Path) -> None:
+        started = time.monotonic()
         assembled = await assemble(self.job, path, self._ctx.storage, _UNFINISHED[final], on_line=self._moved)
+        assemble_s = round(time.monotonic() - started, 2)
         try:
             await self._save(
                 lambda job: job.transition(
@@ -231,7 +233,13 @@ class JobRun:
         except (Fenced, InvalidTransition):
             await discard(self._ctx.storage, assembled)
             raise
-        log.info("batch.finished", batch_id=self._id, status=final.value, **assembled.counts.model_dump())
+        log.info(
+            "batch.finished",
+            batch_id=self._id,
+            status=final.value,
+            assemble_s=assemble_s,
+            **assembled.counts.model_dump(),
+        )
 
     # --- lines ------------------------------------------------------------------------------------------------
     async def _run_lines(self, path: Path) -> None:

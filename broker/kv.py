@@ -100,7 +100,7 @@ async def stored_keys(kv: KeyValue, pattern: str = ">") -> set[str]:
 
 async def latest_values(kv: KeyValue, pattern: str, chunk: int = 256) -> AsyncIterator[list[tuple[str, bytes]]]:
     """(key, value) of every live key matching `pattern`, newest value only, in chunks as they arrive: one pass
-    over the bucket's stream, a few requests per `chunk` keys instead of one `get` per key (a 100k-line batch's
+    over the bucket's stream, one request per `chunk` keys instead of one `get` per key (a 100k-line batch's
     results were 100k round trips). A deleted or purged key yields nothing; a key written during the pass may
     come twice (the later value is newer).
 
@@ -124,7 +124,7 @@ async def latest_values(kv: KeyValue, pattern: str, chunk: int = 256) -> AsyncIt
             with as_broker_errors():
                 try:
                     messages = await sub.fetch(batch=chunk, timeout=_SCAN_FETCH_S)
-                except nats.errors.TimeoutError:  # what was pending went (a purge): nothing more to read
+                except TimeoutError:  # what was pending went (a purge): nothing more to read
                     pending = (await sub.consumer_info()).num_pending
                     continue
             pending = messages[-1].metadata.num_pending

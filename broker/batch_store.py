@@ -1,11 +1,12 @@
 """Files and batch jobs in JetStream: file records in KV with contents in the object store (always read with
 `writeinto=`: into memory is quadratic in nats-py), jobs in KV updated only by compare-and-swap on the revision a
-writer last saw, line results in KV written create-only, and the job queue runners pull tickets from."""
+writer last saw, line results in KV written create-only (a batch's all read back in one pass), and the job queue
+runners pull tickets from."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -18,7 +19,7 @@ from nats.js.object_store import ObjectStore
 
 from broker import subjects
 from broker.errors import BrokerError
-from broker.kv import CasRecords, as_broker_errors, read, records
+from broker.kv import CasRecords, as_broker_errors, latest_values, read, records
 from broker.topology import ensure_batch_jobs, ensure_batch_storage
 from broker.work_queue import MSG_ID_HEADER
 from contracts import BatchJob, BatchTicket, FileRecord, LineResult
@@ -100,6 +101,12 @@ class ResultStore:
     async def get(self, batch_id: str, custom_id: str) -> LineResult | None:
         found = await _get(self._kv, subjects.batch_result_key(batch_id, custom_id))
         return None if found is None else LineResult.from_bytes(found[0])
+
+    def stored(self, batch_id: str) -> AsyncIterator[list[tuple[str, bytes]]]:
+        """The batch's stored results in one pass, in chunks of (key, value): for reading them all (assembling the
+        files, resuming the batch) without a round trip per line. Its lines' loss counts (`<result key>.lost`)
+        are not results: the filter's `*` matches only the one token after the batch's prefix."""
+        return latest_values(self._kv, f"{subjects.batch_result_prefix(batch_id)}.*")
 
     async def count_loss(self, batch_id: str, custom_id: str) -> int:
         """Add one to the line's count of runs its workers stopped under, and return the count. A compare-and-swap

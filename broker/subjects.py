@@ -185,7 +185,12 @@ def batch_key(batch_id: str) -> str:
 
 def batch_result_key(batch_id: str, custom_id: str) -> str:
     """custom_ids are arbitrary client strings: the key holds their digest."""
-    return f"{batch_result_prefix(batch_id)}.{hashlib.sha256(custom_id.encode()).hexdigest()[:32]}"
+    return f"{batch_result_prefix(batch_id)}.{batch_result_digest(custom_id)}"
+
+
+def batch_result_digest(custom_id: str) -> str:
+    """The last token of a line's result key."""
+    return hashlib.sha256(custom_id.encode()).hexdigest()[:32]
 
 
 def batch_result_prefix(batch_id: str) -> str:

@@ -1,7 +1,8 @@
 """A batch's output and error files, built by re-reading the input: every input line yields exactly one line,
 in the output file (its stored result succeeded) or in the error file (invalid, failed, or never run before the
-batch ended). The files are a pure function of the input and the stored results, so a runner that dies while
-assembling leaves nothing half-done: the next one assembles the same files again."""
+batch ended). The files are a pure function of the input and the stored results (read in one pass before the
+input is, api/batch/stored.py), so a runner that dies while assembling leaves nothing half-done: the next one
+assembles the same files again."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import structlog
 
 from api.batch.lines import InvalidLine, LineParser, error_line, read_lines, result_line
 from api.batch.records import new_object_id
+from api.batch.stored import StoredResults
 from broker.batch_store import BatchStorage
 from contracts import BatchJob, FilePurpose, FileRecord, LineResult
 from contracts.batch import LineError, RequestCounts, TokenTotals
@@ -72,7 +74,8 @@ async def assemble(
     parser = LineParser(job.endpoint)
     tally = Tally()
     total = 0
-    with tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as errors:
+    with tempfile.TemporaryFile() as spill, tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as errors:
+        results = await StoredResults.read(storage.results, job.id, spill, on_chunk=on_line)
         for number, raw in read_lines(input_path):
             on_line()
             total += 1
@@ -81,7 +84,7 @@ async def assemble(
                 _write(errors, error_line(job.id, number, parsed.custom_id, parsed.error))
                 tally.failed()
                 continue
-            result = await storage.results.get(job.id, parsed.custom_id)
+            result = results.get(parsed.custom_id)
             if result is None:
                 _write(errors, error_line(job.id, number, parsed.custom_id, unfinished))
                 tally.failed()

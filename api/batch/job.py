@@ -29,6 +29,7 @@ from api.auth.metering import Meter
 from api.batch.assemble import Tally, assemble, discard
 from api.batch.lines import BatchLine, InvalidLine, LineParser, RetryLater, read_lines, run_line
 from api.batch.losses import LossBudget
+from api.batch.stored import StoredResults
 from api.services import Services
 from broker.batch_store import BatchStorage, FileMissing
 from broker.errors import BrokerError
@@ -216,7 +217,9 @@ class JobRun:
         )
 
     async def _finish(self, final: BatchStatus, path: Path) -> None:
+        started = time.monotonic()
         assembled = await assemble(self.job, path, self._ctx.storage, _UNFINISHED[final], on_line=self._moved)
+        assemble_s = round(time.monotonic() - started, 2)
         try:
             await self._save(
                 lambda job: job.transition(
@@ -231,36 +234,48 @@ class JobRun:
         except (Fenced, InvalidTransition):
             await discard(self._ctx.storage, assembled)
             raise
-        log.info("batch.finished", batch_id=self._id, status=final.value, **assembled.counts.model_dump())
+        log.info(
+            "batch.finished",
+            batch_id=self._id,
+            status=final.value,
+            assemble_s=assemble_s,
+            **assembled.counts.model_dump(),
+        )
 
     # --- lines ------------------------------------------------------------------------------------------------
     async def _run_lines(self, path: Path) -> None:
         parser = LineParser(self.job.endpoint)
         slots = asyncio.Semaphore(self._ctx.line_concurrency)
         try:
-            for number, raw in read_lines(path):
-                if self._stopped.is_set():
-                    break
-                parsed = parser.parse(number, raw)
-                if isinstance(parsed, InvalidLine):
-                    self._tally.failed()
-                    continue
-                stored = await self._ctx.storage.results.get(self._id, parsed.custom_id)
-                if stored is not None:  # done by an earlier run of this batch
-                    self._tally.add(stored)
-                    continue
-                await slots.acquire()
-                if self._stopped.is_set():
-                    slots.release()
-                    break
-                task = asyncio.create_task(self._line(parsed))
-                self._in_flight.add(task)
-                task.add_done_callback(lambda done: (self._in_flight.discard(done), slots.release()))
+            with tempfile.TemporaryFile() as spill:
+                done = await StoredResults.read(self._ctx.storage.results, self._id, spill)  # by earlier runs
+                await self._start_lines(path, parser, done, slots)
             await asyncio.gather(*self._in_flight, return_exceptions=True)
         finally:  # this run is being torn down (shutdown, takeover): its lines go with it
             for task in list(self._in_flight):
                 task.cancel()
             await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def _start_lines(self, path: Path, parser: LineParser, done: StoredResults, slots: asyncio.Semaphore) -> None:
+        """Start every line without a stored result (at most `slots` at once); count the others."""
+        for number, raw in read_lines(path):
+            if self._stopped.is_set():
+                break
+            parsed = parser.parse(number, raw)
+            if isinstance(parsed, InvalidLine):
+                self._tally.failed()
+                continue
+            stored = done.get(parsed.custom_id)
+            if stored is not None:
+                self._tally.add(stored)
+                continue
+            await slots.acquire()
+            if self._stopped.is_set():
+                slots.release()
+                break
+            task = asyncio.create_task(self._line(parsed))
+            self._in_flight.add(task)
+            task.add_done_callback(lambda finished: (self._in_flight.discard(finished), slots.release()))
 
     async def _line(self, line: BatchLine) -> None:
         result = await self._result_of(line)

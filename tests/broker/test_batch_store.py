@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from broker import subjects
 from broker.batch_store import BatchStorage, FileMissing
 from broker.kv import StaleRevision
 from contracts import BatchJob, BatchStatus, FilePurpose, FileRecord, LineResult
@@ -115,3 +116,29 @@ async def test_listing_sees_every_job_while_one_is_being_saved(batch_storage: Ba
             assert set(ids) <= listed
     finally:
         saving.cancel()
+
+
+async def test_a_batchs_results_are_read_back_in_one_pass(batch_storage: BatchStorage) -> None:
+    results, kv = batch_storage.results, batch_storage.results._kv
+    stream = f"KV_{subjects.BATCH_RESULTS_BUCKET}"
+    consumers_before = (await kv._js.stream_info(stream)).state.consumer_count
+    lines = [f"line {i}" for i in range(1_000)]  # several chunks
+    await asyncio.gather(
+        *(results.put_once("batch_scan", LineResult(custom_id=cid, status_code=200, body={"n": cid})) for cid in lines)
+    )
+    await results.count_loss("batch_scan", "line 1")  # a loss count beside a result: not a result
+    await results.count_loss("batch_scan", "never stored")
+    await results.put_once("batch_scan_other", LineResult(custom_id="line 2", status_code=200, body={"n": "other"}))
+    # A key written twice (create-only in the store, but a bucket may hold history): the newest value counts.
+    rewritten = LineResult(custom_id="line 3", status_code=500, body={"n": "newer"})
+    await kv.put(subjects.batch_result_key("batch_scan", "line 3"), rewritten.to_bytes())
+    await kv.delete(subjects.batch_result_key("batch_scan", "line 4"))  # a deleted key has no result
+
+    stored = {key: LineResult.from_bytes(value) async for chunk in results.stored("batch_scan") for key, value in chunk}
+
+    expected = {subjects.batch_result_key("batch_scan", cid): cid for cid in lines if cid != "line 4"}
+    assert {key: result.custom_id for key, result in stored.items()} == expected
+    assert stored[subjects.batch_result_key("batch_scan", "line 3")] == rewritten
+    assert stored[subjects.batch_result_key("batch_scan", "line 9")].body == {"n": "line 9"}
+    assert [chunk async for chunk in results.stored("batch_nothing")] == []
+    assert (await kv._js.stream_info(stream)).state.consumer_count == consumers_before  # the passes left none

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from broker import subjects
+from broker import batch_store, subjects
 from broker.batch_store import BatchStorage, FileMissing
 from broker.kv import StaleRevision
 from contracts import BatchJob, BatchStatus, FilePurpose, FileRecord, LineResult
@@ -142,3 +142,29 @@ async def test_a_batchs_results_are_read_back_in_one_pass(batch_storage: BatchSt
     assert stored[subjects.batch_result_key("batch_scan", "line 9")].body == {"n": "line 9"}
     assert [chunk async for chunk in results.stored("batch_nothing")] == []
     assert (await kv._js.stream_info(stream)).state.consumer_count == consumers_before  # the passes left none
+
+
+async def test_results_the_pass_misses_are_read_one_by_one(
+    batch_storage: BatchStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass whose consumer sits on a replica still catching up sees fewer results than the stream holds; the
+    leader's listing of the keys catches what it missed, or those lines would be written as never run."""
+    results = batch_storage.results
+    lines = [f"line {i}" for i in range(40)]
+    for cid in lines:
+        await results.put_once("batch_lag", LineResult(custom_id=cid, status_code=200, body={"n": cid}))
+    scan = batch_store.latest_values
+
+    async def lagging(kv, pattern, chunk=256):  # a consumer that never delivers the last ten stored results
+        async for values in scan(kv, pattern, chunk):
+            yield [(key, value) for key, value in values if not key.endswith(tuple(_digests(lines[30:])))]
+
+    monkeypatch.setattr(batch_store, "latest_values", lagging)
+
+    stored = {key for chunk in [c async for c in results.stored("batch_lag")] for key, _ in chunk}
+
+    assert stored == {subjects.batch_result_key("batch_lag", cid) for cid in lines}
+
+
+def _digests(custom_ids: list[str]) -> list[str]:
+    return [subjects.batch_result_digest(cid) for cid in custom_ids]

@@ -4,7 +4,7 @@ and the embedding table, kept in the precision of the linear weights."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,11 @@ class WeightQuantPlan:
 
     mode: str = "none"
     max_rows: int = 0
+
+    def for_lm_head(self) -> WeightQuantPlan:
+        """int4 keeps the output layer in int8: GGUF files keep it (and the tied embedding) at 8 bits or more
+        (SmolLM2's Q4_1 file: a Q8_0 embedding), and int4 there cost +3.2% perplexity against +0.4% for int8."""
+        return replace(self, mode="int8") if self.mode == "int4" else self
 
 
 class Linear:

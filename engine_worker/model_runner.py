@@ -249,7 +249,9 @@ class ModelRunner(SlotKVCache):
             self.max_model_len = sliding
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2)
-        quant = WeightQuantPlan(resolve_weight_quant(weight_quant, weight_bytes), weight_quant_max_rows)
+        capability = torch.backends.cpu.get_cpu_capability()
+        mode = resolve_weight_quant(weight_quant, weight_bytes, self.dtype, self.device, capability)
+        quant = WeightQuantPlan(mode, weight_quant_max_rows)
         self._load_weights(model, config, quant)
         del model  # the runner keeps its own copies of the weights: the HF module and the file mapping can go
         release_freed_memory()
@@ -273,7 +275,7 @@ class ModelRunner(SlotKVCache):
         self.scale = self.head_dim**-0.5
         inner = model.model
         self.norm = owned(inner.norm.weight)
-        self.lm_head = Linear(model.lm_head.weight, None, quant)  # the embedding's weight when tied
+        self.lm_head = Linear(model.lm_head.weight, None, quant.for_lm_head())  # the embedding's when tied
         self.embed = lookup_table(inner.embed_tokens.weight, half=not self.lm_head.keeps_dense)
         self.layers = []
         for layer in inner.layers:

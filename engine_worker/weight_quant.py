@@ -14,13 +14,17 @@ Modes and kernels (all maintained torch ops; measurements in docs/quantization.m
   any batch. That is probed once per process (`fp16_rows_invariant`); where it fails (another CPU family, another
   fbgemm) fp16 is not applied and the dense weights run. No-op elsewhere (already 16-bit weights, GPUs).
 - int8: `torch._weight_int8pack_mm` (int8 weights, per-output-channel scales, activations in the model dtype):
-  CUDA, MPS, and CPUs with AVX-512. On an AVX2 CPU its kernel is a scalar loop 3-15x slower than the dense GEMM
-  (measured), so it warns. fbgemm's dynamic int8 (activations quantized per tensor with 7 bits) was measured and
-  rejected: +17% perplexity and greedy output diverging within a few tokens.
+  CUDA, MPS, and CPUs with AVX-512 running bf16. On an AVX2 CPU, and with fp32 activations on AVX-512 too, its
+  kernel is a scalar loop 3-15x slower than the dense GEMM (measured), so it warns. fbgemm's dynamic int8
+  (activations quantized per tensor with 7 bits) was measured and rejected: +17% perplexity and greedy output
+  diverging within a few tokens.
 - int4: `torch._weight_int4pack_mm_for_cpu` (groups of 32, scale and zero per group) on AVX-512 CPUs; elsewhere
-  int8 with a warning (the CUDA tinygemm layout is not wired up yet).
-int8 and int4 are copies beside the dense weights, used for calls of at most `max_rows` rows (a step with many
-rows is compute-bound and runs the dense weights), so with them a row's result depends on the batch size.
+  int8 with a warning (the CUDA tinygemm layout is not wired up yet). `lm_head` gets int8 (linear.py).
+  `auto` picks it for a bf16 model on an AVX-512 CPU: decode steps of 1-4 rows 1.4-1.9x faster on SmolLM2.
+int8 and int4 are copies beside the dense weights, used for calls of at most `max_rows` rows: torch's int kernels
+cost time per row (no dequantized tile reused across rows), so from ~8 rows on the dense GEMM wins. Each row's
+result is the same alone and in any call that runs the copy, but not across `max_rows`: a request resumed through
+one big (dense) prefill can continue differently (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -45,18 +49,34 @@ Kernel = Callable[[torch.Tensor], torch.Tensor]
 FP16_ROW_TILE = 6
 
 
-def resolve_weight_quant(requested: str, weight_bytes: int) -> str:
-    """The mode to apply. `auto` is fp16 for a model big enough to be memory-bound (it applies to fp32 weights on
-    a CPU, the only case measured lossless and faster; 16-bit models and GPUs keep their weights), else none."""
+def resolve_weight_quant(
+    requested: str, weight_bytes: int, dtype: torch.dtype, device: torch.device, cpu_capability: str
+) -> str:
+    """The mode to apply (`cpu_capability`: `torch.backends.cpu.get_cpu_capability()`, read at load). `auto`, for a
+    model big enough to be memory-bound (else none):
+    - int4 twins (int8 for `lm_head`) when it runs bf16 on a CPU whose int kernels are vectorized (AVX-512):
+      decode steps of 1-4 rows measured 1.4-1.9x faster, perplexity +0.4%;
+    - else fp16, which applies to fp32 weights on a CPU (the only other case measured lossless and faster; on an
+      AVX2 CPU the int kernels are scalar loops, and with fp32 activations they are scalar on AVX-512 too); 16-bit
+      models on other CPUs and GPUs keep their weights."""
     if requested == "auto":
-        return "fp16" if weight_bytes >= AUTO_MIN_WEIGHT_BYTES else "none"
+        if weight_bytes < AUTO_MIN_WEIGHT_BYTES:
+            return "none"
+        vectorized = int_kernels_vectorized(cpu_capability)
+        return "int4" if device.type == "cpu" and dtype == torch.bfloat16 and vectorized else "fp16"
     if requested not in ("none", "fp16", "int8", "int4"):
         raise ValueError(f"weight_quant must be auto, none, fp16, int8 or int4, got {requested!r}")
     return requested
 
 
+def int_kernels_vectorized(cpu_capability: str) -> bool:
+    """Whether torch's int8/int4 weight-only CPU kernels have a vector path on a CPU of this capability
+    (`torch.backends.cpu.get_cpu_capability()`): AVX-512 (AMX CPUs report AVX512); on AVX2 they are scalar loops."""
+    return cpu_capability.startswith(("AVX512", "AMX"))
+
+
 def _cpu_has_avx512() -> bool:
-    return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+    return int_kernels_vectorized(torch.backends.cpu.get_cpu_capability())
 
 
 class QuantizedLinear:
@@ -90,10 +110,12 @@ def quantize_linear(
         kernel = _fp16_fbgemm(weight, bias)
         return None if kernel is None else QuantizedLinear(kernel, "fbgemm-fp16", None)
     if mode == "int4" and weight.shape[1] % INT4_GROUP == 0 and weight.device.type == "cpu" and _cpu_has_avx512():
+        if weight.dtype == torch.float32:
+            _warn_slow_kernel("int4 with fp32 activations", weight.device)  # a scalar loop here too: 0.1x
         return QuantizedLinear(_int4_cpu(weight, bias), "int4pack", max_rows)
     if mode == "int4":
         _warn_slow_kernel("int4", weight.device)
-    if weight.device.type == "cpu" and not _cpu_has_avx512():
+    if weight.device.type == "cpu" and (not _cpu_has_avx512() or weight.dtype == torch.float32):
         _warn_slow_kernel("int8", weight.device)
     return QuantizedLinear(_int8_weight_only(weight, bias), "int8pack", max_rows)
 

@@ -8,9 +8,7 @@ Each is a child in its own process group (common.process), logs to a file, is re
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -73,33 +71,20 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 
 def llama_server_argv(
-    binary: Path, gguf: Path, port: int, *, slots: int, context_per_slot: int, threads: int | None, amx_refused: bool
+    binary: Path, gguf: Path, port: int, *, slots: int, context_per_slot: int, threads: int | None, flags: set[str]
 ) -> list[str]:
-    """One unified KV of `slots x context_per_slot` tokens shared by `slots` parallel sequences, no web UI;
-    `--no-repack` where the CPU lists AMX but the kernel refuses its tile state (`amx_refused`): llama.cpp's
-    repacked AMX kernels die with SIGILL there. Where AMX works the peer keeps its fastest kernels."""
+    """One unified KV of `slots x context_per_slot` tokens shared by `slots` parallel sequences, no web UI.
+
+    `--no-repack` where the CPU advertises AMX: a VM can list amx_* flags without enabling the tiles, and
+    llama.cpp's repacked AMX kernels then die with SIGILL (Q4_1 is not repacked for AVX2, so nothing is lost
+    for this model elsewhere)."""
     argv = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--parallel", str(slots), "--ctx-size", str(slots * context_per_slot), "--kv-unified", "--no-webui"]
     if threads is not None:
         argv += ["--threads", str(threads)]
-    if amx_refused:
+    if any(flag.startswith("amx") for flag in flags):
         argv.append("--no-repack")
     return argv
-
-
-def amx_refused(flags: set[str]) -> bool:
-    """The CPU lists AMX (`flags` from /proc/cpuinfo) but this process may not use it: a VM can list amx_* without
-    enabling the tile state in XCR0. Linux makes a process ask for that state before its first tile instruction
-    (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, since 5.16), and refuses where it is not enabled."""
-    if not any(flag.startswith("amx") for flag in flags):
-        return False
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        return True
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0
-
-
-_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18  # x86_64 Linux
 
 
 def context_per_slot(cfg: BenchConfig, system_prompt_tokens: int = 1400) -> int:
@@ -133,7 +118,7 @@ async def started_llama_server(cfg: BenchConfig, log_dir: Path) -> AsyncIterator
         slots=max(cfg.concurrency),
         context_per_slot=context_per_slot(cfg),
         threads=cfg.peer_threads,
-        amx_refused=amx_refused(cpu_flags()),
+        flags=cpu_flags(),
     )
     async with _running(cfg.peer_name, argv, os.environ, port, log_dir) as server:
         yield server

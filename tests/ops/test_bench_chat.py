@@ -15,7 +15,7 @@ from ops.bench import main
 from ops.bench.config import ServeVariant, parse_args, parse_serve_variant
 from ops.bench.metrics import RequestResult, summarize
 from ops.bench.report import peer_comparisons
-from ops.bench.servers import amx_refused, context_per_slot, llama_server_argv
+from ops.bench.servers import context_per_slot, llama_server_argv
 from ops.bench.workloads import (
     chat_payload,
     conversations,
@@ -136,15 +136,14 @@ def test_serve_variant_and_chat_defaults() -> None:
             parse_args(bad)
 
 
-def test_llama_server_argv_avoids_amx_repack_only_where_amx_is_refused() -> None:
+def test_llama_server_argv_avoids_amx_repack() -> None:
     argv = llama_server_argv(
-        Path("/b/llama-server"), Path("/m.gguf"), 8080, slots=4, context_per_slot=640, threads=2, amx_refused=False
+        Path("/b/llama-server"), Path("/m.gguf"), 8080, slots=4, context_per_slot=640, threads=2, flags={"avx2"}
     )
     assert argv[:3] == ["/b/llama-server", "-m", "/m.gguf"] and "--no-repack" not in argv
     assert argv[argv.index("--ctx-size") + 1] == "2560" and argv[argv.index("--parallel") + 1] == "4"
-    amx = llama_server_argv(Path("b"), Path("m"), 1, slots=1, context_per_slot=1, threads=None, amx_refused=True)
+    amx = llama_server_argv(Path("b"), Path("m"), 1, slots=1, context_per_slot=1, threads=None, flags={"amx_tile"})
     assert "--no-repack" in amx and "--threads" not in amx
-    assert not amx_refused({"avx2", "avx512f"})  # no AMX listed: nothing to refuse
     multiturn = parse_args(["--workload", "multiturn", "--turns", "4"])
     assert context_per_slot(multiturn) > 1400 + 4 * 128  # the whole conversation fits one slot
 

@@ -76,8 +76,9 @@ def llama_server_argv(
     """One unified KV of `slots x context_per_slot` tokens shared by `slots` parallel sequences, no web UI.
 
     `--no-repack` where the CPU advertises AMX: a VM can list amx_* flags without enabling the tiles, and
-    llama.cpp's repacked AMX kernels then die with SIGILL (Q4_1 is not repacked for AVX2, so nothing is lost
-    for this model elsewhere)."""
+    llama.cpp's repacked AMX kernels then die with SIGILL; on a Xeon whose kernel grants the tile state
+    (2026-12-07) llama-server still died at its warm-up (SIGSEGV) without it (Q4_1 is not repacked for AVX2, so
+    nothing is lost for this model elsewhere)."""
     argv = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--parallel", str(slots), "--ctx-size", str(slots * context_per_slot), "--kv-unified", "--no-webui"]
     if threads is not None:

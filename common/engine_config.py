@@ -79,12 +79,14 @@ class EngineConfig:
     prompt_lookup_min: int = Field(default=2, ge=1, description="Shortest n-gram the draft proposer matches.")
     prompt_lookup_max: int = Field(default=4, ge=1, description="Longest n-gram the draft proposer matches.")
     speculative_max_rows: int = Field(
-        default=16,
+        default=4,
         ge=2,
         description=(
             "Draft only while a step's decodes plus their drafts fit in this many rows: each decode gets up to "
             "`speculative_max_rows // decodes - 1` drafts, so speculation fades out as the batch grows (at a large "
-            "batch the GEMMs are compute-bound and a rejected draft costs a full row)."
+            "batch the GEMMs are compute-bound and a rejected draft costs a full row). 4 keeps a drafted step "
+            "within the rows the int4 weight copies cover (weight_quant_max_rows); on natural text, where drafts "
+            "rarely hit, 16 was 4-13% slower at 1-4 streams (docs/benchmarks.md)."
         ),
     )
     prefix_caching: bool = Field(

@@ -78,7 +78,9 @@ def masked_greedy(hf_model, engine, prompt: list[int], constraint, max_tokens: i
     [
         pytest.param({}, id="roomy"),
         pytest.param({"max_num_batched_tokens": 32, "kv_cache_tokens": 512}, id="preemption"),
-        pytest.param({"num_speculative_tokens": 3}, id="ngram-drafts"),
+        pytest.param(
+            {"num_speculative_tokens": 3, "speculative_max_rows": 16}, id="ngram-drafts"
+        ),  # a batch that drafts
     ],
 )
 def test_greedy_constrained_output_equals_the_masked_reference(engine_factory, hf_model, config) -> None:

@@ -33,7 +33,7 @@ class _Subscription:
             reply_subject="inf.live.e.r1",
             sampling=SamplingParams(max_tokens=1),
         )
-        return [SimpleNamespace(data=request.to_bytes())]
+        return [SimpleNamespace(data=request.to_bytes(), metadata=SimpleNamespace(num_delivered=1))]  # a first delivery
 
     async def unsubscribe(self) -> None:
         self.unsubscribed = True

@@ -19,7 +19,7 @@ from nats.js.object_store import ObjectStore
 
 from broker import subjects
 from broker.errors import BrokerError
-from broker.kv import CasRecords, as_broker_errors, latest_values, read, records, stored_keys
+from broker.kv import CasRecords, as_broker_errors, latest_values, read, records
 from broker.topology import ensure_batch_jobs, ensure_batch_storage
 from broker.work_queue import MSG_ID_HEADER
 from contracts import BatchJob, BatchTicket, FileRecord, LineResult
@@ -102,27 +102,13 @@ class ResultStore:
         found = await _get(self._kv, subjects.batch_result_key(batch_id, custom_id))
         return None if found is None else LineResult.from_bytes(found[0])
 
-    async def stored(self, batch_id: str) -> AsyncIterator[list[tuple[str, bytes]]]:
+    def stored(self, batch_id: str) -> AsyncIterator[list[tuple[str, bytes]]]:
         """The batch's stored results in one pass, in chunks of (key, value): for reading them all (assembling the
         files, resuming the batch) without a round trip per line. Its lines' loss counts (`<result key>.lost`)
-        are not results: the filter's `*` matches only the one token after the batch's prefix.
-
-        The pass's consumer may sit on a replica still catching up after a node fault, which reports fewer
-        messages than the stream holds (seen with the journal's consumers). A result it misses would turn into
-        an "unfinished" error line, so the keys the stream's leader lists are checked against the pass, and any
-        it missed are read one by one."""
-        pattern = f"{subjects.batch_result_prefix(batch_id)}.*"
-        seen: set[str] = set()
-        async for chunk in latest_values(self._kv, pattern):
-            seen.update(key for key, _ in chunk)
-            yield chunk
-        with as_broker_errors():
-            missed = await stored_keys(self._kv, pattern) - seen
-        if missed:
-            log.warning("batch.results_pass_missed", batch_id=batch_id, keys=len(missed))
-        late = [(key, found[0]) for key in sorted(missed) if (found := await _get(self._kv, key)) is not None]
-        if late:
-            yield late
+        are not results: the filter's `*` matches only the one token after the batch's prefix. A result the
+        pass's consumer misses (a lagging replica) is still read (`latest_values`): it would otherwise be written
+        as an unfinished line."""
+        return latest_values(self._kv, f"{subjects.batch_result_prefix(batch_id)}.*")
 
     async def count_loss(self, batch_id: str, custom_id: str) -> int:
         """Add one to the line's count of runs its workers stopped under, and return the count. A compare-and-swap

@@ -104,9 +104,26 @@ async def latest_values(kv: KeyValue, pattern: str, chunk: int = 256) -> AsyncIt
     results were 100k round trips). A deleted or purged key yields nothing; a key written during the pass may
     come twice (the later value is newer).
 
-    One ephemeral pull consumer (no acks, in memory) reads the stream and is deleted afterwards; if this process
-    dies mid-pass the server drops it after `_SCAN_IDLE_S` (listings must not leave consumers behind:
-    `stored_keys`)."""
+    The pass's consumer may sit on a replica still catching up after a node fault and deliver fewer messages than
+    the stream holds (seen with the journal's consumers), so, like `records`, the pass is checked against the keys
+    the stream's leader lists (`stored_keys`), and any it did not deliver are read one by one."""
+    delivered: set[str] = set()
+    async for messages in _scan(kv, pattern, chunk):
+        delivered.update(msg.subject.removeprefix(kv._pre) for msg in messages)
+        yield [(msg.subject.removeprefix(kv._pre), msg.data) for msg in messages if _is_value(msg)]
+    with as_broker_errors():
+        missed = await stored_keys(kv, pattern) - delivered
+        if missed:
+            log.warning("kv.scan_missed_keys", pattern=pattern, keys=len(missed))
+        late = [(key, found[0]) for key in sorted(missed) if (found := await read(kv, key)) is not None]
+    if late:
+        yield late
+
+
+async def _scan(kv: KeyValue, pattern: str, chunk: int) -> AsyncIterator[list[Msg]]:
+    """The stream's last message of every subject matching `pattern`, in chunks. One ephemeral pull consumer (no
+    acks, in memory) reads it and is deleted afterwards; if this process dies mid-pass the server drops it after
+    `_SCAN_IDLE_S` (listings must not leave consumers behind: `stored_keys`)."""
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
         ack_policy=AckPolicy.NONE,
@@ -128,7 +145,7 @@ async def latest_values(kv: KeyValue, pattern: str, chunk: int = 256) -> AsyncIt
                     pending = (await sub.consumer_info()).num_pending
                     continue
             pending = messages[-1].metadata.num_pending
-            yield [(msg.subject.removeprefix(kv._pre), msg.data) for msg in messages if _is_value(msg)]
+            yield messages
     finally:
         await _quietly_drop(kv, sub, consumer)
 

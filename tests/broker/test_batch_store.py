@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from broker import batch_store, subjects
+from broker import kv as kv_store
+from broker import subjects
 from broker.batch_store import BatchStorage, FileMissing
 from broker.kv import StaleRevision
 from contracts import BatchJob, BatchStatus, FilePurpose, FileRecord, LineResult
@@ -153,13 +154,13 @@ async def test_results_the_pass_misses_are_read_one_by_one(
     lines = [f"line {i}" for i in range(40)]
     for cid in lines:
         await results.put_once("batch_lag", LineResult(custom_id=cid, status_code=200, body={"n": cid}))
-    scan = batch_store.latest_values
+    scan = kv_store._scan
 
-    async def lagging(kv, pattern, chunk=256):  # a consumer that never delivers the last ten stored results
-        async for values in scan(kv, pattern, chunk):
-            yield [(key, value) for key, value in values if not key.endswith(tuple(_digests(lines[30:])))]
+    async def lagging(kv, pattern, chunk):  # a consumer that never delivers the last ten stored results
+        async for messages in scan(kv, pattern, chunk):
+            yield [msg for msg in messages if not msg.subject.endswith(tuple(_digests(lines[30:])))]
 
-    monkeypatch.setattr(batch_store, "latest_values", lagging)
+    monkeypatch.setattr(kv_store, "_scan", lagging)
 
     stored = {key for chunk in [c async for c in results.stored("batch_lag")] for key, _ in chunk}
 

@@ -37,6 +37,7 @@ from api.auth.metering import Reservation
 from api.errors import ApiError
 from broker.events import Event
 from broker.journal import JournalFollower
+from common.tasks import cancel_and_wait
 from contracts import ChoiceDelta, EmbedRequest, End, ErrorCode, FinishReason, GenerateRequest, Tokens, Usage
 
 log = structlog.get_logger(__name__)
@@ -440,8 +441,6 @@ async def merge(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, T
             else:
                 yield position, item
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
         for generation in generations:
             await generation.close()

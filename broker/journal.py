@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from broker import subjects
 from broker.errors import BrokerUnavailable
 from broker.events import Event
+from common.tasks import cancel_and_wait
 from contracts import parse_event
 
 log = structlog.get_logger(__name__)
@@ -88,8 +89,7 @@ class JournalFollower:
     async def close(self) -> None:
         if self._watch is not None:
             watch, self._watch = self._watch, None
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+            await cancel_and_wait(watch)
         await self._unsubscribe()
 
     async def _subscribe(self) -> None:

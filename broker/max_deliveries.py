@@ -38,6 +38,7 @@ from broker.events import publish_event
 from broker.last_delivery import noted_request
 from broker.results import result_finished
 from broker.work_queue import held_attempt
+from common.tasks import cancel_and_wait
 from contracts import ErrorCode, ErrorInfo, Failed, parse_work_request
 
 log = structlog.get_logger(__name__)
@@ -159,8 +160,7 @@ class MaxDeliveriesWatcher:
     async def stop(self) -> None:
         if self._task is not None:
             task, self._task = self._task, None
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait(task)
 
     async def _watch(self) -> None:
         js = self._nc.jetstream()

@@ -23,6 +23,7 @@ from broker.metrics import serve_metrics
 from broker.registry import WorkerRegistry
 from broker.results import result_finished
 from broker.work_queue import Delivery, RequestIntake, give_back
+from common.tasks import cancel_and_wait
 from contracts import (
     Accepted,
     CancelRequest,
@@ -185,9 +186,7 @@ class WorkerBridge:
         except Exception as exc:  # NATS failing: the entry expires with the bucket's TTL anyway
             log.warning("registry.withdraw_failed", error=repr(exc))
         await self._drain()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
         await cancels.unsubscribe()
         await scrapes.unsubscribe()
         await self._finish_chores()

@@ -31,6 +31,7 @@ from broker.errors import BrokerError
 from broker.registry import WorkerRegistry
 from broker.work_queue import publish_request
 from common.settings import Settings
+from common.tasks import cancel_and_wait
 from contracts import Accepted, End, Failed, GenerateRequest, SamplingParams, WorkerInfo, parse_event
 from contracts.deployments import (
     AgentReply,
@@ -234,8 +235,7 @@ class Supervision:
     async def stop(self, reason: str | None = None) -> None:
         self._stop_reason = reason
         if self.task is not None and not self.task.done():
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+            await cancel_and_wait(self.task)
 
     async def _on_stop(self, msg: Msg) -> None:
         # In a task of its own: ending the deployment unsubscribes this very subscription, which cancels the

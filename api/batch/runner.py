@@ -26,6 +26,7 @@ from api.services import Services
 from broker.batch_store import BatchStorage
 from broker.errors import BrokerError
 from broker.work_queue import Lane
+from common.tasks import cancel_and_wait
 from contracts import BatchStatus, BatchTicket
 
 log = structlog.get_logger(__name__)
@@ -75,10 +76,7 @@ class BatchRunner:
 
     async def stop(self) -> None:
         """Stop pulling; batches still running are handed back (nak) so another runner resumes them at once."""
-        tasks = [task for task in (self._loop, self._sweeper, *self._jobs) if task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(self._loop, self._sweeper, *self._jobs)
         await self._storage.queue.stop()
 
     async def _serve(self) -> None:

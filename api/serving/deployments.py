@@ -41,6 +41,7 @@ from broker.deployments import DeploymentBus, DeploymentStore
 from broker.errors import BrokerUnavailable
 from common.models import PACKAGED_MODELS
 from common.settings import Settings
+from common.tasks import cancel_and_wait
 from contracts import ErrorCode
 from contracts.accounts import Role
 from contracts.deployments import (
@@ -255,8 +256,7 @@ async def log_stream(
             if line.final:
                 return
     finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
+        await cancel_and_wait(follower)
 
 
 async def _metadata(deployment: Deployment, deployments: Deployments) -> dict:

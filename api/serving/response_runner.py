@@ -25,6 +25,7 @@ from api.serving.response_events import TERMINAL, Event, ResponseEvents, answer_
 from api.serving.responses import routing_key
 from broker.errors import BrokerError
 from broker.response_store import ResponseStore
+from common.tasks import cancel_and_wait
 from contracts import GenerateRequest
 from contracts.responses import StoredResponse
 
@@ -58,10 +59,7 @@ class ResponseRunner:
 
     async def stop(self) -> None:
         """Stop pulling; responses still running are handed back (nak), so another replica takes them at once."""
-        tasks = [task for task in (self._loop, *self._runs) if task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(self._loop, *self._runs)
         await self._store.queue.stop()
 
     async def _serve(self) -> None:

@@ -235,7 +235,10 @@ def test_a_sigkilled_nats_server_is_restarted_on_its_store(start_serve) -> None:
 
 
 def test_a_crash_looping_worker_is_given_up_while_the_api_serves(start_serve) -> None:
-    serve = start_serve(INFERQ_CRASH_LOOP_CRASHES="3", INFERQ_REGISTRY_TTL_S="2")
+    # A request that arrives while the catalog still lists the dead worker (its registry entry lives out its TTL,
+    # the catalog keeps the last fleet a TTL longer against a KV failover) is queued and waits the queue timeout;
+    # a short one gives it the same 503 no_worker well within the client's timeout (CI once took 60 s here).
+    serve = start_serve(INFERQ_CRASH_LOOP_CRASHES="3", INFERQ_REGISTRY_TTL_S="2", INFERQ_QUEUE_TIMEOUT_S="5")
     serve.wait_healthy()
     for crash in range(3):
         if crash:

@@ -128,5 +128,12 @@ document.getElementById("login-form").addEventListener("submit", signIn);
 document.getElementById("login").addEventListener("cancel", (event) => event.preventDefault());
 document.getElementById("sign-out").addEventListener("click", signOut);
 window.addEventListener("hashchange", () => me && render());
+// "Skip to content" moves focus only. Followed as a link it would set the hash to #main, which the router takes
+// for a page: it rendered the default page afresh, dropping what the user had typed (and leaving the page they
+// were on); a keyboard user then sent from a page whose models had not loaded yet.
+document.querySelector("a.skip").addEventListener("click", (event) => {
+  event.preventDefault();
+  main.focus();
+});
 onConnectionChange(showBanner);
 whoAmI().catch(() => {}); // offline at load: the banner shows, and whoAmI runs again once the API answers

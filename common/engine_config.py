@@ -143,7 +143,13 @@ class EngineConfig:
         ),
     )
     small_step_rows: int = Field(
-        default=2, ge=0, description="The largest step (rows, drafts included) that runs on small_step_threads."
+        default=8,
+        ge=0,
+        description=(
+            "The largest step (rows, drafts included) that runs on small_step_threads. 8 covers four streams and "
+            "a lone stream's draft tokens: measured 1.15x at 4 concurrent chats over 2 rows, and no loss at 16 or "
+            "32 (docs/benchmarks.md, threads by load)."
+        ),
     )
     compile_decode: bool = Field(
         default=False,

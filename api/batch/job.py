@@ -34,6 +34,7 @@ from api.services import Services
 from broker.batch_store import BatchStorage, FileMissing
 from broker.errors import BrokerError
 from broker.kv import StaleRevision, Versioned
+from common.tasks import cancel_and_wait
 from contracts import BatchJob, BatchStatus, ErrorCode, LineResult
 from contracts.batch import BatchErrorItem, InvalidTransition, LineError, RequestCounts
 
@@ -252,9 +253,7 @@ class JobRun:
                 await self._start_lines(path, parser, done, slots)
             await asyncio.gather(*self._in_flight, return_exceptions=True)
         finally:  # this run is being torn down (shutdown, takeover): its lines go with it
-            for task in list(self._in_flight):
-                task.cancel()
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
+            await cancel_and_wait(*self._in_flight)
 
     async def _start_lines(self, path: Path, parser: LineParser, done: StoredResults, slots: asyncio.Semaphore) -> None:
         """Start every line without a stored result (at most `slots` at once); count the others."""

@@ -151,8 +151,7 @@ async def _until(watcher: asyncio.Task, events: AsyncIterator[Event]) -> AsyncIt
         step = asyncio.ensure_future(anext(events))
         await asyncio.wait([step, watcher], return_when=asyncio.FIRST_COMPLETED)
         if not step.done():
-            step.cancel()
-            await asyncio.gather(step, return_exceptions=True)
+            await cancel_and_wait(step)
             return
         try:
             yield step.result()

@@ -172,16 +172,15 @@ def test_fp16_weights_give_a_row_the_same_bits_alone_and_in_any_batch(out_featur
 # back for the new weights without the resident size growing (CI once saw +32 KiB for a 64 MiB packed copy).
 _HELD_BYTES = """
 import json
-from pathlib import Path
 
+import psutil
 import torch
 
 from engine_worker.linear import Linear, WeightQuantPlan
 
 
 def resident() -> int:
-    status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+    return psutil.Process().memory_info().rss
 
 
 weight = torch.randn(2048, 8192) * 0.05  # 64 MiB in fp32

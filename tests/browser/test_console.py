@@ -96,9 +96,18 @@ async def test_sign_in_with_a_key_or_a_password_and_pages_follow_the_role(consol
     await dialog.wait_for(state="visible")
     await page.fill("#login-email", "ada@example.com")
     await page.fill("#login-password", "correct horse")
+
+    async def slow_identity(route) -> None:
+        # A slow API widens the window in which the console once showed the previous user's name next to the new
+        # user's pages (it closed the dialog, then asked who was signed in again); CI caught it once unslowed.
+        await asyncio.sleep(0.5)
+        await route.continue_()
+
+    await page.route("**/users/me", slow_identity)
     await page.click("#login-form button[type=submit]")
     await dialog.wait_for(state="hidden")
     assert await page.inner_text("#who-name") == "ada@example.com · client"
+    await page.unroute("**/users/me")
     assert await visible_pages(page) == ["playground", "batches", "deployments"]
     await page.goto(f"{console_api.base_url}/ui/#/keys")
     await page.locator("main h1", has_text="Keys & users").wait_for()

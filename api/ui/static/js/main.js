@@ -51,9 +51,20 @@ function render() {
   PAGES[name].module.render(main, { signal: leave.signal, me });
 }
 
+// Shows who is signed in and the pages their role may open. Called with the user the caller already fetched, so
+// the name and the pages change together, before the sign-in dialog closes (never the previous user's name
+// next to the new user's pages).
+function showSignedIn(user) {
+  me = user;
+  document.getElementById("who").hidden = !me.auth;
+  document.getElementById("who-name").textContent = `${me.name} · ${me.role}`;
+  render();
+}
+
 async function whoAmI() {
+  let user;
   try {
-    me = await api("/users/me");
+    user = await api("/users/me");
   } catch (err) {
     if (err instanceof ApiError && err.status === 401) {
       credential.clear();
@@ -62,10 +73,7 @@ async function whoAmI() {
     }
     throw err;
   }
-  const who = document.getElementById("who");
-  who.hidden = !me.auth;
-  document.getElementById("who-name").textContent = `${me.name} · ${me.role}`;
-  render();
+  showSignedIn(user);
 }
 
 function askToSignIn() {
@@ -80,6 +88,7 @@ async function signIn(event) {
   const error = document.getElementById("login-error");
   error.textContent = "";
   const key = form.key.value.trim();
+  let user;
   try {
     if (key) {
       credential.set(key);
@@ -92,15 +101,15 @@ async function signIn(event) {
       error.textContent = "Enter an API key, or an email and password.";
       return;
     }
-    me = await api("/users/me");
+    user = await api("/users/me");
   } catch (err) {
     credential.clear();
     error.textContent = err.message;
     return;
   }
   form.reset();
+  showSignedIn(user);
   document.getElementById("login").close();
-  await whoAmI();
 }
 
 async function signOut() {
@@ -114,6 +123,7 @@ async function signOut() {
   main.replaceChildren();
   for (const item of document.querySelectorAll("#nav li")) item.hidden = true;
   document.getElementById("who").hidden = true;
+  document.getElementById("who-name").textContent = "";
   askToSignIn();
 }
 

@@ -22,6 +22,7 @@ import asyncssh
 import httpx
 import pytest
 import structlog
+from nats.js import JetStreamContext
 
 from broker import subjects
 from broker.connection import connect
@@ -143,14 +144,24 @@ async def stored_bytes(settings: Settings, deployment_id: str) -> bytes:
     """Every stored revision of the record and every kept log message of the deployment."""
     async with connect(settings.nats_url, name="test-grep") as nc:
         js = nc.jetstream()
-        kv = await js.key_value(subjects.DEPLOYMENTS_BUCKET)
-        found = [entry.value or b"" for entry in await kv.history(subjects.deployment_key(deployment_id))]
-        sub = await js.subscribe(subjects.deploy_log_subject(deployment_id), ordered_consumer=True)
-        pending = (await sub.consumer_info()).num_pending
-        for _ in range(pending):
-            found.append((await sub.next_msg(timeout=5)).data)
+        record = f"$KV.{subjects.DEPLOYMENTS_BUCKET}.{subjects.deployment_key(deployment_id)}"
+        revisions = await stored_messages(js, f"KV_{subjects.DEPLOYMENTS_BUCKET}", record)
+        assert revisions, "the deployment's record is stored"  # so the grep below cannot pass on nothing
+        logs = await stored_messages(js, subjects.DEPLOY_LOG_STREAM, subjects.deploy_log_subject(deployment_id))
+    return b"\n".join(revisions + logs)
+
+
+async def stored_messages(js: JetStreamContext, stream: str, subject: str) -> list[bytes]:
+    """Every message `stream` holds on `subject`, as many as the stream's own count says. (nats-py's
+    `KeyValue.history` decides "no keys" from a consumer-info read that races the first delivery: it failed
+    once in CI on a record that was there.)"""
+    info = await js.stream_info(stream, subjects_filter=subject)
+    count = (info.state.subjects or {}).get(subject, 0)
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+    try:
+        return [(await sub.next_msg(timeout=5)).data for _ in range(count)]
+    finally:
         await sub.unsubscribe()
-    return b"\n".join(found)
 
 
 async def test_password_login_goes_active_streams_remote_logs_and_stops(

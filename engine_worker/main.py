@@ -43,9 +43,14 @@ class LoadedEngine:
 
 
 def load_torch_engine(settings: Settings) -> LoadedEngine:
+    from transformers.utils import logging as transformers_logging
+
     from engine_worker.encoder import EncoderEngine, is_encoder_model
     from engine_worker.engine import Engine
 
+    # Its weight-loading progress bar writes carriage-return frames into the worker's log, which is structured
+    # (one JSON object per line with --log-format json); the load is logged by our own lines instead.
+    transformers_logging.disable_progress_bar()
     model = resolve_model(settings.model, settings.model_cache_dir, settings.served_model_name)
     log.info("worker.loading_model", model=model.served_name, source=model.source)
     if is_encoder_model(model.local_dir):

@@ -432,8 +432,19 @@ def test_inferq_serve_answers_a_chat_completion(tmp_path: Path, tiny_model_dir: 
         serve.proc.send_signal(signal.SIGTERM)
         assert serve.proc.wait(timeout=60) == 0
         _wait_until(lambda: _marked_processes(serve.marker) == [], 10, "no process left behind")
+        # --log-format json: every line is one JSON object a log shipper can read (transformers' weight-loading
+        # progress bar once wrote its carriage-return frames into the worker's log)
+        not_json = [line for line in serve.log_path.read_text().splitlines() if not _is_json_object(line)]
+        assert not_json == []
     finally:
         serve.close()
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _free_port() -> int:

@@ -126,3 +126,61 @@ def test_a_mixed_batch_with_drafts_decodes_as_the_eager_path_does(compiled_engin
     eager_steps = sum(1 for out in steps if out.num_tokens > 8)
     assert compiled_steps > 10 and eager_steps > 0, (compiled_steps, eager_steps)
     assert any(len(out.scheduled) > 1 and out.num_tokens <= 8 for out in steps)  # several sequences in one graph
+
+
+def test_quantized_weights_run_inside_the_graph_and_dense_ones_through_the_opaque_op(engine_factory) -> None:
+    # int8/int4 kernels are aten ops dynamo traces, so a bucket within weight_quant_max_rows calls them in the graph
+    # (through the opaque op each call paid a Python round trip: 1.3 ms of a 14 ms SmolLM2 step); a larger bucket
+    # runs the dense oneDNN-packed weights, which only the opaque op can call. dynamo's own "eager" backend keeps
+    # this test free of a C++ compile; the graphs are the ones inductor gets.
+    import torch
+
+    def quantized_engine() -> Engine:
+        # fp32 activations (int8's kernel takes them too, slowly): in bf16 the graph's attention rounds differently
+        # from the eager one's and the tiny random model's near-tied logits let greedy output part
+        return engine_factory(dtype="float32", weight_quant="int8", weight_quant_max_rows=4)
+
+    engine = quantized_engine()
+    compiled = CompiledDecode(engine.runner, buckets=(4, 8), backend="eager")
+    graphs: list[torch.fx.GraphModule] = []
+    backend = compiled._backend
+
+    def recording(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+        return backend(graph, example_inputs)
+
+    compiled._backend = recording
+    engine.runner.compiled_decode = compiled
+    with torch.inference_mode():
+        compiled.warm_up()  # bucket 4, then bucket 8
+
+    def calls(graph: torch.fx.GraphModule, name: str) -> int:
+        return sum(1 for node in graph.graph.nodes if node.op == "call_function" and name in str(node.target))
+
+    linears = 4 * engine.runner.num_layers + 1  # q/k/v, o, gate/up, down per layer, and lm_head
+    assert [calls(graph, "_weight_int8pack_mm") for graph in graphs] == [linears, 0]
+    assert [calls(graph, "runner_linear") for graph in graphs] == [0, linears]
+
+    prompt = prompt_of(6, 5)
+    with no_new_graphs(engine):
+        got, _ = _greedy_alone(engine, prompt, 20)
+    assert compiled.steps_by_bucket[4] >= 19  # the decodes ran the 4-row graph, quantized weights inside it
+    assert got == _greedy_alone(quantized_engine(), prompt, 20)[0]
+
+
+def test_each_bucket_is_compiled_at_the_thread_count_its_steps_run_at(engine_factory) -> None:
+    # Threads by load: small steps run on small_step_threads. dynamo guards on torch's thread count, so buckets
+    # warmed up at the base count compiled again in their first real step (a minute each, every stream stalled).
+    import torch
+
+    engine = engine_factory(torch_threads=1, small_step_threads=2, small_step_rows=8)
+    compiled = CompiledDecode(engine.runner, buckets=(8,), backend="eager")
+    engine.runner.compiled_decode = compiled
+    try:
+        with torch.inference_mode():
+            compiled.warm_up()
+        with no_new_graphs(engine):
+            _greedy_alone(engine, prompt_of(6, 7), 6)
+        assert compiled.steps_by_bucket[8] >= 5
+    finally:
+        torch.set_num_threads(1)  # the tests after this one share the process

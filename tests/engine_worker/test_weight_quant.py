@@ -191,7 +191,8 @@ with torch.inference_mode():
     fp16 = Linear(weight, None, WeightQuantPlan("fp16"))
     with_fp16 = resident()
     x = torch.randn(4, 8192)
-    error = ((fp16(x) - dense(x)).norm() / dense(x).norm()).item()
+    want = dense(x)
+    error = ((fp16(x) - want).norm() / want.norm()).item()
 print(json.dumps({
     "size": weight.numel() * weight.element_size(), "dense": with_dense - before, "fp16": with_fp16 - with_dense,
     "keeps_dense": [dense.keeps_dense, fp16.keeps_dense], "fp16_weight_dropped": fp16.weight is None,

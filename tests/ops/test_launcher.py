@@ -24,7 +24,7 @@ import structlog
 
 from common.settings import Settings
 from ops.launcher import ChildSpec, Launcher, child_env, curl_example, settings_env
-from tests.json_logs import json_log_lines
+from tests.json_logs import json_log_lines, non_json_lines
 from tests.ops.stand_in_serve import CHILD, has_started, recorded, stand_in_children
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -434,17 +434,9 @@ def test_inferq_serve_answers_a_chat_completion(tmp_path: Path, tiny_model_dir: 
         _wait_until(lambda: _marked_processes(serve.marker) == [], 10, "no process left behind")
         # --log-format json: every line is one JSON object a log shipper can read (transformers' weight-loading
         # progress bar once wrote its carriage-return frames into the worker's log)
-        not_json = [line for line in serve.log_path.read_text().splitlines() if not _is_json_object(line)]
-        assert not_json == []
+        assert non_json_lines(serve.log_path) == []
     finally:
         serve.close()
-
-
-def _is_json_object(line: str) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
 
 
 def _free_port() -> int:

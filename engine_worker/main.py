@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ from engine_worker.bridge import BridgeConfig, WorkerBridge
 from engine_worker.device import describe_device
 from engine_worker.engine_loop import StepEngine
 from engine_worker.loader import resolve_model
+from engine_worker.loading_thread import run_on_loading_thread
 
 log = structlog.get_logger(__name__)
 
@@ -98,7 +100,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         raise SystemExit("inferq worker needs a NATS server: set INFERQ_NATS_URL or pass --nats")
     if len(settings.models) != 1:
         raise SystemExit("a worker serves one model; `inferq serve --model A --model B` starts one worker each")
-    loaded = await asyncio.to_thread(ENGINE_LOADERS[settings.engine], settings)
+    loaded = await run_on_loading_thread(functools.partial(ENGINE_LOADERS[settings.engine], settings))
     worker_id = f"w{uuid.uuid4().hex[:12]}"
     structlog.contextvars.bind_contextvars(worker_id=worker_id, model=loaded.served_name)
     nats_auth = NatsAuth.from_settings(settings)

@@ -6,6 +6,7 @@ count changes (it costs microseconds, measured in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,14 +24,23 @@ class StepThreadRule:
 
 
 class StepThreads:
-    """Applies a `StepThreadRule` through `set_threads` (torch.set_num_threads), remembering the current count."""
+    """Applies a `StepThreadRule` through `set_threads` (torch.set_num_threads), remembering the count it applied
+    and on which thread: OpenMP's thread count is a setting of each thread, and the steps that warm up compiled
+    graphs run on the loading thread, the real ones on the engine thread."""
 
     def __init__(self, rule: StepThreadRule, set_threads: Callable[[int], None]) -> None:
-        self.rule, self._set, self.current = rule, set_threads, 0
+        self.rule, self._set = rule, set_threads
+        self._applied: tuple[int, int] | None = None  # (thread ident, count)
+
+    @property
+    def current(self) -> int:
+        """The count last applied on the calling thread (0: none yet)."""
+        applied = self._applied
+        return applied[1] if applied is not None and applied[0] == threading.get_ident() else 0
 
     def before_step(self, rows: int) -> int:
         threads = self.rule.threads_for(rows)
         if threads != self.current:
             self._set(threads)
-            self.current = threads
+            self._applied = (threading.get_ident(), threads)
         return threads

@@ -3,7 +3,9 @@ median step times of one sampled chat answer per path (alternating, twice), then
 steps of each. The engine alone (no NATS, no HTTP), the default config (int4 weight copies on an AVX-512 CPU with
 bf16), no drafts; only the 1-row bucket is compiled (about a minute).
 
-    PYTHONPATH=$PWD python scripts/profile_small_step.py --threads 2
+    PYTHONPATH=$PWD python scripts/profile_small_step.py --threads 2 [--as-served]
+
+`--as-served` sizes the engine as `inferq serve` does (64 slots, the 2 GiB KV cache).
 """
 
 from __future__ import annotations
@@ -52,10 +54,16 @@ def answer(engine: Engine, prompt: list[int], tag: str, profile: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (a lone stream under serve: 2)")
+    parser.add_argument(
+        "--as-served",
+        action="store_true",
+        help="inferq serve's engine sizes (64 slots, a 2 GiB KV cache) instead of one slot of 1,024 tokens",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = resolve_model("SmolLM2-135M-Instruct", Settings().model_cache_dir)
-    config = EngineConfig(max_num_seqs=1, max_model_len=1024, torch_threads=args.threads, num_speculative_tokens=0)
+    sizes = {} if args.as_served else {"max_num_seqs": 1, "max_model_len": 1024}
+    config = EngineConfig(torch_threads=args.threads, num_speculative_tokens=0, **sizes)
     engine = Engine.from_pretrained(model.local_dir, config)
     runner = engine.runner
     started = time.perf_counter()

@@ -47,7 +47,7 @@ def compiled_engine(engine_factory) -> Engine:
 
     engine = engine_factory()
     runner = engine.runner
-    runner.compiled_decode = CompiledDecode(runner, buckets=TEST_BUCKETS)
+    runner.compiled_decode = CompiledDecode(runner, buckets=TEST_BUCKETS, check_guards=True)
     with torch.inference_mode():
         runner.compiled_decode.warm_up()
     assert runner.compiled_decode.num_compiles == len(TEST_BUCKETS)
@@ -174,7 +174,7 @@ def test_each_bucket_is_compiled_at_the_thread_count_its_steps_run_at(engine_fac
     import torch
 
     engine = engine_factory(torch_threads=1, small_step_threads=2, small_step_rows=8)
-    compiled = CompiledDecode(engine.runner, buckets=(8,), backend="eager")
+    compiled = CompiledDecode(engine.runner, buckets=(8,), backend="eager", check_guards=True)
     engine.runner.compiled_decode = compiled
     try:
         with torch.inference_mode():
@@ -184,3 +184,19 @@ def test_each_bucket_is_compiled_at_the_thread_count_its_steps_run_at(engine_fac
         assert compiled.steps_by_bucket[8] >= 5
     finally:
         torch.set_num_threads(1)  # the tests after this one share the process
+
+
+def test_with_only_the_bucket_guards_each_step_runs_its_own_buckets_graph(engine_factory) -> None:
+    # As served (check_guards off), dynamo checks only the guards that tell the buckets' graphs apart: a step of
+    # 1, 2 or 3 rows must still run the 1-, 2- and 4-row graph, and decode exactly as the eager path does.
+    import torch
+
+    workload = [(5, 14, 0), (9, 10, 3), (7, 8, 5)]  # one sequence decoding, then two, then three
+    engine = engine_factory(num_speculative_tokens=0)
+    compiled = CompiledDecode(engine.runner, buckets=(1, 2, 4), backend="eager")
+    engine.runner.compiled_decode = compiled
+    with torch.inference_mode():
+        compiled.warm_up()
+    got = run_workload(engine, workload)
+    assert all(compiled.steps_by_bucket[bucket] > 0 for bucket in (1, 2, 4)), dict(compiled.steps_by_bucket)
+    assert got == run_workload(engine_factory(num_speculative_tokens=0), workload)

@@ -41,3 +41,23 @@ def test_the_engine_switches_torch_threads_by_step_size(engine_factory) -> None:
     torch.set_num_threads(1)
     assert seen[0] == 1  # the 12-token prefill
     assert seen[1:] and set(seen[1:]) == {2}  # one sequence decoding
+
+
+def test_a_count_applied_on_one_thread_is_applied_again_on_another() -> None:
+    """OpenMP's count is per thread: compiled graphs warm up on the loading thread, steps run on the engine thread,
+    and a step there must not skip setting the count because the loading thread already had it."""
+    import threading
+
+    calls: list[tuple[str, int]] = []
+    threads = StepThreads(
+        StepThreadRule(base_threads=1, small_step_threads=2, small_step_rows=8),
+        lambda count: calls.append((threading.current_thread().name, count)),
+    )
+    loading = threading.Thread(target=threads.before_step, args=(1,), name="loading")
+    loading.start()
+    loading.join()
+    assert threads.current == 0  # nothing applied on this thread yet
+    threads.before_step(1)
+    threads.before_step(1)
+    assert calls == [("loading", 2), (threading.current_thread().name, 2)]
+    assert threads.current == 2

@@ -115,10 +115,11 @@ class CompiledDecode:
         ]
         self.lm_head = _OpaqueLinear(runner.lm_head)
         self.buckets = tuple(sorted(set(buckets)))
-        # dynamo checks ~370 guards (one per input tensor, the thread count, ...) before every call: 1.3 ms of a
-        # 12 ms step. Every bucket is compiled at warm-up and nothing a guard watches changes between steps (the
-        # slot layout is symbolic), so steps check only the guards that tell the buckets' graphs apart
-        # (`skip_guard_eval_unsafe`). Tests run with all guards (`check_guards`) to prove real steps pass them.
+        # dynamo checks ~370 guards (one per input tensor, the thread count, ...) before every call: 1.39 ms of a
+        # 12 ms SmolLM2 step. Every bucket is compiled at warm-up and nothing a guard watches changes between steps
+        # (the slot layout is symbolic), so steps check only the guards that tell the buckets' graphs apart
+        # (`skip_guard_eval_unsafe`: 0.93 ms). Tests run with all guards (`check_guards`) to prove real steps pass
+        # them.
         self.check_guards = check_guards
         self.num_compiles = 0  # graphs built (one per bucket; more means a recompile, which tests assert against)
         self.steps_by_bucket: Counter[int] = Counter()  # steps run compiled

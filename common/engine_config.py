@@ -6,7 +6,7 @@ beside the settings, so both the settings and the engine can import it."""
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic.dataclasses import dataclass
@@ -151,13 +151,15 @@ class EngineConfig:
             "32 (docs/benchmarks.md, threads by load)."
         ),
     )
-    compile_decode: bool = Field(
+    compile_decode: bool | Literal["auto"] = Field(
         default=False,
         description=(
-            "torch.compile steps of at most 8 rows (decodes of 1-8 sequences with their drafts; fast path only): "
-            "rows padded to buckets 1, 2, 4, 8, one graph per bucket, all compiled at start (minutes on a busy "
-            "2-core box). Larger steps and prompt logprobs stay eager. Under inferq serve on a 2-core CPU: 1.45x "
-            "eager at 1 stream, 1.24x at 4, ~240 MiB more; off by default for the start-up compile "
+            "torch.compile steps of at most 4 rows (decodes of 1-4 sequences with their drafts; fast path only): "
+            "rows padded to buckets 1, 2, 4, one graph per bucket. On a CPU the buckets compile on a thread of "
+            "their own while the worker already serves eager (under a minute from inductor's cache, ~2-3 minutes "
+            "on a new machine; /health counts the workers still compiling); elsewhere before it serves. Larger "
+            "steps and prompt logprobs stay eager. auto: on a CPU, off elsewhere (CUDA graphs are not wired). "
+            "inferq serve starts with auto; an EngineConfig built by hand compiles only when asked "
             "(docs/compiled-decode.md)."
         ),
     )
@@ -170,9 +172,13 @@ class EngineConfig:
             )
 
 
-def engine_field(name: str) -> FieldInfo:
-    """The declaration (default, bounds, description) of one `EngineConfig` field, for `Settings` to reuse."""
-    return copy.copy(EngineConfig.__pydantic_fields__[name])
+def engine_field(name: str, **overrides: Any) -> FieldInfo:
+    """The declaration (default, bounds, description) of one `EngineConfig` field, for `Settings` to reuse;
+    `overrides` replace attributes of it (a service default that differs from the library's)."""
+    field = copy.copy(EngineConfig.__pydantic_fields__[name])
+    for attribute, value in overrides.items():
+        setattr(field, attribute, value)
+    return field
 
 
 def engine_config_from(values: object) -> EngineConfig:

@@ -144,7 +144,7 @@ class Settings(BaseSettings):
     weight_quant_max_rows: int = engine_field("weight_quant_max_rows")
     small_step_threads: int | None = engine_field("small_step_threads")
     small_step_rows: int = engine_field("small_step_rows")
-    compile_decode: bool = engine_field("compile_decode")
+    compile_decode: bool | Literal["auto"] = engine_field("compile_decode", default="auto")
     prefix_caching: bool = engine_field("prefix_caching")
     prefix_cache_max_mib: float = engine_field("prefix_cache_max_mib")
     workers_per_model: int | Literal["auto"] = Field(

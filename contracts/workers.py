@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from contracts.base import SCHEMA_VERSION, Contract
@@ -34,3 +36,10 @@ class WorkerInfo(Contract):
     started_at: float
     updated_at: float
     tokenizer_object: str = Field(description="Object-store name of the tokenizer archive for this model.")
+    compiled_decode: Literal["compiling", "ready", "failed"] | None = Field(
+        default=None,
+        description=(
+            "The compiled small decode step (docs/compiled-decode.md): compiling (serving eager meanwhile), ready, "
+            "failed (eager), or None without one."
+        ),
+    )

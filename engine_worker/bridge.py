@@ -109,6 +109,7 @@ class WorkerBridge:
         validate: Callable[[GenerateRequest | EmbedRequest], None],
         tracer: Tracer | None = None,
         takeover: SubjectTakeover | None = None,
+        compiled_decode_state: Callable[[], str | None] = lambda: None,
     ):
         self._nc = nc
         self._telemetry = WorkerTelemetry(info.worker_id, info.model, tracer)
@@ -118,6 +119,7 @@ class WorkerBridge:
         self._config = config
         self._validate = validate
         self._takeover = takeover  # with affinity: pull what dead workers left on their own subjects
+        self._compiled_decode_state = compiled_decode_state  # thread-safe: the warm-up ends on its own thread
         self._in_flight: dict[str, _InFlight] = {}  # by engine key (request id + attempt)
         self._current: dict[str, str] = {}  # request id -> engine key of its newest attempt here
         self._cancelled: OrderedDict[str, CancelRequest] = OrderedDict()  # cancels of requests not (yet) here
@@ -534,7 +536,9 @@ class WorkerBridge:
 
     async def _announce(self) -> None:
         running = sum(flight.slots for flight in self._in_flight.values())
-        self._info = self._info.model_copy(update={"running": running, "updated_at": time.time()})
+        self._info = self._info.model_copy(
+            update={"running": running, "updated_at": time.time(), "compiled_decode": self._compiled_decode_state()}
+        )
         await self._registry.announce(self._info)
 
     async def _keep_announced(self) -> None:

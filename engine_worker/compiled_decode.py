@@ -13,8 +13,8 @@ Shapes, so that nothing recompiles per request or per sequence length:
   calls their aten kernels directly, which dynamo traces like any op. Which one a linear uses is fixed per bucket
   (the row count is static), as the eager path decides it per step. The custom op's round trip through Python
   cost ~10 µs a call, 1.3 ms of a 14 ms SmolLM2 step at batch 1.
-- **Rows are bucketed** (1, 2, 4, 8 by default) and padded: a step of 3 decodes runs the 4-row graph. One graph
-  per bucket, compiled the first time that bucket runs (`dynamic=False`: every other shape is static).
+- **Rows are bucketed** (1, 2, 4 by default) and padded: a step of 3 decodes runs the 4-row graph. One graph
+  per bucket, all compiled at warm-up (`dynamic=False`: every other shape is static).
 - **The slot layout is the one symbolic size.** Decode attention reads whole slots of the slot cache
   (kv_cache.py), whose slot length follows the longest running sequence up a ladder of lengths. The graph takes
   the flat per-layer K/V buffers (fixed shapes) and an empty `[slots, slot_len, 0]` tensor with both sizes marked
@@ -38,20 +38,29 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 import torch
+
+from engine_worker.kv_memory import KVBuffers, commits_lazily
 
 if TYPE_CHECKING:
     from engine_worker.model_runner import ModelRunner, StepBatch
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_BUCKETS = (1, 2, 4, 8)
+# The rows where a step is most dispatch-bound: the int4/int8 weight copies cover up to 4 rows
+# (weight_quant_max_rows) and drafted steps stay within 4 (speculative_max_rows), so 1-4 streams run compiled.
+# An 8-row bucket (dense GEMMs through the opaque op) cost ~50 s at every start (inductor's cache does not take the
+# opaque op) and ~50 MiB of dynamo's retained graph state, for 5-8 streams only.
+DEFAULT_BUCKETS = (1, 2, 4)
+
+CompileState = Literal["compiling", "ready", "failed"]
 
 # The runner linears the compiled graphs call, by handle (the op takes an int, not the packed weight). Filled when
 # a CompiledDecode is built; an entry lives as long as the process (a worker has one runner).
@@ -90,6 +99,16 @@ class _OpaqueLinear:
         return self.op(x, self.handle)
 
 
+def resolve_compile_decode(setting: bool | Literal["auto"], device: torch.device) -> bool:
+    """`auto` compiles on a CPU, where it was measured (1.45x eager at one stream under serve, 1.24x at four:
+    docs/compiled-decode.md) and where the KV cache commits lazily, so the warm-up can run beside the first
+    requests on scratch buffers that cost no memory. Elsewhere (CUDA: CUDA graphs are not wired yet, and nothing
+    was measured) only when asked."""
+    if setting == "auto":
+        return commits_lazily(device)
+    return bool(setting)
+
+
 def bucket_for(rows: int, buckets: Sequence[int]) -> int | None:
     """The smallest bucket holding `rows`, or None when the step is larger than every bucket."""
     return next((b for b in sorted(buckets) if rows <= b), None)
@@ -97,7 +116,8 @@ def bucket_for(rows: int, buckets: Sequence[int]) -> int | None:
 
 class CompiledDecode:
     """The compiled small step of one `ModelRunner`. `run(batch)` returns the logits of the sampled rows, or None
-    when the step is too large or asked for prompt logprobs (the caller then runs the eager forward)."""
+    when the step is too large, asked for prompt logprobs, or comes before every bucket is compiled (the caller
+    then runs the eager forward)."""
 
     def __init__(
         self,
@@ -127,18 +147,74 @@ class CompiledDecode:
         self._step = torch.compile(self._forward, backend=self._counting_backend, dynamic=False, fullgraph=True)
         self._pad_index: dict[tuple[int, int], torch.Tensor] = {}
         self._layout: torch.Tensor | None = None
+        # Set once every bucket is compiled; read by the engine thread each step and by the worker's announcements
+        # (`state`), so a thread-safe flag rather than engine state.
+        self._ready = threading.Event()
+        self._failed = False
+        self._warmed_capacity: int | None = None
 
     def _counting_backend(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         self.num_compiles += 1
         log.info("compiled decode: compiling a graph", compiles=self.num_compiles, inputs=len(example_inputs))
         return self._backend(graph, example_inputs)
 
-    def warm_up(self) -> None:
-        """Compile every bucket now (at start-up, once the KV cache exists) rather than in the first request that
-        reaches it, which would stall every running stream for the compile. Each warm-up row writes K/V at
-        position 0 of slot 0, which any sequence given that slot writes before it reads. Inductor keeps the
-        compiled code in its on-disk cache, so a restart with the same model and torch compiles much faster."""
+    @property
+    def state(self) -> CompileState:
+        """Safe to read from any thread."""
+        return "ready" if self._ready.is_set() else "failed" if self._failed else "compiling"
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Block until every bucket is compiled (True) or `timeout_s` passes (False)."""
+        return self._ready.wait(timeout_s)
+
+    def needs_warm_up(self) -> bool:
+        """Until the buckets are compiled for the runner's cache as it is now: the graphs take its flat buffers at
+        their static size, so a cache of another capacity needs them again."""
+        return self._warmed_capacity != self.runner.capacity
+
+    def warm_up(self, scratch: KVBuffers | None = None) -> None:
+        """Compile every bucket now rather than in the first request that reaches it, which would stall every
+        running stream for the compile; steps run compiled from then on. Without `scratch` each warm-up row writes
+        K/V at position 0 of slot 0 of the live cache, which any sequence given that slot writes before it reads,
+        so nothing may step meanwhile. With `scratch` (buffers shaped like the cache's K then V) the warm-up
+        writes only there, so steps may run eager on the live cache meanwhile (`start_warm_up`). Inductor keeps
+        the compiled code in its on-disk cache, so a restart with the same model and torch compiles much faster."""
+        self._begin_warm_up()
+        self._compile_buckets(scratch)
+
+    def start_warm_up(self, scratch: KVBuffers) -> threading.Thread:
+        """`warm_up` on a thread of its own, into `scratch`, while the engine steps eager: the worker serves at
+        once and its small steps speed up when the compile ends (about a minute from inductor's cache, a few on a
+        new machine). A failed compile leaves the steps eager, logged, rather than stopping a serving worker. The
+        thread ends with the warm-up, and with it the OpenMP pool its steps made (loading_thread.py says why that
+        matters)."""
+        self._begin_warm_up()
+
+        def compile_or_log() -> None:
+            try:
+                with torch.inference_mode():  # as the runner's steps run: dynamo guards on it
+                    self._compile_buckets(scratch)
+            except Exception:
+                self._failed = True
+                log.exception("compiled decode: compile failed, small steps stay eager")
+
+        thread = threading.Thread(target=compile_or_log, name="compiled-decode-warm-up", daemon=True)
+        thread.start()
+        return thread
+
+    def _begin_warm_up(self) -> None:
+        # Steps run eager until every bucket is compiled for this cache (never a graph of the previous one).
+        self._ready.clear()
+        self._failed = False
+        self._warmed_capacity = self.runner.capacity
+
+    def _compile_buckets(self, scratch: KVBuffers | None) -> None:
         device = self.runner.device
+        if scratch is None:
+            views = self._cache_views()
+        else:
+            layers = len(self.layers)
+            views = (self._layout_of(self.runner.slot_len), scratch.buffers[:layers], scratch.buffers[layers:])
         for bucket in self.buckets:
             # At the thread count its steps will run at (threads by load, step_threads.py): dynamo guards on
             # torch's thread count, so a bucket compiled at another count compiled again in its first real step.
@@ -146,18 +222,24 @@ class CompiledDecode:
             started = time.perf_counter()
             # Four separate tensors, as a real step passes: dynamo guards on which inputs alias each other.
             ids, positions, slots, rows = (torch.zeros(bucket, dtype=torch.long, device=device) for _ in range(4))
-            self._step(ids, positions, slots, rows, *self._cache_views())
+            self._step(ids, positions, slots, rows, *views)
             log.info(
                 "compiled decode: bucket ready",
                 rows=bucket,
                 threads=torch.get_num_threads(),
                 seconds=round(time.perf_counter() - started, 1),
             )
+        # The compile worker processes inductor started hold ~100 MiB each; nothing compiles again.
+        from torch._inductor.async_compile import shutdown_compile_workers
+
+        shutdown_compile_workers()
+        self._ready.set()
+        log.info("compiled decode: in use", buckets=list(self.buckets))
 
     def run(self, batch: StepBatch) -> torch.Tensor | None:
         rows = batch.input_ids.shape[0]
         bucket = None if batch.prompt_rows else bucket_for(rows, self.buckets)
-        if bucket is None:
+        if bucket is None or not self._ready.is_set():
             return None
         self.steps_by_bucket[bucket] += 1
         index = self._padding(rows, bucket)
@@ -177,17 +259,21 @@ class CompiledDecode:
         return self._pad_index[key]
 
     def _cache_views(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """What the graph needs to view the KV cache: every layer's flat K and V buffer (fixed shapes) and an empty
-        `[slots, slot_len, 0]` tensor whose two sizes are marked dynamic, so the slot layout reaches the graph
-        as two symbols (a relayout to another length reuses the graph; marking the 2 x layers views themselves
-        dynamic gave inductor hundreds of symbols to reason about). Rebuilt when the slot length changes."""
+        """What the graph needs to view the KV cache: every layer's flat K and V buffer (fixed shapes) and the
+        slot layout (`_layout_of`), rebuilt when the slot length changes."""
         runner = self.runner
         if self._layout is None or self._layout.shape[1] != runner.slot_len:
-            layout = torch.empty((runner.capacity // runner.slot_len, runner.slot_len, 0), device=runner.device)
-            torch._dynamo.mark_dynamic(layout, 0)
-            torch._dynamo.mark_dynamic(layout, 1)
-            self._layout = layout
+            self._layout = self._layout_of(runner.slot_len)
         return self._layout, runner.k_cache, runner.v_cache
+
+    def _layout_of(self, slot_len: int) -> torch.Tensor:
+        """An empty `[slots, slot_len, 0]` tensor whose two sizes are marked dynamic, so the slot layout reaches
+        the graph as two symbols (a relayout to another length reuses the graph; marking the 2 x layers views
+        themselves dynamic gave inductor hundreds of symbols to reason about)."""
+        layout = torch.empty((self.runner.capacity // slot_len, slot_len, 0), device=self.runner.device)
+        torch._dynamo.mark_dynamic(layout, 0)
+        torch._dynamo.mark_dynamic(layout, 1)
+        return layout
 
     def _forward(
         self,

@@ -99,6 +99,11 @@ class Engine:
     def dtype_name(self) -> str:
         return self.runner.dtype_name
 
+    def compiled_decode_state(self) -> str | None:
+        """Whether small steps run compiled yet ("compiling", "ready", "failed"; None without a compiled step).
+        Safe from any thread: the worker announces it."""
+        return self.runner.compiled_decode_state()
+
     def stats(self) -> EngineStats:
         running = sum(1 for s in self._requests.values() if any(q.status is SequenceStatus.RUNNING for q in s.seqs))
         queries, hits = self.prefix.stats if self.prefix is not None else (None, None)

@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ class LoadedEngine:
     device: DeviceInfo
     max_model_len: int
     dtype: str
+    # Whether the engine's small steps run compiled yet, for the worker's announcements (None: no compiled step).
+    compiled_decode_state: Callable[[], str | None] = lambda: None
 
 
 def load_torch_engine(settings: Settings) -> LoadedEngine:
@@ -75,6 +78,7 @@ def load_torch_engine(settings: Settings) -> LoadedEngine:
         describe_device(engine.device),
         engine.max_model_len,
         engine.dtype_name,
+        engine.compiled_decode_state,
     )
 
 
@@ -136,6 +140,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             started_at=now,
             updated_at=now,
             tokenizer_object=tokenizer_object,
+            compiled_decode=loaded.compiled_decode_state(),
         )
         tracing = open_tracing(settings, "inferq-worker")
         bridge = WorkerBridge(
@@ -152,6 +157,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             validate=loaded.engine.validate,
             tracer=tracing.tracer,
             takeover=SubjectTakeover(js, intake, loaded.served_name, worker_id, limits) if settings.affinity else None,
+            compiled_decode_state=loaded.compiled_decode_state,
         )
         try:
             await bridge.run(stop)

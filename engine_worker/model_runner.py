@@ -19,14 +19,14 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import torch
 import torch.nn.functional as F
 
 from contracts import EmbeddingVector, EmbedRequest
-from engine_worker.compiled_decode import CompiledDecode
+from engine_worker.compiled_decode import CompiledDecode, CompileState, resolve_compile_decode
 from engine_worker.kv_cache import Relayout, round_up
 from engine_worker.kv_memory import KVBuffers, release_freed_memory, trim_heap
 from engine_worker.linear import Linear, WeightQuantPlan, fused_linear, lookup_table, owned
@@ -131,6 +131,10 @@ class SlotKVCache:
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
+    def compiled_decode_state(self) -> CompileState | None:
+        """None: this runner has no compiled step (ModelRunner's may)."""
+        return None
+
     def pooled_vectors(self, request: EmbedRequest) -> list[EmbeddingVector]:
         """Pooled hidden states of each input of `request`, computed outside the KV cache by the
         subclass's `hidden_states`."""
@@ -226,7 +230,7 @@ class ModelRunner(SlotKVCache):
         weight_quant_max_rows: int = 0,
         small_step_threads: int | None = None,
         small_step_rows: int = 0,
-        compile_decode: bool = False,
+        compile_decode: bool | Literal["auto"] = False,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -255,14 +259,15 @@ class ModelRunner(SlotKVCache):
         self._load_weights(model, config, quant)
         del model  # the runner keeps its own copies of the weights: the HF module and the file mapping can go
         release_freed_memory()
-        self.compiled_decode: CompiledDecode | None = CompiledDecode(self) if compile_decode else None
+        compiles = resolve_compile_decode(compile_decode, self.device)
+        self.compiled_decode: CompiledDecode | None = CompiledDecode(self) if compiles else None
         self._log_loaded(
             model_dir,
             model_impl="fast",
             weight_quant=self.lm_head.quant and self.lm_head.quant.name,
             weight_quant_rows=self.lm_head.quant and (self.lm_head.quant.max_rows or "all"),
             dense_weights=self.lm_head.keeps_dense,
-            compile_decode=compile_decode,
+            compile_decode=compiles,
         )
 
     @torch.inference_mode()
@@ -299,9 +304,20 @@ class ModelRunner(SlotKVCache):
 
     def allocate_kv_cache(self, capacity: int, slot_len: int) -> None:
         super().allocate_kv_cache(capacity, slot_len)
-        if self.compiled_decode is not None:
+        if self.compiled_decode is None or not self.compiled_decode.needs_warm_up():
+            return
+        if self._kv_buffers.lazy:
+            # Compile beside the first requests: the warm-up writes into a second cache of the same shape, which
+            # commits only the few pages it touches.
+            buffers = len(self.k_cache) + len(self.v_cache)
+            scratch = KVBuffers(buffers, self.k_cache[0].numel(), self.dtype, self.device)
+            self.compiled_decode.start_warm_up(scratch)
+        else:
             with torch.inference_mode():
-                self.compiled_decode.warm_up()  # compile before serving, not in the first request's steps
+                self.compiled_decode.warm_up()  # before serving, on the live cache
+
+    def compiled_decode_state(self) -> CompileState | None:
+        return None if self.compiled_decode is None else self.compiled_decode.state
 
     # --- forward --------------------------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

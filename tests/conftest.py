@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.model_fixtures import build_tiny_llama, convert_packaged_smollm2, save_smollm2_tokenizer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # inferq serve compiles its small decode step by default on a CPU (`compile_decode=auto`): minutes of both
+    # cores beside every worker a test starts. Workers and settings in tests run eager; the compiled step has its
+    # own tests (tests/engine_worker/test_compiled_decode.py), which ask for it.
+    os.environ["INFERQ_COMPILE_DECODE"] = "false"
 
 
 @pytest.fixture(scope="session")

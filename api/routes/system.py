@@ -16,7 +16,8 @@ ALEPH_API_VERSION = "1.19.0"
 
 @router.get("/health")
 async def health(services: ServicesDep) -> JSONResponse:
-    """200 only while at least one worker is live."""
+    """200 only while at least one worker is live. `compiling`: workers still compiling their small decode step
+    (they serve meanwhile, eager; docs/compiled-decode.md)."""
     workers = await services.catalog.workers()
     models = sorted({worker.model for worker in workers})
     body = {
@@ -24,6 +25,7 @@ async def health(services: ServicesDep) -> JSONResponse:
         "model": models[0] if models else None,
         "models": models,
         "workers": len(workers),
+        "compiling": sum(1 for worker in workers if worker.compiled_decode == "compiling"),
         "gpus": gpu_count(workers),
     }
     return JSONResponse(body, status_code=200 if workers else 503)

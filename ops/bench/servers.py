@@ -2,7 +2,8 @@
 e.g. prefix cache on vs off, 1 vs 2 workers) and llama.cpp's `llama-server` as a peer (`--peer llama-server`).
 
 Each is a child in its own process group (common.process), logs to a file, is ready when its /health answers
-200, and is stopped with its whole group when the bench ends.
+200 (inferq's: with no worker still compiling its decode step), and is stopped with its whole group when the bench
+ends.
 """
 
 from __future__ import annotations
@@ -172,9 +173,12 @@ async def _wait_ready(server: StartedServer, proc: subprocess.Popen[bytes]) -> N
                     f"{server.name} exited with code {proc.returncode} before it was ready: {_tail(server)}"
                 )
             try:
-                if (await client.get("/health")).status_code == 200:
+                health = await client.get("/health")
+                # An inferq worker serves while it compiles its small decode step, eager; the bench measures the
+                # steady state, so it waits for the compile too (peers have no `compiling`).
+                if health.status_code == 200 and not health.json().get("compiling"):
                     return
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 pass
             await asyncio.sleep(0.5)
     raise BenchError(f"{server.name} was not ready within {READY_TIMEOUT_S:g} s: {_tail(server)}")

@@ -167,3 +167,45 @@ async def test_an_admission_nats_failed_frees_its_slot_and_the_intake_goes_on(wo
     seen = await _until_last(await _send(client, "after-admission", max_tokens=3))
     assert isinstance(seen[-1], End) and seen[-1].usage.completion_tokens == 3
     assert bridge._free_slots() == bridge._config.capacity
+
+
+async def test_the_registry_entry_says_whether_the_compiled_decode_step_is_ready_yet(server) -> None:
+    # A worker serves while its compiled decode step compiles (engine_worker/compiled_decode.py); its registry
+    # entry says so on every beat, which is what /health counts and the bench waits for.
+    engine = ScriptedEngine()
+    state = ["compiling"]
+    async with connect(server.url, "compiling-worker") as nc:
+        js = nc.jetstream()
+        await ensure_request_queue(js, "compiling", QueueLimits(100, 60, 60))
+        registry = await WorkerRegistry.open(js, 10.0)
+        info = scripted_worker_info("compiling").model_copy(update={"worker_id": "w-compiling"})
+        bridge = WorkerBridge(
+            nc,
+            engine,
+            RequestIntake(js, "compiling"),
+            registry,
+            info,
+            BridgeConfig(capacity=4, heartbeat_interval_s=1.0, announce_interval_s=0.5),
+            validate=engine.validate,
+            compiled_decode_state=lambda: state[0],
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(bridge.run(stop))
+
+        async def announced() -> str | None:
+            deadline = time.monotonic() + WAIT_S
+            while not (mine := [w for w in await registry.live_workers() if w.worker_id == "w-compiling"]):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            return mine[0].compiled_decode
+
+        try:
+            assert await announced() == "compiling"
+            state[0] = "ready"
+            deadline = time.monotonic() + WAIT_S
+            while await announced() != "ready":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, WAIT_S)

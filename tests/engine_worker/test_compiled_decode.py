@@ -19,6 +19,19 @@ from tests.engine_worker.conftest import (
     run_workload,
 )
 
+ROOM_FOR_EVERY_TESTS_GRAPHS = 64
+
+
+@pytest.fixture(autouse=True)
+def _room_for_every_tests_graphs() -> Iterator[None]:
+    # dynamo keeps its graphs per code object, and every CompiledDecode in this process traces the same `_forward`
+    # (a worker has one): the module's tests together would pass dynamo's default limit of 8 graphs. dynamo's
+    # config is per thread: a warm-up on its own thread needs the same (held_step below).
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=ROOM_FOR_EVERY_TESTS_GRAPHS):
+        yield
+
 
 def test_rows_go_to_the_smallest_bucket_that_holds_them() -> None:
     assert [bucket_for(rows, (1, 2, 4, 8)) for rows in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, None]
@@ -200,3 +213,93 @@ def test_with_only_the_bucket_guards_each_step_runs_its_own_buckets_graph(engine
     got = run_workload(engine, workload)
     assert all(compiled.steps_by_bucket[bucket] > 0 for bucket in (1, 2, 4)), dict(compiled.steps_by_bucket)
     assert got == run_workload(engine_factory(num_speculative_tokens=0), workload)
+
+
+def test_auto_compiles_on_a_cpu_and_inferq_serve_starts_with_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from common.settings import Settings
+    from engine_worker.compiled_decode import resolve_compile_decode
+
+    assert resolve_compile_decode("auto", torch.device("cpu")) is True
+    assert resolve_compile_decode("auto", torch.device("meta")) is False  # not measured off a CPU: only when asked
+    assert resolve_compile_decode(True, torch.device("meta")) is True
+    assert resolve_compile_decode(False, torch.device("cpu")) is False
+    monkeypatch.delenv("INFERQ_COMPILE_DECODE")  # the suite runs eager (tests/conftest.py)
+    assert Settings().compile_decode == "auto"
+    assert EngineConfig().compile_decode is False  # an engine built by hand compiles only when asked
+
+
+# The engine_factory config (tests/engine_worker/conftest.py), without drafts.
+PLAIN = EngineConfig(
+    dtype="float32", device="cpu", max_num_seqs=8, torch_threads=1, weight_quant="none", num_speculative_tokens=0
+)
+
+
+def _next_engine(base: Engine) -> Engine:
+    """A new engine on `base`'s runner: it allocates its own KV cache, as a worker's engine does at start, which
+    warms the runner's compiled step up if it was not yet (on a CPU, on a thread of its own)."""
+    return Engine(PLAIN, base.tokenizer, base.runner, base.eos_token_ids)
+
+
+def test_on_a_cpu_the_buckets_compile_beside_eager_steps_and_never_write_the_live_cache(engine_factory) -> None:
+    # inferq serve's default: the worker serves at once while its buckets compile on a thread of their own. Until
+    # every bucket is compiled, steps run eager; the warm-up writes a scratch cache, never the one requests use.
+    import threading
+
+    import torch
+
+    base = engine_factory(num_speculative_tokens=0)
+    runner = base.runner
+    compiled = CompiledDecode(runner, buckets=(1, 2), backend="eager", check_guards=True)
+    gate, compiling_threads = threading.Event(), set()
+    step = compiled._step
+
+    def held_step(*args):  # the warm-up waits for the test; real steps never get here before it ends
+        compiling_threads.add(threading.get_ident())
+        assert gate.wait(60)
+        with torch._dynamo.config.patch(recompile_limit=ROOM_FOR_EVERY_TESTS_GRAPHS):
+            return step(*args)
+
+    compiled._step = held_step
+    runner.compiled_decode = compiled
+    engine = _next_engine(base)
+    assert compiled.state == "compiling" and engine.compiled_decode_state() == "compiling"
+    prompt = prompt_of(6, 7)
+    eager_tokens, _ = _greedy_alone(engine, prompt, 12)
+    assert not compiled.steps_by_bucket  # every step ran eager while the buckets compiled
+    live = [buffer.clone() for buffer in (*runner.k_cache, *runner.v_cache)]
+    gate.set()
+    assert compiled.wait_ready(120)
+    assert compiling_threads and threading.get_ident() not in compiling_threads
+    assert compiled.state == "ready" and compiled.num_compiles == 2
+    # Warm-up rows write slot 0, position 0: in the live cache that would overwrite the request's first K/V.
+    assert all(torch.equal(a, b) for a, b in zip(live, (*runner.k_cache, *runner.v_cache), strict=True))
+    compiled._step = step
+    with no_new_graphs(engine):
+        compiled_tokens, _ = _greedy_alone(engine, prompt, 12)
+    assert compiled.steps_by_bucket[1] >= 11  # the decodes ran the 1-row graph from then on
+    assert compiled_tokens == eager_tokens
+    _next_engine(engine)  # a cache of the same size: the graphs fit, nothing compiles again
+    assert compiled.state == "ready" and compiled.num_compiles == 2
+
+
+def test_a_failed_compile_leaves_the_worker_serving_eager(engine_factory) -> None:
+    import time
+
+    base = engine_factory(num_speculative_tokens=0)
+    compiled = CompiledDecode(base.runner, buckets=(1,), backend="eager")
+
+    def no_compiler(*args):
+        raise RuntimeError("inductor found no C++ compiler")
+
+    compiled._step = no_compiler
+    base.runner.compiled_decode = compiled
+    engine = _next_engine(base)
+    deadline = time.monotonic() + 30
+    while compiled.state == "compiling" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.compiled_decode_state() == "failed"
+    prompt = prompt_of(6, 8)
+    assert _greedy_alone(engine, prompt, 8)[0] == _greedy_alone(engine_factory(num_speculative_tokens=0), prompt, 8)[0]
+    assert not compiled.steps_by_bucket

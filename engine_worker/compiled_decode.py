@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import threading
 import time
 from collections import Counter
@@ -197,6 +198,9 @@ class CompiledDecode:
             except Exception:
                 self._failed = True
                 log.exception("compiled decode: compile failed, small steps stay eager")
+            # dynamo keeps ~100,000 objects per graph (FX nodes, fake tensors, guards) for the process's life: out
+            # of the cyclic collector's full scans, which would walk them all again and again.
+            gc.freeze()
 
         thread = threading.Thread(target=compile_or_log, name="compiled-decode-warm-up", daemon=True)
         thread.start()

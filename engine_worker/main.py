@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import os
 import signal
 import socket
@@ -105,6 +106,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     if len(settings.models) != 1:
         raise SystemExit("a worker serves one model; `inferq serve --model A --model B` starts one worker each")
     loaded = await run_on_loading_thread(functools.partial(ENGINE_LOADERS[settings.engine], settings))
+    # What loading left (transformers' and torch's module state, the tokenizer, the runner) lives as long as the
+    # worker: out of the cyclic collector's full scans, whose pauses grow with the objects they walk.
+    gc.freeze()
     worker_id = f"w{uuid.uuid4().hex[:12]}"
     structlog.contextvars.bind_contextvars(worker_id=worker_id, model=loaded.served_name)
     nats_auth = NatsAuth.from_settings(settings)

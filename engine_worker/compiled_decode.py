@@ -101,8 +101,8 @@ class _OpaqueLinear:
 
 
 def resolve_compile_decode(setting: bool | Literal["auto"], device: torch.device) -> bool:
-    """`auto` compiles on a CPU, where it was measured (1.45x eager at one stream under serve, 1.24x at four:
-    docs/compiled-decode.md) and where the KV cache commits lazily, so the warm-up can run beside the first
+    """`auto` compiles on a CPU, where it was measured (under serve on 2 cores, 1.47x eager at one stream and 1.45x
+    at four: docs/compiled-decode.md) and where the KV cache commits lazily, so the warm-up can run beside the first
     requests on scratch buffers that cost no memory. Elsewhere (CUDA: CUDA graphs are not wired yet, and nothing
     was measured) only when asked."""
     if setting == "auto":
@@ -185,10 +185,10 @@ class CompiledDecode:
 
     def start_warm_up(self, scratch: KVBuffers) -> threading.Thread:
         """`warm_up` on a thread of its own, into `scratch`, while the engine steps eager: the worker serves at
-        once and its small steps speed up when the compile ends (about a minute from inductor's cache, a few on a
-        new machine). A failed compile leaves the steps eager, logged, rather than stopping a serving worker. The
-        thread ends with the warm-up, and with it the OpenMP pool its steps made (loading_thread.py says why that
-        matters)."""
+        once and its small steps speed up when the compile ends (~20 s for SmolLM2 from inductor's cache, 2-3
+        minutes on a new machine). A failed compile leaves the steps eager, logged, rather than stopping a serving
+        worker. The thread ends with the warm-up, and with it the OpenMP pool its steps made (loading_thread.py
+        says why that matters)."""
         self._begin_warm_up()
 
         def compile_or_log() -> None:
@@ -233,7 +233,7 @@ class CompiledDecode:
                 threads=torch.get_num_threads(),
                 seconds=round(time.perf_counter() - started, 1),
             )
-        # The compile worker processes inductor started hold ~100 MiB each; nothing compiles again.
+        # Nothing compiles again: the compile worker processes inductor started (a Python with torch each) can go.
         from torch._inductor.async_compile import shutdown_compile_workers
 
         shutdown_compile_workers()

@@ -33,8 +33,8 @@ class ModelExecutor(Protocol):
     def allocate_kv_cache(self, capacity: int, slot_len: int) -> None: ...
 
     def compiled_decode_state(self) -> str | None:
-        """ "compiling", "ready" or "failed" for a runner with a compiled small step, else None; safe from any
-        thread."""
+        """The compiled small step's state ("compiling", "ready", "failed"), or None for a runner without one;
+        safe from any thread."""
         ...
 
     def relayout(self, plan: Relayout) -> None: ...

@@ -49,7 +49,7 @@ def load_runner(
     weight_quant_max_rows: int = 0,
     small_step_threads: int | None = None,
     small_step_rows: int = 0,
-    compile_decode: bool = False,
+    compile_decode: bool | Literal["auto"] = False,
 ) -> Any:
     """A ModelRunner or GenericRunner for `model_dir` (same interface). Weight quantization, threads by load and
     the compiled decode step apply to the fast path only; the generic path runs the model's own dense modules on

@@ -204,6 +204,10 @@ class CompiledDecode:
 
         thread = threading.Thread(target=compile_or_log, name="compiled-decode-warm-up", daemon=True)
         thread.start()
+        log.info(
+            "compiled decode: compiling in the background, steps run eager until it is in use",
+            buckets=list(self.buckets),
+        )
         return thread
 
     def _begin_warm_up(self) -> None:

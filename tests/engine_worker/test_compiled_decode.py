@@ -303,3 +303,23 @@ def test_a_failed_compile_leaves_the_worker_serving_eager(engine_factory) -> Non
     prompt = prompt_of(6, 8)
     assert _greedy_alone(engine, prompt, 8)[0] == _greedy_alone(engine_factory(num_speculative_tokens=0), prompt, 8)[0]
     assert not compiled.steps_by_bucket
+
+
+def test_two_compiled_steps_in_one_process_never_run_each_others_graphs(engine_factory) -> None:
+    # The compiled steps skip dynamo's guards on the runner's weights and layers (fixed once loaded). Two runners in
+    # one process, a dense and an int8 one, must still each get a graph of their own and decode as their eager
+    # path does: a graph of the one run on the other would call the wrong weights' ops.
+    import torch
+
+    engines = [engine_factory(num_speculative_tokens=0), engine_factory(num_speculative_tokens=0, weight_quant="int8")]
+    prompt = prompt_of(6, 9)
+    for engine in engines:
+        compiled = CompiledDecode(engine.runner, buckets=(1,), backend="eager", check_guards=True)
+        engine.runner.compiled_decode = compiled
+        with torch.inference_mode():
+            compiled.warm_up()
+        assert compiled.num_compiles == 1
+    for engine, eager in zip(engines, (engine_factory(), engine_factory(weight_quant="int8")), strict=True):
+        got, _ = _greedy_alone(engine, prompt, 10)
+        assert engine.runner.compiled_decode.steps_by_bucket[1] >= 9
+        assert got == _greedy_alone(eager, prompt, 10)[0]

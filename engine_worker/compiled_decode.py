@@ -154,11 +154,11 @@ class CompiledDecode:
         ]
         self.lm_head = _OpaqueLinear(runner.lm_head)
         self.buckets = tuple(sorted(set(buckets)))
-        # dynamo checks ~370 guards (one per input tensor, the thread count, ...) before every call: 1.39 ms of a
-        # 12 ms SmolLM2 step. Every bucket is compiled at warm-up and nothing a guard watches changes between steps
-        # (the slot layout is symbolic), so steps check only the guards that tell the buckets' graphs apart
-        # (`skip_guard_eval_unsafe`: 0.93 ms). Tests run with all guards (`check_guards`) to prove real steps pass
-        # them.
+        # dynamo checks its guards before every call. Those on the runner's attribute chains are not installed at
+        # all (`_without_runner_guards`); of the rest, every bucket is compiled at warm-up and nothing a guard
+        # watches changes between steps (the slot layout is symbolic), so steps check only the guards that tell
+        # the buckets' graphs apart (`skip_guard_eval_unsafe`). Tests run with all remaining guards
+        # (`check_guards`) to prove real steps pass them.
         self.check_guards = check_guards
         self.num_compiles = 0  # graphs built (one per bucket; more means a recompile, which tests assert against)
         self.steps_by_bucket: Counter[int] = Counter()  # steps run compiled
@@ -207,7 +207,7 @@ class CompiledDecode:
         self._begin_warm_up()
         self._compile_buckets(scratch)
 
-    def start_warm_up(self, scratch: KVBuffers) -> threading.Thread:
+    def start_warm_up(self, scratch: KVBuffers) -> None:
         """`warm_up` on a thread of its own, into `scratch`, while the engine steps eager: the worker serves at
         once and its small steps speed up when the compile ends (~20 s for SmolLM2 from inductor's cache, 2-3
         minutes on a new machine). A failed compile leaves the steps eager, logged, rather than stopping a serving
@@ -226,13 +226,11 @@ class CompiledDecode:
             # of the cyclic collector's full scans, which would walk them all again and again.
             gc.freeze()
 
-        thread = threading.Thread(target=compile_or_log, name="compiled-decode-warm-up", daemon=True)
-        thread.start()
+        threading.Thread(target=compile_or_log, name="compiled-decode-warm-up", daemon=True).start()
         log.info(
             "compiled decode: compiling in the background, steps run eager until it is in use",
             buckets=list(self.buckets),
         )
-        return thread
 
     def _begin_warm_up(self) -> None:
         # Steps run eager until every bucket is compiled for this cache (never a graph of the previous one).

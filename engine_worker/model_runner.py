@@ -154,11 +154,15 @@ class SlotKVCache:
         """Once, at start-up. Zeroed so masked-out positions never hold NaN (0 * NaN would leak through); on a
         CPU committed page by page as sequences first write it (kv_memory.py)."""
         self.k_cache = self.v_cache = []  # drop a previous cache before mapping the new one
-        kv = KVBuffers(2 * self.num_layers, capacity * self.num_kv_heads * self.head_dim, self.dtype, self.device)
+        kv = self._kv_buffers_for(capacity)
         self.k_cache, self.v_cache = kv.buffers[: self.num_layers], kv.buffers[self.num_layers :]
         self._kv_buffers = kv
         self.capacity = capacity
         self.slot_len = slot_len
+
+    def _kv_buffers_for(self, capacity: int) -> KVBuffers:
+        """Every layer's flat K buffer, then every layer's V buffer, each of `capacity` tokens."""
+        return KVBuffers(2 * self.num_layers, capacity * self.num_kv_heads * self.head_dim, self.dtype, self.device)
 
     def release_kv_memory(self) -> None:
         """Give the cache's pages back (CPU), and the heap pages the steps' activations left free in malloc's
@@ -309,9 +313,7 @@ class ModelRunner(SlotKVCache):
         if self._kv_buffers.lazy:
             # Compile beside the first requests: the warm-up writes into a second cache of the same shape, which
             # commits only the few pages it touches.
-            buffers = len(self.k_cache) + len(self.v_cache)
-            scratch = KVBuffers(buffers, self.k_cache[0].numel(), self.dtype, self.device)
-            self.compiled_decode.start_warm_up(scratch)
+            self.compiled_decode.start_warm_up(self._kv_buffers_for(capacity))
         else:
             with torch.inference_mode():
                 self.compiled_decode.warm_up()  # before serving, on the live cache

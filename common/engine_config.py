@@ -158,7 +158,9 @@ class EngineConfig:
             "rows padded to buckets 1, 2, 4, one graph per bucket. On a CPU the buckets compile on a thread of "
             "their own while the worker already serves eager (under a minute from inductor's cache, ~2-3 minutes "
             "on a new machine; /health counts the workers still compiling); elsewhere before it serves. Larger "
-            "steps and prompt logprobs stay eager. auto: on a CPU, off elsewhere (CUDA graphs are not wired). "
+            "steps and prompt logprobs stay eager. On a CPU an int8 lm_head copy (bf16) is compiled first through "
+            "inductor's GEMM template (docs/quantization.md). auto: on a CPU, off elsewhere (CUDA graphs are not "
+            "wired). "
             "inferq serve starts with auto; an EngineConfig built by hand compiles only when asked "
             "(docs/compiled-decode.md)."
         ),

@@ -49,7 +49,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import structlog
 import torch
 
+from engine_worker.int8_template_gemm import compile_int8_gemm
 from engine_worker.kv_memory import KVBuffers, commits_lazily
+from engine_worker.weight_quant import Int8WeightOnly
 
 if TYPE_CHECKING:
     from engine_worker.model_runner import ModelRunner, StepBatch
@@ -65,7 +67,10 @@ DEFAULT_BUCKETS = (1, 2, 4)
 CompileState = Literal["compiling", "ready", "failed"]
 
 # The runner linears the compiled graphs call, by handle (the op takes an int, not the packed weight). Filled when
-# a CompiledDecode is built; an entry lives as long as the process (a worker has one runner).
+# a CompiledDecode is built; an entry lives as long as the process (a worker has one runner). Handles count up from
+# 0 in the order the linears are wrapped, so a restarted worker's graphs hold the same constants as before and come
+# from inductor's on-disk cache (an `id()` differed in every process: a graph with the op missed the cache, ~1
+# minute per bucket at every start).
 _LINEARS: dict[int, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {}
 
 
@@ -90,13 +95,13 @@ class _OpaqueLinear:
     oneDNN-packed dense weights."""
 
     def __init__(self, linear: Any) -> None:
-        self.handle = id(linear)
+        self.handle = len(_LINEARS)
         _LINEARS[self.handle] = (linear, linear.out_features)
         self.op = _linear_op()
         self.quant = linear.quant
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant is not None and self.quant.applies_to(x.shape[0]):
+        if self.quant is not None and self.quant.traceable and self.quant.applies_to(x.shape[0]):
             return self.quant(x)
         return self.op(x, self.handle)
 
@@ -144,6 +149,7 @@ class CompiledDecode:
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         backend: str = "inductor",
         check_guards: bool = False,
+        int8_template: bool | None = None,
     ):
         self.runner = runner
         self.layers = [
@@ -163,6 +169,9 @@ class CompiledDecode:
         self.num_compiles = 0  # graphs built (one per bucket; more means a recompile, which tests assert against)
         self.steps_by_bucket: Counter[int] = Counter()  # steps run compiled
         self._backend = torch._dynamo.lookup_backend(backend)
+        # The int8 lm_head through inductor's own GEMM template (`_compile_lm_head`): with the inductor backend
+        # unless told; tests' `eager` backend keeps the aten kernel.
+        self.int8_template = backend == "inductor" if int8_template is None else int8_template
         self._step = torch.compile(
             _own_forward(self),
             backend=self._counting_backend,
@@ -238,8 +247,28 @@ class CompiledDecode:
         self._failed = False
         self._warmed_capacity = self.runner.capacity
 
+    def _compile_lm_head(self) -> None:
+        """The int8 `lm_head` copy on a CPU through inductor's GEMM template (int8_template_gemm.py), before the
+        buckets, whose graphs then call it through the opaque op; eager small steps use it too. Compiled at the
+        thread count of a small step (the template's is fixed when it is generated)."""
+        quant = self.runner.lm_head.quant
+        if not (
+            self.int8_template
+            and self.runner.device.type == "cpu"
+            and quant is not None
+            and isinstance(quant.kernel, Int8WeightOnly)
+            and quant.kernel.scale.dtype == torch.bfloat16  # measured in bf16 (the int8 default's dtype) only
+        ):
+            return
+        self.runner.step_threads.before_step(1)
+        try:
+            quant.use_compiled_kernel(compile_int8_gemm(quant.kernel), "int8-template")
+        except Exception:
+            log.exception("compiled decode: the int8 lm_head template did not compile, it stays on the aten kernel")
+
     def _compile_buckets(self, scratch: KVBuffers | None) -> None:
         device = self.runner.device
+        self._compile_lm_head()
         if scratch is None:
             views = self._cache_views()
         else:

@@ -81,10 +81,18 @@ def _cpu_has_avx512() -> bool:
 
 class QuantizedLinear:
     """`y = x @ W.T + b` through quantized weights. `max_rows` is the largest call they are used for next to the
-    dense weights; None: they are the only weights, used for every call."""
+    dense weights; None: they are the only weights, used for every call. `traceable`: whether a compiled step may
+    trace `kernel` into its graph (aten ops) or must call it opaquely (a kernel compiled on its own,
+    `use_compiled_kernel`)."""
 
     def __init__(self, kernel: Kernel, name: str, max_rows: int | None) -> None:
         self.kernel, self.name, self.max_rows = kernel, name, max_rows
+        self.traceable = True
+
+    def use_compiled_kernel(self, kernel: Kernel, name: str) -> None:
+        """Run `kernel` from now on (the engine thread picks it up at its next call: one attribute swap)."""
+        self.traceable = False
+        self.kernel, self.name = kernel, name
 
     @property
     def replaces_dense(self) -> bool:
@@ -117,7 +125,7 @@ def quantize_linear(
         _warn_slow_kernel("int4", weight.device)
     if weight.device.type == "cpu" and (not _cpu_has_avx512() or weight.dtype == torch.float32):
         _warn_slow_kernel("int8", weight.device)
-    return QuantizedLinear(_int8_weight_only(weight, bias), "int8pack", max_rows)
+    return QuantizedLinear(Int8WeightOnly(weight, bias), "int8pack", max_rows)
 
 
 @functools.cache  # once per process, not once per layer
@@ -136,15 +144,17 @@ def _int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return q, scale
 
 
-def _int8_weight_only(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
-    q, scale = _int8_per_channel(weight)
-    scale = scale.to(weight.dtype)
+class Int8WeightOnly:
+    """`torch._weight_int8pack_mm` over per-channel int8 weights; the weights stay readable, for a kernel compiled
+    over the same weights (int8_template_gemm.py)."""
 
-    def kernel(x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x, q, scale)
-        return y if bias is None else y + bias
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.q, scale = _int8_per_channel(weight)
+        self.scale, self.bias = scale.to(weight.dtype), bias
 
-    return kernel
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        return y if self.bias is None else y + self.bias
 
 
 def _fp16_fbgemm(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine_worker.weight_quant import _fp16_tiled, _int4_cpu, _int8_weight_only
+from engine_worker.weight_quant import Int8WeightOnly, _fp16_tiled, _int4_cpu
 
 SHAPES = {  # (out, in) of SmolLM2-135M's GEMMs as the runner fuses them
     "qkv 960x576": (960, 576),
@@ -65,7 +65,7 @@ KERNELS: dict[str, Callable[[torch.Tensor], Kernel]] = {
     "fp16": lambda weight: _in_fp32(
         functools.partial(_fp16_tiled, torch.ops.quantized.linear_prepack_fp16(weight.float(), None))
     ),
-    "int8": lambda weight: _int8_weight_only(weight, None),
+    "int8": lambda weight: Int8WeightOnly(weight, None),
     "int4": lambda weight: _int4_cpu(weight, None),
 }
 

@@ -4,6 +4,7 @@ their lengths (the slot length changes under it)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -92,6 +93,24 @@ def _greedy_alone(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[l
     return tokens, slot_lens
 
 
+def _record_graphs(compiled: CompiledDecode) -> list:
+    """The FX graphs `compiled` hands its backend, as it compiles them."""
+    graphs = []
+    backend = compiled._backend
+
+    def recording(graph, example_inputs: list) -> object:
+        graphs.append(graph)
+        return backend(graph, example_inputs)
+
+    compiled._backend = recording
+    return graphs
+
+
+def _calls(graph, name: str) -> int:
+    """Calls in `graph` to ops whose name contains `name`."""
+    return sum(1 for node in graph.graph.nodes if node.op == "call_function" and name in str(node.target))
+
+
 @pytest.mark.slow  # compiles graphs with inductor (a C++ compiler): tens of seconds on two shared cores
 def test_batch_of_one_decodes_as_the_eager_path_does_across_slot_lengths(
     compiled_engine, engine_factory, hf_greedy
@@ -155,24 +174,14 @@ def test_quantized_weights_run_inside_the_graph_and_dense_ones_through_the_opaqu
 
     engine = quantized_engine()
     compiled = CompiledDecode(engine.runner, buckets=(4, 8), backend="eager")
-    graphs: list[torch.fx.GraphModule] = []
-    backend = compiled._backend
-
-    def recording(graph: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(graph)
-        return backend(graph, example_inputs)
-
-    compiled._backend = recording
+    graphs = _record_graphs(compiled)
     engine.runner.compiled_decode = compiled
     with torch.inference_mode():
         compiled.warm_up()  # bucket 4, then bucket 8
 
-    def calls(graph: torch.fx.GraphModule, name: str) -> int:
-        return sum(1 for node in graph.graph.nodes if node.op == "call_function" and name in str(node.target))
-
     linears = 4 * engine.runner.num_layers + 1  # q/k/v, o, gate/up, down per layer, and lm_head
-    assert [calls(graph, "_weight_int8pack_mm") for graph in graphs] == [linears, 0]
-    assert [calls(graph, "runner_linear") for graph in graphs] == [0, linears]
+    assert [_calls(graph, "_weight_int8pack_mm") for graph in graphs] == [linears, 0]
+    assert [_calls(graph, "runner_linear") for graph in graphs] == [0, linears]
 
     prompt = prompt_of(6, 5)
     with no_new_graphs(engine):
@@ -323,3 +332,44 @@ def test_two_compiled_steps_in_one_process_never_run_each_others_graphs(engine_f
         got, _ = _greedy_alone(engine, prompt, 10)
         assert engine.runner.compiled_decode.steps_by_bucket[1] >= 9
         assert got == _greedy_alone(eager, prompt, 10)[0]
+
+
+@pytest.mark.slow  # compiles the int8 lm_head with inductor (a few seconds)
+def test_the_int8_lm_head_runs_inductors_template_through_the_opaque_op_in_eager_and_compiled_steps(
+    engine_factory,
+) -> None:
+    # Inductor's GEMM template needs the weights frozen into a module of their own (int8_template_gemm.py), so the
+    # graph must call it, not trace it (tracing would inline the aten op it replaces).
+    import torch
+
+    engine = engine_factory(dtype="bfloat16", weight_quant="int8", weight_quant_max_rows=4, num_speculative_tokens=0)
+    compiled = CompiledDecode(engine.runner, buckets=(1,), backend="eager", int8_template=True)
+    graphs = _record_graphs(compiled)
+    engine.runner.compiled_decode = compiled
+    lm_head = engine.runner.lm_head
+    aten_kernel = lm_head.quant.kernel
+    with torch.inference_mode():
+        compiled.warm_up()
+    assert lm_head.quant.name == "int8-template" and not lm_head.quant.traceable
+
+    layers = engine.runner.num_layers
+    assert _calls(graphs[0], "runner_linear") == 1 and _calls(graphs[0], "_weight_int8pack_mm") == 4 * layers
+
+    hidden = torch.randn(3, aten_kernel.q.shape[1]).bfloat16()
+    with torch.inference_mode():
+        want, got = aten_kernel(hidden).float(), lm_head(hidden).float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+    template, calls_by_rows = lm_head.quant.kernel, Counter()
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        calls_by_rows[x.shape[0]] += 1
+        return template(x)
+
+    lm_head.quant.kernel = counting
+    with no_new_graphs(engine):
+        _greedy_alone(engine, prompt_of(6, 5), 20)
+    assert compiled.steps_by_bucket[1] >= 19 and calls_by_rows[1] >= 19  # each compiled step ran the template
+    engine.runner.compiled_decode = None
+    _greedy_alone(engine, prompt_of(6, 6), 10)
+    assert calls_by_rows[1] >= 19 + 9  # and so does each eager decode step

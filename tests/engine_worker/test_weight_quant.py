@@ -15,9 +15,9 @@ import torch
 from engine_worker.linear import Linear, WeightQuantPlan
 from engine_worker.weight_quant import (
     AUTO_MIN_WEIGHT_BYTES,
+    Int8WeightOnly,
     _cpu_has_avx512,
     _int4_cpu,
-    _int8_weight_only,
     quantize_linear,
     resolve_weight_quant,
 )
@@ -80,7 +80,7 @@ def test_fp16_is_not_applied_to_weights_already_16_bit(weight_and_input) -> None
 
 def test_int8_weight_only_is_within_per_channel_rounding(weight_and_input) -> None:
     weight, bias, x = weight_and_input
-    got = _int8_weight_only(weight, bias)(x)
+    got = Int8WeightOnly(weight, bias)(x)
     assert _relative_error(got, x @ weight.T + bias) < 0.02
 
 
@@ -96,7 +96,7 @@ def test_int4_reproduces_a_weight_on_a_4_bit_grid_of_groups_of_32() -> None:
     assert _relative_error(_int4_cpu(weight, None)(x), x @ weight.T) < 1e-5
 
 
-@pytest.mark.parametrize("make_kernel", [_int8_weight_only, _int4_cpu], ids=["int8", "int4"])
+@pytest.mark.parametrize("make_kernel", [Int8WeightOnly, _int4_cpu], ids=["int8", "int4"])
 def test_int_twins_with_bf16_activations_stay_close_to_the_dense_bf16_gemm(make_kernel) -> None:
     # auto's case: a bf16 model on an AVX-512 CPU. Relative error of a random (not 4-bit) weight: int8 0.6%, int4 6%.
     generator = torch.Generator().manual_seed(3)
@@ -105,7 +105,7 @@ def test_int_twins_with_bf16_activations_stay_close_to_the_dense_bf16_gemm(make_
     x = torch.randn(4, 576, generator=generator).bfloat16()
     got = make_kernel(weight, bias)(x)
     assert got.dtype == torch.bfloat16
-    bound = 0.02 if make_kernel is _int8_weight_only else 0.1
+    bound = 0.02 if make_kernel is Int8WeightOnly else 0.1
     assert _relative_error(got, x.float() @ weight.float().T + bias.float()) < bound
 
 

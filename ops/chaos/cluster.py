@@ -29,6 +29,17 @@ from broker.embedded import find_nats_server
 from common.process import spawn, terminate
 from ops.chaos.processes import free_port
 
+START_ATTEMPTS = 3
+
+
+class _PortTaken(RuntimeError):
+    """A node could not bind a port picked for it: something else took it after it was picked."""
+
+
+def _three_free_ports() -> tuple[int, int, int]:
+    """Client, route and monitoring ports for one node."""
+    return free_port(), free_port(), free_port()
+
 
 @dataclass(slots=True)
 class ClusterNode:
@@ -83,9 +94,7 @@ class NatsCluster:
         self.route_config = route_config  # inside the cluster block (e.g. a tls block for the routes)
         self.files = list(files)
         self.env = {**os.environ, **(env or {})}
-        self.nodes = [
-            ClusterNode(f"n{i + 1}", free_port(), free_port(), free_port(), root / f"n{i + 1}") for i in range(size)
-        ]
+        self.nodes = [ClusterNode(f"n{i + 1}", *_three_free_ports(), root / f"n{i + 1}") for i in range(size)]
 
     @property
     def urls(self) -> str:
@@ -93,6 +102,21 @@ class NatsCluster:
         return ",".join(node.url for node in self.nodes)
 
     def start(self, timeout_s: float = 30.0) -> Self:
+        """Start every node. The ports were free when picked, in the kernel's ephemeral range, and a node dialling
+        its routes before the others listen uses ephemeral ports too: one of them can take a port another node is
+        about to bind (seen in CI). Then the whole cluster starts again on new ports, at most `START_ATTEMPTS`
+        times."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return self._start_once(timeout_s)
+            except _PortTaken:
+                if attempt == START_ATTEMPTS:
+                    raise
+                for node in self.nodes:
+                    node.client_port, node.route_port, node.http_port = _three_free_ports()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> Self:
         binary = find_nats_server()
         try:
             for node in self.nodes:
@@ -218,7 +242,10 @@ class NatsCluster:
         # /varz answers as soon as the node serves clients; /healthz would wait for the whole cluster.
         while True:
             if not node.running:
-                raise RuntimeError(f"nats-server {node.name} exited:\n{node.log_tail()}")
+                tail = node.log_tail()
+                if "address already in use" in tail:
+                    raise _PortTaken(f"nats-server {node.name} exited:\n{tail}")
+                raise RuntimeError(f"nats-server {node.name} exited:\n{tail}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/varz", timeout=1) as response:
                     if response.status == 200:

@@ -12,7 +12,7 @@ Two things the compile must not do:
   trial under `torch.no_grad()` (torch 2.13), a cache hit for the same shapes handed a second process the code of
   the first one's weights (its products, not its own). Under inference mode, as here, that did not reproduce,
   but nothing in the cache key holds the weights' values, so this compile, and only this one, runs with the FX
-  graph, AOTAutograd and autotune caches off: ~5 s on every start, on the background warm-up thread.
+  graph, AOTAutograd and autotune caches off: 3-4 s on every start, on the background warm-up thread.
 - **Change a row's result with the rows beside it.** One graph takes every call (a lone row padded to two); a
   row's products are bit-identical alone and in a call of 2-4 rows, as the aten kernel's are
   (tests/engine_worker/test_int8_template_gemm.py).
@@ -30,7 +30,7 @@ import torch
 import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
 
-from engine_worker.weight_quant import Int8WeightOnly, Kernel
+from engine_worker.weight_quant import Int8WeightOnly, Kernel, int8_weight_only_linear
 
 log = structlog.get_logger(__name__)
 
@@ -47,14 +47,13 @@ class _Int8Gemm(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
-        return y if self.bias is None else y + self.bias
+        return int8_weight_only_linear(x, self.q, self.scale, self.bias)
 
 
 def compile_int8_gemm(weights: Int8WeightOnly) -> Kernel:
     """The compiled GEMM over `weights`, for calls of any number of rows in the model's dtype, at the current torch
-    thread count (the C++ kernel's thread count is fixed when it is generated). Raises what the
-    compile raises; the caller keeps the aten kernel then."""
+    thread count (the C++ kernel's thread count is fixed when it is generated). Raises what the compile raises;
+    the caller keeps the aten kernel then."""
     started = time.perf_counter()
     compiled = torch.compile(_Int8Gemm(weights.q, weights.scale, weights.bias).eval(), fullgraph=True)
     rows_in, dtype = weights.q.shape[1], weights.scale.dtype

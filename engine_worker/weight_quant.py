@@ -153,8 +153,15 @@ class Int8WeightOnly:
         self.scale, self.bias = scale.to(weight.dtype), bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
-        return y if self.bias is None else y + self.bias
+        return int8_weight_only_linear(x, self.q, self.scale, self.bias)
+
+
+def int8_weight_only_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """`x @ (q * scale[:, None]).T (+ bias)` through torch's int8 weight-only kernel."""
+    y = torch.ops.aten._weight_int8pack_mm(x, q, scale)
+    return y if bias is None else y + bias
 
 
 def _fp16_fbgemm(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
